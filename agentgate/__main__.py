@@ -1,0 +1,3 @@
+from agentgate.cli import main
+
+raise SystemExit(main())
