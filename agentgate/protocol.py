@@ -112,7 +112,7 @@ def parse_request(text: str | bytes) -> Request | Notification:
         raise _with_id(InvalidParams('"params" must be an object'), rpc_id)
     if rpc_id is _NO_ID:
         return Notification(method, params)
-    return Request(rpc_id, method, params)  # type: ignore[arg-type]
+    return Request(rpc_id, method, params)
 
 
 def parse_reply(text: str | bytes) -> Response | ErrorResponse | Notification:

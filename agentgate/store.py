@@ -1,0 +1,622 @@
+"""The store: one SQLite file holding the audit log, pending approvals, queued results, grants.
+
+Why it looks like this:
+
+- **Fail closed.** Every decision row is committed before anything executes; a write that fails
+  raises :class:`StoreUnavailable` (an ``ExecutionFailed``, -32004) and the caller executes nothing.
+- **Off the event loop.** stdlib ``sqlite3`` runs in a worker thread behind one
+  ``CapacityLimiter(1)``; the connection is only ever touched by that one thread at a time.
+- **Group commit.** Callers enqueue operations; one writer task runs everything queued so far in a
+  single transaction (each operation under its own SAVEPOINT, so one failing operation does not
+  sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
+  instead of paying N.
+- **Append-only audit.** Triggers refuse to change a row's original columns or delete rows; only the
+  resolution columns are filled in later.
+- **Keys.** Approvals are keyed by a gateway-generated UUID (``request_id``), never by the agent's
+  JSON-RPC id, which is stored only to echo it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+from attrs import frozen
+
+from agentgate.errors import ExecutionFailed
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+
+CREATE TABLE IF NOT EXISTS audit_log (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    time        REAL NOT NULL,
+    kind        TEXT NOT NULL DEFAULT 'request',   -- request | guardian
+    agent       TEXT NOT NULL,
+    request_id  TEXT,
+    tool        TEXT,
+    args        TEXT,                              -- JSON, every argument
+    signature   TEXT,
+    decision    TEXT NOT NULL,                     -- allow | deny | ask | invalid | limited | ...
+    matched     TEXT,                              -- what decided it
+    resolution  TEXT,                              -- executed | denied | timed_out | failed | ...
+    resolved_by TEXT,
+    resolved_at REAL,
+    result      TEXT,                              -- JSON summary of the data
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_request ON audit_log(request_id);
+CREATE INDEX IF NOT EXISTS audit_time ON audit_log(time);
+
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+
+CREATE TRIGGER IF NOT EXISTS audit_keep_original
+BEFORE UPDATE OF time, kind, agent, request_id, tool, args, signature, decision, matched
+ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log rows keep their original columns'); END;
+
+CREATE TABLE IF NOT EXISTS pending_requests (
+    request_id  TEXT PRIMARY KEY,
+    agent       TEXT NOT NULL,
+    rpc_id      TEXT NOT NULL,                     -- JSON of the agent's id, echoed back
+    tool        TEXT NOT NULL,
+    args        TEXT NOT NULL,
+    signature   TEXT NOT NULL,
+    matched     TEXT NOT NULL,
+    target      TEXT,
+    message_ref TEXT,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    state       TEXT NOT NULL,                     -- pending | executing | done
+    outcome     TEXT,                              -- executed|denied|timed_out|failed|shutdown
+    decided_by  TEXT,
+    queued      TEXT,                              -- JSON result entry while waiting for the agent
+    delivered   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS pending_state ON pending_requests(state);
+CREATE INDEX IF NOT EXISTS pending_queued ON pending_requests(agent, delivered);
+
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id    TEXT PRIMARY KEY,
+    agent       TEXT NOT NULL,
+    signature   TEXT NOT NULL,
+    granted_by  TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    revoked_by  TEXT,
+    revoked_at  REAL
+);
+
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreUnavailable(ExecutionFailed):
+    """The store could not be written: nothing executes (fail closed)."""
+
+    default_message = "audit log unavailable: nothing was executed"
+
+
+@frozen
+class AuditEntry:
+    time: float
+    agent: str
+    request_id: str | None
+    tool: str | None
+    args: dict[str, Any] | None
+    signature: str | None
+    decision: str
+    matched: str | None
+    kind: str = "request"
+    resolution: str | None = None
+    resolved_by: str | None = None
+    resolved_at: float | None = None
+    result: Any = None
+    error: str | None = None
+    id: int | None = None
+
+
+@frozen
+class PendingRow:
+    request_id: str
+    agent: str
+    rpc_id: Any
+    tool: str
+    args: dict[str, Any]
+    signature: str
+    matched: str
+    target: str | None
+    message_ref: str | None
+    created_at: float
+    expires_at: float
+    state: str
+    outcome: str | None = None
+    decided_by: str | None = None
+
+
+@frozen
+class GrantRow:
+    grant_id: str
+    agent: str
+    signature: str
+    granted_by: str
+    created_at: float
+    expires_at: float
+
+
+def _json(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _unjson(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@attrs.define
+class _Op(Generic[T]):
+    fn: Callable[[sqlite3.Connection], T]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Store:
+    """Async facade over the SQLite file; see the module docstring. Use :func:`open_store`."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._limiter = trio.CapacityLimiter(1)
+        self._queue: list[_Op[Any]] = []
+        self._wakeup = trio.Event()
+        self._closed = False
+        self.commits = 0  # transactions committed (group commit makes this < operations)
+
+    # -- the writer ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The writer task: run queued operations in batches, one transaction per batch."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            with trio.CancelScope(shield=True):  # a started batch always finishes and wakes
+                await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+            for op in batch:
+                op.done.set()
+
+    def _run_batch(self, batch: list[_Op[Any]]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for op in batch:
+                op.error = exc
+            return
+        for op in batch:
+            try:
+                conn.execute("SAVEPOINT op")
+                op.result = op.fn(conn)
+                conn.execute("RELEASE op")
+            except Exception as exc:  # one failing op must not sink the batch
+                op.error = exc
+                try:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                except sqlite3.Error:
+                    pass
+        try:
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            for op in batch:
+                if op.error is None:
+                    op.error = exc
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    async def _do(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreUnavailable("audit log unavailable: the store is closed")
+        op: _Op[T] = _Op(fn)
+        self._queue.append(op)
+        self._wakeup.set()
+        await op.done.wait()
+        if op.error is not None:
+            if isinstance(op.error, sqlite3.Error):
+                raise StoreUnavailable(
+                    f"audit log unavailable ({op.error}): nothing was executed"
+                ) from op.error
+            raise op.error
+        return op.result  # type: ignore[no-any-return]
+
+    # -- audit --------------------------------------------------------------------------------
+
+    async def audit(self, entry: AuditEntry) -> int:
+        """Append an audit row (committed before this returns); return its id."""
+        return await self._do(lambda c: _insert_audit(c, entry))
+
+    async def resolve_audit(
+        self,
+        request_id: str,
+        resolution: str,
+        *,
+        resolved_by: str | None,
+        resolved_at: float,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
+                " WHERE request_id=? AND kind='request' AND resolution IS NULL",
+                (resolution, resolved_by, resolved_at, _json(result), error, request_id),
+            )
+
+        await self._do(fn)
+
+    async def audit_rows(
+        self,
+        *,
+        agent: str | None = None,
+        tool: str | None = None,
+        decision: str | None = None,
+        since: float | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+    ) -> list[AuditEntry]:
+        def fn(c: sqlite3.Connection) -> list[AuditEntry]:
+            where, params = ["id > ?"], [after_id]
+            for column, value in (("agent", agent), ("tool", tool), ("decision", decision)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    params.append(value)  # type: ignore[arg-type]
+            if since is not None:
+                where.append("time >= ?")
+                params.append(since)  # type: ignore[arg-type]
+            rows = c.execute(
+                f"SELECT * FROM audit_log WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+            return [_audit_from_row(r) for r in rows]
+
+        return await self._do(fn)
+
+    # -- pending approvals --------------------------------------------------------------------
+
+    async def add_pending(self, entry: AuditEntry, pending: PendingRow) -> None:
+        """Record the ask decision and its pending row in one transaction."""
+
+        def fn(c: sqlite3.Connection) -> None:
+            _insert_audit(c, entry)
+            c.execute(
+                "INSERT INTO pending_requests (request_id, agent, rpc_id, tool, args, signature,"
+                " matched, target, message_ref, created_at, expires_at, state)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    pending.request_id,
+                    pending.agent,
+                    _json(pending.rpc_id) or "null",
+                    pending.tool,
+                    _json(pending.args),
+                    pending.signature,
+                    pending.matched,
+                    pending.target,
+                    pending.message_ref,
+                    pending.created_at,
+                    pending.expires_at,
+                    "pending",
+                ),
+            )
+
+        await self._do(fn)
+
+    async def set_message_ref(self, request_id: str, message_ref: str, target: str | None) -> None:
+        await self._do(
+            lambda c: c.execute(
+                "UPDATE pending_requests SET message_ref=?, target=? WHERE request_id=?",
+                (message_ref, target, request_id),
+            )
+        )
+
+    async def open_pending(self) -> list[PendingRow]:
+        """Every approval not yet done (``pending`` or ``executing``), oldest first."""
+
+        def fn(c: sqlite3.Connection) -> list[PendingRow]:
+            rows = c.execute(
+                "SELECT * FROM pending_requests WHERE state != 'done' ORDER BY created_at"
+            ).fetchall()
+            return [_pending_from_row(r) for r in rows]
+
+        return await self._do(fn)
+
+    async def begin_execution(self, request_id: str, decided_by: str, at: float) -> bool:
+        """Move an approval from ``pending`` to ``executing``; False if it was not pending.
+
+        This is the exactly-once gate: the transition happens at most once per approval, and a
+        crash while ``executing`` is reported as an unknown outcome, never executed again.
+        """
+
+        def fn(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE pending_requests SET state='executing', decided_by=?"
+                " WHERE request_id=? AND state='pending'",
+                (decided_by, request_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._do(fn)
+
+    async def finish_pending(
+        self,
+        request_id: str,
+        outcome: str,
+        *,
+        decided_by: str | None,
+        at: float,
+        entry: dict[str, Any],
+        delivered: bool,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        """Close an approval: its outcome, the audit resolution, and the result entry.
+
+        ``entry`` is the queued-result object of DESIGN §13; if ``delivered`` is False it waits
+        for ``take_queued`` to hand it out once.
+        """
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE pending_requests SET state='done', outcome=?,"
+                " decided_by=COALESCE(decided_by, ?), queued=?, delivered=?"
+                " WHERE request_id=?",
+                (outcome, decided_by, _json(entry), 1 if delivered else 0, request_id),
+            )
+            c.execute(
+                "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
+                " WHERE request_id=? AND kind='request' AND resolution IS NULL",
+                (outcome, decided_by, at, _json(result), error, request_id),
+            )
+
+        await self._do(fn)
+
+    async def mark_delivered(self, request_id: str) -> None:
+        await self._do(
+            lambda c: c.execute(
+                "UPDATE pending_requests SET delivered=1 WHERE request_id=?", (request_id,)
+            )
+        )
+
+    async def mark_undelivered(self, request_id: str) -> None:
+        await self._do(
+            lambda c: c.execute(
+                "UPDATE pending_requests SET delivered=0 WHERE request_id=? AND state='done'",
+                (request_id,),
+            )
+        )
+
+    async def queued_count(self, agent: str) -> int:
+        def fn(c: sqlite3.Connection) -> int:
+            row = c.execute(
+                "SELECT COUNT(*) FROM pending_requests"
+                " WHERE agent=? AND state='done' AND delivered=0",
+                (agent,),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._do(fn)
+
+    async def take_queued(self, agent: str) -> list[dict[str, Any]]:
+        """Hand out this agent's queued results, each exactly once (atomically)."""
+
+        def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = c.execute(
+                "SELECT request_id, queued FROM pending_requests"
+                " WHERE agent=? AND state='done' AND delivered=0 ORDER BY created_at",
+                (agent,),
+            ).fetchall()
+            c.executemany(
+                "UPDATE pending_requests SET delivered=1 WHERE request_id=?",
+                [(r["request_id"],) for r in rows],
+            )
+            return [json.loads(r["queued"]) for r in rows if r["queued"]]
+
+        return await self._do(fn)
+
+    # -- grants and settings ------------------------------------------------------------------
+
+    async def add_grant(self, grant: GrantRow) -> None:
+        await self._do(
+            lambda c: c.execute(
+                "INSERT INTO grants (grant_id, agent, signature, granted_by, created_at,"
+                " expires_at) VALUES (?,?,?,?,?,?)",
+                attrs.astuple(grant),
+            )
+        )
+
+    async def active_grants(self, now: float) -> list[GrantRow]:
+        def fn(c: sqlite3.Connection) -> list[GrantRow]:
+            rows = c.execute(
+                "SELECT grant_id, agent, signature, granted_by, created_at, expires_at FROM grants"
+                " WHERE revoked_at IS NULL AND expires_at > ? ORDER BY created_at",
+                (now,),
+            ).fetchall()
+            return [GrantRow(*r) for r in rows]
+
+        return await self._do(fn)
+
+    async def revoke_grant(self, grant_id: str, by: str, at: float) -> bool:
+        def fn(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE grants SET revoked_by=?, revoked_at=? WHERE grant_id=? AND revoked_at IS"
+                " NULL",
+                (by, at, grant_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._do(fn)
+
+    async def get_setting(self, key: str) -> str | None:
+        def fn(c: sqlite3.Connection) -> str | None:
+            row = c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._do(fn)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        await self._do(
+            lambda c: c.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        pending, self._queue = self._queue, []
+        for op in pending:  # never leave a caller waiting on a batch that will not run
+            op.error = StoreUnavailable("audit log unavailable: the store is closed")
+            op.done.set()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+
+
+def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
+    cur = c.execute(
+        "INSERT INTO audit_log (time, kind, agent, request_id, tool, args, signature, decision,"
+        " matched, resolution, resolved_by, resolved_at, result, error)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            e.time,
+            e.kind,
+            e.agent,
+            e.request_id,
+            e.tool,
+            _json(e.args),
+            e.signature,
+            e.decision,
+            e.matched,
+            e.resolution,
+            e.resolved_by,
+            e.resolved_at,
+            _json(e.result),
+            e.error,
+        ),
+    )
+    return int(cur.lastrowid or 0)
+
+
+def _audit_from_row(r: sqlite3.Row) -> AuditEntry:
+    return AuditEntry(
+        id=r["id"],
+        time=r["time"],
+        kind=r["kind"],
+        agent=r["agent"],
+        request_id=r["request_id"],
+        tool=r["tool"],
+        args=_unjson(r["args"]),
+        signature=r["signature"],
+        decision=r["decision"],
+        matched=r["matched"],
+        resolution=r["resolution"],
+        resolved_by=r["resolved_by"],
+        resolved_at=r["resolved_at"],
+        result=_unjson(r["result"]),
+        error=r["error"],
+    )
+
+
+def _pending_from_row(r: sqlite3.Row) -> PendingRow:
+    return PendingRow(
+        request_id=r["request_id"],
+        agent=r["agent"],
+        rpc_id=json.loads(r["rpc_id"]),
+        tool=r["tool"],
+        args=json.loads(r["args"]),
+        signature=r["signature"],
+        matched=r["matched"],
+        target=r["target"],
+        message_ref=r["message_ref"],
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        state=r["state"],
+        outcome=r["outcome"],
+        decided_by=r["decided_by"],
+    )
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        # Create the file 0600 before SQLite does, so no other user can ever read it.
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, stat.S_IRUSR | stat.S_IWUSR)
+        os.close(fd)
+    else:
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(_SCHEMA)
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif row[0] > SCHEMA_VERSION:
+        conn.close()
+        raise StoreUnavailable(
+            f"{path}: store schema version {row[0]} is newer than this agentgate"
+            f" ({SCHEMA_VERSION}); upgrade agentgate"
+        )
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.chmod(side, stat.S_IRUSR | stat.S_IWUSR)
+    return conn
+
+
+@asynccontextmanager
+async def open_store(path: Path | str, *, synchronous: str = "FULL") -> AsyncIterator[Store]:
+    """Open (creating if needed) the store at ``path`` and run its writer task."""
+    if synchronous not in {"FULL", "NORMAL"}:
+        raise ValueError("synchronous must be FULL or NORMAL")
+    conn = await trio.to_thread.run_sync(_connect, Path(path), synchronous)
+    store = Store(conn)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.run)
+            try:
+                yield store
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+
+
+def read_only(path: Path | str) -> sqlite3.Connection:
+    """A read-only connection for operator tools (``agentgate audit``)."""
+    uri = f"file:{Path(path).resolve()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def audit_entries(rows: Iterable[sqlite3.Row]) -> list[AuditEntry]:
+    return [_audit_from_row(r) for r in rows]

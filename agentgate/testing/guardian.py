@@ -1,0 +1,74 @@
+"""A scripted guardian for tests, benchmarks and the demo: cards land in a list, a test decides.
+
+It implements the :class:`~agentgate.guardian.Guardian` protocol exactly as Telegram does, so the
+broker cannot tell the difference; decisions go back through the gateway's ``GuardianControl``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import attrs
+import trio
+
+from agentgate.guardian import (
+    Action,
+    ApprovalCard,
+    CardUpdate,
+    GuardianControl,
+    GuardianUnavailable,
+)
+
+
+@attrs.define
+class ShownCard:
+    card: ApprovalCard
+    ref: str
+    updates: list[CardUpdate] = attrs.field(factory=list)
+
+
+class ScriptedGuardian:
+    """Records every card and its updates; tests decide with :meth:`press`."""
+
+    def __init__(self, *, user: str = "test guardian (1)") -> None:
+        self.control: GuardianControl | None = None
+        self.user = user
+        self.unavailable = False
+        self.cards: dict[str, ShownCard] = {}
+        self._refs = itertools.count(1)
+        self._changed = trio.Event()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def send_card(self, card: ApprovalCard) -> str:
+        if self.unavailable:
+            raise GuardianUnavailable("guardian unreachable: the test guardian is switched off")
+        ref = f"card-{next(self._refs)}"
+        self.cards[card.request_id] = ShownCard(card, ref)
+        self._touch()
+        return ref
+
+    async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
+        shown = self.cards.get(card.request_id)
+        if shown is not None:
+            shown.updates.append(update)
+            self._touch()
+
+    async def wait_for_card(self, count: int = 1) -> ShownCard:
+        """Wait until ``count`` cards have been shown; return the latest (caller's deadline)."""
+        while len(self.cards) < count:
+            await self._changed.wait()
+        return list(self.cards.values())[-1]
+
+    async def wait_for_update(self, request_id: str) -> CardUpdate:
+        while True:
+            shown = self.cards.get(request_id)
+            if shown is not None and shown.updates:
+                return shown.updates[-1]
+            await self._changed.wait()
+
+    async def press(self, request_id: str, action: str, user: str | None = None) -> str:
+        assert self.control is not None, "connect the guardian to a gateway first"
+        return await self.control.decide(request_id, Action(action), user or self.user)
