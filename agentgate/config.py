@@ -1,0 +1,693 @@
+"""The gateway configuration: ``gate.toml`` → a frozen :class:`Config` (DESIGN §9, §13).
+
+:func:`load_config` works in four steps; each one collects every problem it finds and then
+raises one :class:`ConfigError` whose lines read ``FILE: KEY.PATH: what was expected``:
+
+1. read the file and parse it as TOML (errors name the file and the line);
+2. replace ``${VAR}`` in every string from the environment (``$${`` is a literal ``${``);
+3. structure the document into the ``@frozen`` classes below with a cattrs converter that
+   forbids unknown keys and whose scalar hooks are strict (a bool is not a number, a number is
+   not a string), then make relative paths absolute against the directory of ``gate.toml``;
+4. cross-field checks: at least one agent, exactly one token form per agent, no shared tokens,
+   TLS files (unless ``insecure``), policy files.
+
+Secrets (tokens) never appear in a ``repr`` or an error message.
+"""
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, get_origin
+from urllib.parse import urlsplit
+
+import attrs
+import cattrs
+from attrs import field, frozen
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
+from cattrs.gen import make_dict_structure_fn
+
+__all__ = [
+    "AgentConfig",
+    "Config",
+    "ConfigError",
+    "GatewayConfig",
+    "GuardianConfig",
+    "HomeAssistantConfig",
+    "LimitsConfig",
+    "PolicyConfig",
+    "ServicesConfig",
+    "StoreConfig",
+    "TelegramConfig",
+    "load_config",
+    "policy_files",
+    "split_listen",
+]
+
+AGENT_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+MIN_TOKEN_LENGTH = 16
+MIN_MESSAGE_BYTES = 1024
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+_AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# `$${` is an escaped literal `${`; otherwise `${` up to the next `}` (or the end: unterminated).
+_ENV_REF_RE = re.compile(r"\$\$\{|\$\{(?P<name>[^}]*)(?P<close>\}?)")
+
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. ``str()`` is one line per problem, each naming the
+    file, the dotted key path and what was expected, e.g.
+    ``gate.toml: limits.requests_per_minute: expected a positive integer, got "ten"``.
+    ``problems`` holds the same lines as a tuple."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems: tuple[str, ...] = problems
+        super().__init__("\n".join(problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+class _Invalid(ValueError):
+    """A value was rejected by a check; ``subpath`` extends the key path (list indices)."""
+
+    def __init__(self, message: str, subpath: KeyPath = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.subpath = subpath
+
+
+@frozen
+class _Check:
+    """``Annotated`` metadata: the structure hook for the annotated field."""
+
+    fn: Callable[[Any], Any]
+
+
+def _show(value: object) -> str:
+    """A value as it would read in TOML, for "got ..." (long strings shortened)."""
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return json.dumps(text, ensure_ascii=False)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"  # TOML dates and times
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` if it is an integer (a bool is not), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    return value
+
+
+def _nonempty_string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _secret(value: object) -> str:
+    # Never echo a secret: only its type or emptiness.
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    if not value:
+        raise _Invalid('expected a non-empty string, got ""')
+    return value
+
+
+def _agent_token(value: object) -> str:
+    token = _secret(value)
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise _Invalid(
+            f"token too short: expected at least {MIN_TOKEN_LENGTH} characters, got {len(token)}"
+        )
+    return token
+
+
+def _sha256_hex(value: object) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.match(value):
+        got = f"{len(value)} characters" if isinstance(value, str) else _show(value)
+        raise _Invalid(
+            "expected a sha256 digest (64 hexadecimal characters, "
+            f"see `agentgate hash-token`), got {got}"
+        )
+    return value.lower()
+
+
+def _integer(value: object) -> int:
+    number = _as_int(value)
+    if number is None:
+        raise _Invalid(f"expected an integer, got {_show(value)}")
+    return number
+
+
+def _positive_int(value: object) -> int:
+    number = _as_int(value)
+    if number is None or number <= 0:
+        raise _Invalid(f"expected a positive integer, got {_show(value)}")
+    return number
+
+
+def _non_negative_int(value: object) -> int:
+    number = _as_int(value)
+    if number is None or number < 0:
+        raise _Invalid(f"expected a non-negative integer, got {_show(value)}")
+    return number
+
+
+def _seconds(value: object) -> float:
+    integer = _as_int(value)
+    number = value if isinstance(value, float) else None
+    if integer is not None:
+        try:
+            number = float(integer)
+        except OverflowError:
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise _Invalid(f"expected a positive number of seconds, got {_show(value)}")
+    return number
+
+
+def _message_bytes(value: object) -> int:
+    number = _as_int(value)
+    if number is None or not MIN_MESSAGE_BYTES <= number <= MAX_MESSAGE_BYTES:
+        raise _Invalid(
+            f"expected an integer from {MIN_MESSAGE_BYTES} to {MAX_MESSAGE_BYTES} (16 MiB), "
+            f"got {_show(value)}"
+        )
+    return number
+
+
+def _user_ids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        got = "an empty array" if value == [] else _show(value)
+        raise _Invalid(f"expected a non-empty array of Telegram user ids, got {got}")
+    for index, item in enumerate(value):
+        if _as_int(item) is None:
+            raise _Invalid(f"expected an integer user id, got {_show(item)}", (index,))
+    return tuple(value)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (``"[::1]:8443"`` for IPv6) into host and port; ValueError if bad."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError(listen)
+    elif ":" in host:
+        raise ValueError(listen)  # an IPv6 address needs brackets
+    if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(listen)
+    if any(c.isspace() for c in host):
+        raise ValueError(listen)
+    return host, int(port)
+
+
+def _listen(value: object) -> str:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        split_listen(value)
+    except ValueError:
+        raise _Invalid(
+            f'expected "host:port" (e.g. "0.0.0.0:8443" or "[::1]:8443"), got {_show(value)}'
+        ) from None
+    return value
+
+
+def _http_url(value: object) -> str:
+    if isinstance(value, str):
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018  (raises ValueError for a bad port)
+        except ValueError:
+            ok = False
+        if ok and not parts.query and not parts.fragment:
+            return value.rstrip("/")
+    raise _Invalid(f"expected an http:// or https:// URL, got {_show(value)}")
+
+
+def _path(value: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"expected a file path (a string), got {_show(value)}")
+    return Path(value).expanduser()
+
+
+String = Annotated[str, _Check(_string)]
+NonEmptyString = Annotated[str, _Check(_nonempty_string)]
+Secret = Annotated[str, _Check(_secret)]
+AgentToken = Annotated[str, _Check(_agent_token)]
+Sha256Hex = Annotated[str, _Check(_sha256_hex)]
+Integer = Annotated[int, _Check(_integer)]
+PositiveInt = Annotated[int, _Check(_positive_int)]
+NonNegativeInt = Annotated[int, _Check(_non_negative_int)]
+Seconds = Annotated[float, _Check(_seconds)]
+MessageBytes = Annotated[int, _Check(_message_bytes)]
+UserIds = Annotated[tuple[int, ...], _Check(_user_ids)]
+Listen = Annotated[str, _Check(_listen)]
+HttpUrl = Annotated[str, _Check(_http_url)]
+FilePath = Annotated[Path, _Check(_path)]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@frozen(kw_only=True)
+class GatewayConfig:
+    """``[gateway]``: where to listen, TLS, and the two protocol deadlines (seconds)."""
+
+    listen: Listen = "0.0.0.0:8443"
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+    auth_deadline: Seconds = 10.0
+    approval_timeout: Seconds = 900.0
+
+    @property
+    def host(self) -> str:
+        """The host part of ``listen`` (IPv6 without brackets)."""
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        """The port part of ``listen``; 0 means "pick a free port"."""
+        return split_listen(self.listen)[1]
+
+
+@frozen(kw_only=True)
+class StoreConfig:
+    """``[store]``: the SQLite file (audit log and pending approvals)."""
+
+    path: FilePath = Path("data/agentgate.db")
+
+
+@frozen(kw_only=True)
+class PolicyConfig:
+    """``[policy]``: the default policy file for every agent."""
+
+    file: FilePath = Path("permissions.yaml")
+
+
+@frozen(kw_only=True)
+class AgentConfig:
+    """``[agents.NAME]``: one agent, its credential and optional per-agent overrides.
+
+    Exactly one of ``token`` (the plain token) and ``token_sha256`` (its sha256, lower-case
+    hex) is set by :func:`load_config`.
+    """
+
+    name: String
+    token: AgentToken | None = field(default=None, repr=False)
+    token_sha256: Sha256Hex | None = None
+    policy: FilePath | None = None
+    requests_per_minute: PositiveInt | None = None
+    max_pending: PositiveInt | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """The sha256 digest of this agent's token (raises ValueError if no token is set)."""
+        if self.token is not None:
+            return hashlib.sha256(self.token.encode("utf-8", "surrogatepass")).digest()
+        if self.token_sha256 is not None:
+            return bytes.fromhex(self.token_sha256)
+        raise ValueError(f"agent {self.name!r} has no token")
+
+    def matches(self, token: str) -> bool:
+        """Whether ``token`` is this agent's token, compared in constant time on digests."""
+        if not isinstance(token, str) or (self.token is None and self.token_sha256 is None):
+            return False
+        presented = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        return hmac.compare_digest(presented, self.digest)
+
+
+@frozen(kw_only=True)
+class TelegramConfig:
+    """``[guardian.telegram]``: the approval bot, where cards go and who may decide."""
+
+    token: Secret = field(repr=False)
+    chat_id: Integer
+    allowed_users: UserIds
+    base_url: HttpUrl | None = None
+    send_retries: NonNegativeInt = 3
+
+
+@frozen(kw_only=True)
+class GuardianConfig:
+    """``[guardian]``: the human in the loop (Telegram only, for now)."""
+
+    telegram: TelegramConfig | None = None
+
+
+@frozen(kw_only=True)
+class HomeAssistantConfig:
+    """``[services.homeassistant]``: base URL (no trailing slash), token, per-call timeout."""
+
+    url: HttpUrl
+    token: Secret = field(repr=False)
+    timeout: Seconds = 10.0
+
+
+@frozen(kw_only=True)
+class ServicesConfig:
+    """``[services]``: the services the gateway executes against."""
+
+    homeassistant: HomeAssistantConfig | None = None
+
+
+@frozen(kw_only=True)
+class LimitsConfig:
+    """``[limits]``: per-agent and per-address limits (DESIGN §10, §13)."""
+
+    max_pending_per_agent: PositiveInt = 10
+    requests_per_minute: PositiveInt = 60
+    failed_auth_per_minute: PositiveInt = 5
+    max_message_bytes: MessageBytes = 65536
+
+
+@frozen(kw_only=True)
+class Config:
+    """A validated ``gate.toml``; every path in it is absolute."""
+
+    source: FilePath
+    gateway: GatewayConfig = GatewayConfig()
+    store: StoreConfig = StoreConfig()
+    policy: PolicyConfig = PolicyConfig()
+    agents: dict[str, AgentConfig] = field(factory=dict)
+    guardian: GuardianConfig = GuardianConfig()
+    services: ServicesConfig = ServicesConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    def agent_limits(self, name: str) -> tuple[int, int]:
+        """``(requests_per_minute, max_pending)`` for agent ``name``: its own overrides, else
+        ``[limits]``. KeyError for an unknown agent."""
+        agent = self.agents[name]
+        return (
+            agent.requests_per_minute or self.limits.requests_per_minute,
+            agent.max_pending or self.limits.max_pending_per_agent,
+        )
+
+    def agent_policy(self, name: str) -> Path:
+        """The policy file for agent ``name``: its own, else ``[policy] file``."""
+        return self.agents[name].policy or self.policy.file
+
+    def find_agent(self, token: str) -> AgentConfig | None:
+        """The agent whose token this is, or None. Every agent is compared (no early exit)."""
+        found = None
+        for agent in self.agents.values():
+            if agent.matches(token):
+                found = agent
+        return found
+
+
+def policy_files(config: Config) -> dict[str, Path]:
+    """Every policy file the config refers to, by the key that names it: ``"policy.file"``
+    for the default, ``"agents.NAME.policy"`` for each agent with its own."""
+    files = {"policy.file": config.policy.file}
+    for name, agent in config.agents.items():
+        if agent.policy is not None:
+            files[_format_path(("agents", name, "policy"))] = agent.policy
+    return files
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    insecure: bool = False,
+) -> Config:
+    """Read, validate and return the gateway configuration at ``path``.
+
+    ``env`` (default ``os.environ``) supplies ``${VAR}`` substitutions. With ``insecure``
+    the TLS files may be absent (plain ``ws://``). Raises :class:`ConfigError` naming the
+    file, the key path and what was expected for every problem found.
+    """
+    label = os.fspath(path)
+    source = Path(os.path.abspath(label))
+    environ: Mapping[str, str] = os.environ if env is None else env
+
+    def fail(problems: Sequence[tuple[KeyPath, str]]) -> ConfigError:
+        return ConfigError(*(_problem(label, key, message) for key, message in problems))
+
+    try:
+        text = source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}: not valid UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read the file: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError(f"{label}: cannot read the file: {exc}") from exc
+    try:
+        raw = tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, int digit limit, nesting
+        raise ConfigError(f"{label}: invalid TOML: {exc}") from exc
+
+    problems: list[tuple[KeyPath, str]] = []
+    try:
+        document = _substitute(raw, (), environ, problems)
+    except RecursionError as exc:
+        raise ConfigError(f"{label}: invalid TOML: nested too deeply") from exc
+    if problems:
+        raise fail(problems)
+
+    _inject_names(document, source, problems)
+    try:
+        config = _converter.structure(document, Config)
+    except Exception as exc:  # every structuring failure becomes a located problem
+        problems.extend(_collect(exc, ()))
+    if problems:
+        raise fail(problems)
+
+    config = _resolve_paths(config, source.parent)
+    problems.extend(_cross_check(config, insecure=insecure))
+    if problems:
+        raise fail(problems)
+    return config
+
+
+def _problem(label: str, key: KeyPath, message: str) -> str:
+    return f"{label}: {_format_path(key)}: {message}" if key else f"{label}: {message}"
+
+
+def _format_path(key: KeyPath) -> str:
+    out = ""
+    for part in key:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = part if _BARE_KEY_RE.match(part) else json.dumps(part, ensure_ascii=False)
+            out += f".{text}" if out else text
+    return out
+
+
+def _substitute(
+    value: Any, key: KeyPath, env: Mapping[str, str], problems: list[tuple[KeyPath, str]]
+) -> Any:
+    """A copy of the document with ``${VAR}`` replaced in every string."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, (*key, k), env, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, (*key, i), env, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, closed = match.group("name"), match.group("close")
+        if not closed:
+            problems.append((key, "unterminated ${ (write $${ for a literal ${)"))
+        elif not _ENV_NAME_RE.match(name):
+            problems.append((key, f"invalid environment variable reference ${{{name}}}"))
+        elif name not in env:
+            problems.append((key, f"environment variable {name} is not set"))
+        else:
+            return env[name]
+        return ""
+
+    return _ENV_REF_RE.sub(replace, value)
+
+
+def _inject_names(
+    document: dict[str, Any], source: Path, problems: list[tuple[KeyPath, str]]
+) -> None:
+    """Fill the fields that come from outside the table: ``source`` and each agent's name."""
+    if "source" in document:
+        problems.append((("source",), "unknown key"))
+    document["source"] = str(source)
+    agents = document.get("agents")
+    if not isinstance(agents, dict):
+        return
+    for name, table in agents.items():
+        if not _AGENT_NAME_RE.match(name):
+            problems.append((("agents", name), f"agent name must match {AGENT_NAME_PATTERN}"))
+        if isinstance(table, dict):
+            if "name" in table:
+                problems.append((("agents", name, "name"), "unknown key"))
+            table["name"] = name
+
+
+def _collect(exc: BaseException, key: KeyPath) -> list[tuple[KeyPath, str]]:
+    """Walk cattrs' exception tree into ``(key path, message)`` pairs."""
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        found = [p for sub, note in with_notes for p in _collect(sub, (*key, note.name))]
+        return found + [p for sub in without for p in _collect(sub, key)]
+    if isinstance(exc, IterableValidationError):
+        with_index, without = exc.group_exceptions()
+        found = [p for sub, note in with_index for p in _collect(sub, (*key, note.index))]
+        return found + [p for sub in without for p in _collect(sub, key)]
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return [((*key, extra), "unknown key") for extra in sorted(exc.extra_fields)]
+    if isinstance(exc, _Invalid):
+        return [((*key, *exc.subpath), exc.message)]
+    if isinstance(exc, KeyError):
+        return [(key, "required key is missing")]
+    return [(key, f"invalid value ({exc})")]
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(path: Path) -> Path:
+        return Path(os.path.normpath(base / path))
+
+    def maybe(path: Path | None) -> Path | None:
+        return None if path is None else resolve(path)
+
+    gateway = config.gateway
+    return attrs.evolve(
+        config,
+        gateway=attrs.evolve(
+            gateway, tls_cert=maybe(gateway.tls_cert), tls_key=maybe(gateway.tls_key)
+        ),
+        store=attrs.evolve(config.store, path=resolve(config.store.path)),
+        policy=attrs.evolve(config.policy, file=resolve(config.policy.file)),
+        agents={
+            name: attrs.evolve(agent, policy=maybe(agent.policy))
+            for name, agent in config.agents.items()
+        },
+    )
+
+
+def _cross_check(config: Config, *, insecure: bool) -> list[tuple[KeyPath, str]]:
+    problems: list[tuple[KeyPath, str]] = []
+    if not config.agents:
+        problems.append(
+            (("agents",), "at least one agent is required ([agents.NAME] with a token)")
+        )
+    seen: dict[bytes, str] = {}
+    for name, agent in config.agents.items():
+        if (agent.token is None) == (agent.token_sha256 is None):
+            problems.append((("agents", name), "expected exactly one of token or token_sha256"))
+            continue
+        field_name = "token" if agent.token is not None else "token_sha256"
+        other = seen.setdefault(agent.digest, name)
+        if other != name:
+            problems.append(
+                (
+                    ("agents", name, field_name),
+                    f"same token as {_format_path(('agents', other))} "
+                    "(every agent needs its own token)",
+                )
+            )
+    if not insecure:
+        for tls_key in ("tls_cert", "tls_key"):
+            tls_path: Path | None = getattr(config.gateway, tls_key)
+            if tls_path is None:
+                problems.append(
+                    (
+                        ("gateway", tls_key),
+                        "required (TLS is mandatory; plain ws:// only with --insecure)",
+                    )
+                )
+            else:
+                problems.extend(_require_file(("gateway", tls_key), tls_path))
+    problems.extend(_require_file(("policy", "file"), config.policy.file))
+    for name, agent in config.agents.items():
+        if agent.policy is not None:
+            problems.extend(_require_file(("agents", name, "policy"), agent.policy))
+    return problems
+
+
+def _require_file(key: KeyPath, path: Path) -> list[tuple[KeyPath, str]]:
+    if path.is_file():
+        return []
+    if path.exists():
+        return [(key, f"not a file: {path}")]
+    return [(key, f"file not found: {path}")]
+
+
+def _is_dict_type(type_: Any) -> bool:
+    return get_origin(type_) is dict
+
+
+def _make_converter() -> cattrs.Converter:
+    """One converter for gate.toml: unknown keys forbidden, every field checked by its hook."""
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+
+    def is_checked(type_: Any) -> bool:
+        return get_origin(type_) is Annotated and any(
+            isinstance(m, _Check) for m in type_.__metadata__
+        )
+
+    def checked_hook(type_: Any) -> Callable[[Any, Any], Any]:
+        check = next(m for m in type_.__metadata__ if isinstance(m, _Check))
+        return lambda value, _: check.fn(value)
+
+    def table_hook(cls: Any) -> Callable[[Any, Any], Any]:
+        structure = make_dict_structure_fn(cls, converter)
+
+        def hook(value: Any, type_: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Invalid(f"expected a table, got {_show(value)}")
+            return structure(value, type_)
+
+        return hook
+
+    def mapping_hook(type_: Any) -> Callable[[Any, Any], Any]:
+        structure = converter.gen_structure_mapping(type_)
+
+        def hook(value: Any, type_: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _Invalid(f"expected a table, got {_show(value)}")
+            return structure(value, type_)
+
+        return hook
+
+    converter.register_structure_hook_factory(attrs.has, table_hook)
+    converter.register_structure_hook_factory(_is_dict_type, mapping_hook)
+    converter.register_structure_hook_factory(is_checked, checked_hook)
+    return converter
+
+
+_converter = _make_converter()

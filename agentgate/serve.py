@@ -1,0 +1,72 @@
+"""``agentgate serve gate.toml``: logging, signals and exit status around :func:`serve_gateway`."""
+
+from __future__ import annotations
+
+# trio_asyncio must patch asyncio before httpx, anyio or telegram are imported (PITFALLS.md).
+import trio_asyncio  # noqa: F401, I001
+
+import logging
+import signal
+import sys
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from agentgate.config import ConfigError, load_config
+from agentgate.errors import AgentgateError
+from agentgate.gateway import serve_gateway
+from agentgate.policy import PolicyError
+
+log = logging.getLogger("agentgate")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every request at INFO: far too chatty for a gateway's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("telegram").setLevel(logging.WARNING)
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.warning("%s received: shutting down", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def _main(path: Path, insecure: bool) -> None:
+    config = load_config(path, insecure=insecure)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, stop)
+        await serve_gateway(config, insecure=insecure, stop=stop)
+        nursery.cancel_scope.cancel()
+
+
+def run_serve(path: str | Path, *, insecure: bool = False, log_level: str = "INFO") -> int:
+    """Run the gateway until SIGINT/SIGTERM. 0 after a clean shutdown, 2 for a config error."""
+    setup_logging(log_level)
+    try:
+        load_config(path, insecure=insecure)  # fail fast, before anything starts
+    except ConfigError as exc:
+        print(f"agentgate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(partial(_main, Path(path), insecure))
+    except (ConfigError, PolicyError) as exc:
+        print(f"agentgate: {exc}", file=sys.stderr)
+        return 2
+    except AgentgateError as exc:
+        print(f"agentgate: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"agentgate: {exc}", file=sys.stderr)
+        return 1
+    log.info("stopped cleanly")
+    return 0
