@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-# trio_asyncio must patch asyncio before httpx, anyio or telegram are imported (PITFALLS.md).
-import trio_asyncio  # noqa: F401, I001
-
 import logging
 import signal
 import sys
@@ -12,6 +9,9 @@ from functools import partial
 from pathlib import Path
 
 import trio
+
+# trio_asyncio must patch asyncio before httpx, anyio or telegram are imported (PITFALLS.md).
+import trio_asyncio  # noqa: F401
 
 from agentgate.config import ConfigError, load_config
 from agentgate.errors import AgentgateError
