@@ -178,8 +178,9 @@ class _Op(Generic[T]):
 class Store:
     """Async facade over the SQLite file; see the module docstring. Use :func:`open_store`."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, inline: bool = False) -> None:
         self._conn = conn
+        self._inline = inline  # tests: run SQLite on the loop thread, deterministically
         self._limiter = trio.CapacityLimiter(1)
         self._queue: list[_Op[Any]] = []
         self._wakeup = trio.Event()
@@ -197,7 +198,11 @@ class Store:
             if not batch:
                 continue
             with trio.CancelScope(shield=True):  # a started batch always finishes and wakes
-                await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                if self._inline:
+                    self._run_batch(batch)
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
             for op in batch:
                 op.done.set()
 
@@ -495,7 +500,10 @@ class Store:
             op.error = StoreUnavailable("audit log unavailable: the store is closed")
             op.done.set()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+            if self._inline:
+                self._conn.close()
+            else:
+                await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
 
 
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
@@ -593,12 +601,20 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
 
 
 @asynccontextmanager
-async def open_store(path: Path | str, *, synchronous: str = "FULL") -> AsyncIterator[Store]:
-    """Open (creating if needed) the store at ``path`` and run its writer task."""
+async def open_store(
+    path: Path | str, *, synchronous: str = "FULL", inline: bool = False
+) -> AsyncIterator[Store]:
+    """Open (creating if needed) the store at ``path`` and run its writer task.
+
+    ``inline`` runs SQLite on the event loop's thread: only for deterministic tests.
+    """
     if synchronous not in {"FULL", "NORMAL"}:
         raise ValueError("synchronous must be FULL or NORMAL")
-    conn = await trio.to_thread.run_sync(_connect, Path(path), synchronous)
-    store = Store(conn)
+    if inline:
+        conn = _connect(Path(path), synchronous)
+    else:
+        conn = await trio.to_thread.run_sync(_connect, Path(path), synchronous)
+    store = Store(conn, inline=inline)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.run)

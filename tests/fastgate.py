@@ -1,0 +1,139 @@
+"""Fast-tier plumbing: the real Gateway over memory streams, HA behind httpx.MockTransport.
+
+No sockets and no threads (the store runs inline), so ``autojump_clock`` makes the 10 s auth
+deadline and the 900 s approval timeout take milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+import trio.testing
+from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
+
+from agentgate.config import load_config
+from agentgate.gateway import Gateway, load_policies
+from agentgate.services.homeassistant import open_homeassistant
+from agentgate.store import open_store
+from agentgate.testing.guardian import ScriptedGuardian
+from agentgate.testing.harness import DEFAULT_TOKENS, write_gate_toml
+
+BASE = 1_800_000_000.0
+
+
+def now() -> float:
+    """Wall clock that moves with Trio's (mock) clock."""
+    return BASE + trio.current_time()
+
+
+class MockHome:
+    """A tiny HA behind MockTransport, counting service calls."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict[str, Any]] = {
+            "light.bedroom": {"entity_id": "light.bedroom", "state": "off", "attributes": {}},
+            "sensor.temp": {"entity_id": "sensor.temp", "state": "21", "attributes": {}},
+        }
+        self.service_calls: list[tuple[str, dict[str, Any]]] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "GET" and path.startswith("/api/states/"):
+            state = self.states.get(path.removeprefix("/api/states/"))
+            if state is None:
+                return httpx.Response(404, json={"message": "Entity not found."})
+            return httpx.Response(200, json=state)
+        if request.method == "POST" and path.startswith("/api/services/"):
+            body = json.loads(request.content or b"{}")
+            self.service_calls.append((path, body))
+            entity = self.states[body["entity_id"]]
+            entity["state"] = "on" if path.endswith("turn_on") else "off"
+            return httpx.Response(200, json=[entity])
+        if path == "/api/":
+            return httpx.Response(200, json={"message": "API running."})
+        return httpx.Response(404, json={"message": "Not found"})
+
+
+@attrs.define
+class FastGateway:
+    gateway: Gateway
+    guardian: ScriptedGuardian
+    home: MockHome
+    nursery: trio.Nursery
+
+    async def connect(self) -> WebSocketConnection:
+        server_stream, client_stream = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            request = await wrap_server_stream(self.nursery, server_stream)
+            await self.gateway.handle(request)
+
+        self.nursery.start_soon(serve)
+        return await wrap_client_stream(self.nursery, client_stream, "gate.test", "/")
+
+
+async def call(ws: WebSocketConnection, rpc_id: int, method: str, **params: Any) -> dict[str, Any]:
+    await ws.send_message(
+        json.dumps({"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": params})
+    )
+    return await reply(ws)
+
+
+async def reply(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next frame that is not a notification."""
+    while True:
+        frame: dict[str, Any] = json.loads(await ws.get_message())
+        if "id" in frame:
+            return frame
+
+
+async def authed(fg: FastGateway, agent: str = "pi") -> WebSocketConnection:
+    ws = await fg.connect()
+    answer = await call(ws, 0, "auth", token=DEFAULT_TOKENS[agent])
+    assert answer["result"]["agent"] == agent
+    return ws
+
+
+@asynccontextmanager
+async def fast_gateway(
+    workdir: Path, *, home: MockHome | None = None, **toml: Any
+) -> AsyncIterator[FastGateway]:
+    await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
+    path = write_gate_toml(
+        workdir,
+        tokens=DEFAULT_TOKENS,
+        ha_url="http://ha.test",
+        ha_token="ha-token-0123456789",
+        tls=None,
+        **toml,
+    )
+    config = load_config(path, insecure=True)
+    home = home or MockHome()
+    transport = httpx.MockTransport(home.handler)
+    assert config.services.homeassistant is not None
+    async with (
+        open_store(config.store.path, inline=True) as store,
+        open_homeassistant(config.services.homeassistant, transport=transport) as ha,
+    ):
+        guardian = ScriptedGuardian()
+        gateway = Gateway(
+            config,
+            store=store,
+            policies=load_policies(config),
+            executor=ha,
+            now=now,
+            guardian=guardian,
+        )
+        guardian.control = gateway
+        await gateway.load_state()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.broker.run)
+            yield FastGateway(gateway, guardian, home, nursery)
+            nursery.cancel_scope.cancel()  # a crash, as far as the store can tell

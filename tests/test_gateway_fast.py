@@ -1,0 +1,116 @@
+"""Fast tier: deadlines on a fake clock, restart semantics, without a socket or a thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed
+
+from tests.fastgate import MockHome, authed, call, fast_gateway, reply
+
+
+async def test_auth_deadline_closes_a_silent_socket(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        ws = await fg.connect()
+        start = trio.current_time()
+        frame = await reply(ws)
+        assert frame["error"]["code"] == -32005
+        assert "deadline" in frame["error"]["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 1008
+        assert trio.current_time() - start >= 10  # the default deadline, on the fake clock
+        assert fg.gateway.failed_auth.blocked("gate.test") is False
+
+
+async def test_default_approval_timeout_is_900_seconds(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        start = trio.current_time()
+        answer = await call(
+            ws,
+            7,
+            "tool_request",
+            tool="ha_call_service",
+            args={"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"},
+        )
+        assert answer["id"] == 7
+        assert answer["error"]["code"] == -32002
+        assert trio.current_time() - start >= 900
+        assert fg.home.service_calls == []
+        shown = await fg.guardian.wait_for_card()
+        assert (await fg.guardian.wait_for_update(shown.card.request_id)).status == "timed_out"
+        rows = await fg.gateway.store.audit_rows()
+        assert [(r.decision, r.resolution) for r in rows] == [("ask", "timed_out")]
+
+
+async def test_a_press_just_before_the_deadline_still_executes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+
+        async def press_late() -> None:
+            shown = await fg.guardian.wait_for_card()
+            await trio.sleep(899)
+            assert await fg.guardian.press(shown.card.request_id, "allow") == "approved"
+
+        fg.nursery.start_soon(press_late)
+        answer = await call(ws, 1, "tool_request", tool="ha_call_service", args=args)
+        assert answer["result"]["status"] == "executed"
+        assert len(fg.home.service_calls) == 1
+
+
+async def test_restart_resumes_a_pending_approval_with_its_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    home = MockHome()
+    async with fast_gateway(tmp_path, home=home) as fg:
+        ws = await authed(fg)
+        await ws.send_message(
+            '{"jsonrpc":"2.0","id":"a-1","method":"tool_request","params":'
+            '{"tool":"ha_call_service","args":{"domain":"light","service":"turn_on",'
+            '"entity_id":"light.bedroom"}}}'
+        )
+        shown = await fg.guardian.wait_for_card()
+        request_id = shown.card.request_id
+    # "kill -9": the first gateway is gone without cleanup; a new one opens the same store.
+    await trio.sleep(100)
+    async with fast_gateway(tmp_path, home=home) as fg:
+        assert [c.card.request_id for c in await fg.gateway.pending()] == [request_id]
+        assert await fg.guardian.press(request_id, "allow") == "approved"
+        ws = await authed(fg)
+        results = (await call(ws, 2, "get_pending_results"))["result"]["results"]
+        assert [(r["request_id"], r["rpc_id"], r["status"]) for r in results] == [
+            (request_id, "a-1", "executed")
+        ]
+        assert (await call(ws, 3, "get_pending_results"))["result"]["results"] == []
+    assert home.service_calls == [("/api/services/light/turn_on", {"entity_id": "light.bedroom"})]
+
+
+async def test_an_approval_that_expired_while_down_is_queued_as_timed_out(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path, gateway={"approval_timeout": 60}) as fg:
+        ws = await authed(fg)
+        await ws.send_message(
+            '{"jsonrpc":"2.0","id":5,"method":"tool_request","params":{"tool":"ha_call_service",'
+            '"args":{"domain":"light","service":"turn_on","entity_id":"light.bedroom"}}}'
+        )
+        await fg.guardian.wait_for_card()
+    await trio.sleep(120)
+    async with fast_gateway(tmp_path, gateway={"approval_timeout": 60}) as fg:
+        ws = await authed(fg)
+        results = (await call(ws, 1, "get_pending_results"))["result"]["results"]
+        assert [(r["rpc_id"], r["status"], r["error"]["code"]) for r in results] == [
+            (5, "timed_out", -32002)
+        ]
+        assert fg.home.service_calls == []
