@@ -1,0 +1,284 @@
+"""The ``agentgate`` command line (DESIGN §11).
+
+One function per subcommand, registered in :data:`COMMANDS`: a :class:`Command` names the
+subcommand, adds its arguments to its parser and runs it, returning the exit status. To add a
+subcommand, write ``_configure_x(parser)`` and ``_run_x(args) -> int`` and add a ``Command``
+to the table. Exit status 2 always means invalid input or usage (argparse's own errors too).
+
+Implemented here: ``check``, ``config check``, ``hash-token`` (``serve`` is a placeholder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+from attrs import frozen
+
+from agentgate import __version__
+from agentgate.errors import InvalidParams
+from agentgate.policy import Policy, PolicyError, load_policy
+from agentgate.tools import is_known_tool
+
+__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "parse_tool_args"]
+
+PROG: Final = "agentgate"
+
+EXIT_OK: Final = 0
+EXIT_DENY: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_ASK: Final = 3
+DECISION_EXIT: Final = {"allow": EXIT_OK, "deny": EXIT_DENY, "ask": EXIT_ASK}
+
+
+class UsageError(Exception):
+    """Invalid input on the command line: printed as ``agentgate: MESSAGE``, exit status 2."""
+
+
+@frozen
+class Command:
+    """One subcommand: its name, one-line help, argument setup and runner."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def error(message: str) -> None:
+    """Print ``agentgate: MESSAGE`` to stderr (one line per line of ``message``)."""
+    for line in message.splitlines() or [""]:
+        print(f"{PROG}: {line}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    """Print ``agentgate: warning: MESSAGE`` to stderr."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# --- key=value arguments ---------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_tool_args(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` → a string; ``key:=JSON`` → a JSON value. Raises :class:`UsageError`."""
+    args: dict[str, Any] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise UsageError(f"expected key=value or key:=JSON, got {item!r}")
+        as_json = key.endswith(":")
+        key = key.removesuffix(":")
+        if not key:
+            raise UsageError(f"missing key in {item!r}")
+        if key in args:
+            raise UsageError(f"argument {key!r} given twice")
+        if as_json:
+            try:
+                args[key] = json.loads(value, parse_constant=_reject_constant)
+            except ValueError as exc:
+                raise UsageError(f"{key}: not JSON: {value!r} ({exc})") from exc
+        else:
+            args[key] = value
+    return args
+
+
+# --- check -------------------------------------------------------------------------------------
+
+
+def _configure_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", metavar="FILE", help="the policy file (wins over --config)")
+    parser.add_argument("--config", metavar="GATE_TOML", help="take the policy from this config")
+    parser.add_argument(
+        "--agent", metavar="NAME", help="with --config: that agent's policy (else the default)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("tool", metavar="TOOL", help="tool name, e.g. ha_call_service")
+    parser.add_argument(
+        "args", metavar="key=value", nargs="*", help="an argument; key:=JSON for a JSON value"
+    )
+
+
+def _check_policy_path(args: argparse.Namespace) -> Path:
+    if args.policy is not None:
+        return Path(args.policy)
+    if args.config is None:
+        raise UsageError("check: need --policy FILE, or --config gate.toml [--agent NAME]")
+    from agentgate.config import ConfigError, load_config
+
+    # Only the policy path matters here: TLS files are not needed to evaluate a request.
+    try:
+        config = load_config(args.config, insecure=True)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.agent is None:
+        return config.policy.file
+    agent = config.agents.get(args.agent)
+    if agent is None:
+        known = ", ".join(sorted(config.agents)) or "none"
+        raise UsageError(f"check: no agent {args.agent!r} in {args.config} (agents: {known})")
+    return agent.policy or config.policy.file
+
+
+def _load_policy(path: Path) -> Policy:
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        raise UsageError(str(exc)) from exc
+    for message in policy.warnings:
+        warn(message)
+    return policy
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    if args.agent is not None and args.config is None and args.policy is None:
+        raise UsageError("check: --agent needs --config gate.toml")
+    tool_args = parse_tool_args(args.args)
+    policy = _load_policy(_check_policy_path(args))
+    try:
+        evaluation = policy.evaluate(args.tool, tool_args, allow_unknown=True)
+    except InvalidParams as exc:
+        raise UsageError(f"invalid params: {exc.message}") from exc
+    if not is_known_tool(args.tool):
+        warn(f"{args.tool} is not a known tool: the gateway refuses it whatever the policy says")
+    if args.json:
+        print(json.dumps(evaluation.to_dict()))
+    else:
+        matched = evaluation.matched
+        print(f"signature: {evaluation.signature}")
+        print(f"decision:  {evaluation.decision}")
+        print(f"matched:   {matched}")
+        if matched.description:
+            print(f"           {matched.description}")
+    return DECISION_EXIT[evaluation.decision]
+
+
+# --- config check ------------------------------------------------------------------------------
+
+
+def _configure_config(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    check = sub.add_parser(
+        "check", help="validate gate.toml and every policy it names, without starting"
+    )
+    check.add_argument("config", metavar="GATE_TOML")
+    check.add_argument(
+        "--insecure", action="store_true", help="allow no TLS files (plain ws://, as serve)"
+    )
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from agentgate.config import ConfigError, load_config, policy_files
+
+    try:
+        config = load_config(args.config, insecure=args.insecure)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    shown = []
+    for label, path in policy_files(config).items():
+        _load_policy(path)
+        shown.append(f"{label} ({_display_path(path)})")
+    agents = len(config.agents)
+    print(f"ok: {agents} agent{'s' if agents != 1 else ''}, policies: {', '.join(shown)}")
+    return EXIT_OK
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return os.fspath(path.relative_to(Path.cwd()))
+    except ValueError:
+        return os.fspath(path)
+
+
+# --- hash-token --------------------------------------------------------------------------------
+
+
+def _configure_hash_token(parser: argparse.ArgumentParser) -> None:
+    del parser  # no arguments: the token comes from stdin, never from argv (shell history)
+
+
+def _run_hash_token(args: argparse.Namespace) -> int:
+    try:
+        token = getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.read()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"hash-token: the token is not UTF-8 ({exc.reason})") from exc
+    token = token.rstrip("\r\n")
+    if not token:
+        raise UsageError("hash-token: empty token on stdin")
+    from agentgate.config import MIN_TOKEN_LENGTH
+
+    if len(token) < MIN_TOKEN_LENGTH:
+        warn(f"the token is shorter than {MIN_TOKEN_LENGTH} characters")
+    print(hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest())
+    return EXIT_OK
+
+
+# --- serve (placeholder) -----------------------------------------------------------------------
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="GATE_TOML")
+    parser.add_argument("--insecure", action="store_true", help="plain ws:// without TLS")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    print("agentgate serve: not implemented yet", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# --- dispatch ----------------------------------------------------------------------------------
+
+COMMANDS: list[Command] = [
+    Command("serve", "run the gateway", _configure_serve, _run_serve),
+    Command("check", "explain the policy decision for one request", _configure_check, _run_check),
+    Command("config", "validate the configuration", _configure_config, _run_config),
+    Command(
+        "hash-token", "sha256 of a token read from stdin", _configure_hash_token, _run_hash_token
+    ),
+]
+"""Every subcommand, in the order ``--help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command in :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="agentgate: an execution gateway for AI agents."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(child)
+        child.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``agentgate`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+    if run is None:
+        parser.print_usage(sys.stderr)
+        error("a command is required")
+        return EXIT_USAGE
+    try:
+        return run(args)
+    except UsageError as exc:
+        error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,334 @@
+"""The policy engine: ``permissions.yaml`` in, an explained allow/deny/ask decision out.
+
+A policy has ``rules`` (``{pattern, action, description?}``) and ``defaults`` (an ordered
+list of ``{pattern, action}``); patterns are case-sensitive fnmatch globs on the request's
+signature (see :mod:`agentgate.tools`). Precedence (DESIGN §5), whatever is more specific::
+
+    any matching deny rule   -> deny
+    any matching allow rule  -> allow
+    any matching ask rule    -> ask
+    first matching default   -> its action
+    nothing matched          -> ask (fallback)
+
+Indices count from 0, as in the error paths: ``rule 3`` is ``rules[3]`` in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Final, Literal, cast, get_args
+
+import yaml
+from attrs import frozen
+
+from agentgate import tools
+
+__all__ = [
+    "Action",
+    "Evaluation",
+    "Matched",
+    "Policy",
+    "PolicyError",
+    "Rule",
+    "load_policy",
+    "parse_policy",
+]
+
+Action = Literal["allow", "deny", "ask"]
+ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used; the message names the file and the key path."""
+
+
+@frozen
+class Rule:
+    """One entry of ``rules`` or ``defaults``."""
+
+    pattern: str
+    action: Action
+    description: str = ""
+
+    def matches(self, signature: str) -> bool:
+        """Whether this entry's glob matches ``signature`` (case-sensitive)."""
+        return fnmatchcase(signature, self.pattern)
+
+
+@frozen
+class Matched:
+    """What decided: a rule, a default, or the fallback when nothing matched."""
+
+    kind: Literal["rule", "default", "fallback"]
+    action: Action
+    index: int | None = None
+    pattern: str | None = None
+    description: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "fallback":
+            return f"fallback ({self.action})"
+        return f"{self.kind} {self.index}: {self.pattern} ({self.action})"
+
+
+@frozen
+class Evaluation:
+    """A decision and its explanation, for the audit log, Telegram and ``agentgate check``."""
+
+    signature: str
+    decision: Action
+    matched: Matched
+
+    def to_dict(self) -> dict[str, str]:
+        """``{"signature", "decision", "matched"}`` with ``matched`` in its string form."""
+        return {
+            "signature": self.signature,
+            "decision": self.decision,
+            "matched": str(self.matched),
+        }
+
+
+_FALLBACK: Final = Matched(kind="fallback", action="ask")
+
+
+@frozen
+class Policy:
+    """A loaded policy; ``warnings`` lists lint findings (each naming file and index)."""
+
+    source: str
+    rules: tuple[Rule, ...] = ()
+    defaults: tuple[Rule, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def evaluate(self, tool: object, args: object, *, allow_unknown: bool = False) -> Evaluation:
+        """Validate ``args``, build the signature and decide.
+
+        Raises :class:`~agentgate.errors.InvalidParams` for invalid arguments, and for an
+        unknown tool unless ``allow_unknown`` (policy tooling only; never for execution).
+        """
+        return self.evaluate_signature(tools.signature(tool, args, allow_unknown=allow_unknown))
+
+    def evaluate_signature(self, signature: str) -> Evaluation:
+        """Decide for an already built ``signature``."""
+        for wanted in ("deny", "allow", "ask"):
+            for index, rule in enumerate(self.rules):
+                if rule.action == wanted and rule.matches(signature):
+                    return Evaluation(
+                        signature,
+                        rule.action,
+                        Matched("rule", rule.action, index, rule.pattern, rule.description),
+                    )
+        for index, default in enumerate(self.defaults):
+            if default.matches(signature):
+                return Evaluation(
+                    signature,
+                    default.action,
+                    Matched("default", default.action, index, default.pattern, default.description),
+                )
+        return Evaluation(signature, "ask", _FALLBACK)
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and check a policy file; raise :class:`PolicyError` naming the file and key."""
+    source = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PolicyError(f"{source}: cannot read: {reason}") from exc
+    return parse_policy(text, source)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Parse policy YAML ``text``; ``source`` names it in errors and warnings."""
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: invalid YAML: {_yaml_reason(exc)}") from exc
+    if document is None:
+        raise PolicyError(f"{source}: empty policy: expected a mapping with rules and defaults")
+    if not isinstance(document, dict):
+        raise PolicyError(
+            f"{source}: expected a mapping with rules and defaults, got {_kind(document)}"
+        )
+    _check_keys(source, "", document, required=(), optional=("defaults", "rules"))
+    rules = _entries(source, "rules", document.get("rules", []))
+    defaults = _entries(source, "defaults", document.get("defaults", []))
+    return Policy(source, rules, defaults, _lint(source, rules, defaults))
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the last one would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key if isinstance(key, str) else id(key))
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is not None:
+        return f"line {mark.line + 1} column {mark.column + 1}: {problem}"
+    return str(problem)
+
+
+def _entries(source: str, name: str, value: object) -> tuple[Rule, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise PolicyError(f"{source}: {name}: expected a list, got {_kind(value)}")
+    entries = []
+    for index, item in enumerate(value):
+        where = f"{name}[{index}]"
+        if not isinstance(item, dict):
+            raise PolicyError(
+                f"{source}: {where}: expected a mapping with pattern and action, got {_kind(item)}"
+            )
+        _check_keys(source, where, item, ("pattern", "action"), ("description",))
+        pattern = item["pattern"]
+        if not isinstance(pattern, str) or not pattern:
+            raise PolicyError(
+                f"{source}: {where}.pattern: expected a non-empty string, got {_shown(pattern)}"
+            )
+        action = item["action"]
+        if action not in ACTIONS:
+            raise PolicyError(
+                f"{source}: {where}.action: expected one of {', '.join(ACTIONS)}, "
+                f"got {_shown(action)}"
+            )
+        description = item.get("description", "")
+        if description is None:
+            description = ""
+        if not isinstance(description, str):
+            raise PolicyError(
+                f"{source}: {where}.description: expected a string, got {_shown(description)}"
+            )
+        entries.append(Rule(pattern, cast(Action, action), description))
+    return tuple(entries)
+
+
+def _check_keys(
+    source: str,
+    where: str,
+    mapping: Mapping[Any, Any],
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+) -> None:
+    prefix = f"{source}: {where}: " if where else f"{source}: "
+    known = required + optional
+    for key in mapping:
+        if key not in known:
+            raise PolicyError(f"{prefix}unknown key {_shown(key)} (expected {', '.join(known)})")
+    for key in required:
+        if key not in mapping:
+            raise PolicyError(f"{prefix}missing required key {_shown(key)}")
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return _shown(value)
+
+
+def _shown(value: object) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# --- lint ----------------------------------------------------------------------------------
+
+_GLOB = re.compile(r"[*?\[]")
+_BRACKET = re.compile(r"\[[^\]]*\]")
+_NEVER_IN_ARGS: Final = frozenset("()") | frozenset(map(chr, range(0x20))) | {"\x7f"}
+
+
+def _lint(source: str, rules: tuple[Rule, ...], defaults: tuple[Rule, ...]) -> tuple[str, ...]:
+    warnings: list[str] = []
+    for kind, entries in (("rules", rules), ("defaults", defaults)):
+        for index, entry in enumerate(entries):
+            where = f"{source}: {kind}[{index}] {entry.pattern!r}"
+            problems = _pattern_problems(entry.pattern)
+            problems.extend(_shadowing(kind, entries, index))
+            warnings.extend(f"{where}: {problem}" for problem in problems)
+    return tuple(warnings)
+
+
+def _shadowing(kind: str, entries: tuple[Rule, ...], index: int) -> list[str]:
+    """Why ``entries[index]`` never decides anything, if another entry always comes first."""
+    entry = entries[index]
+    for other_index, other in enumerate(entries[:index]):
+        if (other.pattern, other.action) == (entry.pattern, entry.action):
+            return [f"duplicate of {kind}[{other_index}]"]
+    if kind == "defaults":
+        for other_index, other in enumerate(entries[:index]):
+            if _covers(other.pattern, entry.pattern):
+                return [
+                    f"never used: defaults[{other_index}] {other.pattern!r} comes first and "
+                    "matches everything this one does"
+                ]
+    elif entry.action != "deny":
+        for other_index, other in enumerate(entries):
+            if other.action == "deny" and _covers(other.pattern, entry.pattern):
+                return [
+                    f"never used: deny rule rules[{other_index}] {other.pattern!r} matches "
+                    f"everything this {entry.action} rule does, and deny wins"
+                ]
+    return []
+
+
+def _covers(wide: str, narrow: str) -> bool:
+    """Whether glob ``wide`` surely matches every signature glob ``narrow`` matches."""
+    return wide in ("*", narrow) or (_GLOB.search(narrow) is None and fnmatchcase(narrow, wide))
+
+
+def _shadowing_default(earlier: tuple[Rule, ...], entry: Rule) -> int | None:
+    for index, default in enumerate(earlier):
+        if _covers(default.pattern, entry.pattern):
+            return index
+    return None
+
+
+def _pattern_problems(pattern: str) -> list[str]:
+    """Reasons why ``pattern`` can never match a valid signature."""
+    problems: list[str] = []
+    tool, paren, rest = pattern.partition("(")
+    if _GLOB.search(tool) is None and tool not in tools.TOOLS:
+        problems.append(f"no known tool is called {tool!r} (a typo?)")
+    if paren:
+        args = rest.rstrip("*")
+        args = args[:-1] if args.endswith(")") else args
+        bad = sorted({char for char in args if char in _NEVER_IN_ARGS})
+        if bad:
+            shown = ", ".join(repr(char) for char in bad)
+            problems.append(
+                f"never matches: {shown} cannot appear inside arguments (validation refuses it)"
+            )
+        if re.search(r",(?![ *?\[])", args):
+            problems.append("never matches: arguments in a signature are separated by ', '")
+        if tool in tools.TOOLS:
+            if not tools.TOOLS[tool].has_parts:
+                problems.append(
+                    f"never matches: {tool} takes no arguments, its signature is {tool}"
+                )
+            elif re.search(r"[A-Z]", _BRACKET.sub("", args)):
+                problems.append("never matches: Home Assistant identifiers are lowercase")
+    elif tool in tools.TOOLS and tools.TOOLS[tool].has_parts:
+        problems.append(f"never matches: {tool}'s signature always has arguments, e.g. {tool}(*)")
+    return problems

@@ -1,0 +1,348 @@
+"""The registry of known tools: their JSON Schemas, argument validation and signatures.
+
+Every request is validated here *before* its signature is built, so a signature is always
+unambiguous and can be matched safely by the policy's fnmatch globs (DESIGN §5, §13):
+
+- ``args`` is a JSON object of bounded depth and size; every string in it, keys included and
+  however deeply nested, is free of the glob and separator characters ``* ? [ ] ( ) ,`` and
+  of control characters (0x00-0x1f, 0x7f);
+- Home Assistant identifiers (``domain``, ``service``, ``entity_id``, ``event_type``) are
+  strings matching ``^[a-z_][a-z0-9_]*(\\.[a-z0-9_]+)?$``; an ``entity_id`` needs the dot
+  (``domain.object_id``), a ``domain`` or ``service`` has none;
+- arguments outside a tool's schema are refused, except ``ha_call_service``'s service data,
+  which passes through; its targeting keys other than ``entity_id`` (``area_id``,
+  ``device_id``, ``floor_id``, ``label_id``, ``target``) are refused because a rule written
+  for one entity would not see them.
+
+Every refusal is :class:`~agentgate.errors.InvalidParams` (-32602) naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from attrs import frozen
+
+from agentgate.errors import InvalidParams
+
+__all__ = [
+    "FORBIDDEN_CHARACTERS",
+    "MAX_DEPTH",
+    "MAX_ITEMS",
+    "MAX_STRING_LENGTH",
+    "TARGETING_KEYS",
+    "TOOLS",
+    "ToolSpec",
+    "is_known_tool",
+    "list_tools",
+    "signature",
+    "validate_args",
+]
+
+FORBIDDEN_CHARACTERS: Final = frozenset("*?[](),") | frozenset(map(chr, range(0x20))) | {"\x7f"}
+"""Characters no string in ``args`` may contain: glob syntax, signature syntax, controls."""
+
+MAX_DEPTH: Final = 8
+"""Deepest nesting of objects/arrays in ``args`` (the ``args`` object itself is depth 1)."""
+
+MAX_ITEMS: Final = 1000
+"""Most values and keys ``args`` may hold in total."""
+
+MAX_STRING_LENGTH: Final = 8192
+"""Longest string (value or key) anywhere in ``args``."""
+
+TARGETING_KEYS: Final = ("area_id", "device_id", "floor_id", "label_id", "target")
+"""``ha_call_service`` keys that would target entities a signature does not name."""
+
+_IDENTIFIER = r"^[a-z_][a-z0-9_]*(\.[a-z0-9_]+)?$"
+_ENTITY_ID = r"^[a-z_][a-z0-9_]*\.[a-z0-9_]+$"
+_NAME = r"^[a-z_][a-z0-9_]*$"
+_TOOL_NAME = re.compile(_NAME)
+
+_ENTITY_ID_SCHEMA: Final = {
+    "type": "string",
+    "pattern": _ENTITY_ID,
+    "description": "an entity id, domain.object_id, e.g. sensor.living_room",
+}
+
+
+@frozen
+class ToolSpec:
+    """One known tool: what ``list_tools`` shows and how its signature is built.
+
+    ``schema`` is the JSON Schema of ``args`` (the subset the validator understands:
+    ``type``, ``pattern``, ``properties``, ``required``, ``additionalProperties``,
+    ``exclusiveMinimum``, ``maximum``). ``has_parts`` says whether the signature has a
+    parenthesised part list (``ha_get_state(sensor.temp)``) or is the bare name
+    (``ha_get_states``).
+    """
+
+    name: str
+    description: str
+    schema: Mapping[str, Any]
+    build: Callable[[Mapping[str, Any]], tuple[str, ...]]
+    has_parts: bool = True
+
+    def signature(self, args: Mapping[str, Any]) -> str:
+        """The policy signature of already validated ``args``."""
+        return _format(self.name, self.build(args))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``list_tools`` entry: ``{"name", "description", "args"}``."""
+        return {"name": self.name, "description": self.description, "args": dict(self.schema)}
+
+
+def _format(name: str, parts: tuple[str, ...]) -> str:
+    return f"{name}({', '.join(parts)})" if parts else name
+
+
+def _object_schema(
+    properties: Mapping[str, Any], required: tuple[str, ...] = (), **extra: Any
+) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": dict(properties),
+        "required": list(required),
+        "additionalProperties": False,
+    }
+    schema.update(extra)
+    return schema
+
+
+def _call_service_parts(args: Mapping[str, Any]) -> tuple[str, ...]:
+    action = f"{args['domain']}.{args['service']}"
+    entity_id = args.get("entity_id")
+    return (action, entity_id) if entity_id is not None else (action,)
+
+
+_SPECS: Final = (
+    ToolSpec(
+        name="ha_get_state",
+        description="Read the state and attributes of one Home Assistant entity.",
+        schema=_object_schema({"entity_id": _ENTITY_ID_SCHEMA}, ("entity_id",)),
+        build=lambda args: (args["entity_id"],),
+    ),
+    ToolSpec(
+        name="ha_get_states",
+        description="Read the states of every Home Assistant entity.",
+        schema=_object_schema({}),
+        build=lambda args: (),
+        has_parts=False,
+    ),
+    ToolSpec(
+        name="ha_call_service",
+        description=(
+            "Call a Home Assistant service (action) on one entity, e.g. light.turn_on for "
+            "light.bedroom. Any other field is passed through as service data. Targeting by "
+            "area_id, device_id, floor_id, label_id or target is refused: name the entity."
+        ),
+        schema=_object_schema(
+            {
+                "domain": {"type": "string", "pattern": _NAME, "description": "e.g. light"},
+                "service": {"type": "string", "pattern": _NAME, "description": "e.g. turn_on"},
+                "entity_id": _ENTITY_ID_SCHEMA,
+            },
+            ("domain", "service"),
+            additionalProperties=True,
+            propertyNames={"not": {"enum": list(TARGETING_KEYS)}},
+        ),
+        build=_call_service_parts,
+    ),
+    ToolSpec(
+        name="ha_fire_event",
+        description="Fire a Home Assistant event, with optional event data.",
+        schema=_object_schema(
+            {
+                "event_type": {"type": "string", "pattern": _IDENTIFIER},
+                "event_data": {"type": "object"},
+            },
+            ("event_type",),
+        ),
+        build=lambda args: (args["event_type"],),
+    ),
+    ToolSpec(
+        name="ha_get_services",
+        description="List the services (actions) Home Assistant offers.",
+        schema=_object_schema({}),
+        build=lambda args: (),
+        has_parts=False,
+    ),
+    ToolSpec(
+        name="ha_get_config",
+        description="Read Home Assistant's configuration (version, location, units).",
+        schema=_object_schema({}),
+        build=lambda args: (),
+        has_parts=False,
+    ),
+    ToolSpec(
+        name="ha_get_history",
+        description="Read the state history of one entity over the last `hours` (default 24).",
+        schema=_object_schema(
+            {
+                "entity_id": _ENTITY_ID_SCHEMA,
+                "hours": {"type": "number", "exclusiveMinimum": 0, "maximum": 168, "default": 24},
+            },
+            ("entity_id",),
+        ),
+        build=lambda args: (args["entity_id"],),
+    ),
+)
+
+TOOLS: Final[Mapping[str, ToolSpec]] = {spec.name: spec for spec in _SPECS}
+"""Every tool the gateway knows how to execute, by name."""
+
+
+def list_tools() -> list[dict[str, Any]]:
+    """The ``list_tools`` result: ``[{"name", "description", "args": <JSON Schema>}]``."""
+    return [spec.to_wire() for spec in TOOLS.values()]
+
+
+def is_known_tool(tool: object) -> bool:
+    """Whether ``tool`` names a tool of the registry."""
+    return isinstance(tool, str) and tool in TOOLS
+
+
+def validate_args(tool: object, args: object, *, allow_unknown: bool = False) -> None:
+    """Check ``args`` for ``tool``; raise :class:`InvalidParams` naming what is wrong.
+
+    An unknown tool is refused (``unknown tool: X``) unless ``allow_unknown`` is set, which
+    only the policy tooling does (``agentgate check``): an unknown tool is never executed.
+    Its arguments must then all be strings.
+    """
+    signature(tool, args, allow_unknown=allow_unknown)
+
+
+def signature(tool: object, args: object, *, allow_unknown: bool = False) -> str:
+    """Validate ``args`` for ``tool`` and return the request's policy signature.
+
+    Known tools use their own builder (``ha_call_service(light.turn_on, light.bedroom)``);
+    unknown tools (only with ``allow_unknown``) list their string values in sorted-key order
+    (``my_tool(v1, v2)``), or are the bare name without arguments.
+    """
+    if not isinstance(tool, str):
+        raise InvalidParams(f"tool must be a string, got {_json_type(tool)}")
+    if not isinstance(args, dict):
+        raise InvalidParams("args must be an object")
+    spec = TOOLS.get(tool)
+    if spec is None:
+        if not _TOOL_NAME.fullmatch(tool):
+            raise InvalidParams(f"invalid tool name {_preview(tool)}: expected {_NAME}")
+        if not allow_unknown:
+            raise InvalidParams(f"unknown tool: {tool}")
+    _check_tree(args)
+    if spec is None:
+        for key, value in args.items():
+            if not isinstance(value, str):
+                raise InvalidParams(
+                    f"{key}: expected a string (unknown tool {tool}), got {_json_type(value)}"
+                )
+        return _format(tool, tuple(args[key] for key in sorted(args)))
+    _check_schema(spec, args)
+    return spec.signature(args)
+
+
+def _check_schema(spec: ToolSpec, args: dict[str, Any]) -> None:
+    schema = spec.schema
+    properties: Mapping[str, Any] = schema["properties"]
+    for name in schema["required"]:
+        if name not in args:
+            raise InvalidParams(f"{name}: required argument missing")
+    if spec.name == "ha_call_service":
+        for key in TARGETING_KEYS:
+            if key in args:
+                raise InvalidParams(
+                    f"targeting by {key} is not allowed: name the entity with entity_id"
+                )
+    if not schema["additionalProperties"]:
+        for key in args:
+            if key not in properties:
+                allowed = ", ".join(properties) or "none"
+                raise InvalidParams(f"{key}: unknown argument for {spec.name} (allowed: {allowed})")
+    for name, prop in properties.items():
+        if name in args:
+            _check_value(name, args[name], prop)
+
+
+def _check_value(name: str, value: Any, prop: Mapping[str, Any]) -> None:
+    expected = prop["type"]
+    if _json_type(value) != expected:
+        raise InvalidParams(f"{name}: expected {_article(expected)}, got {_json_type(value)}")
+    pattern = prop.get("pattern")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        hint = "domain.object_id, " if pattern == _ENTITY_ID else ""
+        raise InvalidParams(
+            f"{name}: invalid identifier {_preview(value)}: expected {hint}"
+            f"lowercase letters, digits and underscores ({pattern})"
+        )
+    low = prop.get("exclusiveMinimum")
+    high = prop.get("maximum")
+    if (low is not None and not value > low) or (high is not None and not value <= high):
+        raise InvalidParams(f"{name}: must be greater than {low} and at most {high}, got {value}")
+
+
+def _check_tree(args: dict[str, Any]) -> None:
+    """Walk ``args``: JSON types only, bounded depth and size, no forbidden character."""
+    budget = [MAX_ITEMS]
+
+    def visit(value: Any, path: str, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise InvalidParams(f"args too large: more than {MAX_ITEMS} values")
+        if isinstance(value, str):
+            _check_string(value, path or "args", what="")
+        elif isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise InvalidParams(f"{path or 'args'}: nested deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise InvalidParams(f"{path or 'args'}: object keys must be strings")
+                    _check_string(key, path or "args", what=f"key {_preview(key)} in ")
+                    budget[0] -= 1
+                    visit(item, f"{path}.{key}" if path else key, depth + 1)
+            else:
+                for index, item in enumerate(value):
+                    visit(item, f"{path}[{index}]", depth + 1)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise InvalidParams(f"{path}: numbers must be finite, got {value}")
+        elif value is not None and not isinstance(value, bool | int):
+            raise InvalidParams(f"{path}: not a JSON value ({type(value).__name__})")
+
+    visit(args, "", 0)
+
+
+def _check_string(text: str, path: str, *, what: str) -> None:
+    if len(text) > MAX_STRING_LENGTH:
+        raise InvalidParams(f"{what}{path}: string longer than {MAX_STRING_LENGTH} characters")
+    for char in text:
+        if char in FORBIDDEN_CHARACTERS:
+            shown = repr(char) if char.isprintable() else f"{char!r} (U+{ord(char):04X})"
+            raise InvalidParams(f"{what}{path}: forbidden character {shown}")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _article(type_name: str) -> str:
+    return f"an {type_name}" if type_name[0] in "aeiou" else f"a {type_name}"
+
+
+def _preview(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
