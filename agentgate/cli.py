@@ -5,7 +5,7 @@ subcommand, adds its arguments to its parser and runs it, returning the exit sta
 subcommand, write ``_configure_x(parser)`` and ``_run_x(args) -> int`` and add a ``Command``
 to the table. Exit status 2 always means invalid input or usage (argparse's own errors too).
 
-Implemented here: ``check``, ``config check``, ``hash-token`` (``serve`` is a placeholder).
+Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``.
 """
 
 from __future__ import annotations
@@ -223,17 +223,23 @@ def _run_hash_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- serve (placeholder) -----------------------------------------------------------------------
+# --- serve -------------------------------------------------------------------------------------
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="GATE_TOML")
-    parser.add_argument("--insecure", action="store_true", help="plain ws:// without TLS")
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain ws:// without TLS (loopback only!)"
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    print("agentgate serve: not implemented yet", file=sys.stderr)
-    return EXIT_USAGE
+    from agentgate.serve import run_serve
+
+    return run_serve(args.config, insecure=args.insecure, log_level=args.log_level)
 
 
 # --- dispatch ----------------------------------------------------------------------------------

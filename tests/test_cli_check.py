@@ -344,13 +344,15 @@ def test_hash_token_matches_the_config(
     assert found.name == "pi"
 
 
-# --- serve placeholder and the dispatch table ---------------------------------------------------
+# --- serve's config errors and the dispatch table -----------------------------------------------
 
 
-def test_serve_placeholder(capsys: pytest.CaptureFixture[str]) -> None:
-    status, _, err = run(capsys, "serve", "gate.toml")
+def test_serve_with_a_broken_config_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, _, err = run(capsys, "serve", str(tmp_path / "missing.toml"))
     assert status == 2
-    assert err == "agentgate serve: not implemented yet\n"
+    assert "missing.toml" in err
 
 
 def test_dispatch_table_names() -> None:
