@@ -682,7 +682,7 @@ async def serve_gateway(
     ``guardian`` replaces the configured Telegram guardian (tests). Supports the start protocol:
     ``running = await nursery.start(serve_gateway, config)``.
     """
-    stop = stop or trio.Event()
+    stop = stop if stop is not None else trio.Event()
     ssl_context = None if insecure else server_ssl_context(config)
     policies = load_policies(config)
     limits = config.limits
