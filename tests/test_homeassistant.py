@@ -1,0 +1,406 @@
+"""Fast tier: the Home Assistant executor against ``httpx.MockTransport`` (no sockets)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from attrs import frozen
+
+from agentgate.errors import ExecutionFailed, InvalidParams
+from agentgate.services.homeassistant import TOOLS, HomeAssistant, open_homeassistant
+
+URL = "http://ha.test:8123"
+TOKEN = "secret-token"
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+
+LOCK = {
+    "entity_id": "lock.front_door",
+    "state": "locked",
+    "attributes": {"friendly_name": "Front door"},
+}
+
+
+@frozen
+class Settings:
+    url: str = URL
+    token: str = TOKEN
+    timeout: float = 10.0
+
+
+class FakeHA:
+    """A scripted HA: answers from ``routes`` and records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.routes: dict[tuple[str, str], httpx.Response] = {
+            ("GET", "/api/"): httpx.Response(200, json={"message": "API running."}),
+            ("GET", "/api/states/lock.front_door"): httpx.Response(200, json=LOCK),
+            ("GET", "/api/states/light.bedroom"): httpx.Response(
+                200, json={"entity_id": "light.bedroom", "state": "off", "attributes": {}}
+            ),
+        }
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        found = self.routes.get((request.method, request.url.path))
+        if found is not None:
+            return found
+        if request.url.path.startswith("/api/states/"):
+            return httpx.Response(404, json={"message": "Entity not found."})
+        if request.method == "POST":
+            return httpx.Response(200, json=[])
+        return httpx.Response(200, json={"path": request.url.path})
+
+    def seen(self) -> list[tuple[str, str]]:
+        return [(r.method, r.url.path) for r in self.requests]
+
+
+@pytest.fixture
+def fake() -> FakeHA:
+    return FakeHA()
+
+
+@pytest.fixture
+async def ha(fake: FakeHA) -> AsyncIterator[HomeAssistant]:
+    async with open_homeassistant(
+        Settings(), transport=httpx.MockTransport(fake), now=lambda: NOW
+    ) as executor:
+        yield executor
+
+
+async def failure(ha: HomeAssistant, tool: str, args: dict[str, Any]) -> ExecutionFailed:
+    with pytest.raises(ExecutionFailed) as info:
+        await ha.execute(tool, args)
+    assert info.value.code == -32004
+    assert info.value.data["service"] == "homeassistant"
+    return info.value
+
+
+def answering(response: httpx.Response) -> Handler:
+    return lambda request: response
+
+
+async def with_handler(handler: Handler, settings: Settings | None = None) -> Any:
+    """Open an executor on ``handler`` and run ``ha_get_state(lock.front_door)``."""
+    async with open_homeassistant(
+        settings or Settings(), transport=httpx.MockTransport(handler)
+    ) as executor:
+        return await executor.execute("ha_get_state", {"entity_id": "lock.front_door"})
+
+
+async def failure_from(handler: Handler, settings: Settings | None = None) -> ExecutionFailed:
+    with pytest.raises(ExecutionFailed) as info:
+        await with_handler(handler, settings)
+    assert info.value.data["service"] == "homeassistant"
+    return info.value
+
+
+# ---- tools ---------------------------------------------------------------------------
+
+
+def test_tools() -> None:
+    assert HomeAssistant.tools == TOOLS
+    assert {"ha_get_state", "ha_call_service", "ha_get_history"} <= TOOLS
+
+
+async def test_get_state_sends_bearer_token(ha: HomeAssistant, fake: FakeHA) -> None:
+    assert await ha.execute("ha_get_state", {"entity_id": "lock.front_door"}) == LOCK
+    request = fake.requests[-1]
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert str(request.url) == f"{URL}/api/states/lock.front_door"
+
+
+@pytest.mark.parametrize(
+    ("tool", "path"),
+    [
+        ("ha_get_states", "/api/states"),
+        ("ha_get_services", "/api/services"),
+        ("ha_get_config", "/api/config"),
+    ],
+)
+async def test_simple_gets(ha: HomeAssistant, fake: FakeHA, tool: str, path: str) -> None:
+    assert await ha.execute(tool, {}) == {"path": path}
+    assert fake.seen() == [("GET", path)]
+
+
+async def test_call_service_checks_entity_then_posts(ha: HomeAssistant, fake: FakeHA) -> None:
+    changed = [{"entity_id": "light.bedroom", "state": "on"}]
+    fake.routes["POST", "/api/services/light/turn_on"] = httpx.Response(200, json=changed)
+    args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom", "brightness": 9}
+    assert await ha.execute("ha_call_service", args) == changed
+    assert fake.seen() == [
+        ("GET", "/api/states/light.bedroom"),
+        ("POST", "/api/services/light/turn_on"),
+    ]
+    assert json.loads(fake.requests[-1].content) == {"entity_id": "light.bedroom", "brightness": 9}
+
+
+async def test_call_service_unknown_entity_is_not_a_success(
+    ha: HomeAssistant, fake: FakeHA
+) -> None:
+    args = {"domain": "light", "service": "turn_on", "entity_id": "light.nowhere"}
+    error = await failure(ha, "ha_call_service", args)
+    assert error.message == "entity not found: light.nowhere"
+    assert error.data["status"] == 404
+    assert ("POST", "/api/services/light/turn_on") not in fake.seen()
+
+
+async def test_call_service_checks_every_listed_entity(ha: HomeAssistant, fake: FakeHA) -> None:
+    args = {"domain": "homeassistant", "service": "turn_off"}
+    error = await failure(
+        ha, "ha_call_service", {**args, "entity_id": ["light.bedroom", "switch.nope"]}
+    )
+    assert error.message == "entity not found: switch.nope"
+    assert fake.seen()[-1] == ("GET", "/api/states/switch.nope")
+
+
+async def test_call_service_without_entity(ha: HomeAssistant, fake: FakeHA) -> None:
+    assert await ha.execute("ha_call_service", {"domain": "script", "service": "reload"}) == []
+    assert fake.seen() == [("POST", "/api/services/script/reload")]
+    assert json.loads(fake.requests[-1].content) == {}
+
+
+async def test_fire_event(ha: HomeAssistant, fake: FakeHA) -> None:
+    fake.routes["POST", "/api/events/doorbell"] = httpx.Response(
+        200, json={"message": "Event doorbell fired."}
+    )
+    args = {"event_type": "doorbell", "event_data": {"who": "courier"}}
+    assert await ha.execute("ha_fire_event", args) == {"message": "Event doorbell fired."}
+    assert json.loads(fake.requests[-1].content) == {"who": "courier"}
+    await ha.execute("ha_fire_event", {"event_type": "doorbell"})
+    assert json.loads(fake.requests[-1].content) == {}
+
+
+async def test_get_history_window(ha: HomeAssistant, fake: FakeHA) -> None:
+    await ha.execute("ha_get_history", {"entity_id": "sensor.temp", "hours": 2})
+    url = fake.requests[-1].url
+    assert url.path == "/api/history/period/2026-11-01T10:00:00+00:00"
+    assert url.params["filter_entity_id"] == "sensor.temp"
+    assert url.params["end_time"] == "2026-11-01T12:00:00+00:00"
+    assert "minimal_response" in url.params
+    await ha.execute("ha_get_history", {"entity_id": "sensor.temp"})
+    assert fake.requests[-1].url.path == "/api/history/period/2026-10-31T12:00:00+00:00"
+
+
+async def test_unknown_tool_is_refused(ha: HomeAssistant, fake: FakeHA) -> None:
+    with pytest.raises(InvalidParams, match="unknown tool: shell_exec"):
+        await ha.execute("shell_exec", {"cmd": "rm -rf /"})
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("tool", "args"),
+    [
+        ("ha_get_state", {}),
+        ("ha_get_state", {"entity_id": 3}),
+        ("ha_call_service", {"domain": "light", "service": "turn_on", "entity_id": [1]}),
+        ("ha_fire_event", {"event_type": "x", "event_data": [1]}),
+        ("ha_get_history", {"entity_id": "sensor.t", "hours": -1}),
+        ("ha_get_history", {"entity_id": "sensor.t", "hours": True}),
+    ],
+)
+async def test_ill_shaped_args_are_refused(
+    ha: HomeAssistant, fake: FakeHA, tool: str, args: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidParams):
+        await ha.execute(tool, args)
+    assert fake.requests == []
+
+
+async def test_identifiers_are_one_path_segment(ha: HomeAssistant, fake: FakeHA) -> None:
+    await failure(ha, "ha_get_state", {"entity_id": "../config"})
+    assert fake.requests[-1].url.raw_path == b"/api/states/..%2Fconfig"
+
+
+# ---- describe and health -------------------------------------------------------------
+
+
+async def test_describe(ha: HomeAssistant, fake: FakeHA) -> None:
+    assert await ha.describe("lock.front_door") == "Front door (lock.front_door) — now: locked"
+    assert await ha.describe("light.bedroom") == "light.bedroom — now: off"
+    fake.routes["GET", "/api/states/sensor.t"] = httpx.Response(
+        200,
+        json={"state": "21.5", "attributes": {"friendly_name": "T", "unit_of_measurement": "°C"}},
+    )
+    assert await ha.describe("sensor.t") == "T (sensor.t) — now: 21.5 °C"
+    with pytest.raises(ExecutionFailed, match=r"entity not found: lock\.back_door"):
+        await ha.describe("lock.back_door")
+
+
+async def test_health_ok(ha: HomeAssistant) -> None:
+    assert await ha.check_health() is None
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (httpx.Response(200, json={"message": "Hello"}), "unexpectedly"),
+        (httpx.Response(401, text="401: Unauthorized"), "token"),
+        (httpx.Response(200, text="<html>"), "not JSON"),
+    ],
+)
+async def test_health_warns(response: httpx.Response, expected: str) -> None:
+    async with open_homeassistant(
+        Settings(), transport=httpx.MockTransport(answering(response))
+    ) as executor:
+        warning = await executor.check_health()
+    assert warning is not None
+    assert expected in warning
+
+
+async def test_health_unreachable() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    async with open_homeassistant(Settings(), transport=httpx.MockTransport(refuse)) as executor:
+        warning = await executor.check_health()
+    assert warning == (
+        f"Home Assistant health check failed: Home Assistant unreachable at {URL}: "
+        "[Errno 111] Connection refused"
+    )
+
+
+async def test_health_within_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(3600)
+        return httpx.Response(200, json={})
+
+    async with open_homeassistant(
+        Settings(timeout=3), transport=httpx.MockTransport(hang)
+    ) as executor:
+        warning = await executor.check_health()
+    assert warning == "Home Assistant health check failed: Home Assistant did not answer within 3 s"
+
+
+async def test_health_never_raises() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("boom")
+
+    async with open_homeassistant(Settings(), transport=httpx.MockTransport(broken)) as executor:
+        warning = await executor.check_health()
+    assert warning is not None
+    assert "boom" in warning
+
+
+# ---- error mapping -------------------------------------------------------------------
+
+
+async def test_401() -> None:
+    error = await failure_from(answering(httpx.Response(401, text="401: Unauthorized")))
+    assert error.message == (
+        "Home Assistant rejected the gateway's token (401): check services.homeassistant.token"
+    )
+    assert error.data == {"status": 401, "service": "homeassistant"}
+
+
+async def test_404_other_path(ha: HomeAssistant, fake: FakeHA) -> None:
+    fake.routes["GET", "/api/config"] = httpx.Response(404, text="404: Not Found")
+    error = await failure(ha, "ha_get_config", {})
+    assert error.message == "not found: /api/config"
+
+
+@pytest.mark.parametrize(
+    ("response", "detail"),
+    [
+        (httpx.Response(400, text="400: Bad Request"), "400: Bad Request"),
+        (
+            httpx.Response(400, json={"message": "Data should be valid JSON."}),
+            "Data should be valid JSON.",
+        ),
+        (httpx.Response(400, json=["odd"]), '["odd"]'),
+    ],
+)
+async def test_400_carries_home_assistants_message(response: httpx.Response, detail: str) -> None:
+    error = await failure_from(answering(response))
+    assert error.message == f"Home Assistant refused the call: {detail}"
+    assert error.data["status"] == 400
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_5xx(status: int) -> None:
+    body = "500 Internal Server Error\n\nServer got itself in trouble"
+    error = await failure_from(answering(httpx.Response(status, text=body)))
+    assert error.message == (
+        f"Home Assistant error ({status}): 500 Internal Server Error Server got itself in trouble"
+    )
+    assert error.data["status"] == status
+
+
+async def test_long_bodies_are_cut() -> None:
+    error = await failure_from(answering(httpx.Response(500, text="x" * 10_000)))
+    assert len(error.message) < 300
+
+
+async def test_other_status() -> None:
+    error = await failure_from(answering(httpx.Response(405, text="405: Method Not Allowed")))
+    assert error.message == "Home Assistant answered 405: 405: Method Not Allowed"
+
+
+async def test_non_json_success_body() -> None:
+    error = await failure_from(answering(httpx.Response(200, text="<html>hi</html>")))
+    assert "not JSON" in error.message
+    assert error.data["status"] == 200
+
+
+async def test_connect_error() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    error = await failure_from(refuse)
+    assert error.message == f"Home Assistant unreachable at {URL}: [Errno 111] Connection refused"
+    assert error.data == {"status": None, "service": "homeassistant"}
+    assert isinstance(error.__cause__, httpx.ConnectError)
+
+
+async def test_dropped_connection() -> None:
+    def drop(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected", request=request)
+
+    error = await failure_from(drop)
+    assert error.message.startswith(f"Home Assistant unreachable at {URL}")
+
+
+async def test_httpx_timeout() -> None:
+    def too_slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    error = await failure_from(too_slow, Settings(timeout=2.5))
+    assert error.message == "Home Assistant did not answer within 2.5 s"
+    assert error.data["status"] is None
+
+
+async def test_slow_service_fails_within_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(3600)
+        return httpx.Response(200, json={})
+
+    start = trio.current_time()
+    error = await failure_from(hang, Settings(timeout=10))
+    assert error.message == "Home Assistant did not answer within 10 s"
+    assert isinstance(error.__cause__, trio.TooSlowError)
+    assert trio.current_time() - start == pytest.approx(10)
+
+
+async def test_one_deadline_covers_check_and_call(autojump_clock: trio.testing.MockClock) -> None:
+    async def slowish(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(6)
+        if request.method == "GET":
+            return httpx.Response(200, json={"state": "off"})
+        return httpx.Response(200, json=[])
+
+    async with open_homeassistant(
+        Settings(timeout=10), transport=httpx.MockTransport(slowish)
+    ) as executor:
+        args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+        with pytest.raises(ExecutionFailed, match="did not answer within 10 s"):
+            await executor.execute("ha_call_service", args)
