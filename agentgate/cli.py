@@ -5,7 +5,7 @@ subcommand, adds its arguments to its parser and runs it, returning the exit sta
 subcommand, write ``_configure_x(parser)`` and ``_run_x(args) -> int`` and add a ``Command``
 to the table. Exit status 2 always means invalid input or usage (argparse's own errors too).
 
-Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``.
+Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``, ``audit``.
 """
 
 from __future__ import annotations
@@ -242,6 +242,71 @@ def _run_serve(args: argparse.Namespace) -> int:
     return run_serve(args.config, insecure=args.insecure, log_level=args.log_level)
 
 
+# --- audit -------------------------------------------------------------------------------------
+
+
+def _configure_audit(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="GATE_TOML", help="find the store through gate.toml")
+    where.add_argument("--store", metavar="FILE", help="the SQLite store file itself")
+    parser.add_argument("--agent", help="only this agent")
+    parser.add_argument("--tool", help="only this tool")
+    parser.add_argument("--decision", help="only this decision (allow, deny, ask, invalid, ...)")
+    parser.add_argument("--since", help="only rows since: 10m, 2h, 1d or an ISO time (UTC)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--follow", "-f", action="store_true", help="keep printing new rows")
+
+
+def _audit_store(args: argparse.Namespace) -> Path:
+    if args.store:
+        path = Path(args.store)
+    else:
+        from agentgate.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config or "gate.toml", insecure=True)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from exc
+        path = config.store.path
+    if not path.is_file():
+        raise UsageError(f"no store at {path}: has the gateway run yet?")
+    return path
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from agentgate import audit
+    from agentgate.store import read_only
+
+    path = _audit_store(args)
+    try:
+        since = None if args.since is None else audit.parse_since(args.since)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    filters = audit.Filters(args.agent, args.tool, args.decision, since)
+    try:
+        if args.follow:
+
+            def emit(entry: Any, update: bool) -> None:
+                if args.json:
+                    print(json.dumps(audit.to_json(entry), default=str), flush=True)
+                else:
+                    mark = "  ↳ " if update else ""
+                    print(mark + "  ".join(audit.table_rows([entry])[0]), flush=True)
+
+            audit.follow(path, filters, emit)
+            return EXIT_OK
+        conn = read_only(path)
+        try:
+            audit.print_entries(audit.query(conn, filters), as_json=args.json)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise UsageError(f"cannot read the audit log in {path}: {exc}") from exc
+    return EXIT_OK
+
+
 # --- dispatch ----------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -251,6 +316,7 @@ COMMANDS: list[Command] = [
     Command(
         "hash-token", "sha256 of a token read from stdin", _configure_hash_token, _run_hash_token
     ),
+    Command("audit", "read the audit log", _configure_audit, _run_audit),
 ]
 """Every subcommand, in the order ``--help`` lists them."""
 
