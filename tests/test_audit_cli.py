@@ -77,7 +77,7 @@ def test_filters_and_json(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_since(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert audit.parse_since("10m", now=NOW) == NOW - 600
     assert audit.parse_since("2027-01-15T00:00:00") == 1_799_971_200.0
-    assert main(["audit", "--store", str(db), "--since", "2027-01-15T00:00:30", "--json"]) == 0
+    assert main(["audit", "--store", str(db), "--since", "2027-01-15T08:00:30", "--json"]) == 0
     assert [json.loads(x)["request_id"] for x in capsys.readouterr().out.splitlines()] == ["r2"]
 
 
