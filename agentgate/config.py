@@ -263,6 +263,13 @@ def _path(value: object) -> Path:
     return Path(value).expanduser()
 
 
+def _durability(value: object) -> str:
+    if value not in ("normal", "full"):
+        raise _Invalid(f'expected "normal" or "full", got {_show(value)}')
+    return str(value)
+
+
+Durability = Annotated[str, _Check(_durability)]
 String = Annotated[str, _Check(_string)]
 NonEmptyString = Annotated[str, _Check(_nonempty_string)]
 Secret = Annotated[str, _Check(_secret)]
@@ -308,6 +315,9 @@ class StoreConfig:
     """``[store]``: the SQLite file (audit log and pending approvals)."""
 
     path: FilePath = Path("data/agentgate.db")
+    # "normal": WAL commits survive a crash or kill -9 of the gateway (not a power cut);
+    # "full": every commit is also fsync'd, surviving a power cut, at a cost in throughput.
+    synchronous: Durability = "normal"
 
 
 @frozen(kw_only=True)

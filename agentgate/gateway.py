@@ -455,12 +455,11 @@ class Gateway(GuardianControl):
         return {"status": "executed", "request_id": request_id, "data": result}
 
     async def _resolve_quietly(self, request_id: str, resolution: str, **kw: Any) -> None:
-        try:
-            await self.store.resolve_audit(
-                request_id, resolution, resolved_by=None, resolved_at=self.now(), **kw
-            )
-        except ExecutionFailed:
-            log.exception("could not record the resolution of %s", request_id)
+        # The decision row was committed before execution; the resolution joins the next group
+        # commit without holding up the reply (a failure to write it is logged by the store).
+        await self.store.resolve_audit(
+            request_id, resolution, resolved_by=None, resolved_at=self.now(), wait=False, **kw
+        )
 
     async def _audit_refusal(
         self,
@@ -687,7 +686,7 @@ async def serve_gateway(
     policies = load_policies(config)
     limits = config.limits
     async with (
-        open_store(config.store.path) as store,
+        open_store(config.store.path, synchronous=config.store.synchronous) as store,
         _maybe_homeassistant(config, ha_transport) as ha,
     ):
         gateway = Gateway(config, store=store, policies=policies, executor=ha, now=now)

@@ -19,6 +19,7 @@ Why it looks like this:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -34,6 +35,7 @@ from attrs import frozen
 from agentgate.errors import ExecutionFailed
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -170,6 +172,7 @@ def _unjson(text: str | None) -> Any:
 @attrs.define
 class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
+    detached: bool = False  # nobody waits: failures are logged by the writer
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -205,6 +208,8 @@ class Store:
                     await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
             for op in batch:
                 op.done.set()
+                if op.detached and op.error is not None:
+                    log.error("store write failed: %s", op.error)
 
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
         conn = self._conn
@@ -251,6 +256,18 @@ class Store:
             raise op.error
         return op.result  # type: ignore[no-any-return]
 
+    def post(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        """Queue a write nobody waits for (it joins the next group commit; failures are logged).
+
+        Only for records that follow an already committed decision, like a resolution: the
+        reply to the agent need not wait for them.
+        """
+        if self._closed:
+            log.error("store closed: a write was dropped")
+            return
+        self._queue.append(_Op(fn, detached=True))
+        self._wakeup.set()
+
     # -- audit --------------------------------------------------------------------------------
 
     async def audit(self, entry: AuditEntry) -> int:
@@ -266,7 +283,10 @@ class Store:
         resolved_at: float,
         result: Any = None,
         error: str | None = None,
+        wait: bool = True,
     ) -> None:
+        """Record how a request ended; ``wait=False`` queues it without waiting (see post)."""
+
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
@@ -274,7 +294,10 @@ class Store:
                 (resolution, resolved_by, resolved_at, _json(result), error, request_id),
             )
 
-        await self._do(fn)
+        if wait:
+            await self._do(fn)
+        else:
+            self.post(fn)
 
     async def audit_rows(
         self,
@@ -602,14 +625,17 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
 
 @asynccontextmanager
 async def open_store(
-    path: Path | str, *, synchronous: str = "FULL", inline: bool = False
+    path: Path | str, *, synchronous: str = "normal", inline: bool = False
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the store at ``path`` and run its writer task.
 
-    ``inline`` runs SQLite on the event loop's thread: only for deterministic tests.
+    ``synchronous``: ``"normal"`` (WAL commits survive a crash or ``kill -9`` of the process)
+    or ``"full"`` (each commit also fsync'd: survives a power cut). ``inline`` runs SQLite on
+    the event loop's thread: only for deterministic tests.
     """
+    synchronous = synchronous.upper()
     if synchronous not in {"FULL", "NORMAL"}:
-        raise ValueError("synchronous must be FULL or NORMAL")
+        raise ValueError("synchronous must be full or normal")
     if inline:
         conn = _connect(Path(path), synchronous)
     else:

@@ -576,3 +576,13 @@ def test_agent_limits_unknown_agent(tmp_path: Path) -> None:
     config: Config = load_config(_write(tmp_path, MINIMAL), env=ENV)
     with pytest.raises(KeyError):
         config.agent_limits("nobody")
+
+
+def test_store_durability_is_normal_or_full(tmp_path: Path) -> None:
+    base = '[gateway]\nlisten = "127.0.0.1:0"\n[agents.pi]\ntoken = "0123456789abcdef0123"\n'
+    (tmp_path / "permissions.yaml").write_text("rules: []\n")
+    (tmp_path / "gate.toml").write_text(base + '[store]\nsynchronous = "full"\n')
+    assert load_config(tmp_path / "gate.toml", insecure=True).store.synchronous == "full"
+    (tmp_path / "gate.toml").write_text(base + '[store]\nsynchronous = "off"\n')
+    with pytest.raises(ConfigError, match=r'store\.synchronous: expected "normal" or "full"'):
+        load_config(tmp_path / "gate.toml", insecure=True)
