@@ -57,10 +57,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
 def _loads(text: str | bytes) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        message = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        if ("\\ud" in text or "\\uD" in text) if isinstance(text, str) else True:
+            # JSON escapes can smuggle lone surrogates, which cannot be encoded back to UTF-8.
+            json.dumps(message, ensure_ascii=False).encode("utf-8")
+        return message
+    except (ValueError, RecursionError, UnicodeError) as exc:
         raise ParseError(f"parse error: {exc}") from None
 
 

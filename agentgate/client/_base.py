@@ -1,0 +1,197 @@
+"""What both transports share: options, URL/TLS set-up and the user-facing ``Gateway`` methods."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+
+from agentgate.client._core import (
+    ApprovalPending,
+    Backoff,
+    ClientCore,
+    Completed,
+    Event,
+    ResultsPending,
+    tool_result,
+    tools_list,
+)
+from agentgate.errors import AgentgateError
+
+logger = logging.getLogger("agentgate.client")
+
+PendingHook = Callable[[dict[str, Any]], Awaitable[None] | None]
+"""``on_pending`` callback: gets the ``approval_pending`` params; may be sync or async."""
+
+
+@frozen
+class Target:
+    """Where to connect: parsed from a ``ws://`` or ``wss://`` URL."""
+
+    url: str
+    host: str
+    port: int
+    resource: str
+    ssl_context: ssl.SSLContext | None
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.ssl_context else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def make_target(
+    url: str, *, ca: str | os.PathLike[str] | None, ssl_context: ssl.SSLContext | None
+) -> Target:
+    """Parse the URL and build the TLS context (``ValueError`` on a bad combination)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"gateway URL must start with wss:// (or ws://), got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"gateway URL has no host: {url!r}")
+    secure = parts.scheme == "wss"
+    if not secure and (ca is not None or ssl_context is not None):
+        raise ValueError("ca= / ssl_context= need a wss:// URL")
+    if ca is not None and ssl_context is not None:
+        raise ValueError("give ca= or ssl_context=, not both")
+    context: ssl.SSLContext | None = None
+    if secure:
+        context = ssl_context or ssl.create_default_context(
+            cafile=os.fspath(ca) if ca is not None else None
+        )
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError as exc:
+        raise ValueError(f"gateway URL has a bad port: {url!r}") from exc
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(url, parts.hostname, port, resource, context)
+
+
+@frozen
+class Options:
+    """Everything ``connect()`` was given, validated once."""
+
+    target: Target
+    token: str = field(repr=False)
+    reconnect: bool
+    on_pending: PendingHook | None
+    backoff: Backoff
+    handshake_timeout: float
+    rng: random.Random = field(factory=random.Random)
+
+
+class Gateway:
+    """A connection to an agentgate gateway, as yielded by :func:`agentgate.client.connect`.
+
+    The same class surface under Trio and asyncio; the event-loop specific part is the
+    transport (``_rpc``, ``_spawn``, ``_resolve``). Every method may be called from many
+    tasks at once: calls share one connection and are matched to replies by id.
+    """
+
+    agent: str
+    """The agent name the gateway authenticated us as (empty if the gateway did not say)."""
+
+    def __init__(self, options: Options, collect_lock: AbstractAsyncContextManager[Any]) -> None:
+        self._options = options
+        self._core: ClientCore[Any] = ClientCore()
+        self._collect_lock = collect_lock
+        self._collect_queued = False
+        self.agent = ""
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether a live, authenticated connection exists right now."""
+        raise NotImplementedError
+
+    async def call(self, tool: str, /, **args: Any) -> Any:
+        """Run ``tool`` with keyword ``args`` and return the service's ``data``.
+
+        Raises the :class:`~agentgate.errors.AgentgateError` subclass of the gateway's answer
+        (``DeniedByPolicy``, ``DeniedByGuardian``, ``ApprovalTimedOut``, ``InvalidParams``,
+        ``ExecutionFailed``, ``RateLimited`` …) with the gateway's ``error.data``
+        (``request_id``, ``signature``) on ``.data``; ``ConnectionLost`` if the connection
+        dropped while the call was in flight. A call that needs a human waits as long as the
+        guardian takes; bound it with your own cancel scope / ``asyncio.timeout``.
+        """
+        result = await self.request(tool, args)
+        return result["data"]
+
+    async def request(self, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Like :meth:`call` but return the whole result: ``{"status", "request_id", "data"}``."""
+        reply = await self._rpc("tool_request", {"tool": tool, "args": dict(args or {})})
+        return tool_result(reply)
+
+    async def list_tools(self) -> list[dict[str, Any]]:
+        """The tools this gateway offers: ``[{"name", "description", "args": <JSON Schema>}]``."""
+        return tools_list(await self._rpc("list_tools", None))
+
+    async def pending_results(self) -> list[dict[str, Any]]:
+        """Queued results: those collected automatically so far plus freshly fetched ones.
+
+        Each entry is ``{"request_id", "rpc_id", "tool", "signature", "status", "data" |
+        "error"}`` and is returned once. If fetching fails (e.g. ``ConnectionLost``) the
+        exception is raised and the buffered entries stay for the next call.
+        """
+        async with self._collect_lock:
+            await self._rpc("get_pending_results", None)
+        return self._core.take_results()
+
+    # -- shared machinery -----------------------------------------------------------------
+
+    async def _rpc(self, method: str, params: dict[str, Any] | None) -> Any:
+        raise NotImplementedError
+
+    def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        raise NotImplementedError
+
+    def _resolve(self, event: Completed[Any]) -> None:
+        raise NotImplementedError
+
+    def _dispatch(self, event: Event[Any]) -> None:
+        """Act on one event from the core (called by the transport's reader)."""
+        if isinstance(event, Completed):
+            if event.waiter is not None:
+                self._resolve(event)
+        elif isinstance(event, ApprovalPending):
+            logger.info("approval pending: %s", event.params)
+            if self._options.on_pending is not None:
+                self._spawn(self._run_hook, event.params)
+        elif isinstance(event, ResultsPending):
+            self._request_collection()
+        else:
+            logger.debug("ignored: %s", event.reason)
+
+    def _request_collection(self) -> None:
+        """Collect queued results in the background (coalesced: one waiting collector)."""
+        if not self._collect_queued:
+            self._collect_queued = True
+            self._spawn(self._collect_quietly)
+
+    async def _collect_quietly(self) -> None:
+        try:
+            async with self._collect_lock:
+                self._collect_queued = False
+                await self._rpc("get_pending_results", None)
+        except AgentgateError as exc:
+            logger.warning("could not collect queued results: %s", exc)
+
+    async def _run_hook(self, params: dict[str, Any]) -> None:
+        hook = self._options.on_pending
+        assert hook is not None
+        try:
+            outcome = hook(params)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            logger.exception("on_pending callback failed (ignored)")

@@ -1,0 +1,746 @@
+"""The agent SDK: the sans-io core (synchronous) and both transports against a scripted gateway.
+
+The scripted gateway (:class:`FakeGateway`) is a tiny trio-websocket server on 127.0.0.1
+speaking DESIGN §4/§13 just enough: auth, tool_request (allow / deny / ask), approvals pressed
+by the test, queued results, notifications, disconnects and restarts. The transport tests run
+each scenario under Trio directly and under asyncio in a worker thread (``asyncio.Runner``
+with a plain selector loop, so trio-asyncio's loop policy is not involved).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import random
+import re
+import ssl
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio_websocket
+import trustme
+
+from agentgate.client import (
+    AgentgateError,
+    AuthenticationFailed,
+    Backoff,
+    ConnectionLost,
+    DeniedByPolicy,
+    ExecutionFailed,
+    Gateway,
+    InternalError,
+    InvalidParams,
+    connect,
+)
+from agentgate.client._base import make_target
+from agentgate.client._core import (
+    ApprovalPending,
+    ClientCore,
+    Completed,
+    Ignored,
+    ResultsPending,
+    auth_agent,
+    is_fatal,
+    tool_result,
+    tools_list,
+)
+from agentgate.client._groups import collapse_groups
+from agentgate.errors import ApprovalTimedOut, DeniedByGuardian, RateLimited
+from agentgate.protocol import (
+    Request,
+    encode_error,
+    encode_notification,
+    encode_result,
+    parse_request,
+)
+from tests import client_contract
+from tests.client_contract import CONTRACT, capture, deadline, gather, sleep
+
+CEILING = 20.0
+
+# =============================================================================================
+# Sans-io core (fast tier, synchronous)
+# =============================================================================================
+
+
+def _gateway_reply(text: str, result: Any) -> tuple[Request, str]:
+    """The other end of the fake link: parse what the core sent, answer it."""
+    request = parse_request(text)
+    assert isinstance(request, Request)
+    return request, encode_result(request.id, result)
+
+
+def test_core_ids_are_unique_and_replies_find_their_waiter() -> None:
+    core: ClientCore[str] = ClientCore()
+    first, text1 = core.begin("tool_request", {"tool": "t", "args": {}}, "w1")
+    second, text2 = core.begin("list_tools", None, "w2")
+    assert first != second
+    assert core.in_flight == 2
+    req2, reply2 = _gateway_reply(text2, {"tools": []})
+    assert req2.method == "list_tools"
+    req1, reply1 = _gateway_reply(text1, {"status": "executed", "request_id": "r", "data": 1})
+    assert req1.params == {"tool": "t", "args": {}}
+    # replies arrive out of order
+    assert core.receive(reply2) == Completed("w2", second, "list_tools", result={"tools": []})
+    event = core.receive(reply1)
+    assert isinstance(event, Completed)
+    assert event.waiter == "w1"
+    assert event.result["data"] == 1
+    assert core.in_flight == 0
+
+
+def test_core_error_reply_keeps_class_and_data() -> None:
+    core: ClientCore[str] = ClientCore()
+    rpc_id, _ = core.begin("tool_request", {}, "w")
+    data = {"request_id": "r1", "signature": "ha_call_service(lock.unlock, lock.door)"}
+    event = core.receive(encode_error(rpc_id, DeniedByPolicy("no", data=data)))
+    assert isinstance(event, Completed)
+    assert isinstance(event.error, DeniedByPolicy)
+    assert event.error.data == data
+
+
+def test_core_abandoned_call_late_reply_is_ignored() -> None:
+    core: ClientCore[str] = ClientCore()
+    rpc_id, _ = core.begin("tool_request", {}, "w")
+    core.abandon(rpc_id)
+    core.abandon(rpc_id)  # twice is harmless
+    assert isinstance(core.receive(encode_result(rpc_id, {})), Ignored)
+    assert isinstance(core.receive(encode_result(999, {})), Ignored)
+    assert isinstance(core.receive(encode_result("x", {})), Ignored)
+
+
+def test_core_cancelled_collection_still_buffers_results() -> None:
+    core: ClientCore[str] = ClientCore()
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    core.abandon(rpc_id)
+    event = core.receive(encode_result(rpc_id, {"results": [{"request_id": "a"}]}))
+    assert isinstance(event, Completed)
+    assert event.waiter is None
+    assert core.buffered == 1
+    assert core.take_results() == [{"request_id": "a"}]
+    assert core.take_results() == []
+
+
+def test_core_malformed_collection_reply_is_an_error() -> None:
+    core: ClientCore[str] = ClientCore()
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    event = core.receive(encode_result(rpc_id, {"results": "nope"}))
+    assert isinstance(event, Completed)
+    assert isinstance(event.error, InternalError)
+
+
+def test_core_notifications() -> None:
+    core: ClientCore[str] = ClientCore()
+    rpc_id, _ = core.begin("tool_request", {}, "w")
+    params = {"rpc_id": rpc_id, "request_id": "req-1", "expires_at": "2026-11-01T00:00:00Z"}
+    assert core.receive(encode_notification("approval_pending", params)) == ApprovalPending(params)
+    assert core.receive(encode_notification("results_pending", {"count": 3})) == ResultsPending(3)
+    assert core.receive(encode_notification("results_pending", {"count": "x"})) == ResultsPending(1)
+    assert isinstance(core.receive(encode_notification("whatever", {})), Ignored)
+    # the approval's request_id is remembered for ConnectionLost.data
+    ((waiter, lost),) = core.lose_all("gone")
+    assert waiter == "w"
+    assert lost.data == {"rpc_id": rpc_id, "method": "tool_request", "request_id": "req-1"}
+    assert core.in_flight == 0
+
+
+def test_core_lose_all_skips_calls_nobody_waits_for() -> None:
+    core: ClientCore[str] = ClientCore()
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    core.abandon(rpc_id)
+    core.begin("auth", {"token": "t"}, None)
+    assert core.lose_all("gone") == []
+    assert core.in_flight == 0
+
+
+@pytest.mark.parametrize("frame", ["not json", "[]", '{"jsonrpc":"2.0","id":1}', b"\xff"])
+def test_core_garbage_from_the_gateway_is_connection_lost(frame: str | bytes) -> None:
+    core: ClientCore[str] = ClientCore()
+    with pytest.raises(ConnectionLost, match="invalid frame"):
+        core.receive(frame)
+
+
+def test_backoff_is_capped_jittered_and_never_zero() -> None:
+    backoff = Backoff(initial=0.5, maximum=8.0)
+    rng = random.Random(7)
+    for attempt in range(200):
+        ceiling = min(8.0, 0.5 * 2**attempt)
+        delay = backoff.delay(attempt, rng)
+        assert ceiling / 2 <= delay <= ceiling
+    assert backoff.delay(10**9, rng) <= 8.0
+    delays = {backoff.delay(5, rng) for _ in range(20)}
+    assert len(delays) > 1  # jitter
+
+
+@pytest.mark.parametrize("kwargs", [{"initial": 0}, {"maximum": -1}, {"factor": 0.5}])
+def test_backoff_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - attrs' and our validators
+        Backoff(**kwargs)
+
+
+def test_only_authentication_failures_stop_reconnecting() -> None:
+    assert is_fatal(AuthenticationFailed())
+    assert not is_fatal(ConnectionLost())
+    assert not is_fatal(RateLimited())
+
+
+def test_result_shapes_fail_closed() -> None:
+    assert auth_agent({"status": "authenticated", "agent": "pi"}) == "pi"
+    with pytest.raises(AuthenticationFailed):
+        auth_agent({"status": "nope"})
+    assert tool_result({"status": "executed", "request_id": "r", "data": None})["data"] is None
+    with pytest.raises(InternalError):
+        tool_result({"status": "queued"})
+    with pytest.raises(InternalError):
+        tools_list({"tools": [1]})
+    assert tools_list({"tools": [{"name": "x"}]}) == [{"name": "x"}]
+
+
+def test_targets() -> None:
+    plain = make_target("ws://127.0.0.1:8080", ca=None, ssl_context=None)
+    assert (plain.host, plain.port, plain.resource, plain.ssl_context) == (
+        "127.0.0.1",
+        8080,
+        "/",
+        None,
+    )
+    assert plain.host_header == "127.0.0.1:8080"
+    secure = make_target("wss://gate.example/x?y=1", ca=None, ssl_context=None)
+    assert (secure.port, secure.resource, secure.host_header) == (443, "/x?y=1", "gate.example")
+    assert isinstance(secure.ssl_context, ssl.SSLContext)
+    assert make_target("wss://[::1]:9/", ca=None, ssl_context=None).host_header == "[::1]:9"
+    for url in ("http://x", "wss://", "ws://host:notaport"):
+        with pytest.raises(ValueError, match="URL"):
+            make_target(url, ca=None, ssl_context=None)
+    with pytest.raises(ValueError, match="wss"):
+        make_target("ws://x", ca="ca.pem", ssl_context=None)
+    with pytest.raises(ValueError, match="not both"):
+        make_target("wss://x", ca="ca.pem", ssl_context=ssl.create_default_context())
+
+
+async def test_collapse_groups_never_leaks_a_group() -> None:
+    with pytest.raises(ValueError, match="inner") as info, collapse_groups():
+        raise ExceptionGroup("g", [ExceptionGroup("h", [ValueError("inner")])])
+    assert not isinstance(info.value, BaseExceptionGroup)
+    with trio.CancelScope() as scope, collapse_groups():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+
+
+# =============================================================================================
+# Scripted gateway (real tier: sockets on 127.0.0.1)
+# =============================================================================================
+
+_HA_ID = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z0-9_]+)?$")
+TOOLS = [
+    {"name": n, "description": f"{n} (scripted)", "args": {"type": "object"}}
+    for n in ("ha_get_state", "ha_get_states", "ha_call_service", "ha_fire_event")
+]
+
+
+@attrs.define(eq=False)
+class _Conn:
+    ws: trio_websocket.WebSocketConnection
+    alive: bool = True
+
+
+@attrs.define(eq=False)
+class _Approval:
+    request_id: str
+    rpc_id: Any
+    tool: str
+    conn: _Conn
+    resolved: bool = False
+
+
+class FakeGateway:
+    """Scripted gateway. Policy: reads allowed, ``lock.unlock`` denied, ``light.turn_on`` ask."""
+
+    def __init__(self, nursery: trio.Nursery, *, approval_timeout: float = 1.0) -> None:
+        self.nursery = nursery
+        self.token = "s3cret"
+        self.approval_timeout = approval_timeout
+        self.port = 0
+        self.ssl_context: ssl.SSLContext | None = None
+        self.conns: set[_Conn] = set()
+        self.approvals: dict[str, _Approval] = {}
+        self.queued: list[dict[str, Any]] = []
+        self.collections = 0
+        self.auths = 0
+        self.release = trio.Event()
+        self.answer_auth = True
+        self._scope = trio.CancelScope()
+
+    @property
+    def url(self) -> str:
+        return f"{'wss' if self.ssl_context else 'ws'}://127.0.0.1:{self.port}/"
+
+    async def start(self) -> None:
+        self._scope = trio.CancelScope()
+        server = await self.nursery.start(self._serve, self._scope)
+        self.port = server.port
+
+    async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:
+        with scope:
+            await trio_websocket.serve_websocket(
+                self._handle, "127.0.0.1", self.port, self.ssl_context, task_status=task_status
+            )
+
+    async def restart(self) -> None:
+        self._scope.cancel()
+        for conn in list(self.conns):
+            conn.alive = False
+        await trio.sleep(0.05)
+        await self.start()
+
+    def press(self, request_id: str, decision: str) -> None:
+        approval = self.approvals[request_id]
+        if decision == "allow":
+            self._resolve(approval, result=self._executed(approval.request_id, {"ok": True}))
+        else:
+            self._resolve(approval, error=DeniedByGuardian(data={"request_id": request_id}))
+
+    def drop_all(self) -> None:
+        for conn in list(self.conns):
+            conn.alive = False
+            self.nursery.start_soon(conn.ws.aclose, 1001)
+
+    def queue_result(self, entry: dict[str, Any]) -> None:
+        self.queued.append(entry)
+        self._notify_results()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _executed(request_id: str, data: Any) -> dict[str, Any]:
+        return {"status": "executed", "request_id": request_id, "data": data}
+
+    def _send(self, conn: _Conn, text: str) -> None:
+        async def send() -> None:
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                await conn.ws.send_message(text)
+
+        self.nursery.start_soon(send)
+
+    def _notify_results(self) -> None:
+        for conn in self.conns:
+            if conn.alive:
+                self._send(conn, encode_notification("results_pending", {"count": 1}))
+
+    def _resolve(
+        self, approval: _Approval, *, result: Any = None, error: AgentgateError | None = None
+    ) -> None:
+        if approval.resolved:
+            return
+        approval.resolved = True
+        if approval.conn.alive:
+            reply = encode_result(approval.rpc_id, result) if error is None else None
+            self._send(approval.conn, reply or encode_error(approval.rpc_id, error))  # type: ignore[arg-type]
+            return
+        entry: dict[str, Any] = {
+            "request_id": approval.request_id,
+            "rpc_id": approval.rpc_id,
+            "tool": approval.tool,
+            "signature": "sig",
+        }
+        if error is None:
+            entry.update(status="executed", data=result["data"])
+        else:
+            entry.update(status="denied", error={"code": error.code, "message": error.message})
+        self.queue_result(entry)
+
+    async def _expire(self, approval: _Approval) -> None:
+        await trio.sleep(self.approval_timeout)
+        self._resolve(approval, error=ApprovalTimedOut(data={"request_id": approval.request_id}))
+
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        conn = _Conn(ws)
+        try:
+            first = parse_request(await ws.get_message())
+            self.auths += 1
+            if not self.answer_auth:
+                await trio.sleep_forever()
+            if not (isinstance(first, Request) and first.method == "auth"):
+                return
+            if first.params.get("token") != self.token:
+                await ws.send_message(encode_error(first.id, AuthenticationFailed()))
+                await ws.aclose(1008)
+                return
+            welcome = {"status": "authenticated", "agent": "pi"}
+            await ws.send_message(encode_result(first.id, welcome))
+            self.conns.add(conn)
+            async with trio.open_nursery() as nursery:
+                await self._read(conn, nursery)
+        except trio_websocket.ConnectionClosed:
+            pass
+        finally:
+            conn.alive = False
+            self.conns.discard(conn)
+
+    async def _read(self, conn: _Conn, nursery: trio.Nursery) -> None:
+        try:
+            while True:
+                message = parse_request(await conn.ws.get_message())
+                if isinstance(message, Request):
+                    nursery.start_soon(self._answer, conn, message)
+        except trio_websocket.ConnectionClosed:
+            nursery.cancel_scope.cancel()
+
+    async def _answer(self, conn: _Conn, req: Request) -> None:
+        request_id = str(uuid.uuid4())
+        try:
+            result = await self._result(conn, req, request_id)
+        except AgentgateError as exc:
+            text = encode_error(req.id, exc)
+        else:
+            if result is None:
+                return
+            text = encode_result(req.id, result)
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            await conn.ws.send_message(text)
+
+    async def _result(self, conn: _Conn, req: Request, request_id: str) -> Any:
+        if req.method == "list_tools":
+            return {"tools": TOOLS}
+        if req.method == "get_pending_results":
+            self.collections += 1
+            taken, self.queued = self.queued, []
+            return {"results": taken}
+        tool, args = req.params.get("tool"), req.params.get("args", {})
+        if tool == "ha_get_state":
+            entity_id = args.get("entity_id", "")
+            if not _HA_ID.match(entity_id):
+                raise InvalidParams("bad entity_id", data={"request_id": request_id})
+            return self._executed(request_id, {"entity_id": entity_id, "state": "21.5"})
+        if tool == "ha_call_service":
+            action = f"{args.get('domain')}.{args.get('service')}"
+            signature = f"ha_call_service({action}, {args.get('entity_id')})"
+            if action == "lock.unlock":
+                data = {"request_id": request_id, "signature": signature}
+                raise DeniedByPolicy("denied by policy", data=data)
+            if action == "light.turn_on":
+                approval = _Approval(request_id, req.id, tool, conn)
+                self.approvals[request_id] = approval
+                self.nursery.start_soon(self._expire, approval)
+                params = {"rpc_id": req.id, "request_id": request_id, "expires_at": "soon"}
+                await conn.ws.send_message(encode_notification("approval_pending", params))
+                return None  # answered by press() / expiry
+            return self._executed(request_id, {"called": action})
+        if tool == "slow":
+            await self.release.wait()
+            return self._executed(request_id, args)
+        if tool == "fail":
+            raise ExecutionFailed("service unreachable", data={"request_id": request_id})
+        if tool == "drop":
+            conn.alive = False
+            await conn.ws.aclose(1001)
+            return None
+        if tool == "garbage":
+            await conn.ws.send_message("this is not json")
+            return None
+        if tool == "queue":
+            self.queue_result({"request_id": "queued-1", "rpc_id": 1, "status": "executed"})
+            return self._executed(request_id, None)
+        raise InvalidParams("unknown tool", data={"request_id": request_id})
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> FakeGateway:
+    gateway = FakeGateway(nursery)
+    await gateway.start()
+    return gateway
+
+
+# -- running one scenario under either library -----------------------------------------------
+
+Scenario = Callable[[Callable[..., Any], Any], Awaitable[None]]
+
+
+class _TrioHome:
+    def __init__(self, fake: FakeGateway) -> None:
+        self.fake = fake
+        self.approval_timeout = fake.approval_timeout
+
+    async def press(self, request_id: str, decision: str) -> None:
+        self.fake.press(request_id, decision)
+
+    async def restart_gateway(self) -> None:
+        await self.fake.restart()
+
+    async def do(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a synchronous control function of the fake in the Trio thread."""
+        return fn(*args)
+
+
+class _AsyncioHome:
+    """The same, awaited from an asyncio loop in a worker thread."""
+
+    def __init__(self, fake: FakeGateway, token: trio.lowlevel.TrioToken) -> None:
+        self.fake = fake
+        self.token = token
+        self.approval_timeout = fake.approval_timeout
+
+    async def _trio(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        return await asyncio.to_thread(trio.from_thread.run, afn, *args, trio_token=self.token)
+
+    async def press(self, request_id: str, decision: str) -> None:
+        await self.do(self.fake.press, request_id, decision)
+
+    async def restart_gateway(self) -> None:
+        await self._trio(self.fake.restart)
+
+    async def do(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(trio.from_thread.run_sync, fn, *args, trio_token=self.token)
+
+
+def _asyncio_thread(scenario: Scenario, factory: Callable[..., Any], home: Any) -> None:
+    async def main() -> None:
+        async with asyncio.timeout(CEILING):
+            await scenario(factory, home)
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(main())
+
+
+FAST = Backoff(initial=0.05, maximum=0.2)
+
+
+async def run_scenario(library: str, fake: FakeGateway, scenario: Scenario, **kw: Any) -> None:
+    factory = functools.partial(connect, fake.url, token=fake.token, backoff=FAST, **kw)
+    if library == "trio":
+        with trio.fail_after(CEILING):
+            await scenario(factory, _TrioHome(fake))
+    else:
+        home = _AsyncioHome(fake, trio.lowlevel.current_trio_token())
+        await trio.to_thread.run_sync(_asyncio_thread, scenario, factory, home)
+
+
+LIBRARIES = pytest.mark.parametrize("library", ["trio", "asyncio"])
+
+
+# -- the contract suite against the scripted gateway (proves the suite and both SDKs) ----------
+
+
+@pytest.mark.slow
+@LIBRARIES
+@pytest.mark.parametrize("case", CONTRACT, ids=[c.__name__ for c in CONTRACT])
+async def test_contract_against_scripted_gateway(
+    library: str, fake: FakeGateway, case: Scenario
+) -> None:
+    await run_scenario(library, fake, case)
+
+
+# -- transport behaviour beyond the contract -------------------------------------------------
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_results_pending_is_collected_automatically(library: str, fake: FakeGateway) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            await gw.call("queue")
+            # collected in the background by the results_pending notification
+            while await home.do(lambda: fake.queued):
+                await sleep(0.01)
+            assert await gw.pending_results() == [
+                {"request_id": "queued-1", "rpc_id": 1, "status": "executed"}
+            ]
+            assert await gw.pending_results() == []
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_async_hook_and_failing_hook(library: str, fake: FakeGateway) -> None:
+    seen: list[str] = []
+
+    async def hook(params: dict[str, Any]) -> None:
+        await sleep(0)
+        seen.append(params["request_id"])
+        raise RuntimeError("hook bug")  # logged, never kills the connection
+
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory(on_pending=hook) as gw:
+
+            async def guardian() -> None:
+                while not seen:
+                    await sleep(0.01)
+                await home.press(seen[0], "allow")
+
+            (result, error), _ = await gather(
+                lambda: gw.call("ha_call_service", domain="light", service="turn_on"),
+                guardian,
+            )
+            assert error is None
+            assert result == {"ok": True}
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_drop_fails_in_flight_then_reconnects(library: str, fake: FakeGateway) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            (_, slow_error), (_, drop_error) = await gather(
+                lambda: gw.call("slow"), lambda: gw.call("drop")
+            )
+            assert isinstance(slow_error, ConnectionLost)
+            assert slow_error.data["rpc_id"]
+            assert isinstance(drop_error, ConnectionLost)
+            # the next call waits for the reconnection and works
+            assert (await gw.call("ha_get_state", entity_id="sensor.x"))["state"] == "21.5"
+            assert gw.agent == "pi"
+            assert await home.do(lambda: fake.auths) >= 2
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_without_reconnect_calls_fail_fast(library: str, fake: FakeGateway) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory(reconnect=False) as gw:
+            _, error = await capture(lambda: gw.call("drop"))
+            assert isinstance(error, ConnectionLost)
+            _, error = await capture(lambda: gw.call("ha_get_state", entity_id="sensor.x"))
+            assert isinstance(error, ConnectionLost)
+            assert not gw.connected
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_garbage_frame_drops_and_recovers(library: str, fake: FakeGateway) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            _, error = await capture(lambda: gw.call("garbage"))
+            assert isinstance(error, ConnectionLost)
+            assert (await gw.call("ha_get_state", entity_id="sensor.x"))["state"] == "21.5"
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_token_revoked_during_reconnect_stops_for_good(
+    library: str, fake: FakeGateway
+) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            await home.do(setattr, fake, "token", "rotated")
+            await home.do(fake.drop_all)
+            while gw.connected:
+                await sleep(0.01)
+            _, error = await capture(lambda: gw.call("ha_get_state", entity_id="sensor.x"))
+            assert isinstance(error, AuthenticationFailed), error
+            _, error = await capture(lambda: gw.list_tools())
+            assert isinstance(error, AuthenticationFailed), error
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_errors_keep_their_data(library: str, fake: FakeGateway) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            _, error = await capture(lambda: gw.call("fail"))
+            assert isinstance(error, ExecutionFailed)
+            assert error.message == "service unreachable"
+            assert error.data["request_id"]
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_unreachable_and_slow_handshakes(library: str, fake: FakeGateway) -> None:
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    fake.answer_auth = False
+
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with deadline(CEILING):
+            dead = functools.partial(connect, f"ws://127.0.0.1:{dead_port}/", token="t")
+            _, error = await capture(lambda: client_contract._enter(dead()))
+            assert isinstance(error, ConnectionLost), error
+            _, error = await capture(lambda: client_contract._enter(factory(handshake_timeout=0.3)))
+            assert isinstance(error, ConnectionLost), error
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_tls_with_ca_file(library: str, nursery: trio.Nursery, tmp_path: Any) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    other = tmp_path / "other.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    fake = FakeGateway(nursery)
+    fake.ssl_context = server_ctx
+    await fake.start()
+
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory(ca=ca_file) as gw:
+            assert (await gw.call("ha_get_state", entity_id="sensor.x"))["state"] == "21.5"
+        _, error = await capture(lambda: client_contract._enter(factory(ca=other)))
+        assert isinstance(error, ConnectionLost), error
+
+    await run_scenario(library, fake, scenario)
+
+
+async def test_user_errors_leave_connect_unwrapped(fake: FakeGateway) -> None:
+    with trio.fail_after(CEILING):
+
+        async def body_raises() -> None:
+            async with connect(fake.url, token=fake.token) as gw:
+                await gw.list_tools()
+                raise KeyError("mine")
+
+        async def call_raises() -> None:
+            async with connect(fake.url, token=fake.token) as gw:
+                await gw.call("ha_call_service", domain="lock", service="unlock")
+
+        with pytest.raises(KeyError) as info:
+            await body_raises()
+        assert type(info.value) is KeyError
+        with pytest.raises(DeniedByPolicy) as denied:
+            await call_raises()
+        assert type(denied.value) is DeniedByPolicy
+
+
+async def test_cancelled_trio_call_then_late_reply(fake: FakeGateway) -> None:
+    with trio.fail_after(CEILING):
+        async with connect(fake.url, token=fake.token) as gw:
+            with trio.move_on_after(0.1):
+                await gw.call("slow")
+            fake.release.set()  # the late reply arrives and is discarded
+            assert isinstance(gw, Gateway)
+            assert (await gw.call("slow", x=1)) == {"x": 1}
+
+
+async def test_not_json_serialisable_args_raise_before_sending(fake: FakeGateway) -> None:
+    with trio.fail_after(CEILING):
+        async with connect(fake.url, token=fake.token) as gw:
+            with pytest.raises(TypeError):
+                await gw.call("ha_get_state", entity_id=object())
+            json.dumps(await gw.list_tools())
