@@ -141,6 +141,7 @@ class Gateway(GuardianControl):
         self._grants: dict[tuple[str, str], GrantRow] = {}
         self._in_flight = 0  # requests running on every connection
         self._drained = trio.Event()  # set when shutting down and nothing is in flight
+        self._all_closed = trio.Event()  # set when shutting down and no connection is left
         self.broker = Broker(
             store,
             execute=self._execute,
@@ -200,6 +201,8 @@ class Gateway(GuardianControl):
             self.connections[agent.name].discard(conn)
             if not self.connections[agent.name]:
                 del self.connections[agent.name]
+            if self.shutting_down and not self.connections:
+                self._all_closed.set()
             log.info("agent %s disconnected (%s)", agent.name, remote)
 
     async def _queued_count(self, agent: str) -> int:
@@ -244,7 +247,7 @@ class Gateway(GuardianControl):
         rpc_id: JsonId = None
         agent: AgentConfig | None = None
         try:
-            if len(message) > self.config.limits.max_message_bytes:
+            if _too_large(message, self.config.limits.max_message_bytes):
                 raise AuthenticationFailed("authenticate first: message too large")
             parsed = parse_request(message)
             if isinstance(parsed, Request):
@@ -325,7 +328,7 @@ class Gateway(GuardianControl):
             try:
                 if isinstance(message, bytes):
                     raise InvalidRequest("binary frames are not supported: send JSON text frames")
-                if len(message) > limit and len(message.encode()) > limit:
+                if _too_large(message, limit):
                     raise InvalidRequest(f"message too large: over {limit} bytes")
                 parsed = parse_request(message)
                 if isinstance(parsed, Notification):
@@ -590,9 +593,19 @@ class Gateway(GuardianControl):
         for conns in list(self.connections.values()):
             for conn in list(conns):
                 conn.close()
+        if self.connections:  # each writer says 1001 and closes its socket
+            await self._all_closed.wait()
 
 
 _METHODS = frozenset({"tool_request", "list_tools", "get_pending_results"})
+
+
+def _too_large(message: str | bytes, limit: int) -> bool:
+    """Is the frame over ``limit`` bytes (UTF-8)? Cheap for the common short frame."""
+    if len(message) <= limit // 4:
+        return False
+    size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8", "replace"))
+    return size > limit
 
 
 def _id(err: AgentgateError, rpc_id: JsonId) -> AgentgateError:

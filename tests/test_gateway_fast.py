@@ -114,3 +114,26 @@ async def test_an_approval_that_expired_while_down_is_queued_as_timed_out(
             (5, "timed_out", -32002)
         ]
         assert fg.home.service_calls == []
+
+
+async def test_shutdown_answers_pending_asks_and_closes_1001(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        await ws.send_message(
+            '{"jsonrpc":"2.0","id":9,"method":"tool_request","params":{"tool":"ha_call_service",'
+            '"args":{"domain":"light","service":"turn_on","entity_id":"light.bedroom"}}}'
+        )
+        shown = await fg.guardian.wait_for_card()
+        with trio.fail_after(5):
+            await fg.gateway.shutdown()
+        answer = await reply(ws)
+        assert (answer["id"], answer["error"]["code"]) == (9, -32007)
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 1001
+        assert (await fg.guardian.wait_for_update(shown.card.request_id)).status == "shutdown"
+        rows = await fg.gateway.store.audit_rows()
+        assert [(r.decision, r.resolution) for r in rows] == [("ask", "shutdown")]
+        assert fg.home.service_calls == []
