@@ -201,11 +201,19 @@ class Store:
             if not batch:
                 continue
             with trio.CancelScope(shield=True):  # a started batch always finishes and wakes
-                if self._inline:
-                    self._run_batch(batch)
-                    await trio.lowlevel.checkpoint()
-                else:
-                    await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                try:
+                    if self._inline:
+                        self._run_batch(batch)
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                except Exception as exc:  # fail this batch closed; the writer keeps serving
+                    log.exception("store batch failed")
+                    for op in batch:
+                        if op.error is None:
+                            op.error = StoreUnavailable(
+                                f"audit log unavailable ({exc}): nothing was executed"
+                            )
             for op in batch:
                 op.done.set()
                 if op.detached and op.error is not None:
