@@ -1,0 +1,828 @@
+"""The Telegram guardian: approval cards with inline buttons, through python-telegram-bot.
+
+PTB is asyncio code; agentgate is Trio. The bot runs inside a trio-asyncio loop owned by
+:func:`open_telegram_guardian`, and the two sides meet in exactly two places::
+
+    Trio (broker, gateway)                       asyncio (PTB Application, inside open_loop)
+    send_card / update_card ──aio_as_trio──────▶ Bot.send_message / edit_message_text
+    GuardianControl ◀── Trio tasks ◀── channel ◀──trio_as_aio── handlers (button, command)
+
+The asyncio handlers only hand updates over; every decision runs on the Trio side, which checks
+*who* pressed (``allowed_users``) and calls the gateway's :class:`GuardianControl`. Sends retry a
+bounded number of times (honouring Telegram's ``RetryAfter``) and then fail closed with
+:class:`GuardianUnavailable`; new messages are paced by a per-chat token bucket.
+
+Card text is Telegram HTML; every string that an agent can influence is escaped, and invisible or
+direction-changing characters are shown as ``\\uXXXX`` so that nothing on a card can hide or
+fake a part of it.
+"""
+
+from __future__ import annotations
+
+import trio_asyncio  # isort: skip  # must be imported before telegram/httpx (see PITFALLS.md)
+
+import datetime as dt
+import html
+import json
+import logging
+import math
+import os
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+import trio
+from attrs import field, frozen
+
+# PTB 22 warns on every RetryAfter unless timedelta periods are opted into; opt in (the future
+# behaviour) so flood control is a plain exception, also under warnings-as-errors.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
+
+from telegram import (
+    BotCommand,
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    Update,
+)
+from telegram.constants import ParseMode
+from telegram.error import (
+    BadRequest,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+)
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    filters,
+)
+
+from agentgate.guardian import (
+    Action,
+    ApprovalCard,
+    CardUpdate,
+    GatewayStatus,
+    Grant,
+    GuardianControl,
+    GuardianUnavailable,
+    Status,
+)
+
+__all__ = [
+    "COMMANDS",
+    "SendLimits",
+    "TelegramGuardian",
+    "TelegramSettings",
+    "open_telegram_guardian",
+    "render_card",
+    "render_resolution",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_TEXT = 4096  # Telegram's limit, in UTF-16 code units
+MAX_CALLBACK_DATA = 64  # bytes
+POLL_TIMEOUT = 10  # seconds of one getUpdates long poll (returns at once when a press arrives)
+SHUTDOWN_GRACE = 5.0  # seconds for PTB to stop, all steps together
+UPDATER_STOP_GRACE = 1.0
+
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("pending", "Re-send every pending approval"),
+    ("grants", "List active 'Allow 1 h' grants (with Revoke buttons)"),
+    ("freeze", "Deny every new request until /unfreeze"),
+    ("unfreeze", "Back to normal approvals"),
+    ("status", "Connected agents, pending approvals, frozen or not"),
+    ("help", "What this bot does"),
+)
+
+NOT_AUTHORISED = "not authorised"
+EXPIRED = "expired or unknown button"
+
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"})
+
+
+class TelegramSettings(Protocol):
+    """What the guardian reads from ``[guardian.telegram]`` (``config.TelegramConfig`` fits)."""
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def chat_id(self) -> int: ...
+
+    @property
+    def allowed_users(self) -> tuple[int, ...]: ...
+
+    @property
+    def base_url(self) -> str | None: ...
+
+
+@frozen
+class SendLimits:
+    """How hard the guardian tries to deliver, and how fast it may send.
+
+    Defaults keep under the Bot API's rates (about 20 messages a minute to one group, one a
+    second to a private chat, short bursts allowed) and fail an ask closed after ~10 s.
+    """
+
+    attempts: int = 3  # per message, RetryAfter included
+    budget: float = 10.0  # seconds for all attempts of one message
+    backoff: tuple[float, ...] = (0.5, 1.0)  # pause after a network error, per attempt
+    burst: int = 20  # messages a chat may get at once
+    group_per_minute: float = 20.0
+    private_per_minute: float = 60.0
+    queue_budget: float = 60.0  # seconds a new message may wait for its send slot
+
+
+# -- rendering (pure functions) -------------------------------------------------------------
+
+
+def _utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def _reveal(text: str, *, keep_newlines: bool = False) -> str:
+    """Show invisible, control and direction-changing characters as ``\\uXXXX``."""
+    out: list[str] = []
+    for char in text:
+        if keep_newlines and char == "\n":
+            out.append(char)
+        elif unicodedata.category(char) in _HIDDEN_CATEGORIES:
+            code = ord(char)
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [truncated, {len(text)} characters]"
+
+
+def _field(text: str, limit: int) -> str:
+    """One agent-influenced line: revealed, clipped, HTML-escaped."""
+    return html.escape(_clip(_reveal(text), limit), quote=False)
+
+
+def _utc(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _remaining(seconds: float) -> str:
+    if seconds <= 0:
+        return "now"
+    if seconds < 60:
+        return f"in {math.ceil(seconds)} s"
+    return f"in {round(seconds / 60)} min"
+
+
+def _card_body(card: ApprovalCard, *, room: int) -> str:
+    """Agent, tool, target, signature, reason, then every argument as JSON within ``room``."""
+    lines = [
+        f"Agent: <b>{_field(card.agent, 200)}</b>",
+        f"Tool: <code>{_field(card.tool, 200)}</code>",
+    ]
+    if card.target:
+        lines.append(f"Target: <b>{_field(card.target, 600)}</b>")
+    lines += [
+        f"Signature: <code>{_field(card.signature, 1000)}</code>",
+        f"Asked because: {_field(card.matched, 400)}",
+        "Arguments:",
+    ]
+    head = "\n".join(lines) + "\n"
+    args = _reveal(
+        json.dumps(card.args, indent=2, ensure_ascii=False, default=str), keep_newlines=True
+    )
+    budget = room - _utf16_len(head) - len("<pre></pre>")
+    shown = html.escape(args, quote=False)
+    if _utf16_len(shown) <= budget:
+        return f"{head}<pre>{shown}</pre>"
+    marker_room = 80
+    lo, hi = 0, len(args)  # the longest prefix of the JSON whose escaped form fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _utf16_len(html.escape(args[:mid], quote=False)) <= budget - marker_room:
+            lo = mid
+        else:
+            hi = mid - 1
+    shown = html.escape(args[:lo], quote=False)
+    return (
+        f"{head}<pre>{shown}</pre>\n"
+        f"<b>⚠ Arguments truncated: {lo} of {len(args)} characters shown.</b>"
+    )
+
+
+def render_card(card: ApprovalCard, *, now: float) -> str:
+    """The HTML text of a new approval card (≤ 4096 UTF-16 units, arguments truncated last)."""
+    head = "🛡 <b>Approval needed</b>\n"
+    tail = f"\nExpires: {_utc(card.expires_at)} ({_remaining(card.expires_at - now)})"
+    room = MAX_TEXT - _utf16_len(head) - _utf16_len(tail)
+    return head + _card_body(card, room=room) + tail
+
+
+_STATUS_TEXT: dict[Status, str] = {
+    Status.APPROVED: "✅ Approved",
+    Status.DENIED: "❌ Denied",
+    Status.TIMED_OUT: "⌛ Timed out: nobody decided",
+    Status.EXECUTED: "✅ Executed",
+    Status.FAILED: "⚠ Failed",
+    Status.QUEUED: "📥 Agent offline — result queued",
+    Status.SHUTDOWN: "⏹ Gateway shutting down — request cancelled",
+    Status.FROZEN: "🧊 Frozen — denied",
+}
+
+
+def render_resolution(card: ApprovalCard, update: CardUpdate, *, now: float) -> str:
+    """The HTML text of a resolved card: what happened, who, when, then the card itself."""
+    status = _STATUS_TEXT.get(update.status, html.escape(str(update.status)))
+    line = f"<b>{status}</b>"
+    if update.by:
+        line += f" by {_field(update.by, 200)}"
+    line += f" at {_utc(update.at or now)}"
+    if update.detail:
+        line += f"\n{_field(update.detail.replace(chr(10), ' '), 500)}"
+    head = line + "\n\n"
+    return head + _card_body(card, room=MAX_TEXT - _utf16_len(head))
+
+
+def _callback(kind: str, ident: str) -> str:
+    data = f"{kind}:{ident}"
+    if len(data.encode()) > MAX_CALLBACK_DATA:
+        raise GuardianUnavailable(f"id too long for a Telegram button ({len(data.encode())} bytes)")
+    return data
+
+
+def card_keyboard(request_id: str) -> InlineKeyboardMarkup:
+    """Allow / Deny / Allow 1 h buttons for one request."""
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton("✅ Allow", callback_data=_callback("allow", request_id)),
+                InlineKeyboardButton("❌ Deny", callback_data=_callback("deny", request_id)),
+            ],
+            [InlineKeyboardButton("⏱ Allow 1 h", callback_data=_callback("grant", request_id))],
+        ]
+    )
+
+
+def parse_callback(data: str) -> tuple[str, str] | None:
+    """``allow|deny|grant|revoke:<id>`` → (kind, id); anything else → None."""
+    kind, sep, ident = data.partition(":")
+    if not sep or not ident or kind not in {"allow", "deny", "grant", "revoke"}:
+        return None
+    if len(data.encode()) > MAX_CALLBACK_DATA or not ident.isprintable():
+        return None
+    return kind, ident
+
+
+def render_grants(grants: list[Grant], *, now: float) -> tuple[str, InlineKeyboardMarkup | None]:
+    """The /grants answer: one line and one Revoke button per grant."""
+    if not grants:
+        return "No active grants.", None
+    lines = ["<b>Active grants</b> (Allow 1 h):"]
+    rows = []
+    for n, grant in enumerate(grants, 1):
+        lines.append(
+            f"{n}. <code>{_field(grant.signature, 300)}</code> — agent {_field(grant.agent, 100)},"
+            f" by {_field(grant.granted_by, 100)}, until {_utc(grant.expires_at)}"
+            f" ({_remaining(grant.expires_at - now)})"
+        )
+        data = f"revoke:{grant.grant_id}"
+        if len(data.encode()) <= MAX_CALLBACK_DATA:
+            rows.append([InlineKeyboardButton(f"Revoke {n}", callback_data=data)])
+    text = "\n".join(lines)
+    if _utf16_len(text) > MAX_TEXT:
+        text = text[: MAX_TEXT - 40].rsplit("\n", 1)[0] + "\n… (more grants not shown)"
+    return text, InlineKeyboardMarkup(rows) if rows else None
+
+
+def render_status(status: GatewayStatus) -> str:
+    """The /status answer."""
+    agents = ", ".join(
+        f"{_field(name, 100)} ({count})" for name, count in sorted(status.agents_connected.items())
+    )
+    return (
+        f"<b>agentgate status</b>\n"
+        f"Agents connected: {agents or 'none'}\n"
+        f"Pending approvals: {status.pending}\n"
+        f"Frozen: {'yes — every ask is denied' if status.frozen else 'no'}"
+    )
+
+
+HELP_TEXT = (
+    "<b>agentgate guardian</b>\n"
+    "Approval cards arrive here; press Allow, Deny or Allow 1 h.\n"
+    + "\n".join(f"/{name} — {html.escape(what, quote=False)}" for name, what in COMMANDS)
+)
+
+
+def parse_ref(message_ref: str) -> tuple[int, int]:
+    """``"chat_id:message_id"`` → (chat_id, message_id); ValueError when malformed."""
+    chat, _, message = message_ref.rpartition(":")
+    return int(chat), int(message)
+
+
+# -- pacing and delivery ----------------------------------------------------------------------
+
+
+class TokenBucket:
+    """Paces sends: ``capacity`` at once, refilled at ``rate`` per second (Trio clock)."""
+
+    def __init__(self, capacity: float, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self.tokens = capacity
+        self.stamp = trio.current_time()
+
+    async def take(self) -> None:
+        """Wait until one token is available and take it."""
+        while True:
+            now = trio.current_time()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await trio.sleep((1 - self.tokens) / self.rate)
+
+
+def _redact(text: str, token: str) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+class _RedactToken(logging.Filter):
+    """Keeps the bot token out of httpx's request log lines (it is part of every URL)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.token in record.getMessage():
+            record.msg = _redact(record.getMessage(), self.token)
+            record.args = ()
+        return True
+
+
+@frozen
+class _Press:
+    query_id: str
+    user_id: int
+    user_name: str
+    data: str
+
+
+@frozen
+class _Command:
+    name: str
+    user_id: int
+    user_name: str
+    chat_id: int
+    private: bool
+
+
+_Event = _Press | _Command
+
+
+@frozen
+class _Pacing:
+    limits: SendLimits
+    buckets: dict[int, TokenBucket] = field(factory=dict)
+
+    def bucket(self, chat_id: int) -> TokenBucket:
+        if chat_id not in self.buckets:
+            per_minute = (
+                self.limits.private_per_minute if chat_id > 0 else self.limits.group_per_minute
+            )
+            self.buckets[chat_id] = TokenBucket(self.limits.burst, per_minute / 60)
+        return self.buckets[chat_id]
+
+
+class TelegramGuardian:
+    """The :class:`~agentgate.guardian.Guardian` that shows cards in one Telegram chat.
+
+    Made by :func:`open_telegram_guardian`; valid only inside its ``async with`` block.
+    """
+
+    def __init__(
+        self,
+        app: Application[Any, Any, Any, Any, Any, Any],
+        config: TelegramSettings,
+        control: GuardianControl,
+        limits: SendLimits,
+    ) -> None:
+        self._app = app
+        self._bot = app.bot
+        self._chat_id = config.chat_id
+        self._allowed = frozenset(config.allowed_users)
+        self._token = config.token
+        self._control = control
+        self._limits = limits
+        self._pacing = _Pacing(limits)
+
+    # -- Guardian ---------------------------------------------------------------------------
+
+    async def send_card(self, card: ApprovalCard) -> str:
+        """Post a new approval card with its buttons; return ``"chat_id:message_id"``.
+
+        Raises :class:`GuardianUnavailable` when Telegram cannot be reached within the bounded
+        retry (the ask then fails closed).
+        """
+        return await self._send_card_to(self._chat_id, card)
+
+    async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
+        """Show the card's resolution and remove its buttons. Best effort: logs, never raises."""
+        try:
+            chat_id, message_id = parse_ref(message_ref)
+        except ValueError:
+            log.error("cannot update card %s: bad message ref %r", card.request_id, message_ref)
+            return
+        text = render_resolution(card, update, now=time.time())
+        try:
+            await self._deliver(
+                "editMessageText",
+                lambda: self._bot.edit_message_text(
+                    text, chat_id=chat_id, message_id=message_id, parse_mode=ParseMode.HTML
+                ),
+            )
+        except GuardianUnavailable as exc:
+            if "not modified" not in exc.message:
+                log.warning("could not update card %s: %s", card.request_id, exc.message)
+        except Exception:
+            log.exception("could not update card %s", card.request_id)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _send_card_to(self, chat_id: int, card: ApprovalCard) -> str:
+        keyboard = card_keyboard(card.request_id)
+        message = await self._send(chat_id, render_card(card, now=time.time()), keyboard)
+        return f"{message.chat_id}:{message.message_id}"
+
+    async def _send(
+        self, chat_id: int, text: str, keyboard: InlineKeyboardMarkup | None = None
+    ) -> Message:
+        """A new message: wait for a send slot, then deliver with the bounded retry."""
+        with trio.move_on_after(self._limits.queue_budget) as slot:
+            await self._pacing.bucket(chat_id).take()
+        if slot.cancelled_caught:
+            raise GuardianUnavailable("too many Telegram messages queued; send rate exceeded")
+        return await self._deliver(
+            "sendMessage",
+            lambda: self._bot.send_message(
+                chat_id, text, parse_mode=ParseMode.HTML, reply_markup=keyboard
+            ),
+        )
+
+    async def _deliver(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one Bot API call on the asyncio side: a few attempts within ``limits.budget``,
+        honouring RetryAfter; then :class:`GuardianUnavailable` naming the last cause."""
+        limits = self._limits
+        deadline = trio.current_time() + limits.budget
+        cause = "no attempt made"
+        last: BaseException | None = None
+        with trio.move_on_at(deadline):
+            for attempt in range(limits.attempts):
+                try:
+                    result: T = await trio_asyncio.aio_as_trio(call)()
+                    return result
+                except RetryAfter as exc:
+                    last, pause = exc, _retry_after_seconds(exc)
+                    cause = f"rate limited by Telegram (retry after {pause:g} s)"
+                except BadRequest as exc:  # our request is wrong: retrying cannot help
+                    raise GuardianUnavailable(
+                        f"Telegram {what} refused: {_redact(exc.message, self._token)}"
+                    ) from exc
+                except NetworkError as exc:  # includes TimedOut
+                    last = exc
+                    pause = limits.backoff[min(attempt, len(limits.backoff) - 1)]
+                    cause = f"Telegram unreachable ({_redact(str(exc), self._token)})"
+                except TelegramError as exc:  # InvalidToken, Forbidden, Conflict...
+                    raise GuardianUnavailable(
+                        f"Telegram {what} failed: {_redact(exc.message, self._token)}"
+                    ) from exc
+                if attempt + 1 == limits.attempts or trio.current_time() + pause > deadline:
+                    break
+                await trio.sleep(pause)
+        if last is None:
+            cause = f"no answer within {limits.budget:g} s"
+        raise GuardianUnavailable(
+            f"Telegram {what} failed after {limits.attempts} attempts"
+            f" / {limits.budget:g} s: {cause}"
+        ) from last
+
+    async def _reply(
+        self, chat_id: int, text: str, keyboard: InlineKeyboardMarkup | None = None
+    ) -> None:
+        try:
+            await self._send(chat_id, text, keyboard)
+        except GuardianUnavailable as exc:
+            log.warning("could not answer a command: %s", exc.message)
+
+    async def _answer(self, query_id: str, text: str) -> None:
+        try:
+            await self._deliver(
+                "answerCallbackQuery",
+                lambda: self._bot.answer_callback_query(query_id, text=text[:200]),
+            )
+        except GuardianUnavailable as exc:
+            log.warning("could not answer a button press: %s", exc.message)
+
+    # -- updates from Telegram (Trio side) ----------------------------------------------------
+
+    async def _consume(self, updates: trio.MemoryReceiveChannel[_Event]) -> None:
+        async with trio.open_nursery() as nursery:
+            async for event in updates:
+                nursery.start_soon(self._handle, event)
+
+    async def _handle(self, event: _Event) -> None:
+        try:
+            if isinstance(event, _Press):
+                await self._on_press(event)
+            else:
+                await self._on_command(event)
+        except Exception:
+            log.exception("guardian failed to handle %r", event)
+
+    async def _on_press(self, press: _Press) -> None:
+        who = f"{press.user_name} ({press.user_id})"
+        if press.user_id not in self._allowed:
+            await self._answer(press.query_id, NOT_AUTHORISED)
+            await self._control.refused(who, f"button {press.data[:80]!r}")
+            return
+        parsed = parse_callback(press.data)
+        if parsed is None:
+            await self._answer(press.query_id, EXPIRED)
+            return
+        kind, ident = parsed
+        if kind == "revoke":
+            revoked = await self._control.revoke_grant(ident, by=who)
+            text = "grant revoked" if revoked else "grant already gone (expired or revoked)"
+        else:
+            text = await self._control.decide(ident, Action(kind), by=who)
+        await self._answer(press.query_id, text)
+
+    async def _on_command(self, command: _Command) -> None:
+        who = f"{command.user_name} ({command.user_id})"
+        if command.user_id not in self._allowed:
+            # No reply: strangers must not be able to spend the chat's send budget.
+            await self._control.refused(who, f"command /{command.name}")
+            return
+        if command.chat_id != self._chat_id and not command.private:
+            log.warning(
+                "ignoring /%s from %s in foreign chat %s", command.name, who, command.chat_id
+            )
+            return
+        chat = command.chat_id
+        if command.name == "pending":
+            pending = await self._control.pending()
+            if not pending:
+                await self._reply(chat, "No pending approvals.")
+            for item in pending:
+                try:
+                    await self._send_card_to(chat, item.card)
+                except GuardianUnavailable as exc:
+                    log.warning("could not re-send card %s: %s", item.card.request_id, exc.message)
+        elif command.name == "grants":
+            text, keyboard = render_grants(await self._control.grants(), now=time.time())
+            await self._reply(chat, text, keyboard)
+        elif command.name in ("freeze", "unfreeze"):
+            frozen_ = command.name == "freeze"
+            await self._control.set_frozen(frozen_, by=who)
+            await self._reply(
+                chat,
+                f"🧊 Frozen by {_field(who, 200)}: every ask is denied until /unfreeze."
+                if frozen_
+                else f"Unfrozen by {_field(who, 200)}: asks go to the guardians again.",
+            )
+        elif command.name == "status":
+            await self._reply(chat, render_status(await self._control.status()))
+        else:
+            await self._reply(chat, HELP_TEXT)
+
+
+def _retry_after_seconds(exc: RetryAfter) -> float:
+    value: object = exc._retry_after  # the timedelta behind the int/timedelta property
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return float(value)  # type: ignore[arg-type]  # pragma: no cover
+
+
+def _build_application(config: TelegramSettings) -> Application[Any, Any, Any, Any, Any, Any]:
+    builder = (
+        Application.builder()
+        .token(config.token)
+        .job_queue(None)
+        .connect_timeout(3.0)
+        .read_timeout(5.0)
+        .write_timeout(5.0)
+        .pool_timeout(1.0)
+        .get_updates_connect_timeout(3.0)
+        .get_updates_read_timeout(5.0)
+        .get_updates_pool_timeout(1.0)
+    )
+    if config.base_url:
+        builder = builder.base_url(config.base_url)
+    return builder.build()
+
+
+def _start_error(exc: Exception, config: TelegramSettings) -> GuardianUnavailable:
+    where = config.base_url or "https://api.telegram.org/bot"
+    if isinstance(exc, InvalidToken):
+        return GuardianUnavailable(
+            "Telegram rejected the bot token (getMe answered Unauthorized): check "
+            "[guardian.telegram] token"
+        )
+    if isinstance(exc, NetworkError):
+        return GuardianUnavailable(
+            f"Telegram Bot API unreachable at {where}: {_redact(str(exc), config.token)}"
+        )
+    return GuardianUnavailable(f"Telegram start-up failed: {_redact(str(exc), config.token)}")
+
+
+@asynccontextmanager
+async def open_telegram_guardian(
+    config: TelegramSettings,
+    control: GuardianControl,
+    *,
+    limits: SendLimits | None = None,
+) -> AsyncIterator[TelegramGuardian]:
+    """Run the Telegram bot for the ``async with`` block and yield the guardian.
+
+    Checks the token with ``getMe`` first: a rejected token or an unreachable Bot API raises
+    :class:`GuardianUnavailable` naming the cause. Once running, Telegram outages are logged
+    and ridden out (polling resumes by itself); they never end the block. Leaving the block
+    stops the bot within a few seconds, shielded from cancellation. ``limits`` defaults to
+    :class:`SendLimits` with ``send_retries + 1`` attempts when the config has that key.
+    """
+    if limits is None:
+        retries = getattr(config, "send_retries", None)  # [guardian.telegram] send_retries
+        limits = SendLimits(attempts=retries + 1) if isinstance(retries, int) else SendLimits()
+    redactor = _RedactToken(config.token)
+    httpx_log = logging.getLogger("httpx")
+    httpx_log.addFilter(redactor)
+    try:
+        with _unwrap_single_error():
+            async with trio_asyncio.open_loop() as loop:
+                # trio-asyncio's default handler re-raises any stray asyncio error (e.g. PTB's
+                # "Task exception was never retrieved" when polling stops mid-outage) into the
+                # loop's nursery, which would take the gateway down with it. Log instead.
+                loop.set_exception_handler(partial(_on_asyncio_error, config.token))
+                app = _build_application(config)
+                try:
+                    await trio_asyncio.aio_as_trio(app.initialize)()
+                except Exception as exc:
+                    with trio.move_on_after(SHUTDOWN_GRACE, shield=True):
+                        await trio_asyncio.aio_as_trio(app.bot.shutdown)()
+                    if isinstance(exc, InvalidToken):  # PTB's message quotes the token
+                        raise _start_error(exc, config) from None
+                    raise _start_error(exc, config) from exc
+                try:
+                    async with _running(app, config, control, limits) as guardian:
+                        yield guardian
+                finally:
+                    with trio.move_on_after(SHUTDOWN_GRACE, shield=True) as grace:
+                        await _stop(app)
+                    if grace.cancelled_caught:
+                        log.warning("Telegram guardian did not stop within %s s", SHUTDOWN_GRACE)
+    finally:
+        httpx_log.removeFilter(redactor)
+
+
+def _on_asyncio_error(token: str, loop: object, context: dict[str, Any]) -> None:
+    error = context.get("exception")
+    log.warning(
+        "Telegram (asyncio side): %s%s",
+        context.get("message", "error"),
+        f": {_redact(repr(error), token)}" if error is not None else "",
+    )
+
+
+@contextmanager
+def _unwrap_single_error() -> Iterator[None]:
+    """Let one error out as itself rather than inside the exception groups of our nurseries
+    (and trio-asyncio's); callers of the context manager should never see those."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        pending: list[BaseException] = [group]
+        while pending:
+            exc = pending.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                pending.extend(exc.exceptions)
+            else:
+                leaves.append(exc)
+        if len(leaves) == 1 and isinstance(leaves[0], Exception):
+            raise leaves[0] from leaves[0].__cause__
+        raise
+
+
+@asynccontextmanager
+async def _running(
+    app: Application[Any, Any, Any, Any, Any, Any],
+    config: TelegramSettings,
+    control: GuardianControl,
+    limits: SendLimits,
+) -> AsyncIterator[TelegramGuardian]:
+    """Handlers, start, commands, polling; the Trio consumer in a nursery."""
+    send, receive = trio.open_memory_channel[_Event](64)
+    send_blocking = trio_asyncio.trio_as_aio(send.send)
+
+    async def hand_over(event: _Event) -> None:
+        # The asyncio loop runs inside a Trio task, so a non-blocking send is safe here and saves
+        # a round trip; only a full channel waits (on the Trio side, through trio_as_aio).
+        try:
+            send.send_nowait(event)
+        except trio.WouldBlock:
+            await send_blocking(event)
+
+    async def on_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query: CallbackQuery | None = update.callback_query
+        if query is None:
+            return
+        user = query.from_user
+        event = _Press(query.id, user.id, user.full_name, query.data or "")
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):  # shutting down
+            await hand_over(event)
+
+    async def on_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.message
+        if message is None or message.from_user is None or not message.text:
+            return
+        name = message.text.split(maxsplit=1)[0][1:].split("@", 1)[0].lower()
+        user = message.from_user
+        chat = message.chat
+        event = _Command(name, user.id, user.full_name, chat.id, chat.type == "private")
+        with suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await hand_over(event)
+
+    async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.warning(
+            "Telegram update handling failed: %s", _redact(repr(context.error), config.token)
+        )
+
+    def on_poll_error(exc: TelegramError) -> None:
+        log.warning("Telegram polling failed (will retry): %s", _redact(str(exc), config.token))
+
+    app.add_handler(CallbackQueryHandler(on_button))
+    app.add_handler(
+        CommandHandler(
+            [name for name, _ in COMMANDS] + ["start"], on_command, filters.UpdateType.MESSAGE
+        )
+    )
+    app.add_error_handler(on_error)
+    guardian = TelegramGuardian(app, config, control, limits)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guardian._consume, receive)
+        try:
+            await trio_asyncio.aio_as_trio(app.start)()
+            try:
+                await trio_asyncio.aio_as_trio(app.bot.set_my_commands)(
+                    [BotCommand(name, what) for name, what in COMMANDS]
+                )
+            except TelegramError as exc:
+                log.warning("could not set the bot's command list: %s", exc)
+            await trio_asyncio.aio_as_trio(app.updater.start_polling)(  # type: ignore[union-attr]
+                poll_interval=0.0,
+                timeout=POLL_TIMEOUT,
+                drop_pending_updates=False,  # presses made while we were down still count
+                allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY],
+                error_callback=on_poll_error,
+            )
+            log.info("Telegram guardian running (chat %s)", config.chat_id)
+            yield guardian
+        finally:
+            send.close()  # first: a handler blocked on the channel would stall app.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def _stop(app: Application[Any, Any, Any, Any, Any, Any]) -> None:
+    """Stop polling, the application, then its HTTP clients; each step logged, never raised."""
+    steps: list[tuple[str, Callable[[], Awaitable[None]], float]] = []
+    if app.updater is not None and app.updater.running:
+        # PTB's polling loop sleeps out its retry back-off (up to 30 s during an outage) before
+        # it notices the stop; cutting it short cancels the polling task, which is all we need.
+        steps.append(("updater.stop", app.updater.stop, UPDATER_STOP_GRACE))
+    if app.running:
+        steps.append(("stop", app.stop, SHUTDOWN_GRACE))
+    steps.append(("shutdown", app.shutdown, SHUTDOWN_GRACE))
+    for name, step, grace in steps:
+        with trio.move_on_after(grace) as scope:
+            try:
+                await trio_asyncio.aio_as_trio(step)()
+            except Exception as exc:
+                log.warning("Telegram shutdown step %s failed: %s", name, exc)
+        if scope.cancelled_caught:
+            log.warning("Telegram shutdown step %s did not finish within %s s", name, grace)

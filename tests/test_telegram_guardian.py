@@ -1,0 +1,573 @@
+"""The Telegram guardian: pure rendering (fast tier), then real PTB against the fake Bot API.
+
+Real tier note: trio-asyncio plus real I/O cannot use ``autojump_clock`` (PTB's timeouts would
+fire at once), so those tests run on the real clock under ``trio.fail_after`` ceilings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+from attrs import frozen
+
+from agentgate.guardian import (
+    Action,
+    ApprovalCard,
+    CardUpdate,
+    GatewayStatus,
+    Grant,
+    GuardianUnavailable,
+    PendingCard,
+    Status,
+)
+from agentgate.guardian.telegram import (
+    MAX_TEXT,
+    SendLimits,
+    TelegramGuardian,
+    TokenBucket,
+    card_keyboard,
+    open_telegram_guardian,
+    parse_callback,
+    parse_ref,
+    render_card,
+    render_resolution,
+)
+from agentgate.testing.fake_telegram import (
+    FakeMessage,
+    FakeTelegram,
+    run_fake_telegram,
+    telegram_visible_text,
+)
+
+TOKEN = "123456:GUARDIAN-TOKEN"
+CHAT = -1001
+ALICE = 111  # allowed
+MALLORY = 666  # not allowed
+CEILING = 15
+REQUEST_ID = "0b8f7a52-6f1e-4a0a-9d7e-2f4c1f9f3c11"
+
+
+@frozen
+class Config:
+    token: str
+    chat_id: int
+    allowed_users: tuple[int, ...]
+    base_url: str | None
+
+
+def make_card(request_id: str = REQUEST_ID, **changes: Any) -> ApprovalCard:
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "agent": "pi",
+        "tool": "ha_call_service",
+        "args": {"domain": "lock", "service": "unlock", "entity_id": "lock.front_door"},
+        "signature": "ha_call_service(lock.unlock, lock.front_door)",
+        "matched": "rule 4: ha_call_service(lock.*) (ask)",
+        "expires_at": time.time() + 900,
+        "target": "Front door (lock.front_door) — now: locked",
+    }
+    fields.update(changes)
+    return ApprovalCard(**fields)
+
+
+class FakeControl:
+    """A GuardianControl that records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self._changed = trio.Event()
+        self.frozen = False
+        self.pending_cards: list[PendingCard] = []
+        self.active_grants: list[Grant] = []
+        self.block_decide = False
+
+    def _record(self, *call: Any) -> None:
+        self.calls.append(call)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, name: str, count: int = 1) -> list[tuple[Any, ...]]:
+        while len(matching := [c for c in self.calls if c[0] == name]) < count:
+            await self._changed.wait()
+        return matching
+
+    async def decide(self, request_id: str, action: Action, by: str) -> str:
+        self._record("decide", request_id, action, by)
+        if self.block_decide:
+            await trio.sleep_forever()
+        if request_id != REQUEST_ID:
+            return "expired or already resolved"
+        return {"allow": "approved", "deny": "denied", "grant": "allowed for 1 h"}[action]
+
+    async def refused(self, user: str, what: str) -> None:
+        self._record("refused", user, what)
+
+    async def pending(self) -> list[PendingCard]:
+        self._record("pending")
+        return self.pending_cards
+
+    async def grants(self) -> list[Grant]:
+        self._record("grants")
+        return self.active_grants
+
+    async def revoke_grant(self, grant_id: str, by: str) -> bool:
+        self._record("revoke_grant", grant_id, by)
+        before = len(self.active_grants)
+        self.active_grants = [g for g in self.active_grants if g.grant_id != grant_id]
+        return len(self.active_grants) < before
+
+    async def set_frozen(self, frozen: bool, by: str) -> None:
+        self._record("set_frozen", frozen, by)
+        self.frozen = frozen
+
+    async def status(self) -> GatewayStatus:
+        self._record("status")
+        return GatewayStatus(agents_connected={"pi": 1}, pending=2, frozen=self.frozen)
+
+
+# -- fast tier: rendering, parsing, pacing ------------------------------------------------------
+
+
+def test_card_shows_everything_escaped() -> None:
+    card = make_card(
+        agent="pi <b>boss</b>",
+        args={"entity_id": "lock.front_door", "note": "</pre><b>APPROVED</b> & \u202egnp.exe"},
+    )
+    html_text = render_card(card, now=card.expires_at - 900)
+    text = telegram_visible_text(html_text)  # also proves the HTML is valid for Telegram
+    assert "Agent: pi <b>boss</b>" in text
+    assert '"note": "</pre><b>APPROVED</b> & \\u202egnp.exe"' in text
+    assert "\u202e" not in text
+    assert "Tool: ha_call_service" in text
+    assert "Signature: ha_call_service(lock.unlock, lock.front_door)" in text
+    assert "Asked because: rule 4: ha_call_service(lock.*) (ask)" in text
+    assert "Target: Front door (lock.front_door) — now: locked" in text
+    assert "UTC (in 15 min)" in text
+
+
+def test_newlines_cannot_fake_lines() -> None:
+    card = make_card(target="Front door\n✅ Approved by Alice")
+    text = telegram_visible_text(render_card(card, now=time.time()))
+    assert "\n✅" not in text
+    assert "Front door\\u000a✅ Approved by Alice" in text
+
+
+def test_huge_arguments_are_truncated_visibly() -> None:
+    card = make_card(args={"data": "x" * 10_000, "zzz": "end"}, signature="s" * 5000)
+    html_text = render_card(card, now=time.time())
+    assert len(html_text.encode("utf-16-le")) // 2 <= MAX_TEXT
+    text = telegram_visible_text(html_text)
+    assert "Arguments truncated" in text
+    assert "[truncated, 5000 characters]" in text
+    assert "x" * 1000 in text
+
+    resolved = render_resolution(card, CardUpdate(Status.DENIED, by="Alice (111)"), now=time.time())
+    assert len(resolved.encode("utf-16-le")) // 2 <= MAX_TEXT
+    assert "Arguments truncated" in telegram_visible_text(resolved)
+
+
+def test_astral_and_escaped_characters_stay_within_limit() -> None:
+    card = make_card(args={"emoji": "🔓" * 3000, "amp": "&" * 3000})
+    html_text = render_card(card, now=time.time())
+    assert len(html_text.encode("utf-16-le")) // 2 <= MAX_TEXT
+    telegram_visible_text(html_text)
+
+
+@pytest.mark.parametrize(
+    ("update", "expected"),
+    [
+        (CardUpdate(Status.APPROVED, by="Alice (111)", at=0.0), "✅ Approved by Alice (111) at"),
+        (CardUpdate(Status.DENIED, by="Alice (111)"), "❌ Denied by Alice (111)"),
+        (CardUpdate(Status.TIMED_OUT), "⌛ Timed out"),
+        (CardUpdate(Status.EXECUTED, detail="state: unlocked"), "state: unlocked"),
+        (CardUpdate(Status.FAILED, detail="service unreachable"), "⚠ Failed"),
+        (CardUpdate(Status.QUEUED), "Agent offline — result queued"),
+        (CardUpdate(Status.SHUTDOWN), "Gateway shutting down"),
+        (CardUpdate(Status.FROZEN, by="Bob (2)"), "Frozen — denied by Bob (2)"),
+    ],
+)
+def test_resolutions(update: CardUpdate, expected: str) -> None:
+    text = telegram_visible_text(render_resolution(make_card(), update, now=1.8e9))
+    assert expected in text
+    assert "lock.front_door" in text
+    assert "Expires" not in text
+
+
+def test_callback_data() -> None:
+    rows = card_keyboard(REQUEST_ID).inline_keyboard
+    data = [b.callback_data for row in rows for b in row]
+    assert data == [f"allow:{REQUEST_ID}", f"deny:{REQUEST_ID}", f"grant:{REQUEST_ID}"]
+    assert all(len(str(d).encode()) <= 64 for d in data)
+    with pytest.raises(GuardianUnavailable):
+        card_keyboard("r" * 70)
+    assert parse_callback(f"deny:{REQUEST_ID}") == ("deny", REQUEST_ID)
+    assert parse_callback("revoke:g1") == ("revoke", "g1")
+    for bad in ["", "allow", "allow:", "launch:r1", "allow:a\nb", "allow:" + "x" * 64]:
+        assert parse_callback(bad) is None
+    assert parse_ref("-1001:42") == (-1001, 42)
+    with pytest.raises(ValueError, match="invalid literal"):
+        parse_ref("nonsense")
+
+
+async def test_token_bucket_paces_after_a_burst(autojump_clock: trio.testing.MockClock) -> None:
+    bucket = TokenBucket(capacity=3, rate=20 / 60)
+    start = trio.current_time()
+    for _ in range(3):
+        await bucket.take()
+    assert trio.current_time() == start
+    await bucket.take()
+    assert trio.current_time() - start == pytest.approx(3.0)
+    await bucket.take()
+    assert trio.current_time() - start == pytest.approx(6.0)
+
+
+# -- real tier: PTB against the fake Bot API ----------------------------------------------------
+
+
+FAST_LIMITS = SendLimits(attempts=3, budget=3.0, backoff=(0.2, 0.2))
+
+
+@pytest.fixture
+async def tg() -> AsyncIterator[FakeTelegram]:
+    async with run_fake_telegram(token=TOKEN, chat_id=CHAT) as fake:
+        yield fake
+
+
+@pytest.fixture
+def control() -> FakeControl:
+    return FakeControl()
+
+
+@pytest.fixture
+async def guardian(tg: FakeTelegram, control: FakeControl) -> AsyncIterator[TelegramGuardian]:
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING):
+        async with open_telegram_guardian(config, control, limits=FAST_LIMITS) as g:
+            yield g
+
+
+async def send(guardian: TelegramGuardian, tg: FakeTelegram, card: ApprovalCard) -> FakeMessage:
+    ref = await guardian.send_card(card)
+    chat_id, message_id = parse_ref(ref)
+    assert chat_id == CHAT
+    return tg.messages[message_id]
+
+
+slow = pytest.mark.slow
+
+
+@slow
+async def test_card_arrives_with_buttons(guardian: TelegramGuardian, tg: FakeTelegram) -> None:
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, make_card())
+    assert message.parse_mode == "HTML"
+    assert '"entity_id": "lock.front_door"' in message.text
+    assert '"service": "unlock"' in message.text
+    assert "Target: Front door (lock.front_door) — now: locked" in message.text
+    assert [data for _, data in message.buttons] == [
+        f"allow:{REQUEST_ID}",
+        f"deny:{REQUEST_ID}",
+        f"grant:{REQUEST_ID}",
+    ]
+    assert [c["command"] for c in tg.commands] == [
+        "pending",
+        "grants",
+        "freeze",
+        "unfreeze",
+        "status",
+        "help",
+    ]
+
+
+@slow
+@pytest.mark.parametrize(
+    ("data", "action", "answer"),
+    [
+        (f"allow:{REQUEST_ID}", Action.ALLOW, "approved"),
+        (f"deny:{REQUEST_ID}", Action.DENY, "denied"),
+        (f"grant:{REQUEST_ID}", Action.GRANT, "allowed for 1 h"),
+        ("allow:unknown-request", Action.ALLOW, "expired or already resolved"),
+    ],
+)
+async def test_allowed_user_decides(
+    guardian: TelegramGuardian,
+    tg: FakeTelegram,
+    control: FakeControl,
+    data: str,
+    action: Action,
+    answer: str,
+) -> None:
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, make_card())
+        press = tg.press(message.message_id, data, ALICE, first_name="Alice", last_name="Smith")
+        (decision,) = await control.wait("decide")
+        assert decision == ("decide", data.split(":", 1)[1], action, "Alice Smith (111)")
+        assert (await press.wait_answer()).text == answer
+
+
+@slow
+async def test_stranger_is_refused_and_audited(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, make_card())
+        press = tg.press(message.message_id, f"allow:{REQUEST_ID}", MALLORY, first_name="Mallory")
+        assert (await press.wait_answer()).text == "not authorised"
+        (refused,) = await control.wait("refused")
+    assert refused == ("refused", "Mallory (666)", f"button 'allow:{REQUEST_ID}'")
+    assert not [c for c in control.calls if c[0] == "decide"]
+
+
+@slow
+async def test_malformed_press_is_expired(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, make_card())
+        press = tg.press(message.message_id, "launch:rockets", ALICE)
+        assert "expired" in str((await press.wait_answer()).text)
+    assert control.calls == []
+
+
+@slow
+async def test_update_card_shows_resolution_and_removes_buttons(
+    guardian: TelegramGuardian, tg: FakeTelegram
+) -> None:
+    card = make_card()
+    with trio.fail_after(CEILING):
+        ref = await guardian.send_card(card)
+        message_id = parse_ref(ref)[1]
+        await guardian.update_card(
+            card, ref, CardUpdate(Status.APPROVED, by="Alice Smith (111)", at=time.time())
+        )
+        edited = tg.messages[message_id]
+        assert edited.text.startswith("✅ Approved by Alice Smith (111) at ")
+        assert edited.buttons == []
+        await guardian.update_card(
+            card, ref, CardUpdate(Status.EXECUTED, detail="lock.front_door: unlocked")
+        )
+        assert "lock.front_door: unlocked" in tg.messages[message_id].text
+        # Best effort: nothing raises, whatever goes wrong.
+        await guardian.update_card(
+            card, ref, CardUpdate(Status.EXECUTED, detail="lock.front_door: unlocked")
+        )
+        await guardian.update_card(card, "garbage", CardUpdate(Status.DENIED))
+        await guardian.update_card(card, f"{CHAT}:9999", CardUpdate(Status.DENIED))
+        tg.down()
+        await guardian.update_card(card, ref, CardUpdate(Status.TIMED_OUT))
+        tg.up()
+
+
+@slow
+async def test_freeze_and_unfreeze(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    with trio.fail_after(CEILING):
+        tg.send_command("/freeze", ALICE, first_name="Alice")
+        await tg.wait_for_message(lambda m: "Frozen by Alice (111)" in m.text)
+        tg.send_command("/unfreeze@agentgate_test_bot", ALICE, first_name="Alice")
+        await tg.wait_for_message(lambda m: "Unfrozen" in m.text)
+    assert [c for c in control.calls if c[0] == "set_frozen"] == [
+        ("set_frozen", True, "Alice (111)"),
+        ("set_frozen", False, "Alice (111)"),
+    ]
+
+
+@slow
+async def test_status_and_help(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    with trio.fail_after(CEILING):
+        tg.send_command("/status", ALICE)
+        status = await tg.wait_for_message(lambda m: "agentgate status" in m.text)
+        tg.send_command("/help", ALICE, chat_id=ALICE)  # private chat with the bot
+        help_ = await tg.wait_for_message(lambda m: "/pending" in m.text)
+    assert "Agents connected: pi (1)" in status.text
+    assert "Pending approvals: 2" in status.text
+    assert help_.chat_id == ALICE
+
+
+@slow
+async def test_pending_resends_cards(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    control.pending_cards = [
+        PendingCard(make_card(), f"{CHAT}:1"),
+        PendingCard(make_card("second-request", tool="ha_fire_event", args={"x": 1}), None),
+    ]
+    with trio.fail_after(CEILING):
+        tg.send_command("/pending", ALICE)
+        second = await tg.wait_for_message(lambda m: "ha_fire_event" in m.text)
+        first = await tg.wait_for_message(lambda m: "lock.front_door" in m.text)
+    assert "allow:second-request" in [d for _, d in second.buttons]
+    assert first.buttons
+
+    control.pending_cards = []
+    with trio.fail_after(CEILING):
+        tg.send_command("/pending", ALICE)
+        await tg.wait_for_message(lambda m: m.text == "No pending approvals.")
+
+
+@slow
+async def test_grants_and_revoke(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    control.active_grants = [
+        Grant("g-1", "pi", "ha_call_service(light.turn_on, light.desk)", "Alice (111)", 2e9),
+        Grant("g-2", "pi", "ha_get_state(sensor.temp)", "Alice (111)", 2e9),
+    ]
+    with trio.fail_after(CEILING):
+        tg.send_command("/grants", ALICE)
+        listing = await tg.wait_for_message(lambda m: "Active grants" in m.text)
+        assert "light.desk" in listing.text
+        assert "sensor.temp" in listing.text
+        assert listing.buttons == [("Revoke 1", "revoke:g-1"), ("Revoke 2", "revoke:g-2")]
+        press = tg.press(listing.message_id, "revoke:g-2", ALICE)
+        assert (await press.wait_answer()).text == "grant revoked"
+        again = tg.press(listing.message_id, "revoke:g-2", ALICE)
+        assert "already" in str((await again.wait_answer()).text)
+    assert next(c for c in control.calls if c[0] == "revoke_grant") == (
+        "revoke_grant",
+        "g-2",
+        "Guardian (111)",
+    )
+
+
+@slow
+async def test_stranger_commands_are_refused_silently(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    with trio.fail_after(CEILING):
+        tg.send_command("/freeze", MALLORY, first_name="Mallory")
+        (refused,) = await control.wait("refused")
+    assert refused == ("refused", "Mallory (666)", "command /freeze")
+    assert not control.frozen
+    assert tg.calls_to("sendMessage") == []
+
+
+@slow
+async def test_send_while_down_fails_closed_within_bound(
+    guardian: TelegramGuardian, tg: FakeTelegram
+) -> None:
+    tg.down()
+    start = trio.current_time()
+    with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable, match="unreachable"):
+        await guardian.send_card(make_card())
+    assert trio.current_time() - start <= FAST_LIMITS.budget + 1
+    tg.up()
+    with trio.fail_after(CEILING):
+        await send(guardian, tg, make_card())  # and the guardian is still alive
+
+
+@slow
+async def test_retry_after_is_honoured(guardian: TelegramGuardian, tg: FakeTelegram) -> None:
+    tg.retry_after = 1
+    start = trio.current_time()
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, make_card())
+    assert trio.current_time() - start >= 0.9  # waited as told (a lower bound, not a timing)
+    assert len(tg.calls_to("sendMessage")) == 2
+    assert message.buttons
+
+
+@slow
+async def test_retry_after_beyond_the_budget_fails_at_once(
+    guardian: TelegramGuardian, tg: FakeTelegram
+) -> None:
+    tg.retry_after = 60
+    with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable, match="rate limited"):
+        await guardian.send_card(make_card())
+    assert len(tg.calls_to("sendMessage")) == 1
+
+
+@slow
+async def test_bad_request_fails_without_retry(
+    guardian: TelegramGuardian, tg: FakeTelegram
+) -> None:
+    tg.fail_next("sendMessage", 400, "Bad Request: chat not found")
+    with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable, match=r"(?i)chat not found"):
+        await guardian.send_card(make_card())
+    assert len(tg.calls_to("sendMessage")) == 1
+
+
+@slow
+async def test_polling_survives_an_outage(
+    guardian: TelegramGuardian, tg: FakeTelegram, control: FakeControl
+) -> None:
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, make_card())
+        tg.down("drop")  # the waiting long poll is dropped; PTB backs off and retries
+        await tg.wait_for(lambda: tg.dropped or None)
+        tg.up()
+        press = tg.press(message.message_id, f"allow:{REQUEST_ID}", ALICE)
+        assert (await press.wait_answer()).text == "approved"
+
+
+@slow
+async def test_shutdown_during_an_outage_is_bounded(tg: FakeTelegram, control: FakeControl) -> None:
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING):
+        async with open_telegram_guardian(config, control, limits=FAST_LIMITS):
+            tg.down("drop")
+            # A few failed polls: PTB now sleeps out a back-off of several seconds.
+            await tg.wait_for(lambda: tg.dropped > 2 or None)
+
+
+@slow
+async def test_bad_token_is_a_clear_error(tg: FakeTelegram, control: FakeControl) -> None:
+    config = Config("123456:WRONG", CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable) as info:
+        async with open_telegram_guardian(config, control):
+            pytest.fail("should not start")
+    assert "rejected the bot token" in info.value.message
+    assert "WRONG" not in info.value.message
+
+
+@slow
+async def test_unreachable_api_is_a_clear_error(control: FakeControl) -> None:
+    async with run_fake_telegram(token=TOKEN) as tg:
+        base_url = tg.base_url
+    config = Config(TOKEN, CHAT, (ALICE,), base_url)
+    with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable) as info:
+        async with open_telegram_guardian(config, control):
+            pytest.fail("should not start")
+    assert "unreachable" in info.value.message
+    assert base_url in info.value.message
+
+
+@slow
+async def test_set_my_commands_failure_is_not_fatal(tg: FakeTelegram, control: FakeControl) -> None:
+    tg.fail_next("setMyCommands", 400, "Bad Request: nope")
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING):
+        async with open_telegram_guardian(config, control, limits=FAST_LIMITS) as guardian:
+            await send(guardian, tg, make_card())
+
+
+@slow
+async def test_shutdown_does_not_hang(tg: FakeTelegram, control: FakeControl) -> None:
+    """A decision stuck in the gateway, a press queued, Telegram down: exit is still bounded."""
+    control.block_decide = True
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING):
+        async with open_telegram_guardian(config, control, limits=FAST_LIMITS) as guardian:
+            message = await send(guardian, tg, make_card())
+            tg.press(message.message_id, f"allow:{REQUEST_ID}", ALICE)
+            await control.wait("decide")
+            tg.down()
+
+
+@slow
+async def test_cancellation_stops_the_guardian(tg: FakeTelegram, control: FakeControl) -> None:
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING):
+        with trio.move_on_after(0.5):
+            async with open_telegram_guardian(config, control, limits=FAST_LIMITS):
+                await trio.sleep_forever()
+        # A second guardian on the same bot starts cleanly afterwards.
+        async with open_telegram_guardian(config, control, limits=FAST_LIMITS) as guardian:
+            await send(guardian, tg, make_card())
