@@ -5,7 +5,9 @@ subcommand, adds its arguments to its parser and runs it, returning the exit sta
 subcommand, write ``_configure_x(parser)`` and ``_run_x(args) -> int`` and add a ``Command``
 to the table. Exit status 2 always means invalid input or usage (argparse's own errors too).
 
-Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``, ``audit``.
+Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``, ``audit``; the
+agent-side ``call``, ``tools`` and ``pending`` declare their arguments here and run in
+:mod:`agentgate.cli_agent` (exit statuses and connection settings are documented there).
 """
 
 from __future__ import annotations
@@ -307,6 +309,71 @@ def _run_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- call / tools / pending (as an agent; logic in agentgate.cli_agent) ------------------------
+
+
+def _add_connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", metavar="URL", help="gateway URL, wss://HOST:PORT/ (default: $AGENTGATE_URL)"
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the agent's token; '-' reads it from stdin, which keeps it out of shell history"
+        " and ps (default: $AGENTGATE_TOKEN)",
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="a PEM CA to trust in addition to the system store and $SSL_CERT_FILE"
+        " (default: $AGENTGATE_CA)",
+    )
+
+
+def _configure_call(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "exit status: 0 ok, 1 denied (policy or guardian), 2 invalid arguments,"
+        " 3 connection/auth (also: gateway shutting down), 4 execution failed,"
+        " 5 approval timed out, 6 rate limited"
+    )
+    _add_connection_args(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="print the whole result (status, request_id, data)"
+    )
+    parser.add_argument("tool", metavar="TOOL", help="tool name, e.g. ha_get_state")
+    parser.add_argument(
+        "args", metavar="key=value", nargs="*", help="an argument; key:=JSON for a JSON value"
+    )
+
+
+def _run_call(args: argparse.Namespace) -> int:
+    from agentgate.cli_agent import run_call
+
+    return run_call(args)
+
+
+def _configure_tools(parser: argparse.ArgumentParser) -> None:
+    _add_connection_args(parser)
+    parser.add_argument("--json", action="store_true", help="print the raw list of tools")
+
+
+def _run_tools(args: argparse.Namespace) -> int:
+    from agentgate.cli_agent import run_tools
+
+    return run_tools(args)
+
+
+def _configure_pending(parser: argparse.ArgumentParser) -> None:
+    _add_connection_args(parser)
+    parser.add_argument("--json", action="store_true", help="print the JSON list on one line")
+
+
+def _run_pending(args: argparse.Namespace) -> int:
+    from agentgate.cli_agent import run_pending
+
+    return run_pending(args)
+
+
 # --- dispatch ----------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -317,6 +384,11 @@ COMMANDS: list[Command] = [
         "hash-token", "sha256 of a token read from stdin", _configure_hash_token, _run_hash_token
     ),
     Command("audit", "read the audit log", _configure_audit, _run_audit),
+    Command("call", "call one tool as an agent; print the JSON result", _configure_call, _run_call),
+    Command("tools", "list the gateway's tools, as an agent", _configure_tools, _run_tools),
+    Command(
+        "pending", "collect queued results, as an agent (JSON)", _configure_pending, _run_pending
+    ),
 ]
 """Every subcommand, in the order ``--help`` lists them."""
 

@@ -356,7 +356,16 @@ def test_serve_with_a_broken_config_exits_2(
 
 
 def test_dispatch_table_names() -> None:
-    assert [command.name for command in COMMANDS] == ["serve", "check", "config", "hash-token", "audit"]
+    assert [command.name for command in COMMANDS] == [
+        "serve",
+        "check",
+        "config",
+        "hash-token",
+        "audit",
+        "call",
+        "tools",
+        "pending",
+    ]
 
 
 # --- the real thing: python -m agentgate ----------------------------------------------------------

@@ -107,10 +107,11 @@ def write_gate_toml(
     ha_timeout: float = 5,
 ) -> Path:
     (workdir / "permissions.yaml").write_text(policy)
-    lines = ["[gateway]", 'listen = "127.0.0.1:0"']
+    gateway = dict(gateway or {})
+    lines = ["[gateway]", f"listen = {_toml_value(gateway.pop('listen', '127.0.0.1:0'))}"]
     if tls is not None:
         lines += [f'tls_cert = "{tls[0]}"', f'tls_key = "{tls[1]}"']
-    for key, value in (gateway or {}).items():
+    for key, value in gateway.items():
         lines.append(f"{key} = {_toml_value(value)}")
     lines += ["", "[store]", f'path = "{workdir / "agentgate.db"}"']
     lines += ["", "[policy]", 'file = "permissions.yaml"']
@@ -141,7 +142,14 @@ def _prepare(
     ca_path = client_ssl = None
     tls_files = None
     if tls:
-        ca_path, cert_path, key_path = write_certificates(workdir)
+        ca_path, cert_path, key_path = (
+            workdir / "ca.pem",
+            workdir / "gate.crt",
+            workdir / "gate.key",
+        )
+        if not (ca_path.exists() and cert_path.exists() and key_path.exists()):
+            # Reused across restarts in the same workdir, so agents keep trusting the gateway.
+            ca_path, cert_path, key_path = write_certificates(workdir)
         tls_files = (cert_path, key_path)
         client_ssl = client_ssl_context(ca_path)
     path = write_gate_toml(
