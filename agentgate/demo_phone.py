@@ -1,0 +1,290 @@
+"""The demo's "guardian phone": Telegram in a terminal, on top of the fake Bot API.
+
+It watches the messages the real Telegram guardian (python-telegram-bot) sent to the fake Bot API,
+draws each new approval card the way the Telegram app would (text, then the inline buttons), and
+presses a button *through the fake* as the guardian user, so the press travels the same road a
+real one does: Bot API update → PTB long poll → the guardian → the gateway. Card edits (approved,
+executed, denied, timed out) are drawn too.
+
+Keys come from :class:`KeyReader` (``a`` Allow, ``d`` Deny, ``h`` Allow 1 h); with ``auto=True``
+the phone presses Allow by itself after a short pause, so it runs with no TTY and no stdin.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import termios
+import textwrap
+import tty
+from collections.abc import Iterator
+from contextlib import contextmanager
+from html.parser import HTMLParser
+from typing import TextIO
+
+import trio
+from attrs import frozen
+
+from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram
+
+__all__ = ["KEYS", "KeyReader", "Phone", "Style", "cbreak"]
+
+# key -> (callback kind, what the guardian sees on the button)
+KEYS: dict[str, tuple[str, str]] = {
+    "a": ("allow", "Allow"),
+    "d": ("deny", "Deny"),
+    "h": ("grant", "Allow 1 h"),
+}
+WIDTH = 64  # columns of a phone screen, roughly
+
+
+@frozen
+class Style:
+    """ANSI colours, or nothing at all when the output is not a terminal."""
+
+    enabled: bool
+
+    @classmethod
+    def for_stream(cls, stream: TextIO, *, force_off: bool = False) -> Style:
+        """Colours only for a TTY, and never with ``NO_COLOR`` set (https://no-color.org)."""
+        isatty = getattr(stream, "isatty", lambda: False)()
+        return cls(bool(isatty) and not force_off and "NO_COLOR" not in os.environ)
+
+    def _sgr(self, code: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.enabled and text else text
+
+    def bold(self, text: str) -> str:
+        return self._sgr("1", text)
+
+    def dim(self, text: str) -> str:
+        return self._sgr("2", text)
+
+    def green(self, text: str) -> str:
+        return self._sgr("32", text)
+
+    def red(self, text: str) -> str:
+        return self._sgr("31", text)
+
+    def yellow(self, text: str) -> str:
+        return self._sgr("33", text)
+
+    def blue(self, text: str) -> str:
+        return self._sgr("34", text)
+
+    def cyan(self, text: str) -> str:
+        return self._sgr("36", text)
+
+
+class _HtmlToAnsi(HTMLParser):
+    """Telegram HTML (already validated by the fake) → terminal text: bold stays bold, code cyan."""
+
+    def __init__(self, style: Style) -> None:
+        super().__init__(convert_charrefs=True)
+        self.style = style
+        self.parts: list[str] = []
+        self.open: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.open:
+            self.open.pop()
+
+    def handle_data(self, data: str) -> None:
+        paint = None
+        if {"b", "strong"} & set(self.open):
+            paint = self.style.bold
+        elif {"code", "pre"} & set(self.open):
+            paint = self.style.cyan
+        if paint is not None:  # line by line, so every printed line resets its own colour
+            data = "\n".join(paint(line) for line in data.split("\n"))
+        self.parts.append(data)
+
+
+def visible(message: FakeMessage, style: Style) -> str:
+    """What the Telegram app shows for ``message``, with bold and code marked up for a TTY."""
+    if not style.enabled or message.parse_mode != "HTML":
+        return message.text
+    parser = _HtmlToAnsi(style)
+    parser.feed(message.raw_text)
+    parser.close()
+    return "".join(parser.parts)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _wrap(text: str) -> list[str]:
+    """Lines of at most ``WIDTH - 4`` visible characters (colour codes take no room)."""
+    lines: list[str] = []
+    for line in text.splitlines() or [""]:
+        if len(_ANSI.sub("", line)) <= WIDTH - 4:
+            lines.append(line)
+        else:
+            lines += textwrap.wrap(line, WIDTH - 4, replace_whitespace=False) or [""]
+    return lines
+
+
+def _is_card(message: FakeMessage) -> bool:
+    return any(data.startswith("allow:") for _, data in message.buttons)
+
+
+class KeyReader:
+    """Single key presses from stdin, read in a worker thread that never blocks the event loop.
+
+    ``os.read`` (no Python-level buffer, so no lock held at interpreter exit) in an abandonable
+    thread: stdin is never switched to non-blocking mode, which would also hit stdout on a TTY.
+    """
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.eof = False
+        self._buffer: list[str] = []
+
+    async def get(self) -> str | None:
+        """The next key (lower-cased), or None once stdin is closed."""
+        while not self._buffer:
+            if self.eof:
+                return None
+            try:
+                data = await trio.to_thread.run_sync(os.read, self.fd, 64, abandon_on_cancel=True)
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                return None
+            self._buffer += [c.lower() for c in data.decode(errors="replace") if not c.isspace()]
+        return self._buffer.pop(0)
+
+
+@contextmanager
+def cbreak(fd: int = 0) -> Iterator[bool]:
+    """Read keys one at a time without echo while inside (if ``fd`` is a TTY); always restore."""
+    if not os.isatty(fd):
+        yield False
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield True
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+class Phone:
+    """The guardian's phone: draws the chat, answers each card with a key (or automatically)."""
+
+    def __init__(
+        self,
+        telegram: FakeTelegram,
+        *,
+        user_id: int,
+        user_name: str,
+        style: Style,
+        keys: KeyReader | None,
+        auto_pause: float = 1.5,
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self.telegram = telegram
+        self.user_id = user_id
+        self.user_name = user_name
+        self.style = style
+        self.keys = keys  # None: press Allow by itself after ``auto_pause`` seconds
+        self.auto_pause = auto_pause
+        self.out = out
+        self.presses: list[str] = []  # callback kinds pressed, in order
+        self._seen: dict[int, int] = {}  # message_id -> edits already drawn
+
+    def _print(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    # -- drawing ------------------------------------------------------------------------------
+
+    def draw(self, message: FakeMessage, *, edited: bool) -> None:
+        """One chat bubble: header, text, inline keyboard (as Telegram lays it out)."""
+        s = self.style
+        label = "edited" if edited else "new message"
+        title = f" 📱 Telegram · agentgate guardians · {label} "
+        self._print("  " + s.blue("╭─" + title + "─" * max(2, WIDTH - len(title) - 2)))
+        bar = s.blue("│")
+        text = visible(message, s)
+        head, blank, rest = text.partition("\n\n")
+        if edited and blank and not message.buttons:
+            # The new status sits on top of the card just drawn; the rest did not change.
+            text = head + "\n" + s.dim(f"… the card as above ({len(rest.splitlines())} lines)")
+        for line in _wrap(text):
+            self._print(f"  {bar} {line}")
+        rows = (message.reply_markup or {}).get("inline_keyboard") or []
+        if rows:
+            self._print("  " + s.blue("├" + "─" * (WIDTH - 1)))
+            for row in rows:
+                buttons = "  ".join(s.bold(f"[ {b.get('text', '')} ]") for b in row)
+                self._print(f"  {bar} {buttons}")
+        self._print("  " + s.blue("╰" + "─" * (WIDTH - 1)))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _unseen(self) -> list[FakeMessage] | None:
+        fresh = [
+            m for m in self.telegram.messages.values() if self._seen.get(m.message_id, -1) < m.edits
+        ]
+        return fresh or None
+
+    async def run(self) -> None:
+        """Draw every new or edited message; answer every new card. Runs until cancelled."""
+        while True:
+            for message in await self.telegram.wait_for(self._unseen):
+                edited = message.message_id in self._seen
+                self._seen[message.message_id] = message.edits
+                self.draw(message, edited=edited)
+                if _is_card(message) and not edited:
+                    await self.answer(message)
+
+    async def settled(self) -> None:
+        """Wait until every message has been drawn and no card still shows its buttons."""
+        while True:
+            messages = self.telegram.messages.values()
+            if all(self._seen.get(m.message_id) == m.edits and not _is_card(m) for m in messages):
+                return
+            await trio.sleep(0.05)
+
+    async def answer(self, card: FakeMessage) -> None:
+        """Choose a button (key or auto), press it through the fake, show Telegram's toast."""
+        s = self.style
+        buttons = dict(reversed([(data.partition(":")[0], data) for _, data in card.buttons]))
+        hint = "  ".join(f"[{key}] {label}" for key, (_, label) in KEYS.items())
+        kind = await self._choose(hint)
+        if kind is None:
+            return
+        data = buttons.get(kind)
+        if data is None:  # this card has no such button: nothing to press
+            self._print(s.yellow(f"  (no {kind!r} button on this card)"))
+            return
+        label = next(label for k, label in KEYS.values() if k == kind)
+        self._print(f"  👆 {s.bold(self.user_name)} presses {s.bold(label)}")
+        self.presses.append(kind)
+        press = self.telegram.press(card.message_id, data, self.user_id, first_name=self.user_name)
+        with trio.move_on_after(10):
+            answer = await press.wait_answer()
+            self._print(s.dim(f"  💬 Telegram toast: {answer.text}"))
+
+    async def _choose(self, hint: str) -> str | None:
+        s = self.style
+        if self.keys is None or self.keys.eof:
+            if self.keys is not None:
+                self._print(s.yellow("  (no keyboard: stdin is closed; pressing Allow for you)"))
+            else:
+                self._print(f"  {s.dim(hint)}   {s.dim('(--auto: Allow in a moment)')}")
+            await trio.sleep(self.auto_pause)
+            return "allow"
+        self._print(f"  {s.bold('Your move:')} {hint}")
+        while True:
+            key = await self.keys.get()
+            if key is None:
+                self._print(s.yellow("  (stdin closed; pressing Allow for you)"))
+                return "allow"
+            if key in KEYS:
+                return KEYS[key][0]
+            self._print(s.dim(f"  ({key!r} is not a button: press a, d or h)"))

@@ -1,0 +1,132 @@
+"""``make demo`` cannot rot: the demo runs here as users run it, as a subprocess.
+
+``--auto`` end to end (TLS and ``--insecure``), a guardian who presses Deny on the keyboard
+(stdin is a pipe here, a TTY for a person), and the key reader on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import trio
+
+from agentgate.demo_phone import KeyReader
+
+CEILING = 60  # seconds per demo run; it takes ~3 s
+
+DEMO = [sys.executable, "-m", "agentgate.demo"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    env["NO_COLOR"] = "1"
+    return env
+
+
+async def run_demo(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(CEILING):
+        return await trio.run_process(
+            [*DEMO, *args],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=_env(),
+        )
+
+
+def assert_audit_table(out: str) -> None:
+    assert "time (UTC)" in out
+    table = out[out.index("time (UTC)") :]
+    assert "allow     ha_get_state(sensor.living_room_temperature)" in table
+    assert "ask       ha_call_service(light.turn_on, light.living_room)" in table
+    assert "deny      ha_call_service(lock.unlock, lock.front_door)" in table
+
+
+@pytest.mark.slow
+async def test_the_unattended_demo_behaves_as_expected() -> None:
+    done = await run_demo("--auto")
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, out + err
+    assert "listening on wss://127.0.0.1:" in out
+    assert "allowed by policy, executed at once: 21.5 °C" in out
+    assert "🛡 Approval needed" in out  # the card, as the phone drew it
+    assert "[ ✅ Allow ]" in out
+    assert "Alex presses Allow" in out
+    assert "approved by the guardian and executed: light.living_room is now on" in out
+    assert "✅ Executed by Alex (4242)" in out  # the card edit
+    assert "light.living_room: on" in out
+    assert "denied by policy (rule " in out
+    assert "the door stays locked" in out
+    assert "executed by Alex (4242)" in out  # the audit row of the approved ask
+    assert_audit_table(out)
+    assert "everything behaved as expected" in out
+    assert "\x1b[" not in out  # no colours without a TTY
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.slow
+async def test_the_insecure_demo_says_so_loudly() -> None:
+    done = await run_demo("--auto", "--insecure", "--pause", "0")
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, out + err
+    assert "listening on ws://127.0.0.1:" in out
+    assert "WITHOUT TLS" in out
+    assert "INSECURE" in out
+    assert_audit_table(out)
+
+
+@pytest.mark.slow
+async def test_a_guardian_at_the_keyboard_can_deny() -> None:
+    """The interactive demo: wait for the card, press ``d``; the light stays off."""
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(
+                partial(
+                    trio.run_process,
+                    DEMO,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                    env=_env(),
+                )
+            )
+            assert process.stdin is not None
+            assert process.stdout is not None
+            seen = b""
+            while b"Your move:" not in seen:
+                chunk = await process.stdout.receive_some()
+                assert chunk, seen.decode()
+                seen += chunk
+            await process.stdin.send_all(b"x")  # not a button: ignored, with a hint
+            await process.stdin.send_all(b"d")
+            while chunk := await process.stdout.receive_some():
+                seen += chunk
+            await process.stdin.aclose()
+    out = seen.decode()
+    assert process.returncode == 0, out
+    assert "'x' is not a button" in out
+    assert "Alex presses Deny" in out
+    assert "denied by the guardian" in out
+    assert "❌ Denied by Alex (4242)" in out
+    assert "denied by policy (rule " in out
+    assert "everything behaved as expected" in out
+
+
+async def test_key_reader_reads_single_keys_until_eof() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"A d\nh")
+        os.close(write_end)
+        keys = KeyReader(read_end)
+        with trio.fail_after(5):
+            assert [await keys.get() for _ in range(4)] == ["a", "d", "h", None]
+        assert keys.eof
+    finally:
+        os.close(read_end)
