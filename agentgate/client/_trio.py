@@ -229,7 +229,10 @@ class TrioGateway(Gateway):
             try:
                 message = await ws.get_message()
             except trio_websocket.ConnectionClosed as exc:
-                logger.warning("gateway closed the connection: %s", exc.reason)
+                if self._fatal is None:  # not our own aclose()
+                    logger.warning("gateway closed the connection: %s", exc.reason)
+                else:
+                    logger.debug("connection closed: %s", exc.reason)
                 return
             try:
                 event = self._core.receive(message)
