@@ -1,14 +1,19 @@
-"""Real tier: the Home Assistant executor against the fake Home Assistant over real sockets."""
+"""Real tier: the fake Home Assistant over real sockets, held to real HA's answers.
+
+The contract modules (``tests/realha/contract.py``: the REST API and the executor;
+``tests/realha/gateway_contract.py``: the whole gateway) run here against the fake and under
+``make test-ha`` against a real 2025.4.4 core, with the same assertions. What follows them is
+only what a real core cannot show: the fake's switches (slow, failing, down) and its call log.
+"""
 
 from __future__ import annotations
 
 import http.client
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from attrs import frozen
@@ -16,11 +21,30 @@ from attrs import frozen
 from agentgate.errors import ExecutionFailed
 from agentgate.services.homeassistant import HomeAssistant, open_homeassistant
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant, run_fake_homeassistant
+from tests.realha.contract import *  # noqa: F403 - the shared tests and their fixtures
+from tests.realha.contract import CEILING, Home
+from tests.realha.gateway_contract import *  # noqa: F403
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "fake-ha-token"
-CEILING = 10
+
+
+@pytest.fixture
+def ha_home() -> Iterator[Home]:
+    """The contract's home: a fresh fake, its locks slow enough to show ``locking``."""
+    with FakeHomeAssistant(token=TOKEN) as fake:
+        fake.lock_delay = 0.05
+        yield Home(
+            url=fake.url,
+            token=fake.token,
+            real=False,
+            light="light.bedroom",
+            switchable="switch.coffee_maker",
+            lock="lock.front_door",
+            openable_lock="lock.back_door",
+            climate="climate.living_room",
+        )
 
 
 @frozen
@@ -37,18 +61,18 @@ async def fake() -> AsyncIterator[FakeHomeAssistant]:
 
 
 @pytest.fixture
-async def ha(fake: FakeHomeAssistant) -> AsyncIterator[HomeAssistant]:
+async def fake_ha(fake: FakeHomeAssistant) -> AsyncIterator[HomeAssistant]:
     with trio.fail_after(CEILING):
         async with open_homeassistant(Settings(fake.url)) as executor:
             yield executor
 
 
-async def execute(ha: HomeAssistant, tool: str, **args: Any) -> Any:
+async def run(ha: HomeAssistant, tool: str, **args: Any) -> Any:
     with trio.fail_after(CEILING):
         return await ha.execute(tool, args)
 
 
-async def failure(ha: HomeAssistant, tool: str, **args: Any) -> ExecutionFailed:
+async def refused(ha: HomeAssistant, tool: str, **args: Any) -> ExecutionFailed:
     with trio.fail_after(CEILING), pytest.raises(ExecutionFailed) as info:
         await ha.execute(tool, args)
     assert info.value.data["service"] == "homeassistant"
@@ -59,29 +83,14 @@ def posts(fake: FakeHomeAssistant) -> list[tuple[str, str, Any]]:
     return [call for call in fake.calls if call[0] == "POST"]
 
 
-# ---- every tool ----------------------------------------------------------------------
+# ---- what only the fake can show -----------------------------------------------------
 
 
-async def test_health(ha: HomeAssistant) -> None:
-    assert await ha.check_health() is None
-
-
-async def test_get_state(ha: HomeAssistant) -> None:
-    state = await execute(ha, "ha_get_state", entity_id="lock.front_door")
-    assert state["state"] == "locked"
-    assert state["attributes"]["friendly_name"] == "Front Door"
-    assert {"last_changed", "last_updated", "context"} <= state.keys()
-
-
-async def test_get_states(ha: HomeAssistant) -> None:
-    states = await execute(ha, "ha_get_states")
-    ids = {s["entity_id"] for s in states}
-    assert {"light.living_room", "switch.coffee_maker", "binary_sensor.front_door"} <= ids
-
-
-async def test_call_service_changes_state_once(ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
-    changed = await execute(
-        ha,
+async def test_a_call_is_logged_and_changes_the_home(
+    fake_ha: HomeAssistant, fake: FakeHomeAssistant
+) -> None:
+    changed = await run(
+        fake_ha,
         "ha_call_service",
         domain="light",
         service="turn_on",
@@ -89,6 +98,7 @@ async def test_call_service_changes_state_once(ha: HomeAssistant, fake: FakeHome
         brightness=77,
     )
     assert [(s["entity_id"], s["state"]) for s in changed] == [("light.bedroom", "on")]
+    assert changed[0]["context"]["user_id"] == fake.user_id
     state = fake.state("light.bedroom")
     assert state is not None
     assert state["attributes"]["brightness"] == 77
@@ -97,117 +107,52 @@ async def test_call_service_changes_state_once(ha: HomeAssistant, fake: FakeHome
     ]
 
 
-async def test_call_service_nothing_changed(ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
-    args = {"domain": "lock", "service": "lock", "entity_id": "lock.front_door"}
-    assert await execute(ha, "ha_call_service", **args) == []
-
-
-@pytest.mark.parametrize(
-    ("domain", "service", "entity_id", "expected"),
-    [
-        ("light", "toggle", "light.living_room", "off"),
-        ("switch", "turn_on", "switch.coffee_maker", "on"),
-        ("lock", "unlock", "lock.front_door", "unlocked"),
-        ("homeassistant", "turn_on", "light.kitchen", "on"),
-    ],
-)
-async def test_services(
-    ha: HomeAssistant,
-    fake: FakeHomeAssistant,
-    domain: str,
-    service: str,
-    entity_id: str,
-    expected: str,
-) -> None:
-    await execute(ha, "ha_call_service", domain=domain, service=service, entity_id=entity_id)
-    state = fake.state(entity_id)
-    assert state is not None
-    assert state["state"] == expected
-
-
-async def test_fire_event(ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
-    answer = await execute(ha, "ha_fire_event", event_type="doorbell", event_data={"n": 1})
-    assert answer == {"message": "Event doorbell fired."}
-    assert fake.events == [("doorbell", {"n": 1})]
-
-
-async def test_get_services_and_config(ha: HomeAssistant) -> None:
-    services = await execute(ha, "ha_get_services")
-    assert "turn_on" in {s["domain"]: s["services"] for s in services}["light"]
-    config = await execute(ha, "ha_get_config")
-    assert config["state"] == "RUNNING"
-
-
-async def test_get_history(ha: HomeAssistant) -> None:
-    await execute(
-        ha, "ha_call_service", domain="switch", service="toggle", entity_id="switch.coffee_maker"
-    )
-    history = await execute(ha, "ha_get_history", entity_id="switch.coffee_maker", hours=1)
-    assert len(history) == 1
-    assert [s["state"] for s in history[0]] == ["off", "on"]
-    assert history[0][1].keys() == {"state", "last_changed"}  # minimal_response
-
-
-async def test_describe(ha: HomeAssistant) -> None:
-    with trio.fail_after(CEILING):
-        assert await ha.describe("lock.front_door") == "Front Door (lock.front_door) — now: locked"
-
-
-async def test_concurrent_calls(ha: HomeAssistant) -> None:
-    results: list[Any] = []
-
-    async def one() -> None:
-        results.append(await ha.execute("ha_get_state", {"entity_id": "light.bedroom"}))
-
-    with trio.fail_after(CEILING):
-        async with trio.open_nursery() as nursery:
-            for _ in range(40):
-                nursery.start_soon(one)
-    assert len(results) == 40
-
-
-# ---- every error ---------------------------------------------------------------------
+async def test_events_are_recorded(fake_ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
+    await run(fake_ha, "ha_fire_event", event_type="doorbell", event_data={"n": 1})
+    await run(fake_ha, "ha_fire_event", event_type="doorbell")
+    assert fake.events == [("doorbell", {"n": 1}), ("doorbell", {})]
 
 
 async def test_unknown_entity_is_reported_and_nothing_is_called(
-    ha: HomeAssistant, fake: FakeHomeAssistant
+    fake_ha: HomeAssistant, fake: FakeHomeAssistant
 ) -> None:
-    error = await failure(
-        ha, "ha_call_service", domain="light", service="turn_on", entity_id="light.attic"
+    error = await refused(
+        fake_ha, "ha_call_service", domain="light", service="turn_on", entity_id="light.attic"
     )
     assert error.message == "entity not found: light.attic"
-    assert error.data["status"] == 404
     assert posts(fake) == []
 
 
-async def test_get_state_unknown_entity(ha: HomeAssistant) -> None:
-    error = await failure(ha, "ha_get_state", entity_id="sensor.nowhere")
-    assert error.message == "entity not found: sensor.nowhere"
-
-
-async def test_unknown_service(ha: HomeAssistant) -> None:
-    error = await failure(
-        ha, "ha_call_service", domain="light", service="explode", entity_id="light.bedroom"
-    )
-    assert error.message == "Home Assistant refused the call: 400: Bad Request"
-    assert error.data["status"] == 400
-
-
-async def test_bad_token(fake: FakeHomeAssistant) -> None:
+async def test_lock_stays_locking_for_the_delay(fake: FakeHomeAssistant) -> None:
+    fake.lock_delay = 5
     with trio.fail_after(CEILING):
-        async with open_homeassistant(Settings(fake.url, token="wrong")) as executor:
-            error = await failure(executor, "ha_get_states")
-            warning = await executor.check_health()
-    assert error.data["status"] == 401
-    assert "services.homeassistant.token" in error.message
-    assert warning is not None
-    assert "401" in warning
+        async with open_homeassistant(Settings(fake.url)) as executor, trio.open_nursery() as n:
+            args = {"domain": "lock", "service": "unlock", "entity_id": "lock.front_door"}
+            n.start_soon(executor.execute, "ha_call_service", args)
+            while True:
+                state = fake.state("lock.front_door")
+                if state is not None and state["state"] == "unlocking":
+                    break
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
 
 
-async def test_server_error(ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
+async def test_history_keeps_only_state_changes(
+    fake_ha: HomeAssistant, fake: FakeHomeAssistant
+) -> None:
+    for brightness in (10, 20, 30):  # attribute changes: not in history (significant only)
+        fake.set_state("light.kitchen", "on", {"brightness": brightness})
+    fake.set_state("light.kitchen", "off")
+    history = await run(fake_ha, "ha_get_history", entity_id="light.kitchen", hours=1)
+    assert [s["state"] for s in history[0]] == ["off", "on", "off"]
+
+
+async def test_server_error(fake_ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
     fake.fail_with = 500
-    error = await failure(ha, "ha_get_config")
+    error = await refused(fake_ha, "ha_get_config")
     assert error.message.startswith("Home Assistant error (500): 500 Internal Server Error")
+    error = await refused(fake_ha, "ha_call_service", domain="homeassistant", service="turn_on")
+    assert error.message.startswith("Home Assistant failed to run the service (500): ")
 
 
 async def test_slow_past_the_deadline(fake: FakeHomeAssistant) -> None:
@@ -215,51 +160,24 @@ async def test_slow_past_the_deadline(fake: FakeHomeAssistant) -> None:
     with trio.fail_after(CEILING):
         async with open_homeassistant(Settings(fake.url, timeout=0.5)) as executor:
             start = trio.current_time()
-            error = await failure(executor, "ha_get_state", entity_id="light.bedroom")
+            error = await refused(executor, "ha_get_state", entity_id="light.bedroom")
             elapsed = trio.current_time() - start
     assert error.message == "Home Assistant did not answer within 0.5 s"
     assert elapsed < 4  # well before the fake would have answered
 
 
-async def test_down_and_up(ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
-    await execute(ha, "ha_get_config")  # leaves a keep-alive connection in the pool
+async def test_down_and_up(fake_ha: HomeAssistant, fake: FakeHomeAssistant) -> None:
+    await run(fake_ha, "ha_get_config")  # leaves a keep-alive connection in the pool
     fake.down()
-    error = await failure(ha, "ha_get_config")
+    error = await refused(fake_ha, "ha_get_config")
     assert error.message.startswith(f"Home Assistant unreachable at {fake.url}: ")
     assert error.data["status"] is None
     with trio.fail_after(CEILING):
-        warning = await ha.check_health()
+        warning = await fake_ha.check_health()
     assert warning is not None
     assert "unreachable" in warning
     fake.up()
-    assert (await execute(ha, "ha_get_config"))["state"] == "RUNNING"
-
-
-# ---- the fake itself, as real HA answers ---------------------------------------------
-
-
-@pytest.fixture
-async def raw(fake: FakeHomeAssistant) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(base_url=fake.url, headers=headers) as client:
-        yield client
-
-
-async def test_fake_answers_like_home_assistant(raw: httpx.AsyncClient) -> None:
-    with trio.fail_after(CEILING):
-        unknown = await raw.post("/api/services/light/turn_on", json={"entity_id": "light.x"})
-        assert (unknown.status_code, unknown.json()) == (200, [])
-        bad_json = await raw.post("/api/services/light/turn_on", content=b"{nope")
-        assert bad_json.status_code == 400
-        assert bad_json.json() == {"message": "Data should be valid JSON."}
-        no_service = await raw.post("/api/services/nope/nope", json={})
-        assert (no_service.status_code, no_service.text) == (400, "400: Bad Request")
-        assert no_service.headers["content-type"].startswith("text/plain")
-        missing = await raw.get("/api/states/light.x")
-        assert (missing.status_code, missing.json()) == (404, {"message": "Entity not found."})
-        unauthorised = await raw.get("/api/", headers={"Authorization": "Bearer nope"})
-        assert (unauthorised.status_code, unauthorised.text) == (401, "401: Unauthorized")
-        assert (await raw.get("/api/")).json() == {"message": "API running."}
+    assert (await run(fake_ha, "ha_get_config"))["state"] == "RUNNING"
 
 
 def test_threaded_start_from_sync_code() -> None:

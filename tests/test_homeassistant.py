@@ -190,6 +190,49 @@ async def test_get_history_window(ha: HomeAssistant, fake: FakeHA) -> None:
     assert fake.requests[-1].url.path == "/api/history/period/2026-10-31T12:00:00+00:00"
 
 
+async def test_empty_history_checks_the_entity(ha: HomeAssistant, fake: FakeHA) -> None:
+    # real HA answers [] for an entity it does not know
+    path = "/api/history/period/2026-11-01T11:00:00+00:00"
+    fake.routes[("GET", path)] = httpx.Response(200, json=[])
+    assert await ha.execute("ha_get_history", {"entity_id": "lock.front_door", "hours": 1}) == []
+    assert fake.seen()[-1] == ("GET", "/api/states/lock.front_door")
+    error = await failure(ha, "ha_get_history", {"entity_id": "sensor.nowhere", "hours": 1})
+    assert (error.message, error.data["status"]) == ("entity not found: sensor.nowhere", 404)
+
+
+SERVICE_CALL = {"domain": "homeassistant", "service": "save_persistent_states"}
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (
+            httpx.Response(500, text="500 Internal Server Error\n\nServer got itself in trouble"),
+            "Home Assistant failed to run the service (500): the arguments may be out of range "
+            "or unsupported by this entity; see Home Assistant's log",
+        ),
+        (
+            httpx.Response(500, json={"message": "Temperature 100 is out of range"}),
+            "Home Assistant failed to run the service (500): Temperature 100 is out of range",
+        ),
+        (
+            httpx.Response(503, text="503: Service Unavailable"),
+            "Home Assistant error (503): 503: Service Unavailable",
+        ),
+        (  # 2026.x: a service validation error is a 400 with a reason
+            httpx.Response(400, json={"message": "Temperature 100 is out of range"}),
+            "Home Assistant refused the call: Temperature 100 is out of range",
+        ),
+    ],
+)
+async def test_service_call_failures(response: httpx.Response, message: str) -> None:
+    async with open_homeassistant(
+        Settings(), transport=httpx.MockTransport(answering(response))
+    ) as executor:
+        error = await failure(executor, "ha_call_service", SERVICE_CALL)
+    assert (error.message, error.data["status"]) == (message, response.status_code)
+
+
 async def test_unknown_tool_is_refused(ha: HomeAssistant, fake: FakeHA) -> None:
     with pytest.raises(InvalidParams, match="unknown tool: shell_exec"):
         await ha.execute("shell_exec", {"cmd": "rm -rf /"})

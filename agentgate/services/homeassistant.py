@@ -12,16 +12,21 @@ tool                HTTP (bearer token from ``[services.homeassistant]``)
 ``ha_get_services`` GET  ``/api/services``
 ``ha_get_config``   GET  ``/api/config``
 ``ha_get_history``  GET  ``/api/history/period/{now - hours}?filter_entity_id=X&end_time={now}
-                    &minimal_response``  (``hours`` defaults to 24)
+                    &minimal_response``  (``hours`` defaults to 24); if HA answers ``[]`` (what
+                    it says for an unknown entity), GET ``/api/states/X`` (404 → not found)
 =================== ==========================================================================
 
-The result for the agent is Home Assistant's JSON as it came. Every failure is an
-:class:`~agentgate.errors.ExecutionFailed` (-32004) with ``data = {"status": int | None,
-"service": "homeassistant"}``:
+The result for the agent is Home Assistant's JSON as it came: a service call's list of changed
+states may hold transitional states (``[locking, locked]``) and is ``[]`` when nothing changed.
+Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
+``data = {"status": int | None, "service": "homeassistant"}``:
 
 - 401 → the gateway's token was rejected; 404 → ``entity not found: X`` (``not found: PATH``
-  elsewhere); 400 → HA's own message (text/plain or JSON; never assumed to be JSON);
-  5xx → ``Home Assistant error (500): <body>``; a 200 whose body is not JSON → failed.
+  elsewhere); 400 → ``Home Assistant refused the call: <HA's message>`` (text/plain or JSON;
+  never assumed to be JSON); 500 on a service call → ``Home Assistant failed to run the service
+  (500): ...`` (2025.4's bare page for a service validation error, so the message says what it
+  usually means); other 5xx → ``Home Assistant error (500): <body>``; a 200 whose body is not
+  JSON → failed.
 - Transport errors are mapped at the boundary (:func:`_map_transport_errors`): cannot connect
   → ``Home Assistant unreachable at URL: reason``; no answer within ``timeout`` seconds (one
   deadline per tool call, both requests of ``ha_call_service`` included) → ``Home Assistant did
@@ -66,6 +71,9 @@ SERVICE: Final = "homeassistant"
 LIMITS: Final = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=30)
 
 _SNIPPET = 200
+_SERVICE_500 = (
+    "the arguments may be out of range or unsupported by this entity; see Home Assistant's log"
+)
 
 
 class HomeAssistantSettings(Protocol):
@@ -106,7 +114,9 @@ def _map_transport_errors(url: str, timeout: float) -> Iterator[None]:
         raise _failed(f"Home Assistant request failed: {exc}", None) from exc
 
 
-def _error_for(response: httpx.Response, entity_id: str | None) -> ExecutionFailed:
+def _error_for(
+    response: httpx.Response, entity_id: str | None, *, service_call: bool = False
+) -> ExecutionFailed:
     """The :class:`ExecutionFailed` for a non-2xx answer (HA's body is never assumed JSON)."""
     status = response.status_code
     if status == 401:
@@ -119,13 +129,19 @@ def _error_for(response: httpx.Response, entity_id: str | None) -> ExecutionFail
         return _failed(what, status)
     text = response.text
     message = text
+    from_json = False
     try:
         body = json.loads(text)
     except ValueError:
         pass
     else:
         if isinstance(body, dict) and isinstance(body.get("message"), str):
-            message = body["message"]
+            message, from_json = body["message"], True
+    if status == 500 and service_call:
+        # 2025.4.4 lets a ServiceValidationError escape as a bare "500 Internal Server Error"
+        # page (2026.x answers 400 JSON): the page says nothing, so say what it usually means.
+        detail = _snippet(message) if from_json else _SERVICE_500
+        return _failed(f"Home Assistant failed to run the service (500): {detail}", status)
     if status == 400:
         return _failed(f"Home Assistant refused the call: {_snippet(message)}", status)
     if status >= 500:
@@ -232,7 +248,7 @@ class HomeAssistant:
             for entity_id in entity_ids:
                 await self._fetch_state(entity_id)
         path = f"/api/services/{_segment(domain)}/{_segment(service)}"
-        return await self._request("POST", path, body=body)
+        return await self._request("POST", path, body=body, service_call=True)
 
     async def _fire_event(self, args: dict[str, Any]) -> Any:
         event_type = _str_arg(args, "event_type")
@@ -256,7 +272,11 @@ class HomeAssistant:
             "minimal_response": "",
         }
         path = f"/api/history/period/{_segment(start.isoformat())}"
-        return await self._request("GET", path, params=params, entity_id=entity_id)
+        history = await self._request("GET", path, params=params, entity_id=entity_id)
+        if history == []:
+            # HA answers [] for an entity it does not know: say so, as ha_get_state does
+            await self._fetch_state(entity_id)
+        return history
 
     # ---- plumbing --------------------------------------------------------------------
 
@@ -278,10 +298,11 @@ class HomeAssistant:
         entity_id: str | None = None,
         body: Any = None,
         params: dict[str, str] | None = None,
+        service_call: bool = False,
     ) -> Any:
         response = await self._client.request(method, path, json=body, params=params)
         if not response.is_success:
-            raise _error_for(response, entity_id)
+            raise _error_for(response, entity_id, service_call=service_call)
         try:
             return response.json()
         except ValueError as exc:

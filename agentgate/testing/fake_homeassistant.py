@@ -1,27 +1,53 @@
-"""A fake Home Assistant: a real HTTP server on 127.0.0.1 that answers like HA 2025.4 does.
+"""A fake Home Assistant: a real HTTP server on 127.0.0.1 that answers like HA 2025.4.4 does.
 
-It holds a small simulated home and answers the REST endpoints agentgate uses, with Home
-Assistant's real status codes and body types (see ``design/HOMEASSISTANT.md``)::
+It holds a small simulated home and answers the REST endpoints agentgate uses with Home
+Assistant's real status codes and body types. Every answer below was observed against a real
+2025.4.4 core (``tests/realha/``; ``docs/homeassistant.md``); ``tests/realha/contract.py`` runs
+the same assertions against this fake and against the real core::
 
     GET  /api/                          200 {"message": "API running."}
     GET  /api/config                    200 config object, "state": "RUNNING"
     GET  /api/states                    200 [state, ...]
     GET  /api/states/<entity_id>        200 state | 404 JSON {"message": "Entity not found."}
     GET  /api/services                  200 [{"domain", "services"}, ...]
-    GET  /api/history/period/<start>    200 [[state, ...], ...] (filter_entity_id, end_time,
-                                        minimal_response)
-    POST /api/services/<domain>/<svc>   200 [changed states] (unknown entity: 200 [])
-                                        | 400 text/plain "400: Bad Request" (unknown service)
-    POST /api/events/<event_type>       200 {"message": "Event <event_type> fired."}
+    GET  /api/events                    200 [{"event", "listener_count"}, ...]
+    GET  /api/history/period[/<start>]  200 [[first state, change, ...], ...] per entity
+         ?filter_entity_id=a,b (required: 400 JSON "filter_entity_id is missing" / "Invalid
+         filter_entity_id"), end_time (400 "Invalid end_time"; default start + 1 day),
+         minimal_response, no_attributes; a bad start is 400 "Invalid datetime", a naive one
+         is UTC, a future one 200 []. The first state is the one in force at start (its times
+         clamped to start); then state changes only (significant_changes_only).
+    POST /api/services/<domain>/<svc>   200 [every state the call changed] - transitional
+                                        states included (a lock: [locking, locked], even when
+                                        it was locked already); [] for an unknown entity or
+                                        when nothing changed
+         400 text/plain "400: Bad Request": unknown domain/service, a field the service does
+             not take, a value its schema refuses (brightness "abc", brightness_pct 150), an
+             ill-formed entity_id, no target for an entity service, a body that is not an
+             object. (brightness is coerced and clamped: 999 -> 255, true -> 1, -5 -> off.)
+         500 text/plain "500 Internal Server Error\n\nServer got itself in trouble": a service
+             validation error (a thermostat set out of its min/max, lock.open on a lock
+             without the open feature)
+         ?return_response: 200 {"changed_states", "service_response"} (script.echo), 400 JSON
+             "Service does not support responses. ..." for other services
+    POST /api/events/<event_type>       200 {"message": "Event <event_type> fired."}; 400 JSON
+                                        "Event data should be valid JSON." / "Event data
+                                        should be a JSON object"
     any, bad or missing token           401 text/plain "401: Unauthorized"
-    POST with a body that is not JSON   400 JSON {"message": "Data should be valid JSON."}
+    POST to a service with a non-JSON body  400 JSON {"message": "Data should be valid JSON."}
+    a known path with another method    405 text/plain "405: Method Not Allowed"
+    an unknown path                     404 text/plain "404: Not Found"
+
+States changed by a call carry ``context.user_id`` (the token's user), like real HA.
 
 Switches for tests: ``ha.slow = seconds`` (delay every answer), ``ha.fail_with = 500`` (answer
-every request with that status), ``ha.down()`` / ``ha.up()`` (refuse connections: the listening
-socket closes and open keep-alive connections are dropped; ``up()`` listens on the same port).
-``ha.calls`` logs every request as ``(method, path_with_query, body)`` where ``body`` is the
-parsed JSON, the raw text if it is not JSON, or ``None`` if empty. ``ha.state(entity_id)`` returns
-a copy of an entity's state object.
+every request with that status), ``ha.lock_delay = seconds`` (how long a lock stays
+``locking``/``unlocking``/``opening`` inside the call; real demo locks take 2 s, the default
+here is 0), ``ha.down()`` / ``ha.up()`` (refuse connections: the listening socket closes and
+open keep-alive connections are dropped; ``up()`` listens on the same port). ``ha.calls`` logs
+every request as ``(method, path_with_query, body)`` where ``body`` is the parsed JSON, the raw
+text if it is not JSON, or ``None`` if empty. ``ha.state(entity_id)`` returns a copy of an
+entity's state object.
 
 Use it from Trio (``async with run_fake_homeassistant(token=...) as ha``), from sync code
 (``with FakeHomeAssistant(token=...) as ha``) or as a process for benchmarks and the demo::
@@ -37,20 +63,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import secrets
 import selectors
 import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import attrs
 import trio
 
 __all__ = ["FakeHomeAssistant", "run_fake_homeassistant"]
@@ -75,6 +103,26 @@ _INITIAL_HOME: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("switch.coffee_maker", "off", {"friendly_name": "Coffee Maker"}),
     ("lock.front_door", "locked", {"friendly_name": "Front Door", "supported_features": 0}),
+    ("lock.back_door", "unlocked", {"friendly_name": "Back Door", "supported_features": 1}),
+    (
+        "climate.living_room",
+        "heat",
+        {
+            "hvac_modes": ["off", "heat"],
+            "min_temp": 7,
+            "max_temp": 35,
+            "target_temp_step": 0.5,
+            "current_temperature": 21.5,
+            "temperature": 21,
+            "friendly_name": "Living Room Thermostat",
+            "supported_features": 1,
+        },
+    ),
+    (
+        "script.echo",
+        "off",
+        {"last_triggered": None, "mode": "single", "current": 0, "friendly_name": "Echo"},
+    ),
     (
         "sensor.living_room_temperature",
         "21.5",
@@ -104,29 +152,150 @@ _INITIAL_HOME: list[tuple[str, str, dict[str, Any]]] = [
 
 _LIGHT_EXTRA = {"supported_color_modes": ["brightness"], "supported_features": 0}
 
-# domain -> service -> entity domains it acts on
-_SERVICES: dict[str, dict[str, frozenset[str]]] = {
-    "light": {s: frozenset({"light"}) for s in ("turn_on", "turn_off", "toggle")},
-    "switch": {s: frozenset({"switch"}) for s in ("turn_on", "turn_off", "toggle")},
-    "lock": {s: frozenset({"lock"}) for s in ("lock", "unlock", "open")},
-    "homeassistant": {s: frozenset({"light", "switch"}) for s in ("turn_on", "turn_off", "toggle")},
+# HA's valid_entity_id(); comp_entity_ids also takes the words "all" and "none"
+_ENTITY_ID = re.compile(r"^(?!.+__)(?!_)[\da-z_]+(?<!_)\.(?!_)[\da-z_]+(?<!_)$")
+_TARGET_KEYS = frozenset({"entity_id", "device_id", "area_id", "floor_id", "label_id"})
+# history keeps attribute-only changes for these domains (significant_changes_only)
+_SIGNIFICANT_DOMAINS = frozenset({"climate", "device_tracker", "humidifier", "water_heater"})
+_HVAC_MODES = frozenset({"off", "heat", "cool", "heat_cool", "auto", "dry", "fan_only"})
+_LOCK_OPEN = 1  # LockEntityFeature.OPEN
+_LOCK_STEPS = {
+    "lock": ("locking", "locked"),
+    "unlock": ("unlocking", "unlocked"),
+    "open": ("opening", "open"),
 }
-
+_ONE_DAY = timedelta(days=1)
 _HISTORY_LENGTH = 1000
 _TEXT = "text/plain; charset=utf-8"
 _JSON = "application/json"
+_ULID_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
+class _Invalid(ValueError):
+    """A service field value the schema refuses (voluptuous ``Invalid``): 400."""
 
 
-def _context() -> dict[str, Any]:
-    return {"id": secrets.token_hex(13).upper(), "parent_id": None, "user_id": None}
+class _ServiceValidationError(Exception):
+    """What HA raises once the schema passed but the entity refuses: 2025.4.4 answers 500."""
 
 
-def _state_object(entity_id: str, state: str, attributes: dict[str, Any]) -> State:
-    now = _now()
+def _coerce_int(value: Any) -> int:
+    try:
+        return int(value)  # vol.Coerce(int): True -> 1, 12.7 -> 12, "40" -> 40
+    except (TypeError, ValueError):
+        raise _Invalid(value) from None
+
+
+def _coerce_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _Invalid(value) from None
+
+
+def _brightness(value: Any) -> int:
+    return min(max(_coerce_int(value), 0), 255)  # clamped, not refused: 999 -> 255
+
+
+def _brightness_pct(value: Any) -> float:
+    pct = _coerce_float(value)
+    if not 0 <= pct <= 100:
+        raise _Invalid(value)
+    return pct
+
+
+def _hvac_mode(value: Any) -> str:
+    if value not in _HVAC_MODES:
+        raise _Invalid(value)
+    return str(value)
+
+
+def _anything(value: Any) -> Any:
+    return value
+
+
+_LIGHT_ON_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "brightness": _brightness,
+    "brightness_pct": _brightness_pct,
+    **dict.fromkeys(
+        (
+            "transition",
+            "color_temp_kelvin",
+            "rgb_color",
+            "hs_color",
+            "xy_color",
+            "color_name",
+            "effect",
+            "flash",
+            "profile",
+            "white",
+        ),
+        _anything,
+    ),
+}
+
+
+@attrs.frozen
+class _Service:
+    """A service: the entity domains it acts on, its fields, what it needs."""
+
+    acts_on: frozenset[str]
+    fields: Mapping[str, Callable[[Any], Any]] = attrs.field(factory=dict)
+    needs_target: bool = True
+    needs_one_of: frozenset[str] = frozenset()  # cv.has_at_least_one_key
+    responds: bool = False
+
+
+def _on_off(domain: str, fields: Mapping[str, Callable[[Any], Any]] | None = None) -> _Service:
+    return _Service(frozenset({domain}), fields or {})
+
+
+_SERVICES: dict[str, dict[str, _Service]] = {
+    "light": {
+        "turn_on": _on_off("light", _LIGHT_ON_FIELDS),
+        "turn_off": _on_off("light", {"transition": _anything, "flash": _anything}),
+        "toggle": _on_off("light", _LIGHT_ON_FIELDS),
+    },
+    "switch": {s: _on_off("switch") for s in ("turn_on", "turn_off", "toggle")},
+    "lock": {s: _on_off("lock", {"code": str}) for s in ("lock", "unlock", "open")},
+    "climate": {
+        "set_temperature": _Service(
+            frozenset({"climate"}),
+            {
+                "temperature": _coerce_float,
+                "target_temp_high": _coerce_float,
+                "target_temp_low": _coerce_float,
+                "hvac_mode": _hvac_mode,
+            },
+            needs_one_of=frozenset({"temperature", "target_temp_high", "target_temp_low"}),
+        )
+    },
+    "homeassistant": {
+        s: _Service(frozenset({"light", "switch"}), needs_target=False)
+        for s in ("turn_on", "turn_off", "toggle")
+    },
+    "script": {
+        "echo": _Service(frozenset(), {"text": _anything}, needs_target=False, responds=True)
+    },
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ulid() -> str:
+    return "".join(secrets.choice(_ULID_ALPHABET) for _ in range(26))
+
+
+def _context(user_id: str | None) -> dict[str, Any]:
+    return {"id": _ulid(), "parent_id": None, "user_id": user_id}
+
+
+def _state_object(
+    entity_id: str, state: str, attributes: dict[str, Any], user_id: str | None
+) -> State:
+    now = _now().isoformat()
     return {
         "entity_id": entity_id,
         "state": state,
@@ -134,8 +303,17 @@ def _state_object(entity_id: str, state: str, attributes: dict[str, Any]) -> Sta
         "last_changed": now,
         "last_reported": now,
         "last_updated": now,
-        "context": _context(),
+        "context": _context(user_id),
     }
+
+
+def _parse_datetime(text: str) -> datetime | None:
+    """HA's ``dt_util.parse_datetime`` then ``as_utc``: naive times are in the home's zone (UTC)."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 class _Reply(Exception):
@@ -148,8 +326,29 @@ class _Reply(Exception):
         self.content_type = content_type
 
 
-def _bad_request() -> _Reply:
-    return _Reply(400, "400: Bad Request", _TEXT)
+def _text(status: int) -> _Reply:
+    if status == 500:
+        return _Reply(500, "500 Internal Server Error\n\nServer got itself in trouble", _TEXT)
+    return _Reply(status, f"{status}: {HTTPStatus(status).phrase}", _TEXT)
+
+
+def _message(status: int, message: str) -> _Reply:
+    return _Reply(status, {"message": message})
+
+
+def _target_ids(data: Mapping[str, Any]) -> list[str] | None:
+    """``entity_id`` as HA's ``comp_entity_ids`` reads it, or ``None`` if there is none."""
+    raw = data.get("entity_id")
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = raw.split(",")
+    if not isinstance(raw, list) or not all(isinstance(e, str) for e in raw):
+        raise _Invalid(raw)
+    ids = [e.strip().lower() for e in raw if e.strip()]
+    if not all(e in ("all", "none") or _ENTITY_ID.match(e) for e in ids):
+        raise _Invalid(raw)
+    return ids
 
 
 class FakeHomeAssistant:
@@ -161,8 +360,10 @@ class FakeHomeAssistant:
 
     def __init__(self, *, token: str | None = None, port: int = 0) -> None:
         self.token = token if token is not None else secrets.token_urlsafe(24)
+        self.user_id = secrets.token_hex(16)  # the token's owner, as in context.user_id
         self.slow: float = 0.0
         self.fail_with: int | None = None
+        self.lock_delay: float = 0.0
         self.calls: list[tuple[str, str, Any]] = []
         self.events: list[tuple[str, dict[str, Any]]] = []
         self._port = port
@@ -171,7 +372,7 @@ class FakeHomeAssistant:
         self._history: dict[str, list[State]] = {}
         for entity_id, state, attributes in _INITIAL_HOME:
             extra = _LIGHT_EXTRA if entity_id.startswith("light.") else {}
-            self._set(entity_id, state, {**extra, **attributes})
+            self._set(entity_id, state, {**extra, **attributes}, None)
         self._server: ThreadingHTTPServer | None = None
         self._accept_thread: threading.Thread | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -273,9 +474,11 @@ class FakeHomeAssistant:
         with self._lock:
             current = self._states.get(entity_id)
             merged = {**(current["attributes"] if current else {}), **(attributes or {})}
-            self._set(entity_id, state, merged)
+            self._set(entity_id, state, merged, None)
 
-    def _set(self, entity_id: str, state: str, attributes: dict[str, Any]) -> State | None:
+    def _set(
+        self, entity_id: str, state: str, attributes: dict[str, Any], user_id: str | None
+    ) -> State | None:
         """Change an entity like HA's state machine; the new state if anything changed."""
         current = self._states.get(entity_id)
         if (
@@ -284,7 +487,7 @@ class FakeHomeAssistant:
             and current["attributes"] == attributes
         ):
             return None
-        new = _state_object(entity_id, state, attributes)
+        new = _state_object(entity_id, state, attributes, user_id)
         if current is not None and current["state"] == state:
             new["last_changed"] = current["last_changed"]
         self._states[entity_id] = new
@@ -293,74 +496,182 @@ class FakeHomeAssistant:
         del history[:-_HISTORY_LENGTH]  # bounded, for long benchmark runs
         return copy.deepcopy(new)
 
-    def _call_service(self, domain: str, service: str, data: dict[str, Any]) -> list[State]:
-        targets = _SERVICES.get(domain, {}).get(service)
-        if targets is None:
-            raise _bad_request()
-        brightness = data.get("brightness")
-        if brightness is not None and (
-            isinstance(brightness, bool)
-            or not isinstance(brightness, int)
-            or not 0 <= brightness <= 255
-        ):
-            raise _bad_request()
-        raw_ids = data.get("entity_id", [])
-        entity_ids = [raw_ids] if isinstance(raw_ids, str) else raw_ids
-        if not isinstance(entity_ids, list) or not all(isinstance(e, str) for e in entity_ids):
-            raise _bad_request()
-        changed = []
+    def _pause(self, seconds: float) -> None:
+        if seconds > 0 and self._stopping.wait(seconds):
+            raise ConnectionAbortedError("fake Home Assistant stopped")
+
+    def _call_service(
+        self, domain: str, name: str, data: Any, return_response: bool
+    ) -> list[State] | dict[str, Any]:
+        service = _SERVICES.get(domain, {}).get(name)
+        if service is None:
+            raise _text(400)
+        if return_response and not service.responds:
+            raise _message(
+                400, "Service does not support responses. Remove return_response from request."
+            )
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise _text(400)
+        try:
+            fields = {
+                key: service.fields[key](value)
+                for key, value in data.items()
+                if key not in _TARGET_KEYS
+            }
+            entity_ids = _target_ids(data)
+        except (KeyError, _Invalid):  # a field the service does not take, or a bad value
+            raise _text(400) from None
+        if service.needs_target and not (_TARGET_KEYS & data.keys()):
+            raise _text(400)
+        if service.needs_one_of and not (service.needs_one_of & fields.keys()):
+            raise _text(400)
+        if domain == "script":
+            return self._run_script(fields, return_response)
         with self._lock:
-            for entity_id in entity_ids:
-                current = self._states.get(entity_id)
-                if current is None or entity_id.split(".", 1)[0] not in targets:
-                    continue  # real HA only logs a warning and answers 200 []
-                new = self._apply(current, service, brightness)
-                if new is not None:
-                    changed.append(new)
+            if entity_ids is not None and "all" in entity_ids:
+                entity_ids = [e for e in self._states if e.split(".")[0] in service.acts_on]
+            targets = [  # real HA only logs a warning for the others and answers 200 []
+                e
+                for e in dict.fromkeys(entity_ids or [])
+                if e in self._states and e.split(".")[0] in service.acts_on
+            ]
+            try:
+                for entity_id in targets:
+                    self._validate(entity_id, name, fields)
+            except _ServiceValidationError:
+                raise _text(500) from None
+        changed: list[State] = []
+        for entity_id in targets:
+            changed += self._apply(entity_id, name, fields)
         return changed
 
-    def _apply(self, current: State, service: str, brightness: int | None) -> State | None:
-        entity_id, attributes = current["entity_id"], dict(current["attributes"])
-        if entity_id.startswith("lock."):
-            state = {"lock": "locked", "unlock": "unlocked", "open": "open"}[service]
-            return self._set(entity_id, state, attributes)
+    def _validate(self, entity_id: str, service: str, fields: dict[str, Any]) -> None:
+        """What the entity refuses after the schema passed (under ``_lock``)."""
+        attributes = self._states[entity_id]["attributes"]
+        features = attributes.get("supported_features", 0)
+        if entity_id.startswith("lock.") and service == "open" and not features & _LOCK_OPEN:
+            raise _ServiceValidationError("Entity does not support this service.")
+        if entity_id.startswith("climate."):
+            low, high = attributes["min_temp"], attributes["max_temp"]
+            for key in ("temperature", "target_temp_high", "target_temp_low"):
+                if key in fields and not low <= fields[key] <= high:
+                    raise _ServiceValidationError(f"{key} out of range")
+            if "hvac_mode" in fields and fields["hvac_mode"] not in attributes["hvac_modes"]:
+                raise _ServiceValidationError("unsupported hvac_mode")
+
+    def _change(self, entity_id: str, state: str, attributes: dict[str, Any]) -> list[State]:
+        with self._lock:
+            new = self._set(entity_id, state, attributes, self.user_id)
+        return [new] if new is not None else []
+
+    def _apply(self, entity_id: str, service: str, fields: dict[str, Any]) -> list[State]:
+        current = self.state(entity_id)
+        assert current is not None
+        attributes = current["attributes"]
+        domain = entity_id.split(".", 1)[0]
+        if domain == "lock":
+            # like the demo lock: a transitional state for lock_delay, then the final one -
+            # both in the answer, even when the lock was in the final state already
+            moving, final = _LOCK_STEPS[service]
+            changed = self._change(entity_id, moving, attributes)
+            self._pause(self.lock_delay)
+            return changed + self._change(entity_id, final, attributes)
+        if domain == "climate":
+            temperature = fields.get("temperature", attributes.get("temperature"))
+            state: str = fields["hvac_mode"] if "hvac_mode" in fields else current["state"]
+            return self._change(entity_id, state, {**attributes, "temperature": temperature})
         if service == "toggle":
             service = "turn_off" if current["state"] == "on" else "turn_on"
-        is_light = entity_id.startswith("light.")
-        if is_light and brightness == 0:
+        brightness: int | None = fields.get("brightness")
+        if "brightness_pct" in fields:
+            brightness = round(fields["brightness_pct"] * 255 / 100)
+        if domain == "light" and brightness == 0:
             service = "turn_off"  # as in HA: brightness 0 turns a light off
         if service == "turn_on":
-            if is_light:
+            if domain == "light":
                 attributes["brightness"] = brightness or attributes.get("brightness") or 255
                 attributes["color_mode"] = "brightness"
-            return self._set(entity_id, "on", attributes)
-        if is_light:
+            return self._change(entity_id, "on", attributes)
+        if domain == "light":
             attributes["brightness"] = attributes["color_mode"] = None
-        return self._set(entity_id, "off", attributes)
+        return self._change(entity_id, "off", attributes)
 
-    def _history_for(
-        self, start: datetime, end: datetime, entity_ids: list[str], minimal: bool
-    ) -> list[list[State]]:
-        """One series per entity: the state in force at ``start``, then every change."""
+    def _run_script(
+        self, fields: dict[str, Any], return_response: bool
+    ) -> list[State] | dict[str, Any]:
+        """``script.echo``: runs (on, then off) and answers ``{"echo": text}``."""
+        current = self.state("script.echo")
+        assert current is not None
+        attributes = {**current["attributes"], "last_triggered": _now().isoformat()}
+        changed = self._change("script.echo", "on", {**attributes, "current": 1})
+        changed += self._change("script.echo", "off", {**attributes, "current": 0})
+        if return_response:
+            text = fields.get("text")
+            return {"changed_states": changed, "service_response": {"echo": text or ""}}
+        return changed
+
+    def _history_route(
+        self, start_text: str | None, query: Mapping[str, list[str]]
+    ) -> list[list[dict[str, Any]]]:
+        """``/api/history/period``, its checks in real HA's order."""
+        start = None
+        if start_text and (start := _parse_datetime(start_text)) is None:
+            raise _message(400, "Invalid datetime")
+        filtered = query.get("filter_entity_id", [""])[0]
+        entity_ids = list(dict.fromkeys(e.strip().lower() for e in filtered.split(",")))
+        entity_ids = [e for e in entity_ids if e]
+        if not entity_ids:
+            raise _message(400, "filter_entity_id is missing")
+        with self._lock:
+            if not all(e in self._states or _ENTITY_ID.match(e) for e in entity_ids):
+                raise _message(400, "Invalid filter_entity_id")
+        now = _now()
+        start = start or now - _ONE_DAY
+        if start > now:
+            return []
+        end_text = query.get("end_time", [""])[0]
+        end = start + _ONE_DAY
+        if end_text:
+            parsed_end = _parse_datetime(end_text)
+            if parsed_end is None:
+                raise _message(400, "Invalid end_time")
+            end = parsed_end
+        minimal, no_attributes = "minimal_response" in query, "no_attributes" in query
         result = []
         with self._lock:
-            for entity_id in entity_ids or sorted(self._history):
-                before: list[State] = []
-                during: list[State] = []
-                for entry in self._history.get(entity_id, []):
-                    updated = datetime.fromisoformat(entry["last_updated"])
-                    if updated <= start:
-                        before[:] = [entry]
-                    elif updated <= end:
-                        during.append(entry)
-                series = copy.deepcopy(before + during)
-                if minimal and series:  # later entries carry only state and last_changed
+            for entity_id in entity_ids:
+                series = self._series(entity_id, start, end)
+                if not series:
+                    continue
+                for entry in series:
+                    if no_attributes:
+                        entry["attributes"] = {}
+                if minimal:
                     series[1:] = [
                         {"state": s["state"], "last_changed": s["last_changed"]} for s in series[1:]
                     ]
-                if series:
-                    result.append(series)
+                result.append(series)
         return result
+
+    def _series(self, entity_id: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        """The state in force at ``start`` (times clamped to it), then each significant change."""
+        keys = ("entity_id", "state", "attributes", "last_changed", "last_updated")
+        every_change = entity_id.split(".")[0] in _SIGNIFICANT_DOMAINS
+        before: dict[str, Any] | None = None
+        during: list[dict[str, Any]] = []
+        for entry in self._history.get(entity_id, []):
+            updated = datetime.fromisoformat(entry["last_updated"])
+            row = {key: copy.deepcopy(entry[key]) for key in keys}
+            if updated <= start:
+                before = row
+            elif updated < end and (every_change or row["last_changed"] == row["last_updated"]):
+                during.append(row)
+        if before is not None:
+            for key in ("last_changed", "last_updated"):
+                before[key] = max(datetime.fromisoformat(before[key]), start).isoformat()
+        return ([before] if before is not None else []) + during
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -369,7 +680,7 @@ class FakeHomeAssistant:
             "elevation": 0,
             "unit_system": {"length": "km", "mass": "g", "temperature": "°C", "volume": "L"},
             "location_name": "Fake Home",
-            "time_zone": "Europe/Amsterdam",
+            "time_zone": "UTC",
             "components": sorted({"api", "http", *(e.split(".")[0] for e in self._states)}),
             "config_dir": "/config",
             "allowlist_external_dirs": [],
@@ -397,9 +708,15 @@ class FakeHomeAssistant:
                     name: {
                         "name": name.replace("_", " ").capitalize(),
                         "description": "",
-                        "fields": {},
+                        "fields": {field: {} for field in service.fields},
+                        **(
+                            {"target": {"entity": [{"domain": sorted(service.acts_on)}]}}
+                            if service.needs_target
+                            else {}
+                        ),
+                        **({"response": {"optional": True}} if service.responds else {}),
                     }
-                    for name in services
+                    for name, service in services.items()
                 },
             }
             for domain, services in _SERVICES.items()
@@ -408,64 +725,78 @@ class FakeHomeAssistant:
     # ---- routing (called on handler threads) -----------------------------------------
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], raw: bytes) -> Any:
+        """The answer for one authorised request; a :class:`_Reply` for anything but 200."""
         parts = path.split("/")
         if parts[:2] != ["", "api"]:
-            raise _Reply(404, "404: Not Found", _TEXT)
-        rest = parts[2:]
-        if method == "GET":
-            if rest == [""]:
-                return {"message": "API running."}
-            if rest == ["config"]:
-                with self._lock:
-                    return self._config()
-            if rest == ["states"]:
-                with self._lock:
-                    return copy.deepcopy(list(self._states.values()))
-            if len(rest) == 2 and rest[0] == "states":
-                found = self.state(rest[1])
-                if found is None:
-                    raise _Reply(404, {"message": "Entity not found."})
-                return found
-            if rest == ["services"]:
-                return self._services()
-            if len(rest) == 3 and rest[:2] == ["history", "period"]:
-                return self._history_route(rest[2], query)
-        elif method == "POST":
-            if len(rest) == 3 and rest[0] == "services":
-                return self._call_service(rest[1], rest[2], self._json_object(raw))
-            if len(rest) == 2 and rest[0] == "events":
-                data = self._json_object(raw)
-                with self._lock:
-                    self.events.append((rest[1], data))
-                return {"message": f"Event {rest[1]} fired."}
-        else:
-            raise _Reply(405, "405: Method Not Allowed", _TEXT)
-        raise _Reply(404, "404: Not Found", _TEXT)
+            raise _text(404)
+        route: tuple[str, Callable[[], Any]] | None = None
+        match parts[2:]:
+            case [""]:
+                route = ("GET", lambda: {"message": "API running."})
+            case ["config"]:
+                route = ("GET", self._locked(self._config))
+            case ["states"]:
+                route = ("GET", self._locked(lambda: copy.deepcopy(list(self._states.values()))))
+            case ["states", entity_id] if entity_id:
+                route = ("GET", lambda: self._read_state(entity_id))
+            case ["services"]:
+                route = ("GET", self._services)
+            case ["services", domain, service] if domain and service:
+                route = (
+                    "POST",
+                    lambda: self._call_service(
+                        domain, service, self._service_data(raw), "return_response" in query
+                    ),
+                )
+            case ["events"]:
+                route = ("GET", lambda: [{"event": "*", "listener_count": 1}])
+            case ["events", event_type] if event_type:
+                route = ("POST", lambda: self._fire(event_type, raw))
+            case ["history", "period"]:
+                route = ("GET", lambda: self._history_route(None, query))
+            case ["history", "period", start]:
+                route = ("GET", lambda: self._history_route(start, query))
+        if route is None:
+            raise _text(404)
+        allowed, answer = route
+        if method != allowed:
+            raise _text(405)
+        return answer()
 
-    def _history_route(self, start_text: str, query: dict[str, list[str]]) -> Any:
-        try:
-            start = datetime.fromisoformat(start_text)
-            end_text = query.get("end_time", [None])[0]
-            end = datetime.fromisoformat(end_text) if end_text else datetime.now(UTC)
-            if start.tzinfo is None or end.tzinfo is None:
-                raise ValueError(start_text)
-        except ValueError:
-            raise _Reply(400, {"message": "Invalid datetime"}) from None
-        filtered = query.get("filter_entity_id", [""])[0]
-        entity_ids = [e.strip().lower() for e in filtered.split(",") if e.strip()]
-        return self._history_for(start, end, entity_ids, "minimal_response" in query)
+    def _locked(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with self._lock:
+                return fn()
+
+        return run
+
+    def _read_state(self, entity_id: str) -> State:
+        found = self.state(entity_id)
+        if found is None:
+            raise _message(404, "Entity not found.")
+        return found
 
     @staticmethod
-    def _json_object(raw: bytes) -> dict[str, Any]:
-        if not raw.strip():
-            return {}
+    def _service_data(raw: bytes) -> Any:
+        if not raw:
+            return None
         try:
-            data = json.loads(raw)
+            return json.loads(raw)
         except ValueError:
-            raise _Reply(400, {"message": "Data should be valid JSON."}) from None
-        if not isinstance(data, dict):
-            raise _Reply(400, {"message": "Data should be a JSON object."})
-        return data
+            raise _message(400, "Data should be valid JSON.") from None
+
+    def _fire(self, event_type: str, raw: bytes) -> dict[str, str]:
+        data = None
+        if raw:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                raise _message(400, "Event data should be valid JSON.") from None
+        if data is not None and not isinstance(data, dict):
+            raise _message(400, "Event data should be a JSON object")
+        with self._lock:
+            self.events.append((event_type, data or {}))
+        return {"message": f"Event {event_type} fired."}
 
     def _handle(self, method: str, target: str, headers: Any, raw: bytes) -> _Reply:
         body: Any = None
@@ -476,10 +807,9 @@ class FakeHomeAssistant:
                 body = raw.decode("utf-8", "replace")
         with self._lock:
             self.calls.append((method, target, body))
-        if self.slow > 0 and self._stopping.wait(self.slow):
-            raise ConnectionAbortedError("fake Home Assistant stopped")
+        self._pause(self.slow)
         if headers.get("Authorization") != f"Bearer {self.token}":
-            return _Reply(401, "401: Unauthorized", _TEXT)
+            return _text(401)
         if self.fail_with is not None:
             status = self.fail_with
             phrase = HTTPStatus(status).phrase

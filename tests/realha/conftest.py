@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from attrs import frozen
 
+from tests.realha.contract import Home
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "real-ha"
 # a cold install downloads ~800 MB of venv; the script itself bounds the start at 120 s
@@ -49,6 +51,7 @@ class RealHA:
     lock: str = "lock.kitchen_door"  # demo lock, unlocked at start; 2 s "locking" step
     jamming_lock: str = "lock.poorly_installed_door"  # goes "jammed" after locking
     locked_lock: str = "lock.front_door"  # demo lock, locked at start; no "open" support
+    openable_lock: str = "lock.openable_lock"  # demo lock with the open feature
     cover: str = "cover.kitchen_window"
     climate: str = "climate.hvac"  # demo thermostat, 7-35 °C: out of range is HA's 500
     echo_script: str = "script.echo"  # answers {"echo": text} with ?return_response
@@ -122,3 +125,20 @@ def own_real_ha(tmp_path: Path) -> Iterator[tuple[RealHA, Path]]:
         yield ha, directory
     finally:
         stop_real_ha(directory)
+
+
+@pytest.fixture
+def ha_home(real_ha: RealHA) -> Home:
+    """The contract modules' home (``tests/realha/contract.py``): the session's real core."""
+    return Home(
+        url=real_ha.url,
+        token=real_ha.token,
+        real=True,
+        light=real_ha.light,
+        switchable=real_ha.flag,
+        lock=real_ha.locked_lock,
+        openable_lock=real_ha.openable_lock,
+        climate=real_ha.climate,
+        script=real_ha.echo_script,
+        missing=real_ha.missing,
+    )
