@@ -385,7 +385,10 @@ class Broker:
             )
         else:
             outcome = Outcome.FAILED
-            error = ExecutionFailed(approval.detail or "guardian unreachable", data=data)
+            detail = approval.detail or "guardian unreachable"
+            if not detail.startswith("guardian unreachable"):
+                detail = f"guardian unreachable: {detail}"
+            error = ExecutionFailed(detail, data=data)
         await self._deliver(approval, outcome, result, error)
 
     async def _execute_once(self, approval: Approval) -> tuple[Outcome, Any, AgentgateError | None]:

@@ -54,10 +54,13 @@ from agentgate.errors import (
 )
 from agentgate.guardian import (
     Action,
+    ApprovalCard,
+    CardUpdate,
     GatewayStatus,
     Grant,
     Guardian,
     GuardianControl,
+    GuardianUnavailable,
     PendingCard,
 )
 from agentgate.limits import FailedAuthTracker, TokenBucket
@@ -673,10 +676,69 @@ async def _maybe_telegram(
     if guardian is not None or telegram is None:
         yield guardian
         return
-    from agentgate.guardian.telegram import open_telegram_guardian
+    # Telegram unreachable or answering errors: the gateway keeps running (reads are served,
+    # asks fail closed with -32004) and the bot is started again in the background.
+    supervisor = _TelegramSupervisor(telegram, control)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervisor.run)
+        await supervisor.first_attempt.wait()
+        try:
+            yield supervisor
+        finally:
+            nursery.cancel_scope.cancel()
 
-    async with open_telegram_guardian(telegram, control) as tg:
-        yield tg
+
+TELEGRAM_RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # seconds, the last one repeats
+
+
+class _TelegramSupervisor:
+    """The configured Telegram guardian, (re)started until it runs; a :class:`Guardian`.
+
+    While the bot cannot start (Bot API unreachable, token refused), cards cannot be sent:
+    :meth:`send_card` raises :class:`GuardianUnavailable`, so every ask fails closed.
+    """
+
+    def __init__(self, telegram: Any, control: GuardianControl) -> None:
+        self._telegram = telegram
+        self._control = control
+        self.active: Guardian | None = None
+        self.problem = "the Telegram guardian is starting"
+        self.first_attempt = trio.Event()
+
+    async def send_card(self, card: ApprovalCard) -> str:
+        if self.active is None:
+            raise GuardianUnavailable(f"guardian unreachable: {self.problem}")
+        return await self.active.send_card(card)
+
+    async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
+        if self.active is not None:
+            await self.active.update_card(card, message_ref, update)
+
+    async def run(self) -> None:
+        from agentgate.guardian.telegram import open_telegram_guardian
+
+        failures = 0
+        while True:
+            try:
+                async with open_telegram_guardian(self._telegram, self._control) as tg:
+                    self.active = tg
+                    self.first_attempt.set()
+                    failures = 0
+                    await trio.sleep_forever()
+            except GuardianUnavailable as exc:
+                self.problem = exc.message
+                delay = TELEGRAM_RESTART_DELAYS[min(failures, len(TELEGRAM_RESTART_DELAYS) - 1)]
+                failures += 1
+                log.error(
+                    "guardian unreachable: %s; every ask fails closed (-32004) until the"
+                    " Telegram guardian starts (next attempt in %g s)",
+                    exc.message,
+                    delay,
+                )
+                self.first_attempt.set()
+                await trio.sleep(delay)
+            finally:
+                self.active = None
 
 
 async def serve_gateway(

@@ -431,6 +431,9 @@ class TelegramGuardian:
         self._control = control
         self._limits = limits
         self._pacing = _Pacing(limits)
+        # The bot's asyncio loop, named explicitly: the broker calls send_card/update_card from
+        # tasks that need not descend from the task that opened the loop (its context var).
+        self._loop = trio_asyncio.current_loop.get()
 
     # -- Guardian ---------------------------------------------------------------------------
 
@@ -495,7 +498,7 @@ class TelegramGuardian:
         with trio.move_on_at(deadline):
             for attempt in range(limits.attempts):
                 try:
-                    result: T = await trio_asyncio.aio_as_trio(call)()
+                    result: T = await trio_asyncio.aio_as_trio(call, loop=self._loop)()
                     return result
                 except RetryAfter as exc:
                     last, pause = exc, _retry_after_seconds(exc)
