@@ -468,10 +468,10 @@ class Broker:
         except ExecutionFailed:
             log.exception("could not record the outcome of %s", row.request_id)
         if not delivered:
-            await self._announce_queued(row.agent)
+            await self.announce_queued(row.agent)
         await self._edit_card(approval, outcome, result, error, delivered)
 
-    async def _announce_queued(self, agent: str) -> None:
+    async def announce_queued(self, agent: str) -> None:
         sessions = self._sessions(agent)
         if not sessions:
             return
@@ -518,12 +518,14 @@ class Broker:
 def _summary(result: Any, limit: int = 200) -> str:
     """A one-line summary of a service result for the card."""
     if isinstance(result, list):
-        states = [
-            f"{s.get('entity_id')}: {s.get('state')}"
+        # HA lists every state a call went through (locking, locked): show the last of each.
+        last = {
+            str(s["entity_id"]): s.get("state")
             for s in result
             if isinstance(s, dict) and "entity_id" in s
-        ]
-        text = ", ".join(states) if states else f"{len(result)} item(s)"
+        }
+        states = [f"{entity}: {state}" for entity, state in last.items()]
+        text = ", ".join(states) if states else "no state changed"
     elif isinstance(result, dict) and "entity_id" in result:
         text = f"{result.get('entity_id')}: {result.get('state')}"
     elif isinstance(result, dict) and "message" in result:

@@ -92,7 +92,9 @@ class Connection:
 
     agent: str
     remote: str
-    _send: trio.MemorySendChannel[tuple[str, str | None]]
+    # Frames for the writer, each with the request ids of the results it hands out, so a frame
+    # that never reaches the socket puts those results back in the agent's queue.
+    _send: trio.MemorySendChannel[tuple[str, tuple[str, ...]]]
     closed: bool = False
     in_flight: int = 0
     bucket: TokenBucket | None = None
@@ -101,17 +103,20 @@ class Connection:
         if self.closed:
             return False
         try:
-            self._send.send_nowait((text, request_id))
+            self._send.send_nowait((text, (request_id,) if request_id else ()))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         return True
 
-    async def send(self, text: str) -> None:
-        """Queue a reply, waiting if the agent reads slowly; a closed connection drops it."""
+    async def send(self, text: str, request_ids: tuple[str, ...] = ()) -> bool:
+        """Queue a reply, waiting if the agent reads slowly; False if the connection is gone."""
         if self.closed:
-            return
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await self._send.send((text, None))
+            return False
+        try:
+            await self._send.send((text, request_ids))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -187,7 +192,7 @@ class Gateway(GuardianControl):
         bucket = self.buckets.get(agent.name)
         if bucket is None or bucket.capacity != rpm:
             bucket = self.buckets[agent.name] = TokenBucket(rpm, 60.0)
-        send, receive = trio.open_memory_channel[tuple[str, str | None]](OUTBOX)
+        send, receive = trio.open_memory_channel[tuple[str, tuple[str, ...]]](OUTBOX)
         conn = Connection(agent.name, remote, send, bucket=bucket)
         self.connections[agent.name].add(conn)
         log.info("agent %s connected from %s", agent.name, remote)
@@ -293,31 +298,30 @@ class Gateway(GuardianControl):
         self,
         ws: WebSocketConnection,
         conn: Connection,
-        receive: trio.MemoryReceiveChannel[tuple[str, str | None]],
+        receive: trio.MemoryReceiveChannel[tuple[str, tuple[str, ...]]],
     ) -> None:
-        lost: list[str] = []
+        broken = False
+        undelivered: list[str] = []
         async with receive:
-            async for text, request_id in receive:
-                if lost:
-                    if request_id:
-                        lost.append(request_id)
-                    continue
-                try:
-                    await ws.send_message(text)
-                except ConnectionClosed:
-                    conn.closed = True
-                    lost.append("")
-                    if request_id:
-                        lost.append(request_id)
-            if self.shutting_down and not lost:
+            async for text, request_ids in receive:
+                if not broken:
+                    try:
+                        await ws.send_message(text)
+                        continue
+                    except ConnectionClosed:
+                        conn.closed = broken = True
+                undelivered.extend(request_ids)
+            if self.shutting_down and not broken:
                 await self._close(ws, CLOSE_GOING_AWAY, "gateway shutting down")
-        # Results the broker handed us that never reached the socket go back to the queue.
-        undelivered = [r for r in lost if r]
-        for request_id in undelivered:
+        await self._requeue(conn.agent, undelivered)
+
+    async def _requeue(self, agent: str, request_ids: list[str] | tuple[str, ...]) -> None:
+        """Results that never reached the socket go back to the agent's queue."""
+        for request_id in request_ids:
             with contextlib.suppress(ExecutionFailed):
                 await self.store.mark_undelivered(request_id)
-        if undelivered:
-            await self.broker._announce_queued(conn.agent)
+        if request_ids:
+            await self.broker.announce_queued(agent)
 
     async def _reader(
         self, ws: WebSocketConnection, conn: Connection, nursery: trio.Nursery
@@ -372,7 +376,11 @@ class Gateway(GuardianControl):
             elif req.method == "list_tools":
                 result = {"tools": tools.list_tools()}
             else:  # get_pending_results
-                result = {"results": await self.store.take_queued(conn.agent)}
+                results = await self.store.take_queued(conn.agent)
+                handed = tuple(r["request_id"] for r in results)
+                if not await conn.send(encode_result(req.id, {"results": results}), handed):
+                    await self._requeue(conn.agent, handed)
+                return
             if result is not None:
                 await conn.send(encode_result(req.id, result))
         except AgentgateError as exc:

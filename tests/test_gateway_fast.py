@@ -137,3 +137,28 @@ async def test_shutdown_answers_pending_asks_and_closes_1001(
         rows = await fg.gateway.store.audit_rows()
         assert [(r.decision, r.resolution) for r in rows] == [("ask", "shutdown")]
         assert fg.home.service_calls == []
+
+
+async def test_queued_results_whose_reply_is_lost_are_queued_again(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        await ws.send_message(
+            '{"jsonrpc":"2.0","id":4,"method":"tool_request","params":{"tool":"ha_call_service",'
+            '"args":{"domain":"light","service":"turn_on","entity_id":"light.bedroom"}}}'
+        )
+        shown = await fg.guardian.wait_for_card()
+        await ws.aclose()
+        await fg.guardian.press(shown.card.request_id, "allow")
+        await fg.guardian.wait_for_update(shown.card.request_id)
+        # Ask for the queued result and hang up before the reply can be written.
+        ws = await authed(fg)
+        await ws.send_message('{"jsonrpc":"2.0","id":5,"method":"get_pending_results"}')
+        await ws.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        ws = await authed(fg)
+        results = (await call(ws, 6, "get_pending_results"))["result"]["results"]
+        assert [(r["rpc_id"], r["status"]) for r in results] == [(4, "executed")]
+        assert (await call(ws, 7, "get_pending_results"))["result"]["results"] == []
+        assert len(fg.home.service_calls) == 1
