@@ -165,6 +165,18 @@ def _json(value: Any) -> str | None:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+AUDIT_RESULT_LIMIT = 4096
+"""Characters of a service result kept in the audit log; longer results are cut and marked."""
+
+
+def _result_json(value: Any) -> str | None:
+    """A result for the audit log: JSON, or a marked excerpt if it is longer than the limit."""
+    text = _json(value)
+    if text is None or len(text) <= AUDIT_RESULT_LIMIT:
+        return text
+    return _json({"truncated": True, "length": len(text), "excerpt": text[:AUDIT_RESULT_LIMIT]})
+
+
 def _unjson(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
@@ -299,7 +311,7 @@ class Store:
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
                 " WHERE request_id=? AND kind='request' AND resolution IS NULL",
-                (resolution, resolved_by, resolved_at, _json(result), error, request_id),
+                (resolution, resolved_by, resolved_at, _result_json(result), error, request_id),
             )
 
         if wait:
@@ -427,7 +439,7 @@ class Store:
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
                 " WHERE request_id=? AND kind='request' AND resolution IS NULL",
-                (outcome, decided_by, at, _json(result), error, request_id),
+                (outcome, decided_by, at, _result_json(result), error, request_id),
             )
 
         await self._do(fn)
@@ -555,7 +567,7 @@ def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
             e.resolution,
             e.resolved_by,
             e.resolved_at,
-            _json(e.result),
+            _result_json(e.result),
             e.error,
         ),
     )
