@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
 import yaml
-from attrs import frozen
+from attrs import field, frozen
 
 from agentgate import tools
 
@@ -94,6 +94,7 @@ class Evaluation:
 
 
 _FALLBACK: Final = Matched(kind="fallback", action="ask")
+_MEMO_SIZE: Final = 4096
 
 
 @frozen
@@ -104,6 +105,8 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     defaults: tuple[Rule, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Decisions are a pure function of the signature: remembered, a bounded number of them.
+    _memo: dict[str, Evaluation] = field(factory=dict, init=False, eq=False, repr=False)
 
     def evaluate(self, tool: object, args: object, *, allow_unknown: bool = False) -> Evaluation:
         """Validate ``args``, build the signature and decide.
@@ -115,6 +118,14 @@ class Policy:
 
     def evaluate_signature(self, signature: str) -> Evaluation:
         """Decide for an already built ``signature``."""
+        found = self._memo.get(signature)
+        if found is None:
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo.clear()
+            found = self._memo[signature] = self._decide(signature)
+        return found
+
+    def _decide(self, signature: str) -> Evaluation:
         for wanted in ("deny", "allow", "ask"):
             for index, rule in enumerate(self.rules):
                 if rule.action == wanted and rule.matches(signature):

@@ -437,3 +437,12 @@ def test_parse_policy_never_raises_anything_but_policy_error(text: str) -> None:
     else:
         message = "fuzz.yaml: ok"
     assert message.startswith("fuzz.yaml: ")
+
+
+def test_decisions_are_remembered_per_signature() -> None:
+    policy = parse_policy(
+        "rules:\n  - pattern: 'ha_get_state(sensor.*)'\n    action: allow\n", "memo.yaml"
+    )
+    first = policy.evaluate_signature("ha_get_state(sensor.a)")
+    assert policy.evaluate_signature("ha_get_state(sensor.a)") is first
+    assert policy.evaluate_signature("ha_get_state(light.a)").decision == "ask"
