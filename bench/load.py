@@ -1,0 +1,232 @@
+"""A load worker process: ``python -m bench.load '<json spec>'`` prints one JSON result.
+
+Modes (``spec["mode"]``):
+
+- ``gateway``: ``connections`` SDK connections (tokens taken round-robin from ``tokens``), each
+  with ``in_flight`` tasks calling ``ha_get_state`` back to back.
+- ``floor``: the same HTTP work straight at the fake home with ``httpx.AsyncClient`` under Trio:
+  ``clients`` clients, ``in_flight`` tasks in all, pool sized to the tasks.
+- ``asks``: ``connections`` agents each send ``per_agent`` asks at once and wait for their
+  outcome (S6): reports when each was sent and answered, and how.
+
+Every mode warms up until ``start_at`` (wall clock, so several workers share one window), then
+counts the calls that complete within ``[start_at, start_at + duration]``.
+"""
+
+from __future__ import annotations
+
+import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import trio
+
+from agentgate.client import AgentgateError, connect
+
+Call = Callable[[], Awaitable[Any]]
+
+
+class Window:
+    """Completions and latencies inside the measuring window."""
+
+    def __init__(self, start_at: float, duration: float) -> None:
+        self.start = start_at
+        self.end = start_at + duration
+        self.latencies: list[float] = []
+        self.per_second = [0] * (math.ceil(duration) + 1)
+        self.errors: Counter[str] = Counter()
+        self.stop = trio.Event()
+
+    def done(self, begun: float, ended: float) -> None:
+        if self.start <= ended <= self.end:
+            self.latencies.append(round((ended - begun) * 1000, 3))
+            self.per_second[int(ended - self.start)] += 1
+
+    def failed(self, exc: BaseException, ended: float) -> None:
+        if self.start <= ended <= self.end:
+            self.errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
+
+
+async def _loop(call: Call, window: Window) -> None:
+    clock = time.time
+    while not window.stop.is_set():
+        begun = clock()
+        try:
+            await call()
+        except (AgentgateError, httpx.HTTPError, AssertionError) as exc:
+            window.failed(exc, clock())
+            await trio.sleep(0.001)
+            continue
+        window.done(begun, clock())
+
+
+async def _timer(window: Window) -> None:
+    await trio.sleep(max(0.0, window.end - time.time()))
+    window.stop.set()
+
+
+def _result(window: Window, setup_late: float) -> dict[str, Any]:
+    return {
+        "count": len(window.latencies),
+        "duration": window.end - window.start,
+        "latencies_ms": window.latencies,
+        "per_second": window.per_second[:-1],
+        "errors": dict(window.errors),
+        "late_start_s": round(setup_late, 3),
+    }
+
+
+async def run_gateway(spec: dict[str, Any]) -> dict[str, Any]:
+    window = Window(spec["start_at"], spec["duration"])
+    tokens: list[str] = spec["tokens"]
+    entity = spec["entity"]
+    async with AsyncExitStack() as stack:
+        gateways = []
+        for i in range(spec["connections"]):
+            gw = await stack.enter_async_context(
+                connect(spec["url"], token=tokens[i % len(tokens)], ca=spec["ca"], reconnect=False)
+            )
+            gateways.append(gw)
+        late = max(0.0, time.time() - window.start)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_timer, window)
+            for gw in gateways:
+                call = _bind_sdk(gw, entity)
+                for _ in range(spec["in_flight"]):
+                    nursery.start_soon(_loop, call, window)
+    return _result(window, late)
+
+
+def _bind_sdk(gw: Any, entity: str) -> Call:
+    async def call() -> Any:
+        data = await gw.call("ha_get_state", entity_id=entity)
+        assert data["entity_id"] == entity
+        return data
+
+    return call
+
+
+async def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
+    window = Window(spec["start_at"], spec["duration"])
+    clients_n: int = spec["clients"]
+    in_flight: int = spec["in_flight"]
+    per_client = spec.get("pool") or max(1, math.ceil(in_flight / clients_n))
+    limits = httpx.Limits(
+        max_connections=per_client, max_keepalive_connections=per_client, keepalive_expiry=60
+    )
+    headers = {"Authorization": f"Bearer {spec['ha_token']}"}
+    path = f"/api/states/{spec['entity']}"
+    async with AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=spec["ha_url"], headers=headers, limits=limits)
+            )
+            for _ in range(clients_n)
+        ]
+
+        def bind(client: httpx.AsyncClient) -> Call:
+            async def call() -> Any:
+                reply = await client.get(path)
+                reply.raise_for_status()
+                return reply.json()
+
+            return call
+
+        late = max(0.0, time.time() - window.start)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_timer, window)
+            for i in range(in_flight):
+                nursery.start_soon(_loop, bind(clients[i % clients_n]), window)
+    return _result(window, late)
+
+
+async def run_asks(spec: dict[str, Any]) -> dict[str, Any]:
+    """S6: many agents, many pending asks each; every outcome with its timing."""
+    tokens: list[str] = spec["tokens"]
+    outcomes: Counter[str] = Counter()
+    lateness: list[float] = []  # answer time minus the approval's expires_at, seconds
+    expires: dict[str, float] = {}  # request_id -> expires_at (from approval_pending)
+
+    def on_pending(params: dict[str, Any]) -> None:
+        expires[params["request_id"]] = float(params["expires_at"])
+
+    timeout = float(spec["approval_timeout"])
+    ready = 0
+
+    async def one(gw: Any, i: int) -> None:
+        try:
+            await gw.call(
+                "ha_call_service", domain="light", service="turn_on", entity_id="light.kitchen"
+            )
+            outcomes["executed"] += 1
+        except AgentgateError as exc:
+            outcomes[type(exc).__name__] += 1
+            expires_at = expires.get(str((exc.data or {}).get("request_id")))
+            if type(exc).__name__ == "ApprovalTimedOut" and expires_at is not None:
+                lateness.append(round(time.time() - expires_at, 4))
+
+    go = trio.Event()
+    all_in = trio.Event()
+    limiter = trio.CapacityLimiter(20)  # TLS handshakes at once
+
+    async def agent(token: str) -> None:
+        nonlocal ready
+        async with limiter:
+            stack = AsyncExitStack()
+            gw = await stack.enter_async_context(
+                connect(
+                    spec["url"],
+                    token=token,
+                    ca=spec["ca"],
+                    reconnect=False,
+                    on_pending=on_pending,
+                )
+            )
+        async with stack:
+            ready += 1
+            if ready == len(tokens):
+                all_in.set()
+            await go.wait()
+            async with trio.open_nursery() as nursery:
+                for i in range(spec["per_agent"]):
+                    nursery.start_soon(one, gw, i)
+
+    connect_started = time.time()
+    connected = 0.0
+    with trio.fail_after(timeout + spec.get("grace", 180)):
+        async with trio.open_nursery() as nursery:
+            for token in tokens:
+                nursery.start_soon(agent, token)
+            await all_in.wait()
+            connected = time.time() - connect_started
+            print(json.dumps({"event": "connected", "seconds": connected}), file=sys.stderr)
+            go.set()
+    lateness.sort()
+    return {
+        "connected_s": round(connected, 2),
+        "outcomes": dict(outcomes),
+        "lateness_s": lateness,
+    }
+
+
+MODES = {"gateway": run_gateway, "floor": run_floor, "asks": run_asks}
+
+
+def main() -> None:
+    logging.getLogger("agentgate").setLevel(logging.ERROR)  # "gateway closed" at the end
+    spec = json.loads(sys.argv[1])
+    result = trio.run(MODES[spec["mode"]], spec)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

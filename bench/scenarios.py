@@ -1,0 +1,507 @@
+"""S1-S7 (project issue 6): each starts its own gateway process and measures its floor.
+
+Throughput scenarios run their load in separate worker processes (:mod:`bench.load`), all
+measuring one shared wall-clock window. S5/S6 press the fake Telegram's buttons from this
+process; S6's 1,000 agents live in one worker process.
+"""
+
+from __future__ import annotations
+
+import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from agentgate.client import connect
+from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram
+from bench import procs
+from bench.profile import Profiler
+from bench.stats import Row, median, percentile
+
+
+@attrs.define
+class Settings:
+    """Durations and sizes; ``quick()`` is for a fast smoke run."""
+
+    s1_seconds: float = 20
+    floor_seconds: float = 10
+    s2_seconds: float = 20
+    s3_seconds: float = 20
+    s4_seconds: float = 60
+    s4_edge: float = 10
+    s5_asks: int = 30
+    s6_agents: int = 1000
+    s6_per_agent: int = 10
+    s6_timeout: float = 60
+    s6_probes: int = 20
+    warmup: float = 2
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            s1_seconds=5,
+            floor_seconds=3,
+            s2_seconds=5,
+            s3_seconds=5,
+            s4_seconds=15,
+            s4_edge=3,
+            s5_asks=10,
+            s6_agents=200,
+            s6_per_agent=10,
+            s6_timeout=30,
+            s6_probes=10,
+        )
+
+
+@attrs.define
+class Context:
+    settings: Settings
+    home: procs.Home
+    tg: FakeTelegram
+    workdir: Path
+    profiler: Profiler | None = None
+    floors: dict[str, float] = attrs.field(factory=dict)
+    proposals: str = ""
+    log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
+    _n: int = 0
+
+    def fresh_dir(self, name: str) -> Path:
+        self._n += 1
+        return self.workdir / f"{self._n:02d}-{name}"
+
+
+def _tokens(n: int, prefix: str = "agent") -> dict[str, str]:
+    return {f"{prefix}{i:04d}": f"{prefix}-{i:04d}-token-0123456789abcdef" for i in range(n)}
+
+
+@contextmanager
+def _gateway(
+    ctx: Context, name: str, tokens: dict[str, str], **kw: Any
+) -> Iterator[procs.GatewayProc]:
+    with procs.gateway(
+        ctx.fresh_dir(name),
+        home=ctx.home,
+        tokens=tokens,
+        telegram_url=ctx.tg.base_url,
+        proposals=ctx.proposals,
+        **kw,
+    ) as gw:
+        yield gw
+        if not gw.alive():
+            raise RuntimeError(f"{name}: the gateway died (see {gw.log})")
+
+
+def _gw_spec(gw: procs.GatewayProc, start_at: float, duration: float, **kw: Any) -> dict[str, Any]:
+    return {
+        "mode": "gateway",
+        "url": gw.url,
+        "ca": str(gw.ca),
+        "tokens": list(gw.tokens.values()),
+        "entity": procs.ENTITY,
+        "start_at": start_at,
+        "duration": duration,
+        **kw,
+    }
+
+
+def _floor_spec(ctx: Context, start_at: float, duration: float, **kw: Any) -> dict[str, Any]:
+    return {
+        "mode": "floor",
+        "ha_url": ctx.home.url,
+        "ha_token": procs.HA_TOKEN,
+        "entity": procs.ENTITY,
+        "start_at": start_at,
+        "duration": duration,
+        **kw,
+    }
+
+
+def _measure(
+    ctx: Context,
+    specs: list[dict[str, Any]],
+    duration: float,
+    *,
+    setup: float,
+    profile: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """Run the workers over one window; merge counts, latencies, per-second counts, errors."""
+    start_at = time.time() + setup + ctx.settings.warmup
+    for spec in specs:
+        spec["start_at"] = start_at
+        spec["duration"] = duration
+    workers = [procs.run_worker(spec, limit=0) for spec in specs]
+    if profile is not None and ctx.profiler is not None:
+        ctx.profiler.record(profile[0], profile[1], start_at, duration)
+    results = [procs.collect(w, setup + ctx.settings.warmup + duration + 120) for w in workers]
+    latencies: list[float] = []
+    per_second = [0] * len(results[0]["per_second"])
+    errors: dict[str, int] = {}
+    for r in results:
+        latencies.extend(r["latencies_ms"])
+        per_second = [a + b for a, b in zip(per_second, r["per_second"], strict=False)]
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    count = sum(r["count"] for r in results)
+    return {
+        "rate": count / duration,
+        "count": count,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "per_second": per_second,
+        "errors": errors,
+        "late_start": max(r["late_start_s"] for r in results),
+    }
+
+
+def _errors_note(m: dict[str, Any]) -> str:
+    n = sum(m["errors"].values())
+    return f"{n} errors: {next(iter(m['errors']))}" if n else ""
+
+
+# -- floors ------------------------------------------------------------------------------------
+
+
+def floors(ctx: Context) -> list[Row]:
+    """The fake home driven directly by httpx.AsyncClient under Trio (no gateway running)."""
+    s = ctx.settings
+    seq = _measure(ctx, [_floor_spec(ctx, 0, 0, clients=1, in_flight=1)], s.floor_seconds, setup=1)
+    variants = {
+        "1 process, 1 client, 100 tasks": [_floor_spec(ctx, 0, 0, clients=1, in_flight=100)],
+        "1 process, 1 client (pool 10), 100 tasks": [
+            _floor_spec(ctx, 0, 0, clients=1, in_flight=100, pool=10)
+        ],
+        "1 process, 10 clients (pool 1), 100 tasks": [
+            _floor_spec(ctx, 0, 0, clients=10, in_flight=100, pool=1)
+        ],
+        "1 process, 10 clients (pool 10), 100 tasks": [
+            _floor_spec(ctx, 0, 0, clients=10, in_flight=100)
+        ],
+        "2 processes x (5 clients (pool 1), 50 tasks)": [
+            _floor_spec(ctx, 0, 0, clients=5, in_flight=50, pool=1) for _ in range(2)
+        ],
+    }
+    rates = {}
+    for name, specs in variants.items():
+        rates[name] = _measure(ctx, specs, s.floor_seconds, setup=1)["rate"]
+    best = max(rates, key=lambda k: rates[k])
+    ctx.floors.update(seq=seq["rate"], seq_p50=seq["p50"], par=rates[best])
+    ctx.log(f"floors: sequential {seq['rate']:.0f} req/s; 100 in flight: {rates}")
+    one = rates["1 process, 1 client, 100 tasks"]
+    return [
+        Row("floor sequential", seq["rate"], "req/s", "-", None, note="1 httpx client, 1 task"),
+        Row(
+            "floor 100 in flight",
+            rates[best],
+            "req/s",
+            "-",
+            None,
+            note=f"best: {best}; 1 client/100 tasks {one:,.0f}",
+            extra={"variants": rates},
+        ),
+    ]
+
+
+# -- S1-S4 ------------------------------------------------------------------------------------
+
+
+def s1(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    with _gateway(ctx, "s1", _tokens(1)) as gw:
+        m = _measure(
+            ctx,
+            [_gw_spec(gw, 0, 0, connections=1, in_flight=1)],
+            s.s1_seconds,
+            setup=2,
+            profile=("s1", gw.pid),
+        )
+    floor = ctx.floors["seq"]
+    ratio = m["rate"] / floor
+    ok = m["rate"] >= 1200 and ratio >= 0.5 and not m["errors"]
+    return [
+        Row(
+            "S1 sequential",
+            m["rate"],
+            "req/s",
+            "≥ 1,200 req/s and ≥ 0.5x floor",
+            ok,
+            floor,
+            ratio,
+            note=f"p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms " + _errors_note(m),
+        )
+    ]
+
+
+def s2(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    with _gateway(ctx, "s2", _tokens(1), max_pending=10) as gw:
+        m = _measure(
+            ctx,
+            [_gw_spec(gw, 0, 0, connections=1, in_flight=100)],
+            s.s2_seconds,
+            setup=2,
+            profile=("s2", gw.pid),
+        )
+    floor = ctx.floors["par"]
+    ctx.floors["s2"] = m["rate"]
+    return [
+        Row(
+            "S2 100 in flight, 1 conn",
+            m["rate"],
+            "req/s",
+            "≥ 4,000 req/s",
+            m["rate"] >= 4000 and not m["errors"],
+            floor,
+            m["rate"] / floor,
+            note=_errors_note(m) or "1 SDK client process",
+        ),
+        Row("S2 p99", m["p99"], "ms", "≤ 30 ms", m["p99"] <= 30, note=f"p50 {m['p50']:.1f} ms"),
+    ]
+
+
+def s3(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    tokens = _tokens(50)
+    names = list(tokens)
+    with _gateway(ctx, "s3", tokens) as gw:
+        specs = []
+        for half in (names[:25], names[25:]):  # two client processes, 25 agents each
+            spec = _gw_spec(gw, 0, 0, connections=25, in_flight=20)
+            spec["tokens"] = [tokens[n] for n in half]
+            specs.append(spec)
+        m = _measure(ctx, specs, s.s3_seconds, setup=4, profile=("s3", gw.pid))
+    floor = ctx.floors["par"]
+    s2_rate = ctx.floors.get("s2", math.nan)
+    return [
+        Row(
+            "S3 50 agents x 20",
+            m["rate"],
+            "req/s",
+            "no errors; ≥ S2",
+            not m["errors"] and m["rate"] >= s2_rate,
+            floor,
+            m["rate"] / floor,
+            note=(_errors_note(m) or "0 errors") + f"; S2 was {s2_rate:,.0f}",
+        ),
+        Row("S3 p99", m["p99"], "ms", "≤ 50 ms", m["p99"] <= 50, note=f"p50 {m['p50']:.1f} ms"),
+    ]
+
+
+def s4(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    with _gateway(ctx, "s4", _tokens(1)) as gw:
+        rss0 = gw.rss()["VmRSS"]
+        m = _measure(ctx, [_gw_spec(gw, 0, 0, connections=1, in_flight=1)], s.s4_seconds, setup=2)
+        rss1 = gw.rss()["VmRSS"]
+    edge = int(s.s4_edge)
+    ps = m["per_second"]
+    first, last = sum(ps[:edge]) / edge, sum(ps[-edge:]) / edge
+    drift = last / first - 1 if first else math.nan
+    return [
+        Row(
+            f"S4 sustained {s.s4_seconds:.0f} s",
+            m["rate"],
+            "req/s",
+            f"last {edge} s within 10 % of first",
+            abs(drift) <= 0.10 and not m["errors"],
+            ctx.floors["seq"],
+            m["rate"] / ctx.floors["seq"],
+            note=f"first {first:,.0f}, last {last:,.0f} req/s ({drift:+.1%}); "
+            f"RSS {rss0 / 1024:.0f}→{rss1 / 1024:.0f} MiB " + _errors_note(m),
+            extra={"drift": drift, "per_second": ps},
+        )
+    ]
+
+
+# -- S5, S6: the approval path through the fake Telegram ---------------------------------------
+
+
+def _has_button(data: str, message: FakeMessage) -> bool:
+    return any(button == data for _, button in message.buttons)
+
+
+async def _press_round_trips(
+    tg: FakeTelegram, gw: procs.GatewayProc, token: str, n: int, warm: int = 2
+) -> list[float]:
+    """Ask ``n + warm`` times; press Allow on each card; time press → result (ms)."""
+    send, recv = trio.open_memory_channel[str](math.inf)
+    out: list[float] = []
+    async with connect(
+        gw.url, token=token, ca=gw.ca, on_pending=lambda p: send.send_nowait(p["request_id"])
+    ) as agent:
+
+        async def ask(done: dict[str, float]) -> None:
+            await agent.call(
+                "ha_call_service", domain="light", service="turn_on", entity_id="light.kitchen"
+            )
+            done["t"] = time.perf_counter()
+
+        for i in range(n + warm):
+            done: dict[str, float] = {}
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask, done)
+                    rid = await recv.receive()
+                    data = f"allow:{rid}"
+                    msg = await tg.wait_for_message(partial(_has_button, data))
+                    await trio.sleep(0.05)  # let the card's send finish; a human takes seconds
+                    t0 = time.perf_counter()
+                    tg.press(msg.message_id, data, user_id=procs.TG_USER)
+            if i >= warm:
+                out.append((done["t"] - t0) * 1000)
+    return out
+
+
+async def _executor_floor(ctx: Context, n: int) -> float:
+    """Median ms of the executor's HTTP work for the S5 call: GET the entity, POST the service."""
+    headers = {"Authorization": f"Bearer {procs.HA_TOKEN}"}
+    times = []
+    async with httpx.AsyncClient(base_url=ctx.home.url, headers=headers) as client:
+        for _ in range(n + 5):
+            t0 = time.perf_counter()
+            (await client.get("/api/states/light.kitchen")).raise_for_status()
+            reply = await client.post(
+                "/api/services/light/turn_on", json={"entity_id": "light.kitchen"}
+            )
+            reply.raise_for_status()
+            times.append((time.perf_counter() - t0) * 1000)
+    return median(times[5:])
+
+
+def s5(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    tokens = _tokens(1)
+    with _gateway(ctx, "s5", tokens, unpaced_telegram=True) as gw:
+        times = trio.run(_press_round_trips, ctx.tg, gw, tokens["agent0000"], s.s5_asks)
+    floor = trio.run(_executor_floor, ctx, 50)
+    med = median(times)
+    return [
+        Row(
+            "S5 ask round trip (median)",
+            med,
+            "ms",
+            "≤ 4 ms",
+            med <= 4,
+            floor,
+            floor / med,
+            note=f"press → result, n={len(times)}, p90 {percentile(times, 90):.1f} ms; "
+            "floor = executor's GET+POST",
+        )
+    ]
+
+
+def s6(ctx: Context) -> list[Row]:
+    s = ctx.settings
+    tokens = _tokens(s.s6_agents)
+    probe = {"probe": "probe-token-0123456789abcdef"}
+    total = s.s6_agents * s.s6_per_agent
+    with _gateway(
+        ctx,
+        "s6",
+        {**tokens, **probe},
+        unpaced_telegram=True,
+        approval_timeout=s.s6_timeout,
+        max_pending=max(20, s.s6_per_agent),
+    ) as gw:
+        idle = gw.rss()["VmRSS"]
+        base = len(ctx.tg.messages)
+        spec = {
+            "mode": "asks",
+            "url": gw.url,
+            "ca": str(gw.ca),
+            "tokens": list(tokens.values()),
+            "per_agent": s.s6_per_agent,
+            "approval_timeout": s.s6_timeout,
+        }
+        worker = procs.run_worker(spec, limit=0)
+        started = time.monotonic()
+        cards = 0
+        while time.monotonic() - started < s.s6_timeout + 120:
+            cards = len(ctx.tg.messages) - base
+            if cards >= total or worker.poll() is not None:
+                break
+            time.sleep(0.5)
+        all_pending = time.monotonic() - started
+        rss_pending = gw.rss()
+        ctx.log(f"S6: {cards} cards after {all_pending:.1f} s, RSS {rss_pending}")
+        profile_until = time.time()
+        probes = trio.run(_press_round_trips, ctx.tg, gw, probe["probe"], s.s6_probes)
+        ctx.log(f"S6: probes {[round(p, 1) for p in probes]}")
+        result = procs.collect(worker, s.s6_timeout + 400)
+        rss_end = gw.rss()
+        del profile_until
+    late = result["lateness_s"]
+    timed_out = result["outcomes"].get("ApprovalTimedOut", 0)
+    peak = rss_pending["VmHWM"] / 1024
+    med = median(probes)
+    on_time = timed_out == total and late and percentile(late, 99) <= 1.0
+    return [
+        Row(
+            f"S6 RSS, {total:,} pending",
+            peak,
+            "MiB",
+            "≤ 200 MiB",
+            peak <= 200,
+            note=f"{s.s6_agents} agents; idle {idle / 1024:.0f} MiB, all pending "
+            f"{rss_pending['VmRSS'] / 1024:.0f}, end {rss_end['VmRSS'] / 1024:.0f}, peak "
+            f"{rss_end['VmHWM'] / 1024:.0f}; {cards} cards in {all_pending:.0f} s; "
+            f"connect {result['connected_s']:.0f} s",
+        ),
+        Row(
+            "S6 decision under load (median)",
+            med,
+            "ms",
+            "≤ 10 ms",
+            med <= 10,
+            note=f"press → result, n={len(probes)}, p90 {percentile(probes, 90):.1f} ms",
+        ),
+        Row(
+            "S6 timeouts on schedule",
+            timed_out,
+            f"of {total}",
+            "all, p99 late ≤ 1 s",
+            bool(on_time),
+            note=f"outcomes {json.dumps(result['outcomes'])}; late p50 "
+            f"{percentile(late, 50):.2f} s, p99 {percentile(late, 99):.2f} s, "
+            f"max {max(late, default=math.nan):.2f} s",
+        ),
+    ]
+
+
+def s7(ctx: Context) -> list[Row]:
+    with _gateway(ctx, "s7", _tokens(1)) as gw:
+        time.sleep(3)
+        rss = gw.rss()["VmRSS"] / 1024
+    return [
+        Row(
+            "S7 idle RSS",
+            rss,
+            "MiB",
+            "≤ 50 MiB",
+            rss <= 50,
+            note="Telegram guardian + Home Assistant configured, no agent",
+        )
+    ]
+
+
+SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
+    "floors": floors,
+    "S1": s1,
+    "S2": s2,
+    "S3": s3,
+    "S4": s4,
+    "S5": s5,
+    "S6": s6,
+    "S7": s7,
+}

@@ -1,0 +1,103 @@
+"""Small statistics and the result row every scenario returns."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of unsorted values; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@attrs.define
+class Row:
+    """One line of the table: a figure, its floor, the ratio, the target and the verdict.
+
+    ``ratio`` is always "higher is better, 1.0 = as good as the floor": rate / floor rate for
+    throughput, floor latency / latency for latency.
+    """
+
+    key: str  # e.g. "S2 req/s"
+    value: float
+    unit: str
+    target: str
+    ok: bool | None
+    floor: float | None = None
+    ratio: float | None = None
+    note: str = ""
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+def combine(runs: list[list[Row]]) -> list[Row]:
+    """The median of each row over several runs (rows matched by key, order of the first run)."""
+    if len(runs) == 1:
+        return runs[0]
+    by_key: dict[str, list[Row]] = {}
+    for rows in runs:
+        for row in rows:
+            by_key.setdefault(row.key, []).append(row)
+    out = []
+    for key, rows in by_key.items():
+        value = median([r.value for r in rows])
+        floors = [r.floor for r in rows if r.floor is not None]
+        ratios = [r.ratio for r in rows if r.ratio is not None]
+        oks = [r.ok for r in rows if r.ok is not None]
+        first = rows[0]
+        out.append(
+            Row(
+                key=key,
+                value=value,
+                unit=first.unit,
+                target=first.target,
+                ok=(sum(oks) * 2 > len(oks)) if oks else None,
+                floor=median(floors) if floors else None,
+                ratio=median(ratios) if ratios else None,
+                note=f"{sum(oks)}/{len(oks)} runs met it" if oks else first.note,
+                extra={"runs": [r.value for r in rows]},
+            )
+        )
+    return out
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None or value != value:
+        return "-"
+    if unit in ("req/s",) or abs(value) >= 100:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {unit}".strip()
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table (also readable in a terminal)."""
+    head = ["scenario", "measured", "floor", "ratio", "target", "met", "notes"]
+    lines = [head]
+    for r in rows:
+        met = "-" if r.ok is None else ("yes" if r.ok else "NO")
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        lines.append(
+            [r.key, fmt(r.value, r.unit), fmt(r.floor, r.unit), ratio, r.target, met, r.note]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
+        if n == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
