@@ -434,6 +434,9 @@ class TelegramGuardian:
         # The bot's asyncio loop, named explicitly: the broker calls send_card/update_card from
         # tasks that need not descend from the task that opened the loop (its context var).
         self._loop = trio_asyncio.current_loop.get()
+        # At most this many Bot API calls in flight: a burst of cards waits here, in a fair FIFO,
+        # not in httpcore's pool, which collapses under a deep queue (docs/performance.md, P3).
+        self._calls = trio.CapacityLimiter(8)
 
     # -- Guardian ---------------------------------------------------------------------------
 
@@ -498,7 +501,8 @@ class TelegramGuardian:
         with trio.move_on_at(deadline):
             for attempt in range(limits.attempts):
                 try:
-                    result: T = await trio_asyncio.aio_as_trio(call, loop=self._loop)()
+                    async with self._calls:
+                        result: T = await trio_asyncio.aio_as_trio(call, loop=self._loop)()
                     return result
                 except RetryAfter as exc:
                     last, pause = exc, _retry_after_seconds(exc)
