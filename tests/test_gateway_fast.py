@@ -9,6 +9,9 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
+from agentgate.gateway import Connection
+from agentgate.limits import TokenBucket
+from agentgate.protocol import Request
 from tests.fastgate import MockHome, authed, call, fast_gateway, reply
 
 
@@ -152,11 +155,14 @@ async def test_queued_results_whose_reply_is_lost_are_queued_again(
         await ws.aclose()
         await fg.guardian.press(shown.card.request_id, "allow")
         await fg.guardian.wait_for_update(shown.card.request_id)
-        # Ask for the queued result and hang up before the reply can be written.
-        ws = await authed(fg)
-        await ws.send_message('{"jsonrpc":"2.0","id":5,"method":"get_pending_results"}')
-        await ws.aclose()
-        await trio.testing.wait_all_tasks_blocked()
+        # get_pending_results on a connection that is gone before its reply could be written
+        send, receive = trio.open_memory_channel[tuple[str, tuple[str, ...]]](1)
+        gone = Connection("pi", "gate.test", send, bucket=TokenBucket(60))
+        gone.close()
+        gone.in_flight = 1
+        fg.gateway._in_flight += 1
+        await fg.gateway._request(gone, Request(5, "get_pending_results", {}))
+        receive.close()
         ws = await authed(fg)
         results = (await call(ws, 6, "get_pending_results"))["result"]["results"]
         assert [(r["rpc_id"], r["status"]) for r in results] == [(4, "executed")]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from agentgate.store import AUDIT_RESULT_LIMIT, AuditEntry, PendingRow, open_store
 
@@ -45,12 +46,38 @@ async def test_file_is_private_and_audit_rows_are_append_only(tmp_path: Path) ->
 
 
 async def test_concurrent_writers_share_commits(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "a.db") as store:
+    # With fsync per commit (synchronous = "full", in the worker thread), concurrent writers
+    # share a commit. (With "normal" each commit is cheap and runs in the caller's task.)
+    async with open_store(tmp_path / "a.db", synchronous="full") as store:
         async with trio.open_nursery() as nursery:
             for i in range(200):
                 nursery.start_soon(store.audit, entry(f"r{i}"))
         assert len(await store.audit_rows()) == 200
         assert store.commits < 200  # group commit: fewer transactions than writes
+
+
+async def test_posted_writes_join_the_next_commit_or_are_flushed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_store(tmp_path / "a.db", inline=True) as store:
+        await store.audit(entry("r1"))
+        commits = store.commits
+        await store.resolve_audit("r1", "executed", resolved_by=None, resolved_at=NOW, wait=False)
+        await store.audit(entry("r2"))  # carries the posted resolution in the same commit
+        assert store.commits == commits + 1
+        await store.resolve_audit("r2", "executed", resolved_by=None, resolved_at=NOW, wait=False)
+        await trio.sleep(1)  # nobody else writes: flushed on its own, shortly (fake clock)
+        assert store.commits == commits + 2
+        assert [r.resolution for r in await store.audit_rows()] == ["executed", "executed"]
+
+
+async def test_posted_writes_are_not_lost_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with open_store(path) as store:
+        await store.audit(entry("r1"))
+        await store.resolve_audit("r1", "executed", resolved_by=None, resolved_at=NOW, wait=False)
+    async with open_store(path) as store:
+        assert [r.resolution for r in await store.audit_rows()] == ["executed"]
 
 
 async def test_a_failing_operation_does_not_sink_its_batch(tmp_path: Path) -> None:
@@ -114,3 +141,35 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="newer than this agentgate"):
         async with open_store(path):
             pass
+
+
+async def test_a_failing_single_write_leaves_the_store_usable(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "a.db") as store:
+        pending = PendingRow(
+            "p1", "pi", 1, "t", {}, "t", "rule", None, None, NOW, NOW + 60, "pending"
+        )
+        await store.add_pending(entry("p1", "ask"), pending)
+        with pytest.raises(Exception, match="audit log unavailable"):
+            await store.add_pending(entry("p1", "ask"), pending)
+        await store.audit(entry("after"))
+        assert [r.request_id for r in await store.audit_rows()] == ["p1", "after"]
+
+
+async def test_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with open_store(path, checkpoint_every=0.05) as store:
+        for i in range(20):
+            await store.audit(entry(f"r{i}"))
+        with trio.fail_after(10):
+            while True:  # the main file alone (no WAL) must hold the rows once checkpointed
+                copy = tmp_path / f"copy-{store.commits}.db"
+                copy.write_bytes(path.read_bytes())
+                conn = sqlite3.connect(copy)
+                try:
+                    count = conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0]
+                except sqlite3.OperationalError:  # not even the schema checkpointed yet
+                    count = 0
+                conn.close()
+                if count == 20:
+                    break
+                await trio.sleep(0.05)
