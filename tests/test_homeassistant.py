@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from attrs import frozen
 
 from agentgate.errors import ExecutionFailed, InvalidParams
@@ -447,3 +448,34 @@ async def test_one_deadline_covers_check_and_call(autojump_clock: trio.testing.M
         args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
         with pytest.raises(ExecutionFailed, match="did not answer within 10 s"):
             await executor.execute("ha_call_service", args)
+
+
+async def test_an_entity_read_moments_ago_is_not_checked_again(
+    ha: HomeAssistant, fake: FakeHA, autojump_clock: trio.testing.MockClock
+) -> None:
+    changed = [{"entity_id": "light.bedroom", "state": "on"}]
+    fake.routes["POST", "/api/services/light/turn_on"] = httpx.Response(200, json=changed)
+    args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+    await ha.describe("light.bedroom")  # what an approval card does
+    assert await ha.execute("ha_call_service", args) == changed
+    assert fake.seen() == [
+        ("GET", "/api/states/light.bedroom"),
+        ("POST", "/api/services/light/turn_on"),
+    ]
+    await trio.sleep(61)  # a minute later it is checked again
+    await ha.execute("ha_call_service", args)
+    assert fake.seen()[-2:] == [
+        ("GET", "/api/states/light.bedroom"),
+        ("POST", "/api/services/light/turn_on"),
+    ]
+
+
+async def test_an_entity_gone_since_it_was_read_is_still_not_found(
+    ha: HomeAssistant, fake: FakeHA
+) -> None:
+    await ha.describe("light.bedroom")
+    del fake.routes["GET", "/api/states/light.bedroom"]  # removed from Home Assistant
+    fake.routes["POST", "/api/services/light/turn_on"] = httpx.Response(200, json=[])
+    args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+    error = await failure(ha, "ha_call_service", args)
+    assert error.message == "entity not found: light.bedroom"

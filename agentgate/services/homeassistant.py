@@ -6,8 +6,10 @@ tool                HTTP (bearer token from ``[services.homeassistant]``)
 ``ha_get_state``    GET  ``/api/states/{entity_id}``
 ``ha_get_states``   GET  ``/api/states``
 ``ha_call_service`` GET  ``/api/states/{entity_id}`` for each named entity (404 → not found:
-                    real HA answers ``200 []`` for an unknown entity), then
-                    POST ``/api/services/{domain}/{service}`` with the other args as JSON body
+                    real HA answers ``200 []`` for an unknown entity) unless it was read in the
+                    last 60 s (the approval card reads it), then
+                    POST ``/api/services/{domain}/{service}`` with the other args as JSON body;
+                    a ``[]`` answer for an entity not checked just now checks it after all
 ``ha_fire_event``   POST ``/api/events/{event_type}`` with ``event_data`` (or ``{}``) as body
 ``ha_get_services`` GET  ``/api/services``
 ``ha_get_config``   GET  ``/api/config``
@@ -68,6 +70,8 @@ SERVICE: Final = "homeassistant"
 # connections) - the httpx client is CPU-bound, the fake serves 1,350-3,300 req/s. More
 # connections buy nothing, so keep a modest pool, all of it kept alive (no reconnects after a
 # burst), with headroom for a few slow calls (a pool wait counts against the call's deadline).
+SEEN_FOR: Final = 60.0  # seconds an entity read counts as "exists" for a service call
+SEEN_MAX: Final = 10_000
 LIMITS: Final = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=30)
 
 _SNIPPET = 200
@@ -178,6 +182,9 @@ class HomeAssistant:
         # which rescans every queued request on every event (40 % of the gateway's CPU with
         # 1,000 requests queued; docs/performance.md).
         self._slots = trio.CapacityLimiter(LIMITS.max_connections or 10)
+        # Entities Home Assistant showed us lately (id -> Trio time it was seen). A service call
+        # on one of them skips the existence check; the approval card's read fills this.
+        self._seen: dict[str, float] = {}
         self._url = settings.url
         self._timeout = float(settings.timeout)
         self._now = now
@@ -248,11 +255,24 @@ class HomeAssistant:
                 isinstance(e, str) and e for e in entity_ids
             ):
                 raise InvalidParams("entity_id must be a string or a list of strings")
-            # HA answers 200 [] for an unknown entity: it must not pass as a success.
-            for entity_id in entity_ids:
+            # HA answers 200 [] for an unknown entity (and does nothing): it must not pass as a
+            # success, so the entity is checked first, unless HA showed it to us a moment ago.
+            unchecked = [e for e in entity_ids if not self._seen_lately(e)]
+            for entity_id in unchecked:
                 await self._fetch_state(entity_id)
         path = f"/api/services/{_segment(domain)}/{_segment(service)}"
-        return await self._request("POST", path, body=body, service_call=True)
+        changed = await self._request("POST", path, body=body, service_call=True)
+        if changed == [] and entity_ids:
+            # Nothing changed: make sure that is not because an entity vanished meanwhile.
+            for entity_id in entity_ids:
+                if entity_id not in unchecked:
+                    self._seen.pop(entity_id, None)
+                    await self._fetch_state(entity_id)
+        return changed
+
+    def _seen_lately(self, entity_id: str) -> bool:
+        seen = self._seen.get(entity_id)
+        return seen is not None and trio.current_time() - seen < SEEN_FOR
 
     async def _fire_event(self, args: dict[str, Any]) -> Any:
         event_type = _str_arg(args, "event_type")
@@ -292,7 +312,11 @@ class HomeAssistant:
 
     async def _fetch_state(self, entity_id: str) -> Any:
         path = f"/api/states/{_segment(entity_id)}"
-        return await self._request("GET", path, entity_id=entity_id)
+        state = await self._request("GET", path, entity_id=entity_id)
+        if len(self._seen) >= SEEN_MAX:
+            self._seen.clear()
+        self._seen[entity_id] = trio.current_time()
+        return state
 
     async def _request(
         self,
