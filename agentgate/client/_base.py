@@ -24,7 +24,7 @@ from agentgate.client._core import (
     tool_result,
     tools_list,
 )
-from agentgate.errors import AgentgateError
+from agentgate.errors import AgentgateError, ConnectionLost
 
 logger = logging.getLogger("agentgate.client")
 
@@ -183,6 +183,9 @@ class Gateway:
             async with self._collect_lock:
                 self._collect_queued = False
                 await self._rpc("get_pending_results", None)
+        except ConnectionLost as exc:
+            # Closing, or reconnecting: the results stay queued and are collected next time.
+            logger.debug("queued results not collected now: %s", exc)
         except AgentgateError as exc:
             logger.warning("could not collect queued results: %s", exc)
 
