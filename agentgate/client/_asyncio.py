@@ -26,7 +26,7 @@ from wsproto.events import (
 from wsproto.utilities import ProtocolError
 
 from agentgate.client._base import Gateway, Options, Target, logger
-from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, auth_agent, is_fatal
+from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, is_fatal
 from agentgate.errors import AgentgateError, ConnectionLost
 
 _CLOSE_GRACE = 2.0
@@ -194,27 +194,13 @@ class AsyncioGateway(Gateway):
             async with asyncio.timeout(self._options.handshake_timeout):
                 sock = await _Socket.open(target)
                 try:
-                    self.agent = await self._authenticate(sock)
+                    self.agent = await self._handshake(sock.send, sock.receive)
                 except BaseException:
                     await sock.close(1000)
                     raise
                 return sock
         except (OSError, TimeoutError, _Closed, ProtocolError) as exc:
             raise ConnectionLost(f"cannot reach the gateway at {target.url}: {exc!r}") from exc
-
-    async def _authenticate(self, sock: _Socket) -> str:
-        rpc_id, text = self._core.begin("auth", {"token": self._options.token}, None)
-        try:
-            await sock.send(text)
-            while True:
-                event = self._core.receive(await sock.receive())
-                if isinstance(event, Completed) and event.rpc_id == rpc_id:
-                    if event.error is not None:
-                        raise event.error
-                    return auth_agent(event.result)
-                self._dispatch(event)
-        finally:
-            self._core.abandon(rpc_id)
 
     async def supervise(self, sock: _Socket) -> None:
         """Serve ``sock``; then reconnect with backoff until cancelled or refused."""

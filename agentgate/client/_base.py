@@ -21,6 +21,7 @@ from agentgate.client._core import (
     Completed,
     Event,
     ResultsPending,
+    auth_agent,
     tool_result,
     tools_list,
 )
@@ -157,6 +158,25 @@ class Gateway:
 
     def _resolve(self, event: Completed[Any]) -> None:
         raise NotImplementedError
+
+    async def _handshake(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        receive: Callable[[], Awaitable[str | bytes]],
+    ) -> str:
+        """Send ``auth`` and wait for its answer (dispatching anything else); the agent name."""
+        rpc_id, text = self._core.begin("auth", {"token": self._options.token}, None)
+        try:
+            await send(text)
+            while True:
+                event = self._core.receive(await receive())
+                if isinstance(event, Completed) and event.rpc_id == rpc_id:
+                    if event.error is not None:
+                        raise event.error
+                    return auth_agent(event.result)
+                self._dispatch(event)
+        finally:
+            self._core.abandon(rpc_id)
 
     def _dispatch(self, event: Event[Any]) -> None:
         """Act on one event from the core (called by the transport's reader)."""

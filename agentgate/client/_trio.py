@@ -11,7 +11,7 @@ import trio
 import trio_websocket
 
 from agentgate.client._base import Gateway, Options, Target, logger
-from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, auth_agent, is_fatal
+from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, is_fatal
 from agentgate.client._groups import collapse_groups
 from agentgate.errors import AgentgateError, ConnectionLost
 
@@ -183,7 +183,7 @@ class TrioGateway(Gateway):
                                     target.resource,
                                     max_message_size=MAX_MESSAGE_BYTES,
                                 )
-                                self.agent = await self._authenticate(ws)
+                                self.agent = await self._handshake(ws.send_message, ws.get_message)
                         outbox, inbox = trio.open_memory_channel[str](math.inf)
                         nursery.start_soon(self._writer, ws, inbox)
                         self._outbox, self._ws = outbox, ws
@@ -209,20 +209,6 @@ class TrioGateway(Gateway):
             if not serving:
                 raise
             logger.exception("connection ended with an unexpected error")
-
-    async def _authenticate(self, ws: trio_websocket.WebSocketConnection) -> str:
-        rpc_id, text = self._core.begin("auth", {"token": self._options.token}, None)
-        try:
-            await ws.send_message(text)
-            while True:
-                event = self._core.receive(await ws.get_message())
-                if isinstance(event, Completed) and event.rpc_id == rpc_id:
-                    if event.error is not None:
-                        raise event.error
-                    return auth_agent(event.result)
-                self._dispatch(event)
-        finally:
-            self._core.abandon(rpc_id)
 
     async def _reader(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:
