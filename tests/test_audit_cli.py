@@ -108,3 +108,41 @@ def test_follow_prints_new_rows_and_resolutions(db: Path) -> None:
     done.set()
     thread.join(10)
     assert seen == [("r1", False), ("r2", False)]
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    async def fill(path: Path) -> None:
+        async with open_store(path, inline=True) as store:
+            for i in range(3000):
+                await store.audit(
+                    AuditEntry(
+                        NOW + i,
+                        "pi",
+                        f"r{i}",
+                        "ha_get_state",
+                        {"entity_id": "sensor.t"},
+                        "ha_get_state(sensor.t)",
+                        "allow",
+                        "rule 0",
+                    )
+                )
+
+    path = tmp_path / "big.db"
+    trio.run(fill, path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentgate", "audit", "--store", str(path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.read(10)  # like `| head -c 10`: read a little, then hang up
+    proc.stdout.close()
+    status = proc.wait(timeout=60)
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert status == 0
+    assert "Traceback" not in stderr
