@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from agentgate.store import AuditEntry, audit_entries, read_only
+from agentgate.store import AuditEntry, audit_entries, read_only, select_audit
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -51,19 +51,7 @@ class Filters:
 
 
 def query(conn: sqlite3.Connection, filters: Filters, *, after_id: int = 0) -> list[AuditEntry]:
-    where, params = ["id > ?"], [after_id]
-    for column in ("agent", "tool", "decision"):
-        value = getattr(filters, column)
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if filters.since is not None:
-        where.append("time >= ?")
-        params.append(filters.since)  # type: ignore[arg-type]
-    rows = conn.execute(
-        f"SELECT * FROM audit_log WHERE {' AND '.join(where)} ORDER BY id", params
-    ).fetchall()
-    return audit_entries(rows)
+    return select_audit(conn, **attrs.asdict(filters), after_id=after_id)
 
 
 def _when(t: float | None) -> str:

@@ -379,22 +379,17 @@ class Store:
         after_id: int = 0,
         limit: int = 1000,
     ) -> list[AuditEntry]:
-        def fn(c: sqlite3.Connection) -> list[AuditEntry]:
-            where, params = ["id > ?"], [after_id]
-            for column, value in (("agent", agent), ("tool", tool), ("decision", decision)):
-                if value is not None:
-                    where.append(f"{column} = ?")
-                    params.append(value)  # type: ignore[arg-type]
-            if since is not None:
-                where.append("time >= ?")
-                params.append(since)  # type: ignore[arg-type]
-            rows = c.execute(
-                f"SELECT * FROM audit_log WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
-                (*params, limit),
-            ).fetchall()
-            return [_audit_from_row(r) for r in rows]
-
-        return await self._do(fn)
+        return await self._do(
+            partial(
+                select_audit,
+                agent=agent,
+                tool=tool,
+                decision=decision,
+                since=since,
+                after_id=after_id,
+                limit=limit,
+            )
+        )
 
     # -- pending approvals --------------------------------------------------------------------
 
@@ -630,6 +625,33 @@ def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
         ),
     )
     return int(cur.lastrowid or 0)
+
+
+def select_audit(
+    c: sqlite3.Connection,
+    *,
+    agent: str | None = None,
+    tool: str | None = None,
+    decision: str | None = None,
+    since: float | None = None,
+    after_id: int = 0,
+    limit: int | None = None,
+) -> list[AuditEntry]:
+    """Audit rows after ``after_id`` matching every filter given, oldest first."""
+    where: list[str] = ["id > ?"]
+    params: list[object] = [after_id]
+    for column, value in (("agent", agent), ("tool", tool), ("decision", decision)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if since is not None:
+        where.append("time >= ?")
+        params.append(since)
+    sql = f"SELECT * FROM audit_log WHERE {' AND '.join(where)} ORDER BY id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [_audit_from_row(r) for r in c.execute(sql, params).fetchall()]
 
 
 def _audit_from_row(r: sqlite3.Row) -> AuditEntry:
