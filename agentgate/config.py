@@ -128,12 +128,6 @@ def _string(value: object) -> str:
     return value
 
 
-def _nonempty_string(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise _Invalid(f"expected a non-empty string, got {_show(value)}")
-    return value
-
-
 def _secret(value: object) -> str:
     # Never echo a secret: only its type or emptiness.
     if not isinstance(value, str):
@@ -271,7 +265,6 @@ def _durability(value: object) -> str:
 
 Durability = Annotated[str, _Check(_durability)]
 String = Annotated[str, _Check(_string)]
-NonEmptyString = Annotated[str, _Check(_nonempty_string)]
 Secret = Annotated[str, _Check(_secret)]
 AgentToken = Annotated[str, _Check(_agent_token)]
 Sha256Hex = Annotated[str, _Check(_sha256_hex)]

@@ -265,7 +265,7 @@ class Gateway(GuardianControl):
             token = parsed.params.get("token")
             if not isinstance(token, str) or not token:
                 raise AuthenticationFailed("auth needs a token")
-            agent = self._match_token(token)
+            agent = self.config.find_agent(token)  # every agent compared, no early exit
             if agent is None:
                 raise AuthenticationFailed("authentication failed: unknown token")
         except AgentgateError as exc:
@@ -286,13 +286,6 @@ class Gateway(GuardianControl):
         except ConnectionClosed:
             return None
         return agent
-
-    def _match_token(self, token: str) -> AgentConfig | None:
-        found: AgentConfig | None = None
-        for agent in self.config.agents.values():  # no early exit: same work for every token
-            if agent.matches(token) and found is None:
-                found = agent
-        return found
 
     async def _writer(
         self,

@@ -309,13 +309,6 @@ def _covers(wide: str, narrow: str) -> bool:
     return wide in ("*", narrow) or (_GLOB.search(narrow) is None and fnmatchcase(narrow, wide))
 
 
-def _shadowing_default(earlier: tuple[Rule, ...], entry: Rule) -> int | None:
-    for index, default in enumerate(earlier):
-        if _covers(default.pattern, entry.pattern):
-            return index
-    return None
-
-
 def _pattern_problems(pattern: str) -> list[str]:
     """Reasons why ``pattern`` can never match a valid signature."""
     problems: list[str] = []

@@ -489,13 +489,6 @@ class Store:
 
         await self._do(fn)
 
-    async def mark_delivered(self, request_id: str) -> None:
-        await self._do(
-            lambda c: c.execute(
-                "UPDATE pending_requests SET delivered=1 WHERE request_id=?", (request_id,)
-            )
-        )
-
     async def mark_undelivered(self, request_id: str) -> None:
         await self._do(
             lambda c: c.execute(
