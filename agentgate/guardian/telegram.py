@@ -7,6 +7,10 @@ PTB is asyncio code; agentgate is Trio. The bot runs inside a trio-asyncio loop 
     send_card / update_card ──aio_as_trio──────▶ Bot.send_message / edit_message_text
     GuardianControl ◀── Trio tasks ◀── channel ◀──trio_as_aio── handlers (button, command)
 
+PTB's own HTTP (every Bot API call, the getUpdates long poll included) runs back on the Trio side
+through :class:`~agentgate.guardian._trio_request.TrioRequest`, a PTB ``BaseRequest``: httpx on
+the asyncio loop inside trio-asyncio cost more than anything else on the approval path.
+
 The asyncio handlers only hand updates over; every decision runs on the Trio side, which checks
 *who* pressed (``allowed_users``) and calls the gateway's :class:`GuardianControl`. Sends retry a
 bounded number of times (honouring Telegram's ``RetryAfter``) and then fail closed with
@@ -75,6 +79,7 @@ from agentgate.guardian import (
     GuardianUnavailable,
     Status,
 )
+from agentgate.guardian._trio_request import TrioRequest
 
 __all__ = [
     "COMMANDS",
@@ -95,6 +100,7 @@ MAX_CALLBACK_DATA = 64  # bytes
 POLL_TIMEOUT = 10  # seconds of one getUpdates long poll (returns at once when a press arrives)
 SHUTDOWN_GRACE = 5.0  # seconds for PTB to stop, all steps together
 UPDATER_STOP_GRACE = 1.0
+SEND_CONNECTIONS = 8  # Bot API calls in flight at most (docs/performance.md, P3)
 
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("pending", "Re-send every pending approval"),
@@ -436,7 +442,7 @@ class TelegramGuardian:
         self._loop = trio_asyncio.current_loop.get()
         # At most this many Bot API calls in flight: a burst of cards waits here, in a fair FIFO,
         # not in httpcore's pool, which collapses under a deep queue (docs/performance.md, P3).
-        self._calls = trio.CapacityLimiter(8)
+        self._calls = trio.CapacityLimiter(SEND_CONNECTIONS)
 
     # -- Guardian ---------------------------------------------------------------------------
 
@@ -627,17 +633,23 @@ def _retry_after_seconds(exc: RetryAfter) -> float:
 
 
 def _build_application(config: TelegramSettings) -> Application[Any, Any, Any, Any, Any, Any]:
+    # Both of PTB's request objects do their HTTP on the Trio side (see _trio_request.py).
+    requests = TrioRequest(
+        connections=SEND_CONNECTIONS,
+        connect_timeout=3.0,
+        read_timeout=5.0,
+        write_timeout=5.0,
+        pool_timeout=1.0,
+    )
+    polling = TrioRequest(
+        connections=1, connect_timeout=3.0, read_timeout=5.0, write_timeout=5.0, pool_timeout=1.0
+    )
     builder = (
         Application.builder()
         .token(config.token)
         .job_queue(None)
-        .connect_timeout(3.0)
-        .read_timeout(5.0)
-        .write_timeout(5.0)
-        .pool_timeout(1.0)
-        .get_updates_connect_timeout(3.0)
-        .get_updates_read_timeout(5.0)
-        .get_updates_pool_timeout(1.0)
+        .request(requests)
+        .get_updates_request(polling)
     )
     if config.base_url:
         builder = builder.base_url(config.base_url)

@@ -1,0 +1,154 @@
+"""PTB's HTTP layer, run on the Trio side.
+
+python-telegram-bot sends every Bot API call through a :class:`telegram.request.BaseRequest`;
+its default, ``HTTPXRequest``, runs httpx on the asyncio loop. Inside trio-asyncio every socket
+event of that client is an asyncio callback relayed through Trio, which made PTB's HTTP the
+largest cost of the approval path (a press took ~2 ms to get from the socket to PTB; see
+docs/performance.md, S5). This request class keeps PTB in charge of everything else (method
+encoding, retries, error mapping, ``Update`` parsing, polling) and hands only the HTTP exchange
+to a Trio-native httpx client through ``trio_as_aio``.
+
+PITFALLS.md: never share one httpx client between the asyncio and the Trio side; this client is
+only ever used from Trio.
+"""
+
+from __future__ import annotations
+
+import trio_asyncio  # isort: skip  # must be imported before telegram/httpx (see PITFALLS.md)
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+from telegram._utils.defaultvalue import DefaultValue
+from telegram._utils.types import ODVInput
+from telegram.error import NetworkError, TimedOut
+from telegram.request import BaseRequest, RequestData
+
+__all__ = ["TrioRequest"]
+
+
+class TrioRequest(BaseRequest):
+    """A :class:`BaseRequest` whose HTTP runs in Trio (httpx's Trio backend).
+
+    Timeouts mirror ``HTTPXRequest``'s: the defaults given here, overridden per call by PTB.
+    Errors are mapped as ``HTTPXRequest`` maps them (``TimedOut``, ``NetworkError``), so PTB's
+    polling back-off and agentgate's bounded retries behave the same.
+    """
+
+    def __init__(
+        self,
+        *,
+        connections: int,
+        connect_timeout: float,
+        read_timeout: float,
+        write_timeout: float,
+        pool_timeout: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._timeout = httpx.Timeout(
+            connect=connect_timeout, read=read_timeout, write=write_timeout, pool=pool_timeout
+        )
+        self._limits = httpx.Limits(
+            max_connections=connections, max_keepalive_connections=connections
+        )
+        self._transport = transport  # tests: httpx.MockTransport
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def read_timeout(self) -> float | None:
+        return self._timeout.read
+
+    async def initialize(self) -> None:
+        if self._client is None:
+            # Building the client does no I/O; its connections bind to Trio on first use.
+            self._client = httpx.AsyncClient(
+                timeout=self._timeout, limits=self._limits, transport=self._transport
+            )
+
+    async def shutdown(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await trio_asyncio.trio_as_aio(client.aclose, loop=asyncio.get_running_loop())()
+
+    async def do_request(
+        self,
+        url: str,
+        method: str,
+        request_data: RequestData | None = None,
+        read_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
+        write_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
+        connect_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
+        pool_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
+    ) -> tuple[int, bytes]:
+        client = self._client
+        if client is None:
+            raise RuntimeError("TrioRequest is not initialized")
+        default = self._timeout
+        timeout = httpx.Timeout(
+            connect=_pick(connect_timeout, default.connect),
+            read=_pick(read_timeout, default.read),
+            write=_pick(write_timeout, default.write),
+            pool=_pick(pool_timeout, default.pool),
+        )
+        request = client.build_request(
+            method,
+            url,
+            headers={"User-Agent": self.USER_AGENT},
+            timeout=timeout,
+            files=request_data.multipart_data if request_data else None,
+            data=request_data.json_parameters if request_data else None,
+        )
+        if isinstance(request.stream, httpx.ByteStream):  # always, unless PTB uploads a file
+            request.stream = _Body(request.content)
+        # PTB's tasks do not carry trio-asyncio's current-loop context variable: name the loop.
+        loop = asyncio.get_running_loop()
+        return await trio_asyncio.trio_as_aio(_send, loop=loop)(client, request)  # type: ignore[no-any-return]
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> tuple[int, bytes]:
+    """The HTTP exchange itself, on the Trio side; errors as ``HTTPXRequest`` raises them."""
+    try:
+        response = await client.send(request)
+    except httpx.PoolTimeout as exc:
+        raise TimedOut(
+            "Pool timeout: all connections to the Bot API are busy; the request was not sent"
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise TimedOut from exc
+    except httpx.HTTPError as exc:
+        raise NetworkError(f"httpx.{type(exc).__name__}: {exc}") from exc
+    return response.status_code, response.content
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body in one chunk, without an async generator.
+
+    httpx's own ``ByteStream`` iterates through an async generator; when the server hangs up
+    mid-request (a Bot API outage), httpcore abandons it and Trio reports the unfinished
+    generator as a ``ResourceWarning`` when it is collected.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _Once(self._data)
+
+
+class _Once:
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data, self._data = self._data, None
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+
+def _pick(value: ODVInput[float], default: float | None) -> float | None:
+    return default if isinstance(value, DefaultValue) else value
