@@ -218,14 +218,47 @@ async def run_asks(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MODES = {"gateway": run_gateway, "floor": run_floor, "asks": run_asks}
+async def run_presses(spec: dict[str, Any]) -> dict[str, Any]:
+    """S5 (and S6's probes): ``asks`` approvals one after another, each waiting for its result;
+    the orchestrator presses Allow on each card. Reports when each result arrived (wall clock),
+    keyed by request id, so the orchestrator can time press → result across processes.
+
+    The calls alternate ``turn_on`` / ``turn_off``: each approved call changes the light, as an
+    approved action normally does.
+    """
+    results: dict[str, float] = {}
+    pending: list[str] = []
+    async with connect(
+        spec["url"],
+        token=spec["token"],
+        ca=spec["ca"],
+        reconnect=False,
+        on_pending=lambda params: _announce(pending, params["request_id"]),
+    ) as gw:
+        with trio.fail_after(spec.get("limit", 600)):
+            for i in range(spec["asks"]):
+                service = "turn_off" if i % 2 else "turn_on"
+                await gw.call(
+                    "ha_call_service", domain="light", service=service, entity_id=spec["entity"]
+                )
+                results[pending[-1]] = time.time()
+    return {"results": results}
+
+
+def _announce(pending: list[str], request_id: str) -> None:
+    """Tell the orchestrator which card is ours (one JSON line on stdout)."""
+    pending.append(request_id)
+    print(json.dumps({"pending": request_id}), flush=True)
+
+
+MODES = {"gateway": run_gateway, "floor": run_floor, "asks": run_asks, "presses": run_presses}
 
 
 def main() -> None:
     logging.getLogger("agentgate").setLevel(logging.ERROR)  # "gateway closed" at the end
     spec = json.loads(sys.argv[1])
     result = trio.run(MODES[spec["mode"]], spec)
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
