@@ -14,6 +14,7 @@ raises one :class:`ConfigError` whose lines read ``FILE: KEY.PATH: what was expe
 Secrets (tokens) never appear in a ``repr`` or an error message.
 """
 
+import functools
 import hashlib
 import hmac
 import json
@@ -23,7 +24,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, get_origin
 from urllib.parse import urlsplit
 
 import attrs
@@ -35,6 +36,9 @@ from cattrs.errors import (
     IterableValidationError,
 )
 from cattrs.gen import make_dict_structure_fn
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "AgentConfig",
@@ -48,6 +52,7 @@ __all__ = [
     "ServicesConfig",
     "StoreConfig",
     "TelegramConfig",
+    "client_ssl_context",
     "load_config",
     "policy_files",
     "split_listen",
@@ -439,6 +444,32 @@ def policy_files(config: Config) -> dict[str, Path]:
         if agent.policy is not None:
             files[_format_path(("agents", name, "policy"))] = agent.policy
     return files
+
+
+def client_ssl_context(url: str) -> "ssl.SSLContext":
+    """The TLS context for an outgoing HTTP/1.1 client whose requests all go to ``url``'s origin.
+
+    ``https://``: httpx's default verification (certifi's CA bundle, or ``$SSL_CERT_FILE`` /
+    ``$SSL_CERT_DIR``), built once per process for those settings and shared by every client:
+    each context holds ~140 parsed CA certificates (~0.8 MiB). Share it only between HTTP/1.1
+    clients (httpcore sets the context's ALPN list on every connection). ``http://``: no TLS is
+    ever negotiated, so a context that verifies and trusts no CA: it loads nothing, and any TLS
+    attempt through it fails closed. Pass the result as ``httpx.AsyncClient(verify=...)``.
+    """
+    import ssl
+
+    if urlsplit(url).scheme.lower() != "https":
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname, no CA
+    return _verified_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _verified_context(cafile: str | None, capath: str | None) -> "ssl.SSLContext":
+    import httpx
+
+    # httpx reads these same two variables itself; they are this cache's key.
+    del cafile, capath
+    return httpx.create_ssl_context()
 
 
 # --------------------------------------------------------------------------- loading

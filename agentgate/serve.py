@@ -32,6 +32,27 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("telegram").setLevel(logging.WARNING)
 
 
+def import_telegram_guardian() -> None:
+    """Import the Telegram guardian, leaving python-telegram-bot's Telegram Passport support out.
+
+    PTB imports ``cryptography``, when it is installed, only to decrypt Telegram Passport data
+    (its optional ``passport`` extra), which the guardian never asks for. ``cryptography`` is in
+    a development environment for trustme, not for the gateway, and costs ~7.5 MiB of RSS. Hiding
+    it during this import leaves PTB as a plain ``pip install agentgate`` has it; ``import
+    cryptography`` works again afterwards. If PTB or cryptography is already imported, this is a
+    plain import.
+    """
+    hide = "telegram" not in sys.modules and "cryptography" not in sys.modules
+    if hide:
+        # A None entry makes `import cryptography...` raise ModuleNotFoundError: PTB's fallback.
+        sys.modules["cryptography"] = None  # type: ignore[assignment]
+    try:
+        import agentgate.guardian.telegram  # noqa: F401
+    finally:
+        if hide and sys.modules.get("cryptography", False) is None:
+            del sys.modules["cryptography"]
+
+
 async def _watch_signals(stop: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -53,10 +74,12 @@ def run_serve(path: str | Path, *, insecure: bool = False, log_level: str = "INF
     """Run the gateway until SIGINT/SIGTERM. 0 after a clean shutdown, 2 for a config error."""
     setup_logging(log_level)
     try:
-        load_config(path, insecure=insecure)  # fail fast, before anything starts
+        config = load_config(path, insecure=insecure)  # fail fast, before anything starts
     except ConfigError as exc:
         print(f"agentgate: {exc}", file=sys.stderr)
         return 2
+    if config.guardian.telegram is not None:
+        import_telegram_guardian()  # before trio.run: the gateway imports it lazily otherwise
     try:
         trio.run(partial(_main, Path(path), insecure))
     except (ConfigError, PolicyError) as exc:

@@ -47,6 +47,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from agentgate.config import client_ssl_context
 from agentgate.errors import ExecutionFailed, InvalidParams
 
 __all__ = ["TOOLS", "HomeAssistant", "HomeAssistantSettings", "open_homeassistant"]
@@ -360,6 +361,7 @@ async def open_homeassistant(
         timeout=httpx.Timeout(float(config.timeout)),
         limits=LIMITS,
         transport=transport,
+        verify=client_ssl_context(config.url),
         follow_redirects=False,
     ) as client:
         yield HomeAssistant(client, config, now=now)

@@ -1,0 +1,149 @@
+"""Idle footprint of ``agentgate serve`` (bench S7): what serve imports, and shared TLS contexts.
+
+Import checks run in a fresh interpreter (a subprocess): this test process has long since
+imported everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from agentgate.config import client_ssl_context
+
+
+def _fresh_python(code: str) -> Any:
+    """Run ``code`` in a new interpreter; it prints one JSON value as its last line."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_serve_imports_telegram_without_cryptography() -> None:
+    # cryptography is installed here (trustme needs it), yet the gateway leaves it unloaded.
+    seen = _fresh_python(
+        "import json, sys\n"
+        "from agentgate.serve import import_telegram_guardian\n"
+        "import_telegram_guardian()\n"
+        "from telegram._passport import credentials\n"
+        "loaded = 'cryptography' in sys.modules\n"
+        "import cryptography\n"  # still importable afterwards, for whoever needs it
+        "print(json.dumps({'loaded': loaded, 'passport': credentials.CRYPTO_INSTALLED,"
+        " 'guardian': 'agentgate.guardian.telegram' in sys.modules,"
+        " 'later': cryptography.__name__}))\n"
+    )
+    assert seen == {
+        "loaded": False,
+        "passport": False,
+        "guardian": True,
+        "later": "cryptography",
+    }
+
+
+def test_import_telegram_guardian_is_a_plain_import_once_cryptography_is_loaded() -> None:
+    seen = _fresh_python(
+        "import json, sys\n"
+        "import cryptography\n"
+        "from agentgate.serve import import_telegram_guardian\n"
+        "import_telegram_guardian()\n"
+        "from telegram._passport import credentials\n"
+        "print(json.dumps({'passport': credentials.CRYPTO_INSTALLED,"
+        " 'kept': sys.modules['cryptography'] is cryptography}))\n"
+    )
+    assert seen == {"passport": True, "kept": True}
+
+
+def test_serve_path_leaves_other_commands_modules_unloaded() -> None:
+    # What `agentgate serve` with Telegram and Home Assistant imports before it runs.
+    seen = _fresh_python(
+        "import json, sys\n"
+        "from agentgate.cli import build_parser\n"
+        "build_parser().parse_args(['serve', 'gate.toml'])\n"
+        "from agentgate.serve import import_telegram_guardian, run_serve\n"
+        "import_telegram_guardian()\n"
+        "import agentgate.services.homeassistant\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    modules = set(seen)
+    unwanted = {
+        "agentgate.audit",
+        "agentgate.cli_agent",
+        "agentgate.client",
+        "agentgate.demo",
+        "agentgate.demo_phone",
+        "agentgate.testing",
+        "cryptography",
+        "getpass",
+        "trustme",
+    }
+    assert modules & unwanted == set()
+    assert {"agentgate.gateway", "agentgate.guardian.telegram", "telegram.ext"} <= modules
+
+
+def test_https_clients_share_one_verified_context() -> None:
+    first = client_ssl_context("https://homeassistant.example:8123")
+    second = client_ssl_context("https://api.telegram.org")
+    assert first is second
+    assert first.verify_mode == ssl.CERT_REQUIRED
+    assert first.check_hostname
+    assert first.cert_store_stats()["x509_ca"] > 0  # httpx's default: certifi's bundle
+
+
+def test_https_context_follows_ssl_cert_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    context = client_ssl_context("https://homeassistant.local")
+    assert context is client_ssl_context("HTTPS://other.local")
+    assert context.cert_store_stats()["x509_ca"] == 1  # exactly that CA, as httpx would
+    monkeypatch.delenv("SSL_CERT_FILE")
+    assert client_ssl_context("https://homeassistant.local") is not context
+
+
+def test_plain_http_context_trusts_nothing() -> None:
+    # No TLS is negotiated for an http:// origin; if it ever were, it must fail closed.
+    context = client_ssl_context("http://homeassistant.local:8123")
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] == 0
+    assert context.get_ca_certs() == []
+
+
+def _handshake(client_context: ssl.SSLContext, ca: trustme.CA) -> None:
+    """A TLS handshake with a server holding a ``ca``-issued cert, in memory (no sockets)."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("homeassistant.local").configure_cert(server_context)
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_context.wrap_bio(c_in, c_out, server_hostname="homeassistant.local")
+    server = server_context.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if client.version() is not None and server.version() is not None:
+            return
+    raise AssertionError("handshake did not finish")
+
+
+def test_plain_http_context_fails_closed_on_tls() -> None:
+    ca = trustme.CA()
+    trusting = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(trusting)
+    _handshake(trusting, ca)  # the harness works with a context that trusts the CA
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(client_ssl_context("http://homeassistant.local"), ca)
