@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from attrs import frozen
@@ -228,7 +229,8 @@ async def test_token_bucket_paces_after_a_burst(autojump_clock: trio.testing.Moc
 # -- real tier: PTB against the fake Bot API ----------------------------------------------------
 
 
-FAST_LIMITS = SendLimits(attempts=3, budget=3.0, backoff=(0.2, 0.2))
+# FakeControl never shows an outcome on the card: answer presses soon anyway.
+FAST_LIMITS = SendLimits(attempts=3, budget=3.0, backoff=(0.2, 0.2), answer_wait=0.3)
 
 
 @pytest.fixture
@@ -492,6 +494,30 @@ async def test_bad_request_fails_without_retry(
     with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable, match=r"(?i)chat not found"):
         await guardian.send_card(make_card())
     assert len(tg.calls_to("sendMessage")) == 1
+
+
+@slow
+async def test_a_fresh_decision_is_answered_when_its_card_shows_the_outcome(
+    tg: FakeTelegram, control: FakeControl
+) -> None:
+    # answer_wait is far beyond the ceiling: only the card's update can release the answer.
+    patient = attrs.evolve(FAST_LIMITS, answer_wait=CEILING * 10)
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING):
+        async with open_telegram_guardian(config, control, limits=patient) as guardian:
+            card = make_card()
+            message = await send(guardian, tg, card)
+            press = tg.press(message.message_id, f"allow:{REQUEST_ID}", ALICE)
+            await control.wait("decide")
+            assert press.answer is None
+            update = CardUpdate(Status.EXECUTED, detail="lock.front_door: unlocked", by="Alice")
+            await guardian.update_card(card, f"{CHAT}:{message.message_id}", update)
+            assert (await press.wait_answer()).text == "approved"
+            assert "unlocked" in telegram_visible_text(tg.messages[message.message_id].text)
+
+            # A stale press has nothing to wait for: answered at once.
+            stale = tg.press(message.message_id, "allow:unknown-request", ALICE)
+            assert (await stale.wait_answer()).text == "expired or already resolved"
 
 
 @slow

@@ -17,6 +17,7 @@ from __future__ import annotations
 import trio_asyncio  # isort: skip  # must be imported before telegram/httpx (see PITFALLS.md)
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 
 import httpx
@@ -44,6 +45,7 @@ class TrioRequest(BaseRequest):
         read_timeout: float,
         write_timeout: float,
         pool_timeout: float,
+        verify: ssl.SSLContext | bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._timeout = httpx.Timeout(
@@ -52,6 +54,7 @@ class TrioRequest(BaseRequest):
         self._limits = httpx.Limits(
             max_connections=connections, max_keepalive_connections=connections
         )
+        self._verify = verify
         self._transport = transport  # tests: httpx.MockTransport
         self._client: httpx.AsyncClient | None = None
 
@@ -63,7 +66,10 @@ class TrioRequest(BaseRequest):
         if self._client is None:
             # Building the client does no I/O; its connections bind to Trio on first use.
             self._client = httpx.AsyncClient(
-                timeout=self._timeout, limits=self._limits, transport=self._transport
+                timeout=self._timeout,
+                limits=self._limits,
+                verify=self._verify,
+                transport=self._transport,
             )
 
     async def shutdown(self) -> None:

@@ -69,6 +69,7 @@ from telegram.ext import (
     filters,
 )
 
+from agentgate.config import client_ssl_context
 from agentgate.guardian import (
     Action,
     ApprovalCard,
@@ -148,6 +149,9 @@ class SendLimits:
     group_per_minute: float = 20.0
     private_per_minute: float = 60.0
     queue_budget: float = 60.0  # seconds a new message may wait for its send slot
+    # A fresh decision is answered (the press's progress bar stopped) once its card shows the
+    # outcome, or after this many seconds: the execution runs first, unhurried by the answer.
+    answer_wait: float = 3.0
 
 
 # -- rendering (pure functions) -------------------------------------------------------------
@@ -443,6 +447,9 @@ class TelegramGuardian:
         # At most this many Bot API calls in flight: a burst of cards waits here, in a fair FIFO,
         # not in httpcore's pool, which collapses under a deep queue (docs/performance.md, P3).
         self._calls = trio.CapacityLimiter(SEND_CONNECTIONS)
+        # Presses waiting for their card's outcome before they are answered: request id ->
+        # events, set by update_card.
+        self._outcomes: dict[str, list[trio.Event]] = {}
 
     # -- Guardian ---------------------------------------------------------------------------
 
@@ -456,6 +463,8 @@ class TelegramGuardian:
 
     async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
         """Show the card's resolution and remove its buttons. Best effort: logs, never raises."""
+        for shown in self._outcomes.pop(card.request_id, ()):
+            shown.set()
         try:
             chat_id, message_id = parse_ref(message_ref)
         except ValueError:
@@ -583,8 +592,30 @@ class TelegramGuardian:
             revoked = await self._control.revoke_grant(ident, by=who)
             text = "grant revoked" if revoked else "grant already gone (expired or revoked)"
         else:
-            text = await self._control.decide(ident, Action(kind), by=who)
+            text = await self._decide(ident, Action(kind), who)
         await self._answer(press.query_id, text)
+
+    async def _decide(self, ident: str, action: Action, who: str) -> str:
+        """Decide, then wait (bounded) until the card shows the outcome.
+
+        Telegram shows a progress bar on the button until the press is answered; answering when
+        the card changes keeps the two together, and keeps the answer's Bot API call off the
+        path from the press to the agent's result (docs/performance.md, S5).
+        """
+        shown = trio.Event()
+        self._outcomes.setdefault(ident, []).append(shown)
+        try:
+            text = await self._control.decide(ident, action, by=who)
+            if "expired" not in text and "already" not in text:  # GuardianControl.decide's contract
+                with trio.move_on_after(self._limits.answer_wait):
+                    await shown.wait()
+            return text
+        finally:
+            waiting = self._outcomes.get(ident)
+            if waiting is not None and shown in waiting:
+                waiting.remove(shown)
+                if not waiting:
+                    del self._outcomes[ident]
 
     async def _on_command(self, command: _Command) -> None:
         who = f"{command.user_name} ({command.user_id})"
@@ -633,16 +664,24 @@ def _retry_after_seconds(exc: RetryAfter) -> float:
 
 
 def _build_application(config: TelegramSettings) -> Application[Any, Any, Any, Any, Any, Any]:
-    # Both of PTB's request objects do their HTTP on the Trio side (see _trio_request.py).
+    # Both of PTB's request objects do their HTTP on the Trio side (see _trio_request.py), and
+    # share one TLS context (each context holds the parsed CA bundle, ~0.8 MiB).
+    tls = client_ssl_context(config.base_url or "https://api.telegram.org/bot")
     requests = TrioRequest(
         connections=SEND_CONNECTIONS,
         connect_timeout=3.0,
         read_timeout=5.0,
         write_timeout=5.0,
         pool_timeout=1.0,
+        verify=tls,
     )
     polling = TrioRequest(
-        connections=1, connect_timeout=3.0, read_timeout=5.0, write_timeout=5.0, pool_timeout=1.0
+        connections=1,
+        connect_timeout=3.0,
+        read_timeout=5.0,
+        write_timeout=5.0,
+        pool_timeout=1.0,
+        verify=tls,
     )
     builder = (
         Application.builder()
