@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,13 +99,19 @@ Sessions = Callable[[str], Sequence[Session]]
 
 @attrs.define(eq=False)
 class Approval:
+    """One pending approval. Kept small: 10,000 of them may wait at once (bench S6).
+
+    Its task waits in its deadline's cancel scope; :meth:`resolve` wakes it by cancelling that
+    scope (``wake``), which is only set while the task is parked waiting for a decision, so a
+    resolution never interrupts a card being sent.
+    """
+
     row: PendingRow
     session: Session | None
-    decided: trio.Event = attrs.field(factory=trio.Event)
     kind: Kind | None = None
     by: str | None = None
     detail: str = ""
-    done: trio.Event = attrs.field(factory=trio.Event)
+    wake: trio.CancelScope | None = None
 
     @property
     def request_id(self) -> str:
@@ -115,7 +122,8 @@ class Approval:
         if self.kind is not None:
             return False
         self.kind, self.by, self.detail = kind, by, detail
-        self.decided.set()
+        if self.wake is not None:
+            self.wake.cancel()
         return True
 
     def card(self) -> ApprovalCard:
@@ -130,6 +138,9 @@ class Approval:
             expires_at=r.expires_at,
             target=r.target,
         )
+
+
+_TASK_NAME = "agentgate.broker.approval"  # one shared string, not one per task
 
 
 def _grammar(kind: Kind) -> str:
@@ -170,6 +181,8 @@ class Broker:
         self.approvals: dict[str, Approval] = {}
         self._waiting: dict[str, int] = defaultdict(int)  # agent -> undecided approvals
         self._nursery: trio.Nursery | None = None
+        self._closing = False  # shutdown began: new approvals resolve at once
+        self._idle: trio.Event | None = None  # set when the last approval is done (shutdown)
         self.executions = 0
 
     # -- running ------------------------------------------------------------------------------
@@ -192,16 +205,12 @@ class Broker:
                 # The gateway stopped while this call was executing: its outcome is unknown and
                 # it must not run twice. Report it honestly instead.
                 approval.resolve(Kind.ALLOW, row.decided_by)
-                self._nursery.start_soon(
-                    self._finish_unknown, approval, name=f"approval {row.request_id}"
-                )
+                self._nursery.start_soon(self._finish_unknown, approval, name=_TASK_NAME)
                 continue
             self._waiting[row.agent] += 1
             if row.expires_at <= now:
                 approval.resolve(Kind.TIMEOUT, None, "expired while the gateway was down")
-            self._nursery.start_soon(
-                self._run_approval, approval, name=f"approval {row.request_id}"
-            )
+            self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
         if self.approvals:
             log.info("resumed %d open approval(s) from the store", len(self.approvals))
 
@@ -233,6 +242,10 @@ class Broker:
         if self._nursery is None:
             raise GatewayShuttingDown()
         self._waiting[agent] += 1
+        # Shared strings for what repeats from ask to ask: the tool and the matched rule (both
+        # from small fixed sets). Argument values are the agent's and are never interned:
+        # interned strings can outlive their use (immortal on Python 3.12).
+        tool, matched = sys.intern(tool), sys.intern(matched)
         try:
             request_id = str(uuid.uuid4())
             now = self._now()
@@ -266,7 +279,9 @@ class Broker:
             raise
         approval = Approval(row, session)
         self.approvals[request_id] = approval
-        self._nursery.start_soon(self._run_approval, approval, name=f"approval {request_id}")
+        if self._closing:  # shutdown began while this ask was being recorded
+            approval.resolve(Kind.SHUTDOWN, None, "gateway shutting down")
+        self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
         session.try_send(
             encode_notification(
                 "approval_pending",
@@ -301,9 +316,11 @@ class Broker:
 
     async def shutdown(self) -> None:
         """Resolve everything still waiting as ``shutdown`` and let each approval finish."""
+        self._closing = True
         self.resolve_all(Kind.SHUTDOWN, None, "gateway shutting down")
-        for approval in list(self.approvals.values()):
-            await approval.done.wait()
+        if self.approvals:
+            self._idle = self._idle or trio.Event()
+            await self._idle.wait()
 
     def waiting(self, agent: str | None = None) -> int:
         if agent is None:
@@ -325,17 +342,26 @@ class Broker:
 
     async def _run_approval(self, approval: Approval) -> None:
         try:
-            with trio.CancelScope(deadline=self._deadline(approval.row.expires_at)):
+            with trio.CancelScope(deadline=self._deadline(approval.row.expires_at)) as scope:
                 if approval.row.message_ref is None and approval.kind is None:
                     await self._show(approval)
-                await approval.decided.wait()
+                if approval.kind is None:
+                    # Park until resolve() or the deadline cancels this scope.
+                    approval.wake = scope
+                    await trio.sleep_forever()
+            approval.wake = None
             approval.resolve(Kind.TIMEOUT)
             self._waiting[approval.row.agent] -= 1
             with trio.CancelScope(shield=True):
                 await self._conclude(approval)
         finally:
-            approval.done.set()
-            self.approvals.pop(approval.request_id, None)
+            approval.wake = None
+            self._finished(approval)
+
+    def _finished(self, approval: Approval) -> None:
+        self.approvals.pop(approval.request_id, None)
+        if self._idle is not None and not self.approvals:
+            self._idle.set()
 
     async def _show(self, approval: Approval) -> None:
         row = approval.row
@@ -426,8 +452,7 @@ class Broker:
             with trio.CancelScope(shield=True):
                 await self._deliver(approval, Outcome.FAILED, None, error)
         finally:
-            approval.done.set()
-            self.approvals.pop(approval.request_id, None)
+            self._finished(approval)
 
     async def _deliver(
         self,

@@ -123,6 +123,15 @@ class Connection:
         self._send.close()
 
 
+@attrs.define(eq=False)
+class _Reading:
+    """A describe in flight; asks for the same entity meanwhile wait for its text."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    text: str | None = None
+    finished: bool = False
+
+
 class Gateway(GuardianControl):
     """Request handling and the guardian's controls; :func:`serve_gateway` wires it up."""
 
@@ -147,6 +156,7 @@ class Gateway(GuardianControl):
         self.frozen = False
         self.shutting_down = False
         self._grants: dict[tuple[str, str], GrantRow] = {}
+        self._readings: dict[str, _Reading] = {}  # entity_id -> its describe in flight
         self._in_flight = 0  # requests running on every connection
         self._drained = trio.Event()  # set when shutting down and nothing is in flight
         self._all_closed = trio.Event()  # set when shutting down and no connection is left
@@ -502,9 +512,31 @@ class Gateway(GuardianControl):
         return await self.executor.execute(tool, args)
 
     async def _describe(self, tool: str, args: dict[str, Any]) -> str | None:
+        """The card's line about the target entity, read from Home Assistant.
+
+        Single flight: an ask for an entity whose state is being read right now joins that
+        read instead of queueing one more request (10,000 asks at once would otherwise wait
+        behind each other for Home Assistant's connections, past its timeout).
+        """
         entity_id = args.get("entity_id")
         if self.executor is None or not isinstance(entity_id, str):
             return None
+        while (reading := self._readings.get(entity_id)) is not None:
+            await reading.done.wait()
+            if reading.finished:
+                return reading.text
+            # that read was cancelled (its approval ended): read it ourselves
+        reading = self._readings[entity_id] = _Reading()
+        try:
+            reading.text = await self._read_target(entity_id)
+            reading.finished = True
+        finally:
+            del self._readings[entity_id]
+            reading.done.set()
+        return reading.text
+
+    async def _read_target(self, entity_id: str) -> str:
+        assert self.executor is not None
         try:
             return str(await self.executor.describe(entity_id))
         except AgentgateError as exc:
