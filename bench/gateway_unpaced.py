@@ -4,10 +4,15 @@
 this way with ``BENCH_PROPOSALS`` set, to measure a proposed change before it is applied: add
 it below as an opt-in monkeypatch, as P1-P3 were. All three are applied in the product now.)
 
-Exactly ``python -m agentgate``, except that the Telegram guardian's per-chat send pacing (20
-new cards a minute to a group, bursts of 20 — real Telegram's limit) is lifted, so that S5 can
-ask many times in a row and S6 can put 10,000 cards in front of the fake Bot API. Only *new
-cards* are paced; the press → result path S5/S6 time is not.
+Exactly ``python -m agentgate``, except for two things in the Telegram guardian:
+
+1. its per-chat send pacing (20 new cards a minute to a group, bursts of 20 — real Telegram's
+   limit) is lifted, so that S5 can ask many times in a row and S6 can put 10,000 cards in front
+   of the fake Bot API. Only *new cards* are paced; the press → result path S5/S6 time is not.
+2. Bot API calls queue for one of ``SENDS_AT_ONCE`` slots *before* their retry budget starts
+   (10 s for all attempts of one message). The guardian's own limit of 8 calls in flight sits
+   inside that budget, which is right when pacing lets at most a burst of 20 cards through; with
+   pacing lifted, 10,000 cards would wait for a slot inside their budget and most would fail.
 """
 
 from __future__ import annotations
@@ -15,13 +20,19 @@ from __future__ import annotations
 import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
 
 import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from agentgate.serve import import_telegram_guardian
 
 import_telegram_guardian()  # as `agentgate serve` does: without PTB's Passport support
 
+import trio  # noqa: E402
+
 from agentgate.guardian import telegram  # noqa: E402
-from agentgate.guardian.telegram import SendLimits  # noqa: E402
+from agentgate.guardian.telegram import SEND_CONNECTIONS, SendLimits, TelegramGuardian  # noqa: E402
+
+SENDS_AT_ONCE = SEND_CONNECTIONS
 
 UNPACED = SendLimits(
     burst=1_000_000,
@@ -31,6 +42,22 @@ UNPACED = SendLimits(
 )
 
 telegram.open_telegram_guardian = functools.partial(telegram.open_telegram_guardian, limits=UNPACED)
+
+_original_deliver = TelegramGuardian._deliver
+_slots: trio.CapacityLimiter | None = None
+
+
+async def _deliver_in_turn(
+    self: TelegramGuardian, what: str, call: Callable[[], Awaitable[Any]]
+) -> Any:
+    global _slots
+    if _slots is None:
+        _slots = trio.CapacityLimiter(SENDS_AT_ONCE)
+    async with _slots:
+        return await _original_deliver(self, what, call)
+
+
+TelegramGuardian._deliver = _deliver_in_turn  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     from agentgate.cli import main

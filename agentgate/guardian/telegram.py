@@ -487,24 +487,32 @@ class TelegramGuardian:
     # -- sending ----------------------------------------------------------------------------
 
     async def _send_card_to(self, chat_id: int, card: ApprovalCard) -> str:
-        keyboard = card_keyboard(card.request_id)
-        message = await self._send(chat_id, render_card(card, now=time.time()), keyboard)
+        card_keyboard(card.request_id)  # a request id too long for a button fails here, unsent
+
+        def compose() -> tuple[str, InlineKeyboardMarkup]:
+            # Rendered when the card is sent, not while it waits for a send slot: 10,000 queued
+            # cards then hold only their ApprovalCard, and the expiry line is current.
+            return render_card(card, now=time.time()), card_keyboard(card.request_id)
+
+        message = await self._send(chat_id, compose)
         return f"{message.chat_id}:{message.message_id}"
 
     async def _send(
-        self, chat_id: int, text: str, keyboard: InlineKeyboardMarkup | None = None
+        self, chat_id: int, compose: Callable[[], tuple[str, InlineKeyboardMarkup | None]]
     ) -> Message:
         """A new message: wait for a send slot, then deliver with the bounded retry."""
         with trio.move_on_after(self._limits.queue_budget) as slot:
             await self._pacing.bucket(chat_id).take()
         if slot.cancelled_caught:
             raise GuardianUnavailable("too many Telegram messages queued; send rate exceeded")
-        return await self._deliver(
-            "sendMessage",
-            lambda: self._bot.send_message(
+
+        def send() -> Awaitable[Message]:
+            text, keyboard = compose()
+            return self._bot.send_message(  # type: ignore[no-any-return]
                 chat_id, text, parse_mode=ParseMode.HTML, reply_markup=keyboard
-            ),
-        )
+            )
+
+        return await self._deliver("sendMessage", send)
 
     async def _deliver(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run one Bot API call on the asyncio side: a few attempts within ``limits.budget``,
@@ -548,7 +556,7 @@ class TelegramGuardian:
         self, chat_id: int, text: str, keyboard: InlineKeyboardMarkup | None = None
     ) -> None:
         try:
-            await self._send(chat_id, text, keyboard)
+            await self._send(chat_id, lambda: (text, keyboard))
         except GuardianUnavailable as exc:
             log.warning("could not answer a command: %s", exc.message)
 
