@@ -7,7 +7,7 @@ Task tree (DESIGN §3)::
         ├── store writer          (open_store: group commit, off the loop)
         ├── guardian              (Telegram in a trio-asyncio loop, optional)
         ├── broker.run            (one task per pending approval)
-        └── serve_websocket       (trio-websocket)
+        └── serve_websockets      (agentgate.listener: trio-websocket's server)
             └── handle(request) per connection
                 ├── auth under a deadline (cancel scope)
                 ├── reader            (this task: parse, rate-limit, spawn)
@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 import httpx
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from agentgate import tools
 from agentgate.broker import Broker, Kind
@@ -64,6 +64,7 @@ from agentgate.guardian import (
     PendingCard,
 )
 from agentgate.limits import FailedAuthTracker, TokenBucket
+from agentgate.listener import serve_websockets
 from agentgate.policy import Policy, load_policy
 from agentgate.protocol import (
     JsonId,
@@ -811,7 +812,7 @@ async def serve_gateway(
                 await nursery.start(gateway.broker.run)
                 server = await nursery.start(
                     partial(
-                        serve_websocket,
+                        serve_websockets,
                         gateway.handle,
                         config.gateway.host,
                         config.gateway.port,

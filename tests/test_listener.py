@@ -1,0 +1,116 @@
+"""The WSS listener drops a connection whose peer left before its upgrade, at once.
+
+Real sockets on 127.0.0.1. ``connect_timeout`` is 60 s in these tests, far beyond their
+ceilings: before agentgate.listener, trio-websocket held each such connection (socket, TLS
+state) for the whole timeout, which let anyone pin file descriptors by connecting and leaving.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from trio_websocket import WebSocketRequest, WebSocketServer, open_websocket_url
+
+from agentgate.listener import serve_websockets
+
+CEILING = 10
+pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _echo(request: WebSocketRequest) -> None:
+    ws = await request.accept()
+    message = await ws.get_message()
+    await ws.send_message(f"echo {message}")
+    await ws.aclose()
+
+
+@asynccontextmanager
+async def _server(tls: ssl.SSLContext | None) -> AsyncIterator[WebSocketServer]:
+    async with trio.open_nursery() as nursery:
+        server: WebSocketServer = await nursery.start(
+            lambda task_status: serve_websockets(
+                _echo,
+                "127.0.0.1",
+                0,
+                tls,
+                max_message_size=1 << 16,
+                connect_timeout=60,
+                disconnect_timeout=2,
+                task_status=task_status,
+            )
+        )
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def _contexts(ca: trustme.CA) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+async def _wait_for_fds(baseline: int) -> None:
+    while _open_fds() > baseline:  # noqa: ASYNC110  # an OS counter: nothing to wait on
+        await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("use_tls", [False, True])
+async def test_a_peer_gone_before_its_upgrade_is_dropped_at_once(
+    ca: trustme.CA, use_tls: bool
+) -> None:
+    server_tls, _ = _contexts(ca)
+    async with _server(server_tls if use_tls else None) as server:
+        with trio.fail_after(CEILING):
+            await trio.sleep(0.1)
+            baseline = _open_fds()
+            for _ in range(30):
+                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                await stream.send_all(b"\x16\x03\x01" if use_tls else b"GET / HTTP/1.1\r\n")
+                await stream.aclose()
+            # Each of them would hold its socket for the 60 s connect_timeout before the fix.
+            await _wait_for_fds(baseline)
+
+
+async def test_a_silent_connection_still_waits_for_its_upgrade(ca: trustme.CA) -> None:
+    async with _server(None) as server:
+        with trio.fail_after(CEILING):
+            await trio.sleep(0.1)
+            baseline = _open_fds()
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await trio.sleep(0.3)
+            # Our end plus the server's end: a peer that is only slow is not dropped.
+            assert _open_fds() == baseline + 2
+            await stream.aclose()
+            await _wait_for_fds(baseline)
+
+
+@pytest.mark.parametrize("use_tls", [False, True])
+async def test_a_websocket_still_works(ca: trustme.CA, use_tls: bool) -> None:
+    server_tls, client_tls = _contexts(ca)
+    async with _server(server_tls if use_tls else None) as server:
+        scheme = "wss" if use_tls else "ws"
+        with trio.fail_after(CEILING):
+            async with open_websocket_url(
+                f"{scheme}://127.0.0.1:{server.port}/",
+                ssl_context=client_tls if use_tls else None,
+            ) as ws:
+                await ws.send_message("hello")
+                assert await ws.get_message() == "echo hello"
