@@ -373,6 +373,7 @@ class Broker:
         try:
             ref = await self.guardian.send_card(approval.card())
         except GuardianUnavailable as exc:
+            log.warning("card for %s undeliverable, the ask fails closed: %s", row.request_id, exc)
             approval.resolve(Kind.UNDELIVERABLE, None, exc.message)
             return
         except Exception as exc:  # a guardian bug must not leave the approval hanging

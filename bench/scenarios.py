@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ class Settings:
     s5_asks: int = 30
     s6_agents: int = 1000
     s6_per_agent: int = 10
-    s6_timeout: float = 60
+    s6_timeout: float = 120  # every card is out in ~50 s: no approval expires before its card
     s6_probes: int = 20
     warmup: float = 2
 
@@ -451,20 +452,35 @@ def s6(ctx: Context) -> list[Row]:
             "approval_timeout": s.s6_timeout,
         }
         worker = procs.run_worker(spec, limit=0)
+        # Read the worker's result as soon as it is written: 10,000 lateness figures do not fit
+        # in a pipe's buffer, and the worker would block on them while this thread waits below.
+        output: dict[str, str] = {}
+        drain = threading.Thread(
+            target=lambda: output.update(out=worker.communicate()[0]), daemon=True
+        )
+        drain.start()
         started = time.monotonic()
-        cards = 0
+        cards, last_new, stalled = 0, started, False
         while time.monotonic() - started < s.s6_timeout + 120:
-            cards = len(ctx.tg.messages) - base
+            now_cards = len(ctx.tg.messages) - base
+            if now_cards > cards:
+                cards, last_new = now_cards, time.monotonic()
             if cards >= total or worker.poll() is not None:
+                break
+            if cards and time.monotonic() - last_new > 15:  # cards stopped coming: say so, go on
+                stalled = True
                 break
             time.sleep(0.5)
         all_pending = time.monotonic() - started
         rss_pending = gw.rss()
-        ctx.log(f"S6: {cards} cards after {all_pending:.1f} s, RSS {rss_pending}")
+        ctx.log(f"S6: {cards} cards after {all_pending:.1f} s (stalled: {stalled}), {rss_pending}")
         profile_until = time.time()
         probes = trio.run(_press_round_trips, ctx.tg, gw, probe["probe"], s.s6_probes)
         ctx.log(f"S6: probes {[round(p, 1) for p in probes]}")
-        result = procs.collect(worker, s.s6_timeout + 400)
+        drain.join(s.s6_timeout + 400)
+        if drain.is_alive() or worker.returncode != 0 or "out" not in output:
+            raise RuntimeError(f"S6 load worker failed ({worker.returncode})")
+        result = json.loads(output["out"])
         rss_end = gw.rss()
         del profile_until
     late = result["lateness_s"]
