@@ -460,10 +460,7 @@ class MemoryProbe:
 
 
 def _vm_rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return procs.rss_kib(os.getpid())["VmRSS"]
 
 
 def _pymalloc_allocated_kib() -> int | None:
