@@ -90,6 +90,10 @@ class Session(Protocol):
         """
         ...
 
+    async def drained(self) -> None:
+        """Return once every frame queued so far has been written (or the connection closed)."""
+        ...
+
 
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[str, dict[str, Any]], Awaitable[str | None]]
@@ -141,6 +145,7 @@ class Approval:
 
 
 _TASK_NAME = "agentgate.broker.approval"  # one shared string, not one per task
+DRAIN_WAIT = 0.25  # seconds an outcome's bookkeeping waits for the agent's frame to be written
 
 
 def _grammar(kind: Kind) -> str:
@@ -480,6 +485,12 @@ class Broker:
             text = encode_error(row.rpc_id, error)
         session = approval.session
         delivered = session is not None and session.try_send(text, row.request_id)
+        if delivered:
+            assert session is not None
+            # The agent's frame goes out first; the outcome's commit and card edit would
+            # otherwise compete with its TLS/WebSocket send for the event loop (S5).
+            with trio.move_on_after(DRAIN_WAIT):
+                await session.drained()
         try:
             await self.store.finish_pending(
                 row.request_id,

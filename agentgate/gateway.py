@@ -99,6 +99,10 @@ class Connection:
     closed: bool = False
     in_flight: int = 0
     bucket: TokenBucket | None = None
+    # Frames queued and frames the writer is done with (sent or given up), for drained().
+    queued: int = 0
+    written: int = 0
+    _progress: trio.Event | None = None
 
     def try_send(self, text: str, request_id: str | None = None) -> bool:
         if self.closed:
@@ -107,6 +111,7 @@ class Connection:
             self._send.send_nowait((text, (request_id,) if request_id else ()))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self.queued += 1
         return True
 
     async def send(self, text: str, request_ids: tuple[str, ...] = ()) -> bool:
@@ -117,11 +122,28 @@ class Connection:
             await self._send.send((text, request_ids))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self.queued += 1
         return True
+
+    async def drained(self) -> None:
+        """Return once the writer is done with every frame queued so far, or has stopped."""
+        target = self.queued
+        while self.written < target and not self.closed:
+            if self._progress is None:
+                self._progress = trio.Event()
+            await self._progress.wait()
+
+    def wrote(self) -> None:
+        """The writer is done with one more frame (or, when closed, with all of them)."""
+        self.written += 1
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
     def close(self) -> None:
         self.closed = True
         self._send.close()
+        self.wrote()  # wake drained(): nothing more will be written
 
 
 @attrs.define(eq=False)
@@ -216,7 +238,7 @@ class Gateway(GuardianControl):
                 await self._reader(ws, conn, nursery)
                 conn.close()
         finally:
-            conn.closed = True
+            conn.close()
             self.connections[agent.name].discard(conn)
             if not self.connections[agent.name]:
                 del self.connections[agent.name]
@@ -308,13 +330,16 @@ class Gateway(GuardianControl):
         undelivered: list[str] = []
         async with receive:
             async for text, request_ids in receive:
-                if not broken:
-                    try:
-                        await ws.send_message(text)
-                        continue
-                    except ConnectionClosed:
-                        conn.closed = broken = True
-                undelivered.extend(request_ids)
+                try:
+                    if not broken:
+                        try:
+                            await ws.send_message(text)
+                            continue
+                        except ConnectionClosed:
+                            conn.closed = broken = True
+                    undelivered.extend(request_ids)
+                finally:
+                    conn.wrote()
             if self.shutting_down and not broken:
                 await self._close(ws, CLOSE_GOING_AWAY, "gateway shutting down")
         await self._requeue(conn.agent, undelivered)

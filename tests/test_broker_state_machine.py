@@ -101,6 +101,9 @@ class FakeSession:
             self.frames.append(json.loads(text))
         return self.open
 
+    async def drained(self) -> None:
+        return None
+
 
 class FakeGuardian:
     def __init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -168,3 +169,61 @@ async def test_queued_results_whose_reply_is_lost_are_queued_again(
         assert [(r["rpc_id"], r["status"]) for r in results] == [(4, "executed")]
         assert (await call(ws, 7, "get_pending_results"))["result"]["results"] == []
         assert len(fg.home.service_calls) == 1
+
+
+async def test_drained_returns_once_the_writer_is_done_with_every_queued_frame() -> None:
+    send, receive = trio.open_memory_channel[tuple[str, tuple[str, ...]]](8)
+    conn = Connection("pi", "gate.test", send)
+    assert conn.try_send("one")
+    assert conn.try_send("two", "request-id")
+    finished: list[str] = []
+
+    async def wait(name: str) -> None:
+        await conn.drained()
+        finished.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        conn.wrote()
+        await trio.testing.wait_all_tasks_blocked()
+        assert finished == []  # one frame of two written
+        conn.wrote()
+    assert finished == ["first"]
+    await conn.drained()  # nothing queued since: returns at once
+    # A connection that closes with frames still queued releases whoever waits for them.
+    assert conn.try_send("three")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        conn.close()
+    assert finished == ["first", "second"]
+    receive.close()
+
+
+async def test_the_agent_has_its_result_before_the_card_is_edited(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The outcome's bookkeeping (commit, card edit) waits until the result frame is written,
+    so it does not compete with that frame for the event loop (S5, docs/performance.md)."""
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        written_at_edit: list[bool] = []
+        update_card = fg.guardian.update_card
+
+        async def spy(*args: Any) -> None:
+            written_at_edit.extend(c.written >= c.queued for c in fg.gateway.connections["pi"])
+            await update_card(*args)
+
+        fg.guardian.update_card = spy  # type: ignore[method-assign]
+        args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+
+        async def allow() -> None:
+            shown = await fg.guardian.wait_for_card()
+            await fg.guardian.press(shown.card.request_id, "allow")
+
+        fg.nursery.start_soon(allow)
+        answer = await call(ws, 1, "tool_request", tool="ha_call_service", args=args)
+        assert answer["result"]["status"] == "executed"
+        await fg.guardian.wait_for_update(answer["result"]["request_id"])
+        assert written_at_edit == [True]

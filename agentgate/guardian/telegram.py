@@ -99,6 +99,11 @@ T = TypeVar("T")
 MAX_TEXT = 4096  # Telegram's limit, in UTF-16 code units
 MAX_CALLBACK_DATA = 64  # bytes
 POLL_TIMEOUT = 10  # seconds of one getUpdates long poll (returns at once when a press arrives)
+# Pause between a long poll's answer and the next poll. Without it the next getUpdates is sent
+# while the press it brought is being decided and executed, and its HTTP work competes with that
+# press's Home Assistant call for the one event-loop thread (S5: ~1.5 ms of 8). A press that
+# arrives meanwhile waits at most this long in Telegram's queue.
+POLL_PAUSE = 0.02
 SHUTDOWN_GRACE = 5.0  # seconds for PTB to stop, all steps together
 UPDATER_STOP_GRACE = 1.0
 SEND_CONNECTIONS = 8  # Bot API calls in flight at most (docs/performance.md, P3)
@@ -864,7 +869,7 @@ async def _running(
             except TelegramError as exc:
                 log.warning("could not set the bot's command list: %s", exc)
             await trio_asyncio.aio_as_trio(app.updater.start_polling)(  # type: ignore[union-attr]
-                poll_interval=0.0,
+                poll_interval=POLL_PAUSE,
                 timeout=POLL_TIMEOUT,
                 drop_pending_updates=False,  # presses made while we were down still count
                 allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY],

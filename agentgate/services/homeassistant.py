@@ -49,6 +49,7 @@ import trio
 
 from agentgate.config import client_ssl_context
 from agentgate.errors import ExecutionFailed, InvalidParams
+from agentgate.outbound import one_write_transport
 
 __all__ = ["TOOLS", "HomeAssistant", "HomeAssistantSettings", "open_homeassistant"]
 
@@ -355,13 +356,16 @@ async def open_homeassistant(
     ``transport`` replaces the network (``httpx.MockTransport`` in tests); ``now`` is the wall
     clock used for history windows.
     """
+    verify = client_ssl_context(config.url)
+    if transport is None:
+        transport = one_write_transport(verify=verify, limits=LIMITS)
     async with httpx.AsyncClient(
         base_url=config.url,
         headers={"Authorization": f"Bearer {config.token}"},
         timeout=httpx.Timeout(float(config.timeout)),
         limits=LIMITS,
         transport=transport,
-        verify=client_ssl_context(config.url),
+        verify=verify,
         follow_redirects=False,
     ) as client:
         yield HomeAssistant(client, config, now=now)
