@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
 from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram
-from bench import procs
+from bench import legs, procs
 from bench.profile import Profiler
 from bench.stats import Row, median, percentile
 
@@ -364,7 +363,7 @@ async def _press_round_trips(
                         rid = message["pending"]
                         data = f"allow:{rid}"
                         card = await tg.wait_for_message(partial(_has_button, data))
-                        await trio.sleep(0.05)  # let the card's send finish; a human takes seconds
+                        await trio.sleep(legs.PRESS_PAUSE)  # the card is sent; humans take seconds
                         pressed[rid] = time.time()
                         tg.press(card.message_id, data, user_id=procs.TG_USER)
             if await worker.wait() != 0:
@@ -386,32 +385,17 @@ def _has_button(data: str, message: FakeMessage) -> bool:
     return any(button == data for _, button in message.buttons)
 
 
-async def _executor_floor(ctx: Context, n: int) -> float:
-    """Median ms of the executor's HTTP work for the S5 call: POST the service.
-
-    The approval card read the entity a moment before, so the executor does not check it again;
-    the calls alternate ``turn_on`` / ``turn_off`` as S5's do.
-    """
-    headers = {"Authorization": f"Bearer {procs.HA_TOKEN}"}
-    times = []
-    async with httpx.AsyncClient(base_url=ctx.home.url, headers=headers) as client:
-        for i in range(n + 5):
-            service = "turn_off" if i % 2 else "turn_on"
-            t0 = time.perf_counter()
-            reply = await client.post(
-                f"/api/services/light/{service}", json={"entity_id": "light.kitchen"}
-            )
-            reply.raise_for_status()
-            times.append((time.perf_counter() - t0) * 1000)
-    return median(times[5:])
-
-
 def s5(ctx: Context) -> list[Row]:
     s = ctx.settings
     tokens = _tokens(1)
     with _gateway(ctx, "s5", tokens, unpaced_telegram=True) as gw:
         times = trio.run(_press_round_trips, ctx.tg, gw, tokens["agent0000"], s.s5_asks)
-    floor = trio.run(_executor_floor, ctx, 50)
+    # The floor: the path's three exchanges alone, at S5's rhythm (bench/legs.py).
+    n = max(s.s5_asks, 20)
+    bot_api = trio.run(legs.bot_api_leg, ctx.tg, n)
+    home = trio.run(legs.home_leg, ctx.home, n)
+    wss = trio.run(legs.wss_leg, ctx.workdir / "s5-wss", n)
+    floor = bot_api + home + wss
     med = median(times)
     return [
         Row(
@@ -422,8 +406,9 @@ def s5(ctx: Context) -> list[Row]:
             med <= 4,
             floor,
             floor / med,
-            note=f"press → result, n={len(times)}, p90 {percentile(times, 90):.1f} ms; "
-            "floor = executor's POST",
+            note=f"press → result, n={len(times)}, p90 {percentile(times, 90):.1f} ms; floor = "
+            f"Bot API {bot_api:.2f} + HA POST {home:.2f} + WSS frame {wss:.2f} ms, each alone",
+            extra={"bot_api": bot_api, "home_post": home, "wss_frame": wss},
         )
     ]
 
