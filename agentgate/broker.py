@@ -303,7 +303,7 @@ class Broker:
         if approval is None:
             return "expired or unknown approval"
         if approval.kind is not None:
-            return f"already {_grammar(approval.kind)}"
+            return f"expired: already {_grammar(approval.kind)}"
         if self._now() >= approval.row.expires_at:
             approval.resolve(Kind.TIMEOUT)
             return "expired: the approval timed out"

@@ -146,8 +146,8 @@ async def press(tg: FakeTelegram, card: FakeMessage, action: str, user: int = AL
 
 
 def stale(answer: str) -> bool:
-    """The answer to a press on a resolved (or forgotten) approval."""
-    return "already" in answer or "expired" in answer
+    """The answer to a press on a resolved (or forgotten) approval: "expired" (issue 4)."""
+    return answer.startswith("expired")
 
 
 async def guardian_rows(gw: Harness, decision: str, *, count: int) -> list[AuditEntry]:

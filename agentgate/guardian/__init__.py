@@ -112,8 +112,8 @@ class GuardianControl(Protocol):
     async def decide(self, request_id: str, action: Action, by: str) -> str:
         """Apply a guardian's decision; return the short text to answer the press with.
 
-        Returns e.g. "approved", "denied", "allowed for 1 h", or a text containing "expired"
-        or "already" when the approval is unknown, expired or already resolved.
+        Returns e.g. "approved", "denied", "allowed for 1 h", or a text starting with "expired"
+        when the approval is unknown, expired or already resolved ("expired: already approved").
         """
         ...
 
