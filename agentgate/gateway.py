@@ -27,7 +27,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -102,7 +102,9 @@ class Connection:
     # Frames queued and frames the writer is done with (sent or given up), for drained().
     queued: int = 0
     written: int = 0
-    _progress: trio.Event | None = None
+    # drained() waiters as (frames that must be written, event), in the order they came: their
+    # targets never decrease, so each frame written wakes exactly the waiters it satisfies.
+    _waiters: deque[tuple[int, trio.Event]] = attrs.field(factory=deque)
 
     def try_send(self, text: str, request_id: str | None = None) -> bool:
         if self.closed:
@@ -127,18 +129,18 @@ class Connection:
 
     async def drained(self) -> None:
         """Return once the writer is done with every frame queued so far, or has stopped."""
-        target = self.queued
-        while self.written < target and not self.closed:
-            if self._progress is None:
-                self._progress = trio.Event()
-            await self._progress.wait()
+        if self.written >= self.queued or self.closed:
+            return
+        event = trio.Event()
+        self._waiters.append((self.queued, event))
+        await event.wait()
 
     def wrote(self) -> None:
         """The writer is done with one more frame (or, when closed, with all of them)."""
         self.written += 1
-        if self._progress is not None:
-            self._progress.set()
-            self._progress = None
+        waiters = self._waiters
+        while waiters and (self.closed or waiters[0][0] <= self.written):
+            waiters.popleft()[1].set()
 
     def close(self) -> None:
         self.closed = True
