@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable
+from contextlib import suppress
 from typing import Any
 
 import httpcore
@@ -101,7 +102,10 @@ class OneWriteStream(httpcore.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self._pending:
-            await self.flush()
+            # What httpcore does when it cannot finish writing a request: read anyway. The
+            # server may have answered (and hung up) already; the read shows it, or fails.
+            with suppress(httpcore.WriteError):
+                await self.flush()
         return await self._inner.read(max_bytes, timeout)
 
     async def flush(self) -> None:

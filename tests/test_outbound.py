@@ -73,6 +73,17 @@ async def test_a_large_body_is_written_without_waiting_for_a_read() -> None:
     assert inner.events == [("write", (b"head" + b"x" * FLUSH_AT, None))]
 
 
+async def test_a_failed_write_still_reads_the_answer_as_httpcore_does() -> None:
+    class HungUp(Recording):
+        async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+            raise httpcore.WriteError("connection reset by peer")
+
+    inner = HungUp([b"HTTP/1.1 413 Payload Too Large\r\n\r\n"])
+    stream = OneWriteStream(inner)
+    await stream.write(b"POST / HTTP/1.1\r\n\r\n" + b"x" * 100)
+    assert await stream.read(100) == b"HTTP/1.1 413 Payload Too Large\r\n\r\n"
+
+
 async def test_closing_drops_what_was_never_sent() -> None:
     inner = Recording()
     stream = OneWriteStream(inner)
