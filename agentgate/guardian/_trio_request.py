@@ -26,8 +26,6 @@ from telegram._utils.types import ODVInput
 from telegram.error import NetworkError, TimedOut
 from telegram.request import BaseRequest, RequestData
 
-from agentgate.outbound import one_write_transport
-
 __all__ = ["TrioRequest"]
 
 
@@ -69,6 +67,8 @@ class TrioRequest(BaseRequest):
             # Building the client does no I/O; its connections bind to Trio on first use.
             transport = self._transport
             if transport is None:
+                from agentgate.outbound import one_write_transport  # lazily: see homeassistant.py
+
                 verify = self._verify
                 if not isinstance(verify, ssl.SSLContext):
                     verify = httpx.create_ssl_context(verify=verify)
