@@ -187,7 +187,7 @@ class Broker:
         self._waiting: dict[str, int] = defaultdict(int)  # agent -> undecided approvals
         self._nursery: trio.Nursery | None = None
         self._closing = False  # shutdown began: new approvals resolve at once
-        self._idle: trio.Event | None = None  # set when the last approval is done (shutdown)
+        self._idle: trio.Event | None = None  # set when the last approval is done (idle())
         self.executions = 0
 
     # -- running ------------------------------------------------------------------------------
@@ -323,6 +323,10 @@ class Broker:
         """Resolve everything still waiting as ``shutdown`` and let each approval finish."""
         self._closing = True
         self.resolve_all(Kind.SHUTDOWN, None, "gateway shutting down")
+        await self.idle()
+
+    async def idle(self) -> None:
+        """Return once no approval is in flight (each has delivered and recorded its outcome)."""
         if self.approvals:
             self._idle = self._idle or trio.Event()
             await self._idle.wait()
@@ -367,6 +371,7 @@ class Broker:
         self.approvals.pop(approval.request_id, None)
         if self._idle is not None and not self.approvals:
             self._idle.set()
+            self._idle = None
 
     async def _show(self, approval: Approval) -> None:
         row = approval.row

@@ -135,6 +135,7 @@ async def test_ask_shows_a_complete_card_and_allow_executes(
 
             late = await gw.scripted.press(card.request_id, "deny")  # first decision won
             assert "already" in late or "expired" in late
+            await gw.settled()
             rows = await gw.gateway.store.audit_rows(agent="pi", decision="ask")
             assert [(r.request_id, r.resolution) for r in rows] == [(card.request_id, "executed")]
 

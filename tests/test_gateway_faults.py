@@ -241,6 +241,7 @@ async def test_unavailable_guardian_fails_the_ask_closed(
             assert gw.scripted.cards == {}
             assert posts(home) == []
             assert state(home, "light.bedroom") == "off"
+            await gw.settled()
             rows = await gw.gateway.store.audit_rows(agent="pi", decision="ask")
             assert [(r.request_id, r.resolution) for r in rows] == [
                 (error["data"]["request_id"], "failed")

@@ -66,6 +66,11 @@ class Harness:
         assert isinstance(self.guardian, ScriptedGuardian)
         return self.guardian
 
+    async def settled(self) -> None:
+        """Wait until every approval has finished: the agent hears its outcome first, the
+        outcome's audit row and card edit follow (the caller's deadline bounds the wait)."""
+        await self.gateway.broker.idle()
+
 
 def write_certificates(workdir: Path) -> tuple[Path, Path, Path]:
     """A throw-away CA and a certificate for 127.0.0.1/localhost: (ca, cert, key) PEM files."""
