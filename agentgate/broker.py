@@ -490,8 +490,7 @@ class Broker:
             text = encode_error(row.rpc_id, error)
         session = approval.session
         delivered = session is not None and session.try_send(text, row.request_id)
-        if delivered:
-            assert session is not None
+        if session is not None and delivered:
             # The agent's frame goes out first; the outcome's commit and card edit would
             # otherwise compete with its TLS/WebSocket send for the event loop (S5).
             with trio.move_on_after(DRAIN_WAIT):

@@ -136,16 +136,19 @@ class Connection:
         await event.wait()
 
     def wrote(self) -> None:
-        """The writer is done with one more frame (or, when closed, with all of them)."""
+        """The writer is done with one more frame."""
         self.written += 1
-        waiters = self._waiters
-        while waiters and (self.closed or waiters[0][0] <= self.written):
-            waiters.popleft()[1].set()
+        self._wake()
 
     def close(self) -> None:
         self.closed = True
         self._send.close()
-        self.wrote()  # wake drained(): nothing more will be written
+        self._wake()  # nothing more will be written: every drained() returns
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and (self.closed or waiters[0][0] <= self.written):
+            waiters.popleft()[1].set()
 
 
 @attrs.define(eq=False)

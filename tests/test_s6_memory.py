@@ -99,8 +99,7 @@ async def test_the_card_still_shows_the_target_and_the_ask_still_times_out(
             assert "light.bedroom" in shown.card.target
             answer = await reply(ws)
             # the agent has its answer first; the outcome's commit and card edit follow
-            await fg.guardian.wait_for_update(shown.card.request_id)
-            await trio.testing.wait_all_tasks_blocked()
+            await fg.gateway.broker.idle()
         assert (answer["id"], answer["error"]["code"]) == (3, -32002)
         assert fg.gateway.broker.approvals == {}
         assert fg.home.service_calls == []
