@@ -24,7 +24,7 @@ from typing import Any, Final, NoReturn
 
 from attrs import frozen
 
-from agentgate import __version__
+from agentgate import __version__, tools
 from agentgate.errors import InvalidParams
 from agentgate.policy import Policy, PolicyError, load_policy
 from agentgate.tools import is_known_tool
@@ -153,15 +153,22 @@ def _run_check(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid params: {exc.message}") from exc
     if not is_known_tool(args.tool):
         warn(f"{args.tool} is not a known tool: the gateway refuses it whatever the policy says")
+    entities = tools.references(args.tool, tool_args)
+    indirect = tools.indirect_reason(args.tool, tool_args)
     if args.json:
-        print(json.dumps(evaluation.to_dict()))
+        found = [{"entity_id": ref.entity_id, "why": ref.why} for ref in entities]
+        print(json.dumps({**evaluation.to_dict(), "entities": found}))
     else:
         matched = evaluation.matched
         print(f"signature: {evaluation.signature}")
+        for index, ref in enumerate(entities):
+            print(f"{'entities:' if index == 0 else '':<11}{ref}")
         print(f"decision:  {evaluation.decision}")
-        print(f"matched:   {matched}")
+        print(f"matched:   {evaluation.reason}")
         if matched.description:
             print(f"           {matched.description}")
+        if indirect:
+            print(f"indirect:  {indirect}")
     return DECISION_EXIT[evaluation.decision]
 
 

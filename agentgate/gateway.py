@@ -453,7 +453,7 @@ class Gateway(GuardianControl):
             await self._audit_refusal(agent, tool, args, None, "invalid", exc.message)
             raise
         signature, decision = evaluation.signature, evaluation.decision
-        matched = str(evaluation.matched)
+        matched = evaluation.reason
         request_id = str(uuid.uuid4())
         data = {"request_id": request_id, "signature": signature}
         if self.frozen:

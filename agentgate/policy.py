@@ -10,6 +10,11 @@ signature (see :mod:`agentgate.tools`). Precedence (DESIGN §5), whatever is mor
     first matching default   -> its action
     nothing matched          -> ask (fallback)
 
+A service call that names several entities is decided on its full signature and on each
+entity alone (:func:`agentgate.tools.signature_checks`); the strictest of those decisions
+wins (deny, then ask, then allow), so a deny rule for ``lock.*`` holds wherever in the call a
+lock is named.
+
 Indices count from 0, as in the error paths: ``rule 3`` is ``rules[3]`` in the file.
 """
 
@@ -23,6 +28,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
 
+import attrs
 import yaml
 from attrs import field, frozen
 
@@ -78,23 +84,36 @@ class Matched:
 
 @frozen
 class Evaluation:
-    """A decision and its explanation, for the audit log, Telegram and ``agentgate check``."""
+    """A decision and its explanation, for the audit log, Telegram and ``agentgate check``.
+
+    ``checked`` is the one-entity signature the deciding rule matched when that made a
+    multi-entity call stricter than its full signature did (else None).
+    """
 
     signature: str
     decision: Action
     matched: Matched
+    checked: str | None = None
+
+    @property
+    def reason(self) -> str:
+        """What decided, as the audit log, the card and ``check`` show it."""
+        if self.checked is None:
+            return str(self.matched)
+        return f"{self.matched} on {self.checked}"
 
     def to_dict(self) -> dict[str, str]:
         """``{"signature", "decision", "matched"}`` with ``matched`` in its string form."""
         return {
             "signature": self.signature,
             "decision": self.decision,
-            "matched": str(self.matched),
+            "matched": self.reason,
         }
 
 
 _FALLBACK: Final = Matched(kind="fallback", action="ask")
 _MEMO_SIZE: Final = 4096
+_STRICTNESS: Final[dict[Action, int]] = {"deny": 0, "ask": 1, "allow": 2}
 
 
 @frozen
@@ -117,12 +136,18 @@ class Policy:
         return self.evaluate_signature(tools.signature(tool, args, allow_unknown=allow_unknown))
 
     def evaluate_signature(self, signature: str) -> Evaluation:
-        """Decide for an already built ``signature``."""
+        """Decide for an already built ``signature``: the strictest decision of its checks."""
         found = self._memo.get(signature)
         if found is None:
             if len(self._memo) >= _MEMO_SIZE:
                 self._memo.clear()
-            found = self._memo[signature] = self._decide(signature)
+            checks = tools.signature_checks(signature)
+            found = self._decide(signature)
+            for check in checks[1:]:
+                narrower = self._decide(check)
+                if _STRICTNESS[narrower.decision] < _STRICTNESS[found.decision]:
+                    found = attrs.evolve(narrower, signature=signature, checked=check)
+            self._memo[signature] = found
         return found
 
     def _decide(self, signature: str) -> Evaluation:
@@ -278,7 +303,28 @@ def _lint(source: str, rules: tuple[Rule, ...], defaults: tuple[Rule, ...]) -> t
             problems = _pattern_problems(entry.pattern)
             problems.extend(_shadowing(kind, entries, index))
             warnings.extend(f"{where}: {problem}" for problem in problems)
+    for index, rule in enumerate(rules):
+        where = f"{source}: rules[{index}] {rule.pattern!r}"
+        warnings.extend(f"{where}: {problem}" for problem in _reach_problems(rule, rules))
     return tuple(warnings)
+
+
+_DOMAIN_DENY = re.compile(r"^ha_call_service\(([a-z_][a-z0-9_]*)\.\*\)$")
+
+
+def _reach_problems(rule: Rule, rules: tuple[Rule, ...]) -> list[str]:
+    """Why a deny rule is narrower than it looks."""
+    if rule.action == "deny":
+        found = _DOMAIN_DENY.match(rule.pattern)
+        if found and found.group(1) in tools.ENTITY_DOMAINS:
+            wide = f"ha_call_service(*, {found.group(1)}.*)"
+            if not any(other.action == "deny" and other.pattern == wide for other in rules):
+                return [
+                    f"denies the {found.group(1)} services only: a call that names one of its "
+                    "entities elsewhere (homeassistant.turn_off, scene.apply, ...) is not "
+                    f"denied; add {wide!r} to deny those too"
+                ]
+    return []
 
 
 def _shadowing(kind: str, entries: tuple[Rule, ...], index: int) -> list[str]:

@@ -14,6 +14,19 @@ unambiguous and can be matched safely by the policy's fnmatch globs (DESIGN §5,
   ``device_id``, ``floor_id``, ``label_id``, ``target``) are refused because a rule written
   for one entity would not see them.
 
+**Every entity a service call can touch is in its signature** (:func:`references`): the named
+``entity_id`` first, then every other entity reference anywhere in the service data, sorted and
+de-duplicated - the keys or items of ``entities``, the items of ``snapshot_entities``, an
+``entity_id`` nested at any depth, and any other string (value or key) that is an entity id of a
+domain Home Assistant has (:data:`ENTITY_DOMAINS`). Each is compared the way Home Assistant
+reads it (surrounding whitespace stripped, lowercased), so ``" Lock.Front_Door"`` counts. Where
+Home Assistant expects an entity (``entity_id``, ``entities``, ``snapshot_entities``), anything
+that is not one is refused. The policy then decides on the full signature *and* on each
+reference alone (:func:`signature_checks`); the strictest decision wins.
+
+Services that act on things their call does not name (scripts, automations, scenes, ...) are
+*indirect* (:data:`INDIRECT_SERVICES`): cards say so, and the shipped policy asks for them.
+
 Every refusal is :class:`~agentgate.errors.InvalidParams` (-32602) naming the argument.
 """
 
@@ -29,16 +42,24 @@ from attrs import frozen
 from agentgate.errors import InvalidParams
 
 __all__ = [
+    "ENTITY_DOMAINS",
     "FORBIDDEN_CHARACTERS",
+    "INDIRECT_SERVICES",
     "MAX_DEPTH",
     "MAX_ITEMS",
     "MAX_STRING_LENGTH",
     "TARGETING_KEYS",
     "TOOLS",
+    "Reference",
+    "Signature",
     "ToolSpec",
+    "build_signature",
+    "indirect_reason",
     "is_known_tool",
     "list_tools",
+    "references",
     "signature",
+    "signature_checks",
     "validate_args",
 ]
 
@@ -57,10 +78,51 @@ MAX_STRING_LENGTH: Final = 8192
 TARGETING_KEYS: Final = ("area_id", "device_id", "floor_id", "label_id", "target")
 """``ha_call_service`` keys that would target entities a signature does not name."""
 
+ENTITY_DOMAINS: Final = frozenset(
+    {
+        # Home Assistant's entity platforms (homeassistant.const.Platform) ...
+        "ai_task", "air_quality", "alarm_control_panel", "assist_satellite", "binary_sensor",
+        "button", "calendar", "camera", "climate", "conversation", "cover", "date", "datetime",
+        "device_tracker", "event", "fan", "geo_location", "humidifier", "image",
+        "image_processing", "lawn_mower", "light", "lock", "mailbox", "media_player", "notify",
+        "number", "remote", "scene", "select", "sensor", "siren", "stt", "switch", "text",
+        "time", "todo", "tts", "update", "vacuum", "valve", "wake_word", "water_heater",
+        "weather",
+        # ... and the integrations whose entities live in their own domain.
+        "alert", "automation", "counter", "group", "input_boolean", "input_button",
+        "input_datetime", "input_number", "input_select", "input_text", "person", "plant",
+        "proximity", "schedule", "script", "sun", "tag", "timer", "zone",
+    }
+)  # fmt: skip
+"""Entity domains: a string ``domain.object_id`` of one of these is an entity reference."""
+
+INDIRECT_SERVICES: Final[Mapping[str, str]] = {
+    "script": "runs a script: what it does is not part of this call",
+    "automation": "triggers or switches an automation, which can do anything",
+    "scene": "sets every state the scene holds, named here or not",
+    "homeassistant": "acts on entities of any domain, or on Home Assistant itself",
+    "python_script": "runs Python code inside Home Assistant",
+    "pyscript": "runs Python code inside Home Assistant",
+    "shell_command": "runs a command on the Home Assistant host",
+    "rest_command": "sends an HTTP request from Home Assistant",
+    "conversation": 'Assist turns the text into actions ("unlock the front door")',
+    "mqtt": "publishes a raw message that devices obey",
+    "hassio": "controls add-ons and the Home Assistant host",
+    "zwave_js": "sends raw commands to Z-Wave devices",
+    "zha": "sends raw commands to Zigbee devices",
+}
+"""Service domains that act on things their call does not name, and why (shown on cards)."""
+
+_EVENT_IS_INDIRECT = "an event can trigger any automation"
+
 _IDENTIFIER = r"^[a-z_][a-z0-9_]*(\.[a-z0-9_]+)?$"
 _ENTITY_ID = r"^[a-z_][a-z0-9_]*\.[a-z0-9_]+$"
 _NAME = r"^[a-z_][a-z0-9_]*$"
 _TOOL_NAME = re.compile(_NAME)
+_ENTITY = re.compile(_ENTITY_ID)
+# Keys under which Home Assistant expects entity ids (cv.entity_ids, scene's STATES_SCHEMA).
+_ENTITY_KEYS: Final = frozenset({"entity_id", "entities", "snapshot_entities"})
+_NOT_SERVICE_DATA: Final = frozenset({"domain", "service", "entity_id"})
 
 _ENTITY_ID_SCHEMA: Final = {
     "type": "string",
@@ -85,18 +147,136 @@ class ToolSpec:
     schema: Mapping[str, Any]
     build: Callable[[Mapping[str, Any]], tuple[str, ...]]
     has_parts: bool = True
+    # Every entity the call can touch (appended to build's parts), for tools whose arguments
+    # can name several.
+    references: Callable[[Mapping[str, Any]], tuple[Reference, ...]] | None = None
 
     def signature(self, args: Mapping[str, Any]) -> str:
         """The policy signature of already validated ``args``."""
-        return _format(self.name, self.build(args))
+        return self.build_signature(args).text
+
+    def build_signature(self, args: Mapping[str, Any]) -> Signature:
+        """The :class:`Signature` of already validated ``args``: ``build``'s parts, then the
+        entities of ``references``."""
+        refs = self.references(args) if self.references is not None else ()
+        text = _format(self.name, self.build(args) + tuple(ref.entity_id for ref in refs))
+        return Signature(text, signature_checks(text) if refs else (text,), refs)
 
     def to_wire(self) -> dict[str, Any]:
         """The ``list_tools`` entry: ``{"name", "description", "args"}``."""
         return {"name": self.name, "description": self.description, "args": dict(self.schema)}
 
 
+@frozen
+class Reference:
+    """An entity a call can touch, and where in its arguments it was found."""
+
+    entity_id: str
+    why: str  # e.g. "entity_id", "a key of entities", "the value at variables.door"
+
+    def __str__(self) -> str:
+        return f"{self.entity_id} ({self.why})"
+
+
+@frozen
+class Signature:
+    """A request's signature, the signatures the policy checks, and the entities behind them."""
+
+    text: str
+    checks: tuple[str, ...]  # ``text`` first, then one per entity reference
+    references: tuple[Reference, ...] = ()
+
+
 def _format(name: str, parts: tuple[str, ...]) -> str:
     return f"{name}({', '.join(parts)})" if parts else name
+
+
+def signature_checks(text: str) -> tuple[str, ...]:
+    """The signatures the policy decides on for signature ``text``: the text itself, and for a
+    service call naming several entities, ``ha_call_service(domain.service, ENTITY)`` for each.
+
+    Derived from the text alone (parts never contain ``, `` or parentheses), so a decision stays
+    a pure function of the signature.
+    """
+    if not text.startswith("ha_call_service(") or not text.endswith(")"):
+        return (text,)
+    parts = text[len("ha_call_service(") : -1].split(", ")
+    if len(parts) <= 2:
+        return (text,)
+    action = parts[0]
+    return (text, *dict.fromkeys(f"ha_call_service({action}, {entity})" for entity in parts[1:]))
+
+
+def _as_entity(text: str) -> str | None:
+    """``text`` as Home Assistant would read it as an entity id, if it is one of a known domain."""
+    candidate = text.strip().lower()
+    if _ENTITY.match(candidate) and candidate.partition(".")[0] in ENTITY_DOMAINS:
+        return candidate
+    return None
+
+
+def _expected_entity(text: str, path: str, what: str = "") -> str:
+    """An entity id where Home Assistant expects one; anything else is refused."""
+    candidate = text.strip().lower()
+    if not _ENTITY.match(candidate):
+        raise InvalidParams(
+            f"{path}: {what}{_preview(text)} is not an entity id (domain.object_id):"
+            " name each entity"
+        )
+    return candidate
+
+
+def _call_service_references(args: Mapping[str, Any]) -> tuple[Reference, ...]:
+    """The named ``entity_id`` first, then every other reference in the service data, sorted."""
+    named = args.get("entity_id")
+    found: dict[str, Reference] = {}
+
+    def add(entity_id: str, why: str) -> None:
+        if entity_id != named and entity_id not in found:
+            found[entity_id] = Reference(entity_id, why)
+
+    def expected(value: Any, path: str, *, keys: bool) -> None:
+        # Where Home Assistant reads entity ids: a string, a list of them, or (``entities``) a
+        # mapping keyed by them whose values are walked like any other data.
+        if isinstance(value, str):
+            add(_expected_entity(value, path), f"in {path}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    visit(item, f"{path}[{index}]")
+                elif isinstance(item, str):
+                    add(_expected_entity(item, f"{path}[{index}]"), f"in {path}")
+                else:
+                    raise InvalidParams(f"{path}[{index}]: expected an entity id")
+        elif keys and isinstance(value, dict):
+            for key, item in value.items():
+                add(_expected_entity(key, path, "key "), f"a key of {path}")
+                visit(item, f"{path}.{key}")
+        else:
+            raise InvalidParams(f"{path}: expected an entity id or a list of entity ids")
+
+    def visit(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                if key in _ENTITY_KEYS:
+                    expected(item, where, keys=key != "entity_id")
+                    continue
+                entity = _as_entity(key)
+                if entity is not None:
+                    add(entity, f"the key {where}")
+                visit(item, where)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                visit(item, f"{path}[{index}]")
+        elif isinstance(value, str):
+            entity = _as_entity(value)
+            if entity is not None:
+                add(entity, f"the value at {path}")
+
+    visit({k: v for k, v in args.items() if k not in _NOT_SERVICE_DATA}, "")
+    first = (Reference(named, "entity_id"),) if isinstance(named, str) else ()
+    return first + tuple(found[entity] for entity in sorted(found))
 
 
 def _object_schema(
@@ -110,12 +290,6 @@ def _object_schema(
     }
     schema.update(extra)
     return schema
-
-
-def _call_service_parts(args: Mapping[str, Any]) -> tuple[str, ...]:
-    action = f"{args['domain']}.{args['service']}"
-    entity_id = args.get("entity_id")
-    return (action, entity_id) if entity_id is not None else (action,)
 
 
 _SPECS: Final = (
@@ -136,8 +310,9 @@ _SPECS: Final = (
         name="ha_call_service",
         description=(
             "Call a Home Assistant service (action) on one entity, e.g. light.turn_on for "
-            "light.bedroom. Any other field is passed through as service data. Targeting by "
-            "area_id, device_id, floor_id, label_id or target is refused: name the entity."
+            "light.bedroom. Any other field is passed through as service data; every entity it "
+            "names joins the request's signature. Targeting by area_id, device_id, floor_id, "
+            "label_id or target is refused: name the entity."
         ),
         schema=_object_schema(
             {
@@ -149,7 +324,8 @@ _SPECS: Final = (
             additionalProperties=True,
             propertyNames={"not": {"enum": list(TARGETING_KEYS)}},
         ),
-        build=_call_service_parts,
+        build=lambda args: (f"{args['domain']}.{args['service']}",),
+        references=_call_service_references,
     ),
     ToolSpec(
         name="ha_fire_event",
@@ -222,6 +398,11 @@ def signature(tool: object, args: object, *, allow_unknown: bool = False) -> str
     unknown tools (only with ``allow_unknown``) list their string values in sorted-key order
     (``my_tool(v1, v2)``), or are the bare name without arguments.
     """
+    return build_signature(tool, args, allow_unknown=allow_unknown).text
+
+
+def build_signature(tool: object, args: object, *, allow_unknown: bool = False) -> Signature:
+    """Validate ``args`` for ``tool``: its :class:`Signature`, with what the policy checks."""
     if not isinstance(tool, str):
         raise InvalidParams(f"tool must be a string, got {_json_type(tool)}")
     if not isinstance(args, dict):
@@ -239,9 +420,29 @@ def signature(tool: object, args: object, *, allow_unknown: bool = False) -> str
                 raise InvalidParams(
                     f"{key}: expected a string (unknown tool {tool}), got {_json_type(value)}"
                 )
-        return _format(tool, tuple(args[key] for key in sorted(args)))
+        text = _format(tool, tuple(args[key] for key in sorted(args)))
+        return Signature(text, (text,))
     _check_schema(spec, args)
-    return spec.signature(args)
+    return spec.build_signature(args)
+
+
+def references(tool: str, args: Mapping[str, Any]) -> tuple[Reference, ...]:
+    """Every entity already validated ``args`` can touch, with where each was found."""
+    spec = TOOLS.get(tool)
+    if spec is None or spec.references is None:
+        return ()
+    return spec.references(args)
+
+
+def indirect_reason(tool: str, args: Mapping[str, Any]) -> str | None:
+    """Why the call acts on things it does not name, or None (see :data:`INDIRECT_SERVICES`)."""
+    if tool == "ha_fire_event":
+        return _EVENT_IS_INDIRECT
+    if tool == "ha_call_service":
+        domain = args.get("domain")
+        if isinstance(domain, str):
+            return INDIRECT_SERVICES.get(domain)
+    return None
 
 
 def _check_schema(spec: ToolSpec, args: dict[str, Any]) -> None:

@@ -70,7 +70,8 @@ def test_check_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(out) == {
         "signature": "ha_call_service(lock.unlock, lock.front_door)",
         "decision": "deny",
-        "matched": "rule 10: ha_call_service(lock.*) (deny)",
+        "matched": "rule 23: ha_call_service(lock.*) (deny)",
+        "entities": [{"entity_id": "lock.front_door", "why": "entity_id"}],
     }
 
 

@@ -329,6 +329,7 @@ def test_lint_literal_allow_inside_a_deny_glob() -> None:
     warnings = lint(
         '{pattern: "ha_call_service(lock.unlock, lock.front)", action: allow}',
         '{pattern: "ha_call_service(lock.*)", action: deny}',
+        '{pattern: "ha_call_service(*, lock.*)", action: deny}',
     )
     assert len(warnings) == 1
     assert "never used: deny rule rules[1]" in warnings[0]
