@@ -116,6 +116,11 @@ class Approval:
     by: str | None = None
     detail: str = ""
     wake: trio.CancelScope | None = None
+    copies: list[str] | None = None  # message refs of the card's copies (/pending)
+
+    def shown_on(self, message_ref: str) -> bool:
+        """Whether ``message_ref`` is this approval's card or one of its copies."""
+        return message_ref == self.row.message_ref or message_ref in (self.copies or ())
 
     @property
     def request_id(self) -> str:
@@ -146,6 +151,7 @@ class Approval:
 
 _TASK_NAME = "agentgate.broker.approval"  # one shared string, not one per task
 DRAIN_WAIT = 0.25  # seconds an outcome's bookkeeping waits for the agent's frame to be written
+COPIES = 8  # copies of one card (/pending) whose buttons count; older ones answer "expired"
 
 
 def _grammar(kind: Kind) -> str:
@@ -297,8 +303,22 @@ class Broker:
 
     # -- deciding -----------------------------------------------------------------------------
 
+    def misplaced(self, request_id: str, message_ref: str) -> bool:
+        """Whether a press on ``message_ref`` names an approval whose card that is not."""
+        approval = self.approvals.get(request_id)
+        return approval is not None and not approval.shown_on(message_ref)
+
+    def add_copy(self, request_id: str, message_ref: str) -> None:
+        """A copy of the approval's card was sent: its buttons count, it shows the outcome."""
+        approval = self.approvals.get(request_id)
+        if approval is not None and approval.kind is None:
+            approval.copies = [*(approval.copies or ()), message_ref][-COPIES:]
+
     async def decide(self, request_id: str, action: Action, by: str) -> str:
-        """A guardian's decision; returns the text to answer the button press with."""
+        """A guardian's decision; returns the text to answer the button press with.
+
+        The caller has checked that the press was on this approval's card (:meth:`misplaced`).
+        """
         approval = self.approvals.get(request_id)
         if approval is None:
             return "expired or unknown approval"
@@ -532,8 +552,8 @@ class Broker:
         error: AgentgateError | None,
         delivered: bool,
     ) -> None:
-        ref = approval.row.message_ref
-        if self.guardian is None or ref is None:
+        refs = [approval.row.message_ref, *(approval.copies or ())]
+        if self.guardian is None or refs[0] is None:
             return
         status = {
             Outcome.EXECUTED: Status.EXECUTED,
@@ -550,10 +570,11 @@ class Broker:
             status, detail = Status.QUEUED, f"{outcome.value}: {detail}"
         update = CardUpdate(status=status, detail=detail, by=approval.by, at=self._now())
         with trio.move_on_after(10):
-            try:
-                await self.guardian.update_card(approval.card(), ref, update)
-            except Exception:
-                log.exception("could not update the card of %s", approval.request_id)
+            for ref in refs:
+                try:
+                    await self.guardian.update_card(approval.card(), str(ref), update)
+                except Exception:
+                    log.exception("could not update the card of %s", approval.request_id)
 
 
 def _summary(result: Any, limit: int = 200) -> str:

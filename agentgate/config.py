@@ -60,6 +60,8 @@ __all__ = [
 
 AGENT_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 MIN_TOKEN_LENGTH = 16
+MIN_CARD_CHARS = 512
+MAX_CARD_CHARS = 4096
 MIN_MESSAGE_BYTES = 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -262,6 +264,22 @@ def _path(value: object) -> Path:
     return Path(value).expanduser()
 
 
+def _card_chars(value: object) -> int:
+    number = _as_int(value)
+    if number is None or not MIN_CARD_CHARS <= number <= MAX_CARD_CHARS:
+        raise _Invalid(
+            f"expected an integer from {MIN_CARD_CHARS} to {MAX_CARD_CHARS} (what one Telegram"
+            f" message holds), got {_show(value)}"
+        )
+    return number
+
+
+def _card_overflow(value: object) -> str:
+    if value not in ("refuse", "document"):
+        raise _Invalid(f'expected "refuse" or "document", got {_show(value)}')
+    return str(value)
+
+
 def _durability(value: object) -> str:
     if value not in ("normal", "full"):
         raise _Invalid(f'expected "normal" or "full", got {_show(value)}')
@@ -269,6 +287,8 @@ def _durability(value: object) -> str:
 
 
 Durability = Annotated[str, _Check(_durability)]
+CardChars = Annotated[int, _Check(_card_chars)]
+CardOverflow = Annotated[str, _Check(_card_overflow)]
 String = Annotated[str, _Check(_string)]
 Secret = Annotated[str, _Check(_secret)]
 AgentToken = Annotated[str, _Check(_agent_token)]
@@ -370,9 +390,17 @@ class TelegramConfig:
 
 @frozen(kw_only=True)
 class GuardianConfig:
-    """``[guardian]``: the human in the loop (Telegram only, for now)."""
+    """``[guardian]``: the human in the loop (Telegram only, for now), and what a card holds.
+
+    A card shows every argument in full. ``max_card_chars`` bounds it (visible characters
+    after rendering); a call whose card would be longer is refused with -32602
+    (``card_overflow = "refuse"``) or its arguments are sent as an attached document before
+    the card (``"document"``).
+    """
 
     telegram: TelegramConfig | None = None
+    max_card_chars: CardChars = MAX_CARD_CHARS
+    card_overflow: CardOverflow = "refuse"
 
 
 @frozen(kw_only=True)

@@ -63,6 +63,7 @@ from agentgate.guardian import (
     GuardianUnavailable,
     PendingCard,
 )
+from agentgate.guardian.card import CardRules, CardTooLarge
 from agentgate.limits import FailedAuthTracker, TokenBucket
 from agentgate.listener import serve_websockets
 from agentgate.policy import Policy, load_policy
@@ -181,6 +182,7 @@ class Gateway(GuardianControl):
         self.connections: dict[str, set[Connection]] = defaultdict(set)
         self.buckets: dict[str, TokenBucket] = {}
         self.failed_auth = FailedAuthTracker(config.limits.failed_auth_per_minute)
+        self.cards = card_rules(config)
         self.frozen = False
         self.shutting_down = False
         self._grants: dict[tuple[str, str], GrantRow] = {}
@@ -469,6 +471,7 @@ class Gateway(GuardianControl):
             if grant is not None and grant.expires_at > now:
                 decision, matched = "allow", f"grant {grant.grant_id} by {grant.granted_by}"
             else:
+                await self._check_card(agent, tool, args, signature, matched, request_id, data)
                 _, max_pending = self.config.agent_limits(agent)
                 await self.broker.ask(
                     conn,
@@ -501,6 +504,35 @@ class Gateway(GuardianControl):
             raise
         await self._resolve_quietly(request_id, "executed", result=result)
         return {"status": "executed", "request_id": request_id, "data": result}
+
+    async def _check_card(
+        self,
+        agent: str,
+        tool: str,
+        args: dict[str, Any],
+        signature: str,
+        matched: str,
+        request_id: str,
+        data: dict[str, Any],
+    ) -> None:
+        """Refuse an ask whose card could not show the guardian every argument (-32602)."""
+        card = ApprovalCard(
+            request_id=request_id,
+            agent=agent,
+            tool=tool,
+            args=args,
+            signature=signature,
+            matched=matched,
+            expires_at=self.now() + self.config.gateway.approval_timeout,
+        )
+        try:
+            self.cards.layout(card)
+        except CardTooLarge as exc:
+            await self._audit_refusal(
+                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id
+            )
+            limits = {"size": exc.size, "limit": exc.limit}
+            raise InvalidParams(str(exc), data={**data, **limits}) from None
 
     async def _resolve_quietly(self, request_id: str, resolution: str, **kw: Any) -> None:
         # The decision row was committed before execution; the resolution joins the next group
@@ -604,8 +636,19 @@ class Gateway(GuardianControl):
 
     # -- GuardianControl ----------------------------------------------------------------------
 
-    async def decide(self, request_id: str, action: Action, by: str) -> str:
+    async def decide(self, request_id: str, action: Action, by: str, *, message_ref: str) -> str:
+        if self.broker.misplaced(request_id, message_ref):
+            await self._audit_guardian(
+                by,
+                "refused",
+                f"button {action.value}:{request_id} pressed on {message_ref},"
+                " which is not that approval's card",
+            )
+            return "expired: that button is not on this approval's card"
         return await self.broker.decide(request_id, action, by)
+
+    async def card_copied(self, request_id: str, message_ref: str) -> None:
+        self.broker.add_copy(request_id, message_ref)
 
     async def refused(self, user: str, what: str) -> None:
         log.warning("refused guardian action from %s: %s", user, what)
@@ -685,6 +728,14 @@ def _address(endpoint: object) -> str:
     return str(address) if address is not None else str(endpoint)
 
 
+def card_rules(config: Config) -> CardRules:
+    """``[guardian] max_card_chars`` and ``card_overflow``."""
+    guardian = config.guardian
+    if guardian.card_overflow == "document":
+        return CardRules(guardian.max_card_chars, "document")
+    return CardRules(guardian.max_card_chars, "refuse")
+
+
 def load_policies(config: Config) -> dict[str | None, Policy]:
     """The default policy (key ``None``) and each agent's own, loaded once at start-up."""
     policies: dict[str | None, Policy] = {None: load_policy(config.policy.file)}
@@ -742,7 +793,7 @@ async def _maybe_telegram(
         return
     # Telegram unreachable or answering errors: the gateway keeps running (reads are served,
     # asks fail closed with -32004) and the bot is started again in the background.
-    supervisor = _TelegramSupervisor(telegram, control)
+    supervisor = _TelegramSupervisor(telegram, control, card_rules(config))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(supervisor.run)
         await supervisor.first_attempt.wait()
@@ -762,9 +813,10 @@ class _TelegramSupervisor:
     :meth:`send_card` raises :class:`GuardianUnavailable`, so every ask fails closed.
     """
 
-    def __init__(self, telegram: Any, control: GuardianControl) -> None:
+    def __init__(self, telegram: Any, control: GuardianControl, cards: CardRules) -> None:
         self._telegram = telegram
         self._control = control
+        self._cards = cards
         self.active: Guardian | None = None
         self.problem = "the Telegram guardian is starting"
         self.first_attempt = trio.Event()
@@ -784,7 +836,9 @@ class _TelegramSupervisor:
         failures = 0
         while True:
             try:
-                async with open_telegram_guardian(self._telegram, self._control) as tg:
+                async with open_telegram_guardian(
+                    self._telegram, self._control, cards=self._cards
+                ) as tg:
                     self.active = tg
                     self.first_attempt.set()
                     failures = 0

@@ -173,6 +173,7 @@ class Reference:
 
     entity_id: str
     why: str  # e.g. "entity_id", "a key of entities", "the value at variables.door"
+    path: str = "entity_id"  # where in the arguments: "entities", "variables.door"
 
     def __str__(self) -> str:
         return f"{self.entity_id} ({self.why})"
@@ -231,26 +232,26 @@ def _call_service_references(args: Mapping[str, Any]) -> tuple[Reference, ...]:
     named = args.get("entity_id")
     found: dict[str, Reference] = {}
 
-    def add(entity_id: str, why: str) -> None:
+    def add(entity_id: str, why: str, path: str) -> None:
         if entity_id != named and entity_id not in found:
-            found[entity_id] = Reference(entity_id, why)
+            found[entity_id] = Reference(entity_id, why, path)
 
     def expected(value: Any, path: str, *, keys: bool) -> None:
         # Where Home Assistant reads entity ids: a string, a list of them, or (``entities``) a
         # mapping keyed by them whose values are walked like any other data.
         if isinstance(value, str):
-            add(_expected_entity(value, path), f"in {path}")
+            add(_expected_entity(value, path), f"in {path}", path)
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 if isinstance(item, dict):
                     visit(item, f"{path}[{index}]")
                 elif isinstance(item, str):
-                    add(_expected_entity(item, f"{path}[{index}]"), f"in {path}")
+                    add(_expected_entity(item, f"{path}[{index}]"), f"in {path}", path)
                 else:
                     raise InvalidParams(f"{path}[{index}]: expected an entity id")
         elif keys and isinstance(value, dict):
             for key, item in value.items():
-                add(_expected_entity(key, path, "key "), f"a key of {path}")
+                add(_expected_entity(key, path, "key "), f"a key of {path}", path)
                 visit(item, f"{path}.{key}")
         else:
             raise InvalidParams(f"{path}: expected an entity id or a list of entity ids")
@@ -264,7 +265,7 @@ def _call_service_references(args: Mapping[str, Any]) -> tuple[Reference, ...]:
                     continue
                 entity = _as_entity(key)
                 if entity is not None:
-                    add(entity, f"the key {where}")
+                    add(entity, f"the key {where}", where)
                 visit(item, where)
         elif isinstance(value, list):
             for index, item in enumerate(value):
@@ -272,7 +273,7 @@ def _call_service_references(args: Mapping[str, Any]) -> tuple[Reference, ...]:
         elif isinstance(value, str):
             entity = _as_entity(value)
             if entity is not None:
-                add(entity, f"the value at {path}")
+                add(entity, f"the value at {path}", path)
 
     visit({k: v for k, v in args.items() if k not in _NOT_SERVICE_DATA}, "")
     first = (Reference(named, "entity_id"),) if isinstance(named, str) else ()

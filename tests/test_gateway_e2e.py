@@ -109,7 +109,7 @@ async def test_ask_shows_a_complete_card_and_allow_executes(
             assert card.args == {**LIGHT_ON, "brightness": 120}
             assert card.signature == LIGHT_SIGNATURE
             assert "ha_call_service(light.*)" in card.matched
-            assert card.target == "Bedroom Light (light.bedroom) — now: off"
+            assert card.target == "light.bedroom “Bedroom Light” — now: off"
             assert posts(home, "/api/services/light/turn_on") == 0
 
             assert await gw.scripted.press(card.request_id, "allow") == "approved"

@@ -268,15 +268,34 @@ async def test_identifiers_are_one_path_segment(ha: HomeAssistant, fake: FakeHA)
 
 
 async def test_describe(ha: HomeAssistant, fake: FakeHA) -> None:
-    assert await ha.describe("lock.front_door") == "Front door (lock.front_door) — now: locked"
+    assert await ha.describe("lock.front_door") == "lock.front_door “Front door” — now: locked"
     assert await ha.describe("light.bedroom") == "light.bedroom — now: off"
     fake.routes["GET", "/api/states/sensor.t"] = httpx.Response(
         200,
         json={"state": "21.5", "attributes": {"friendly_name": "T", "unit_of_measurement": "°C"}},
     )
-    assert await ha.describe("sensor.t") == "T (sensor.t) — now: 21.5 °C"
+    assert await ha.describe("sensor.t") == "sensor.t “T” — now: 21.5 °C"
     with pytest.raises(ExecutionFailed, match=r"entity not found: lock\.back_door"):
         await ha.describe("lock.back_door")
+
+
+async def test_describe_puts_the_entity_first_and_bounds_what_home_assistant_says(
+    ha: HomeAssistant, fake: FakeHA
+) -> None:
+    # A friendly name set by an integration can imitate another entity; it never leads.
+    fake.routes["GET", "/api/states/lock.front_door"] = httpx.Response(
+        200,
+        json={
+            "state": "x" * 500,
+            "attributes": {"friendly_name": "Hallway Light (light.hallway) — now: off" * 10},
+        },
+    )
+    line = await ha.describe("lock.front_door")
+    assert line.startswith("lock.front_door “Hallway Light (light.hallway) — now: off")
+    name, _, state = line.partition("” — now: ")
+    assert len(name) == len("lock.front_door “") + 64
+    assert len(state) == 64
+    assert state.endswith("…")
 
 
 async def test_health_ok(ha: HomeAssistant) -> None:

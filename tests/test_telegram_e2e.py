@@ -189,7 +189,7 @@ async def test_allow_executes_and_the_card_says_so(
             assert card.chat_id == CHAT
             assert "Approval needed" in card.text
             assert "Agent: pi" in card.text
-            assert "Target: Kitchen Light (light.kitchen) — now: off" in card.text
+            assert "Target: light.kitchen “Kitchen Light” — now: off" in card.text
             assert f"Signature: {KITCHEN_SIGNATURE}" in card.text
             assert "ha_call_service(light.*)" in card.text  # what decided "ask"
             for key, value in KITCHEN_ON.items():  # every argument, service data included
@@ -412,7 +412,7 @@ async def test_status_and_pending(workdir: Path, home: FakeHomeAssistant, tg: Fa
             resent = await tg.wait_for_message(
                 lambda m: m.message_id != card.message_id and has_button(f"allow:{request_id}")(m)
             )
-            assert "Target: Kitchen Light (light.kitchen) — now: off" in resent.text
+            assert "Target: light.kitchen “Kitchen Light” — now: off" in resent.text
             # Either copy of the card decides; the first press wins.
             assert await press(tg, resent, "allow") == "approved"
             assert (await agent.reply(1))["result"]["status"] == "executed"

@@ -6,6 +6,7 @@ fire at once), so those tests run on the real clock under ``trio.fail_after`` ce
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,13 @@ from agentgate.guardian import (
     PendingCard,
     Status,
 )
+from agentgate.guardian.card import (
+    CardRules,
+    CardTooLarge,
+    arguments_document,
+    card_layout,
+    utf16_len,
+)
 from agentgate.guardian.telegram import (
     MAX_TEXT,
     SendLimits,
@@ -43,6 +51,7 @@ from agentgate.testing.fake_telegram import (
     run_fake_telegram,
     telegram_visible_text,
 )
+from agentgate.tools import signature
 
 TOKEN = "123456:GUARDIAN-TOKEN"
 CHAT = -1001
@@ -69,7 +78,7 @@ def make_card(request_id: str = REQUEST_ID, **changes: Any) -> ApprovalCard:
         "signature": "ha_call_service(lock.unlock, lock.front_door)",
         "matched": "rule 4: ha_call_service(lock.*) (ask)",
         "expires_at": time.time() + 900,
-        "target": "Front door (lock.front_door) — now: locked",
+        "target": "lock.front_door “Front door” — now: locked",
     }
     fields.update(changes)
     return ApprovalCard(**fields)
@@ -96,8 +105,8 @@ class FakeControl:
             await self._changed.wait()
         return matching
 
-    async def decide(self, request_id: str, action: Action, by: str) -> str:
-        self._record("decide", request_id, action, by)
+    async def decide(self, request_id: str, action: Action, by: str, *, message_ref: str) -> str:
+        self._record("decide", request_id, action, by, message_ref)
         if self.block_decide:
             await trio.sleep_forever()
         if request_id != REQUEST_ID:
@@ -106,6 +115,9 @@ class FakeControl:
 
     async def refused(self, user: str, what: str) -> None:
         self._record("refused", user, what)
+
+    async def card_copied(self, request_id: str, message_ref: str) -> None:
+        self._record("card_copied", request_id, message_ref)
 
     async def pending(self) -> list[PendingCard]:
         self._record("pending")
@@ -146,7 +158,7 @@ def test_card_shows_everything_escaped() -> None:
     assert "Tool: ha_call_service" in text
     assert "Signature: ha_call_service(lock.unlock, lock.front_door)" in text
     assert "Asked because: rule 4: ha_call_service(lock.*) (ask)" in text
-    assert "Target: Front door (lock.front_door) — now: locked" in text
+    assert "Target: lock.front_door “Front door” — now: locked" in text
     assert "UTC (in 15 min)" in text
 
 
@@ -157,25 +169,32 @@ def test_newlines_cannot_fake_lines() -> None:
     assert "Front door\\u000a✅ Approved by Alice" in text
 
 
-def test_huge_arguments_are_truncated_visibly() -> None:
-    card = make_card(args={"data": "x" * 10_000, "zzz": "end"}, signature="s" * 5000)
-    html_text = render_card(card, now=time.time())
-    assert len(html_text.encode("utf-16-le")) // 2 <= MAX_TEXT
+def test_a_card_that_does_not_fit_is_never_sent_in_part() -> None:
+    # Arguments were once cut to what fitted: 150 lights first hid the lock at the end.
+    card = make_card(args={"data": "x" * 10_000, "zzz": "end"})
+    with pytest.raises(CardTooLarge, match="arguments too large to show the guardian"):
+        render_card(card, now=time.time())
+    with pytest.raises(CardTooLarge):
+        card_layout(card, max_chars=MAX_TEXT, overflow="refuse")
+    assert card_layout(card, max_chars=MAX_TEXT, overflow="document") == "document"
+    html_text = render_card(card, now=time.time(), layout="document")
     text = telegram_visible_text(html_text)
-    assert "Arguments truncated" in text
-    assert "[truncated, 5000 characters]" in text
-    assert "x" * 1000 in text
+    assert "x" * 100 not in text  # no prefix of the arguments: all of them, in the document
+    size = len(arguments_document(card))
+    assert f"Arguments: {size:,} characters, in the file request-0b8f7a52-arguments.json" in text
+    resolved = render_resolution(
+        card, CardUpdate(Status.DENIED, by="Alice (111)"), now=time.time(), layout="document"
+    )
+    assert "request-0b8f7a52-arguments.json" in telegram_visible_text(resolved)
 
-    resolved = render_resolution(card, CardUpdate(Status.DENIED, by="Alice (111)"), now=time.time())
-    assert len(resolved.encode("utf-16-le")) // 2 <= MAX_TEXT
-    assert "Arguments truncated" in telegram_visible_text(resolved)
 
-
-def test_astral_and_escaped_characters_stay_within_limit() -> None:
-    card = make_card(args={"emoji": "🔓" * 3000, "amp": "&" * 3000})
+def test_astral_and_escaped_characters_are_counted_as_telegram_counts_them() -> None:
+    card = make_card(args={"emoji": "🔓" * 900, "amp": "&" * 1500})
+    assert card_layout(card, max_chars=MAX_TEXT, overflow="refuse") == "inline"
     html_text = render_card(card, now=time.time())
-    assert len(html_text.encode("utf-16-le")) // 2 <= MAX_TEXT
-    telegram_visible_text(html_text)
+    assert utf16_len(telegram_visible_text(html_text)) <= MAX_TEXT
+    with pytest.raises(CardTooLarge):
+        render_card(make_card(args={"emoji": "🔓" * 3000}), now=time.time())
 
 
 @pytest.mark.parametrize(
@@ -269,7 +288,7 @@ async def test_card_arrives_with_buttons(guardian: TelegramGuardian, tg: FakeTel
     assert message.parse_mode == "HTML"
     assert '"entity_id": "lock.front_door"' in message.text
     assert '"service": "unlock"' in message.text
-    assert "Target: Front door (lock.front_door) — now: locked" in message.text
+    assert "Target: lock.front_door “Front door” — now: locked" in message.text
     assert [data for _, data in message.buttons] == [
         f"allow:{REQUEST_ID}",
         f"deny:{REQUEST_ID}",
@@ -283,6 +302,37 @@ async def test_card_arrives_with_buttons(guardian: TelegramGuardian, tg: FakeTel
         "status",
         "help",
     ]
+
+
+@slow
+async def test_a_card_too_long_for_a_message_sends_its_arguments_first(
+    tg: FakeTelegram, control: FakeControl
+) -> None:
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    lights = {f"light.room_{n:03}": "on" for n in range(150)}
+    args = {"domain": "scene", "service": "apply", "entities": lights}
+    card = make_card(args=args, signature=signature("ha_call_service", args))
+    with trio.fail_after(CEILING):
+        cards = CardRules(overflow="document")
+        async with open_telegram_guardian(config, control, limits=FAST_LIMITS, cards=cards) as g:
+            message = await send(g, tg, card)
+            ref = f"{CHAT}:{message.message_id}"
+            await g.update_card(card, ref, CardUpdate(Status.DENIED, by="Alice (111)"))
+    document_message = tg.messages[message.message_id - 1]
+    assert document_message.document is not None
+    assert document_message.document.filename == "request-0b8f7a52-arguments.json"
+    assert json.loads(document_message.document.content) == card.args  # all of it
+    assert '"light.room_149": "on"' not in message.text  # the signature names it, the file has it
+    assert "light.room_149)" in message.text
+    assert "in the file request-0b8f7a52-arguments.json" in message.text
+    assert message.buttons
+    assert "in the file request-0b8f7a52-arguments.json" in tg.messages[message.message_id].text
+
+    # Refusing (the default) sends nothing at all: the gateway refuses such an ask up front.
+    async with open_telegram_guardian(config, control, limits=FAST_LIMITS) as g:
+        with pytest.raises(GuardianUnavailable, match="too large to show the guardian"):
+            await g.send_card(card)
+    assert len(tg.messages) == 2
 
 
 @slow
@@ -307,7 +357,8 @@ async def test_allowed_user_decides(
         message = await send(guardian, tg, make_card())
         press = tg.press(message.message_id, data, ALICE, first_name="Alice", last_name="Smith")
         (decision,) = await control.wait("decide")
-        assert decision == ("decide", data.split(":", 1)[1], action, "Alice Smith (111)")
+        ref = f"{CHAT}:{message.message_id}"
+        assert decision == ("decide", data.split(":", 1)[1], action, "Alice Smith (111)", ref)
         assert (await press.wait_answer()).text == answer
 
 

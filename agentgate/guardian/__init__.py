@@ -109,12 +109,21 @@ class Guardian(Protocol):
 class GuardianControl(Protocol):
     """What a guardian can ask of the gateway (implemented by the gateway)."""
 
-    async def decide(self, request_id: str, action: Action, by: str) -> str:
+    async def decide(self, request_id: str, action: Action, by: str, *, message_ref: str) -> str:
         """Apply a guardian's decision; return the short text to answer the press with.
 
+        ``message_ref`` is the card the button was pressed on: a press decides only the
+        approval whose card it is (the one :meth:`Guardian.send_card` returned, or a copy
+        registered with :meth:`card_copied`); any other press decides nothing and is audited.
         Returns e.g. "approved", "denied", "allowed for 1 h", or a text starting with "expired"
-        when the approval is unknown, expired or already resolved ("expired: already approved").
+        when the approval is unknown, expired, already resolved ("expired: already approved")
+        or not on that card.
         """
+        ...
+
+    async def card_copied(self, request_id: str, message_ref: str) -> None:
+        """A copy of an approval's card was sent (``/pending``): its buttons count too, and it
+        is edited with the outcome."""
         ...
 
     async def refused(self, user: str, what: str) -> None:

@@ -115,6 +115,8 @@ class TrioRequest(BaseRequest):
         )
         if isinstance(request.stream, httpx.ByteStream):  # always, unless PTB uploads a file
             request.stream = _Body(request.content)
+        elif isinstance(request.stream, httpx.SyncByteStream):  # a multipart upload, in memory
+            request.stream = _Body(b"".join(request.stream))
         # PTB's tasks do not carry trio-asyncio's current-loop context variable: name the loop.
         loop = asyncio.get_running_loop()
         return await trio_asyncio.trio_as_aio(_send, loop=loop)(client, request)  # type: ignore[no-any-return]

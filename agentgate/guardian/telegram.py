@@ -27,12 +27,10 @@ import trio_asyncio  # isort: skip  # must be imported before telegram/httpx (se
 
 import datetime as dt
 import html
-import json
 import logging
-import math
 import os
 import time
-import unicodedata
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import partial
@@ -50,6 +48,7 @@ from telegram import (
     CallbackQuery,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
+    InputFile,
     Message,
     Update,
 )
@@ -78,9 +77,24 @@ from agentgate.guardian import (
     Grant,
     GuardianControl,
     GuardianUnavailable,
-    Status,
 )
 from agentgate.guardian._trio_request import TrioRequest
+from agentgate.guardian.card import (
+    MAX_TEXT,
+    CardRules,
+    CardTooLarge,
+    Layout,
+    arguments_document,
+    clip,
+    document_name,
+    remaining,
+    render_card,
+    render_resolution,
+    reveal_key,
+    reveal_value,
+    utc,
+    utf16_len,
+)
 
 __all__ = [
     "COMMANDS",
@@ -96,7 +110,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_TEXT = 4096  # Telegram's limit, in UTF-16 code units
 MAX_CALLBACK_DATA = 64  # bytes
 POLL_TIMEOUT = 10  # seconds of one getUpdates long poll (returns at once when a press arrives)
 # Pause between a long poll's answer and the next poll. Without it the next getUpdates is sent
@@ -119,8 +132,6 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 
 NOT_AUTHORISED = "not authorised"
 EXPIRED = "expired or unknown button"
-
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Zl", "Zp"})
 
 
 class TelegramSettings(Protocol):
@@ -162,114 +173,9 @@ class SendLimits:
 # -- rendering (pure functions) -------------------------------------------------------------
 
 
-def _utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def _reveal(text: str, *, keep_newlines: bool = False) -> str:
-    """Show invisible, control and direction-changing characters as ``\\uXXXX``."""
-    out: list[str] = []
-    for char in text:
-        if keep_newlines and char == "\n":
-            out.append(char)
-        elif unicodedata.category(char) in _HIDDEN_CATEGORIES:
-            code = ord(char)
-            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
-        else:
-            out.append(char)
-    return "".join(out)
-
-
-def _clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}… [truncated, {len(text)} characters]"
-
-
 def _field(text: str, limit: int) -> str:
     """One agent-influenced line: revealed, clipped, HTML-escaped."""
-    return html.escape(_clip(_reveal(text), limit), quote=False)
-
-
-def _utc(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _remaining(seconds: float) -> str:
-    if seconds <= 0:
-        return "now"
-    if seconds < 60:
-        return f"in {math.ceil(seconds)} s"
-    return f"in {round(seconds / 60)} min"
-
-
-def _card_body(card: ApprovalCard, *, room: int) -> str:
-    """Agent, tool, target, signature, reason, then every argument as JSON within ``room``."""
-    lines = [
-        f"Agent: <b>{_field(card.agent, 200)}</b>",
-        f"Tool: <code>{_field(card.tool, 200)}</code>",
-    ]
-    if card.target:
-        lines.append(f"Target: <b>{_field(card.target, 600)}</b>")
-    lines += [
-        f"Signature: <code>{_field(card.signature, 1000)}</code>",
-        f"Asked because: {_field(card.matched, 400)}",
-        "Arguments:",
-    ]
-    head = "\n".join(lines) + "\n"
-    args = _reveal(
-        json.dumps(card.args, indent=2, ensure_ascii=False, default=str), keep_newlines=True
-    )
-    budget = room - _utf16_len(head) - len("<pre></pre>")
-    shown = html.escape(args, quote=False)
-    if _utf16_len(shown) <= budget:
-        return f"{head}<pre>{shown}</pre>"
-    marker_room = 80
-    lo, hi = 0, len(args)  # the longest prefix of the JSON whose escaped form fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _utf16_len(html.escape(args[:mid], quote=False)) <= budget - marker_room:
-            lo = mid
-        else:
-            hi = mid - 1
-    shown = html.escape(args[:lo], quote=False)
-    return (
-        f"{head}<pre>{shown}</pre>\n"
-        f"<b>⚠ Arguments truncated: {lo} of {len(args)} characters shown.</b>"
-    )
-
-
-def render_card(card: ApprovalCard, *, now: float) -> str:
-    """The HTML text of a new approval card (≤ 4096 UTF-16 units, arguments truncated last)."""
-    head = "🛡 <b>Approval needed</b>\n"
-    tail = f"\nExpires: {_utc(card.expires_at)} ({_remaining(card.expires_at - now)})"
-    room = MAX_TEXT - _utf16_len(head) - _utf16_len(tail)
-    return head + _card_body(card, room=room) + tail
-
-
-_STATUS_TEXT: dict[Status, str] = {
-    Status.APPROVED: "✅ Approved",
-    Status.DENIED: "❌ Denied",
-    Status.TIMED_OUT: "⌛ Timed out: nobody decided",
-    Status.EXECUTED: "✅ Executed",
-    Status.FAILED: "⚠ Failed",
-    Status.QUEUED: "📥 Agent offline — result queued",
-    Status.SHUTDOWN: "⏹ Gateway shutting down — request cancelled",
-    Status.FROZEN: "🧊 Frozen — denied",
-}
-
-
-def render_resolution(card: ApprovalCard, update: CardUpdate, *, now: float) -> str:
-    """The HTML text of a resolved card: what happened, who, when, then the card itself."""
-    status = _STATUS_TEXT.get(update.status, html.escape(str(update.status)))
-    line = f"<b>{status}</b>"
-    if update.by:
-        line += f" by {_field(update.by, 200)}"
-    line += f" at {_utc(update.at or now)}"
-    if update.detail:
-        line += f"\n{_field(update.detail.replace(chr(10), ' '), 500)}"
-    head = line + "\n\n"
-    return head + _card_body(card, room=MAX_TEXT - _utf16_len(head))
+    return html.escape(clip(reveal_value(text), limit), quote=False)
 
 
 def _callback(kind: str, ident: str) -> str:
@@ -311,14 +217,14 @@ def render_grants(grants: list[Grant], *, now: float) -> tuple[str, InlineKeyboa
     for n, grant in enumerate(grants, 1):
         lines.append(
             f"{n}. <code>{_field(grant.signature, 300)}</code> — agent {_field(grant.agent, 100)},"
-            f" by {_field(grant.granted_by, 100)}, until {_utc(grant.expires_at)}"
-            f" ({_remaining(grant.expires_at - now)})"
+            f" by {_field(grant.granted_by, 100)}, until {utc(grant.expires_at)}"
+            f" ({remaining(grant.expires_at - now)})"
         )
         data = f"revoke:{grant.grant_id}"
         if len(data.encode()) <= MAX_CALLBACK_DATA:
             rows.append([InlineKeyboardButton(f"Revoke {n}", callback_data=data)])
     text = "\n".join(lines)
-    if _utf16_len(text) > MAX_TEXT:
+    if utf16_len(text) > MAX_TEXT:
         text = text[: MAX_TEXT - 40].rsplit("\n", 1)[0] + "\n… (more grants not shown)"
     return text, InlineKeyboardMarkup(rows) if rows else None
 
@@ -397,6 +303,14 @@ class _Press:
     user_id: int
     user_name: str
     data: str
+    chat_id: int | None  # the message the button is on; None for inline-mode messages
+    message_id: int | None
+
+    @property
+    def message_ref(self) -> str | None:
+        if self.chat_id is None or self.message_id is None:
+            return None
+        return f"{self.chat_id}:{self.message_id}"
 
 
 @frozen
@@ -409,6 +323,28 @@ class _Command:
 
 
 _Event = _Press | _Command
+
+STRANGER_AUDITS = 3  # audit rows per stranger per minute; later presses are only answered
+STRANGERS_REMEMBERED = 10_000
+
+
+class _StrangerLog:
+    """How often a stranger's press or command is audited: a few a minute per user."""
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[int, list[float]] = OrderedDict()
+
+    def counts(self, user_id: int) -> bool:
+        """Whether this attempt gets an audit row (and a log line)."""
+        now = trio.current_time()
+        stamps = [t for t in self._seen.pop(user_id, []) if now - t < 60]
+        counted = len(stamps) < STRANGER_AUDITS
+        if counted:
+            stamps.append(now)
+        self._seen[user_id] = stamps
+        while len(self._seen) > STRANGERS_REMEMBERED:
+            self._seen.popitem(last=False)
+        return counted
 
 
 @frozen
@@ -437,8 +373,11 @@ class TelegramGuardian:
         config: TelegramSettings,
         control: GuardianControl,
         limits: SendLimits,
+        cards: CardRules,
     ) -> None:
         self._app = app
+        self._cards = cards
+        self._strangers = _StrangerLog()
         self._bot = app.bot
         self._chat_id = config.chat_id
         self._allowed = frozenset(config.allowed_users)
@@ -476,10 +415,12 @@ class TelegramGuardian:
             log.error("cannot update card %s: bad message ref %r", card.request_id, message_ref)
             return
 
+        layout = self._layout_of(card)
+
         def edit() -> Awaitable[Any]:
             # Rendered once a send slot is free: when 10,000 approvals end at once, their edits
             # wait in line without their text, and the CPU goes first to the agents' outcomes.
-            text = render_resolution(card, update, now=time.time())
+            text = render_resolution(card, update, now=time.time(), layout=layout)
             return self._bot.edit_message_text(  # type: ignore[no-any-return]
                 text, chat_id=chat_id, message_id=message_id, parse_mode=ParseMode.HTML
             )
@@ -494,16 +435,50 @@ class TelegramGuardian:
 
     # -- sending ----------------------------------------------------------------------------
 
+    def _layout_of(self, card: ApprovalCard) -> Layout:
+        try:
+            return self._cards.layout(card)
+        except CardTooLarge:  # already shown (with its document): render it the same way
+            return "document"
+
     async def _send_card_to(self, chat_id: int, card: ApprovalCard) -> str:
+        """Send ``card`` (its arguments document first, if it needs one); its message ref."""
         card_keyboard(card.request_id)  # a request id too long for a button fails here, unsent
+        try:
+            layout = self._cards.layout(card)
+        except CardTooLarge as exc:  # the gateway refuses such asks; never send a partial card
+            raise GuardianUnavailable(f"card not sent: {exc}") from exc
+        if layout == "document":
+            await self._send_document(chat_id, card)
 
         def compose() -> tuple[str, InlineKeyboardMarkup]:
             # Rendered when the card is sent, not while it waits for a send slot: 10,000 queued
             # cards then hold only their ApprovalCard, and the expiry line is current.
-            return render_card(card, now=time.time()), card_keyboard(card.request_id)
+            text = render_card(card, now=time.time(), layout=layout)
+            return text, card_keyboard(card.request_id)
 
         message = await self._send(chat_id, compose)
         return f"{message.chat_id}:{message.message_id}"
+
+    async def _send_document(self, chat_id: int, card: ApprovalCard) -> None:
+        """The complete arguments of ``card``, as a file, before the message with its buttons."""
+        with trio.move_on_after(self._limits.queue_budget) as slot:
+            await self._pacing.bucket(chat_id).take()
+        if slot.cancelled_caught:
+            raise GuardianUnavailable("too many Telegram messages queued; send rate exceeded")
+        content = arguments_document(card)
+        caption = (
+            f"Arguments of approval {card.request_id[:8]} (agent {reveal_key(card.agent)},"
+            f" {reveal_key(card.tool)}): {len(content):,} characters"
+        )
+
+        def send() -> Awaitable[Message]:
+            document = InputFile(content, filename=document_name(card))
+            return self._bot.send_document(  # type: ignore[no-any-return]
+                chat_id, document, caption=caption, disable_content_type_detection=True
+            )
+
+        await self._deliver("sendDocument", send)
 
     async def _send(
         self, chat_id: int, compose: Callable[[], tuple[str, InlineKeyboardMarkup | None]]
@@ -597,7 +572,8 @@ class TelegramGuardian:
         who = f"{press.user_name} ({press.user_id})"
         if press.user_id not in self._allowed:
             await self._answer(press.query_id, NOT_AUTHORISED)
-            await self._control.refused(who, f"button {press.data[:80]!r}")
+            if self._strangers.counts(press.user_id):
+                await self._control.refused(who, f"button {press.data[:80]!r}")
             return
         parsed = parse_callback(press.data)
         if parsed is None:
@@ -608,10 +584,13 @@ class TelegramGuardian:
             revoked = await self._control.revoke_grant(ident, by=who)
             text = "grant revoked" if revoked else "grant already gone (expired or revoked)"
         else:
-            text = await self._decide(ident, Action(kind), who)
+            # Decides only the approval whose card this is, in the guardians' chat: the
+            # gateway checks the message against the approval's cards.
+            ref = press.message_ref if press.chat_id == self._chat_id else None
+            text = await self._decide(ident, Action(kind), who, ref or f"foreign {press.chat_id}")
         await self._answer(press.query_id, text)
 
-    async def _decide(self, ident: str, action: Action, who: str) -> str:
+    async def _decide(self, ident: str, action: Action, who: str, message_ref: str) -> str:
         """Decide, then wait (bounded) until the card shows the outcome.
 
         Telegram shows a progress bar on the button until the press is answered; answering when
@@ -621,7 +600,7 @@ class TelegramGuardian:
         shown = trio.Event()
         self._outcomes.setdefault(ident, []).append(shown)
         try:
-            text = await self._control.decide(ident, action, by=who)
+            text = await self._control.decide(ident, action, by=who, message_ref=message_ref)
             if "expired" not in text and "already" not in text:  # GuardianControl.decide's contract
                 with trio.move_on_after(self._limits.answer_wait):
                     await shown.wait()
@@ -637,7 +616,8 @@ class TelegramGuardian:
         who = f"{command.user_name} ({command.user_id})"
         if command.user_id not in self._allowed:
             # No reply: strangers must not be able to spend the chat's send budget.
-            await self._control.refused(who, f"command /{command.name}")
+            if self._strangers.counts(command.user_id):
+                await self._control.refused(who, f"command /{command.name}")
             return
         if command.chat_id != self._chat_id and not command.private:
             log.warning(
@@ -646,14 +626,19 @@ class TelegramGuardian:
             return
         chat = command.chat_id
         if command.name == "pending":
+            # Copies go to the guardians' chat, where presses count, whoever asked from where.
             pending = await self._control.pending()
             if not pending:
                 await self._reply(chat, "No pending approvals.")
+            elif chat != self._chat_id:
+                await self._reply(chat, f"Sending {len(pending)} pending approval(s) to the group.")
             for item in pending:
                 try:
-                    await self._send_card_to(chat, item.card)
+                    ref = await self._send_card_to(self._chat_id, item.card)
                 except GuardianUnavailable as exc:
                     log.warning("could not re-send card %s: %s", item.card.request_id, exc.message)
+                else:
+                    await self._control.card_copied(item.card.request_id, ref)
         elif command.name == "grants":
             text, keyboard = render_grants(await self._control.grants(), now=time.time())
             await self._reply(chat, text, keyboard)
@@ -731,6 +716,7 @@ async def open_telegram_guardian(
     control: GuardianControl,
     *,
     limits: SendLimits | None = None,
+    cards: CardRules | None = None,
 ) -> AsyncIterator[TelegramGuardian]:
     """Run the Telegram bot for the ``async with`` block and yield the guardian.
 
@@ -738,8 +724,10 @@ async def open_telegram_guardian(
     :class:`GuardianUnavailable` naming the cause. Once running, Telegram outages are logged
     and ridden out (polling resumes by itself); they never end the block. Leaving the block
     stops the bot within a few seconds, shielded from cancellation. ``limits`` defaults to
-    :class:`SendLimits` with ``send_retries + 1`` attempts when the config has that key.
+    :class:`SendLimits` with ``send_retries + 1`` attempts when the config has that key;
+    ``cards`` (``[guardian] max_card_chars`` and ``card_overflow``) to Telegram's own limit.
     """
+    cards = cards or CardRules()
     if limits is None:
         retries = getattr(config, "send_retries", None)  # [guardian.telegram] send_retries
         limits = SendLimits(attempts=retries + 1) if isinstance(retries, int) else SendLimits()
@@ -763,7 +751,7 @@ async def open_telegram_guardian(
                         raise _start_error(exc, config) from None
                     raise _start_error(exc, config) from exc
                 try:
-                    async with _running(app, config, control, limits) as guardian:
+                    async with _running(app, config, control, limits, cards) as guardian:
                         yield guardian
                 finally:
                     with trio.move_on_after(SHUTDOWN_GRACE, shield=True) as grace:
@@ -809,6 +797,7 @@ async def _running(
     config: TelegramSettings,
     control: GuardianControl,
     limits: SendLimits,
+    cards: CardRules,
 ) -> AsyncIterator[TelegramGuardian]:
     """Handlers, start, commands, polling; the Trio consumer in a nursery."""
     send, receive = trio.open_memory_channel[_Event](64)
@@ -827,7 +816,10 @@ async def _running(
         if query is None:
             return
         user = query.from_user
-        event = _Press(query.id, user.id, user.full_name, query.data or "")
+        message = query.message  # MaybeInaccessibleMessage: chat and id even when inaccessible
+        chat_id = message.chat.id if message is not None else None
+        message_id = message.message_id if message is not None else None
+        event = _Press(query.id, user.id, user.full_name, query.data or "", chat_id, message_id)
         with suppress(trio.ClosedResourceError, trio.BrokenResourceError):  # shutting down
             await hand_over(event)
 
@@ -857,7 +849,7 @@ async def _running(
         )
     )
     app.add_error_handler(on_error)
-    guardian = TelegramGuardian(app, config, control, limits)
+    guardian = TelegramGuardian(app, config, control, limits, cards)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guardian._consume, receive)
         try:

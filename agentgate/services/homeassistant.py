@@ -76,6 +76,8 @@ SEEN_MAX: Final = 10_000
 LIMITS: Final = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=30)
 
 _SNIPPET = 200
+DESCRIBE_NAME: Final = 64  # characters of a friendly name on a card
+DESCRIBE_STATE: Final = 64
 _SERVICE_500 = (
     "the arguments may be out of range or unsupported by this entity; see Home Assistant's log"
 )
@@ -98,6 +100,10 @@ def _utcnow() -> datetime:
 
 def _failed(message: str, status: int | None) -> ExecutionFailed:
     return ExecutionFailed(message, data={"status": status, "service": SERVICE})
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _snippet(text: str) -> str:
@@ -225,20 +231,25 @@ class HomeAssistant:
             return await handler(args)
 
     async def describe(self, entity_id: str) -> str:
-        """A line for approval cards: ``Front Door (lock.front_door) — now: locked``."""
+        """A line for approval cards: ``lock.front_door “Front Door” — now: locked``.
+
+        The entity id comes first; the friendly name (set by integrations and device names,
+        so it could imitate another entity) follows in quotes, bounded, as does the state.
+        """
         with self._boundary():
             state = await self._fetch_state(entity_id)
         if not isinstance(state, dict):
             raise _failed(f"Home Assistant sent a malformed state for {entity_id}", 200)
         attributes = state.get("attributes")
         attributes = attributes if isinstance(attributes, dict) else {}
-        now = str(state.get("state"))
+        now = _bounded(str(state.get("state")), DESCRIBE_STATE)
         unit = attributes.get("unit_of_measurement")
         if isinstance(unit, str) and unit:
-            now = f"{now} {unit}"
+            now = f"{now} {_bounded(unit, 16)}"
         name = attributes.get("friendly_name")
-        label = f"{name} ({entity_id})" if isinstance(name, str) and name else entity_id
-        return f"{label} — now: {now}"
+        if isinstance(name, str) and name.strip():
+            return f"{entity_id} “{_bounded(name, DESCRIBE_NAME)}” — now: {now}"
+        return f"{entity_id} — now: {now}"
 
     # ---- tools -----------------------------------------------------------------------
 

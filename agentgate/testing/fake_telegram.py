@@ -18,12 +18,15 @@ connections), ``tg.retry_after = N`` (the next sendMessage answers 429 with ``re
 :meth:`~FakeTelegram.throttle` (the next K sendMessage calls) and :meth:`~FakeTelegram.fail_next`.
 
 Messages sent with ``parse_mode="HTML"`` are checked like Telegram does (only its tags, balanced,
-every ``<``, ``>`` and ``&`` escaped) and stored as the text a human would see.
+every ``<``, ``>`` and ``&`` escaped) and stored as the text a human would see. ``sendDocument``
+takes a multipart upload; the message keeps the file (``message.document``).
 """
 
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
 import itertools
 import json
 import socket
@@ -182,6 +185,15 @@ def telegram_visible_text(html: str) -> str:
 
 
 @frozen
+class FakeDocument:
+    """A file the bot sent (``sendDocument``)."""
+
+    filename: str
+    content: bytes
+    caption: str
+
+
+@frozen
 class FakeMessage:
     """A message the bot sent, as it currently looks (``text`` is what a human sees)."""
 
@@ -193,6 +205,7 @@ class FakeMessage:
     reply_markup: dict[str, Any] | None
     edits: int = 0
     deleted: bool = False
+    document: FakeDocument | None = None
 
     @property
     def buttons(self) -> list[tuple[str, str]]:
@@ -206,8 +219,17 @@ class FakeMessage:
             "date": int(time.time()),
             "chat": _chat(self.chat_id),
             "from": bot,
-            "text": self.text,
         }
+        if self.document is not None:
+            message["document"] = {
+                "file_id": f"file-{self.message_id}",
+                "file_unique_id": f"u{self.message_id}",
+                "file_name": self.document.filename,
+                "file_size": len(self.document.content),
+            }
+            message["caption"] = self.document.caption
+        else:
+            message["text"] = self.text
         if self.edits:
             message["edit_date"] = int(time.time())
         if self.reply_markup:
@@ -451,10 +473,17 @@ class FakeTelegram:
         *,
         first_name: str = "Guardian",
         last_name: str | None = None,
+        in_chat: int | None = None,
     ) -> Press:
-        """Press an inline button of a sent message: queues a ``callback_query`` update."""
+        """Press an inline button of a sent message: queues a ``callback_query`` update.
+
+        ``callback_data`` need not be one of the message's buttons (a forged press);
+        ``in_chat`` makes the press come from a copy of the message in another chat.
+        """
         with self._cond:
             message = self._messages[message_id]
+            if in_chat is not None:
+                message = attrs.evolve(message, chat_id=in_chat)
             query_id = str(next(self._ids))
             update_id = self._queue_update(
                 {
@@ -621,6 +650,24 @@ class FakeTelegram:
             raw_text=raw,
             parse_mode=params.get("parse_mode"),
             reply_markup=self._markup(params),
+        )
+        self._messages[message.message_id] = message
+        return message.to_api(self.bot_user)
+
+    def _api_sendDocument(self, params: dict[str, Any]) -> Any:
+        upload = params.get("document")
+        if not isinstance(upload, tuple):
+            raise _BadRequest("Bad Request: there is no document in the request")
+        filename, content = upload
+        caption = str(params.get("caption") or "")
+        message = FakeMessage(
+            message_id=next(self._ids),
+            chat_id=params["chat_id"],
+            text=caption,
+            raw_text=caption,
+            parse_mode=None,
+            reply_markup=None,
+            document=FakeDocument(filename, content, caption),
         )
         self._messages[message.message_id] = message
         return message.to_api(self.bot_user)
@@ -803,7 +850,7 @@ def _parse_params(content_type: str, query: str, body: bytes) -> dict[str, Any]:
             raise ValueError("JSON body must be an object")
         params.update(decoded)
     elif content_type.startswith("multipart/"):
-        raise ValueError("multipart uploads are not supported by the fake")
+        fields += _multipart(content_type, body, params)
     else:
         fields += parse_qsl(body.decode(), keep_blank_values=True)
     for key, value in fields:
@@ -815,6 +862,27 @@ def _parse_params(content_type: str, query: str, body: bytes) -> dict[str, Any]:
         else:
             params[key] = value
     return params
+
+
+def _multipart(content_type: str, body: bytes, files: dict[str, Any]) -> list[tuple[str, str]]:
+    """The text fields of a multipart/form-data body; uploads go to ``files`` as
+    ``(filename, content)``."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode()
+    parsed = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not parsed.is_multipart():
+        raise ValueError("malformed multipart body")
+    fields = []
+    for part in parsed.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        content = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(content, bytes):
+            raise ValueError("malformed multipart part")
+        filename = part.get_filename()
+        if filename is not None:
+            files[name] = (filename, content)
+        else:
+            fields.append((name, content.decode()))
+    return fields
 
 
 @contextmanager

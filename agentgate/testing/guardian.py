@@ -69,6 +69,19 @@ class ScriptedGuardian:
                 return shown.updates[-1]
             await self._changed.wait()
 
-    async def press(self, request_id: str, action: str, user: str | None = None) -> str:
+    async def press(
+        self, request_id: str, action: str, user: str | None = None, *, on: str | None = None
+    ) -> str:
+        """Press ``action`` for ``request_id`` on its card (or on the card ref ``on``).
+
+        A card shown before a restart is still in the chat: its ref comes from the gateway.
+        """
         assert self.control is not None, "connect the guardian to a gateway first"
-        return await self.control.decide(request_id, Action(action), user or self.user)
+        shown = self.cards.get(request_id)
+        ref = on if on is not None else shown.ref if shown is not None else None
+        if ref is None:
+            earlier = [p for p in await self.control.pending() if p.card.request_id == request_id]
+            ref = earlier[0].message_ref if earlier and earlier[0].message_ref else "no card"
+        return await self.control.decide(
+            request_id, Action(action), user or self.user, message_ref=ref
+        )

@@ -538,7 +538,7 @@ async def test_describe(ha: HomeAssistant, ha_home: Home) -> None:
     await service(ha, "lock.lock", entity_id=ha_home.lock)
     with trio.fail_after(CEILING):
         description = await ha.describe(ha_home.lock)
-    assert description == f"Front Door ({ha_home.lock}) — now: locked"
+    assert description == f"{ha_home.lock} “Front Door” — now: locked"
 
 
 async def test_concurrent_calls(ha: HomeAssistant, ha_home: Home) -> None:

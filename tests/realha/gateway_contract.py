@@ -158,7 +158,7 @@ async def test_gateway_lock_through_an_approval(workdir: Path, ha_home: Home) ->
                 lambda m: f"allow:{request_id}" in [d for _, d in m.buttons]
             )
             assert f"Signature: ha_call_service(lock.lock, {ha_home.lock})" in card.text
-            assert f"Target: Front Door ({ha_home.lock}) — now: unlocked" in card.text
+            assert f"Target: {ha_home.lock} “Front Door” — now: unlocked" in card.text
             assert await press(tg, card, "allow") == "approved"
             reply = await agent.recv()
             assert reply["id"] == "lock-1"
