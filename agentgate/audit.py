@@ -3,6 +3,9 @@
 The reader opens the SQLite file read-only, so it is safe next to a running gateway (WAL lets
 readers and the writer work at once). ``--follow`` polls for new rows and for resolutions of rows
 already shown, the way ``tail -f`` would if rows never changed.
+
+Every field that came from outside (tool names, arguments, guardians' display names) is made
+inert before it reaches the terminal (:mod:`agentgate.inert`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, TextIO
 
 import attrs
 
+from agentgate.inert import inert, inert_json
 from agentgate.store import AuditEntry, audit_entries, read_only, select_audit
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -65,7 +69,7 @@ def _what(e: AuditEntry) -> str:
         return e.matched or ""
     if e.signature:
         return e.signature
-    return f"{e.tool} {json.dumps(e.args, ensure_ascii=False)}"
+    return f"{e.tool} {json.dumps(e.args, ensure_ascii=False, default=str)}"
 
 
 def _outcome(e: AuditEntry) -> str:
@@ -81,7 +85,11 @@ COLUMNS = ("time (UTC)", "agent", "decision", "request", "outcome")
 
 
 def table_rows(entries: list[AuditEntry]) -> list[tuple[str, ...]]:
-    return [(_when(e.time), e.agent, e.decision, _what(e), _outcome(e)) for e in entries]
+    """Each row's cells, made inert: agents and Telegram users choose most of this text."""
+    return [
+        tuple(inert(cell) for cell in (_when(e.time), e.agent, e.decision, _what(e), _outcome(e)))
+        for e in entries
+    ]
 
 
 def format_table(entries: list[AuditEntry], *, width: int = 60) -> str:
@@ -142,7 +150,7 @@ def print_entries(entries: list[AuditEntry], *, as_json: bool, out: TextIO | Non
     out = out or sys.stdout
     if as_json:
         for entry in entries:
-            print(json.dumps(to_json(entry), ensure_ascii=False, default=str), file=out)
+            print(inert_json(to_json(entry)), file=out)
     elif entries:
         print(format_table(entries), file=out)
     else:

@@ -151,6 +151,7 @@ class Approval:
 
 _TASK_NAME = "agentgate.broker.approval"  # one shared string, not one per task
 DRAIN_WAIT = 0.25  # seconds an outcome's bookkeeping waits for the agent's frame to be written
+UNDELIVERED = "the approval card could not be delivered (the gateway's log says why)"
 COPIES = 8  # copies of one card (/pending) whose buttons count; older ones answer "expired"
 
 
@@ -403,12 +404,13 @@ class Broker:
         try:
             ref = await self.guardian.send_card(approval.card())
         except GuardianUnavailable as exc:
+            # The agent hears that, not why: the reason names the Bot API's address.
             log.warning("card for %s undeliverable, the ask fails closed: %s", row.request_id, exc)
-            approval.resolve(Kind.UNDELIVERABLE, None, exc.message)
+            approval.resolve(Kind.UNDELIVERABLE, None, UNDELIVERED)
             return
-        except Exception as exc:  # a guardian bug must not leave the approval hanging
+        except Exception:  # a guardian bug must not leave the approval hanging
             log.exception("guardian failed to send a card")
-            approval.resolve(Kind.UNDELIVERABLE, None, f"guardian error: {exc}")
+            approval.resolve(Kind.UNDELIVERABLE, None, UNDELIVERED)
             return
         approval.row = attrs.evolve(row, message_ref=ref)
         try:

@@ -288,6 +288,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     import sqlite3
 
     from agentgate import audit
+    from agentgate.inert import inert_json
     from agentgate.store import read_only
 
     path = _audit_store(args)
@@ -301,7 +302,7 @@ def _run_audit(args: argparse.Namespace) -> int:
 
             def emit(entry: Any, update: bool) -> None:
                 if args.json:
-                    print(json.dumps(audit.to_json(entry), default=str), flush=True)
+                    print(inert_json(audit.to_json(entry)), flush=True)
                 else:
                     mark = "  ↳ " if update else ""
                     print(mark + "  ".join(audit.table_rows([entry])[0]), flush=True)

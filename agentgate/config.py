@@ -64,6 +64,8 @@ MIN_CARD_CHARS = 512
 MAX_CARD_CHARS = 4096
 MIN_MESSAGE_BYTES = 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MIN_OUTBOX_BYTES = 65536
+MAX_OUTBOX_BYTES = 1 << 30
 
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -207,6 +209,16 @@ def _message_bytes(value: object) -> int:
     return number
 
 
+def _outbox_bytes(value: object) -> int:
+    number = _as_int(value)
+    if number is None or not MIN_OUTBOX_BYTES <= number <= MAX_OUTBOX_BYTES:
+        raise _Invalid(
+            f"expected an integer from {MIN_OUTBOX_BYTES} to {MAX_OUTBOX_BYTES} (1 GiB), "
+            f"got {_show(value)}"
+        )
+    return number
+
+
 def _user_ids(value: object) -> tuple[int, ...]:
     if not isinstance(value, list) or not value:
         got = "an empty array" if value == [] else _show(value)
@@ -253,6 +265,12 @@ def _http_url(value: object) -> str:
             parts.port  # noqa: B018  (raises ValueError for a bad port)
         except ValueError:
             ok = False
+        if "@" in parts.netloc if ok else "@" in value:
+            # Never echoed: the part before "@" is a password. Tokens have keys of their own.
+            raise _Invalid(
+                "a URL must not hold a user name or password (user:password@host);"
+                " put the token in the table's token key"
+            )
         if ok and not parts.query and not parts.fragment:
             return value.rstrip("/")
     raise _Invalid(f"expected an http:// or https:// URL, got {_show(value)}")
@@ -298,6 +316,7 @@ PositiveInt = Annotated[int, _Check(_positive_int)]
 NonNegativeInt = Annotated[int, _Check(_non_negative_int)]
 Seconds = Annotated[float, _Check(_seconds)]
 MessageBytes = Annotated[int, _Check(_message_bytes)]
+OutboxBytes = Annotated[int, _Check(_outbox_bytes)]
 UserIds = Annotated[tuple[int, ...], _Check(_user_ids)]
 Listen = Annotated[str, _Check(_listen)]
 HttpUrl = Annotated[str, _Check(_http_url)]
@@ -427,6 +446,8 @@ class LimitsConfig:
     requests_per_minute: PositiveInt = 60
     failed_auth_per_minute: PositiveInt = 5
     max_message_bytes: MessageBytes = 65536
+    # Replies waiting for one agent to read them; past this the connection closes (1008).
+    max_outbox_bytes: OutboxBytes = 16 * 1024 * 1024
 
 
 @frozen(kw_only=True)

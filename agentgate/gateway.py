@@ -25,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import sys
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -64,7 +65,7 @@ from agentgate.guardian import (
     PendingCard,
 )
 from agentgate.guardian.card import CardRules, CardTooLarge
-from agentgate.limits import FailedAuthTracker, TokenBucket
+from agentgate.limits import AuthAttempt, FailedAuthTracker, TokenBucket
 from agentgate.listener import serve_websockets
 from agentgate.policy import Policy, load_policy
 from agentgate.protocol import (
@@ -90,7 +91,11 @@ CLOSE_GOING_AWAY = 1001
 
 @attrs.define(eq=False)
 class Connection:
-    """One authenticated agent connection (the broker's ``Session``)."""
+    """One authenticated agent connection (the broker's ``Session``).
+
+    Its outbox is bounded in frames (the channel) and in bytes (``max_outbox_bytes``): an agent
+    that stops reading while replies pile up is closed (1008) rather than growing the gateway.
+    """
 
     agent: str
     remote: str
@@ -100,33 +105,60 @@ class Connection:
     closed: bool = False
     in_flight: int = 0
     bucket: TokenBucket | None = None
+    max_outbox_bytes: int = 16 * 1024 * 1024
     # Frames queued and frames the writer is done with (sent or given up), for drained().
     queued: int = 0
     written: int = 0
+    outbox_bytes: int = 0  # memory held by frames queued and not yet written
+    overflowed: bool = False  # closed because the agent did not read its replies
+    closing: trio.Event = attrs.field(factory=trio.Event)  # set by close()
     # drained() waiters as (frames that must be written, event), in the order they came: their
     # targets never decrease, so each frame written wakes exactly the waiters it satisfies.
     _waiters: deque[tuple[int, trio.Event]] = attrs.field(factory=deque)
 
     def try_send(self, text: str, request_id: str | None = None) -> bool:
-        if self.closed:
+        size = self._room_for(text)
+        if size is None:
             return False
         try:
             self._send.send_nowait((text, (request_id,) if request_id else ()))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
         self.queued += 1
+        self.outbox_bytes += size
         return True
 
     async def send(self, text: str, request_ids: tuple[str, ...] = ()) -> bool:
         """Queue a reply, waiting if the agent reads slowly; False if the connection is gone."""
-        if self.closed:
+        size = self._room_for(text)
+        if size is None:
             return False
+        self.outbox_bytes += size  # counted while it waits for a place in the channel
         try:
             await self._send.send((text, request_ids))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.outbox_bytes -= size
             return False
         self.queued += 1
         return True
+
+    def _room_for(self, text: str) -> int | None:
+        """The frame's size if it may be queued; None if closed, or closing it for overflow."""
+        if self.closed:
+            return None
+        size = frame_size(text)
+        if self.outbox_bytes and self.outbox_bytes + size > self.max_outbox_bytes:
+            log.warning(
+                "agent %s (%s) is not reading: over %d bytes of replies wait for it;"
+                " closing the connection (1008)",
+                self.agent,
+                self.remote,
+                self.max_outbox_bytes,
+            )
+            self.overflowed = True
+            self.close()
+            return None
+        return size
 
     async def drained(self) -> None:
         """Return once the writer is done with every frame queued so far, or has stopped."""
@@ -136,20 +168,27 @@ class Connection:
         self._waiters.append((self.queued, event))
         await event.wait()
 
-    def wrote(self) -> None:
-        """The writer is done with one more frame."""
+    def wrote(self, size: int = 0) -> None:
+        """The writer is done with one more frame (of ``size`` bytes, :func:`frame_size`)."""
         self.written += 1
+        self.outbox_bytes -= size
         self._wake()
 
     def close(self) -> None:
         self.closed = True
         self._send.close()
+        self.closing.set()
         self._wake()  # nothing more will be written: every drained() returns
 
     def _wake(self) -> None:
         waiters = self._waiters
         while waiters and (self.closed or waiters[0][0] <= self.written):
             waiters.popleft()[1].set()
+
+
+def frame_size(text: str) -> int:
+    """The memory one queued frame holds (a str's size, O(1))."""
+    return sys.getsizeof(text)
 
 
 @attrs.define(eq=False)
@@ -233,12 +272,19 @@ class Gateway(GuardianControl):
         if bucket is None or bucket.capacity != rpm:
             bucket = self.buckets[agent.name] = TokenBucket(rpm, 60.0)
         send, receive = trio.open_memory_channel[tuple[str, tuple[str, ...]]](OUTBOX)
-        conn = Connection(agent.name, remote, send, bucket=bucket)
+        conn = Connection(
+            agent.name,
+            remote,
+            send,
+            bucket=bucket,
+            max_outbox_bytes=self.config.limits.max_outbox_bytes,
+        )
         self.connections[agent.name].add(conn)
         log.info("agent %s connected from %s", agent.name, remote)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, conn, receive)
+                nursery.start_soon(self._close_on_overflow, ws, conn)
                 queued = await self._queued_count(agent.name)
                 if queued:
                     conn.try_send(encode_notification("results_pending", {"count": queued}))
@@ -252,6 +298,13 @@ class Gateway(GuardianControl):
             if self.shutting_down and not self.connections:
                 self._all_closed.set()
             log.info("agent %s disconnected (%s)", agent.name, remote)
+
+    async def _close_on_overflow(self, ws: WebSocketConnection, conn: Connection) -> None:
+        # The agent does not read: its socket is full, so the close frame may never go out;
+        # _close gives it a moment, then closes the stream, which frees the blocked writer.
+        await conn.closing.wait()
+        if conn.overflowed:
+            await self._close(ws, CLOSE_POLICY, "not reading: too many replies waiting")
 
     async def _queued_count(self, agent: str) -> int:
         try:
@@ -272,7 +325,10 @@ class Gateway(GuardianControl):
         if self.shutting_down:
             await refuse(None, GatewayShuttingDown(), CLOSE_GOING_AWAY)
             return None
-        if self.failed_auth.blocked(remote):
+        # The attempt takes its place among the source's failed-auth budget now, before it can
+        # guess: sockets opened in parallel cannot multiply the guesses.
+        attempt = self.failed_auth.begin(remote)
+        if attempt is None:
             wait = self.failed_auth.retry_after(remote)
             await refuse(
                 None,
@@ -281,6 +337,18 @@ class Gateway(GuardianControl):
                 ),
             )
             return None
+        try:
+            return await self._first_frame(ws, remote, attempt, refuse)
+        finally:
+            attempt.abandoned()  # ended without a guess (the peer left, or cancellation)
+
+    async def _first_frame(
+        self,
+        ws: WebSocketConnection,
+        remote: str,
+        attempt: AuthAttempt,
+        refuse: Callable[[JsonId, AgentgateError], Awaitable[None]],
+    ) -> AgentConfig | None:
         message: str | bytes | None = None
         with trio.move_on_after(self.config.gateway.auth_deadline):
             try:
@@ -288,7 +356,7 @@ class Gateway(GuardianControl):
             except ConnectionClosed:
                 return None
         if message is None:
-            self.failed_auth.record_failure(remote)
+            attempt.failed()
             log.warning("no authentication from %s within the deadline", remote)
             await refuse(None, AuthenticationFailed("authentication deadline passed"))
             return None
@@ -309,7 +377,7 @@ class Gateway(GuardianControl):
             if agent is None:
                 raise AuthenticationFailed("authentication failed: unknown token")
         except AgentgateError as exc:
-            self.failed_auth.record_failure(remote)
+            attempt.failed()
             rpc_id = rpc_id if rpc_id is not None else error_id(exc)
             error = (
                 exc
@@ -319,6 +387,7 @@ class Gateway(GuardianControl):
             log.warning("authentication from %s refused: %s", remote, error.message)
             await refuse(rpc_id, error)
             return None
+        attempt.succeeded()
         try:
             await ws.send_message(
                 encode_result(rpc_id, {"status": "authenticated", "agent": agent.name})
@@ -337,6 +406,7 @@ class Gateway(GuardianControl):
         undelivered: list[str] = []
         async with receive:
             async for text, request_ids in receive:
+                broken = broken or conn.overflowed  # what is left waits for the next connection
                 try:
                     if not broken:
                         try:
@@ -346,8 +416,8 @@ class Gateway(GuardianControl):
                             conn.closed = broken = True
                     undelivered.extend(request_ids)
                 finally:
-                    conn.wrote()
-            if self.shutting_down and not broken:
+                    conn.wrote(frame_size(text))
+            if self.shutting_down and not broken and not conn.overflowed:
                 await self._close(ws, CLOSE_GOING_AWAY, "gateway shutting down")
         await self._requeue(conn.agent, undelivered)
 

@@ -16,17 +16,17 @@ import trio_asyncio  # noqa: F401
 from agentgate.config import ConfigError, load_config
 from agentgate.errors import AgentgateError
 from agentgate.gateway import serve_gateway
+from agentgate.inert import InertFormatter
 from agentgate.policy import PolicyError
 
 log = logging.getLogger("agentgate")
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Log to stderr; messages are made inert (agents' strings cannot forge lines)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(InertFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # httpx logs every request at INFO: far too chatty for a gateway's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("telegram").setLevel(logging.WARNING)

@@ -30,7 +30,9 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
   usually means); other 5xx → ``Home Assistant error (500): <body>``; a 200 whose body is not
   JSON → failed.
 - Transport errors are mapped at the boundary (:func:`_map_transport_errors`): cannot connect
-  → ``Home Assistant unreachable at URL: reason``; no answer within ``timeout`` seconds (one
+  → ``Home Assistant unreachable: cannot connect`` (a dropped connection: ``connection
+  failed``; the address and the socket's reason go to the log, never to the agent); no
+  answer within ``timeout`` seconds (one
   deadline per tool call, both requests of ``ha_call_service`` included) → ``Home Assistant did
   not answer within N s``.
 """
@@ -38,6 +40,7 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -65,6 +68,7 @@ TOOLS: Final = frozenset(
 )
 
 SERVICE: Final = "homeassistant"
+log = logging.getLogger(__name__)
 
 # Measured against the fake in another process (2 CPUs, busy machine; req/s of ha_get_state):
 # sequential 350-880; 20 tasks on one client 330-780 whatever the pool (5, 10, 20, 100
@@ -113,16 +117,23 @@ def _snippet(text: str) -> str:
 
 @contextmanager
 def _map_transport_errors(url: str, timeout: float) -> Iterator[None]:
-    """Turn httpx's and Trio's exceptions into :class:`ExecutionFailed` at the boundary."""
+    """Turn httpx's and Trio's exceptions into :class:`ExecutionFailed` at the boundary.
+
+    The agent hears what happened, never where: Home Assistant's address and the socket
+    error's text (which names it) go to the log only.
+    """
     try:
         yield
     except (trio.TooSlowError, httpx.TimeoutException) as exc:
         raise _failed(f"Home Assistant did not answer within {timeout:g} s", None) from exc
     except httpx.TransportError as exc:
         reason = str(exc) or type(exc).__name__
-        raise _failed(f"Home Assistant unreachable at {url}: {reason}", None) from exc
+        log.warning("Home Assistant unreachable at %s: %s", url, reason)
+        what = "cannot connect" if isinstance(exc, httpx.ConnectError) else "connection failed"
+        raise _failed(f"Home Assistant unreachable: {what}", None) from exc
     except httpx.HTTPError as exc:  # e.g. a malformed URL built from odd arguments
-        raise _failed(f"Home Assistant request failed: {exc}", None) from exc
+        log.warning("Home Assistant request to %s failed: %s", url, exc)
+        raise _failed("Home Assistant request failed (see the gateway's log)", None) from exc
 
 
 def _error_for(
@@ -211,7 +222,7 @@ class HomeAssistant:
             with self._boundary():
                 body = await self._request("GET", "/api/")
         except ExecutionFailed as exc:
-            return f"Home Assistant health check failed: {exc.message}"
+            return f"Home Assistant health check failed at {self._url}: {exc.message}"
         except Exception as exc:  # a health check must not stop the gateway
             return f"Home Assistant health check failed: {exc!r}"
         if isinstance(body, dict) and body.get("message") == "API running.":
