@@ -349,7 +349,8 @@ class Broker:
     async def idle(self) -> None:
         """Return once no approval is in flight (each has delivered and recorded its outcome)."""
         if self.approvals:
-            self._idle = self._idle or trio.Event()
+            if self._idle is None:
+                self._idle = trio.Event()
             await self._idle.wait()
 
     def waiting(self, agent: str | None = None) -> int:

@@ -168,7 +168,10 @@ def _run_check(args: argparse.Namespace) -> int:
         if matched.description:
             print(f"           {matched.description}")
         if indirect:
-            print(f"indirect:  {indirect}")
+            what = args.tool
+            if args.tool == "ha_call_service":
+                what = f"{tool_args.get('domain')}.{tool_args.get('service')}"
+            print(f"indirect:  {what} {indirect}")
     return DECISION_EXIT[evaluation.decision]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import trio_asyncio  # isort: skip  # noqa: F401  # before httpx/telegram (PITFALLS.md)
 
 import argparse
+import json
 import logging
 import secrets
 import signal
@@ -147,7 +148,7 @@ def _describe(data: Any) -> str:
 async def _agent(
     gw: Harness, say: Narrator, settle: Callable[[], Awaitable[None]], *, interactive: bool
 ) -> list[Step]:
-    """The scripted agent: three requests through the SDK, each outcome in plain words.
+    """The scripted agent: four requests through the SDK, each outcome in plain words.
 
     ``settle`` waits (briefly) for the phone to catch up, so the story reads in order.
     """
@@ -163,6 +164,7 @@ async def _agent(
         Step(f"read the living-room temperature ({SENSOR})"),
         Step(f"turn on the living-room light ({LIGHT})"),
         Step(f"unlock the front door ({LOCK})"),
+        Step(f"unlock it through a scene (scene.apply naming {LOCK})"),
     ]
     ca = None if gw.ca_path is None else str(gw.ca_path)
     async with connect(gw.url, token=gw.tokens[AGENT], ca=ca, on_pending=on_pending) as agent:
@@ -214,6 +216,26 @@ async def _agent(
         else:
             steps[2].outcome = f"EXECUTED (this must never happen): {_describe(data)}"
         say.agent((s.green if steps[2].ok else s.red)(steps[2].outcome))
+
+        say.heading(f"4. the agent wants to {steps[3].title}")
+        scene = {LIGHT: "on", LOCK: "unlocked"}
+        say.agent(f"→ ha_call_service domain=scene service=apply entities={json.dumps(scene)}")
+        try:
+            data = await agent.call(
+                "ha_call_service", domain="scene", service="apply", entities=scene
+            )
+        except DeniedByPolicy as exc:
+            why = exc.message.removeprefix("denied by policy: ")
+            steps[3].outcome = (
+                f"denied by policy ({why}): the lock is in the call's signature, the door"
+                " stays locked"
+            )
+            steps[3].ok = True
+        except AgentgateError as exc:
+            steps[3].outcome = f"refused, but not by the policy: {exc.message}"
+        else:
+            steps[3].outcome = f"EXECUTED (this must never happen): {_describe(data)}"
+        say.agent((s.green if steps[3].ok else s.red)(steps[3].outcome))
     return steps
 
 
@@ -319,7 +341,7 @@ async def run_demo(
     return DemoResult(
         steps=steps,
         presses=phone.presses,
-        audit=format_table(entries),
+        audit=format_table(entries, width=80),
         audit_rows=len(entries),
         home_ok=home_ok,
     )

@@ -68,8 +68,11 @@ class FastGateway:
     home: MockHome
     nursery: trio.Nursery
 
-    async def connect(self) -> WebSocketConnection:
-        server_stream, client_stream = trio.testing.memory_stream_pair()
+    async def connect(self, *, lockstep: bool = False) -> WebSocketConnection:
+        """A client connection; ``lockstep``: no buffering between the two ends, so a client
+        that stops reading stops the gateway's writes to it."""
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        server_stream, client_stream = pair()
 
         async def serve() -> None:
             request = await wrap_server_stream(self.nursery, server_stream)
@@ -94,8 +97,8 @@ async def reply(ws: WebSocketConnection) -> dict[str, Any]:
             return frame
 
 
-async def authed(fg: FastGateway, agent: str = "pi") -> WebSocketConnection:
-    ws = await fg.connect()
+async def authed(fg: FastGateway, agent: str = "pi", **kw: Any) -> WebSocketConnection:
+    ws = await fg.connect(**kw)
     answer = await call(ws, 0, "auth", token=DEFAULT_TOKENS[agent])
     assert answer["result"]["agent"] == agent
     return ws

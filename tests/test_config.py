@@ -586,3 +586,41 @@ def test_store_durability_is_normal_or_full(tmp_path: Path) -> None:
     (tmp_path / "gate.toml").write_text(base + '[store]\nsynchronous = "off"\n')
     with pytest.raises(ConfigError, match=r'store\.synchronous: expected "normal" or "full"'):
         load_config(tmp_path / "gate.toml", insecure=True)
+
+
+@pytest.mark.parametrize(
+    "table", ["services.homeassistant", "guardian.telegram"], ids=["homeassistant", "telegram"]
+)
+def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path, table: str) -> None:
+    url = "http://admin:hunter2-secret@ha.internal:8123"
+    extra = "chat_id = 1\nallowed_users = [1]\n" if table == "guardian.telegram" else ""
+    key = "base_url" if table == "guardian.telegram" else "url"
+    text = MINIMAL + f'[{table}]\n{key} = "{url}"\ntoken = "t"\n{extra}'
+    message = _error(_write(tmp_path, text))
+    assert message == (
+        f"{tmp_path / 'gate.toml'}: {table}.{key}: a URL must not hold a user name or password"
+        " (user:password@host); put the token in the table's token key"
+    )
+    assert "hunter2" not in message
+    assert "admin" not in message
+
+
+def test_card_and_outbox_limits(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL), env=ENV)
+    assert (config.guardian.max_card_chars, config.guardian.card_overflow) == (4096, "refuse")
+    assert config.limits.max_outbox_bytes == 16 * 1024 * 1024
+    good = MINIMAL + '[guardian]\nmax_card_chars = 1000\ncard_overflow = "document"\n'
+    good += "[limits]\nmax_outbox_bytes = 1048576\n"
+    config = load_config(_write(tmp_path, good), env=ENV)
+    assert (config.guardian.max_card_chars, config.guardian.card_overflow) == (1000, "document")
+    assert config.limits.max_outbox_bytes == 1 << 20
+    bad = MINIMAL + '[guardian]\nmax_card_chars = 5000\ncard_overflow = "truncate"\n'
+    bad += "[limits]\nmax_outbox_bytes = 10\n"
+    path = _write(tmp_path, bad)
+    assert _error(path).splitlines() == [
+        f"{path}: guardian.max_card_chars: expected an integer from 512 to 4096 (what one"
+        " Telegram message holds), got 5000",
+        f'{path}: guardian.card_overflow: expected "refuse" or "document", got "truncate"',
+        f"{path}: limits.max_outbox_bytes: expected an integer from 65536 to 1073741824 (1 GiB),"
+        " got 10",
+    ]

@@ -46,6 +46,7 @@ def assert_audit_table(out: str) -> None:
     assert "allow     ha_get_state(sensor.living_room_temperature)" in table
     assert "ask       ha_call_service(light.turn_on, light.living_room)" in table
     assert "deny      ha_call_service(lock.unlock, lock.front_door)" in table
+    assert "deny      ha_call_service(scene.apply, light.living_room, lock.front_door)" in table
 
 
 @pytest.mark.slow
@@ -63,6 +64,7 @@ async def test_the_unattended_demo_behaves_as_expected() -> None:
     assert "light.living_room: on" in out
     assert "denied by policy (rule " in out
     assert "the door stays locked" in out
+    assert "the lock is in the call's signature" in out  # the back way, through a scene
     assert "executed by Alex (4242)" in out  # the audit row of the approved ask
     assert_audit_table(out)
     assert "everything behaved as expected" in out

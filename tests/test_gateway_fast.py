@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,71 @@ async def test_the_agent_has_its_result_before_the_card_is_edited(
         assert answer["result"]["status"] == "executed"
         await fg.guardian.wait_for_update(answer["result"]["request_id"])
         assert written_at_edit == [True]
+
+
+async def test_an_agent_that_does_not_read_is_closed_1008(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    home = MockHome()
+    blob = {"blob": "x" * 20_000}
+    home.states["sensor.big"] = {"entity_id": "sensor.big", "state": "1", "attributes": blob}
+    limits = {"max_outbox_bytes": 65536, "requests_per_minute": 10_000}
+    async with fast_gateway(tmp_path, home=home, limits=limits) as fg:
+        greedy = await authed(fg, lockstep=True)
+        await trio.testing.wait_all_tasks_blocked()  # registered just after its auth reply
+        (conn,) = fg.gateway.connections["pi"]
+        read = '{"tool":"ha_get_state","args":{"entity_id":"sensor.big"}}'
+        sent = 0
+        with contextlib.suppress(ConnectionClosed):
+            for n in range(40):  # ~800 kB of replies, and it reads none of them
+                await greedy.send_message(
+                    f'{{"jsonrpc":"2.0","id":{n},"method":"tool_request","params":{read}}}'
+                )
+                sent += 1
+        await conn.closing.wait()
+        assert conn.overflowed
+        assert sent < 40  # the gateway stopped reading it, too
+        # Nothing else noticed: another agent is served.
+        other = await authed(fg, "laptop")
+        args = {"entity_id": "sensor.temp"}
+        answer = await call(other, 1, "tool_request", tool="ha_get_state", args=args)
+        assert answer["result"]["status"] == "executed"
+        with trio.fail_after(5):  # the close's own bound is 2 s
+            await drain_until_closed(greedy)
+        assert "pi" not in fg.gateway.connections
+
+
+async def drain_until_closed(ws: Any) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.get_message()
+
+
+async def test_an_ask_whose_card_cannot_show_everything_is_refused_and_audited(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+        answer = await call(
+            ws, 1, "tool_request", tool="ha_call_service", args=args | {"note": "x" * 5000}
+        )
+        error = answer["error"]
+        assert error["code"] == -32602
+        assert error["message"].startswith("arguments too large to show the guardian")
+        assert (error["data"]["limit"], error["data"]["signature"]) == (
+            4096,
+            "ha_call_service(light.turn_on, light.bedroom)",
+        )
+        assert fg.guardian.cards == {}  # nobody was asked
+        (row,) = await fg.gateway.store.audit_rows(agent="pi")
+        assert (row.decision, row.resolution) == ("invalid", "rejected")
+        assert "too large to show the guardian" in str(row.matched)
+        # The same call, shown in full, is asked.
+        await ws.send_message(
+            '{"jsonrpc":"2.0","id":2,"method":"tool_request","params":{"tool":"ha_call_service",'
+            '"args":{"domain":"light","service":"turn_on","entity_id":"light.bedroom"}}}'
+        )
+        shown = await fg.guardian.wait_for_card()
+        assert shown.card.args == args
+    assert fg.home.service_calls == []

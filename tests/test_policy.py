@@ -447,3 +447,100 @@ def test_decisions_are_remembered_per_signature() -> None:
     first = policy.evaluate_signature("ha_get_state(sensor.a)")
     assert policy.evaluate_signature("ha_get_state(sensor.a)") is first
     assert policy.evaluate_signature("ha_get_state(light.a)").decision == "ask"
+
+
+# --- a call naming several entities: each is checked alone, the strictest decision wins -----
+
+
+def test_a_deny_on_one_entity_holds_wherever_it_is_named() -> None:
+    p = policy(
+        """
+rules:
+  - {pattern: "ha_call_service(scene.*)", action: allow}
+  - {pattern: "ha_call_service(scene.apply, lock.*)", action: deny, description: no locks}
+"""
+    )
+    # The full signature does not match the deny rule (a light comes first): the entity does.
+    args = {"domain": "scene", "service": "apply", "entities": {"light.a": 1, "lock.x": 2}}
+    result = p.evaluate("ha_call_service", args)
+    assert result.signature == "ha_call_service(scene.apply, light.a, lock.x)"
+    assert result.decision == "deny"
+    assert result.checked == "ha_call_service(scene.apply, lock.x)"
+    assert result.reason == (
+        "rule 1: ha_call_service(scene.apply, lock.*) (deny)"
+        " on ha_call_service(scene.apply, lock.x)"
+    )
+    assert result.matched.description == "no locks"
+
+
+def test_ask_beats_allow_across_entities() -> None:
+    p = policy(
+        """
+rules:
+  - {pattern: "ha_call_service(scene.apply, light.*)", action: allow}
+defaults:
+  - {pattern: "*", action: ask}
+"""
+    )
+    lights = {"domain": "scene", "service": "apply", "entities": {"light.a": 1, "light.b": 2}}
+    assert p.evaluate("ha_call_service", lights).decision == "allow"
+    # The glob matches the full signature (its * spans ", switch.pump"); the switch alone asks.
+    mixed = {**lights, "entities": {"light.a": 1, "switch.pump": 2}}
+    result = p.evaluate("ha_call_service", mixed)
+    assert result.decision == "ask"
+    assert result.checked == "ha_call_service(scene.apply, switch.pump)"
+    assert str(result.matched) == "default 0: * (ask)"
+
+
+def test_an_evaluation_decided_by_its_full_signature_names_no_check() -> None:
+    result = SHIPPED.evaluate(
+        "ha_call_service", {"domain": "light", "service": "turn_on", "entity_id": "light.x"}
+    )
+    assert result.checked is None
+    assert result.reason == str(result.matched)
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "decision"),
+    [
+        ("ha_get_config", {}, "ask"),  # the home's coordinates
+        ("ha_get_state", {"entity_id": "device_tracker.phone"}, "ask"),
+        ("ha_get_history", {"entity_id": "device_tracker.phone"}, "ask"),
+        ("ha_get_state", {"entity_id": "zone.home"}, "ask"),
+        ("ha_get_state", {"entity_id": "sensor.phone_geocoded_location"}, "deny"),
+        ("ha_get_history", {"entity_id": "sensor.phone_geocoded_location"}, "deny"),
+        ("ha_get_state", {"entity_id": "sensor.outdoor_temperature"}, "allow"),
+        ("ha_call_service", {"domain": "script", "service": "turn_on"}, "ask"),
+        ("ha_call_service", {"domain": "shell_command", "service": "x"}, "ask"),
+        ("ha_call_service", {"domain": "hassio", "service": "host_reboot"}, "deny"),
+        (
+            "ha_call_service",
+            {"domain": "scene", "service": "apply", "entities": {"alarm_control_panel.h": "x"}},
+            "deny",
+        ),
+        (
+            "ha_call_service",
+            {"domain": "script", "service": "x", "variables": {"door": "lock.front_door"}},
+            "deny",
+        ),
+    ],
+)
+def test_shipped_policy_keeps_its_privacy_and_its_locks(
+    tool: str, args: dict[str, Any], decision: str
+) -> None:
+    assert SHIPPED.evaluate(tool, args).decision == decision
+
+
+def test_lint_a_domain_deny_without_its_entity_companion() -> None:
+    warnings = lint('{pattern: "ha_call_service(alarm_control_panel.*)", action: deny}')
+    assert len(warnings) == 1
+    assert "denies the alarm_control_panel services only" in warnings[0]
+    assert "'ha_call_service(*, alarm_control_panel.*)'" in warnings[0]
+    assert (
+        lint(
+            '{pattern: "ha_call_service(alarm_control_panel.*)", action: deny}',
+            '{pattern: "ha_call_service(*, alarm_control_panel.*)", action: deny}',
+        )
+        == []
+    )
+    assert lint('{pattern: "ha_call_service(mydomain.*)", action: deny}') == []  # not an entity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -11,14 +12,18 @@ from hypothesis import strategies as st
 from agentgate.errors import InvalidParams
 from agentgate.tools import (
     FORBIDDEN_CHARACTERS,
+    INDIRECT_SERVICES,
     MAX_DEPTH,
     MAX_ITEMS,
     MAX_STRING_LENGTH,
     TARGETING_KEYS,
     TOOLS,
+    build_signature,
+    indirect_reason,
     is_known_tool,
     list_tools,
     signature,
+    signature_checks,
     validate_args,
 )
 
@@ -376,3 +381,156 @@ def test_validation_never_raises_anything_but_invalid_params(
         assert not (set(result) & (FORBIDDEN_CHARACTERS - set("(),")))
     assert code in (0, -32602)
     assert message
+
+
+# --- every entity a service call names is in its signature (issue: a deny nothing can break) ---
+
+
+def refs(**data: Any) -> list[tuple[str, str]]:
+    args = {"domain": "script", "service": "turn_on", **data}
+    return [(r.entity_id, r.why) for r in build_signature("ha_call_service", args).references]
+
+
+def test_the_named_entity_comes_first_then_the_rest_sorted_and_once() -> None:
+    args = {
+        "domain": "scene",
+        "service": "apply",
+        "entity_id": "scene.evening",
+        "entities": {"lock.front_door": "unlocked", "light.kitchen": "on", "scene.evening": 1},
+        "snapshot_entities": ["light.kitchen", "cover.garage"],
+    }
+    found = build_signature("ha_call_service", args)
+    assert found.text == (
+        "ha_call_service(scene.apply, scene.evening, cover.garage, light.kitchen, lock.front_door)"
+    )
+    assert found.checks == (
+        found.text,
+        "ha_call_service(scene.apply, scene.evening)",
+        "ha_call_service(scene.apply, cover.garage)",
+        "ha_call_service(scene.apply, light.kitchen)",
+        "ha_call_service(scene.apply, lock.front_door)",
+    )
+    assert [r.why for r in found.references] == [
+        "entity_id",
+        "in snapshot_entities",
+        "a key of entities",
+        "a key of entities",
+    ]
+
+
+def test_without_entity_id_the_references_follow_the_service() -> None:
+    args = {"domain": "scene", "service": "apply", "entities": {"lock.front_door": "unlocked"}}
+    assert signature("ha_call_service", args) == "ha_call_service(scene.apply, lock.front_door)"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"vars": {"door": "lock.front_door"}}, ("lock.front_door", "the value at vars.door")),
+        ({"a": [{"b": {"entity_id": ["switch.x"]}}]}, ("switch.x", "in a[0].b.entity_id")),
+        ({"entities": ["light.a"]}, ("light.a", "in entities")),
+        ({"entities": [{"entity_id": "light.b"}]}, ("light.b", "in entities[0].entity_id")),
+        ({"v": "  Lock.Front_Door "}, ("lock.front_door", "the value at v")),  # HA strips, lowers
+        ({"v": "loc\u212a.front_door"}, ("lock.front_door", "the value at v")),  # Kelvin sign
+        ({"lock.front_door": 1}, ("lock.front_door", "the key lock.front_door")),
+        ({"snapshot_entities": "lock.front_door"}, ("lock.front_door", "in snapshot_entities")),
+    ],
+)  # fmt: skip
+def test_references_anywhere_in_service_data(
+    data: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    assert refs(**data) == [expected]
+
+
+@pytest.mark.parametrize(
+    "value", ["v1.2", "foo.bar", "hello", "light", "lock.", "no.such_domain", "1.5", "a.b.c"]
+)
+def test_other_strings_are_not_references(value: str) -> None:
+    assert refs(message=value) == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"x": {"entity_id": "all"}},
+        {"x": {"entity_id": "not an entity"}},
+        {"x": {"entity_id": 5}},
+        {"entities": {"all": "on"}},
+        {"snapshot_entities": [1]},
+        {"entities": [["light.a"]]},
+    ],
+)
+def test_where_home_assistant_expects_entities_anything_else_is_refused(
+    data: dict[str, Any],
+) -> None:
+    with pytest.raises(InvalidParams, match="entity id"):
+        refs(**data)
+
+
+def test_other_tools_have_their_entity_alone() -> None:
+    found = build_signature("ha_get_state", {"entity_id": "sensor.x"})
+    assert (found.text, found.checks, found.references) == (
+        "ha_get_state(sensor.x)",
+        ("ha_get_state(sensor.x)",),
+        (),
+    )
+
+
+def test_signature_checks_come_from_the_text_alone() -> None:
+    assert signature_checks("ha_get_states") == ("ha_get_states",)
+    assert signature_checks("ha_call_service(light.turn_on, light.x)") == (
+        "ha_call_service(light.turn_on, light.x)",
+    )
+    assert signature_checks("ha_call_service(a.b, x.y, x.y)") == (
+        "ha_call_service(a.b, x.y, x.y)",
+        "ha_call_service(a.b, x.y)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "indirect"),
+    [
+        ({"domain": "script", "service": "turn_on"}, True),
+        ({"domain": "scene", "service": "apply"}, True),
+        ({"domain": "shell_command", "service": "reboot"}, True),
+        ({"domain": "conversation", "service": "process"}, True),
+        ({"domain": "light", "service": "turn_on"}, False),
+    ],
+)
+def test_indirect_services_are_marked(args: dict[str, Any], indirect: bool) -> None:
+    assert (indirect_reason("ha_call_service", args) is not None) == indirect
+    assert set(INDIRECT_SERVICES) >= {
+        "script",
+        "automation",
+        "scene",
+        "homeassistant",
+        "python_script",
+        "shell_command",
+        "rest_command",
+        "pyscript",
+    }
+    assert indirect_reason("ha_fire_event", {"event_type": "x"}) is not None
+    assert indirect_reason("ha_get_state", {"entity_id": "sensor.x"}) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.integers() | st.text(max_size=30) | st.sampled_from(["lock.a", "light.b"]),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+        max_leaves=20,
+    )
+)
+def test_every_reference_is_checked_alone(data: Any) -> None:
+    args = {"domain": "script", "service": "x", "data": data}
+    try:
+        found = build_signature("ha_call_service", args)
+    except InvalidParams:
+        return
+    entities = [r.entity_id for r in found.references]
+    assert len(entities) == len(set(entities))
+    for entity in entities:
+        assert entity in found.text
+        assert f"ha_call_service(script.x, {entity})" in found.checks
+    if "lock.a" in json.dumps(data):
+        assert "lock.a" in entities

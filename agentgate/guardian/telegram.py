@@ -571,9 +571,9 @@ class TelegramGuardian:
     async def _on_press(self, press: _Press) -> None:
         who = f"{press.user_name} ({press.user_id})"
         if press.user_id not in self._allowed:
-            await self._answer(press.query_id, NOT_AUTHORISED)
-            if self._strangers.counts(press.user_id):
+            if self._strangers.counts(press.user_id):  # audited before it is answered
                 await self._control.refused(who, f"button {press.data[:80]!r}")
+            await self._answer(press.query_id, NOT_AUTHORISED)
             return
         parsed = parse_callback(press.data)
         if parsed is None:

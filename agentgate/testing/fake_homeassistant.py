@@ -277,6 +277,24 @@ _SERVICES: dict[str, dict[str, _Service]] = {
     "script": {
         "echo": _Service(frozenset(), {"text": _anything}, needs_target=False, responds=True)
     },
+    # Scenes reproduce the states they hold, whatever their domain (a lock's "unlocked" unlocks).
+    "scene": {
+        "apply": _Service(
+            frozenset(), {"entities": _anything, "transition": _anything}, needs_target=False
+        ),
+        "create": _Service(
+            frozenset(),
+            {"scene_id": str, "entities": _anything, "snapshot_entities": _anything},
+            needs_target=False,
+        ),
+        "turn_on": _Service(frozenset({"scene"}), {"transition": _anything}),
+    },
+}
+# The service that reproduces a state, per domain (HA's reproduce_state).
+_REPRODUCE: dict[str, dict[str, str]] = {
+    "lock": {"locked": "lock", "unlocked": "unlock", "open": "open"},
+    "light": {"on": "turn_on", "off": "turn_off"},
+    "switch": {"on": "turn_on", "off": "turn_off"},
 }
 
 
@@ -370,6 +388,7 @@ class FakeHomeAssistant:
         self._lock = threading.Lock()
         self._states: dict[str, State] = {}
         self._history: dict[str, list[State]] = {}
+        self._scenes: dict[str, dict[str, dict[str, Any]]] = {}  # scene.create
         for entity_id, state, attributes in _INITIAL_HOME:
             extra = _LIGHT_EXTRA if entity_id.startswith("light.") else {}
             self._set(entity_id, state, {**extra, **attributes}, None)
@@ -529,6 +548,12 @@ class FakeHomeAssistant:
             raise _text(400)
         if domain == "script":
             return self._run_script(fields, return_response)
+        if domain == "scene" and name != "turn_on":
+            return self._scene(name, fields)
+        if domain == "scene":
+            with self._lock:
+                scenes = [self._scenes.get(e) for e in entity_ids or []]
+            return [s for found in scenes if found for s in self._reproduce(found)]
         with self._lock:
             if entity_ids is not None and "all" in entity_ids:
                 entity_ids = [e for e in self._states if e.split(".")[0] in service.acts_on]
@@ -597,6 +622,40 @@ class FakeHomeAssistant:
         if domain == "light":
             attributes["brightness"] = attributes["color_mode"] = None
         return self._change(entity_id, "off", attributes)
+
+    def _scene(self, name: str, fields: dict[str, Any]) -> list[State]:
+        """``scene.apply`` (reproduce ``entities``) and ``scene.create`` (remember them, and the
+        current states of ``snapshot_entities``, as ``scene.<scene_id>``)."""
+        entities = fields.get("entities") or {}
+        if not isinstance(entities, dict) or not all(
+            isinstance(e, str) and _ENTITY_ID.match(e.lower()) for e in entities
+        ):
+            raise _text(400)
+        wanted = {
+            e.lower(): v if isinstance(v, dict) else {"state": v} for e, v in entities.items()
+        }
+        if name == "apply":
+            return self._reproduce(wanted)
+        scene_id = fields.get("scene_id")
+        if not isinstance(scene_id, str) or not _ENTITY_ID.match(f"scene.{scene_id}"):
+            raise _text(400)
+        snapshot = fields.get("snapshot_entities") or []
+        with self._lock:
+            for entity_id in snapshot if isinstance(snapshot, list) else [snapshot]:
+                current = self._states.get(str(entity_id).strip().lower())
+                if current is not None:
+                    wanted[current["entity_id"]] = {"state": current["state"]}
+            self._scenes[f"scene.{scene_id}"] = wanted
+            self._set(f"scene.{scene_id}", "unknown", {"entity_id": sorted(wanted)}, self.user_id)
+        return []
+
+    def _reproduce(self, wanted: dict[str, dict[str, Any]]) -> list[State]:
+        changed: list[State] = []
+        for entity_id, target in wanted.items():
+            service = _REPRODUCE.get(entity_id.split(".")[0], {}).get(str(target.get("state")))
+            if service is not None and self.state(entity_id) is not None:
+                changed += self._apply(entity_id, service, {})
+        return changed
 
     def _run_script(
         self, fields: dict[str, Any], return_response: bool

@@ -109,6 +109,7 @@ def write_gate_toml(
     limits: Mapping[str, Any] | None = None,
     agents_extra: Mapping[str, Mapping[str, Any]] | None = None,
     telegram: Mapping[str, Any] | None = None,
+    guardian_settings: Mapping[str, Any] | None = None,
     ha_timeout: float = 5,
 ) -> Path:
     (workdir / "permissions.yaml").write_text(policy)
@@ -127,6 +128,10 @@ def write_gate_toml(
             lines.append(f'policy = "permissions-{name}.yaml"')
         for key, value in ((agents_extra or {}).get(name) or {}).items():
             lines.append(f"{key} = {_toml_value(value)}")
+    if guardian_settings:
+        lines += ["", "[guardian]"] + [
+            f"{k} = {_toml_value(v)}" for k, v in guardian_settings.items()
+        ]
     if telegram is not None:
         lines += ["", "[guardian.telegram]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in telegram.items()]

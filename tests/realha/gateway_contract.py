@@ -23,6 +23,7 @@ import trio
 
 from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram, run_fake_telegram
 from agentgate.testing.harness import Harness, RawAgent, raw_agent, running_gateway
+from agentgate.tools import ENTITY_DOMAINS
 from tests.realha.contract import BAD_REQUEST, CEILING, SERVICE_FAILED, Home
 
 POLICY = """\
@@ -233,3 +234,61 @@ async def test_gateway_with_a_wrong_home_token(workdir: Path, ha_home: Home) -> 
                 "check services.homeassistant.token"
             )
             assert error["data"]["status"] == 401
+
+
+SHIPPED_POLICY = (Path(__file__).resolve().parents[2] / "permissions.yaml").read_text()
+
+
+async def state_of(home: Home, entity_id: str) -> str:
+    async with httpx.AsyncClient(base_url=home.url, headers=home.headers) as client:
+        response = await client.get(f"/api/states/{entity_id}")
+    assert response.status_code == 200, response.text
+    return str(response.json()["state"])
+
+
+async def test_gateway_a_scene_cannot_unlock_the_front_door(workdir: Path, ha_home: Home) -> None:
+    # The attack is real: Home Assistant reproduces a lock's state that a scene names.
+    await set_up(ha_home, "lock.lock", ha_home.openable_lock)
+    async with httpx.AsyncClient(base_url=ha_home.url, headers=ha_home.headers) as client:
+        response = await client.post(
+            "/api/services/scene/apply",
+            json={"entities": {ha_home.openable_lock: "unlocked"}},
+            timeout=CEILING,
+        )
+    assert response.status_code == 200, response.text
+    assert await state_of(ha_home, ha_home.openable_lock) == "unlocked"
+    await set_up(ha_home, "lock.lock", ha_home.openable_lock)
+
+    # Through the gateway, under the shipped policy, no form of it gets there.
+    await set_up(ha_home, "lock.lock", ha_home.lock)
+    lock, light = ha_home.lock, ha_home.light
+    attacks: list[dict[str, Any]] = [
+        {"domain": "scene", "service": "apply", "entities": {light: "on", lock: "unlocked"}},
+        {"domain": "scene", "service": "apply", "entities": {lock.upper(): "unlocked"}},
+        {"domain": "scene", "service": "create", "scene_id": "x", "entities": {lock: "unlocked"}},
+        {"domain": "scene", "service": "create", "scene_id": "x", "snapshot_entities": [lock]},
+        {"domain": "light", "service": "turn_on", "entity_id": light, "x": {"entity_id": lock}},
+        {"domain": "script", "service": "echo", "variables": {"door": f" {lock}"}},
+    ]
+    with trio.fail_after(GATE_CEILING):
+        async with (
+            running_gateway(workdir, home=ha_home, policy=SHIPPED_POLICY) as gw,
+            raw_agent(gw) as agent,
+        ):
+            for args in attacks:
+                reply = await agent.tool("ha_call_service", **args)
+                assert reply.get("error", {}).get("code") == -32003, (args, reply)
+                assert lock in reply["error"]["data"]["signature"]
+            rows = await gw.gateway.store.audit_rows(agent="pi")
+    assert [row.decision for row in rows] == ["deny"] * len(attacks)
+    assert await state_of(ha_home, lock) == "locked"
+
+
+async def test_gateway_entity_domains_cover_every_entity_home_assistant_has(
+    ha_home: Home,
+) -> None:
+    # A string naming an entity is a reference when its domain is one Home Assistant has.
+    async with httpx.AsyncClient(base_url=ha_home.url, headers=ha_home.headers) as client:
+        response = await client.get("/api/states")
+    domains = {state["entity_id"].split(".")[0] for state in response.json()}
+    assert domains - ENTITY_DOMAINS == set()
