@@ -199,24 +199,16 @@ def _seconds(value: object) -> float:
     return number
 
 
-def _message_bytes(value: object) -> int:
-    number = _as_int(value)
-    if number is None or not MIN_MESSAGE_BYTES <= number <= MAX_MESSAGE_BYTES:
-        raise _Invalid(
-            f"expected an integer from {MIN_MESSAGE_BYTES} to {MAX_MESSAGE_BYTES} (16 MiB), "
-            f"got {_show(value)}"
-        )
-    return number
+def _int_in(low: int, high: int, note: str) -> Callable[[object], int]:
+    """A check for an integer from ``low`` to ``high``; ``note`` says what the bound is."""
 
+    def check(value: object) -> int:
+        number = _as_int(value)
+        if number is None or not low <= number <= high:
+            raise _Invalid(f"expected an integer from {low} to {high} ({note}), got {_show(value)}")
+        return number
 
-def _outbox_bytes(value: object) -> int:
-    number = _as_int(value)
-    if number is None or not MIN_OUTBOX_BYTES <= number <= MAX_OUTBOX_BYTES:
-        raise _Invalid(
-            f"expected an integer from {MIN_OUTBOX_BYTES} to {MAX_OUTBOX_BYTES} (1 GiB), "
-            f"got {_show(value)}"
-        )
-    return number
+    return check
 
 
 def _user_ids(value: object) -> tuple[int, ...]:
@@ -282,16 +274,6 @@ def _path(value: object) -> Path:
     return Path(value).expanduser()
 
 
-def _card_chars(value: object) -> int:
-    number = _as_int(value)
-    if number is None or not MIN_CARD_CHARS <= number <= MAX_CARD_CHARS:
-        raise _Invalid(
-            f"expected an integer from {MIN_CARD_CHARS} to {MAX_CARD_CHARS} (what one Telegram"
-            f" message holds), got {_show(value)}"
-        )
-    return number
-
-
 def _card_overflow(value: object) -> str:
     if value not in ("refuse", "document"):
         raise _Invalid(f'expected "refuse" or "document", got {_show(value)}')
@@ -305,7 +287,9 @@ def _durability(value: object) -> str:
 
 
 Durability = Annotated[str, _Check(_durability)]
-CardChars = Annotated[int, _Check(_card_chars)]
+CardChars = Annotated[
+    int, _Check(_int_in(MIN_CARD_CHARS, MAX_CARD_CHARS, "what one Telegram message holds"))
+]
 CardOverflow = Annotated[str, _Check(_card_overflow)]
 String = Annotated[str, _Check(_string)]
 Secret = Annotated[str, _Check(_secret)]
@@ -315,8 +299,8 @@ Integer = Annotated[int, _Check(_integer)]
 PositiveInt = Annotated[int, _Check(_positive_int)]
 NonNegativeInt = Annotated[int, _Check(_non_negative_int)]
 Seconds = Annotated[float, _Check(_seconds)]
-MessageBytes = Annotated[int, _Check(_message_bytes)]
-OutboxBytes = Annotated[int, _Check(_outbox_bytes)]
+MessageBytes = Annotated[int, _Check(_int_in(MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, "16 MiB"))]
+OutboxBytes = Annotated[int, _Check(_int_in(MIN_OUTBOX_BYTES, MAX_OUTBOX_BYTES, "1 GiB"))]
 UserIds = Annotated[tuple[int, ...], _Check(_user_ids)]
 Listen = Annotated[str, _Check(_listen)]
 HttpUrl = Annotated[str, _Check(_http_url)]
