@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from agentgate import tools
 from agentgate.errors import (
     AgentgateError,
     ApprovalTimedOut,
@@ -254,10 +255,10 @@ class Broker:
         if self._nursery is None:
             raise GatewayShuttingDown()
         self._waiting[agent] += 1
-        # Shared strings for what repeats from ask to ask: the tool and the matched rule (both
-        # from small fixed sets). Argument values are the agent's and are never interned:
-        # interned strings can outlive their use (immortal on Python 3.12).
-        tool, matched = sys.intern(tool), sys.intern(matched)
+        # A shared string for the tool (a small fixed set). What matched is shared by the caller
+        # when it is a rule's own text; the agent's strings are never interned: interned
+        # strings can outlive their use (immortal on Python 3.12).
+        tool = sys.intern(tool)
         try:
             request_id = str(uuid.uuid4())
             now = self._now()
@@ -328,6 +329,9 @@ class Broker:
         if self._now() >= approval.row.expires_at:
             approval.resolve(Kind.TIMEOUT)
             return "expired: the approval timed out"
+        if action is Action.GRANT and not tools.grantable(approval.row.tool, approval.row.args):
+            # The button is not offered: the signature leaves out what the call really does.
+            return "not decided: Allow 1 h is not offered for this call; press Allow or Deny"
         kind = {Action.ALLOW: Kind.ALLOW, Action.DENY: Kind.DENY, Action.GRANT: Kind.GRANT}[action]
         approval.resolve(kind, by)
         return _grammar(kind)

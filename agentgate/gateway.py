@@ -404,6 +404,7 @@ class Gateway(GuardianControl):
     ) -> None:
         broken = False
         undelivered: list[str] = []
+        dropped = 0  # replies never written because the agent was closed for not reading
         async with receive:
             async for text, request_ids in receive:
                 broken = broken or conn.overflowed  # what is left waits for the next connection
@@ -415,10 +416,19 @@ class Gateway(GuardianControl):
                         except ConnectionClosed:
                             conn.closed = broken = True
                     undelivered.extend(request_ids)
+                    dropped += not request_ids
                 finally:
                     conn.wrote(frame_size(text))
             if self.shutting_down and not broken and not conn.overflowed:
                 await self._close(ws, CLOSE_GOING_AWAY, "gateway shutting down")
+        if dropped and conn.overflowed:
+            log.warning(
+                "agent %s (%s): %d replies were never read (their outcomes are in the audit"
+                " log; results of approvals are queued)",
+                conn.agent,
+                conn.remote,
+                dropped,
+            )
         await self._requeue(conn.agent, undelivered)
 
     async def _requeue(self, agent: str, request_ids: list[str] | tuple[str, ...]) -> None:
@@ -525,7 +535,9 @@ class Gateway(GuardianControl):
             await self._audit_refusal(agent, tool, args, None, "invalid", exc.message)
             raise
         signature, decision = evaluation.signature, evaluation.decision
-        matched = evaluation.reason
+        # A rule's own text repeats from request to request: one shared string (S6's 10,000
+        # pending approvals). A reason naming the agent's entities is never interned.
+        matched = sys.intern(evaluation.reason) if evaluation.checked is None else evaluation.reason
         request_id = str(uuid.uuid4())
         data = {"request_id": request_id, "signature": signature}
         if self.frozen:
@@ -538,6 +550,8 @@ class Gateway(GuardianControl):
             raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
         if decision == "ask":
             grant = self._grants.get((agent, signature))
+            if grant is not None and not tools.grantable(tool, args):
+                grant = None  # not even one made before this rule (tools.grantable)
             if grant is not None and grant.expires_at > now:
                 decision, matched = "allow", f"grant {grant.grant_id} by {grant.granted_by}"
             else:
@@ -708,12 +722,8 @@ class Gateway(GuardianControl):
 
     async def decide(self, request_id: str, action: Action, by: str, *, message_ref: str) -> str:
         if self.broker.misplaced(request_id, message_ref):
-            await self._audit_guardian(
-                by,
-                "refused",
-                f"button {action.value}:{request_id} pressed on {message_ref},"
-                " which is not that approval's card",
-            )
+            what = f"button {action.value}:{request_id} pressed on {message_ref}"
+            await self.refused(by, f"{what}, which is not that approval's card")
             return "expired: that button is not on this approval's card"
         return await self.broker.decide(request_id, action, by)
 

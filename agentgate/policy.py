@@ -113,6 +113,7 @@ class Evaluation:
 
 _FALLBACK: Final = Matched(kind="fallback", action="ask")
 _MEMO_SIZE: Final = 4096
+_MEMO_LONGEST: Final = 512  # longer signatures (many entities) are decided afresh each time
 _STRICTNESS: Final[dict[Action, int]] = {"deny": 0, "ask": 1, "allow": 2}
 
 
@@ -147,7 +148,8 @@ class Policy:
                 narrower = self._decide(check)
                 if _STRICTNESS[narrower.decision] < _STRICTNESS[found.decision]:
                     found = attrs.evolve(narrower, signature=signature, checked=check)
-            self._memo[signature] = found
+            if len(signature) <= _MEMO_LONGEST:  # bounded memory: at most 4096 short ones
+                self._memo[signature] = found
         return found
 
     def _decide(self, signature: str) -> Evaluation:

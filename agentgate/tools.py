@@ -54,6 +54,7 @@ __all__ = [
     "Signature",
     "ToolSpec",
     "build_signature",
+    "grantable",
     "indirect_reason",
     "is_known_tool",
     "list_tools",
@@ -110,10 +111,20 @@ INDIRECT_SERVICES: Final[Mapping[str, str]] = {
     "hassio": "controls add-ons and the Home Assistant host",
     "zwave_js": "sends raw commands to Z-Wave devices",
     "zha": "sends raw commands to Zigbee devices",
+    "knx": "sends raw telegrams on the KNX bus",
+    "modbus": "writes raw Modbus registers and coils",
+    "homematic": "sets raw values on Homematic devices",
+    "deconz": "writes raw attributes of deCONZ devices",
+    "esphome": "runs an action a device defines",
+    "google_assistant_sdk": "Google Assistant turns the text into actions",
 }
 """Service domains that act on things their call does not name, and why (shown on cards)."""
 
 _EVENT_IS_INDIRECT = "an event can trigger any automation"
+# Indirect domains whose effect is fixed by the entities the signature names (a scene's
+# states, an automation's definition); for the others it is the data: the text Assist reads,
+# a script's variables, the payload of a raw command.
+_GRANTABLE_INDIRECT: Final = frozenset({"scene", "automation"})
 
 _IDENTIFIER = r"^[a-z_][a-z0-9_]*(\.[a-z0-9_]+)?$"
 _ENTITY_ID = r"^[a-z_][a-z0-9_]*\.[a-z0-9_]+$"
@@ -444,6 +455,16 @@ def indirect_reason(tool: str, args: Mapping[str, Any]) -> str | None:
         if isinstance(domain, str):
             return INDIRECT_SERVICES.get(domain)
     return None
+
+
+def grantable(tool: str, args: Mapping[str, Any]) -> bool:
+    """Whether "Allow 1 h" may cover this call: not where the signature leaves out what the call
+    does (scripts, Assist, raw device and shell commands, events), since one grant would
+    approve any data for an hour."""
+    if tool == "ha_fire_event":
+        return False
+    domain = args.get("domain") if tool == "ha_call_service" else None
+    return domain not in INDIRECT_SERVICES or domain in _GRANTABLE_INDIRECT
 
 
 def _check_schema(spec: ToolSpec, args: dict[str, Any]) -> None:

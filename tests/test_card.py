@@ -204,3 +204,14 @@ def test_a_card_that_passes_fits_asked_and_resolved_and_hides_nothing(
         for char in text:
             category = unicodedata.category(char)
             assert char == "\n" or category[0] not in "CZ" or char == " ", repr(char)
+
+
+def test_a_resolved_card_keeps_to_max_card_chars() -> None:
+    shown = card({**LIGHT, "note": "z" * 300})
+    assert card_layout(shown, max_chars=1000, overflow="refuse") == "inline"
+    update = CardUpdate(Status.FAILED, by="B" * 300, detail="d" * 3000, at=time.time())
+    resolved = render_resolution(shown, update, now=time.time(), max_chars=1000)
+    text = telegram_visible_text(resolved)
+    assert utf16_len(text) <= 1000
+    assert text.startswith("⚠ Failed by BBB")
+    assert '"note": "' + "z" * 300 + '"' in text  # the card itself is never what gets cut

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,30 @@ async def test_an_ask_whose_card_cannot_show_everything_is_refused_and_audited(
         shown = await fg.guardian.wait_for_card()
         assert shown.card.args == args
     assert fg.home.service_calls == []
+
+
+async def test_no_grant_for_an_indirect_service(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Its signature leaves out what matters (a script's variables, the text Assist reads):
+    # one "Allow 1 h" would approve any of them for an hour.
+    policy = 'rules:\n  - {pattern: "ha_call_service(script.*)", action: ask}\n'
+    async with fast_gateway(tmp_path, policy=policy) as fg:
+        ws = await authed(fg)
+        args = {"domain": "script", "service": "turn_on", "variables": {"x": "harmless"}}
+        await ws.send_message(
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "tool_request",
+                    "params": {"tool": "ha_call_service", "args": args},
+                }
+            )
+        )
+        shown = await fg.guardian.wait_for_card()
+        answer = await fg.guardian.press(shown.card.request_id, "grant")
+        assert answer.startswith("not decided: Allow 1 h is not offered")
+        assert fg.gateway.broker.waiting("pi") == 1  # still the guardian's to decide
+        assert await fg.gateway.grants() == []
+        assert await fg.guardian.press(shown.card.request_id, "deny") == "denied"

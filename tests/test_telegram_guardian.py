@@ -305,6 +305,18 @@ async def test_card_arrives_with_buttons(guardian: TelegramGuardian, tg: FakeTel
 
 
 @slow
+async def test_no_allow_for_an_hour_where_the_signature_leaves_out_what_runs(
+    guardian: TelegramGuardian, tg: FakeTelegram
+) -> None:
+    args = {"domain": "conversation", "service": "process", "text": "turn on the lamp"}
+    card = make_card(args=args, signature=signature("ha_call_service", args))
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, card)
+    assert [data.split(":")[0] for _, data in message.buttons] == ["allow", "deny"]
+    assert "⚠ Indirect: conversation.process Assist turns the text into actions" in message.text
+
+
+@slow
 async def test_a_card_too_long_for_a_message_sends_its_arguments_first(
     tg: FakeTelegram, control: FakeControl
 ) -> None:

@@ -19,6 +19,7 @@ from agentgate.tools import (
     TARGETING_KEYS,
     TOOLS,
     build_signature,
+    grantable,
     indirect_reason,
     is_known_tool,
     list_tools,
@@ -534,3 +535,22 @@ def test_every_reference_is_checked_alone(data: Any) -> None:
         assert f"ha_call_service(script.x, {entity})" in found.checks
     if "lock.a" in json.dumps(data):
         assert "lock.a" in entities
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "expected"),
+    [
+        ("ha_call_service", {"domain": "light", "service": "turn_on"}, True),
+        ("ha_call_service", {"domain": "scene", "service": "apply"}, True),  # names its entities
+        ("ha_call_service", {"domain": "automation", "service": "trigger"}, True),
+        ("ha_call_service", {"domain": "script", "service": "turn_on"}, False),  # its variables
+        ("ha_call_service", {"domain": "conversation", "service": "process"}, False),  # its text
+        ("ha_call_service", {"domain": "mqtt", "service": "publish"}, False),
+        ("ha_fire_event", {"event_type": "x"}, False),  # its event_data
+        ("ha_get_state", {"entity_id": "sensor.x"}, True),
+    ],
+)
+def test_allow_for_an_hour_only_where_the_signature_says_what_runs(
+    tool: str, args: dict[str, Any], expected: bool
+) -> None:
+    assert grantable(tool, args) is expected

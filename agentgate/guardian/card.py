@@ -323,6 +323,18 @@ class CardRules:
         """See :func:`card_layout`."""
         return card_layout(card, max_chars=self.max_chars, overflow=self.overflow)
 
+    def shown_layout(self, card: ApprovalCard) -> Layout:
+        """How an already shown card is rendered again (its resolution, after a restart that
+        may have changed these rules): inline if it fits one message, else its document."""
+        try:
+            return self.layout(card)
+        except CardTooLarge:
+            pass
+        try:
+            return card_layout(card, max_chars=MAX_TEXT, overflow="refuse")
+        except CardTooLarge:
+            return "document"
+
 
 def card_layout(card: ApprovalCard, *, max_chars: int, overflow: str) -> Layout:
     """How ``card`` will be shown within ``max_chars``, or :class:`CardTooLarge`.
@@ -368,17 +380,23 @@ _STATUS_TEXT: Final[dict[Status, str]] = {
 
 
 def render_resolution(
-    card: ApprovalCard, update: CardUpdate, *, now: float, layout: Layout = "inline"
+    card: ApprovalCard,
+    update: CardUpdate,
+    *,
+    now: float,
+    layout: Layout = "inline",
+    max_chars: int = MAX_TEXT,
 ) -> str:
     """The HTML of a resolved card: what happened, who, when, then the card itself.
 
     The card part is the same as when it was asked; who decided and the detail line are cut
-    to the room that leaves in one message.
+    to the room that leaves within ``max_chars`` (the status and the time always fit: a card
+    that passed :func:`card_layout` kept :data:`FRAME_RESERVE` for them).
     """
     body = _body(card, layout, target=card.target)
     status = _STATUS_TEXT.get(update.status, str(update.status))
     when = f" at {utc(update.at or now)}"
-    room = MAX_TEXT - body.visible - utf16_len(status + when) - 2
+    room = min(max_chars, MAX_TEXT) - body.visible - utf16_len(status + when) - 2
     head = _Html().text(status, "b")
     if update.by and room > 8:
         by = clip(f" by {reveal_value(update.by)}", min(room, 200))

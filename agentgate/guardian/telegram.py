@@ -68,6 +68,7 @@ from telegram.ext import (
     filters,
 )
 
+from agentgate import tools
 from agentgate.config import client_ssl_context
 from agentgate.guardian import (
     Action,
@@ -83,7 +84,6 @@ from agentgate.guardian.card import (
     MAX_TEXT,
     CardRules,
     CardTooLarge,
-    Layout,
     arguments_document,
     clip,
     document_name,
@@ -185,17 +185,19 @@ def _callback(kind: str, ident: str) -> str:
     return data
 
 
-def card_keyboard(request_id: str) -> InlineKeyboardMarkup:
-    """Allow / Deny / Allow 1 h buttons for one request."""
-    return InlineKeyboardMarkup(
+def card_keyboard(request_id: str, *, grant: bool = True) -> InlineKeyboardMarkup:
+    """Allow / Deny buttons for one request, and Allow 1 h unless ``grant`` is False."""
+    rows = [
         [
-            [
-                InlineKeyboardButton("✅ Allow", callback_data=_callback("allow", request_id)),
-                InlineKeyboardButton("❌ Deny", callback_data=_callback("deny", request_id)),
-            ],
-            [InlineKeyboardButton("⏱ Allow 1 h", callback_data=_callback("grant", request_id))],
+            InlineKeyboardButton("✅ Allow", callback_data=_callback("allow", request_id)),
+            InlineKeyboardButton("❌ Deny", callback_data=_callback("deny", request_id)),
         ]
-    )
+    ]
+    if grant:
+        rows.append(
+            [InlineKeyboardButton("⏱ Allow 1 h", callback_data=_callback("grant", request_id))]
+        )
+    return InlineKeyboardMarkup(rows)
 
 
 def parse_callback(data: str) -> tuple[str, str] | None:
@@ -415,12 +417,14 @@ class TelegramGuardian:
             log.error("cannot update card %s: bad message ref %r", card.request_id, message_ref)
             return
 
-        layout = self._layout_of(card)
+        layout = self._cards.shown_layout(card)
 
         def edit() -> Awaitable[Any]:
             # Rendered once a send slot is free: when 10,000 approvals end at once, their edits
             # wait in line without their text, and the CPU goes first to the agents' outcomes.
-            text = render_resolution(card, update, now=time.time(), layout=layout)
+            text = render_resolution(
+                card, update, now=time.time(), layout=layout, max_chars=self._cards.max_chars
+            )
             return self._bot.edit_message_text(  # type: ignore[no-any-return]
                 text, chat_id=chat_id, message_id=message_id, parse_mode=ParseMode.HTML
             )
@@ -435,14 +439,9 @@ class TelegramGuardian:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def _layout_of(self, card: ApprovalCard) -> Layout:
-        try:
-            return self._cards.layout(card)
-        except CardTooLarge:  # already shown (with its document): render it the same way
-            return "document"
-
     async def _send_card_to(self, chat_id: int, card: ApprovalCard) -> str:
         """Send ``card`` (its arguments document first, if it needs one); its message ref."""
+        grant = tools.grantable(card.tool, card.args)
         card_keyboard(card.request_id)  # a request id too long for a button fails here, unsent
         try:
             layout = self._cards.layout(card)
@@ -455,7 +454,7 @@ class TelegramGuardian:
             # Rendered when the card is sent, not while it waits for a send slot: 10,000 queued
             # cards then hold only their ApprovalCard, and the expiry line is current.
             text = render_card(card, now=time.time(), layout=layout)
-            return text, card_keyboard(card.request_id)
+            return text, card_keyboard(card.request_id, grant=grant)
 
         message = await self._send(chat_id, compose)
         return f"{message.chat_id}:{message.message_id}"
