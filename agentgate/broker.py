@@ -13,32 +13,42 @@ Lifecycle of one approval (DESIGN §6)::
                                        queue the result for the agent ── edit the card
 
 The first resolution wins through :meth:`Approval.resolve`, a one-shot value plus a
-``trio.Event``; later ones are no-ops and say so. Approvals belong to the broker, not to the
-connection: when the agent goes away the approval goes on and its result is queued. Execution
-is gated by the store (``pending`` → ``executing`` happens once), so a decision can never run a
-call twice, even across a restart.
+``trio.Event``; later ones are no-ops and say so. What each resolution means (its outcome, its
+card, the agent's error, the press answer) is :data:`agentgate.approvals.MEANINGS`. Approvals
+belong to the broker, not to the front door that asked: when the agent goes away the approval
+goes on and its result is queued. Execution is gated by the store (``pending`` → ``executing``
+happens once), so a decision can never run a call twice, even across a restart.
+
+Imports: approvals, store, guardian (the protocol), tools (which calls a grant may cover),
+errors. Results reach front doors through their :class:`~agentgate.approvals.ReplyHandle`.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final
 
 import attrs
 import trio
 
 from agentgate import tools
+from agentgate.approvals import (
+    EXECUTION_CARDS,
+    MEANINGS,
+    Decision,
+    Outcome,
+    ReplyHandle,
+    Result,
+    State,
+    decision_for,
+)
 from agentgate.errors import (
     AgentgateError,
-    ApprovalTimedOut,
-    DeniedByGuardian,
-    DeniedByPolicy,
     ExecutionFailed,
     GatewayShuttingDown,
     RateLimited,
@@ -50,56 +60,18 @@ from agentgate.guardian import (
     Guardian,
     GuardianUnavailable,
     PendingCard,
+    PressAnswer,
     Status,
 )
-from agentgate.protocol import JsonId, encode_error, encode_notification, encode_result
+from agentgate.protocol import JsonId
 from agentgate.store import AuditEntry, PendingRow, Store
 
 log = logging.getLogger(__name__)
 
-
-class Outcome(enum.StrEnum):
-    EXECUTED = "executed"
-    DENIED = "denied"
-    TIMED_OUT = "timed_out"
-    FAILED = "failed"
-    SHUTDOWN = "shutdown"
-
-
-class Kind(enum.Enum):
-    """Why an approval stopped waiting."""
-
-    ALLOW = "allow"
-    GRANT = "grant"
-    DENY = "deny"
-    FROZEN = "frozen"
-    TIMEOUT = "timeout"
-    SHUTDOWN = "shutdown"
-    UNDELIVERABLE = "undeliverable"
-
-
-class Session(Protocol):
-    """The broker's view of an agent connection."""
-
-    agent: str
-
-    def try_send(self, text: str, request_id: str | None = None) -> bool:
-        """Queue a frame for this connection; False if it is closed (or hopelessly behind).
-
-        ``request_id`` tags a result frame, so a frame that never reaches the socket can be
-        put back in the agent's queue.
-        """
-        ...
-
-    async def drained(self) -> None:
-        """Return once every frame queued so far has been written (or the connection closed)."""
-        ...
-
-
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[str, dict[str, Any]], Awaitable[str | None]]
 OnGrant = Callable[[str, str, str], Awaitable[None]]
-Sessions = Callable[[str], Sequence[Session]]
+Sessions = Callable[[str], Sequence[ReplyHandle]]
 
 
 @attrs.define(eq=False)
@@ -112,8 +84,8 @@ class Approval:
     """
 
     row: PendingRow
-    session: Session | None
-    kind: Kind | None = None
+    session: ReplyHandle | None
+    kind: Decision | None = None
     by: str | None = None
     detail: str = ""
     wake: trio.CancelScope | None = None
@@ -127,7 +99,7 @@ class Approval:
     def request_id(self) -> str:
         return self.row.request_id
 
-    def resolve(self, kind: Kind, by: str | None = None, detail: str = "") -> bool:
+    def resolve(self, kind: Decision, by: str | None = None, detail: str = "") -> bool:
         """First resolution wins; returns False (and changes nothing) for every later one."""
         if self.kind is not None:
             return False
@@ -150,22 +122,16 @@ class Approval:
         )
 
 
-_TASK_NAME = "agentgate.broker.approval"  # one shared string, not one per task
-DRAIN_WAIT = 0.25  # seconds an outcome's bookkeeping waits for the agent's frame to be written
+_TASK_NAME: Final = "agentgate.broker.approval"  # one shared string, not one per task
+# Seconds an outcome's bookkeeping (its commit, the card's edit) waits for the agent's frame to
+# be written: both would otherwise compete with that frame's send for the event loop.
+DRAIN_WAIT: Final = 0.25
 UNDELIVERED = "the approval card could not be delivered (the gateway's log says why)"
+DEFAULT_DETAIL: Final = {
+    Decision.TIMEOUT: "no decision before the deadline",
+    Decision.UNDELIVERABLE: UNDELIVERED,
+}
 COPIES = 8  # copies of one card (/pending) whose buttons count; older ones answer "expired"
-
-
-def _grammar(kind: Kind) -> str:
-    return {
-        Kind.ALLOW: "approved",
-        Kind.GRANT: "allowed for 1 h",
-        Kind.DENY: "denied",
-        Kind.FROZEN: "denied (frozen)",
-        Kind.TIMEOUT: "timed out",
-        Kind.SHUTDOWN: "cancelled (gateway shutting down)",
-        Kind.UNDELIVERABLE: "failed (guardian unreachable)",
-    }[kind]
 
 
 class Broker:
@@ -214,15 +180,15 @@ class Broker:
         for row in await self.store.open_pending():
             approval = Approval(row, session=None)
             self.approvals[row.request_id] = approval
-            if row.state == "executing":
+            if row.state == State.EXECUTING:
                 # The gateway stopped while this call was executing: its outcome is unknown and
                 # it must not run twice. Report it honestly instead.
-                approval.resolve(Kind.ALLOW, row.decided_by)
+                approval.resolve(Decision.ALLOW, row.decided_by)
                 self._nursery.start_soon(self._finish_unknown, approval, name=_TASK_NAME)
                 continue
             self._waiting[row.agent] += 1
             if row.expires_at <= now:
-                approval.resolve(Kind.TIMEOUT, None, "expired while the gateway was down")
+                approval.resolve(Decision.TIMEOUT, None, "expired while the gateway was down")
             self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
         if self.approvals:
             log.info("resumed %d open approval(s) from the store", len(self.approvals))
@@ -231,8 +197,8 @@ class Broker:
 
     async def ask(
         self,
-        session: Session,
-        rpc_id: JsonId,
+        reply: ReplyHandle,
+        reply_to: JsonId,
         tool: str,
         args: dict[str, Any],
         signature: str,
@@ -240,12 +206,13 @@ class Broker:
         *,
         max_pending: int,
     ) -> str:
-        """Register an ask; the broker answers the agent later. Returns the request_id.
+        """Register an ask; its result reaches ``reply`` later. Returns the request_id.
 
-        Raises ``RateLimited`` over the agent's pending limit, ``StoreUnavailable`` if the
-        decision cannot be recorded (nothing is then shown to the guardian or executed).
+        ``reply_to`` is the front door's handle on the request, echoed with the result. Raises
+        ``RateLimited`` over the agent's pending limit, ``StoreUnavailable`` if the decision
+        cannot be recorded (nothing is then shown to the guardian or executed).
         """
-        agent = session.agent
+        agent = reply.agent
         # Atomic: no await between the check and the increment.
         if self._waiting[agent] >= max_pending:
             raise RateLimited(
@@ -255,9 +222,8 @@ class Broker:
         if self._nursery is None:
             raise GatewayShuttingDown()
         self._waiting[agent] += 1
-        # A shared string for the tool (a small fixed set). What matched is shared by the caller
-        # when it is a rule's own text; the agent's strings are never interned: interned
-        # strings can outlive their use (immortal on Python 3.12).
+        # A shared string for the tool (a small fixed set); the agent's strings are never
+        # interned: interned strings can outlive their use (immortal on Python 3.12).
         tool = sys.intern(tool)
         try:
             request_id = str(uuid.uuid4())
@@ -265,7 +231,7 @@ class Broker:
             row = PendingRow(
                 request_id=request_id,
                 agent=agent,
-                rpc_id=rpc_id,
+                rpc_id=reply_to,
                 tool=tool,
                 args=args,
                 signature=signature,
@@ -274,7 +240,7 @@ class Broker:
                 message_ref=None,
                 created_at=now,
                 expires_at=now + self.approval_timeout,
-                state="pending",
+                state=State.PENDING,
             )
             entry = AuditEntry(
                 time=now,
@@ -290,17 +256,12 @@ class Broker:
         except BaseException:
             self._waiting[agent] -= 1
             raise
-        approval = Approval(row, session)
+        approval = Approval(row, reply)
         self.approvals[request_id] = approval
         if self._closing:  # shutdown began while this ask was being recorded
-            approval.resolve(Kind.SHUTDOWN, None, "gateway shutting down")
+            approval.resolve(Decision.SHUTDOWN, None, "gateway shutting down")
         self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
-        session.try_send(
-            encode_notification(
-                "approval_pending",
-                {"rpc_id": rpc_id, "request_id": request_id, "expires_at": row.expires_at},
-            )
-        )
+        reply.approval_pending(request_id, reply_to, row.expires_at)
         return request_id
 
     # -- deciding -----------------------------------------------------------------------------
@@ -316,27 +277,29 @@ class Broker:
         if approval is not None and approval.kind is None:
             approval.copies = [*(approval.copies or ()), message_ref][-COPIES:]
 
-    async def decide(self, request_id: str, action: Action, by: str) -> str:
-        """A guardian's decision; returns the text to answer the button press with.
+    async def decide(self, request_id: str, action: Action, by: str) -> PressAnswer:
+        """A guardian's decision, and how to answer the button press.
 
         The caller has checked that the press was on this approval's card (:meth:`misplaced`).
         """
         approval = self.approvals.get(request_id)
         if approval is None:
-            return "expired or unknown approval"
+            return PressAnswer("expired or unknown approval")
         if approval.kind is not None:
-            return f"expired: already {_grammar(approval.kind)}"
+            return PressAnswer(f"expired: already {MEANINGS[approval.kind].answer}")
         if self._now() >= approval.row.expires_at:
-            approval.resolve(Kind.TIMEOUT)
-            return "expired: the approval timed out"
+            approval.resolve(Decision.TIMEOUT)
+            return PressAnswer("expired: the approval timed out")
         if action is Action.GRANT and not tools.grantable(approval.row.tool, approval.row.args):
             # The button is not offered: the signature leaves out what the call really does.
-            return "not decided: Allow 1 h is not offered for this call; press Allow or Deny"
-        kind = {Action.ALLOW: Kind.ALLOW, Action.DENY: Kind.DENY, Action.GRANT: Kind.GRANT}[action]
-        approval.resolve(kind, by)
-        return _grammar(kind)
+            return PressAnswer(
+                "not decided: Allow 1 h is not offered for this call; press Allow or Deny"
+            )
+        decision = decision_for(action)
+        approval.resolve(decision, by)
+        return PressAnswer(MEANINGS[decision].answer, decided=True)
 
-    def resolve_all(self, kind: Kind, by: str | None = None, detail: str = "") -> int:
+    def resolve_all(self, kind: Decision, by: str | None = None, detail: str = "") -> int:
         """Resolve every undecided approval the same way (freeze, shutdown)."""
         count = 0
         for approval in list(self.approvals.values()):
@@ -347,7 +310,7 @@ class Broker:
     async def shutdown(self) -> None:
         """Resolve everything still waiting as ``shutdown`` and let each approval finish."""
         self._closing = True
-        self.resolve_all(Kind.SHUTDOWN, None, "gateway shutting down")
+        self.resolve_all(Decision.SHUTDOWN, None, "gateway shutting down")
         await self.idle()
 
     async def idle(self) -> None:
@@ -385,7 +348,7 @@ class Broker:
                     approval.wake = scope
                     await trio.sleep_forever()
             approval.wake = None
-            approval.resolve(Kind.TIMEOUT)
+            approval.resolve(Decision.TIMEOUT)
             self._waiting[approval.row.agent] -= 1
             with trio.CancelScope(shield=True):
                 await self._conclude(approval)
@@ -402,7 +365,7 @@ class Broker:
     async def _show(self, approval: Approval) -> None:
         row = approval.row
         if self.guardian is None:
-            approval.resolve(Kind.UNDELIVERABLE, None, "no guardian is configured")
+            approval.resolve(Decision.UNDELIVERABLE, None, "no guardian is configured")
             return
         target = await self._describe(row.tool, row.args)
         approval.row = row = attrs.evolve(row, target=target)
@@ -411,11 +374,11 @@ class Broker:
         except GuardianUnavailable as exc:
             # The agent hears that, not why: the reason names the Bot API's address.
             log.warning("card for %s undeliverable, the ask fails closed: %s", row.request_id, exc)
-            approval.resolve(Kind.UNDELIVERABLE, None, UNDELIVERED)
+            approval.resolve(Decision.UNDELIVERABLE, None, UNDELIVERED)
             return
         except Exception:  # a guardian bug must not leave the approval hanging
             log.exception("guardian failed to send a card")
-            approval.resolve(Kind.UNDELIVERABLE, None, UNDELIVERED)
+            approval.resolve(Decision.UNDELIVERABLE, None, UNDELIVERED)
             return
         approval.row = attrs.evolve(row, message_ref=ref)
         try:
@@ -425,34 +388,16 @@ class Broker:
 
     async def _conclude(self, approval: Approval) -> None:
         row, kind = approval.row, approval.kind
-        assert kind is not None
-        result: Any = None
-        error: AgentgateError | None = None
-        outcome: Outcome
-        data = {"request_id": row.request_id, "signature": row.signature}
-        if kind in (Kind.ALLOW, Kind.GRANT):
+        assert kind is not None  # _run_approval resolved it before concluding
+        meaning = MEANINGS[kind]
+        if meaning.executes:
             outcome, result, error = await self._execute_once(approval)
-        elif kind is Kind.DENY:
-            outcome = Outcome.DENIED
-            error = DeniedByGuardian(f"denied by the guardian ({approval.by})", data=data)
-        elif kind is Kind.FROZEN:
-            outcome = Outcome.DENIED
-            error = DeniedByPolicy("frozen by guardian", data=data)
-        elif kind is Kind.TIMEOUT:
-            outcome = Outcome.TIMED_OUT
-            detail = approval.detail or "no decision before the deadline"
-            error = ApprovalTimedOut(f"approval timed out: {detail}", data=data)
-        elif kind is Kind.SHUTDOWN:
-            outcome = Outcome.SHUTDOWN
-            error = GatewayShuttingDown(
-                "gateway shutting down: the approval was cancelled", data=data
-            )
         else:
-            outcome = Outcome.FAILED
-            detail = approval.detail or "guardian unreachable"
-            if not detail.startswith("guardian unreachable"):
-                detail = f"guardian unreachable: {detail}"
-            error = ExecutionFailed(detail, data=data)
+            assert meaning.outcome is not None
+            data = {"request_id": row.request_id, "signature": row.signature}
+            detail = approval.detail or DEFAULT_DETAIL.get(kind, "")
+            outcome, result = meaning.outcome, None
+            error = meaning.error_for(by=approval.by, detail=detail, data=data)
         await self._deliver(approval, outcome, result, error)
 
     async def _execute_once(self, approval: Approval) -> tuple[Outcome, Any, AgentgateError | None]:
@@ -462,7 +407,7 @@ class Broker:
         try:
             if not await self.store.begin_execution(row.request_id, by, self._now()):
                 return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data)
-            if approval.kind is Kind.GRANT:
+            if approval.kind is Decision.GRANT:
                 await self._on_grant(row.agent, row.signature, by)
         except AgentgateError as exc:
             exc.data.update(data)
@@ -500,26 +445,12 @@ class Broker:
         error: AgentgateError | None,
     ) -> None:
         row = approval.row
-        entry: dict[str, Any] = {
-            "request_id": row.request_id,
-            "rpc_id": row.rpc_id,
-            "tool": row.tool,
-            "signature": row.signature,
-            "status": outcome.value,
-        }
-        if error is None:
-            entry["data"] = result
-            text = encode_result(
-                row.rpc_id, {"status": "executed", "request_id": row.request_id, "data": result}
-            )
-        else:
-            entry["error"] = {"code": error.code, "message": error.message}
-            text = encode_error(row.rpc_id, error)
+        late = Result(row.request_id, row.rpc_id, row.tool, row.signature, outcome, result, error)
         session = approval.session
-        delivered = session is not None and session.try_send(text, row.request_id)
+        delivered = session is not None and session.deliver(late)
         if session is not None and delivered:
             # The agent's frame goes out first; the outcome's commit and card edit would
-            # otherwise compete with its TLS/WebSocket send for the event loop (S5).
+            # otherwise compete with its send for the event loop.
             with trio.move_on_after(DRAIN_WAIT):
                 await session.drained()
         try:
@@ -528,7 +459,7 @@ class Broker:
                 outcome.value,
                 decided_by=approval.by,
                 at=self._now(),
-                entry=entry,
+                entry=late.queued(),
                 delivered=delivered,
                 result=result,
                 error=None if error is None else error.message,
@@ -547,9 +478,8 @@ class Broker:
             count = await self.store.queued_count(agent)
         except ExecutionFailed:
             return
-        text = encode_notification("results_pending", {"count": count})
         for session in sessions:
-            session.try_send(text)
+            session.results_waiting(count)
 
     async def _edit_card(
         self,
@@ -562,13 +492,8 @@ class Broker:
         refs = [approval.row.message_ref, *(approval.copies or ())]
         if self.guardian is None or refs[0] is None:
             return
-        status = {
-            Outcome.EXECUTED: Status.EXECUTED,
-            Outcome.DENIED: Status.FROZEN if approval.kind is Kind.FROZEN else Status.DENIED,
-            Outcome.TIMED_OUT: Status.TIMED_OUT,
-            Outcome.FAILED: Status.FAILED,
-            Outcome.SHUTDOWN: Status.SHUTDOWN,
-        }[outcome]
+        assert approval.kind is not None
+        status = MEANINGS[approval.kind].card or EXECUTION_CARDS[outcome]
         if outcome is Outcome.EXECUTED:
             detail = _summary(result)
         else:

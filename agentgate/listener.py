@@ -1,75 +1,65 @@
-"""The WSS listener: trio-websocket's server, minus one way to hold a socket for nothing.
+"""The WSS listener: Trio's ``serve_listeners`` and trio-websocket's ``wrap_server_stream``.
 
-trio-websocket 0.12 waits the whole ``connect_timeout`` for the HTTP upgrade of every accepted
-connection, even when the peer has already gone: a connection closed before its upgrade (TCP
-only, half a TLS handshake, TLS then close) kept its socket, its TLS state and its buffers for
-the full auth deadline. Opening and dropping connections quickly thus held one file descriptor
-each for 10 s, and the churn soak saw the gateway's RSS double (docs/performance.md, soak).
-
-:class:`_Server` is trio-websocket's ``WebSocketServer`` with one change to its per-connection
-routine: it stops waiting for the upgrade as soon as the connection's reader has ended. The
-routine overrides a private method, so ``pyproject.toml`` keeps trio-websocket below 0.13;
-``tests/test_listener.py`` shows the behaviour on a real socket.
+Each accepted connection gets ``connect_timeout`` seconds for its TLS handshake and WebSocket
+upgrade, and not a moment longer than its peer stays: a connection closed before its upgrade
+(TCP only, half a TLS handshake, TLS then close) is dropped at once. (trio-websocket's own
+server waits the whole timeout for such a peer, so connect-and-leave could pin one socket, its
+TLS state and its buffers per connection for the whole auth deadline.) The peer's departure is
+seen by a thin stream wrapper (:class:`_Watched`) that notes when the stream ends; nothing here
+reaches into trio-websocket.
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Final
 
+import attrs
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest, WebSocketServer
-from wsproto import ConnectionType, WSConnection
+from trio_websocket import WebSocketRequest, wrap_server_stream
 
-__all__ = ["serve_websockets"]
+__all__ = ["Listening", "serve_websockets"]
 
-Handler = Callable[[WebSocketRequest], Awaitable[None]]
+Handler = Callable[[WebSocketRequest, str], Awaitable[None]]
+"""Called with each upgraded connection's request and its peer's address."""
+
+CLOSE_GRACE: Final = 2.0  # seconds a connection's socket may take to close after its handler
 
 
-class _Server(WebSocketServer):
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        """trio-websocket's own, except that a peer gone before its upgrade is dropped now."""
-        async with trio.open_nursery() as nursery:
-            connection = WebSocketConnection(
-                stream,
-                WSConnection(ConnectionType.SERVER),
-                message_queue_size=self._message_queue_size,
-                max_message_size=self._max_message_size,
-                receive_buffer_size=self._receive_buffer_size,
-            )
-            reader_ended = trio.Event()
+@attrs.frozen
+class Listening:
+    """What :func:`serve_websockets` hands to ``nursery.start``."""
 
-            async def read() -> None:
-                try:
-                    await connection._reader_task()
-                finally:
-                    reader_ended.set()
+    port: int
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
 
-            nursery.start_soon(read)
-            request: WebSocketRequest | None = None
-            with trio.move_on_after(self._connect_timeout):
-                async with trio.open_nursery() as race:
 
-                    async def upgrade() -> None:
-                        nonlocal request
-                        request = await connection._get_request()
-                        race.cancel_scope.cancel()
+class _Watched(trio.abc.Stream):
+    """A stream that says when its peer is gone (end of stream, or a broken read)."""
 
-                    async def hang_up() -> None:
-                        await reader_ended.wait()
-                        race.cancel_scope.cancel()
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.ended = trio.Event()
 
-                    race.start_soon(upgrade)
-                    race.start_soon(hang_up)
-            if request is None:  # no upgrade in time, or the peer is gone
-                nursery.cancel_scope.cancel()
-                await trio.aclose_forcefully(stream)
-                return
-            try:
-                await self._handler(request)
-            finally:
-                with trio.move_on_after(self._disconnect_timeout):
-                    await connection.aclose()
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except BaseException:
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def serve_websockets(
@@ -80,22 +70,66 @@ async def serve_websockets(
     *,
     max_message_size: int,
     connect_timeout: float,
-    disconnect_timeout: float,
-    task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Like ``trio_websocket.serve_websocket``; supports ``await nursery.start(...)``."""
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
-    if ssl_context is None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    else:
-        listeners = await trio.open_ssl_over_tcp_listeners(
-            port, ssl_context, host=host, https_compatible=True
-        )
-    server = _Server(
-        handler,
-        listeners,
-        max_message_size=max_message_size,
-        connect_timeout=connect_timeout,
-        disconnect_timeout=disconnect_timeout,
-    )
-    await server.run(task_status=task_status)
+    """Serve WebSockets on ``host:port`` (0: a free port) until cancelled; supports
+    ``await nursery.start(...)``, which returns the :class:`Listening` port."""
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = tcp
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(each, ssl_context, https_compatible=True) for each in tcp]
+
+    async def connection(stream: trio.abc.Stream) -> None:
+        peer = _peer(stream)
+        watched = _Watched(stream)
+        try:
+            async with trio.open_nursery() as nursery:  # the WebSocket's reader task
+                request = await _upgrade(nursery, watched, max_message_size, within=connect_timeout)
+                try:
+                    if request is not None:
+                        await handler(request, peer)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(CLOSE_GRACE):
+                await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, connection, listeners)
+        task_status.started(Listening(tcp[0].socket.getsockname()[1], listeners))
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """The peer's IP address (the failed-auth limiter counts by it)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            return str(stream.socket.getpeername()[0])
+        except OSError:  # already gone
+            return "unknown"
+    return repr(stream)
+
+
+async def _upgrade(
+    nursery: trio.Nursery, stream: _Watched, max_message_size: int, *, within: float
+) -> WebSocketRequest | None:
+    """The connection's WebSocket request, or None: no upgrade in time, or the peer left."""
+    request: WebSocketRequest | None = None
+    with trio.move_on_after(within):
+        async with trio.open_nursery() as race:
+
+            async def upgrade() -> None:
+                nonlocal request
+                request = await wrap_server_stream(
+                    nursery, stream, max_message_size=max_message_size
+                )
+                race.cancel_scope.cancel()
+
+            async def hang_up() -> None:
+                await stream.ended.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(upgrade)
+            race.start_soon(hang_up)
+    return request

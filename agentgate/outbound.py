@@ -1,15 +1,16 @@
 """The transport of agentgate's outgoing HTTP (Home Assistant, the Telegram Bot API).
 
 httpcore writes an HTTP/1.1 request in pieces: the head, then each chunk of the body, every
-piece a separate ``send()`` with a scheduling point between them. The server cannot answer before
-the body arrives, so a busy gateway made Home Assistant wait for the second half of every
-service call, and each extra ``send()`` costs ~0.1 ms of CPU on a small VM
-(docs/performance.md, S5). Here the pieces of a request are gathered and leave in one write
-when httpcore starts reading the answer (or once 64 KiB are waiting).
+piece a separate ``send()`` with a scheduling point between them. The server cannot answer
+before the body arrives, so each extra ``send()`` costs the gateway a wake-up and the server a
+wait. Here the pieces of a request are gathered and leave in one write when httpcore starts
+reading the answer (or once 64 KiB are waiting).
 
 This is sound because an HTTP/1.1 client never reads before its request is complete: httpcore
-writes the whole request, then reads the response. The transport is only used for plain
-HTTP/1.1 connections (no HTTP/2); requests through a proxy use httpx's own transports.
+writes the whole request, then reads the response. :class:`OneWriteTransport` is a public
+``httpx.AsyncBaseTransport`` over a public ``httpcore.AsyncConnectionPool`` with its own
+``network_backend``: plain HTTP/1.1 (no HTTP/2, no proxy; requests through a proxy use httpx's
+own transports). httpcore's exceptions become httpx's, as httpx's own transport maps them.
 """
 
 # ruff: noqa: ASYNC109  # httpcore's stream interface takes ``timeout`` arguments
@@ -17,34 +18,110 @@ HTTP/1.1 connections (no HTTP/2); requests through a proxy use httpx's own trans
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable
-from contextlib import suppress
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, Final
 
 import httpcore
 import httpx
 
-__all__ = ["one_write_transport"]
+__all__ = ["OneWriteTransport", "one_write_transport"]
 
-FLUSH_AT = 64 * 1024  # bytes gathered before they are written anyway (large uploads)
+FLUSH_AT: Final = 64 * 1024  # bytes gathered before they are written anyway (large uploads)
+
+# httpcore's exceptions, most specific first, and the httpx exception each one becomes.
+_ERRORS: Final[tuple[tuple[type[Exception], type[httpx.TransportError]], ...]] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
 
 
-def one_write_transport(
-    *, verify: ssl.SSLContext, limits: httpx.Limits
-) -> httpx.AsyncHTTPTransport:
+@contextmanager
+def _mapped(request: httpx.Request) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for theirs, ours in _ERRORS:
+            if isinstance(exc, theirs):
+                raise ours(str(exc), request=request) from exc
+        raise
+
+
+def one_write_transport(*, verify: ssl.SSLContext, limits: httpx.Limits) -> OneWriteTransport:
     """An HTTP/1.1 transport for ``httpx.AsyncClient(transport=...)`` that writes each request
     in one piece. Runs under Trio (the gateway's event loop)."""
-    transport = httpx.AsyncHTTPTransport(verify=verify, limits=limits)
-    # httpx 0.28 (pinned) has no network_backend argument; its transport sends every request
-    # through this one pool, so the pool is replaced by the same pool with our backend.
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=verify,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=_OneWriteBackend(httpcore.TrioBackend()),
-    )
-    return transport
+    return OneWriteTransport(verify=verify, limits=limits)
+
+
+class OneWriteTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface over an httpcore pool whose streams write in one piece."""
+
+    def __init__(self, *, verify: ssl.SSLContext, limits: httpx.Limits) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=verify,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_OneWriteBackend(httpcore.TrioBackend()),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(request.stream, httpx.AsyncByteStream):
+            raise TypeError("OneWriteTransport needs an async request body")
+        core = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _mapped(request):
+            response = await self._pool.handle_async_request(core)
+        if not isinstance(response.stream, Iterable) and not hasattr(response.stream, "__aiter__"):
+            raise TypeError("httpcore answered without a body stream")
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_Body(response, request),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body from httpcore, with its errors mapped as httpx's."""
+
+    def __init__(self, response: httpcore.Response, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped(self._request):
+            async for part in self._response.aiter_stream():
+                yield part
+
+    async def aclose(self) -> None:
+        with _mapped(self._request):
+            await self._response.aclose()
 
 
 class _OneWriteBackend(httpcore.AsyncNetworkBackend):

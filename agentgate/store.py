@@ -37,6 +37,7 @@ import attrs
 import trio
 from attrs import frozen
 
+from agentgate.approvals import State
 from agentgate.errors import ExecutionFailed
 
 T = TypeVar("T")
@@ -152,7 +153,7 @@ class PendingRow:
     message_ref: str | None
     created_at: float
     expires_at: float
-    state: str
+    state: str  # an agentgate.approvals.State
     outcome: str | None = None
     decided_by: str | None = None
 
@@ -414,7 +415,7 @@ class Store:
                     pending.message_ref,
                     pending.created_at,
                     pending.expires_at,
-                    "pending",
+                    State.PENDING,
                 ),
             )
 
@@ -433,7 +434,8 @@ class Store:
 
         def fn(c: sqlite3.Connection) -> list[PendingRow]:
             rows = c.execute(
-                "SELECT * FROM pending_requests WHERE state != 'done' ORDER BY created_at"
+                "SELECT * FROM pending_requests WHERE state != ? ORDER BY created_at",
+                (State.DONE,),
             ).fetchall()
             return [_pending_from_row(r) for r in rows]
 
@@ -448,9 +450,8 @@ class Store:
 
         def fn(c: sqlite3.Connection) -> bool:
             cur = c.execute(
-                "UPDATE pending_requests SET state='executing', decided_by=?"
-                " WHERE request_id=? AND state='pending'",
-                (decided_by, request_id),
+                "UPDATE pending_requests SET state=?, decided_by=? WHERE request_id=? AND state=?",
+                (State.EXECUTING, decided_by, request_id, State.PENDING),
             )
             return cur.rowcount == 1
 
@@ -476,10 +477,10 @@ class Store:
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
-                "UPDATE pending_requests SET state='done', outcome=?,"
+                "UPDATE pending_requests SET state=?, outcome=?,"
                 " decided_by=COALESCE(decided_by, ?), queued=?, delivered=?"
                 " WHERE request_id=?",
-                (outcome, decided_by, _json(entry), 1 if delivered else 0, request_id),
+                (State.DONE, outcome, decided_by, _json(entry), 1 if delivered else 0, request_id),
             )
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
@@ -492,17 +493,16 @@ class Store:
     async def mark_undelivered(self, request_id: str) -> None:
         await self._do(
             lambda c: c.execute(
-                "UPDATE pending_requests SET delivered=0 WHERE request_id=? AND state='done'",
-                (request_id,),
+                "UPDATE pending_requests SET delivered=0 WHERE request_id=? AND state=?",
+                (request_id, State.DONE),
             )
         )
 
     async def queued_count(self, agent: str) -> int:
         def fn(c: sqlite3.Connection) -> int:
             row = c.execute(
-                "SELECT COUNT(*) FROM pending_requests"
-                " WHERE agent=? AND state='done' AND delivered=0",
-                (agent,),
+                "SELECT COUNT(*) FROM pending_requests WHERE agent=? AND state=? AND delivered=0",
+                (agent, State.DONE),
             ).fetchone()
             return int(row[0])
 
@@ -514,8 +514,8 @@ class Store:
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = c.execute(
                 "SELECT request_id, queued FROM pending_requests"
-                " WHERE agent=? AND state='done' AND delivered=0 ORDER BY created_at",
-                (agent,),
+                " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
+                (agent, State.DONE),
             ).fetchall()
             c.executemany(
                 "UPDATE pending_requests SET delivered=1 WHERE request_id=?",
@@ -680,7 +680,7 @@ def _pending_from_row(r: sqlite3.Row) -> PendingRow:
         message_ref=r["message_ref"],
         created_at=r["created_at"],
         expires_at=r["expires_at"],
-        state=r["state"],
+        state=State(r["state"]),
         outcome=r["outcome"],
         decided_by=r["decided_by"],
     )

@@ -185,7 +185,7 @@ async def connect(
 
 async def wait_disconnected(gw: Harness, agent: str = "pi") -> None:
     """Until the gateway has noticed that ``agent`` has no connection left (polls its state)."""
-    while gw.gateway.connections.get(agent):  # noqa: ASYNC110 - no event to wait on
+    while gw.gateway.door.connections.get(agent):  # noqa: ASYNC110 - no event to wait on
         await trio.sleep(0.01)
 
 

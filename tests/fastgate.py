@@ -1,5 +1,7 @@
-"""Fast-tier plumbing: the real Gateway over memory streams, HA behind httpx.MockTransport.
+"""Fast-tier plumbing: the real gateway over memory streams, HA behind httpx.MockTransport.
 
+The gateway is built by :func:`agentgate.gateway.open_gateway`, the same wiring ``agentgate
+serve`` uses; only the listener is replaced by memory streams handed to the WebSocket door.
 No sockets and no threads (the store runs inline), so ``autojump_clock`` makes the 10 s auth
 deadline and the 900 s approval timeout take milliseconds.
 """
@@ -19,9 +21,7 @@ import trio.testing
 from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
 
 from agentgate.config import load_config
-from agentgate.gateway import Gateway, load_policies
-from agentgate.services.homeassistant import open_homeassistant
-from agentgate.store import open_store
+from agentgate.gateway import Gateway, open_gateway
 from agentgate.testing.guardian import ScriptedGuardian
 from agentgate.testing.harness import DEFAULT_TOKENS, write_gate_toml
 
@@ -76,7 +76,7 @@ class FastGateway:
 
         async def serve() -> None:
             request = await wrap_server_stream(self.nursery, server_stream)
-            await self.gateway.handle(request)
+            await self.gateway.door.handle(request)
 
         self.nursery.start_soon(serve)
         return await wrap_client_stream(self.nursery, client_stream, "gate.test", "/")
@@ -119,24 +119,17 @@ async def fast_gateway(
     )
     config = load_config(path, insecure=True)
     home = home or MockHome()
-    transport = httpx.MockTransport(home.handler)
-    assert config.services.homeassistant is not None
+    guardian = ScriptedGuardian()
     async with (
-        open_store(config.store.path, inline=True) as store,
-        open_homeassistant(config.services.homeassistant, transport=transport) as ha,
-    ):
-        guardian = ScriptedGuardian()
-        gateway = Gateway(
+        open_gateway(
             config,
-            store=store,
-            policies=load_policies(config),
-            executor=ha,
-            now=now,
             guardian=guardian,
-        )
-        guardian.control = gateway
-        await gateway.load_state()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(gateway.broker.run)
-            yield FastGateway(gateway, guardian, home, nursery)
-            nursery.cancel_scope.cancel()  # a crash, as far as the store can tell
+            ha_transport=httpx.MockTransport(home.handler),
+            now=now,
+            inline_store=True,
+        ) as gateway,
+        trio.open_nursery() as nursery,
+    ):
+        guardian.control = gateway.controls
+        yield FastGateway(gateway, guardian, home, nursery)
+        nursery.cancel_scope.cancel()  # a crash, as far as the store can tell

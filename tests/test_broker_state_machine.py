@@ -12,7 +12,6 @@ restart (a crash: no cleanup) and shutdown must keep the invariants:
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 from collections import Counter
@@ -34,6 +33,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from agentgate.approvals import Result
 from agentgate.broker import Broker
 from agentgate.errors import RateLimited
 from agentgate.guardian import Action, ApprovalCard, CardUpdate
@@ -91,15 +91,28 @@ class TrioHost:
 
 
 class FakeSession:
+    """A front door's reply handle; its frames as the WebSocket door would write them."""
+
     def __init__(self) -> None:
         self.agent = AGENT
         self.open = True
         self.frames: list[dict[str, Any]] = []
 
-    def try_send(self, text: str, request_id: str | None = None) -> bool:
+    def approval_pending(self, request_id: str, reply_to: Any, expires_at: float) -> None:
         if self.open:
-            self.frames.append(json.loads(text))
+            self.frames.append({"method": "approval_pending", "params": {"rpc_id": reply_to}})
+
+    def deliver(self, result: Result) -> bool:
+        if self.open:
+            if result.error is None:
+                self.frames.append({"id": result.reply_to, "result": {"data": result.data}})
+            else:
+                self.frames.append({"id": result.reply_to, "error": result.error.to_wire()})
         return self.open
+
+    def results_waiting(self, count: int) -> None:
+        if self.open:
+            self.frames.append({"method": "results_pending", "params": {"count": count}})
 
     async def drained(self) -> None:
         return None

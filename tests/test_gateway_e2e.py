@@ -54,7 +54,7 @@ async def wait_disconnected(gw: Harness, agent: str) -> None:
 
     The gateway exposes no event for a disconnect, so poll its connection table.
     """
-    while gw.gateway.connections.get(agent):  # noqa: ASYNC110 - no event to wait on
+    while gw.gateway.door.connections.get(agent):  # noqa: ASYNC110 - no event to wait on
         await trio.sleep(0.01)
 
 
@@ -301,7 +301,7 @@ async def test_allow_for_an_hour_remembers_the_signature(
             assert again["result"]["status"] == "executed"
             assert len(gw.scripted.cards) == 1
             assert posts(home, "/api/services/light/turn_on") == 2
-            grants = await gw.gateway.grants()
+            grants = await gw.gateway.controls.grants()
             assert [(g.agent, g.signature) for g in grants] == [("pi", LIGHT_SIGNATURE)]
 
             # The same service on another entity is another signature: it still asks.

@@ -12,8 +12,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
-from agentgate.gateway import Connection
-from agentgate.limits import TokenBucket
+from agentgate.connection import Connection
 from agentgate.protocol import Request
 from tests.fastgate import MockHome, authed, call, fast_gateway, reply
 
@@ -31,7 +30,7 @@ async def test_auth_deadline_closes_a_silent_socket(
             await ws.get_message()
         assert closed.value.reason.code == 1008
         assert trio.current_time() - start >= 10  # the default deadline, on the fake clock
-        assert fg.gateway.failed_auth.blocked("gate.test") is False
+        assert fg.gateway.door.failed_auth.blocked("gate.test") is False
 
 
 async def test_default_approval_timeout_is_900_seconds(
@@ -91,7 +90,7 @@ async def test_restart_resumes_a_pending_approval_with_its_deadline(
     # "kill -9": the first gateway is gone without cleanup; a new one opens the same store.
     await trio.sleep(100)
     async with fast_gateway(tmp_path, home=home) as fg:
-        assert [c.card.request_id for c in await fg.gateway.pending()] == [request_id]
+        assert [c.card.request_id for c in await fg.gateway.controls.pending()] == [request_id]
         assert await fg.guardian.press(request_id, "allow") == "approved"
         ws = await authed(fg)
         results = (await call(ws, 2, "get_pending_results"))["result"]["results"]
@@ -160,11 +159,11 @@ async def test_queued_results_whose_reply_is_lost_are_queued_again(
         await fg.guardian.wait_for_update(shown.card.request_id)
         # get_pending_results on a connection that is gone before its reply could be written
         send, receive = trio.open_memory_channel[tuple[str, tuple[str, ...]]](1)
-        gone = Connection("pi", "gate.test", send, bucket=TokenBucket(60))
+        gone = Connection("pi", "gate.test", send)
         gone.close()
         gone.in_flight = 1
-        fg.gateway._in_flight += 1
-        await fg.gateway._request(gone, Request(5, "get_pending_results", {}))
+        fg.gateway.door._in_flight += 1
+        await fg.gateway.door._request(gone, Request(5, "get_pending_results", {}))
         receive.close()
         ws = await authed(fg)
         results = (await call(ws, 6, "get_pending_results"))["result"]["results"]
@@ -214,7 +213,7 @@ async def test_the_agent_has_its_result_before_the_card_is_edited(
         update_card = fg.guardian.update_card
 
         async def spy(*args: Any) -> None:
-            written_at_edit.extend(c.written >= c.queued for c in fg.gateway.connections["pi"])
+            written_at_edit.extend(c.written >= c.queued for c in fg.gateway.door.connections["pi"])
             await update_card(*args)
 
         fg.guardian.update_card = spy  # type: ignore[method-assign]
@@ -241,7 +240,7 @@ async def test_an_agent_that_does_not_read_is_closed_1008(
     async with fast_gateway(tmp_path, home=home, limits=limits) as fg:
         greedy = await authed(fg, lockstep=True)
         await trio.testing.wait_all_tasks_blocked()  # registered just after its auth reply
-        (conn,) = fg.gateway.connections["pi"]
+        (conn,) = fg.gateway.door.connections["pi"]
         read = '{"tool":"ha_get_state","args":{"entity_id":"sensor.big"}}'
         sent = 0
         with contextlib.suppress(ConnectionClosed):
@@ -260,7 +259,7 @@ async def test_an_agent_that_does_not_read_is_closed_1008(
         assert answer["result"]["status"] == "executed"
         with trio.fail_after(5):  # the close's own bound is 2 s
             await drain_until_closed(greedy)
-        assert "pi" not in fg.gateway.connections
+        assert "pi" not in fg.gateway.door.connections
 
 
 async def drain_until_closed(ws: Any) -> None:
@@ -322,5 +321,5 @@ async def test_no_grant_for_an_indirect_service(
         answer = await fg.guardian.press(shown.card.request_id, "grant")
         assert answer.startswith("not decided: Allow 1 h is not offered")
         assert fg.gateway.broker.waiting("pi") == 1  # still the guardian's to decide
-        assert await fg.gateway.grants() == []
+        assert await fg.gateway.controls.grants() == []
         assert await fg.guardian.press(shown.card.request_id, "deny") == "denied"

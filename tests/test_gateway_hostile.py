@@ -358,7 +358,7 @@ async def test_reused_rpc_id_after_reconnect_stays_distinct(
             async with raw_agent(gw) as first:
                 await first.send(_tool(1, "ha_call_service", LIGHT_ON))
                 old = (await gw.scripted.wait_for_card(1)).card
-            while gw.gateway.connections.get("pi"):  # noqa: ASYNC110 - no disconnect event
+            while gw.gateway.door.connections.get("pi"):  # noqa: ASYNC110 - no disconnect event
                 await trio.sleep(0.01)
             async with raw_agent(gw) as second:
                 kitchen = {**LIGHT_ON, "entity_id": "light.kitchen"}
@@ -486,7 +486,7 @@ async def test_failed_auth_limit_blocks_even_a_valid_token(
                 await expect_close(fourth, 1008)
             # Already authenticated connections are not affected.
             await assert_served(laptop)
-            assert "pi" not in gw.gateway.connections
+            assert "pi" not in gw.gateway.door.connections
 
 
 # -- transport-level garbage -----------------------------------------------------------------

@@ -108,7 +108,8 @@ async def failure_from(handler: Handler, settings: Settings | None = None) -> Ex
 
 
 def test_tools() -> None:
-    assert HomeAssistant.tools == TOOLS
+    assert set(HomeAssistant.tools) == TOOLS
+    assert all(spec.name == name for name, spec in HomeAssistant.tools.items())
     assert {"ha_get_state", "ha_call_service", "ha_get_history"} <= TOOLS
 
 
@@ -268,15 +269,17 @@ async def test_identifiers_are_one_path_segment(ha: HomeAssistant, fake: FakeHA)
 
 
 async def test_describe(ha: HomeAssistant, fake: FakeHA) -> None:
-    assert await ha.describe("lock.front_door") == "lock.front_door “Front door” — now: locked"
-    assert await ha.describe("light.bedroom") == "light.bedroom — now: off"
+    assert (
+        await ha.describe_entity("lock.front_door") == "lock.front_door “Front door” — now: locked"
+    )
+    assert await ha.describe_entity("light.bedroom") == "light.bedroom — now: off"
     fake.routes["GET", "/api/states/sensor.t"] = httpx.Response(
         200,
         json={"state": "21.5", "attributes": {"friendly_name": "T", "unit_of_measurement": "°C"}},
     )
-    assert await ha.describe("sensor.t") == "sensor.t “T” — now: 21.5 °C"
+    assert await ha.describe_entity("sensor.t") == "sensor.t “T” — now: 21.5 °C"
     with pytest.raises(ExecutionFailed, match=r"entity not found: lock\.back_door"):
-        await ha.describe("lock.back_door")
+        await ha.describe_entity("lock.back_door")
 
 
 async def test_describe_puts_the_entity_first_and_bounds_what_home_assistant_says(
@@ -290,7 +293,7 @@ async def test_describe_puts_the_entity_first_and_bounds_what_home_assistant_say
             "attributes": {"friendly_name": "Hallway Light (light.hallway) — now: off" * 10},
         },
     )
-    line = await ha.describe("lock.front_door")
+    line = await ha.describe_entity("lock.front_door")
     assert line.startswith("lock.front_door “Hallway Light (light.hallway) — now: off")
     name, _, state = line.partition("” — now: ")
     assert len(name) == len("lock.front_door “") + 64
@@ -476,7 +479,7 @@ async def test_an_entity_read_moments_ago_is_not_checked_again(
     changed = [{"entity_id": "light.bedroom", "state": "on"}]
     fake.routes["POST", "/api/services/light/turn_on"] = httpx.Response(200, json=changed)
     args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
-    await ha.describe("light.bedroom")  # what an approval card does
+    await ha.describe_entity("light.bedroom")  # what an approval card does
     assert await ha.execute("ha_call_service", args) == changed
     assert fake.seen() == [
         ("GET", "/api/states/light.bedroom"),
@@ -493,7 +496,7 @@ async def test_an_entity_read_moments_ago_is_not_checked_again(
 async def test_an_entity_gone_since_it_was_read_is_still_not_found(
     ha: HomeAssistant, fake: FakeHA
 ) -> None:
-    await ha.describe("light.bedroom")
+    await ha.describe_entity("light.bedroom")
     del fake.routes["GET", "/api/states/light.bedroom"]  # removed from Home Assistant
     fake.routes["POST", "/api/services/light/turn_on"] = httpx.Response(200, json=[])
     args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}

@@ -1,8 +1,8 @@
 """The WSS listener drops a connection whose peer left before its upgrade, at once.
 
 Real sockets on 127.0.0.1. ``connect_timeout`` is 60 s in these tests, far beyond their
-ceilings: before agentgate.listener, trio-websocket held each such connection (socket, TLS
-state) for the whole timeout, which let anyone pin file descriptors by connecting and leaving.
+ceilings: trio-websocket's own server holds each such connection (socket, TLS state) for the
+whole timeout, which would let anyone pin file descriptors by connecting and leaving.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from trio_websocket import WebSocketRequest, WebSocketServer, open_websocket_url
+from trio_websocket import WebSocketRequest, open_websocket_url
 
-from agentgate.listener import serve_websockets
+from agentgate.listener import Listening, serve_websockets
 
 CEILING = 10
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
@@ -28,7 +28,8 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def _echo(request: WebSocketRequest) -> None:
+async def _echo(request: WebSocketRequest, peer: str) -> None:
+    assert peer == "127.0.0.1"
     ws = await request.accept()
     message = await ws.get_message()
     await ws.send_message(f"echo {message}")
@@ -36,9 +37,9 @@ async def _echo(request: WebSocketRequest) -> None:
 
 
 @asynccontextmanager
-async def _server(tls: ssl.SSLContext | None) -> AsyncIterator[WebSocketServer]:
+async def _server(tls: ssl.SSLContext | None) -> AsyncIterator[Listening]:
     async with trio.open_nursery() as nursery:
-        server: WebSocketServer = await nursery.start(
+        server: Listening = await nursery.start(
             lambda task_status: serve_websockets(
                 _echo,
                 "127.0.0.1",
@@ -46,7 +47,6 @@ async def _server(tls: ssl.SSLContext | None) -> AsyncIterator[WebSocketServer]:
                 tls,
                 max_message_size=1 << 16,
                 connect_timeout=60,
-                disconnect_timeout=2,
                 task_status=task_status,
             )
         )

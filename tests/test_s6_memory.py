@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -18,7 +19,8 @@ class GatedHome:
         self.reads: dict[str, int] = {}
         self.release = trio.Event()
 
-    async def describe(self, entity_id: str) -> str:
+    async def describe(self, tool: str, args: dict[str, Any]) -> str:
+        entity_id = args["entity_id"]
         self.calls += 1
         # Per entity: Trio runs ready tasks in no fixed order, so a global count would not say
         # which entity was read first.
@@ -32,11 +34,13 @@ async def test_asks_for_one_entity_share_one_state_read(
 ) -> None:
     async with fast_gateway(tmp_path) as fg:
         home = GatedHome()
-        fg.gateway.executor = home
+        fg.gateway.pipeline.executor = home  # type: ignore[assignment]
         texts: list[str | None] = []
 
         async def describe(entity_id: str) -> None:
-            texts.append(await fg.gateway._describe("ha_call_service", {"entity_id": entity_id}))
+            texts.append(
+                await fg.gateway.pipeline.describe("ha_call_service", {"entity_id": entity_id})
+            )
 
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
@@ -50,7 +54,7 @@ async def test_asks_for_one_entity_share_one_state_read(
             "light.bedroom — now: off (read 1)",
         ] * 5 + ["light.kitchen — now: off (read 1)"]
         # nothing in flight any more: the next ask reads the state afresh
-        assert await fg.gateway._describe("x", {"entity_id": "light.bedroom"}) is not None
+        assert await fg.gateway.pipeline.describe("x", {"entity_id": "light.bedroom"}) is not None
         assert home.calls == 3
 
 
@@ -59,16 +63,16 @@ async def test_a_joined_read_whose_reader_is_cancelled_is_read_again(
 ) -> None:
     async with fast_gateway(tmp_path) as fg:
         home = GatedHome()
-        fg.gateway.executor = home
+        fg.gateway.pipeline.executor = home  # type: ignore[assignment]
         texts: list[str | None] = []
         leader = trio.CancelScope()
 
         async def lead() -> None:
             with leader:
-                await fg.gateway._describe("x", {"entity_id": "light.bedroom"})
+                await fg.gateway.pipeline.describe("x", {"entity_id": "light.bedroom"})
 
         async def join() -> None:
-            texts.append(await fg.gateway._describe("x", {"entity_id": "light.bedroom"}))
+            texts.append(await fg.gateway.pipeline.describe("x", {"entity_id": "light.bedroom"}))
 
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:

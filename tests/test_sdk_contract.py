@@ -98,7 +98,7 @@ class RealGateway:
                 stopped.set()
 
         running: RunningGateway = await self.nursery.start(run)
-        self.guardian.control = running.gateway
+        self.guardian.control = running.gateway.controls
         self._running, self._stopped = running, stopped
         self.starts += 1
         if not self.url:
@@ -308,7 +308,7 @@ async def test_result_queued_while_away_survives_a_clean_restart(gate: RealGatew
                     nursery.cancel_scope.cancel()
             assert not scope.cancelled_caught
         # the agent is gone: the decision is queued for it
-        while gate.running.gateway.connections.get("pi"):  # noqa: ASYNC110 - polled state
+        while gate.running.gateway.door.connections.get("pi"):  # noqa: ASYNC110 - polled state
             await trio.sleep(0.01)
         await gate.press(params["request_id"], "allow")
         await gate.guardian.wait_for_update(params["request_id"])

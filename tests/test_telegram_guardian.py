@@ -24,6 +24,7 @@ from agentgate.guardian import (
     Grant,
     GuardianUnavailable,
     PendingCard,
+    PressAnswer,
     Status,
 )
 from agentgate.guardian.card import (
@@ -105,13 +106,16 @@ class FakeControl:
             await self._changed.wait()
         return matching
 
-    async def decide(self, request_id: str, action: Action, by: str, *, message_ref: str) -> str:
+    async def decide(
+        self, request_id: str, action: Action, by: str, *, message_ref: str
+    ) -> PressAnswer:
         self._record("decide", request_id, action, by, message_ref)
         if self.block_decide:
             await trio.sleep_forever()
         if request_id != REQUEST_ID:
-            return "expired or already resolved"
-        return {"allow": "approved", "deny": "denied", "grant": "allowed for 1 h"}[action]
+            return PressAnswer("expired or already resolved")
+        text = {"allow": "approved", "deny": "denied", "grant": "allowed for 1 h"}[action]
+        return PressAnswer(text, decided=True)
 
     async def refused(self, user: str, what: str) -> None:
         self._record("refused", user, what)

@@ -86,6 +86,17 @@ class GatewayStatus:
 
 
 @frozen
+class PressAnswer:
+    """How a guardian's press is answered, and whether it decided the approval.
+
+    A press that decided is answered once its card shows the outcome; any other at once.
+    """
+
+    text: str
+    decided: bool = False
+
+
+@frozen
 class PendingCard:
     card: ApprovalCard
     message_ref: str | None
@@ -109,15 +120,17 @@ class Guardian(Protocol):
 class GuardianControl(Protocol):
     """What a guardian can ask of the gateway (implemented by the gateway)."""
 
-    async def decide(self, request_id: str, action: Action, by: str, *, message_ref: str) -> str:
-        """Apply a guardian's decision; return the short text to answer the press with.
+    async def decide(
+        self, request_id: str, action: Action, by: str, *, message_ref: str
+    ) -> PressAnswer:
+        """Apply a guardian's decision; return how to answer the press.
 
         ``message_ref`` is the card the button was pressed on: a press decides only the
         approval whose card it is (the one :meth:`Guardian.send_card` returned, or a copy
         registered with :meth:`card_copied`); any other press decides nothing and is audited.
-        Returns e.g. "approved", "denied", "allowed for 1 h", or a text starting with "expired"
-        when the approval is unknown, expired, already resolved ("expired: already approved")
-        or not on that card.
+        The text is e.g. "approved", "denied", "allowed for 1 h" (``decided``), or starts with
+        "expired" when the approval is unknown, expired, already resolved ("expired: already
+        approved") or not on that card.
         """
         ...
 

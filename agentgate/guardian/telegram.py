@@ -594,16 +594,16 @@ class TelegramGuardian:
 
         Telegram shows a progress bar on the button until the press is answered; answering when
         the card changes keeps the two together, and keeps the answer's Bot API call off the
-        path from the press to the agent's result (docs/performance.md, S5).
+        path from the press to the agent's result.
         """
         shown = trio.Event()
         self._outcomes.setdefault(ident, []).append(shown)
         try:
-            text = await self._control.decide(ident, action, by=who, message_ref=message_ref)
-            if "expired" not in text and "already" not in text:  # GuardianControl.decide's contract
+            answer = await self._control.decide(ident, action, by=who, message_ref=message_ref)
+            if answer.decided:
                 with trio.move_on_after(self._limits.answer_wait):
                     await shown.wait()
-            return text
+            return answer.text
         finally:
             waiting = self._outcomes.get(ident)
             if waiting is not None and shown in waiting:

@@ -1,0 +1,42 @@
+"""The services the gateway executes against, behind one :class:`Executor` protocol.
+
+The pipeline (``agentgate.pipeline``) depends on this protocol only; Home Assistant
+(:mod:`agentgate.services.homeassistant`) is the one implementation today. An executor holds
+the credential of its service: nothing else in the gateway ever sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from agentgate.tools import ToolSpec
+
+__all__ = ["Executor"]
+
+
+class Executor(Protocol):
+    """A service the gateway can act on.
+
+    Errors: :class:`~agentgate.errors.ExecutionFailed` (-32004) for anything the service did or
+    could not do, :class:`~agentgate.errors.InvalidParams` for a tool it does not offer.
+    """
+
+    @property
+    def tools(self) -> Mapping[str, ToolSpec]:
+        """The tools this executor offers, by name, with their JSON Schemas."""
+        ...
+
+    async def execute(self, tool: str, args: dict[str, Any]) -> Any:
+        """Run ``tool`` with already validated ``args``; the service's answer is the result."""
+        ...
+
+    async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
+        """The card's line about what the call targets (``lock.front_door “Front Door” — now:
+        locked``), or None when it names nothing to describe. Never raises: a service that
+        cannot say gives a line saying so."""
+        ...
+
+    async def check_health(self) -> str | None:
+        """None if the service answers as it should, else a warning for the log."""
+        ...

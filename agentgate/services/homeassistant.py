@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
@@ -51,7 +51,9 @@ import httpx
 import trio
 
 from agentgate.config import client_ssl_context
-from agentgate.errors import ExecutionFailed, InvalidParams
+from agentgate.errors import AgentgateError, ExecutionFailed, InvalidParams
+from agentgate.tools import TOOLS as TOOL_SPECS
+from agentgate.tools import ToolSpec
 
 __all__ = ["TOOLS", "HomeAssistant", "HomeAssistantSettings", "open_homeassistant"]
 
@@ -184,9 +186,10 @@ def _segment(value: str) -> str:
 
 
 class HomeAssistant:
-    """Executes agentgate's Home Assistant tools; build it with :func:`open_homeassistant`."""
+    """The Home Assistant :class:`~agentgate.services.Executor`: agentgate's tools as calls to
+    its REST API. Build it with :func:`open_homeassistant`."""
 
-    tools: frozenset[str] = TOOLS
+    tools: Mapping[str, ToolSpec] = {name: TOOL_SPECS[name] for name in sorted(TOOLS)}
 
     def __init__(
         self,
@@ -241,7 +244,21 @@ class HomeAssistant:
         with self._boundary():
             return await handler(args)
 
-    async def describe(self, entity_id: str) -> str:
+    async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
+        """The card's target line for a call naming ``entity_id`` (None otherwise); never
+        raises: when Home Assistant cannot say, the line says so."""
+        entity_id = args.get("entity_id")
+        if not isinstance(entity_id, str):
+            return None
+        try:
+            return await self.describe_entity(entity_id)
+        except AgentgateError as exc:
+            return f"{entity_id} — current state unavailable: {exc.message}"
+        except Exception as exc:
+            log.exception("describing %s failed", entity_id)
+            return f"{entity_id} — current state unavailable: {type(exc).__name__}"
+
+    async def describe_entity(self, entity_id: str) -> str:
         """A line for approval cards: ``lock.front_door “Front Door” — now: locked``.
 
         The entity id comes first; the friendly name (set by integrations and device names,

@@ -82,6 +82,7 @@ class ScriptedGuardian:
         if ref is None:
             earlier = [p for p in await self.control.pending() if p.card.request_id == request_id]
             ref = earlier[0].message_ref if earlier and earlier[0].message_ref else "no card"
-        return await self.control.decide(
+        answer = await self.control.decide(
             request_id, Action(action), user or self.user, message_ref=ref
         )
+        return answer.text

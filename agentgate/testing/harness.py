@@ -201,7 +201,7 @@ async def running_gateway(
             )
         )
         if isinstance(guardian, ScriptedGuardian):
-            guardian.control = running.gateway
+            guardian.control = running.gateway.controls
         try:
             yield Harness(
                 url=running.url,

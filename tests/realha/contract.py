@@ -537,7 +537,7 @@ async def test_get_history_of_an_unknown_entity_is_not_found(
 async def test_describe(ha: HomeAssistant, ha_home: Home) -> None:
     await service(ha, "lock.lock", entity_id=ha_home.lock)
     with trio.fail_after(CEILING):
-        description = await ha.describe(ha_home.lock)
+        description = await ha.describe_entity(ha_home.lock)
     assert description == f"{ha_home.lock} “Front Door” — now: locked"
 
 

@@ -1,0 +1,231 @@
+"""An approval's states, and what each way of ending it means everywhere: one table.
+
+Stored states (``pending_requests.state``) and their only transitions::
+
+    PENDING ──(a decision to execute: Allow, Allow 1 h)──▶ EXECUTING ──▶ DONE
+       └────(deny, freeze, timeout, shutdown, undeliverable card)──────▶ DONE
+
+``PENDING → EXECUTING`` happens at most once per approval (the store's exactly-once gate); an
+approval found ``EXECUTING`` after a restart was interrupted mid-call and is never run again.
+
+What ended the wait is a :class:`Decision`. :data:`MEANINGS` says, for each, what the audit log
+records (:class:`Outcome`), what the card shows (:class:`~agentgate.guardian.Status`), which
+error the agent gets and how a guardian's press is answered — the broker, the store, the card
+and the wire all read this table, nothing compares message texts.
+
+    ============== ============ ============== ===================== ============================
+    decision       outcome      card           error to the agent     press answer
+    ============== ============ ============== ===================== ============================
+    ALLOW          executed or failed, as the call went               "approved"
+    GRANT          executed or failed, as the call went               "allowed for 1 h"
+    DENY           denied       denied         DeniedByGuardian      "denied"
+    FROZEN         denied       frozen         DeniedByPolicy        "denied (frozen)"
+    TIMEOUT        timed_out    timed_out      ApprovalTimedOut      "timed out"
+    SHUTDOWN       shutdown     shutdown       GatewayShuttingDown   "cancelled (gateway ...)"
+    UNDELIVERABLE  failed       failed         ExecutionFailed       "failed (guardian ...)"
+    ============== ============ ============== ===================== ============================
+
+A press on an approval that already ended is answered ``"expired: already <answer>"``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+from attrs import frozen
+
+from agentgate.errors import (
+    AgentgateError,
+    ApprovalTimedOut,
+    DeniedByGuardian,
+    DeniedByPolicy,
+    ExecutionFailed,
+    GatewayShuttingDown,
+)
+from agentgate.guardian import Action, Status
+from agentgate.protocol import JsonId
+
+__all__ = [
+    "EXECUTION_CARDS",
+    "MEANINGS",
+    "TRANSITIONS",
+    "Decision",
+    "Meaning",
+    "Outcome",
+    "ReplyHandle",
+    "Result",
+    "State",
+    "decision_for",
+]
+
+
+class State(enum.StrEnum):
+    """An approval's state in the store."""
+
+    PENDING = "pending"
+    EXECUTING = "executing"
+    DONE = "done"
+
+
+TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
+    State.PENDING: frozenset({State.EXECUTING, State.DONE}),
+    State.EXECUTING: frozenset({State.DONE}),
+    State.DONE: frozenset(),
+}
+
+
+class Outcome(enum.StrEnum):
+    """How a request ended: the audit log's resolution, a queued result's ``status``."""
+
+    EXECUTED = "executed"
+    DENIED = "denied"
+    TIMED_OUT = "timed_out"
+    FAILED = "failed"
+    SHUTDOWN = "shutdown"
+
+
+class Decision(enum.Enum):
+    """What ended an approval's wait; the first one wins."""
+
+    ALLOW = "allow"
+    GRANT = "grant"
+    DENY = "deny"
+    FROZEN = "frozen"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+    UNDELIVERABLE = "undeliverable"
+
+
+@frozen
+class Meaning:
+    """One row of the table (see the module docstring).
+
+    ``outcome``, ``card`` and ``error`` are None for the decisions that execute: the call's own
+    outcome decides them (:data:`EXECUTION_CARDS`). ``message`` is the agent's error message,
+    with ``{by}`` (who decided) and ``{detail}`` filled in.
+    """
+
+    outcome: Outcome | None
+    card: Status | None
+    error: type[AgentgateError] | None
+    message: str
+    answer: str
+
+    @property
+    def executes(self) -> bool:
+        return self.outcome is None
+
+    def error_for(self, *, by: str | None, detail: str, data: dict[str, Any]) -> AgentgateError:
+        """The agent's error for this decision (only for decisions that do not execute)."""
+        assert self.error is not None, "a decision that executes has no error of its own"
+        return self.error(self.message.format(by=by, detail=detail), data=data)
+
+
+MEANINGS: Final[Mapping[Decision, Meaning]] = {
+    Decision.ALLOW: Meaning(None, None, None, "", "approved"),
+    Decision.GRANT: Meaning(None, None, None, "", "allowed for 1 h"),
+    Decision.DENY: Meaning(
+        Outcome.DENIED, Status.DENIED, DeniedByGuardian, "denied by the guardian ({by})", "denied"
+    ),
+    Decision.FROZEN: Meaning(
+        Outcome.DENIED, Status.FROZEN, DeniedByPolicy, "frozen by guardian", "denied (frozen)"
+    ),
+    Decision.TIMEOUT: Meaning(
+        Outcome.TIMED_OUT,
+        Status.TIMED_OUT,
+        ApprovalTimedOut,
+        "approval timed out: {detail}",
+        "timed out",
+    ),
+    Decision.SHUTDOWN: Meaning(
+        Outcome.SHUTDOWN,
+        Status.SHUTDOWN,
+        GatewayShuttingDown,
+        "gateway shutting down: the approval was cancelled",
+        "cancelled (gateway shutting down)",
+    ),
+    Decision.UNDELIVERABLE: Meaning(
+        Outcome.FAILED,
+        Status.FAILED,
+        ExecutionFailed,
+        "guardian unreachable: {detail}",
+        "failed (guardian unreachable)",
+    ),
+}
+
+EXECUTION_CARDS: Final[Mapping[Outcome, Status]] = {
+    Outcome.EXECUTED: Status.EXECUTED,
+    Outcome.FAILED: Status.FAILED,
+}
+"""The card of a decision that executed, by how the call went."""
+
+_BY_ACTION: Final[Mapping[Action, Decision]] = {
+    Action.ALLOW: Decision.ALLOW,
+    Action.DENY: Decision.DENY,
+    Action.GRANT: Decision.GRANT,
+}
+
+
+def decision_for(action: Action) -> Decision:
+    """The decision a guardian's button stands for."""
+    return _BY_ACTION[action]
+
+
+@frozen
+class Result:
+    """How one request ended, for the front door that asked (or the agent's queue).
+
+    ``reply_to`` is the front door's own handle on the request (the JSON-RPC id it echoes).
+    """
+
+    request_id: str
+    reply_to: JsonId
+    tool: str
+    signature: str
+    outcome: Outcome
+    data: Any = None
+    error: AgentgateError | None = None
+
+    def queued(self) -> dict[str, Any]:
+        """The queued-result entry of ``get_pending_results`` (DESIGN §13)."""
+        entry: dict[str, Any] = {
+            "request_id": self.request_id,
+            "rpc_id": self.reply_to,
+            "tool": self.tool,
+            "signature": self.signature,
+            "status": self.outcome.value,
+        }
+        if self.error is None:
+            entry["data"] = self.data
+        else:
+            entry["error"] = {"code": self.error.code, "message": self.error.message}
+        return entry
+
+
+class ReplyHandle(Protocol):
+    """How a front door hears about a request after it was asked (its "reply handle").
+
+    The WebSocket door turns these into frames on the connection that asked; a door that is
+    gone answers ``deliver`` with False and the result waits in the agent's queue.
+    """
+
+    @property
+    def agent(self) -> str: ...
+
+    def approval_pending(self, request_id: str, reply_to: JsonId, expires_at: float) -> None:
+        """The request waits for a guardian (until ``expires_at``, unix time)."""
+        ...
+
+    def deliver(self, result: Result) -> bool:
+        """Hand over a late result; False if it cannot be (it is then queued for the agent)."""
+        ...
+
+    def results_waiting(self, count: int) -> None:
+        """``count`` results are queued for this agent (``get_pending_results``)."""
+        ...
+
+    async def drained(self) -> None:
+        """Return once what was handed over so far has gone out (or can never go)."""
+        ...

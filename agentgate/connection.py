@@ -1,0 +1,511 @@
+"""The WebSocket front door: one JSON-RPC connection per agent socket, and nothing that decides.
+
+Per connection (DESIGN §3)::
+
+    handle(request)                      one per accepted WebSocket (agentgate.listener)
+    ├── auth under a deadline             the first frame must be "auth" (failed-auth limiter)
+    ├── reader                            parse, admit (methods, in-flight cap, rate), spawn
+    ├── writer                            the only task that writes to the socket
+    ├── overflow watch                    closes 1008 an agent that stops reading its replies
+    └── one task per request              list_tools / get_pending_results / tool_request
+                                          -> agentgate.pipeline (which decides)
+
+A :class:`Connection` is also the request's reply handle
+(:class:`~agentgate.approvals.ReplyHandle`): an approval's "pending" notice and its late result
+become frames on the connection that asked. Nothing a connection does can crash the server:
+every handler catches what is not cancellation, logs it and answers -32603, and the connection
+stays up (DESIGN §13).
+
+Imports: pipeline (and its outcome types), approvals, protocol, limits, config, errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from agentgate import tools
+from agentgate.approvals import Result
+from agentgate.config import AgentConfig, Config
+from agentgate.errors import (
+    AgentgateError,
+    AuthenticationFailed,
+    GatewayShuttingDown,
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    RateLimited,
+)
+from agentgate.limits import AuthAttempt, FailedAuthTracker
+from agentgate.pipeline import Asked, Pipeline
+from agentgate.protocol import (
+    JsonId,
+    Notification,
+    Request,
+    encode_error,
+    encode_notification,
+    encode_result,
+    error_id,
+    parse_request,
+)
+
+__all__ = ["CLOSE_GOING_AWAY", "CLOSE_POLICY", "Connection", "WebSocketDoor", "frame_size"]
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT: Final = 512  # concurrent requests per connection
+OUTBOX: Final = 1024  # frames buffered for one connection's writer
+CLOSE_POLICY: Final = 1008
+CLOSE_GOING_AWAY: Final = 1001
+_METHODS: Final = frozenset({"tool_request", "list_tools", "get_pending_results"})
+
+Frame = tuple[str, tuple[str, ...]]  # text, and the request ids of the results it carries
+
+
+def frame_size(text: str) -> int:
+    """The memory one queued frame holds (a str's size, O(1))."""
+    return sys.getsizeof(text)
+
+
+@attrs.define(eq=False)
+class Connection:
+    """One authenticated agent connection, and its requests' reply handle.
+
+    Its outbox is bounded in frames (the channel) and in bytes (``max_outbox_bytes``): an agent
+    that stops reading while replies pile up is closed (1008) rather than growing the gateway.
+    ``closing`` is set when it stops taking frames, ``gone`` once its socket is done with.
+    """
+
+    agent: str
+    remote: str
+    # Frames for the writer, each with the request ids of the results it hands out, so a frame
+    # that never reaches the socket puts those results back in the agent's queue.
+    _send: trio.MemorySendChannel[Frame]
+    closed: bool = False
+    in_flight: int = 0
+    max_outbox_bytes: int = 16 * 1024 * 1024
+    # Frames queued and frames the writer is done with (sent or given up), for drained().
+    queued: int = 0
+    written: int = 0
+    outbox_bytes: int = 0  # memory held by frames queued and not yet written
+    overflowed: bool = False  # closed because the agent did not read its replies
+    closing: trio.Event = attrs.field(factory=trio.Event)  # set by close()
+    gone: trio.Event = attrs.field(factory=trio.Event)  # set when the connection has ended
+    # drained() waiters as (frames that must be written, event), in the order they came: their
+    # targets never decrease, so each frame written wakes exactly the waiters it satisfies.
+    _waiters: deque[tuple[int, trio.Event]] = attrs.field(factory=deque)
+
+    # -- the reply handle ---------------------------------------------------------------------
+
+    def approval_pending(self, request_id: str, reply_to: JsonId, expires_at: float) -> None:
+        params = {"rpc_id": reply_to, "request_id": request_id, "expires_at": expires_at}
+        self.try_send(encode_notification("approval_pending", params))
+
+    def deliver(self, result: Result) -> bool:
+        if result.error is None:
+            body = {"status": "executed", "request_id": result.request_id, "data": result.data}
+            text = encode_result(result.reply_to, body)
+        else:
+            text = encode_error(result.reply_to, result.error)
+        return self.try_send(text, result.request_id)
+
+    def results_waiting(self, count: int) -> None:
+        self.try_send(encode_notification("results_pending", {"count": count}))
+
+    # -- the outbox ---------------------------------------------------------------------------
+
+    def try_send(self, text: str, request_id: str | None = None) -> bool:
+        """Queue a frame without waiting; False if the connection is closed or full."""
+        size = self._room_for(text)
+        if size is None:
+            return False
+        try:
+            self._send.send_nowait((text, (request_id,) if request_id else ()))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        self.queued += 1
+        self.outbox_bytes += size
+        return True
+
+    async def send(self, text: str, request_ids: tuple[str, ...] = ()) -> bool:
+        """Queue a reply, waiting if the agent reads slowly; False if the connection is gone."""
+        size = self._room_for(text)
+        if size is None:
+            return False
+        self.outbox_bytes += size  # counted while it waits for a place in the channel
+        try:
+            await self._send.send((text, request_ids))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.outbox_bytes -= size
+            return False
+        self.queued += 1
+        return True
+
+    def _room_for(self, text: str) -> int | None:
+        """The frame's size if it may be queued; None if closed, or closing it for overflow."""
+        if self.closed:
+            return None
+        size = frame_size(text)
+        if self.outbox_bytes and self.outbox_bytes + size > self.max_outbox_bytes:
+            log.warning(
+                "agent %s (%s) is not reading: over %d bytes of replies wait for it;"
+                " closing the connection (1008)",
+                self.agent,
+                self.remote,
+                self.max_outbox_bytes,
+            )
+            self.overflowed = True
+            self.close()
+            return None
+        return size
+
+    async def drained(self) -> None:
+        """Return once the writer is done with every frame queued so far, or has stopped."""
+        if self.written >= self.queued or self.closed:
+            return
+        event = trio.Event()
+        self._waiters.append((self.queued, event))
+        await event.wait()
+
+    def wrote(self, size: int = 0) -> None:
+        """The writer is done with one more frame (of ``size`` bytes, :func:`frame_size`)."""
+        self.written += 1
+        self.outbox_bytes -= size
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._send.close()
+        self.closing.set()
+        self._wake()  # nothing more will be written: every drained() returns
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and (self.closed or waiters[0][0] <= self.written):
+            waiters.popleft()[1].set()
+
+
+class WebSocketDoor:
+    """The JSON-RPC-over-WebSocket front door (``docs/protocol.md``) onto one pipeline."""
+
+    def __init__(self, config: Config, pipeline: Pipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.connections: dict[str, set[Connection]] = {}
+        self.failed_auth = FailedAuthTracker(config.limits.failed_auth_per_minute)
+        self._in_flight = 0  # requests running on every connection
+        self._idle: trio.Event | None = None  # set when nothing is in flight (idle())
+        self._none_left: trio.Event | None = None  # set when no connection is left
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def idle(self) -> None:
+        """Return once no request is in flight on any connection."""
+        if self._in_flight:
+            if self._idle is None:
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+    async def close_all(self) -> None:
+        """Close every connection (each writer says 1001 while shutting down) and wait."""
+        for conns in list(self.connections.values()):
+            for conn in list(conns):
+                conn.close()
+        if self.connections:
+            if self._none_left is None:
+                self._none_left = trio.Event()
+            await self._none_left.wait()
+
+    # -- one connection -----------------------------------------------------------------------
+
+    async def handle(self, request: WebSocketRequest, remote: str | None = None) -> None:
+        """The listener's handler for one WebSocket from ``remote`` (the peer's address; by
+        default what trio-websocket says). Never raises (but Cancelled)."""
+        remote = remote if remote is not None else _address(request.remote)
+        try:
+            ws = await request.accept()
+        except Exception:
+            log.debug("handshake with %s failed", remote, exc_info=True)
+            return
+        try:
+            await self._connection(ws, remote)
+        except Exception:
+            log.exception("connection from %s failed unexpectedly", remote)
+        finally:
+            with trio.move_on_after(2):
+                await ws.aclose()
+
+    async def _connection(self, ws: WebSocketConnection, remote: str) -> None:
+        agent = await self._authenticate(ws, remote)
+        if agent is None:
+            return
+        send, receive = trio.open_memory_channel[Frame](OUTBOX)
+        conn = Connection(
+            agent.name, remote, send, max_outbox_bytes=self.config.limits.max_outbox_bytes
+        )
+        self.connections.setdefault(agent.name, set()).add(conn)
+        self.pipeline.sessions.add(conn)
+        log.info("agent %s connected from %s", agent.name, remote)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, ws, conn, receive)
+                nursery.start_soon(self._close_on_overflow, ws, conn)
+                queued = await self.pipeline.queued_count(agent.name)
+                if queued:
+                    conn.results_waiting(queued)
+                await self._reader(ws, conn, nursery)
+                conn.close()
+        finally:
+            conn.close()
+            self.pipeline.sessions.discard(conn)
+            left = self.connections.get(agent.name, set())
+            left.discard(conn)
+            if not left:
+                self.connections.pop(agent.name, None)
+            if self._none_left is not None and not self.connections:
+                self._none_left.set()
+            log.info("agent %s disconnected (%s)", agent.name, remote)
+            conn.gone.set()
+
+    async def _close_on_overflow(self, ws: WebSocketConnection, conn: Connection) -> None:
+        # The agent does not read: its socket is full, so the close frame may never go out;
+        # _close gives it a moment, then closes the stream, which frees the blocked writer.
+        await conn.closing.wait()
+        if conn.overflowed:
+            await _close(ws, CLOSE_POLICY, "not reading: too many replies waiting")
+
+    # -- authentication -----------------------------------------------------------------------
+
+    async def _authenticate(self, ws: WebSocketConnection, remote: str) -> AgentConfig | None:
+        async def refuse(rpc_id: JsonId, error: AgentgateError, code: int = CLOSE_POLICY) -> None:
+            with trio.move_on_after(2), contextlib.suppress(ConnectionClosed):
+                await ws.send_message(encode_error(rpc_id, error))
+            await _close(ws, code, error.message[:120])
+
+        if self.pipeline.closing:
+            await refuse(None, GatewayShuttingDown(), CLOSE_GOING_AWAY)
+            return None
+        # The attempt takes its place among the source's failed-auth budget now, before it can
+        # guess: sockets opened in parallel cannot multiply the guesses.
+        attempt = self.failed_auth.begin(remote)
+        if attempt is None:
+            wait = self.failed_auth.retry_after(remote)
+            await refuse(
+                None,
+                RateLimited(
+                    f"too many failed authentications from {remote}; retry in {wait:.0f} s"
+                ),
+            )
+            return None
+        try:
+            return await self._first_frame(ws, remote, attempt, refuse)
+        finally:
+            attempt.abandoned()  # ended without a guess (the peer left, or cancellation)
+
+    async def _first_frame(
+        self,
+        ws: WebSocketConnection,
+        remote: str,
+        attempt: AuthAttempt,
+        refuse: Callable[[JsonId, AgentgateError], Awaitable[None]],
+    ) -> AgentConfig | None:
+        message: str | bytes | None = None
+        with trio.move_on_after(self.config.gateway.auth_deadline):
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                return None
+        if message is None:
+            attempt.failed()
+            log.warning("no authentication from %s within the deadline", remote)
+            await refuse(None, AuthenticationFailed("authentication deadline passed"))
+            return None
+        rpc_id: JsonId = None
+        agent: AgentConfig | None = None
+        try:
+            if _too_large(message, self.config.limits.max_message_bytes):
+                raise AuthenticationFailed("authenticate first: message too large")
+            parsed = parse_request(message)
+            if isinstance(parsed, Request):
+                rpc_id = parsed.id
+            if not isinstance(parsed, Request) or parsed.method != "auth":
+                raise AuthenticationFailed('authenticate first: the first message must be "auth"')
+            token = parsed.params.get("token")
+            if not isinstance(token, str) or not token:
+                raise AuthenticationFailed("auth needs a token")
+            agent = self.config.find_agent(token)  # every agent compared, no early exit
+            if agent is None:
+                raise AuthenticationFailed("authentication failed: unknown token")
+        except AgentgateError as exc:
+            attempt.failed()
+            rpc_id = rpc_id if rpc_id is not None else error_id(exc)
+            error = (
+                exc
+                if isinstance(exc, AuthenticationFailed)
+                else AuthenticationFailed(f"authenticate first: {exc.message}")
+            )
+            log.warning("authentication from %s refused: %s", remote, error.message)
+            await refuse(rpc_id, error)
+            return None
+        attempt.succeeded()
+        try:
+            await ws.send_message(
+                encode_result(rpc_id, {"status": "authenticated", "agent": agent.name})
+            )
+        except ConnectionClosed:
+            return None
+        return agent
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def _writer(
+        self,
+        ws: WebSocketConnection,
+        conn: Connection,
+        receive: trio.MemoryReceiveChannel[Frame],
+    ) -> None:
+        broken = False
+        undelivered: list[str] = []
+        dropped = 0  # replies never written because the agent was closed for not reading
+        async with receive:
+            async for text, request_ids in receive:
+                broken = broken or conn.overflowed  # what is left waits for the next connection
+                try:
+                    if not broken:
+                        try:
+                            await ws.send_message(text)
+                            continue
+                        except ConnectionClosed:
+                            conn.closed = broken = True
+                    undelivered.extend(request_ids)
+                    dropped += not request_ids
+                finally:
+                    conn.wrote(frame_size(text))
+            if self.pipeline.closing and not broken and not conn.overflowed:
+                await _close(ws, CLOSE_GOING_AWAY, "gateway shutting down")
+        if dropped and conn.overflowed:
+            log.warning(
+                "agent %s (%s): %d replies were never read (their outcomes are in the audit"
+                " log; results of approvals are queued)",
+                conn.agent,
+                conn.remote,
+                dropped,
+            )
+        await self.pipeline.requeue(conn.agent, undelivered)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _reader(
+        self, ws: WebSocketConnection, conn: Connection, nursery: trio.Nursery
+    ) -> None:
+        limit = self.config.limits.max_message_bytes
+        while not conn.closed:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                return
+            try:
+                if isinstance(message, bytes):
+                    raise InvalidRequest("binary frames are not supported: send JSON text frames")
+                if _too_large(message, limit):
+                    raise InvalidRequest(f"message too large: over {limit} bytes")
+                parsed = parse_request(message)
+                if isinstance(parsed, Notification):
+                    log.debug("ignoring notification %r from %s", parsed.method, conn.agent)
+                    continue
+                self._admit(conn, parsed)
+            except AgentgateError as exc:
+                await conn.send(encode_error(error_id(exc), exc))
+                continue
+            conn.in_flight += 1
+            self._in_flight += 1
+            nursery.start_soon(self._request, conn, parsed)
+
+    def _admit(self, conn: Connection, req: Request) -> None:
+        if req.method == "auth":
+            raise _with_id(InvalidRequest("already authenticated"), req.id)
+        if req.method not in _METHODS:
+            raise _with_id(MethodNotFound(f"method not found: {req.method}"), req.id)
+        if conn.in_flight >= MAX_IN_FLIGHT:
+            limited = RateLimited(f"too many requests in flight (limit {MAX_IN_FLIGHT})")
+            raise _with_id(limited, req.id)
+        try:
+            self.pipeline.take_rate(conn.agent)
+        except RateLimited as exc:
+            raise _with_id(exc, req.id) from None
+
+    async def _request(self, conn: Connection, req: Request) -> None:
+        try:
+            if self.pipeline.closing:
+                raise GatewayShuttingDown()
+            if req.method == "tool_request":
+                result = await self._tool_request(conn, req)
+            elif req.method == "list_tools":
+                result = {"tools": tools.list_tools()}
+            else:  # get_pending_results
+                results = await self.pipeline.take_queued(conn.agent)
+                handed = tuple(r["request_id"] for r in results)
+                if not await conn.send(encode_result(req.id, {"results": results}), handed):
+                    await self.pipeline.requeue(conn.agent, handed)
+                return
+            if result is not None:
+                await conn.send(encode_result(req.id, result))
+        except AgentgateError as exc:
+            await conn.send(encode_error(req.id, exc))
+        except Exception:
+            log.exception("request %r from %s failed unexpectedly", req.method, conn.agent)
+            await conn.send(encode_error(req.id, InternalError("internal error (logged)")))
+        finally:
+            conn.in_flight -= 1
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def _tool_request(self, conn: Connection, req: Request) -> dict[str, Any] | None:
+        params = req.params
+        extra = set(params) - {"tool", "args"}
+        if extra:
+            raise InvalidParams(f"unexpected params: {', '.join(sorted(extra))}")
+        tool = params.get("tool")
+        args = params.get("args", {})
+        if not isinstance(tool, str) or not tool:
+            raise InvalidParams('"tool" must be a non-empty string')
+        if not isinstance(args, dict):
+            raise InvalidParams('"args" must be an object')
+        outcome = await self.pipeline.submit(conn.agent, tool, args, conn, req.id)
+        if isinstance(outcome, Asked):
+            return None  # the approval answers later, through the connection (or the queue)
+        return {"status": "executed", "request_id": outcome.request_id, "data": outcome.data}
+
+
+async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:
+    with trio.move_on_after(2):
+        await ws.aclose(code, reason)
+
+
+def _too_large(message: str | bytes, limit: int) -> bool:
+    """Is the frame over ``limit`` bytes (UTF-8)? Cheap for the common short frame."""
+    if len(message) <= limit // 4:
+        return False
+    size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8", "replace"))
+    return size > limit
+
+
+def _with_id(err: AgentgateError, rpc_id: JsonId) -> AgentgateError:
+    err.rpc_id = rpc_id  # type: ignore[attr-defined]  # read back by protocol.error_id
+    return err
+
+
+def _address(endpoint: object) -> str:
+    address = getattr(endpoint, "address", None)
+    return str(address) if address is not None else str(endpoint)

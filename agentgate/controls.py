@@ -1,0 +1,155 @@
+"""The guardian's controls: decisions on cards, grants ("Allow 1 h"), freeze, pending, status.
+
+:class:`Controls` is the gateway's :class:`~agentgate.guardian.GuardianControl`: what the
+Telegram guardian (or a scripted one) may ask of the gateway. It also holds the two pieces of
+state the pipeline consults on every request, the freeze and the active grants, and restores
+both from the store at start-up.
+
+Imports: broker (approvals it decides), store, tools (which calls a grant may cover),
+guardian (the protocol), approvals. Never the pipeline or a front door.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, Final
+
+from agentgate import tools
+from agentgate.approvals import Decision
+from agentgate.broker import Broker
+from agentgate.errors import ExecutionFailed
+from agentgate.guardian import Action, GatewayStatus, Grant, PendingCard, PressAnswer
+from agentgate.store import AuditEntry, GrantRow, Store
+
+__all__ = ["GRANT_SECONDS", "Controls"]
+
+log = logging.getLogger(__name__)
+
+GRANT_SECONDS: Final = 3600.0
+
+
+class Controls:
+    """See the module docstring; :meth:`load_state` before the first request."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        connected: Callable[[], dict[str, int]],
+        now: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.broker: Broker | None = None  # set by open_gateway
+        self.frozen = False
+        self._connected = connected
+        self._now = now
+        self._grants: dict[tuple[str, str], GrantRow] = {}
+
+    async def load_state(self) -> None:
+        """Restore what survives a restart: the freeze and the remembered grants."""
+        self.frozen = (await self.store.get_setting("frozen")) == "1"
+        for grant in await self.store.active_grants(self._now()):
+            self._grants[(grant.agent, grant.signature)] = grant
+        if self.frozen:
+            log.warning("the gateway is FROZEN by the guardian: every request is denied")
+
+    def _approvals(self) -> Broker:
+        if self.broker is None:
+            raise RuntimeError("Controls.broker is not set (see open_gateway)")
+        return self.broker
+
+    # -- grants -------------------------------------------------------------------------------
+
+    def grant_for(
+        self, agent: str, tool: str, args: dict[str, Any], signature: str, now: float
+    ) -> GrantRow | None:
+        """The grant that turns this ask into an allow, if any: the same agent and signature,
+        unexpired, and a call a grant may cover at all (:func:`agentgate.tools.grantable`)."""
+        grant = self._grants.get((agent, signature))
+        if grant is None or grant.expires_at <= now or not tools.grantable(tool, args):
+            return None
+        return grant
+
+    async def add_grant(self, agent: str, signature: str, by: str) -> None:
+        """Remember an "Allow 1 h" (the broker calls this before it executes the call)."""
+        now = self._now()
+        grant = GrantRow(str(uuid.uuid4())[:8], agent, signature, by, now, now + GRANT_SECONDS)
+        await self.store.add_grant(grant)
+        self._grants[(agent, signature)] = grant
+        await self._audit(by, "grant", f"{agent}: {signature} for 1 h ({grant.grant_id})")
+
+    async def _audit(self, by: str, decision: str, what: str) -> None:
+        await self.store.audit(
+            AuditEntry(
+                time=self._now(),
+                kind="guardian",
+                agent="-",
+                request_id=None,
+                tool=None,
+                args=None,
+                signature=None,
+                decision=decision,
+                matched=what,
+                resolved_by=by,
+            )
+        )
+
+    # -- GuardianControl ----------------------------------------------------------------------
+
+    async def decide(
+        self, request_id: str, action: Action, by: str, *, message_ref: str
+    ) -> PressAnswer:
+        broker = self._approvals()
+        if broker.misplaced(request_id, message_ref):
+            what = f"button {action.value}:{request_id} pressed on {message_ref}"
+            await self.refused(by, f"{what}, which is not that approval's card")
+            return PressAnswer("expired: that button is not on this approval's card")
+        return await broker.decide(request_id, action, by)
+
+    async def card_copied(self, request_id: str, message_ref: str) -> None:
+        self._approvals().add_copy(request_id, message_ref)
+
+    async def refused(self, user: str, what: str) -> None:
+        log.warning("refused guardian action from %s: %s", user, what)
+        with contextlib.suppress(ExecutionFailed):
+            await self._audit(user, "refused", what)
+
+    async def pending(self) -> list[PendingCard]:
+        return self._approvals().pending_cards()
+
+    async def grants(self) -> list[Grant]:
+        now = self._now()
+        return [
+            Grant(g.grant_id, g.agent, g.signature, g.granted_by, g.expires_at)
+            for g in self._grants.values()
+            if g.expires_at > now
+        ]
+
+    async def revoke_grant(self, grant_id: str, by: str) -> bool:
+        for key, grant in list(self._grants.items()):
+            if grant.grant_id == grant_id:
+                del self._grants[key]
+                await self.store.revoke_grant(grant_id, by, self._now())
+                await self._audit(by, "revoke", f"{grant.agent}: {grant.signature}")
+                return True
+        return False
+
+    async def set_frozen(self, frozen: bool, by: str) -> None:
+        await self.store.set_setting("frozen", "1" if frozen else "0")
+        self.frozen = frozen
+        await self._audit(by, "freeze" if frozen else "unfreeze", "all agents")
+        if frozen:
+            count = self._approvals().resolve_all(Decision.FROZEN, by, "frozen by guardian")
+            log.warning("frozen by %s: %d pending approval(s) denied", by, count)
+        else:
+            log.warning("unfrozen by %s", by)
+
+    async def status(self) -> GatewayStatus:
+        return GatewayStatus(
+            agents_connected=self._connected(),
+            pending=self._approvals().waiting(),
+            frozen=self.frozen,
+        )

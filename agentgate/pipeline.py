@@ -1,0 +1,353 @@
+"""The decision pipeline: one tool request from any front door, to its outcome.
+
+Every front door (the WebSocket protocol today) hands an authenticated agent's request to
+:meth:`Pipeline.submit` and gets a typed outcome back, so the checks below exist once::
+
+    submit(agent, tool, args, reply, reply_to)
+      unknown tool, invalid arguments ──────────── audited ──▶ InvalidParams (-32602)
+      signature (every entity), policy
+      frozen by the guardian ────────────────────── audited ──▶ DeniedByPolicy (-32003)
+      deny ─────────────────────────────────────── audited ──▶ DeniedByPolicy (-32003)
+      ask ─┬─ a grant covers it ──▶ allow
+           ├─ the card cannot show everything ──── audited ──▶ InvalidParams (-32602)
+           └─ broker.ask (pending limit, recorded) ─────────▶ Asked; the result comes later
+      allow ── decision committed (else nothing runs: -32004) ── execute ──▶ Executed
+                                                                       └──▶ ExecutionFailed
+
+What it owns: the order of those checks, the policies, the per-agent request rate, the audit of
+every decision, the executor's calls, and the registry of live reply handles per agent.
+What it does not: the wire (each door encodes its own replies), the guardian's controls
+(:mod:`agentgate.controls`: freeze and grants live there), approvals once asked
+(:mod:`agentgate.broker`).
+
+Imports: tools, policy, store, broker, controls, guardian.card, services (the Executor
+protocol), approvals, limits, errors. Never a front door.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from agentgate import tools
+from agentgate.approvals import ReplyHandle
+from agentgate.broker import Broker
+from agentgate.config import Config
+from agentgate.controls import Controls
+from agentgate.errors import (
+    AgentgateError,
+    DeniedByPolicy,
+    ExecutionFailed,
+    GatewayShuttingDown,
+    InvalidParams,
+    RateLimited,
+)
+from agentgate.guardian import ApprovalCard
+from agentgate.guardian.card import CardRules, CardTooLarge
+from agentgate.limits import TokenBucket
+from agentgate.policy import Policy
+from agentgate.protocol import JsonId
+from agentgate.services import Executor
+from agentgate.store import AuditEntry, Store
+
+__all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Executed:
+    """The call ran at once; ``data`` is the service's answer."""
+
+    request_id: str
+    data: Any
+
+
+@attrs.frozen
+class Asked:
+    """A guardian decides; the result reaches the reply handle (or the agent's queue) later."""
+
+    request_id: str
+
+
+class Sessions:
+    """The live reply handles of each agent, across every front door."""
+
+    def __init__(self) -> None:
+        self._by_agent: dict[str, set[ReplyHandle]] = defaultdict(set)
+
+    def add(self, handle: ReplyHandle) -> None:
+        self._by_agent[handle.agent].add(handle)
+
+    def discard(self, handle: ReplyHandle) -> None:
+        handles = self._by_agent.get(handle.agent)
+        if handles is not None:
+            handles.discard(handle)
+            if not handles:
+                del self._by_agent[handle.agent]
+
+    def of(self, agent: str) -> list[ReplyHandle]:
+        return list(self._by_agent.get(agent, ()))
+
+    def counts(self) -> dict[str, int]:
+        """Agent name → live connections."""
+        return {agent: len(handles) for agent, handles in self._by_agent.items() if handles}
+
+
+@attrs.define(eq=False)
+class _Reading:
+    """A target being described; asks for the same target meanwhile wait for its text."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    text: str | None = None
+    finished: bool = False
+
+
+class Pipeline:
+    """See the module docstring. Built by :func:`agentgate.gateway.open_gateway`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store,
+        policies: dict[str | None, Policy],
+        executor: Executor | None,
+        controls: Controls,
+        sessions: Sessions,
+        cards: CardRules,
+        now: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.policies = policies
+        self.executor = executor
+        self.controls = controls
+        self.sessions = sessions
+        self.cards = cards
+        self.now = now
+        self.broker: Broker | None = None  # set by open_gateway: the broker needs us too
+        self.closing = False  # shutting down: new requests are refused (-32007)
+        self._buckets: dict[str, TokenBucket] = {}
+        self._readings: dict[str, _Reading] = {}  # target -> its describe in flight
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def take_rate(self, agent: str) -> None:
+        """One request of ``agent`` against its ``requests_per_minute`` (RateLimited if none)."""
+        rpm, _ = self.config.agent_limits(agent)
+        bucket = self._buckets.get(agent)
+        if bucket is None or bucket.capacity != rpm:
+            bucket = self._buckets[agent] = TokenBucket(rpm, 60.0)
+        if not bucket.try_take():
+            raise RateLimited(
+                f"rate limited: over {bucket.capacity:.0f} requests per minute;"
+                f" retry in {bucket.retry_after():.1f} s"
+            )
+
+    # -- one request --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        agent: str,
+        tool: str,
+        args: dict[str, Any],
+        reply: ReplyHandle,
+        reply_to: JsonId,
+    ) -> Executed | Asked:
+        """Decide and run (or ask about) one request; see the module docstring.
+
+        ``reply`` hears about an ask later; ``reply_to`` is the door's handle on the request,
+        echoed with its late result. Raises the :class:`~agentgate.errors.AgentgateError` the
+        agent should get.
+        """
+        if self.closing:
+            raise GatewayShuttingDown()
+        now = self.now()
+        if tool not in tools.TOOLS:
+            await self._audit_refusal(agent, tool, args, None, "invalid", f"unknown tool: {tool}")
+            raise InvalidParams(f"unknown tool: {tool}")
+        policy = self.policies.get(agent) or self.policies[None]
+        try:
+            evaluation = policy.evaluate(tool, args)
+        except InvalidParams as exc:
+            await self._audit_refusal(agent, tool, args, None, "invalid", exc.message)
+            raise
+        signature, decision = evaluation.signature, evaluation.decision
+        # A rule's own text repeats from request to request: one shared string (10,000 pending
+        # approvals share it). A reason naming the agent's entities is never interned.
+        matched = sys.intern(evaluation.reason) if evaluation.checked is None else evaluation.reason
+        request_id = str(uuid.uuid4())
+        data = {"request_id": request_id, "signature": signature}
+        if self.controls.frozen:
+            await self._audit_refusal(
+                agent, tool, args, signature, "deny", "frozen by guardian", request_id
+            )
+            raise DeniedByPolicy("frozen by guardian", data=data)
+        if decision == "deny":
+            await self._audit_refusal(agent, tool, args, signature, "deny", matched, request_id)
+            raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
+        if decision == "ask":
+            grant = self.controls.grant_for(agent, tool, args, signature, now)
+            if grant is not None:
+                decision, matched = "allow", f"grant {grant.grant_id} by {grant.granted_by}"
+            else:
+                return await self._ask(
+                    agent, tool, args, signature, matched, request_id, reply, reply_to
+                )
+        # allow: the decision is committed before anything executes (fail closed).
+        await self.store.audit(
+            AuditEntry(
+                time=now,
+                agent=agent,
+                request_id=request_id,
+                tool=tool,
+                args=args,
+                signature=signature,
+                decision="allow",
+                matched=matched,
+            )
+        )
+        try:
+            result = await self.execute(tool, args)
+        except AgentgateError as exc:
+            exc.data.update(data)
+            await self._resolve_quietly(request_id, "failed", error=exc.message)
+            raise
+        await self._resolve_quietly(request_id, "executed", result=result)
+        return Executed(request_id, result)
+
+    async def _ask(
+        self,
+        agent: str,
+        tool: str,
+        args: dict[str, Any],
+        signature: str,
+        matched: str,
+        request_id: str,
+        reply: ReplyHandle,
+        reply_to: JsonId,
+    ) -> Asked:
+        data = {"request_id": request_id, "signature": signature}
+        card = ApprovalCard(
+            request_id=request_id,
+            agent=agent,
+            tool=tool,
+            args=args,
+            signature=signature,
+            matched=matched,
+            expires_at=self.now() + self.config.gateway.approval_timeout,
+        )
+        try:
+            self.cards.layout(card)  # what the guardian will be shown: everything, or nothing
+        except CardTooLarge as exc:
+            await self._audit_refusal(
+                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id
+            )
+            limits = {"size": exc.size, "limit": exc.limit}
+            raise InvalidParams(str(exc), data={**data, **limits}) from None
+        if self.broker is None:
+            raise GatewayShuttingDown()
+        _, max_pending = self.config.agent_limits(agent)
+        request_id = await self.broker.ask(
+            reply, reply_to, tool, args, signature, matched, max_pending=max_pending
+        )
+        return Asked(request_id)
+
+    async def execute(self, tool: str, args: dict[str, Any]) -> Any:
+        """Run an already decided call on its service."""
+        if self.executor is None:
+            raise ExecutionFailed(
+                f"no service is configured for {tool}: add [services.homeassistant] to gate.toml"
+            )
+        return await self.executor.execute(tool, args)
+
+    async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
+        """The card's target line, from the service.
+
+        Single flight: an ask whose target is being read right now joins that read instead of
+        queueing one more request (10,000 asks at once would otherwise wait behind each other
+        for the service's connections, past its timeout).
+        """
+        entity_id = args.get("entity_id")
+        if self.executor is None or not isinstance(entity_id, str):
+            return None
+        while (reading := self._readings.get(entity_id)) is not None:
+            await reading.done.wait()
+            if reading.finished:
+                return reading.text
+            # that read was cancelled (its approval ended): read it ourselves
+        reading = self._readings[entity_id] = _Reading()
+        try:
+            reading.text = await self.executor.describe(tool, args)
+            reading.finished = True
+        finally:
+            del self._readings[entity_id]
+            reading.done.set()
+        return reading.text
+
+    # -- queued results -----------------------------------------------------------------------
+
+    async def take_queued(self, agent: str) -> list[dict[str, Any]]:
+        """The agent's queued results, each handed out once."""
+        return await self.store.take_queued(agent)
+
+    async def queued_count(self, agent: str) -> int:
+        try:
+            return await self.store.queued_count(agent)
+        except ExecutionFailed:
+            return 0
+
+    async def requeue(self, agent: str, request_ids: Iterable[str]) -> None:
+        """Results that never reached the agent go back to its queue, and it hears so."""
+        requeued = False
+        for request_id in request_ids:
+            requeued = True
+            try:
+                await self.store.mark_undelivered(request_id)
+            except ExecutionFailed:
+                log.exception("could not put the result of %s back in the queue", request_id)
+        if requeued and self.broker is not None:
+            await self.broker.announce_queued(agent)
+
+    # -- audit --------------------------------------------------------------------------------
+
+    async def _resolve_quietly(self, request_id: str, resolution: str, **kw: Any) -> None:
+        # The decision row was committed before execution; the resolution joins the next group
+        # commit without holding up the reply (a failure to write it is logged by the store).
+        await self.store.resolve_audit(
+            request_id, resolution, resolved_by=None, resolved_at=self.now(), wait=False, **kw
+        )
+
+    async def _audit_refusal(
+        self,
+        agent: str,
+        tool: str,
+        args: dict[str, Any],
+        signature: str | None,
+        decision: str,
+        matched: str,
+        request_id: str | None = None,
+    ) -> None:
+        now = self.now()
+        await self.store.audit(
+            AuditEntry(
+                time=now,
+                agent=agent,
+                request_id=request_id,
+                tool=tool,
+                args=args,
+                signature=signature,
+                decision=decision,
+                matched=matched,
+                resolution="denied" if decision == "deny" else "rejected",
+                resolved_at=now,
+            )
+        )
