@@ -76,7 +76,7 @@ Sessions = Callable[[str], Sequence[ReplyHandle]]
 
 @attrs.define(eq=False)
 class Approval:
-    """One pending approval. Kept small: 10,000 of them may wait at once (bench S6).
+    """One pending approval. Kept small: 10,000 of them may wait at once.
 
     Its task waits in its deadline's cancel scope; :meth:`resolve` wakes it by cancelling that
     scope (``wake``), which is only set while the task is parked waiting for a decision, so a

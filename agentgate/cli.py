@@ -13,7 +13,6 @@ agent-side ``call``, ``tools`` and ``pending`` declare their arguments here and 
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import os
@@ -432,10 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         error("a command is required")
         return EXIT_USAGE
-    # The parser tree (~0.5 MiB, with cycles) is not needed while a command runs, and `serve`
-    # runs for as long as the gateway does: let its memory serve the gateway's start-up.
     del parser
-    gc.collect()
     try:
         return run(args)
     except UsageError as exc:

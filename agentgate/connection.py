@@ -206,6 +206,11 @@ class WebSocketDoor:
         self._idle: trio.Event | None = None  # set when nothing is in flight (idle())
         self._none_left: trio.Event | None = None  # set when no connection is left
 
+    async def gone(self, agent: str) -> None:
+        """Return once every connection ``agent`` has now is over (its ``gone`` event)."""
+        for conn in list(self.connections.get(agent, ())):
+            await conn.gone.wait()
+
     # -- shutdown -----------------------------------------------------------------------------
 
     async def idle(self) -> None:

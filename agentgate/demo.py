@@ -19,7 +19,7 @@ no stdin needed; ``tests/test_demo.py`` runs it so it cannot rot.
 
 from __future__ import annotations
 
-import trio_asyncio  # isort: skip  # noqa: F401  # before httpx/telegram (PITFALLS.md)
+import trio_asyncio  # isort: skip  # noqa: F401  # patch asyncio before httpx, anyio or telegram are imported
 
 import argparse
 import json

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import trio
 
-# trio_asyncio must patch asyncio before httpx, anyio or telegram are imported (PITFALLS.md).
+# trio_asyncio patches asyncio; imported after anyio or httpx, every Telegram request inside
+# open_loop() fails with "no running event loop".
 import trio_asyncio  # noqa: F401
 
+from agentgate._compat import import_telegram_without_passport
 from agentgate.config import ConfigError, load_config
 from agentgate.errors import AgentgateError
 from agentgate.gateway import serve_gateway
@@ -30,27 +32,6 @@ def setup_logging(level: str = "INFO") -> None:
     # httpx logs every request at INFO: far too chatty for a gateway's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("telegram").setLevel(logging.WARNING)
-
-
-def import_telegram_guardian() -> None:
-    """Import the Telegram guardian, leaving python-telegram-bot's Telegram Passport support out.
-
-    PTB imports ``cryptography``, when it is installed, only to decrypt Telegram Passport data
-    (its optional ``passport`` extra), which the guardian never asks for. ``cryptography`` is in
-    a development environment for trustme, not for the gateway, and costs ~7.5 MiB of RSS. Hiding
-    it during this import leaves PTB as a plain ``pip install agentgate`` has it; ``import
-    cryptography`` works again afterwards. If PTB or cryptography is already imported, this is a
-    plain import.
-    """
-    hide = "telegram" not in sys.modules and "cryptography" not in sys.modules
-    if hide:
-        # A None entry makes `import cryptography...` raise ModuleNotFoundError: PTB's fallback.
-        sys.modules["cryptography"] = None  # type: ignore[assignment]
-    try:
-        import agentgate.guardian.telegram  # noqa: F401
-    finally:
-        if hide and sys.modules.get("cryptography", False) is None:
-            del sys.modules["cryptography"]
 
 
 async def _watch_signals(stop: trio.Event) -> None:
@@ -79,7 +60,7 @@ def run_serve(path: str | Path, *, insecure: bool = False, log_level: str = "INF
         print(f"agentgate: {exc}", file=sys.stderr)
         return 2
     if config.guardian.telegram is not None:
-        import_telegram_guardian()  # before trio.run: the gateway imports it lazily otherwise
+        import_telegram_without_passport()  # before trio.run: the gateway would import it later
     try:
         trio.run(partial(_main, Path(path), insecure))
     except (ConfigError, PolicyError) as exc:

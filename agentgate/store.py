@@ -6,10 +6,9 @@ Why it looks like this:
   raises :class:`StoreUnavailable` (an ``ExecutionFailed``, -32004) and the caller executes nothing.
 - **Where SQLite runs.** With ``synchronous = "full"`` every commit waits for an fsync, so the
   writer runs in a worker thread behind one ``CapacityLimiter(1)``. With ``"normal"`` (the
-  default) a WAL commit is a few ``write()`` calls, cheaper than the thread hop it would cost
-  (measured: the hop was a quarter of the gateway's samples for sequential reads), so commits
-  run on the event loop and only WAL checkpoints, the slow part, go to a worker thread on a
-  connection of their own.
+  default) a WAL commit is a few ``write()`` calls, cheaper than the thread hop it would cost,
+  so commits run on the event loop and only WAL checkpoints, the slow part, go to a worker
+  thread on a connection of their own.
 - **Group commit.** Callers enqueue operations; one writer task runs everything queued so far in a
   single transaction (each operation under its own SAVEPOINT, so one failing operation does not
   sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
@@ -309,7 +308,7 @@ class Store:
         self._queue.append(op)
         if self._inline:
             # Commit now, in this task, with whatever else is queued: no hand-off to the
-            # writer (the hop cost more than the commit; docs/performance.md).
+            # writer (the hop would cost more than the commit).
             batch, self._queue = self._queue, []
             self._commit(batch)
             await trio.lowlevel.cancel_shielded_checkpoint()

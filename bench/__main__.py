@@ -7,7 +7,7 @@ separate load processes and prints one table (median of ``--runs``), with floors
 
 from __future__ import annotations
 
-import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
+import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx, anyio or telegram are imported
 
 import argparse
 import json

@@ -17,15 +17,15 @@ Exactly ``python -m agentgate``, except for two things in the Telegram guardian:
 
 from __future__ import annotations
 
-import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
+import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx, anyio or telegram are imported
 
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agentgate.serve import import_telegram_guardian
+from agentgate._compat import import_telegram_without_passport
 
-import_telegram_guardian()  # as `agentgate serve` does: without PTB's Passport support
+import_telegram_without_passport()  # as `agentgate serve` does
 
 import trio  # noqa: E402
 

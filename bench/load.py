@@ -15,7 +15,7 @@ counts the calls that complete within ``[start_at, start_at + duration]``.
 
 from __future__ import annotations
 
-import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
+import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx, anyio or telegram are imported
 
 import json
 import logging

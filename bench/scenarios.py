@@ -7,7 +7,7 @@ process; S6's 1,000 agents live in one worker process.
 
 from __future__ import annotations
 
-import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
+import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx, anyio or telegram are imported
 
 import json
 import math

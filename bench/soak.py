@@ -20,7 +20,7 @@ memory probe on SIGUSR1.
 
 from __future__ import annotations
 
-import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx (PITFALLS.md)
+import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx, anyio or telegram are imported
 
 import argparse
 import contextlib
@@ -372,7 +372,7 @@ class MemoryProbe:
 
     Raw RSS is a poor leak detector for a connection churn: glibc keeps freed heap memory
     resident in holes below the top of the heap, and after 10,000+ TLS connections that free
-    pool reaches 20-40 MiB while the bytes in use stay flat (measured: docs/performance.md). So
+    pool reaches 20-40 MiB while the bytes in use stay flat. So
     the probe reports, besides RSS:
 
     - ``malloc_inuse_kib``: bytes glibc has handed out and not had back, all arenas
@@ -656,7 +656,7 @@ def judge_churn_memory(
 
     Judged: live bytes (glibc in use + Python blocks) and RSS after ``malloc_trim``. Raw RSS
     is shown but not judged: it holds glibc's free pool, which grows with heap fragmentation
-    and plateaus (docs/performance.md). Without a probe (no glibc), raw RSS is judged.
+    and plateaus. Without a probe (no glibc), raw RSS is judged.
     """
     live_before, live_after = _live_kib(before), _live_kib(after)
     lines = []

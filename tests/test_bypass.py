@@ -119,13 +119,10 @@ async def reply_to(agent: RawAgent, rpc_id: str) -> dict[str, Any]:
 
 
 async def guardian_rows(gw: Harness, decision: str, count: int) -> list[Any]:
-    while True:
-        rows = [
-            r for r in await gw.gateway.store.audit_rows(decision=decision) if r.kind == "guardian"
-        ]
-        if len(rows) >= count:
-            return rows
-        await trio.sleep(0.02)
+    """The guardian rows with ``decision`` (a refused press is audited before it is answered)."""
+    rows = [r for r in await gw.gateway.store.audit_rows(decision=decision) if r.kind == "guardian"]
+    assert len(rows) == count, rows
+    return rows
 
 
 # -- 1. every entity a call names is in its signature ------------------------------------------

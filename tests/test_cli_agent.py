@@ -170,8 +170,7 @@ async def test_pending_collects_a_queued_result_once(
             nursery.start_soon(lambda: gw.call("ha_call_service", **light))
             params = await pending.wait()
             nursery.cancel_scope.cancel()
-        while gate.running.gateway.door.connections.get("pi"):  # noqa: ASYNC110 - polled state
-            await trio.sleep(0.01)
+        await gate.running.gateway.door.gone("pi")
         await gate.press(params["request_id"], "allow")
         await gate.guardian.wait_for_update(params["request_id"])
 

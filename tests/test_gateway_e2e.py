@@ -50,12 +50,8 @@ def entity(home: FakeHomeAssistant, entity_id: str) -> dict[str, Any]:
 
 
 async def wait_disconnected(gw: Harness, agent: str) -> None:
-    """Until the gateway has noticed that ``agent`` has no connection left (caller's ceiling).
-
-    The gateway exposes no event for a disconnect, so poll its connection table.
-    """
-    while gw.gateway.door.connections.get(agent):  # noqa: ASYNC110 - no event to wait on
-        await trio.sleep(0.01)
+    """Until the gateway has noticed that ``agent`` has no connection left (caller's ceiling)."""
+    await gw.gateway.door.gone(agent)
 
 
 async def test_allowed_read_returns_the_home_state(workdir: Path, home: FakeHomeAssistant) -> None:

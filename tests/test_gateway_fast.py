@@ -13,6 +13,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed
 
 from agentgate.connection import Connection
+from agentgate.gateway import SHUTDOWN_BOUND
 from agentgate.protocol import Request
 from tests.fastgate import MockHome, authed, call, fast_gateway, reply
 
@@ -131,7 +132,7 @@ async def test_shutdown_answers_pending_asks_and_closes_1001(
             '"args":{"domain":"light","service":"turn_on","entity_id":"light.bedroom"}}}'
         )
         shown = await fg.guardian.wait_for_card()
-        with trio.fail_after(5):
+        with trio.fail_after(SHUTDOWN_BOUND):  # serve_gateway's own bound
             await fg.gateway.shutdown()
         answer = await reply(ws)
         assert (answer["id"], answer["error"]["code"]) == (9, -32007)
@@ -206,7 +207,7 @@ async def test_the_agent_has_its_result_before_the_card_is_edited(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """The outcome's bookkeeping (commit, card edit) waits until the result frame is written,
-    so it does not compete with that frame for the event loop (S5, docs/performance.md)."""
+    so it does not compete with that frame for the event loop."""
     async with fast_gateway(tmp_path) as fg:
         ws = await authed(fg)
         written_at_edit: list[bool] = []

@@ -358,8 +358,7 @@ async def test_reused_rpc_id_after_reconnect_stays_distinct(
             async with raw_agent(gw) as first:
                 await first.send(_tool(1, "ha_call_service", LIGHT_ON))
                 old = (await gw.scripted.wait_for_card(1)).card
-            while gw.gateway.door.connections.get("pi"):  # noqa: ASYNC110 - no disconnect event
-                await trio.sleep(0.01)
+            await gw.gateway.door.gone("pi")
             async with raw_agent(gw) as second:
                 kitchen = {**LIGHT_ON, "entity_id": "light.kitchen"}
                 await second.send(_tool(1, "ha_call_service", kitchen))

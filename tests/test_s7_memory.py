@@ -29,48 +29,15 @@ def _fresh_python(code: str) -> Any:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def test_serve_imports_telegram_without_cryptography() -> None:
-    # cryptography is installed here (trustme needs it), yet the gateway leaves it unloaded.
-    seen = _fresh_python(
-        "import json, sys\n"
-        "from agentgate.serve import import_telegram_guardian\n"
-        "import_telegram_guardian()\n"
-        "from telegram._passport import credentials\n"
-        "loaded = 'cryptography' in sys.modules\n"
-        "import cryptography\n"  # still importable afterwards, for whoever needs it
-        "print(json.dumps({'loaded': loaded, 'passport': credentials.CRYPTO_INSTALLED,"
-        " 'guardian': 'agentgate.guardian.telegram' in sys.modules,"
-        " 'later': cryptography.__name__}))\n"
-    )
-    assert seen == {
-        "loaded": False,
-        "passport": False,
-        "guardian": True,
-        "later": "cryptography",
-    }
-
-
-def test_import_telegram_guardian_is_a_plain_import_once_cryptography_is_loaded() -> None:
-    seen = _fresh_python(
-        "import json, sys\n"
-        "import cryptography\n"
-        "from agentgate.serve import import_telegram_guardian\n"
-        "import_telegram_guardian()\n"
-        "from telegram._passport import credentials\n"
-        "print(json.dumps({'passport': credentials.CRYPTO_INSTALLED,"
-        " 'kept': sys.modules['cryptography'] is cryptography}))\n"
-    )
-    assert seen == {"passport": True, "kept": True}
-
-
 def test_serve_path_leaves_other_commands_modules_unloaded() -> None:
     # What `agentgate serve` with Telegram and Home Assistant imports before it runs.
     seen = _fresh_python(
         "import json, sys\n"
         "from agentgate.cli import build_parser\n"
         "build_parser().parse_args(['serve', 'gate.toml'])\n"
-        "from agentgate.serve import import_telegram_guardian, run_serve\n"
-        "import_telegram_guardian()\n"
+        "from agentgate.serve import run_serve\n"
+        "from agentgate._compat import import_telegram_without_passport\n"
+        "import_telegram_without_passport()\n"
         "import agentgate.services.homeassistant\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )

@@ -151,8 +151,17 @@ def stale(answer: str) -> bool:
 
 
 async def guardian_rows(gw: Harness, decision: str, *, count: int) -> list[AuditEntry]:
-    """Wait until ``count`` guardian audit rows with ``decision`` exist (they are written
-    after the press is answered); return them."""
+    """The ``count`` guardian audit rows with ``decision`` (a refused press is audited before
+    it is answered, so they are there once the answer is)."""
+    rows = await gw.gateway.store.audit_rows(agent="-", decision=decision)
+    rows = [r for r in rows if r.kind == "guardian"]
+    assert len(rows) == count, rows
+    return rows
+
+
+async def silently_audited(gw: Harness, decision: str, *, count: int) -> list[AuditEntry]:
+    """Wait for guardian rows nothing else shows: a stranger's command gets no answer at all,
+    so there is no event to wait on but the row itself (the caller's ceiling bounds this)."""
     while True:
         rows = await gw.gateway.store.audit_rows(agent="-", decision=decision)
         rows = [r for r in rows if r.kind == "guardian"]
@@ -421,7 +430,7 @@ async def test_status_and_pending(workdir: Path, home: FakeHomeAssistant, tg: Fa
             # A stranger's command gets no answer but is audited.
             before = len(tg.calls_to("sendMessage"))
             tg.send_command("/status", MALLORY, first_name="Mallory")
-            (refused,) = await guardian_rows(gw, "refused", count=1)
+            (refused,) = await silently_audited(gw, "refused", count=1)
             assert refused.resolved_by == "Mallory (666)"
             assert refused.matched == "command /status"
             assert len(tg.calls_to("sendMessage")) == before

@@ -36,6 +36,7 @@ from agentgate.guardian.card import (
 )
 from agentgate.guardian.telegram import (
     MAX_TEXT,
+    SHUTDOWN_GRACE,
     SendLimits,
     TelegramGuardian,
     TokenBucket,
@@ -600,6 +601,10 @@ async def test_polling_survives_an_outage(
         assert (await press.wait_answer()).text == "approved"
 
 
+# Scheduling slack on top of a bound the product holds with a cancel scope.
+SLACK = 1.0
+
+
 @slow
 async def test_shutdown_during_an_outage_is_bounded(tg: FakeTelegram, control: FakeControl) -> None:
     config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
@@ -608,6 +613,8 @@ async def test_shutdown_during_an_outage_is_bounded(tg: FakeTelegram, control: F
             tg.down("drop")
             # A few failed polls: PTB now sleeps out a back-off of several seconds.
             await tg.wait_for(lambda: tg.dropped > 2 or None)
+            leaving = trio.current_time()
+    assert trio.current_time() - leaving <= SHUTDOWN_GRACE + SLACK
 
 
 @slow
@@ -652,6 +659,8 @@ async def test_shutdown_does_not_hang(tg: FakeTelegram, control: FakeControl) ->
             tg.press(message.message_id, f"allow:{REQUEST_ID}", ALICE)
             await control.wait("decide")
             tg.down()
+            leaving = trio.current_time()
+    assert trio.current_time() - leaving <= SHUTDOWN_GRACE + SLACK
 
 
 @slow

@@ -3,26 +3,25 @@
 python-telegram-bot sends every Bot API call through a :class:`telegram.request.BaseRequest`;
 its default, ``HTTPXRequest``, runs httpx on the asyncio loop. Inside trio-asyncio every socket
 event of that client is an asyncio callback relayed through Trio, which made PTB's HTTP the
-largest cost of the approval path (a press took ~2 ms to get from the socket to PTB; see
-docs/performance.md, S5). This request class keeps PTB in charge of everything else (method
+largest cost of the approval path. This request class keeps PTB in charge of everything else (method
 encoding, retries, error mapping, ``Update`` parsing, polling) and hands only the HTTP exchange
 to a Trio-native httpx client through ``trio_as_aio``.
 
-PITFALLS.md: never share one httpx client between the asyncio and the Trio side; this client is
-only ever used from Trio.
+One httpx client must never be shared between the asyncio side and the Trio side (its pool's
+locks belong to one event loop); this client is only ever used from Trio.
 """
 
 from __future__ import annotations
 
-import trio_asyncio  # isort: skip  # must be imported before telegram/httpx (see PITFALLS.md)
+# trio_asyncio patches asyncio; imported after anyio or httpx, every Telegram request inside
+# open_loop() fails with "no running event loop".
+import trio_asyncio  # isort: skip
 
 import asyncio
 import ssl
 from collections.abc import AsyncIterator
 
 import httpx
-from telegram._utils.defaultvalue import DefaultValue
-from telegram._utils.types import ODVInput
 from telegram.error import NetworkError, TimedOut
 from telegram.request import BaseRequest, RequestData
 
@@ -90,10 +89,10 @@ class TrioRequest(BaseRequest):
         url: str,
         method: str,
         request_data: RequestData | None = None,
-        read_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
-        write_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
-        connect_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
-        pool_timeout: ODVInput[float] = BaseRequest.DEFAULT_NONE,
+        read_timeout: object = BaseRequest.DEFAULT_NONE,
+        write_timeout: object = BaseRequest.DEFAULT_NONE,
+        connect_timeout: object = BaseRequest.DEFAULT_NONE,
+        pool_timeout: object = BaseRequest.DEFAULT_NONE,
     ) -> tuple[int, bytes]:
         client = self._client
         if client is None:
@@ -166,5 +165,13 @@ class _Once:
         return data
 
 
-def _pick(value: ODVInput[float], default: float | None) -> float | None:
-    return default if isinstance(value, DefaultValue) else value
+# PTB's "use the default" marker: BaseRequest.DEFAULT_NONE is public, its class is not.
+_DEFAULT_MARKER = type(BaseRequest.DEFAULT_NONE)
+
+
+def _pick(value: object, default: float | None) -> float | None:
+    if isinstance(value, _DEFAULT_MARKER):
+        return default
+    if value is None or isinstance(value, int | float):
+        return value
+    raise TypeError(f"a timeout must be a number or None, got {value!r}")

@@ -23,7 +23,9 @@ fake a part of it.
 
 from __future__ import annotations
 
-import trio_asyncio  # isort: skip  # must be imported before telegram/httpx (see PITFALLS.md)
+# trio_asyncio patches asyncio; imported after anyio or httpx, every Telegram request inside
+# open_loop() fails with "no running event loop".
+import trio_asyncio  # isort: skip
 
 import datetime as dt
 import html
@@ -114,12 +116,12 @@ MAX_CALLBACK_DATA = 64  # bytes
 POLL_TIMEOUT = 10  # seconds of one getUpdates long poll (returns at once when a press arrives)
 # Pause between a long poll's answer and the next poll. Without it the next getUpdates is sent
 # while the press it brought is being decided and executed, and its HTTP work competes with that
-# press's Home Assistant call for the one event-loop thread (S5: ~1.5 ms of 8). A press that
-# arrives meanwhile waits at most this long in Telegram's queue.
+# press's Home Assistant call for the one event-loop thread. A press that arrives meanwhile
+# waits at most this long in Telegram's queue.
 POLL_PAUSE = 0.02
 SHUTDOWN_GRACE = 5.0  # seconds for PTB to stop, all steps together
 UPDATER_STOP_GRACE = 1.0
-SEND_CONNECTIONS = 8  # Bot API calls in flight at most (docs/performance.md, P3)
+SEND_CONNECTIONS = 8  # Bot API calls in flight at most
 
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("pending", "Re-send every pending approval"),
@@ -391,7 +393,7 @@ class TelegramGuardian:
         # tasks that need not descend from the task that opened the loop (its context var).
         self._loop = trio_asyncio.current_loop.get()
         # At most this many Bot API calls in flight: a burst of cards waits here, in a fair FIFO,
-        # not in httpcore's pool, which collapses under a deep queue (docs/performance.md, P3).
+        # not in httpcore's pool, which rescans every waiting request on every event.
         self._calls = trio.CapacityLimiter(SEND_CONNECTIONS)
         # Presses waiting for their card's outcome before they are answered: request id ->
         # events, set by update_card.
@@ -657,10 +659,12 @@ class TelegramGuardian:
 
 
 def _retry_after_seconds(exc: RetryAfter) -> float:
-    value: object = exc._retry_after  # the timedelta behind the int/timedelta property
+    value: object = exc.retry_after  # a timedelta with PTB_TIMEDELTA set (above), else an int
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
-    return float(value)  # type: ignore[arg-type]  # pragma: no cover
+    if isinstance(value, int | float):
+        return float(value)
+    raise TypeError(f"RetryAfter.retry_after is neither seconds nor a timedelta: {value!r}")
 
 
 def _build_application(config: TelegramSettings) -> Application[Any, Any, Any, Any, Any, Any]:

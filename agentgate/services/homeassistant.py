@@ -72,11 +72,9 @@ TOOLS: Final = frozenset(
 SERVICE: Final = "homeassistant"
 log = logging.getLogger(__name__)
 
-# Measured against the fake in another process (2 CPUs, busy machine; req/s of ha_get_state):
-# sequential 350-880; 20 tasks on one client 330-780 whatever the pool (5, 10, 20, 100
-# connections) - the httpx client is CPU-bound, the fake serves 1,350-3,300 req/s. More
-# connections buy nothing, so keep a modest pool, all of it kept alive (no reconnects after a
-# burst), with headroom for a few slow calls (a pool wait counts against the call's deadline).
+# The httpx client, not Home Assistant, is what limits throughput: more connections buy
+# nothing. A modest pool, all of it kept alive (no reconnects after a burst), with headroom for
+# a few slow calls (a pool wait counts against the call's deadline).
 SEEN_FOR: Final = 60.0  # seconds an entity read counts as "exists" for a service call
 SEEN_MAX: Final = 10_000
 LIMITS: Final = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=30)
@@ -200,8 +198,8 @@ class HomeAssistant:
     ) -> None:
         self._client = client
         # Requests wait for a connection here, in a fair FIFO, instead of in httpcore's pool,
-        # which rescans every queued request on every event (40 % of the gateway's CPU with
-        # 1,000 requests queued; docs/performance.md).
+        # which rescans every queued request on every event (a deep queue costs more CPU than
+        # the requests themselves).
         self._slots = trio.CapacityLimiter(LIMITS.max_connections or 10)
         # Entities Home Assistant showed us lately (id -> Trio time it was seen). A service call
         # on one of them skips the existence check; the approval card's read fills this.
@@ -396,8 +394,7 @@ async def open_homeassistant(
     """
     verify = client_ssl_context(config.url)
     if transport is None:
-        # Imported here: httpcore imported at module load (before the serve path's other
-        # imports) measured +0.3 MiB of idle RSS (bench S7); httpx imports it lazily too.
+        # Imported here, as httpx imports httpcore: only a client that is built needs it.
         from agentgate.outbound import one_write_transport
 
         transport = one_write_transport(verify=verify, limits=LIMITS)

@@ -1,0 +1,35 @@
+"""Where agentgate relies on a dependency beyond its documented interface: here, and only here.
+
+Each item names the version it was checked against; ``tests/test_compat.py`` fails loudly when
+a dependency changes under it.
+
+- **python-telegram-bot 22.8: Telegram Passport's optional ``cryptography`` import.** PTB
+  imports ``cryptography``, when installed, only to decrypt Telegram Passport data (its
+  optional ``passport`` extra), which the guardian never asks for; that import costs ~7.5 MiB
+  of resident memory for as long as the gateway runs. PTB guards it with ``try: ... except
+  ImportError`` (``telegram._passport.credentials.CRYPTO_INSTALLED``), so hiding the package
+  while PTB is first imported leaves PTB as it is without the extra. ``import cryptography``
+  works again afterwards, for anything else that wants it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["import_telegram_without_passport"]
+
+
+def import_telegram_without_passport() -> None:
+    """Import the Telegram guardian with PTB's Passport support left out (see above).
+
+    A plain import when PTB or ``cryptography`` is already imported.
+    """
+    hide = "telegram" not in sys.modules and "cryptography" not in sys.modules
+    if hide:
+        # A None entry makes `import cryptography...` raise ModuleNotFoundError: PTB's fallback.
+        sys.modules["cryptography"] = None  # type: ignore[assignment]
+    try:
+        import agentgate.guardian.telegram  # noqa: F401
+    finally:
+        if hide and sys.modules.get("cryptography", False) is None:
+            del sys.modules["cryptography"]
