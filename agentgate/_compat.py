@@ -10,6 +10,8 @@ a dependency changes under it.
   ImportError`` (``telegram._passport.credentials.CRYPTO_INSTALLED``), so hiding the package
   while PTB is first imported leaves PTB as it is without the extra. ``import cryptography``
   works again afterwards, for anything else that wants it.
+
+Imports: guardian.telegram (when asked to).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ and the wire all read this table, nothing compares message texts.
     ============== ============ ============== ===================== ============================
 
 A press on an approval that already ended is answered ``"expired: already <answer>"``.
+
+Imports: errors, guardian (the protocol's types), protocol (ids). Nothing that runs.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ already shown, the way ``tail -f`` would if rows never changed.
 
 Every field that came from outside (tool names, arguments, guardians' display names) is made
 inert before it reaches the terminal (:mod:`agentgate.inert`).
+
+Imports: store (read-only), inert.
 """
 
 from __future__ import annotations

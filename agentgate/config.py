@@ -12,6 +12,8 @@ raises one :class:`ConfigError` whose lines read ``FILE: KEY.PATH: what was expe
    TLS files (unless ``insecure``), policy files.
 
 Secrets (tokens) never appear in a ``repr`` or an error message.
+
+Imports: nothing of agentgate (cattrs, attrs, tomllib).
 """
 
 import functools

@@ -18,6 +18,8 @@ response back into the same class. ::
     ├── RateLimited             -32006
     ├── GatewayShuttingDown     -32007
     └── ConnectionLost          (SDK only: the socket went away; no wire code)
+
+Imports: nothing of agentgate.
 """
 
 from __future__ import annotations

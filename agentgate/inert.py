@@ -5,6 +5,8 @@ names. Printed raw, an ESC sequence rewrites the terminal (erases rows, retitles
 CR or LF forges a log line, and bidi controls reorder what is shown. :func:`inert` escapes every
 such character: C0 and C1 controls, DEL, bidi and other format characters, line and paragraph
 separators. JSON output uses ``ensure_ascii`` plus :func:`inert_json` for DEL.
+
+Imports: nothing of agentgate.
 """
 
 from __future__ import annotations

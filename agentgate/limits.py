@@ -1,6 +1,8 @@
 """Rate limits, O(1) per request (DESIGN §10, §13).
 
 Time comes from ``trio.current_time()`` by default so the fast tests can run on a fake clock.
+
+Imports: nothing of agentgate.
 """
 
 from __future__ import annotations

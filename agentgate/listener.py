@@ -7,6 +7,8 @@ server waits the whole timeout for such a peer, so connect-and-leave could pin o
 TLS state and its buffers per connection for the whole auth deadline.) The peer's departure is
 seen by a thin stream wrapper (:class:`_Watched`) that notes when the stream ends; nothing here
 reaches into trio-websocket.
+
+Imports: nothing of agentgate (Trio, trio-websocket's public API).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ writes the whole request, then reads the response. :class:`OneWriteTransport` is
 ``httpx.AsyncBaseTransport`` over a public ``httpcore.AsyncConnectionPool`` with its own
 ``network_backend``: plain HTTP/1.1 (no HTTP/2, no proxy; requests through a proxy use httpx's
 own transports). httpcore's exceptions become httpx's, as httpx's own transport maps them.
+
+Imports: nothing of agentgate (httpx, httpcore's public API).
 """
 
 # ruff: noqa: ASYNC109  # httpcore's stream interface takes ``timeout`` arguments

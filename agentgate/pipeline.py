@@ -20,8 +20,8 @@ What it does not: the wire (each door encodes its own replies), the guardian's c
 (:mod:`agentgate.controls`: freeze and grants live there), approvals once asked
 (:mod:`agentgate.broker`).
 
-Imports: tools, policy, store, broker, controls, guardian.card, services (the Executor
-protocol), approvals, limits, errors. Never a front door.
+Imports: tools, policy, store, broker, controls, guardian (the card and its rules), services
+(the Executor protocol), approvals, limits, config, protocol (ids), errors. Never a front door.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ wins (deny, then ask, then allow), so a deny rule for ``lock.*`` holds wherever 
 lock is named.
 
 Indices count from 0, as in the error paths: ``rule 3`` is ``rules[3]`` in the file.
+
+Imports: tools (signatures and the per-entity checks).
 """
 
 from __future__ import annotations

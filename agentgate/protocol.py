@@ -6,6 +6,8 @@ Parsing never raises anything but :class:`~agentgate.errors.AgentgateError` subc
 (``ParseError``, ``InvalidRequest``, ``InvalidParams``). When the offending message had a
 usable id, the raised error carries it as ``rpc_id`` so the reply can echo it; otherwise the
 reply goes out with ``id: null`` as JSON-RPC requires.
+
+Imports: errors.
 """
 
 from __future__ import annotations

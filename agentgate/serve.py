@@ -1,4 +1,7 @@
-"""``agentgate serve gate.toml``: logging, signals and exit status around :func:`serve_gateway`."""
+"""``agentgate serve gate.toml``: logging, signals and exit status around :func:`serve_gateway`.
+
+Imports: gateway, config, inert, _compat.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ Why it looks like this:
   resolution columns are filled in later.
 - **Keys.** Approvals are keyed by a gateway-generated UUID (``request_id``), never by the agent's
   JSON-RPC id, which is stored only to echo it back.
+
+Imports: approvals (the states), errors.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ Services that act on things their call does not name (scripts, automations, scen
 *indirect* (:data:`INDIRECT_SERVICES`): cards say so, and the shipped policy asks for them.
 
 Every refusal is :class:`~agentgate.errors.InvalidParams` (-32602) naming the argument.
+
+Imports: errors.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ to show the card's resolution. Decisions and commands flow back through :class:`
 which the gateway implements; the guardian only checks *who* pressed (``allowed_users``) and
 renders. All approval state lives in agentgate's store, so a card's buttons keep working after a
 restart: callback data is ``allow:<request_id>``, ``deny:<request_id>`` or ``grant:<request_id>``.
+
+Imports: errors. The broker, the controls and the guardians import this.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ What a card guarantees:
 
 HTML is built from text spans (:class:`_Html`) that count what Telegram will show, so the size
 of a card is known exactly without parsing it back.
+
+Imports: guardian, tools. Never Telegram.
 """
 
 from __future__ import annotations

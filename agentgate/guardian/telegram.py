@@ -19,6 +19,8 @@ bounded number of times (honouring Telegram's ``RetryAfter``) and then fail clos
 Card text is Telegram HTML; every string that an agent can influence is escaped, and invisible or
 direction-changing characters are shown as ``\\uXXXX`` so that nothing on a card can hide or
 fake a part of it.
+
+Imports: guardian, guardian.card, guardian._trio_request, tools, config.
 """
 
 from __future__ import annotations

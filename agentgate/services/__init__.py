@@ -3,6 +3,8 @@
 The pipeline (``agentgate.pipeline``) depends on this protocol only; Home Assistant
 (:mod:`agentgate.services.homeassistant`) is the one implementation today. An executor holds
 the credential of its service: nothing else in the gateway ever sees it.
+
+Imports: tools (ToolSpec).
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
   answer within ``timeout`` seconds (one
   deadline per tool call, both requests of ``ha_call_service`` included) → ``Home Assistant did
   not answer within N s``.
+
+Imports: tools, errors, config (TLS contexts), outbound.
 """
 
 from __future__ import annotations
