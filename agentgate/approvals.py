@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Any, Final, Protocol
-
-from attrs import frozen
+from typing import Any, Final, NamedTuple, Protocol
 
 from agentgate.errors import (
     AgentgateError,
@@ -100,8 +98,7 @@ class Decision(enum.Enum):
     UNDELIVERABLE = "undeliverable"
 
 
-@frozen
-class Meaning:
+class Meaning(NamedTuple):
     """One row of the table (see the module docstring).
 
     ``outcome``, ``card`` and ``error`` are None for the decisions that execute: the call's own
@@ -175,8 +172,7 @@ def decision_for(action: Action) -> Decision:
     return _BY_ACTION[action]
 
 
-@frozen
-class Result:
+class Result(NamedTuple):
     """How one request ended, for the front door that asked (or the agent's queue).
 
     ``reply_to`` is the front door's own handle on the request (the JSON-RPC id it echoes).

@@ -59,18 +59,28 @@ log = logging.getLogger(__name__)
 SHUTDOWN_BOUND: Final = 5.0  # seconds for a clean shutdown, then what is left is cancelled
 
 
-@attrs.define(eq=False, slots=False)  # slots=False: tests replace shutdown to mimic kill -9
 class Gateway:
     """Every part of a running gateway; made by :func:`open_gateway`."""
 
-    config: Config
-    store: Store
-    executor: Executor | None
-    pipeline: Pipeline
-    controls: Controls
-    broker: Broker
-    door: WebSocketDoor
-    guardian: Guardian | None
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        executor: Executor | None,
+        pipeline: Pipeline,
+        controls: Controls,
+        broker: Broker,
+        door: WebSocketDoor,
+        guardian: Guardian | None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.executor = executor
+        self.pipeline = pipeline
+        self.controls = controls
+        self.broker = broker
+        self.door = door
+        self.guardian = guardian
 
     async def shutdown(self) -> None:
         """Refuse new work, resolve approvals as shutdown, drain, close sockets with 1001."""

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, NamedTuple
 
-import attrs
 import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
 
@@ -29,8 +28,7 @@ Handler = Callable[[WebSocketRequest, str], Awaitable[None]]
 CLOSE_GRACE: Final = 2.0  # seconds a connection's socket may take to close after its handler
 
 
-@attrs.frozen
-class Listening:
+class Listening(NamedTuple):
     """What :func:`serve_websockets` hands to ``nursery.start``."""
 
     port: int

@@ -31,7 +31,7 @@ import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import trio
@@ -62,16 +62,14 @@ __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 log = logging.getLogger(__name__)
 
 
-@attrs.frozen
-class Executed:
+class Executed(NamedTuple):
     """The call ran at once; ``data`` is the service's answer."""
 
     request_id: str
     data: Any
 
 
-@attrs.frozen
-class Asked:
+class Asked(NamedTuple):
     """A guardian decides; the result reaches the reply handle (or the agent's queue) later."""
 
     request_id: str

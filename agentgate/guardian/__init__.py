@@ -13,7 +13,7 @@ Imports: errors. The broker, the controls and the guardians import this.
 from __future__ import annotations
 
 import enum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from attrs import frozen
 
@@ -87,8 +87,7 @@ class GatewayStatus:
     frozen: bool
 
 
-@frozen
-class PressAnswer:
+class PressAnswer(NamedTuple):
     """How a guardian's press is answered, and whether it decided the approval.
 
     A press that decided is answered once its card shows the outcome; any other at once.
