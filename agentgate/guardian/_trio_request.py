@@ -64,19 +64,11 @@ class TrioRequest(BaseRequest):
     async def initialize(self) -> None:
         if self._client is None:
             # Building the client does no I/O; its connections bind to Trio on first use.
-            transport = self._transport
-            if transport is None:
-                from agentgate.outbound import one_write_transport  # lazily: see homeassistant.py
-
-                verify = self._verify
-                if not isinstance(verify, ssl.SSLContext):
-                    verify = httpx.create_ssl_context(verify=verify)
-                transport = one_write_transport(verify=verify, limits=self._limits)
             self._client = httpx.AsyncClient(
                 timeout=self._timeout,
                 limits=self._limits,
                 verify=self._verify,
-                transport=transport,
+                transport=self._transport,
             )
 
     async def shutdown(self) -> None:

@@ -36,7 +36,7 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
   deadline per tool call, both requests of ``ha_call_service`` included) → ``Home Assistant did
   not answer within N s``.
 
-Imports: tools, errors, config (TLS contexts), outbound.
+Imports: tools, errors, config (TLS contexts).
 """
 
 from __future__ import annotations
@@ -395,11 +395,6 @@ async def open_homeassistant(
     clock used for history windows.
     """
     verify = client_ssl_context(config.url)
-    if transport is None:
-        # Imported here, as httpx imports httpcore: only a client that is built needs it.
-        from agentgate.outbound import one_write_transport
-
-        transport = one_write_transport(verify=verify, limits=LIMITS)
     async with httpx.AsyncClient(
         base_url=config.url,
         headers={"Authorization": f"Bearer {config.token}"},
