@@ -131,6 +131,7 @@ DEFAULT_DETAIL: Final = {
     Decision.TIMEOUT: "no decision before the deadline",
     Decision.UNDELIVERABLE: UNDELIVERED,
 }
+CARD_WAIT: Final = 15.0  # seconds a press may wait for its card's send to return (its budget)
 COPIES = 8  # copies of one card (/pending) whose buttons count; older ones answer "expired"
 
 
@@ -162,6 +163,7 @@ class Broker:
         self._nursery: trio.Nursery | None = None
         self._closing = False  # shutdown began: new approvals resolve at once
         self._idle: trio.Event | None = None  # set when the last approval is done (idle())
+        self._sending: dict[str, trio.Event] = {}  # request id -> set once its card is sent
         self.executions = 0
 
     # -- running ------------------------------------------------------------------------------
@@ -266,6 +268,13 @@ class Broker:
 
     # -- deciding -----------------------------------------------------------------------------
 
+    async def card_known(self, request_id: str) -> None:
+        """Return once the approval's card ref is known (its card is not being sent now)."""
+        sending = self._sending.get(request_id)
+        if sending is not None:
+            with trio.move_on_after(CARD_WAIT):
+                await sending.wait()
+
     def misplaced(self, request_id: str, message_ref: str) -> bool:
         """Whether a press on ``message_ref`` names an approval whose card that is not."""
         approval = self.approvals.get(request_id)
@@ -369,6 +378,9 @@ class Broker:
             return
         target = await self._describe(row.tool, row.args)
         approval.row = row = attrs.evolve(row, target=target)
+        # A press can come back before send_card does (the Bot API already has the message):
+        # presses for this approval wait until its card's ref is known (card_known).
+        sending = self._sending[row.request_id] = trio.Event()
         try:
             ref = await self.guardian.send_card(approval.card())
         except GuardianUnavailable as exc:
@@ -380,7 +392,11 @@ class Broker:
             log.exception("guardian failed to send a card")
             approval.resolve(Decision.UNDELIVERABLE, None, UNDELIVERED)
             return
-        approval.row = attrs.evolve(row, message_ref=ref)
+        else:
+            approval.row = attrs.evolve(row, message_ref=ref)
+        finally:
+            del self._sending[row.request_id]
+            sending.set()
         try:
             await self.store.set_message_ref(row.request_id, ref, target)
         except ExecutionFailed:
@@ -396,6 +412,7 @@ class Broker:
             assert meaning.outcome is not None
             data = {"request_id": row.request_id, "signature": row.signature}
             detail = approval.detail or DEFAULT_DETAIL.get(kind, "")
+            detail = detail.removeprefix("guardian unreachable: ")  # the message says it once
             outcome, result = meaning.outcome, None
             error = meaning.error_for(by=approval.by, detail=detail, data=data)
         await self._deliver(approval, outcome, result, error)

@@ -229,6 +229,7 @@ class WebSocketDoor:
             if self._none_left is None:
                 self._none_left = trio.Event()
             await self._none_left.wait()
+            self._none_left = None
 
     # -- one connection -----------------------------------------------------------------------
 
@@ -260,6 +261,8 @@ class WebSocketDoor:
         self.connections.setdefault(agent.name, set()).add(conn)
         self.pipeline.sessions.add(conn)
         log.info("agent %s connected from %s", agent.name, remote)
+        if self.pipeline.closing:  # authenticated while the gateway began to shut down
+            conn.close()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, conn, receive)

@@ -103,6 +103,7 @@ class Controls:
         self, request_id: str, action: Action, by: str, *, message_ref: str
     ) -> PressAnswer:
         broker = self._approvals()
+        await broker.card_known(request_id)
         if broker.misplaced(request_id, message_ref):
             what = f"button {action.value}:{request_id} pressed on {message_ref}"
             await self.refused(by, f"{what}, which is not that approval's card")

@@ -13,6 +13,7 @@ Imports: nothing of agentgate (Trio, trio-websocket's public API).
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final, NamedTuple
@@ -24,6 +25,8 @@ __all__ = ["Listening", "serve_websockets"]
 
 Handler = Callable[[WebSocketRequest, str], Awaitable[None]]
 """Called with each upgraded connection's request and its peer's address."""
+
+log = logging.getLogger(__name__)
 
 CLOSE_GRACE: Final = 2.0  # seconds a connection's socket may take to close after its handler
 
@@ -59,6 +62,7 @@ class _Watched(trio.abc.Stream):
         await self.inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        self.ended.set()  # trio-websocket closes the stream itself after a bad request
         await self.inner.aclose()
 
 
@@ -90,6 +94,11 @@ async def serve_websockets(
                         await handler(request, peer)
                 finally:
                     nursery.cancel_scope.cancel()
+        except Exception:
+            # Nothing one connection does may end the listener: trio-websocket's reader raises
+            # ConnectionClosed out of its task when a peer that sent a bad request is gone
+            # before the 400 answer can be written, and serve_listeners would pass it on.
+            log.debug("connection from %s ended with an error", peer, exc_info=True)
         finally:
             with trio.move_on_after(CLOSE_GRACE):
                 await trio.aclose_forcefully(stream)

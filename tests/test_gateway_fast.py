@@ -324,3 +324,30 @@ async def test_no_grant_for_an_indirect_service(
         assert fg.gateway.broker.waiting("pi") == 1  # still the guardian's to decide
         assert await fg.gateway.controls.grants() == []
         assert await fg.guardian.press(shown.card.request_id, "deny") == "denied"
+
+
+async def test_a_press_that_arrives_before_its_card_send_returns_still_counts(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The Bot API has the message (and the guardian may press) before sendMessage answers.
+    async with fast_gateway(tmp_path) as fg:
+        guardian = fg.guardian
+        answers: list[str] = []
+        plain_send = guardian.send_card
+
+        async def send_card(card: Any) -> str:
+            ref = await plain_send(card)
+
+            async def press_now() -> None:
+                answers.append(await guardian.press(card.request_id, "allow", on=ref))
+
+            fg.nursery.start_soon(press_now)
+            await trio.testing.wait_all_tasks_blocked()  # the press is in before we return
+            return ref
+
+        guardian.send_card = send_card  # type: ignore[method-assign]
+        ws = await authed(fg)
+        args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+        answer = await call(ws, 1, "tool_request", tool="ha_call_service", args=args)
+        assert answer["result"]["status"] == "executed"
+        assert answers == ["approved"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -551,3 +553,26 @@ async def test_abandoned_tls_handshake_does_not_disturb(
             await assert_served(laptop)
             async with raw_agent(gw, "pi") as pi:
                 await assert_served(pi)
+
+
+def _bad_request_then_reset(port: int) -> None:
+    """Not a WebSocket upgrade, and gone (RST) before the 400 answer can be written."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GARBAGE / HTTP/1.1\r\n\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def test_a_bad_request_and_a_reset_do_not_take_the_gateway_down(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    # Once took the whole gateway down: trio-websocket's reader raised out of its task.
+    with trio.fail_after(CEILING):
+        async with (
+            running_gateway(workdir, home=home, tls=False) as gw,
+            raw_agent(gw, "laptop") as laptop,
+        ):
+            for _ in range(30):
+                await trio.to_thread.run_sync(_bad_request_then_reset, gw.running.port)
+            await assert_served(laptop)
+            async with raw_agent(gw) as newcomer:
+                await assert_served(newcomer)

@@ -8,7 +8,9 @@ whole timeout, which would let anyone pin file descriptors by connecting and lea
 from __future__ import annotations
 
 import os
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -114,3 +116,25 @@ async def test_a_websocket_still_works(ca: trustme.CA, use_tls: bool) -> None:
             ) as ws:
                 await ws.send_message("hello")
                 assert await ws.get_message() == "echo hello"
+
+
+def _bad_request_then_reset(port: int) -> None:
+    """Not a WebSocket upgrade, and gone (RST) before the server's 400 can be written."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GARBAGE / HTTP/1.1\r\n\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def test_bad_requests_neither_end_the_listener_nor_hold_their_sockets() -> None:
+    async with _server(None) as server:
+        with trio.fail_after(CEILING):
+            await trio.sleep(0.1)
+            baseline = _open_fds()
+            for _ in range(20):
+                await trio.to_thread.run_sync(_bad_request_then_reset, server.port)
+            # Freed at once, not after the 60 s connect_timeout...
+            await _wait_for_fds(baseline)
+            # ... and the listener still serves.
+            async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
+                await ws.send_message("still here")
+                assert await ws.get_message() == "echo still here"
