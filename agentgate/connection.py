@@ -32,7 +32,6 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from agentgate import tools
 from agentgate.approvals import Result
 from agentgate.config import AgentConfig, Config
 from agentgate.errors import (
@@ -446,19 +445,13 @@ class WebSocketDoor:
         if conn.in_flight >= MAX_IN_FLIGHT:
             limited = RateLimited(f"too many requests in flight (limit {MAX_IN_FLIGHT})")
             raise _with_id(limited, req.id)
-        try:
-            self.pipeline.take_rate(conn.agent)
-        except RateLimited as exc:
-            raise _with_id(exc, req.id) from None
 
     async def _request(self, conn: Connection, req: Request) -> None:
         try:
-            if self.pipeline.closing:
-                raise GatewayShuttingDown()
             if req.method == "tool_request":
                 result = await self._tool_request(conn, req)
             elif req.method == "list_tools":
-                result = {"tools": tools.list_tools()}
+                result = {"tools": self.pipeline.list_tools(conn.agent)}
             else:  # get_pending_results
                 results = await self.pipeline.take_queued(conn.agent)
                 handed = tuple(r["request_id"] for r in results)

@@ -30,7 +30,7 @@ import logging
 import sys
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import attrs
@@ -138,6 +138,14 @@ class Pipeline:
 
     # -- admission ----------------------------------------------------------------------------
 
+    def admit(self, agent: str) -> None:
+        """Every request of every front door passes here first (each entry point below calls
+        it): refused while shutting down (-32007), then one token of the agent's
+        ``requests_per_minute``, shared by every door (-32006 when none is left)."""
+        if self.closing:
+            raise GatewayShuttingDown()
+        self.take_rate(agent)
+
     def take_rate(self, agent: str) -> None:
         """One request of ``agent`` against its ``requests_per_minute`` (RateLimited if none)."""
         rpm, _ = self.config.agent_limits(agent)
@@ -166,10 +174,9 @@ class Pipeline:
         echoed with its late result. Raises the :class:`~agentgate.errors.AgentgateError` the
         agent should get.
         """
-        if self.closing:
-            raise GatewayShuttingDown()
+        self.admit(agent)
         now = self.now()
-        if tool not in tools.TOOLS:
+        if tool not in self.offered:
             await self._audit_refusal(agent, tool, args, None, "invalid", f"unknown tool: {tool}")
             raise InvalidParams(f"unknown tool: {tool}")
         policy = self.policies.get(agent) or self.policies[None]
@@ -259,6 +266,16 @@ class Pipeline:
         )
         return Asked(request_id)
 
+    @property
+    def offered(self) -> Mapping[str, tools.ToolSpec]:
+        """The tools this gateway offers: its executor's (none without a service)."""
+        return self.executor.tools if self.executor is not None else {}
+
+    def list_tools(self, agent: str) -> list[dict[str, Any]]:
+        """The ``list_tools`` entries (name, description, JSON Schema) of the offered tools."""
+        self.admit(agent)
+        return [spec.to_wire() for spec in self.offered.values()]
+
     async def execute(self, tool: str, args: dict[str, Any]) -> Any:
         """Run an already decided call on its service."""
         if self.executor is None:
@@ -295,6 +312,7 @@ class Pipeline:
 
     async def take_queued(self, agent: str) -> list[dict[str, Any]]:
         """The agent's queued results, each handed out once."""
+        self.admit(agent)
         return await self.store.take_queued(agent)
 
     async def queued_count(self, agent: str) -> int:

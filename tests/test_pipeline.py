@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
 import trio.testing
 from trio_websocket import WebSocketConnection
 
+from agentgate.errors import GatewayShuttingDown, RateLimited
 from agentgate.store import AuditEntry
-from tests.fastgate import FastGateway, authed, fast_gateway, reply
+from agentgate.tools import TOOLS, ToolSpec
+from tests.fastgate import FastGateway, authed, call, fast_gateway, reply
 
 READ = {"tool": "ha_get_state", "args": {"entity_id": "sensor.temp"}}
 LIGHT = {
@@ -120,6 +122,80 @@ async def test_over_the_request_rate_is_limited(
         assert "over 2 requests per minute" in limited["error"]["message"]
         await trio.sleep(30)  # one token back (fake clock)
         assert code(await request(ws, 4, READ)) == 0
+
+
+class _NoDoor:
+    """A reply handle of a front door that checks nothing itself (the pipeline must)."""
+
+    agent = "pi"
+
+    def approval_pending(self, request_id: str, reply_to: Any, expires_at: float) -> None:
+        pass
+
+    def deliver(self, result: Any) -> bool:
+        return False
+
+    def results_waiting(self, count: int) -> None:
+        pass
+
+    async def drained(self) -> None:
+        pass
+
+
+async def test_the_pipeline_limits_the_rate_whatever_the_front_door_does(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path, limits={"requests_per_minute": 2}) as fg:
+        pipeline = fg.gateway.pipeline
+        door = _NoDoor()
+        for rpc_id in (1, 2):
+            await pipeline.submit("pi", READ["tool"], dict(READ["args"]), door, rpc_id)
+        with pytest.raises(RateLimited):
+            await pipeline.submit("pi", READ["tool"], dict(READ["args"]), door, 3)
+        with pytest.raises(RateLimited):  # listing tools and collecting results count too
+            pipeline.list_tools("pi")
+        pipeline.closing = True
+        with pytest.raises(GatewayShuttingDown):
+            await pipeline.submit("pi", READ["tool"], dict(READ["args"]), door, 4)
+    assert len(fg.home.service_calls) == 0
+
+
+class _OneToolExecutor:
+    """An executor that is not Home Assistant: it offers one tool of its own."""
+
+    tools: ClassVar[dict[str, ToolSpec]] = {"ha_get_state": TOOLS["ha_get_state"]}
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def execute(self, tool: str, args: dict[str, Any]) -> Any:
+        self.calls.append((tool, args))
+        return {"answered_by": "one-tool"}
+
+    async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
+        return None
+
+    async def check_health(self) -> str | None:
+        return None
+
+
+async def test_the_tools_offered_are_the_executors(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        executor = _OneToolExecutor()
+        fg.gateway.pipeline.executor = executor
+        ws = await authed(fg)
+        listed = await call(ws, 1, "list_tools")
+        assert [t["name"] for t in listed["result"]["tools"]] == ["ha_get_state"]
+        assert (await request(ws, 2, READ))["result"]["data"] == {"answered_by": "one-tool"}
+        refused = await request(ws, 3, LIGHT)  # a Home Assistant tool this executor lacks
+        assert code(refused) == -32602
+        assert refused["error"]["message"] == "unknown tool: ha_call_service"
+        fg.gateway.pipeline.executor = None  # no service at all: nothing is offered
+        assert (await call(ws, 4, "list_tools"))["result"]["tools"] == []
+    assert executor.calls == [("ha_get_state", READ["args"])]
+    assert fg.home.service_calls == []
 
 
 async def test_over_the_pending_limit_is_limited(
