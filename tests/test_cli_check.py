@@ -64,6 +64,34 @@ def test_check_fallback_ask_exits_3(capsys: pytest.CaptureFixture[str], tmp_path
     assert "matched:   fallback (ask)" in out
 
 
+SCENE_WITH_A_LOCK = [
+    "ha_call_service",
+    "domain=scene",
+    "service=apply",
+    'entities:={"light.kitchen": "on", "lock.front_door": "unlocked"}',
+]
+
+
+def test_check_shows_every_entity_and_why_it_is_there(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "check", "--policy", SHIPPED, *SCENE_WITH_A_LOCK)
+    assert status == 1
+    assert out.splitlines() == [
+        "signature: ha_call_service(scene.apply, light.kitchen, lock.front_door)",
+        "entities:  light.kitchen (a key of entities)",
+        "           lock.front_door (a key of entities)",
+        "decision:  deny",
+        "matched:   rule 24: ha_call_service(*, lock.*) (deny)",
+        "           no call that names a lock, wherever (homeassistant.toggle, scene.apply, ...)",
+        "indirect:  scene.apply sets every state the scene holds, named here or not",
+    ]
+    status, out, _ = run(capsys, "check", "--json", "--policy", SHIPPED, *SCENE_WITH_A_LOCK)
+    assert status == 1
+    assert json.loads(out)["entities"] == [
+        {"entity_id": "light.kitchen", "why": "a key of entities"},
+        {"entity_id": "lock.front_door", "why": "a key of entities"},
+    ]
+
+
 def test_check_json(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "check", "--policy", SHIPPED, *LOCK, "--json")
     assert status == 1
