@@ -104,9 +104,6 @@ class Controls:
     ) -> PressAnswer:
         broker = self._approvals()
         await broker.card_known(request_id)
-        if request_id not in broker.approvals:  # long resolved (a card from before a restart)
-            await self.refused(by, f"button {action.value}:{request_id}: no such open approval")
-            return PressAnswer("expired or unknown approval")
         if broker.misplaced(request_id, message_ref):
             what = f"button {action.value}:{request_id} pressed on {message_ref}"
             await self.refused(by, f"{what}, which is not that approval's card")

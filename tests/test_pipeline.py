@@ -341,23 +341,3 @@ async def test_shutdown_cancels_what_is_still_asked(
         (row,) = await rows(fg)
         assert (row.decision, row.resolution) == ("ask", "shutdown")
     assert fg.home.service_calls == []
-
-
-async def test_a_press_on_an_approval_no_longer_open_decides_nothing_and_is_audited(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    async with fast_gateway(tmp_path) as fg:
-        ws = await authed(fg)
-        request_id = await ask(fg, ws, 1)
-        ref = fg.guardian.cards[request_id].ref
-        assert await fg.guardian.press(request_id, "deny") == "denied"
-        await reply(ws)
-        await fg.gateway.broker.idle()
-        # The card of an approval that ended before a restart: the gateway does not know it.
-        answer = await fg.guardian.press("0a6a4b3c-unknown", "allow", on=ref)
-        assert answer.startswith("expired")
-        refused = [r for r in await fg.gateway.store.audit_rows() if r.decision == "refused"]
-        assert [r.matched for r in refused] == [
-            "button allow:0a6a4b3c-unknown: no such open approval"
-        ]
-    assert fg.home.service_calls == []
