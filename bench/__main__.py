@@ -25,7 +25,7 @@ from agentgate.testing.fake_telegram import serve_fake_telegram
 from bench import procs
 from bench.profile import Profiler, find_py_spy, report
 from bench.scenarios import SCENARIOS, Context, Settings
-from bench.stats import Row, combine, table
+from bench.stats import Row, combine, fmt, headline, table
 
 NEEDS_FLOORS = {"S1", "S2", "S3", "S4"}
 PROPOSALS = ""  # set from --proposals
@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median of {len(runs)} run(s); ratio = gateway / floor (1.00 = as fast as the floor)")
     print()
     print(table(combined))
+    figures = headline(combined)
+    if figures:
+        print()
+        print("headline: " + ", ".join(f"{k} = {fmt(v)}" for k, v in figures.items()))
     if args.profile:
         for path in sorted(args.profile.glob("*.txt")):
             print()
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     "started": started.isoformat(),
                     "runs": [[attrs.asdict(r) for r in rows] for rows in runs],
                     "median": [attrs.asdict(r) for r in combined],
+                    "headline": headline(combined),
                 },
                 default=str,
             )
