@@ -65,7 +65,11 @@ def one_run(
             except Exception as exc:  # one broken scenario must not lose the others
                 ctx.log(f"{name} FAILED: {exc!r}")
                 rows.append(Row(name, float("nan"), "", "-", False, note=f"failed: {exc!r}"[:200]))
-            ctx.log(f"    {name} took {time.monotonic() - began:.0f} s")
+            # Other work on the machine moves every figure: say how busy it was.
+            ctx.log(
+                f"    {name} took {time.monotonic() - began:.0f} s; load average "
+                f"{os.getloadavg()[0]:.2f} at its end"
+            )
     return rows
 
 
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--profile needs py-spy (see bench/README.md)")
         profiler = Profiler(args.profile, binary)
 
-    print(machine(), file=sys.stderr)
+    host = machine()  # its load average is the one at the start
+    print(host, file=sys.stderr)
     started = datetime.now(UTC)
     runs: list[list[Row]] = []
     with tempfile.TemporaryDirectory(prefix="agentgate-bench-") as tmp:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 profiler = None  # profile the first run only
     combined = combine(runs)
     print()
-    print(f"agentgate bench — {started:%Y-%m-%d %H:%M} UTC — {machine()}")
+    print(f"agentgate bench — {started:%Y-%m-%d %H:%M} UTC — {host}")
     print(f"command: python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
     if PROPOSALS:
         print(f"WITH PROPOSALS {PROPOSALS} applied by bench/gateway_unpaced.py")
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "machine": machine(),
+                    "machine": host,
+                    "load_average_at_end": os.getloadavg()[0],
                     "started": started.isoformat(),
                     "runs": [[attrs.asdict(r) for r in rows] for rows in runs],
                     "median": [attrs.asdict(r) for r in combined],
