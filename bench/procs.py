@@ -98,9 +98,22 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, all CPUs (``/proc/stat``): busy is
+    user, nice, system, irq and softirq; stolen is the hypervisor's time for other guests."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
 class CpuWindow:
     """CPU seconds of some processes over a wall-clock window: a thread samples each process at
-    the window's start and at its end (the same window the load workers count in)."""
+    the window's start and at its end (the same window the load workers count in).
+
+    Also the rest of the machine: ``"others"`` is what every other process used meanwhile (the
+    machine's busy time less the watched processes'), ``"stolen"`` the hypervisor's share.
+    """
 
     def __init__(self, pids: dict[str, int], start_at: float, duration: float) -> None:
         self.pids = pids
@@ -113,8 +126,13 @@ class CpuWindow:
     def _run(self) -> None:
         time.sleep(max(0.0, self.start_at - time.time()))
         first = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        busy, stolen = machine_busy()
         time.sleep(max(0.0, self.end_at - time.time()))
-        self.used = {name: cpu_seconds(pid) - first[name] for name, pid in self.pids.items()}
+        used = {name: cpu_seconds(pid) - first[name] for name, pid in self.pids.items()}
+        busy_end, stolen_end = machine_busy()
+        used["others"] = busy_end - busy - sum(v for v in used.values() if v == v)
+        used["stolen"] = stolen_end - stolen
+        self.used = used
 
     def result(self) -> dict[str, float]:
         """Seconds used inside the window, per name (waits for the window's end)."""

@@ -155,6 +155,8 @@ def _measure(
     results = [procs.collect(w, setup + ctx.settings.warmup + duration + 120) for w in workers]
     used = sampler.result()
     used["workers"] = sum(v for k, v in used.items() if k.startswith("worker"))
+    if used.get("others", 0) / duration > BUSY:
+        ctx.log(f"    other processes used {used['others'] / duration:.0%} of a core meanwhile")
     latencies: list[float] = []
     per_second = [0] * len(results[0]["per_second"])
     errors: dict[str, int] = {}
@@ -173,7 +175,19 @@ def _measure(
         "errors": errors,
         "late_start": max(r["late_start_s"] for r in results),
         "cpu": used,
+        "duration": duration,
     }
+
+
+# Other processes using more than this share of a core during a window are worth a warning.
+BUSY = 0.1
+
+
+def _elsewhere(m: dict[str, Any], duration: float) -> str:
+    """What the rest of the machine did during ``m``'s window, for a row's note."""
+    others, stolen = m["cpu"].get("others", math.nan), m["cpu"].get("stolen", 0.0)
+    text = f"rest of the machine {max(0.0, others) / duration:.0%} of a core"  # ticks round
+    return text + (f", stolen {stolen / duration:.0%}" if stolen / duration >= 0.01 else "")
 
 
 def _per_request_us(m: dict[str, Any], process: str) -> float:
@@ -227,7 +241,9 @@ def _measure_service(ctx: Context, connections: int) -> dict[str, Any]:
         text=True,
         cwd=ROOT,
     )
-    sampler = procs.CpuWindow({"home": ctx.home.pid}, start_at, s.floor_seconds)
+    sampler = procs.CpuWindow(
+        {"home": ctx.home.pid, "worker0": worker.pid}, start_at, s.floor_seconds
+    )
     result = procs.collect(worker, 1 + s.warmup + s.floor_seconds + 60)
     return {
         "rate": result["count"] / s.floor_seconds,
@@ -235,6 +251,7 @@ def _measure_service(ctx: Context, connections: int) -> dict[str, Any]:
         "p50": percentile(result["latencies_ms"], 50),
         "errors": result["errors"],
         "cpu": sampler.result(),
+        "duration": s.floor_seconds,
     }
 
 
@@ -308,7 +325,8 @@ def floors(ctx: Context) -> list[Row]:
             "req/s",
             "-",
             None,
-            note=f"{what}; {cpu_of} CPU {f['cpu ' + key]:,.0f} µs/req"
+            note=f"{what}; {cpu_of} CPU {f['cpu ' + key]:,.0f} µs/req; "
+            + _elsewhere(m, s.floor_seconds)
             + (f"; {errors}" if errors else ""),
             extra={"cpu_us_per_request": f["cpu " + key], "p50_ms": m["p50"]},
         )
@@ -339,7 +357,9 @@ def floors(ctx: Context) -> list[Row]:
             None,
             note=f"best in 1 process: {best}, 100 tasks; client CPU "
             f"{f['cpu httpx par']:,.0f} µs/req; "
-            + ", ".join(f"{k} {m['rate']:,.0f}" for k, m in shapes.items()),
+            + ", ".join(f"{k} {m['rate']:,.0f}" for k, m in shapes.items())
+            + "; "
+            + _elsewhere(shapes[best], s.floor_seconds),
             extra={
                 "cpu_us_per_request": f["cpu httpx par"],
                 "shapes": {k: m["rate"] for k, m in shapes.items()},
@@ -388,8 +408,12 @@ def cpu_row(ctx: Context, label: str, m: dict[str, Any], shape: str, target: str
         floor,
         floor / value if value else math.nan,
         note=f"{m['cpu'].get('gateway', math.nan):.2f} s CPU for {m['count']:,} answers; floor = "
-        f"httpx {httpx_us:,.0f} + door {door_us:,.0f} µs; fast home {home:,.0f} µs/req",
-        extra={"headline": f"cpu_us_per_request.{label.split()[0]}"},
+        f"httpx {httpx_us:,.0f} + door {door_us:,.0f} µs; fast home {home:,.0f} µs/req; "
+        + _elsewhere(m, m["duration"]),
+        extra={
+            "headline": f"cpu_us_per_request.{label.split()[0]}",
+            "cpu_s": m["cpu"],
+        },
     )
 
 
