@@ -100,7 +100,9 @@ def context_switches(pid: int) -> int:
 
 def machine_busy() -> tuple[float, float]:
     """(busy, stolen) CPU seconds of the whole machine so far, all CPUs (``/proc/stat``): busy is
-    user, nice, system, irq and softirq; stolen is the hypervisor's time for other guests."""
+    user, nice, system, irq and softirq (with tick accounting, as here, the interrupt ticks are
+    also charged to the process they interrupted); stolen is the hypervisor's time for other
+    guests."""
     with open("/proc/stat") as stat:
         fields = [int(v) for v in stat.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
