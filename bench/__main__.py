@@ -50,7 +50,7 @@ def one_run(
 ) -> list[Row]:
     rows: list[Row] = []
     with (
-        procs.fake_home() as home,
+        procs.fake_home(fast=True) as home,
         serve_fake_telegram(procs.TG_TOKEN, chat_id=procs.TG_CHAT) as tg,
     ):
         ctx = Context(settings=settings, home=home, tg=tg, workdir=workdir, profiler=profiler)

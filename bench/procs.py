@@ -185,10 +185,12 @@ class Home:
 
 
 @contextmanager
-def fake_home() -> Iterator[Home]:
-    """The benchmarks' fast fake Home Assistant in its own process (:mod:`bench.fasthome`)."""
+def fake_home(*, fast: bool = False) -> Iterator[Home]:
+    """A fake Home Assistant in its own process: the correctness fake (a stdlib threading HTTP
+    server, as the soak uses), or with ``fast`` the benchmarks' (:mod:`bench.fasthome`)."""
+    module = "bench.fasthome" if fast else "agentgate.testing.fake_homeassistant"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.fasthome", "--token", HA_TOKEN],
+        [sys.executable, "-m", module, "--token", HA_TOKEN],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
