@@ -264,6 +264,8 @@ class Store:
                 log.error("store write failed: %s", op.error)
 
     def _run_batch(self, batch: list[_Op[Any]]) -> None:
+        """One transaction for the batch. Every step can fail (``BEGIN``, a statement,
+        ``COMMIT``): whatever fails, each operation not committed gets an error (fail closed)."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -280,28 +282,29 @@ class Store:
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 return
-            batch = []
-        for op in batch:
-            try:
-                conn.execute("SAVEPOINT op")
-                op.result = op.fn(conn)
-                conn.execute("RELEASE op")
-            except Exception as exc:  # one failing op must not sink the batch
-                op.error = exc
+        else:
+            for op in batch:
                 try:
-                    conn.execute("ROLLBACK TO op")
+                    conn.execute("SAVEPOINT op")
+                    op.result = op.fn(conn)
                     conn.execute("RELEASE op")
-                except sqlite3.Error:
-                    pass
+                except Exception as exc:  # one failing op must not sink the batch
+                    op.error = exc
+                    try:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                    except sqlite3.Error:
+                        pass
         try:
             conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
+        except sqlite3.Error as exc:  # a full or failing disk: nothing of the batch is written
             for op in batch:
                 if op.error is None:
                     op.error = exc
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            return
+        self.commits += 1
 
     async def _do(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:

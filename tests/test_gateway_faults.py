@@ -147,11 +147,30 @@ class _DyingDisk:
         self._conn.close()
 
 
+class _FailingCommit:
+    """A sqlite3 connection whose ``COMMIT`` fails like a full or dying disk; every other
+    statement runs (so each write gets as far as its last step)."""
+
+    def __init__(self, conn: sqlite3.Connection, failures: list[int]) -> None:
+        self._conn = conn
+        self._failures = failures
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.strip().upper() == "COMMIT":
+            self._failures[0] += 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 def _break_the_store(monkeypatch: pytest.MonkeyPatch, store: Store, how: str) -> list[int]:
     """Make every write of ``store`` fail with "disk I/O error"; returns a failure counter.
 
     ``batch``: the store's batch runner itself raises (as an unexpected error would);
-    ``statements``: every SQL statement fails inside the batch runner.
+    ``statements``: every SQL statement fails inside the batch runner; ``commit``: only the
+    ``COMMIT`` fails.
     """
     failures = [0]
 
@@ -161,12 +180,14 @@ def _break_the_store(monkeypatch: pytest.MonkeyPatch, store: Store, how: str) ->
 
     if how == "batch":
         monkeypatch.setattr(store, "_run_batch", run_batch)
+    elif how == "commit":
+        monkeypatch.setattr(store, "_conn", _FailingCommit(store._conn, failures))
     else:
         monkeypatch.setattr(store, "_conn", _DyingDisk(store._conn, failures))
     return failures
 
 
-BREAKAGES = pytest.mark.parametrize("how", ["batch", "statements"])
+BREAKAGES = pytest.mark.parametrize("how", ["batch", "statements", "commit"])
 
 
 @BREAKAGES
@@ -226,6 +247,33 @@ async def test_unwritable_store_blocks_an_allowed_service_call(
             ok = await laptop.tool("ha_call_service", **LIGHT_ON)
             assert ok["result"]["status"] == "executed"
             assert state(home, "light.bedroom") == "on"
+
+
+@BREAKAGES
+async def test_unwritable_store_blocks_an_approved_call(
+    workdir: Path, home: FakeHomeAssistant, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The approval's move to "executing" is the row that precedes execution: if it cannot be
+    # committed, the guardian's Allow executes nothing.
+    with trio.fail_after(CEILING):
+        async with running_gateway(workdir, home=home) as gw, raw_agent(gw) as agent:
+            await agent.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "tool_request",
+                    "params": {"tool": "ha_call_service", "args": LIGHT_ON},
+                }
+            )
+            card = (await gw.scripted.wait_for_card()).card
+            _break_the_store(monkeypatch, gw.gateway.store, how)
+            await gw.scripted.press(card.request_id, "allow")
+            reply = await agent.recv()
+            assert reply["error"]["code"] == -32004, reply
+            assert "nothing was executed" in reply["error"]["message"]
+            await gw.settled()
+            assert posts(home) == []
+            assert state(home, "light.bedroom") == "off"
 
 
 async def test_unavailable_guardian_fails_the_ask_closed(

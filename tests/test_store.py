@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from agentgate.store import AUDIT_RESULT_LIMIT, AuditEntry, PendingRow, open_store
+from agentgate.approvals import Outcome
+from agentgate.store import AUDIT_RESULT_LIMIT, AuditEntry, PendingRow, StoreUnavailable, open_store
 
 NOW = 1_800_000_000.0
 
@@ -173,3 +179,134 @@ async def test_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
                 if count == 20:
                     break
                 await trio.sleep(0.05)
+
+
+class _FailingCommit:
+    """A sqlite3 connection whose ``COMMIT`` fails (a disk that fills up or dies at the end of a
+    transaction); every other statement runs for real."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.failed = 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.strip().upper() == "COMMIT":
+            self.failed += 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_a_failing_commit_of_one_write_is_reported(tmp_path: Path, inline: bool) -> None:
+    # A batch of one takes the path without savepoints: its COMMIT failing must still fail it.
+    sync = "normal" if inline else "full"
+    async with open_store(tmp_path / "a.db", synchronous=sync, inline=inline) as store:
+        failing = _FailingCommit(store._conn)
+        store._conn = failing  # type: ignore[assignment]
+        with pytest.raises(StoreUnavailable, match="disk I/O error"):
+            await store.audit(entry("r1"))
+        assert failing.failed == 1
+        store._conn = failing._conn
+        assert await store.audit_rows() == []  # rolled back: nothing claims to be written
+        await store.audit(entry("r2"))  # the store is still usable
+        assert [r.request_id for r in await store.audit_rows()] == ["r2"]
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_a_failing_commit_of_many_writes_fails_each(tmp_path: Path, inline: bool) -> None:
+    sync = "normal" if inline else "full"
+    async with open_store(tmp_path / "a.db", synchronous=sync, inline=inline) as store:
+        failing = _FailingCommit(store._conn)
+        store._conn = failing  # type: ignore[assignment]
+        outcomes: list[str] = []
+
+        async def write(request_id: str) -> None:
+            try:
+                await store.audit(entry(request_id))
+                outcomes.append("ok")
+            except StoreUnavailable:
+                outcomes.append("failed")
+
+        # Posted writes join the commit of the awaited ones: one batch of many.
+        for i in range(3):
+            await store.resolve_audit(
+                f"p{i}", Outcome.EXECUTED, resolved_by=None, resolved_at=NOW, wait=False
+            )
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(write, f"r{i}")
+        assert outcomes == ["failed"] * 5
+        assert failing.failed >= 1
+        store._conn = failing._conn
+        assert await store.audit_rows() == []
+
+
+FULL_DISK_DIR = Path("/tmp/agentgate-full-disk-test")
+
+
+def _mount_small_tmpfs(where: Path) -> str | None:
+    """Mount a 512 KiB tmpfs at ``where``; None if done, else why it cannot be."""
+    if os.geteuid() != 0:
+        return "mounting a size-limited tmpfs needs root"
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}"
+    return None
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a small filesystem of its own (filled up by the test)."""
+    where = tmp_path / "small-fs"
+    why = _mount_small_tmpfs(where)
+    if why is not None:
+        pytest.skip(why)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    """Write a file until the filesystem holding ``directory`` has no room left."""
+    chunk = b"\0" * 4096
+    with contextlib.suppress(OSError), (directory / "filler").open("wb", buffering=0) as f:
+        while True:
+            f.write(chunk)
+
+
+async def test_a_full_disk_fails_writes_closed_and_loses_nothing_reported_written(
+    full_disk: Path,
+) -> None:
+    path = full_disk / "agentgate.db"
+    reported: list[str] = []  # writes the store said were committed
+    refused: list[str] = []
+    async with open_store(path, inline=True) as store:
+        await store.audit(entry("before"))
+        reported.append("before")
+        _fill(full_disk)
+        for i in range(50):  # the WAL grows with every commit: it soon needs a page more
+            try:
+                await store.audit(entry(f"r{i}"))
+            except StoreUnavailable as exc:
+                refused.append(f"r{i}: {exc}")
+            else:
+                reported.append(f"r{i}")
+        (full_disk / "filler").unlink()
+        await store.audit(entry("after"))  # room again: writes go on
+        reported.append("after")
+    async with open_store(path, inline=True) as store:
+        rows = [r.request_id for r in await store.audit_rows()]
+    # Every write reported committed is there after a reopen, and only those.
+    assert rows == reported
+    assert refused, "the disk never filled up"
+    assert all("database or disk is full" in why for why in refused), refused
