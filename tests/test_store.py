@@ -244,9 +244,6 @@ async def test_a_failing_commit_of_many_writes_fails_each(tmp_path: Path, inline
         assert await store.audit_rows() == []
 
 
-FULL_DISK_DIR = Path("/tmp/agentgate-full-disk-test")
-
-
 def _mount_small_tmpfs(where: Path) -> str | None:
     """Mount a 512 KiB tmpfs at ``where``; None if done, else why it cannot be."""
     if os.geteuid() != 0:
