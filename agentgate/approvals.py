@@ -58,6 +58,7 @@ __all__ = [
     "Result",
     "State",
     "decision_for",
+    "sources",
 ]
 
 
@@ -74,16 +75,28 @@ TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
     State.EXECUTING: frozenset({State.DONE}),
     State.DONE: frozenset(),
 }
+"""Every state change the store may make (it guards its updates with this table, and a trigger
+refuses any other)."""
+
+
+def sources(target: State) -> frozenset[State]:
+    """The states from which an approval may move to ``target``."""
+    return frozenset(state for state, targets in TRANSITIONS.items() if target in targets)
 
 
 class Outcome(enum.StrEnum):
-    """How a request ended: the audit log's resolution, a queued result's ``status``."""
+    """How a request ended: the audit log's resolution, a queued result's ``status``.
+
+    The values are stored: a new member needs no migration, but an older agentgate reading a
+    store that holds it would not know it.
+    """
 
     EXECUTED = "executed"
     DENIED = "denied"
     TIMED_OUT = "timed_out"
     FAILED = "failed"
     SHUTDOWN = "shutdown"
+    REJECTED = "rejected"  # invalid before any decision (unknown tool, bad arguments)
 
 
 class Decision(enum.Enum):

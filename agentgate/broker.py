@@ -473,7 +473,7 @@ class Broker:
         try:
             await self.store.finish_pending(
                 row.request_id,
-                outcome.value,
+                outcome,
                 decided_by=approval.by,
                 at=self._now(),
                 entry=late.queued(),

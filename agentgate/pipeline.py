@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from agentgate import tools
-from agentgate.approvals import ReplyHandle
+from agentgate.approvals import Outcome, ReplyHandle
 from agentgate.broker import Broker
 from agentgate.config import Config
 from agentgate.controls import Controls
@@ -224,9 +224,9 @@ class Pipeline:
             result = await self.execute(tool, args)
         except AgentgateError as exc:
             exc.data.update(data)
-            await self._resolve_quietly(request_id, "failed", error=exc.message)
+            await self._resolve_quietly(request_id, Outcome.FAILED, error=exc.message)
             raise
-        await self._resolve_quietly(request_id, "executed", result=result)
+        await self._resolve_quietly(request_id, Outcome.EXECUTED, result=result)
         return Executed(request_id, result)
 
     async def _ask(
@@ -335,7 +335,7 @@ class Pipeline:
 
     # -- audit --------------------------------------------------------------------------------
 
-    async def _resolve_quietly(self, request_id: str, resolution: str, **kw: Any) -> None:
+    async def _resolve_quietly(self, request_id: str, resolution: Outcome, **kw: Any) -> None:
         # The decision row was committed before execution; the resolution joins the next group
         # commit without holding up the reply (a failure to write it is logged by the store).
         await self.store.resolve_audit(
@@ -363,7 +363,7 @@ class Pipeline:
                 signature=signature,
                 decision=decision,
                 matched=matched,
-                resolution="denied" if decision == "deny" else "rejected",
+                resolution=Outcome.DENIED if decision == "deny" else Outcome.REJECTED,
                 resolved_at=now,
             )
         )

@@ -38,7 +38,7 @@ import attrs
 import trio
 from attrs import frozen
 
-from agentgate.approvals import State
+from agentgate.approvals import TRANSITIONS, Outcome, State, sources
 from agentgate.errors import ExecutionFailed
 
 T = TypeVar("T")
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS audit_log (
     signature   TEXT,
     decision    TEXT NOT NULL,                     -- allow | deny | ask | invalid | limited | ...
     matched     TEXT,                              -- what decided it
-    resolution  TEXT,                              -- executed | denied | timed_out | failed | ...
+    resolution  TEXT,                              -- an approvals.Outcome
     resolved_by TEXT,
     resolved_at REAL,
     result      TEXT,                              -- JSON summary of the data
@@ -93,7 +93,7 @@ CREATE TABLE IF NOT EXISTS pending_requests (
     created_at  REAL NOT NULL,
     expires_at  REAL NOT NULL,
     state       TEXT NOT NULL,                     -- pending | executing | done
-    outcome     TEXT,                              -- executed|denied|timed_out|failed|shutdown
+    outcome     TEXT,                              -- an approvals.Outcome
     decided_by  TEXT,
     queued      TEXT,                              -- JSON result entry while waiting for the agent
     delivered   INTEGER NOT NULL DEFAULT 0
@@ -133,7 +133,7 @@ class AuditEntry:
     decision: str
     matched: str | None
     kind: str = "request"
-    resolution: str | None = None
+    resolution: Outcome | None = None
     resolved_by: str | None = None
     resolved_at: float | None = None
     result: Any = None
@@ -154,8 +154,8 @@ class PendingRow:
     message_ref: str | None
     created_at: float
     expires_at: float
-    state: str  # an agentgate.approvals.State
-    outcome: str | None = None
+    state: State
+    outcome: Outcome | None = None
     decided_by: str | None = None
 
 
@@ -352,7 +352,7 @@ class Store:
     async def resolve_audit(
         self,
         request_id: str,
-        resolution: str,
+        resolution: Outcome,
         *,
         resolved_by: str | None,
         resolved_at: float,
@@ -453,18 +453,14 @@ class Store:
         """
 
         def fn(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE pending_requests SET state=?, decided_by=? WHERE request_id=? AND state=?",
-                (State.EXECUTING, decided_by, request_id, State.PENDING),
-            )
-            return cur.rowcount == 1
+            return _move(c, request_id, State.EXECUTING, decided_by=decided_by)
 
         return await self._do(fn)
 
     async def finish_pending(
         self,
         request_id: str,
-        outcome: str,
+        outcome: Outcome,
         *,
         decided_by: str | None,
         at: float,
@@ -472,27 +468,33 @@ class Store:
         delivered: bool,
         result: Any = None,
         error: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Close an approval: its outcome, the audit resolution, and the result entry.
 
         ``entry`` is the queued-result object of DESIGN §13; if ``delivered`` is False it waits
-        for ``take_queued`` to hand it out once.
+        for ``take_queued`` to hand it out once. False (and nothing written) if the approval was
+        already done.
         """
 
-        def fn(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE pending_requests SET state=?, outcome=?,"
-                " decided_by=COALESCE(decided_by, ?), queued=?, delivered=?"
-                " WHERE request_id=?",
-                (State.DONE, outcome, decided_by, _json(entry), 1 if delivered else 0, request_id),
-            )
+        def fn(c: sqlite3.Connection) -> bool:
+            if not _move(
+                c,
+                request_id,
+                State.DONE,
+                outcome=outcome,
+                queued=_json(entry),
+                delivered=1 if delivered else 0,
+                decided_by=decided_by,
+            ):
+                return False
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
                 " WHERE request_id=? AND kind='request' AND resolution IS NULL",
                 (outcome, decided_by, at, _result_json(result), error, request_id),
             )
+            return True
 
-        await self._do(fn)
+        return await self._do(fn)
 
     async def mark_undelivered(self, request_id: str) -> None:
         await self._do(
@@ -599,6 +601,34 @@ class Store:
                 await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
 
 
+def _move(
+    c: sqlite3.Connection, request_id: str, to: State, *, decided_by: str | None, **columns: Any
+) -> bool:
+    """Move an approval to ``to`` from a state :data:`~agentgate.approvals.TRANSITIONS` allows;
+    False if it is in none of them. ``decided_by`` is kept if one was recorded already."""
+    allowed = sorted(sources(to))
+    assigned = "".join(f", {name}=?" for name in columns)
+    cur = c.execute(
+        f"UPDATE pending_requests SET state=?, decided_by=COALESCE(decided_by, ?){assigned}"
+        f" WHERE request_id=? AND state IN ({','.join('?' * len(allowed))})",
+        (to, decided_by, *columns.values(), request_id, *allowed),
+    )
+    return cur.rowcount == 1
+
+
+def _transitions_trigger() -> str:
+    """A trigger refusing any state change the table does not list (a bug, caught in SQL)."""
+    allowed = ", ".join(
+        f"'{source}>{target}'" for source, targets in TRANSITIONS.items() for target in targets
+    )
+    return (
+        "DROP TRIGGER IF EXISTS pending_transitions;\n"
+        "CREATE TRIGGER pending_transitions BEFORE UPDATE OF state ON pending_requests"
+        f" WHEN NEW.state != OLD.state AND OLD.state || '>' || NEW.state NOT IN ({allowed})"
+        " BEGIN SELECT RAISE(ABORT, 'approval state change not in the table'); END;"
+    )
+
+
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
     cur = c.execute(
         "INSERT INTO audit_log (time, kind, agent, request_id, tool, args, signature, decision,"
@@ -663,7 +693,7 @@ def _audit_from_row(r: sqlite3.Row) -> AuditEntry:
         signature=r["signature"],
         decision=r["decision"],
         matched=r["matched"],
-        resolution=r["resolution"],
+        resolution=None if r["resolution"] is None else Outcome(r["resolution"]),
         resolved_by=r["resolved_by"],
         resolved_at=r["resolved_at"],
         result=_unjson(r["result"]),
@@ -685,7 +715,7 @@ def _pending_from_row(r: sqlite3.Row) -> PendingRow:
         created_at=r["created_at"],
         expires_at=r["expires_at"],
         state=State(r["state"]),
-        outcome=r["outcome"],
+        outcome=None if r["outcome"] is None else Outcome(r["outcome"]),
         decided_by=r["decided_by"],
     )
 
@@ -704,6 +734,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
+    conn.executescript(_transitions_trigger())  # from the table of this version, every time
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from agentgate.approvals import Outcome
+from agentgate.approvals import TRANSITIONS, Outcome, State
 from agentgate.store import AUDIT_RESULT_LIMIT, AuditEntry, PendingRow, StoreUnavailable, open_store
 
 NOW = 1_800_000_000.0
@@ -307,3 +308,64 @@ async def test_a_full_disk_fails_writes_closed_and_loses_nothing_reported_writte
     assert rows == reported
     assert refused, "the disk never filled up"
     assert all("database or disk is full" in why for why in refused), refused
+
+
+def pending_row(request_id: str) -> PendingRow:
+    return PendingRow(
+        request_id, "pi", 1, "t", {}, "t", "rule", None, None, NOW, NOW + 60, State.PENDING
+    )
+
+
+async def test_every_state_change_the_store_makes_is_in_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    async with open_store(path, inline=True) as store:
+        moves: list[tuple[str, str]] = []
+        # Record every state change the store's own methods make, as SQL sees it.
+        store._conn.execute("CREATE TEMP TABLE moves (old TEXT, new TEXT)")
+        store._conn.execute(
+            "CREATE TEMP TRIGGER record_moves AFTER UPDATE OF state ON pending_requests"
+            " WHEN NEW.state != OLD.state"
+            " BEGIN INSERT INTO moves VALUES (OLD.state, NEW.state); END"
+        )
+        done = {"entry": {}, "decided_by": "g", "at": NOW, "delivered": False}
+        for request_id in ("executed", "denied", "twice"):
+            await store.add_pending(entry(request_id, "ask"), pending_row(request_id))
+        assert await store.begin_execution("executed", "g", NOW)
+        assert not await store.begin_execution("executed", "g", NOW)
+        assert await store.finish_pending("executed", Outcome.EXECUTED, **done)  # type: ignore[arg-type]
+        assert not await store.begin_execution("executed", "g", NOW)  # done stays done
+        assert await store.finish_pending("denied", Outcome.DENIED, **done)  # type: ignore[arg-type]
+        assert await store.finish_pending("twice", Outcome.TIMED_OUT, **done)  # type: ignore[arg-type]
+        assert not await store.finish_pending("twice", Outcome.EXECUTED, **done)  # type: ignore[arg-type]
+        moves = [tuple(r) for r in store._conn.execute("SELECT old, new FROM moves")]
+        assert moves == [
+            ("pending", "executing"),
+            ("executing", "done"),
+            ("pending", "done"),
+            ("pending", "done"),
+        ]
+        for old, new in moves:
+            assert State(new) in TRANSITIONS[State(old)]
+        rows = {r.request_id: r for r in await store.audit_rows()}
+        assert rows["twice"].resolution is Outcome.TIMED_OUT  # the second finish wrote nothing
+
+
+@pytest.mark.parametrize("old", list(State))
+@pytest.mark.parametrize("new", list(State))
+async def test_sql_refuses_a_state_change_not_in_the_table(
+    tmp_path: Path, old: State, new: State
+) -> None:
+    async with open_store(tmp_path / "a.db", inline=True) as store:
+        await store.add_pending(entry("p", "ask"), pending_row("p"))
+        conn = store._conn
+        conn.execute("DROP TRIGGER pending_transitions")  # to put the row in ``old`` first
+        conn.execute("UPDATE pending_requests SET state=?", (old,))
+    async with open_store(tmp_path / "a.db", inline=True) as store:  # the trigger is back
+        change = partial(
+            store._conn.execute, "UPDATE pending_requests SET state=? WHERE request_id='p'", (new,)
+        )
+        if old == new or new in TRANSITIONS[old]:
+            change()
+        else:
+            with pytest.raises(sqlite3.IntegrityError, match="not in the table"):
+                change()
