@@ -207,7 +207,8 @@ class Pipeline:
                 return await self._ask(
                     agent, tool, args, signature, matched, request_id, reply, reply_to
                 )
-        # allow: the decision is committed before anything executes (fail closed).
+        # allow: the decision is on disk before anything executes (fail closed; fsync'd, so a
+        # power cut cannot leave a call that ran without its row).
         await self.store.audit(
             AuditEntry(
                 time=now,
@@ -218,7 +219,8 @@ class Pipeline:
                 signature=signature,
                 decision="allow",
                 matched=matched,
-            )
+            ),
+            durable=True,
         )
         try:
             result = await self.execute(tool, args)

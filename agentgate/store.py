@@ -4,15 +4,22 @@ Why it looks like this:
 
 - **Fail closed.** Every decision row is committed before anything executes; a write that fails
   raises :class:`StoreUnavailable` (an ``ExecutionFailed``, -32004) and the caller executes nothing.
+- **Durable before execute.** The row that lets a call run (an allowed call's decision, an
+  approval's move to ``executing``) is written with ``durable=True``: its commit waits for an
+  fsync of the WAL (``synchronous = FULL`` for that transaction), so after a power cut a call is
+  either recorded as started or was never sent. Other writes may stay ``normal``: a power cut
+  can lose the last of them, never one that preceded an execution (the fsync of a durable
+  commit also covers every commit before it in the WAL).
 - **Where SQLite runs.** With ``synchronous = "full"`` every commit waits for an fsync, so the
   writer runs in a worker thread behind one ``CapacityLimiter(1)``. With ``"normal"`` (the
   default) a WAL commit is a few ``write()`` calls, cheaper than the thread hop it would cost,
-  so commits run on the event loop and only WAL checkpoints, the slow part, go to a worker
-  thread on a connection of their own.
+  so commits run on the event loop, except durable ones, whose fsync runs in the worker thread
+  (the loop never waits for a disk); WAL checkpoints go to a worker thread on a connection of
+  their own.
 - **Group commit.** Callers enqueue operations; one writer task runs everything queued so far in a
   single transaction (each operation under its own SAVEPOINT, so one failing operation does not
   sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
-  instead of paying N.
+  instead of paying N: durable writes that arrive while an fsync runs share the next one.
 - **Append-only audit.** Triggers refuse to change a row's original columns or delete rows; only the
   resolution columns are filled in later.
 - **Keys.** Approvals are keyed by a gateway-generated UUID (``request_id``), never by the agent's
@@ -195,6 +202,7 @@ def _unjson(text: str | None) -> Any:
 class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     detached: bool = False  # nobody waits: failures are logged by the writer
+    durable: bool = False  # committed with an fsync before its caller goes on
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -203,15 +211,29 @@ class _Op(Generic[T]):
 class Store:
     """Async facade over the SQLite file; see the module docstring. Use :func:`open_store`."""
 
-    def __init__(self, conn: sqlite3.Connection, *, inline: bool = False) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        inline: bool = False,
+        synchronous: str = "FULL",
+        threads: bool = True,
+    ) -> None:
         self._conn = conn
         self._inline = inline  # commits on the event loop thread (see the module docstring)
+        self._full = synchronous.upper() == "FULL"  # every commit is fsync'd already
+        # Durable commits of an inline store go to a worker thread (False: no threads at all,
+        # for deterministic tests).
+        self._threads = threads
         self._limiter = trio.CapacityLimiter(1)
         self._queue: list[_Op[Any]] = []
+        self._durable_queued = False  # a durable op waits in the queue for the writer
+        self._busy = False  # the writer runs a batch in a worker thread: hands off the connection
         self._queued = trio.Event()  # something is in the queue
         self._wakeup = trio.Event()  # ... and somebody waits for it: commit now
         self._closed = False
         self.commits = 0  # transactions committed (group commit makes this < operations)
+        self.synced = 0  # of which committed with an fsync (durable)
 
     # -- the writer ---------------------------------------------------------------------------
 
@@ -227,23 +249,31 @@ class Store:
                 await self._wakeup.wait()
             self._queued, self._wakeup = trio.Event(), trio.Event()
             batch, self._queue = self._queue, []
+            self._durable_queued = False
             if not batch:
                 continue
+            durable = any(op.durable for op in batch)
             with trio.CancelScope(shield=True):  # a started batch always finishes and wakes
-                if self._inline:
-                    self._commit(batch)
+                if self._inline and not (durable and self._threads):
+                    self._commit(batch, durable=durable)
                     await trio.lowlevel.checkpoint()
                 else:
+                    self._busy = True
                     try:
-                        await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                        await trio.to_thread.run_sync(
+                            partial(self._run_batch, batch, durable=durable),
+                            limiter=self._limiter,
+                        )
                     except Exception as exc:
                         self._fail(batch, exc)
+                    finally:
+                        self._busy = False
                     self._wake(batch)
 
-    def _commit(self, batch: list[_Op[Any]]) -> None:
+    def _commit(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """Run a batch on this thread and wake its callers (inline mode)."""
         try:
-            self._run_batch(batch)
+            self._run_batch(batch, durable=durable)
         except Exception as exc:
             self._fail(batch, exc)
         self._wake(batch)
@@ -263,16 +293,37 @@ class Store:
             if op.detached and op.error is not None:
                 log.error("store write failed: %s", op.error)
 
-    def _run_batch(self, batch: list[_Op[Any]]) -> None:
+    def _run_batch(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """One transaction for the batch. Every step can fail (``BEGIN``, a statement,
-        ``COMMIT``): whatever fails, each operation not committed gets an error (fail closed)."""
+        ``COMMIT``): whatever fails, each operation not committed gets an error (fail closed).
+        ``durable``: the commit waits for an fsync of the WAL."""
+        if durable and not self._full:
+            try:
+                self._conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                for op in batch:
+                    op.error = exc
+                return
+            try:
+                committed = self._transaction(batch)
+            finally:
+                with suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
+        else:
+            committed = self._transaction(batch)
+        if committed:
+            self.commits += 1
+            self.synced += durable or self._full
+
+    def _transaction(self, batch: list[_Op[Any]]) -> bool:
+        """True once committed; False with each operation's error set."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             for op in batch:
                 op.error = exc
-            return
+            return False
         if len(batch) == 1:  # nothing to isolate it from: no savepoint
             op = batch[0]
             try:
@@ -281,7 +332,7 @@ class Store:
                 op.error = exc
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                return
+                return False
         else:
             for op in batch:
                 try:
@@ -303,21 +354,27 @@ class Store:
                     op.error = exc
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            return
-        self.commits += 1
+            return False
+        return True
 
-    async def _do(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _do(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """Run ``fn`` in a committed transaction; ``durable``: fsync'd before this returns."""
         if self._closed:
             raise StoreUnavailable("audit log unavailable: the store is closed")
-        op: _Op[T] = _Op(fn)
+        op: _Op[T] = _Op(fn, durable=durable)
         self._queue.append(op)
-        if self._inline:
+        if durable and not self._full:
+            self._durable_queued = True
+        if self._inline and not self._busy and not (self._durable_queued and self._threads):
             # Commit now, in this task, with whatever else is queued: no hand-off to the
             # writer (the hop would cost more than the commit).
             batch, self._queue = self._queue, []
-            self._commit(batch)
+            self._durable_queued = False
+            self._commit(batch, durable=any(o.durable for o in batch))
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
+            # The writer commits it: an fsync in its worker thread, or after the batch that
+            # holds the connection now.
             self._queued.set()
             self._wakeup.set()
             await op.done.wait()
@@ -345,9 +402,12 @@ class Store:
 
     # -- audit --------------------------------------------------------------------------------
 
-    async def audit(self, entry: AuditEntry) -> int:
-        """Append an audit row (committed before this returns); return its id."""
-        return await self._do(lambda c: _insert_audit(c, entry))
+    async def audit(self, entry: AuditEntry, *, durable: bool = False) -> int:
+        """Append an audit row (committed before this returns); return its id.
+
+        ``durable``: on disk (fsync'd) before this returns, as the decision that lets a call
+        run must be."""
+        return await self._do(lambda c: _insert_audit(c, entry), durable=durable)
 
     async def resolve_audit(
         self,
@@ -361,12 +421,14 @@ class Store:
         wait: bool = True,
     ) -> None:
         """Record how a request ended; ``wait=False`` queues it without waiting (see post)."""
+        # Encoded (and cut) now: a queued write must not hold on to a large result.
+        text = _result_json(result)
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
                 " WHERE request_id=? AND kind='request' AND resolution IS NULL",
-                (resolution, resolved_by, resolved_at, _result_json(result), error, request_id),
+                (resolution, resolved_by, resolved_at, text, error, request_id),
             )
 
         if wait:
@@ -449,13 +511,14 @@ class Store:
         """Move an approval from ``pending`` to ``executing``; False if it was not pending.
 
         This is the exactly-once gate: the transition happens at most once per approval, and a
-        crash while ``executing`` is reported as an unknown outcome, never executed again.
+        crash while ``executing`` is reported as an unknown outcome, never executed again. It is
+        fsync'd before this returns, so it survives a power cut too.
         """
 
         def fn(c: sqlite3.Connection) -> bool:
             return _move(c, request_id, State.EXECUTING, decided_by=decided_by)
 
-        return await self._do(fn)
+        return await self._do(fn, durable=True)  # on disk before the call is sent
 
     async def finish_pending(
         self,
@@ -583,19 +646,21 @@ class Store:
     async def close(self) -> None:
         self._closed = True
         pending, self._queue = self._queue, []
+        durable = any(op.durable for op in pending)
         with trio.CancelScope(shield=True):
             if pending:  # what was accepted is written, never dropped
-                if self._inline:
-                    self._commit(pending)
+                if self._inline and not (durable and self._threads):
+                    self._commit(pending, durable=durable)
                 else:
                     try:
                         await trio.to_thread.run_sync(
-                            self._run_batch, pending, limiter=self._limiter
+                            partial(self._run_batch, pending, durable=durable),
+                            limiter=self._limiter,
                         )
                     except Exception as exc:
                         self._fail(pending, exc)
                     self._wake(pending)
-            if self._inline:
+            if self._inline and not self._threads:
                 self._conn.close()
             else:
                 await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
@@ -784,25 +849,27 @@ async def open_store(
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the store at ``path`` and run its writer task.
 
-    ``synchronous``: ``"normal"`` (WAL commits survive a crash or ``kill -9`` of the process)
-    or ``"full"`` (each commit also fsync'd: survives a power cut). ``inline`` (default: with
-    ``"normal"``) runs commits on the event loop thread, with WAL checkpoints every
-    ``checkpoint_every`` seconds in a worker thread; ``inline=True`` given explicitly keeps
-    SQLite's own checkpoints and uses no thread at all (deterministic tests).
+    ``synchronous``: ``"normal"`` (WAL commits survive a crash or ``kill -9`` of the process;
+    durable ones, a power cut too) or ``"full"`` (every commit fsync'd: survives a power cut).
+    ``inline`` (default: with ``"normal"``) runs commits on the event loop thread (durable ones
+    in a worker thread), with WAL checkpoints every ``checkpoint_every`` seconds in a worker
+    thread; ``inline=True`` given explicitly keeps SQLite's own checkpoints and uses no thread
+    at all, durable commits included (deterministic tests).
     """
     synchronous = synchronous.upper()
     if synchronous not in {"FULL", "NORMAL"}:
         raise ValueError("synchronous must be full or normal")
     background_checkpoints = inline is None and synchronous == "NORMAL"
+    threads = inline is None or not inline  # inline=True given explicitly: no thread at all
     if inline is None:
         inline = synchronous == "NORMAL"
-    if inline:
+    if inline and not threads:
         conn = _connect(Path(path), synchronous)
     else:
         conn = await trio.to_thread.run_sync(_connect, Path(path), synchronous)
     if background_checkpoints:
         conn.execute("PRAGMA wal_autocheckpoint=0")
-    store = Store(conn, inline=inline)
+    store = Store(conn, inline=inline, synchronous=synchronous, threads=threads)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.run)

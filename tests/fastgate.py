@@ -106,8 +106,10 @@ async def authed(fg: FastGateway, agent: str = "pi", **kw: Any) -> WebSocketConn
 
 @asynccontextmanager
 async def fast_gateway(
-    workdir: Path, *, home: MockHome | None = None, **toml: Any
+    workdir: Path, *, home: MockHome | None = None, inline_store: bool | None = True, **toml: Any
 ) -> AsyncIterator[FastGateway]:
+    """The gateway over memory streams; ``inline_store=None`` runs the store as ``serve`` does
+    (durable commits and checkpoints in worker threads: not for ``autojump_clock``)."""
     await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
     path = write_gate_toml(
         workdir,
@@ -126,7 +128,7 @@ async def fast_gateway(
             guardian=guardian,
             ha_transport=httpx.MockTransport(home.handler),
             now=now,
-            inline_store=True,
+            inline_store=inline_store,
         ) as gateway,
         trio.open_nursery() as nursery,
     ):

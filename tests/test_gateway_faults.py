@@ -174,7 +174,7 @@ def _break_the_store(monkeypatch: pytest.MonkeyPatch, store: Store, how: str) ->
     """
     failures = [0]
 
-    def run_batch(batch: list[Any]) -> None:
+    def run_batch(batch: list[Any], **kw: Any) -> None:
         failures[0] += 1
         raise sqlite3.OperationalError("disk I/O error")
 
