@@ -6,7 +6,8 @@ Stored states (``pending_requests.state``) and their only transitions::
        └────(deny, freeze, timeout, shutdown, undeliverable card)──────▶ DONE
 
 ``PENDING → EXECUTING`` happens at most once per approval (the store's exactly-once gate); an
-approval found ``EXECUTING`` after a restart was interrupted mid-call and is never run again.
+approval found ``EXECUTING`` after a restart was interrupted mid-call and is never run again:
+its outcome is ``unknown``, as is that of a call whose answer never came (it may have run).
 
 What ended the wait is a :class:`Decision`. :data:`MEANINGS` says, for each, what the audit log
 records (:class:`Outcome`), what the card shows (:class:`~agentgate.guardian.Status`), which
@@ -16,8 +17,8 @@ and the wire all read this table, nothing compares message texts.
     ============== ============ ============== ===================== ============================
     decision       outcome      card           error to the agent     press answer
     ============== ============ ============== ===================== ============================
-    ALLOW          executed or failed, as the call went               "approved"
-    GRANT          executed or failed, as the call went               "allowed for 1 h"
+    ALLOW          executed, failed or unknown, as the call went      "approved"
+    GRANT          executed, failed or unknown, as the call went      "allowed for 1 h"
     DENY           denied       denied         DeniedByGuardian      "denied"
     FROZEN         denied       frozen         DeniedByPolicy        "denied (frozen)"
     TIMEOUT        timed_out    timed_out      ApprovalTimedOut      "timed out"
@@ -97,6 +98,7 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
     SHUTDOWN = "shutdown"
     REJECTED = "rejected"  # invalid before any decision (unknown tool, bad arguments)
+    UNKNOWN = "unknown"  # sent, but its answer never came: it may have run (never retried)
 
 
 class Decision(enum.Enum):
@@ -170,6 +172,7 @@ MEANINGS: Final[Mapping[Decision, Meaning]] = {
 EXECUTION_CARDS: Final[Mapping[Outcome, Status]] = {
     Outcome.EXECUTED: Status.EXECUTED,
     Outcome.FAILED: Status.FAILED,
+    Outcome.UNKNOWN: Status.UNKNOWN,
 }
 """The card of a decision that executed, by how the call went."""
 
@@ -212,6 +215,11 @@ class Result(NamedTuple):
             entry["data"] = self.data
         else:
             entry["error"] = {"code": self.error.code, "message": self.error.message}
+            if self.outcome is Outcome.UNKNOWN:  # what the agent needs to decide what next
+                known = ("outcome", "state_after")
+                entry["error"]["data"] = {
+                    k: self.error.data[k] for k in known if k in self.error.data
+                }
         return entry
 
 

@@ -7,7 +7,7 @@ already shown, the way ``tail -f`` would if rows never changed.
 Every field that came from outside (tool names, arguments, guardians' display names) is made
 inert before it reaches the terminal (:mod:`agentgate.inert`).
 
-Imports: store (read-only), inert.
+Imports: store (read-only), approvals (the outcomes), inert.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 import attrs
 
+from agentgate.approvals import Outcome
 from agentgate.inert import inert, inert_json
 from agentgate.store import AuditEntry, audit_entries, read_only, select_audit
 
@@ -80,6 +81,9 @@ def _outcome(e: AuditEntry) -> str:
         text += f" by {e.resolved_by}"
     if e.error:
         text += f": {e.error}"
+    after = e.result.get("state_after") if isinstance(e.result, dict) else None
+    if e.resolution is Outcome.UNKNOWN and isinstance(after, dict) and after:
+        text += " — now: " + ", ".join(f"{entity}: {state}" for entity, state in after.items())
     return text
 
 

@@ -51,6 +51,7 @@ from agentgate.errors import (
     AgentgateError,
     ExecutionFailed,
     GatewayShuttingDown,
+    OutcomeUnknown,
     RateLimited,
 )
 from agentgate.guardian import (
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[str, dict[str, Any]], Awaitable[str | None]]
+ReadBack = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 OnGrant = Callable[[str, str, str], Awaitable[None]]
 Sessions = Callable[[str], Sequence[ReplyHandle]]
 
@@ -149,11 +151,13 @@ class Broker:
         now: Callable[[], float],
         approval_timeout: float,
         guardian: Guardian | None = None,
+        read_back: ReadBack | None = None,
     ) -> None:
         self.store = store
         self.guardian = guardian
         self._execute = execute
         self._describe = describe
+        self._read_back = read_back
         self._sessions = sessions
         self._on_grant = on_grant
         self._now = now
@@ -432,6 +436,9 @@ class Broker:
         try:
             self.executions += 1
             result = await self._execute(row.tool, row.args)
+        except OutcomeUnknown as exc:  # it may have run: never retried, reported as such
+            exc.data.update(data)
+            return Outcome.UNKNOWN, None, exc
         except AgentgateError as exc:
             exc.data.update(data)
             return Outcome.FAILED, None, exc
@@ -443,14 +450,18 @@ class Broker:
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row
         data = {"request_id": row.request_id, "signature": row.signature}
-        error = ExecutionFailed(
-            "the gateway stopped while this call was executing; its outcome is unknown and it"
-            " was not run again",
+        error = OutcomeUnknown(
+            "outcome unknown: the gateway stopped while this call was executing; it may have"
+            " run and was not run again",
             data=data,
         )
         try:
             with trio.CancelScope(shield=True):
-                await self._deliver(approval, Outcome.FAILED, None, error)
+                if self._read_back is not None:
+                    after = await self._read_back(row.tool, row.args)
+                    if after is not None:
+                        error.data["state_after"] = after
+                await self._deliver(approval, Outcome.UNKNOWN, None, error)
         finally:
             self._finished(approval)
 
@@ -513,9 +524,11 @@ class Broker:
         status = MEANINGS[approval.kind].card or EXECUTION_CARDS[outcome]
         if outcome is Outcome.EXECUTED:
             detail = _summary(result)
+        elif outcome is Outcome.UNKNOWN and error is not None:
+            detail = _unknown_summary(error)
         else:
             detail = error.message if error is not None else ""
-        if not delivered and outcome in (Outcome.EXECUTED, Outcome.FAILED):
+        if not delivered and outcome in (Outcome.EXECUTED, Outcome.FAILED, Outcome.UNKNOWN):
             status, detail = Status.QUEUED, f"{outcome.value}: {detail}"
         update = CardUpdate(status=status, detail=detail, by=approval.by, at=self._now())
         with trio.move_on_after(10):
@@ -524,6 +537,17 @@ class Broker:
                     await self.guardian.update_card(approval.card(), str(ref), update)
                 except Exception:
                     log.exception("could not update the card of %s", approval.request_id)
+
+
+def _unknown_summary(error: AgentgateError) -> str:
+    """``outcome unknown — now: lock.front_door: unlocked (why)`` for the card."""
+    after = error.data.get("state_after")
+    if isinstance(after, dict) and after:
+        now = ", ".join(f"{entity}: {state}" for entity, state in after.items())
+    else:
+        now = "its state could not be read"
+    why = error.message.removeprefix("outcome unknown: ")
+    return f"outcome unknown — now: {now} ({why})"
 
 
 def _summary(result: Any, limit: int = 200) -> str:

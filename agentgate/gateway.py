@@ -148,6 +148,7 @@ async def open_gateway(
             store,
             execute=pipeline.execute,
             describe=pipeline.describe,
+            read_back=pipeline.state_after,
             sessions=sessions.of,
             on_grant=controls.add_grant,
             now=now,

@@ -11,8 +11,9 @@ Every front door (the WebSocket protocol today) hands an authenticated agent's r
       ask ─┬─ a grant covers it ──▶ allow
            ├─ the card cannot show everything ──── audited ──▶ InvalidParams (-32602)
            └─ broker.ask (pending limit, recorded) ─────────▶ Asked; the result comes later
-      allow ── decision committed (else nothing runs: -32004) ── execute ──▶ Executed
-                                                                       └──▶ ExecutionFailed
+      allow ── decision fsync'd (else nothing runs: -32004) ── execute ──▶ Executed
+                                                                      ├──▶ ExecutionFailed
+                                                      sent, no answer └──▶ OutcomeUnknown
 
 What it owns: the order of those checks, the policies, the per-agent request rate, the audit of
 every decision, the executor's calls, and the registry of live reply handles per agent.
@@ -47,6 +48,7 @@ from agentgate.errors import (
     ExecutionFailed,
     GatewayShuttingDown,
     InvalidParams,
+    OutcomeUnknown,
     RateLimited,
 )
 from agentgate.guardian import ApprovalCard
@@ -224,6 +226,13 @@ class Pipeline:
         )
         try:
             result = await self.execute(tool, args)
+        except OutcomeUnknown as exc:  # it may have run: recorded as such, never retried
+            exc.data.update(data)
+            after = {"state_after": exc.data.get("state_after")}
+            await self._resolve_quietly(
+                request_id, Outcome.UNKNOWN, error=exc.message, result=after
+            )
+            raise
         except AgentgateError as exc:
             exc.data.update(data)
             await self._resolve_quietly(request_id, Outcome.FAILED, error=exc.message)
@@ -285,6 +294,12 @@ class Pipeline:
                 f"no service is configured for {tool}: add [services.homeassistant] to gate.toml"
             )
         return await self.executor.execute(tool, args)
+
+    async def state_after(self, tool: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """The states of the entities a call names, read now (after an unknown outcome)."""
+        if self.executor is None:
+            return None
+        return await self.executor.state_after(tool, args)
 
     async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
         """The card's target line, from the service.

@@ -276,6 +276,36 @@ async def test_unwritable_store_blocks_an_approved_call(
             assert state(home, "light.bedroom") == "off"
 
 
+@pytest.mark.parametrize("lost", ["hang_up", "late"])
+async def test_a_call_whose_answer_is_lost_has_an_unknown_outcome(
+    workdir: Path, home: FakeHomeAssistant, lost: str
+) -> None:
+    # The home runs the call, then drops the connection (or answers after the gateway's
+    # deadline): it did run, so "failed" would be a lie that invites a retry.
+    with trio.fail_after(CEILING):
+        async with (
+            running_gateway(
+                workdir, home=home, ha_timeout=1, agent_policies={"laptop": ALLOW_LIGHTS}
+            ) as gw,
+            raw_agent(gw, "laptop") as laptop,
+        ):
+            if lost == "hang_up":
+                home.hang_up = True
+            else:
+                home.answer_delay = 3
+            reply = await laptop.tool("ha_call_service", **LIGHT_ON)
+            error = reply["error"]
+            assert error["code"] == -32004, reply
+            assert error["message"].startswith("outcome unknown: "), error
+            assert error["data"]["outcome"] == "unknown"
+            assert error["data"]["state_after"] == {"light.bedroom": "on"}
+            home.hang_up, home.answer_delay = False, 0
+            rows = await gw.gateway.store.audit_rows(agent="laptop")  # after the queued writes
+            assert [r.resolution for r in rows] == ["unknown"]
+            assert len(posts(home)) == 1  # never retried
+            assert state(home, "light.bedroom") == "on"
+
+
 async def test_unavailable_guardian_fails_the_ask_closed(
     workdir: Path, home: FakeHomeAssistant
 ) -> None:

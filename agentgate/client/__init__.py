@@ -17,6 +17,7 @@ Errors (all :class:`AgentgateError` with ``.code``, ``.message``, ``.data``)::
     ├── ApprovalTimedOut        -32002
     ├── DeniedByPolicy          -32003   .data["signature"], .data["request_id"]
     ├── ExecutionFailed         -32004
+    │   └── OutcomeUnknown               sent, no answer: it may have run (.data["state_after"])
     ├── AuthenticationFailed    -32005   never retried
     ├── RateLimited             -32006
     ├── GatewayShuttingDown     -32007
@@ -50,6 +51,7 @@ from agentgate.errors import (
     InvalidParams,
     InvalidRequest,
     MethodNotFound,
+    OutcomeUnknown,
     ParseError,
     RateLimited,
 )
@@ -69,6 +71,7 @@ __all__ = [
     "InvalidParams",
     "InvalidRequest",
     "MethodNotFound",
+    "OutcomeUnknown",
     "ParseError",
     "PendingHook",
     "RateLimited",

@@ -40,6 +40,7 @@ class Status(enum.StrEnum):
     TIMED_OUT = "timed_out"
     EXECUTED = "executed"
     FAILED = "failed"
+    UNKNOWN = "unknown"  # sent, no answer: it may have run (the detail says the state now)
     QUEUED = "queued"  # executed (or failed) while the agent was offline: result queued
     SHUTDOWN = "shutdown"  # gateway shutting down
     FROZEN = "frozen"  # denied by /freeze

@@ -375,6 +375,7 @@ _STATUS_TEXT: Final[dict[Status, str]] = {
     Status.TIMED_OUT: "⌛ Timed out: nobody decided",
     Status.EXECUTED: "✅ Executed",
     Status.FAILED: "⚠ Failed",
+    Status.UNKNOWN: "❓ Sent, but no answer: it may have run",
     Status.QUEUED: "📥 Agent offline — result queued",
     Status.SHUTDOWN: "⏹ Gateway shutting down — request cancelled",
     Status.FROZEN: "🧊 Frozen — denied",

@@ -41,7 +41,9 @@ the same assertions against this fake and against the real core::
 States changed by a call carry ``context.user_id`` (the token's user), like real HA.
 
 Switches for tests: ``ha.slow = seconds`` (delay every answer), ``ha.fail_with = 500`` (answer
-every request with that status), ``ha.lock_delay = seconds`` (how long a lock stays
+every request with that status), ``ha.answer_delay = seconds`` (a POST runs at once, its answer
+comes that much later), ``ha.hang_up = True`` (a POST runs, then the connection is dropped
+without an answer), ``ha.lock_delay = seconds`` (how long a lock stays
 ``locking``/``unlocking``/``opening`` inside the call; real demo locks take 2 s, the default
 here is 0), ``ha.down()`` / ``ha.up()`` (refuse connections: the listening socket closes and
 open keep-alive connections are dropped; ``up()`` listens on the same port). ``ha.calls`` logs
@@ -75,7 +77,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -381,6 +383,8 @@ class FakeHomeAssistant:
         self.user_id = secrets.token_hex(16)  # the token's owner, as in context.user_id
         self.slow: float = 0.0
         self.fail_with: int | None = None
+        self.answer_delay: float = 0.0
+        self.hang_up = False
         self.lock_delay: float = 0.0
         self.calls: list[tuple[str, str, Any]] = []
         self.events: list[tuple[str, dict[str, Any]]] = []
@@ -880,7 +884,14 @@ class FakeHomeAssistant:
             )
         except _Reply as reply:
             return reply
+        if method == "POST":  # it ran; what happens to its answer is up to the switches
+            if self.hang_up:
+                return _HANG_UP
+            self._pause(self.answer_delay)
         return _Reply(200, result)
+
+
+_HANG_UP: Final = _Reply(0, None)  # drop the connection without an answer
 
 
 class _Server(ThreadingHTTPServer):
@@ -924,6 +935,11 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length > 0 else b""
         reply = self.server.fake._handle(self.command, self.path, self.headers, raw)
+        if reply is _HANG_UP:
+            self.close_connection = True
+            with suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if reply.content_type == _JSON:
             payload = json.dumps(reply.body).encode()
         else:
