@@ -18,7 +18,7 @@ import attrs
 import trio
 import trio_websocket
 
-from agentgate.config import Config, load_config
+from agentgate.config import Config, ConfigError, load_config
 from agentgate.gateway import RunningGateway, serve_gateway
 from agentgate.guardian import Guardian
 from agentgate.testing.guardian import ScriptedGuardian
@@ -194,27 +194,34 @@ async def running_gateway(
     config, ca_path, client_ssl = _prepare(workdir, home, tls, tokens, toml)
     if guardian is None and not use_telegram:
         guardian = ScriptedGuardian()
+    refused: ConfigError | None = None  # at start-up (a token or chat refused): raised as is
     async with trio.open_nursery() as nursery:
-        running: RunningGateway = await nursery.start(
-            lambda task_status: serve_gateway(
-                config, insecure=not tls, guardian=guardian, task_status=task_status
-            )
-        )
-        if isinstance(guardian, ScriptedGuardian):
-            guardian.control = running.gateway.controls
         try:
-            yield Harness(
-                url=running.url,
-                config=config,
-                running=running,
-                guardian=guardian if guardian is not None else running.gateway.broker.guardian,
-                tokens=tokens,
-                ca_path=ca_path,
-                client_ssl=client_ssl,
-                workdir=workdir,
+            running: RunningGateway = await nursery.start(
+                lambda task_status: serve_gateway(
+                    config, insecure=not tls, guardian=guardian, task_status=task_status
+                )
             )
-        finally:
-            running.request_stop()
+        except ConfigError as exc:
+            refused = exc
+        else:
+            if isinstance(guardian, ScriptedGuardian):
+                guardian.control = running.gateway.controls
+            try:
+                yield Harness(
+                    url=running.url,
+                    config=config,
+                    running=running,
+                    guardian=guardian if guardian is not None else running.gateway.broker.guardian,
+                    tokens=tokens,
+                    ca_path=ca_path,
+                    client_ssl=client_ssl,
+                    workdir=workdir,
+                )
+            finally:
+                running.request_stop()
+    if refused is not None:
+        raise refused
 
 
 class RawAgent:
