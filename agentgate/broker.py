@@ -19,6 +19,13 @@ belong to the broker, not to the front door that asked: when the agent goes away
 goes on and its result is queued. Execution is gated by the store (``pending`` → ``executing``
 happens once), so a decision can never run a call twice, even across a restart.
 
+A planned restart (:meth:`Broker.shutdown`) *suspends* what is still undecided instead of
+ending it: the asking door hears -32007 (its result will be queued), the card is edited once to
+say the gateway is restarting (without buttons: a press while it is down could not be
+answered), and the store keeps the approval pending. The next start resumes it as after a
+crash, and edits its card back with its buttons. ``cancel_pending=True`` (decommissioning)
+resolves everything as ``shutdown`` instead.
+
 Imports: approvals, store, guardian (the protocol), tools (which calls a grant may cover),
 errors. Results reach front doors through their :class:`~agentgate.approvals.ReplyHandle`.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -92,6 +100,9 @@ class Approval:
     detail: str = ""
     wake: trio.CancelScope | None = None
     copies: list[str] | None = None  # message refs of the card's copies (/pending)
+    suspended: bool = False  # a planned restart: stays pending in the store, undecided
+    restore: bool = False  # its card says "restarting": edit it back with its buttons
+    restoring: trio.Event | None = None  # set once the card's restore is done (or given up)
 
     def shown_on(self, message_ref: str) -> bool:
         """Whether ``message_ref`` is this approval's card or one of its copies."""
@@ -102,10 +113,20 @@ class Approval:
         return self.row.request_id
 
     def resolve(self, kind: Decision, by: str | None = None, detail: str = "") -> bool:
-        """First resolution wins; returns False (and changes nothing) for every later one."""
-        if self.kind is not None:
+        """First resolution wins; returns False (and changes nothing) for every later one, and
+        for a suspended approval (it is decided after the restart)."""
+        if self.kind is not None or self.suspended:
             return False
         self.kind, self.by, self.detail = kind, by, detail
+        if self.wake is not None:
+            self.wake.cancel()
+        return True
+
+    def suspend(self) -> bool:
+        """Leave it undecided for the next start (a planned restart); False if decided."""
+        if self.kind is not None or self.suspended:
+            return False
+        self.suspended = True
         if self.wake is not None:
             self.wake.cancel()
         return True
@@ -134,6 +155,10 @@ DEFAULT_DETAIL: Final = {
     Decision.UNDELIVERABLE: UNDELIVERED,
 }
 CARD_WAIT: Final = 15.0  # seconds a press may wait for its card's send to return (its budget)
+RESTORE_WAIT: Final = 10.0  # seconds an outcome's card edit waits for the card's restore
+# Set by a planned restart: the next start edits the pending cards back with their buttons.
+RESTARTING_KEY: Final = "restarting_since"
+RESTARTING_ANSWER: Final = "not decided: the gateway is restarting; press again once it is back"
 COPIES = 8  # copies of one card (/pending) whose buttons count; older ones answer "expired"
 
 
@@ -165,7 +190,8 @@ class Broker:
         self.approvals: dict[str, Approval] = {}
         self._waiting: dict[str, int] = defaultdict(int)  # agent -> undecided approvals
         self._nursery: trio.Nursery | None = None
-        self._closing = False  # shutdown began: new approvals resolve at once
+        self._closing = False  # shutdown began: new approvals resolve (or suspend) at once
+        self._suspending = False  # a planned restart: undecided approvals stay pending
         self._idle: trio.Event | None = None  # set when the last approval is done (idle())
         self._sending: dict[str, trio.Event] = {}  # request id -> set once its card is sent
         self.executions = 0
@@ -183,6 +209,7 @@ class Broker:
     async def _resume(self) -> None:
         assert self._nursery is not None
         now = self._now()
+        restarted = await self._planned_restart()
         for row in await self.store.open_pending():
             approval = Approval(row, session=None)
             self.approvals[row.request_id] = approval
@@ -195,9 +222,22 @@ class Broker:
             self._waiting[row.agent] += 1
             if row.expires_at <= now:
                 approval.resolve(Decision.TIMEOUT, None, "expired while the gateway was down")
+            elif restarted and row.message_ref is not None:
+                approval.restore, approval.restoring = True, trio.Event()
             self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
         if self.approvals:
             log.info("resumed %d open approval(s) from the store", len(self.approvals))
+
+    async def _planned_restart(self) -> bool:
+        """Whether the last stop was a planned restart (its cards say so); forgets it."""
+        try:
+            since = await self.store.get_setting(RESTARTING_KEY)
+            if since:
+                await self.store.set_setting(RESTARTING_KEY, "")
+        except ExecutionFailed:
+            log.exception("could not read whether the last stop was a planned restart")
+            return False
+        return bool(since)
 
     # -- asking -------------------------------------------------------------------------------
 
@@ -264,7 +304,9 @@ class Broker:
             raise
         approval = Approval(row, reply)
         self.approvals[request_id] = approval
-        if self._closing:  # shutdown began while this ask was being recorded
+        if self._suspending:  # a planned restart began while this ask was being recorded
+            approval.suspend()
+        elif self._closing:  # shutdown began while this ask was being recorded
             approval.resolve(Decision.SHUTDOWN, None, "gateway shutting down")
         self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
         reply.approval_pending(request_id, reply_to, row.expires_at)
@@ -296,10 +338,12 @@ class Broker:
         The caller has checked that the press was on this approval's card (:meth:`misplaced`).
         """
         approval = self.approvals.get(request_id)
+        if approval is not None and approval.kind is not None:
+            return PressAnswer(f"expired: already {MEANINGS[approval.kind].answer}")
+        if self._suspending:  # a planned restart: it is decided once the gateway is back
+            return PressAnswer(RESTARTING_ANSWER)
         if approval is None:
             return PressAnswer("expired or unknown approval")
-        if approval.kind is not None:
-            return PressAnswer(f"expired: already {MEANINGS[approval.kind].answer}")
         if self._now() >= approval.row.expires_at:
             approval.resolve(Decision.TIMEOUT)
             return PressAnswer("expired: the approval timed out")
@@ -320,10 +364,22 @@ class Broker:
                 count += 1
         return count
 
-    async def shutdown(self) -> None:
-        """Resolve everything still waiting as ``shutdown`` and let each approval finish."""
+    async def shutdown(self, *, cancel_pending: bool = False) -> None:
+        """Stop: suspend every undecided approval for the next start (a planned restart), or
+        with ``cancel_pending`` resolve them as ``shutdown``; let each approval finish either
+        way (a call already executing completes and records its outcome)."""
         self._closing = True
-        self.resolve_all(Decision.SHUTDOWN, None, "gateway shutting down")
+        if cancel_pending:
+            self.resolve_all(Decision.SHUTDOWN, None, "gateway shutting down")
+        else:
+            self._suspending = True
+            try:  # first: whatever happens next, the next start restores the cards
+                await self.store.set_setting(RESTARTING_KEY, str(time.time()))
+            except ExecutionFailed:
+                log.exception("could not record the planned restart")
+            suspended = sum(a.suspend() for a in list(self.approvals.values()))
+            if suspended:
+                log.info("%d approval(s) stay pending for the next start", suspended)
         await self.idle()
 
     async def idle(self) -> None:
@@ -353,14 +409,22 @@ class Broker:
 
     async def _run_approval(self, approval: Approval) -> None:
         try:
+            if approval.restore:
+                self._restore_card(approval)
             with trio.CancelScope(deadline=self._deadline(approval.row.expires_at)) as scope:
-                if approval.row.message_ref is None and approval.kind is None:
+                undecided = approval.kind is None and not approval.suspended
+                if approval.row.message_ref is None and undecided:  # else shown, or later
                     await self._show(approval)
-                if approval.kind is None:
-                    # Park until resolve() or the deadline cancels this scope.
+                if approval.kind is None and not approval.suspended:
+                    # Park until resolve(), suspend() or the deadline cancels this scope.
                     approval.wake = scope
                     await trio.sleep_forever()
             approval.wake = None
+            if approval.suspended:
+                self._waiting[approval.row.agent] -= 1
+                with trio.CancelScope(shield=True):
+                    await self._suspended(approval)
+                return
             approval.resolve(Decision.TIMEOUT)
             self._waiting[approval.row.agent] -= 1
             with trio.CancelScope(shield=True):
@@ -405,6 +469,67 @@ class Broker:
             await self.store.set_message_ref(row.request_id, ref, target)
         except ExecutionFailed:
             log.exception("could not record the card of %s", row.request_id)
+
+    async def _suspended(self, approval: Approval) -> None:
+        """A planned restart: the asking door hears -32007 (the result will be queued), and the
+        card says the gateway is restarting. The store keeps the approval pending."""
+        row = approval.row
+        data = {
+            "request_id": row.request_id,
+            "signature": row.signature,
+            "pending": True,
+            "expires_at": row.expires_at,
+        }
+        error = GatewayShuttingDown(
+            "gateway restarting: the approval stays open until its deadline and its result will"
+            " be queued for you (get_pending_results after reconnecting)",
+            data=data,
+        )
+        if approval.session is not None:
+            # A reply to this request, not its outcome (that is queued later; nothing is stored).
+            approval.session.deliver(
+                Result(
+                    row.request_id,
+                    row.rpc_id,
+                    row.tool,
+                    row.signature,
+                    Outcome.SHUTDOWN,
+                    None,
+                    error,
+                )
+            )
+        if self.guardian is None or row.message_ref is None:
+            return
+        update = CardUpdate(
+            status=Status.RESTARTING,
+            detail="open until its deadline; its buttons come back when the gateway does",
+            at=self._now(),
+        )
+        with trio.move_on_after(10):
+            try:
+                await self.guardian.update_card(approval.card(), row.message_ref, update)
+            except Exception:
+                log.exception("could not update the card of %s", row.request_id)
+
+    def _restore_card(self, approval: Approval) -> None:
+        """After a planned restart: the card gets its buttons back, once the guardian can."""
+        assert self._nursery is not None
+        if approval.restoring is None:
+            approval.restoring = trio.Event()
+        done = approval.restoring
+
+        async def restore() -> None:
+            ref = approval.row.message_ref
+            try:
+                with trio.move_on_after(max(0.0, approval.row.expires_at - self._now())):
+                    if self.guardian is not None and ref is not None and approval.kind is None:
+                        await self.guardian.restore_card(approval.card(), ref)
+            except Exception:
+                log.exception("could not restore the card of %s", approval.request_id)
+            finally:
+                done.set()
+
+        self._nursery.start_soon(restore, name=_TASK_NAME)
 
     async def _conclude(self, approval: Approval) -> None:
         row, kind = approval.row, approval.kind
@@ -520,6 +645,9 @@ class Broker:
         refs = [approval.row.message_ref, *(approval.copies or ())]
         if self.guardian is None or refs[0] is None:
             return
+        if approval.restoring is not None:  # its buttons must not come back after the outcome
+            with trio.move_on_after(RESTORE_WAIT):
+                await approval.restoring.wait()
         assert approval.kind is not None
         status = MEANINGS[approval.kind].card or EXECUTION_CARDS[outcome]
         if outcome is Outcome.EXECUTED:

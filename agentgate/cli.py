@@ -247,12 +247,23 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--cancel-pending",
+        action="store_true",
+        help="on SIGTERM/SIGINT, resolve every pending approval as shutdown (-32007) instead of"
+        " keeping it for the next start: for decommissioning, not for restarts",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from agentgate.serve import run_serve
 
-    return run_serve(args.config, insecure=args.insecure, log_level=args.log_level)
+    return run_serve(
+        args.config,
+        insecure=args.insecure,
+        log_level=args.log_level,
+        cancel_pending=args.cancel_pending,
+    )
 
 
 # --- audit -------------------------------------------------------------------------------------

@@ -11,9 +11,14 @@ Task tree (DESIGN §3)::
     │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket)
     └── serve_websockets              (agentgate.listener) → door.handle per connection
 
-Shutdown is an event, not a bare cancellation: new work is refused, pending approvals
-resolve as ``shutdown`` (-32007) while the connections are still there to hear it, in-flight
-requests finish, then sockets close with 1001 — all under a 5 s bound.
+Shutdown is an event, not a bare cancellation: new work is refused, undecided approvals are
+suspended for the next start (their askers hear -32007 while the connections are still there,
+their cards say the gateway is restarting) or, with ``cancel_pending``, resolved as
+``shutdown``; in-flight requests finish, then sockets close with 1001 — all under a 5 s bound.
+
+Start-up fails fast (:class:`~agentgate.config.ConfigError`, ``agentgate serve`` exits 2) when
+Home Assistant or Telegram refuses the configured token or chat; an unreachable service is
+logged and ridden out instead.
 
 Imports: every room below; nothing imports this module but the entry points.
 """
@@ -23,8 +28,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import Final
 
@@ -33,7 +38,7 @@ import httpx
 import trio
 
 from agentgate.broker import Broker
-from agentgate.config import Config
+from agentgate.config import Config, ConfigError
 from agentgate.connection import WebSocketDoor
 from agentgate.controls import Controls
 from agentgate.guardian import Guardian, GuardianControl
@@ -82,10 +87,11 @@ class Gateway:
         self.door = door
         self.guardian = guardian
 
-    async def shutdown(self) -> None:
-        """Refuse new work, resolve approvals as shutdown, drain, close sockets with 1001."""
+    async def shutdown(self, *, cancel_pending: bool = False) -> None:
+        """Refuse new work, suspend undecided approvals for the next start (or resolve them as
+        ``shutdown`` with ``cancel_pending``), drain, close sockets with 1001."""
         self.pipeline.closing = True
-        await self.broker.shutdown()
+        await self.broker.shutdown(cancel_pending=cancel_pending)
         await self.door.idle()
         await self.door.close_all()
 
@@ -125,12 +131,33 @@ async def open_gateway(
     stop. Front doors are served by the caller (:func:`serve_gateway` serves the WebSocket one).
     """
     policies = load_policies(config)
+    with _config_errors_ungrouped():
+        async with _open_gateway(config, guardian, ha_transport, now, inline_store, policies) as gw:
+            yield gw
+
+
+@asynccontextmanager
+async def _open_gateway(
+    config: Config,
+    guardian: Guardian | None,
+    ha_transport: httpx.AsyncBaseTransport | None,
+    now: Callable[[], float],
+    inline_store: bool | None,
+    policies: dict[str | None, Policy],
+) -> AsyncIterator[Gateway]:
     async with (
         open_store(
             config.store.path, synchronous=config.store.synchronous, inline=inline_store
         ) as store,
         _maybe_homeassistant(config, ha_transport) as executor,
     ):
+        if executor is not None:
+            try:
+                warning = await executor.check_health()
+            except ConfigError as exc:
+                raise ConfigError(*(f"{config.source}: {p}" for p in exc.problems)) from None
+            if warning:
+                log.warning("Home Assistant health check: %s", warning)
         sessions = Sessions()
         controls = Controls(store, connected=sessions.counts, now=now)
         cards = card_rules(config)
@@ -160,10 +187,6 @@ async def open_gateway(
             broker.guardian = active_guardian
             if active_guardian is None:
                 log.warning("no guardian configured: every ask fails closed (-32004)")
-            if executor is not None:
-                warning = await executor.check_health()
-                if warning:
-                    log.warning("Home Assistant health check: %s", warning)
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.run)
                 try:
@@ -205,8 +228,24 @@ async def _maybe_telegram(
         return
     from agentgate.guardian.supervisor import supervised_telegram
 
-    async with supervised_telegram(telegram, control, cards) as supervisor:
-        yield supervisor
+    async with supervised_telegram(telegram, control, cards, source=str(config.source)) as tg:
+        yield tg
+
+
+@contextmanager
+def _config_errors_ungrouped() -> Iterator[None]:
+    """A configuration error found while starting leaves as itself, not inside the exception
+    groups of the nurseries it crossed (``agentgate serve`` maps it to exit status 2)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(ConfigError)
+        if matched is not None and rest is None:
+            leaves: list[BaseException] = [matched]
+            while isinstance(leaves[0], BaseExceptionGroup):
+                leaves = list(leaves[0].exceptions)
+            raise leaves[0] from None
+        raise
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext:
@@ -241,11 +280,14 @@ async def serve_gateway(
     ha_transport: httpx.AsyncBaseTransport | None = None,
     now: Callable[[], float] = time.time,
     stop: trio.Event | None = None,
+    cancel_pending: bool = False,
     task_status: trio.TaskStatus[RunningGateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``stop`` is set (or the caller cancels), then shut down cleanly.
 
-    ``guardian`` replaces the configured Telegram guardian (tests). Supports the start protocol:
+    ``guardian`` replaces the configured Telegram guardian (tests). Pending approvals stay
+    pending for the next start, unless ``cancel_pending`` (decommissioning: they resolve as
+    ``shutdown``). Supports the start protocol:
     ``running = await nursery.start(serve_gateway, config)``.
     """
     stop = stop if stop is not None else trio.Event()
@@ -280,7 +322,7 @@ async def serve_gateway(
             await stop.wait()
         finally:
             with trio.move_on_after(SHUTDOWN_BOUND, shield=True) as scope:
-                await gateway.shutdown()
+                await gateway.shutdown(cancel_pending=cancel_pending)
             if scope.cancelled_caught:
                 log.warning("shutdown took longer than 5 s; cancelling what is left")
             nursery.cancel_scope.cancel()

@@ -45,17 +45,31 @@ async def _watch_signals(stop: trio.Event) -> None:
             return
 
 
-async def _main(path: Path, insecure: bool) -> None:
+async def _main(path: Path, insecure: bool, cancel_pending: bool) -> None:
     config = load_config(path, insecure=insecure)
     stop = trio.Event()
+    refused: ConfigError | None = None  # found at start-up (a token or chat refused)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, stop)
-        await serve_gateway(config, insecure=insecure, stop=stop)
+        try:
+            await serve_gateway(config, insecure=insecure, stop=stop, cancel_pending=cancel_pending)
+        except ConfigError as exc:
+            refused = exc  # raised below, not inside this nursery's exception group
         nursery.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
 
 
-def run_serve(path: str | Path, *, insecure: bool = False, log_level: str = "INFO") -> int:
-    """Run the gateway until SIGINT/SIGTERM. 0 after a clean shutdown, 2 for a config error."""
+def run_serve(
+    path: str | Path,
+    *,
+    insecure: bool = False,
+    log_level: str = "INFO",
+    cancel_pending: bool = False,
+) -> int:
+    """Run the gateway until SIGINT/SIGTERM. 0 after a clean shutdown, 2 for a config error.
+
+    Pending approvals stay pending across the stop, unless ``cancel_pending``."""
     setup_logging(log_level)
     try:
         config = load_config(path, insecure=insecure)  # fail fast, before anything starts
@@ -65,7 +79,7 @@ def run_serve(path: str | Path, *, insecure: bool = False, log_level: str = "INF
     if config.guardian.telegram is not None:
         import_telegram_without_passport()  # before trio.run: the gateway would import it later
     try:
-        trio.run(partial(_main, Path(path), insecure))
+        trio.run(partial(_main, Path(path), insecure, cancel_pending))
     except (ConfigError, PolicyError) as exc:
         print(f"agentgate: {exc}", file=sys.stderr)
         return 2

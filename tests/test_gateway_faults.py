@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from agentgate.config import ConfigError
 from agentgate.guardian import Status
 from agentgate.store import Store
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant
@@ -105,14 +106,28 @@ async def test_slow_home_hits_the_deadline(workdir: Path, home: FakeHomeAssistan
             assert ok["result"]["status"] == "executed"
 
 
-async def test_home_rejecting_the_gateway_token(workdir: Path, home: FakeHomeAssistant) -> None:
+async def test_home_rejecting_the_gateway_token_at_start_up(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
     wrong = SimpleNamespace(url=home.url, token="not-the-home-token")
+    with trio.fail_after(CEILING), pytest.raises(ConfigError) as refused:
+        async with running_gateway(workdir, home=wrong):
+            pytest.fail("the gateway started with a token Home Assistant refuses")
+    message = str(refused.value)
+    assert message.startswith(f"{workdir / 'gate.toml'}: services.homeassistant.token: ")
+    assert "401" in message
+    assert "not-the-home-token" not in message
+
+
+async def test_home_rejecting_the_gateway_token_later(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
     with trio.fail_after(CEILING):
-        async with running_gateway(workdir, home=wrong) as gw, raw_agent(gw) as agent:
+        async with running_gateway(workdir, home=home) as gw, raw_agent(gw) as agent:
+            home.token = "rotated-in-home-assistant"  # the gateway's token was revoked
             error = await assert_execution_failed(agent, "401")
             assert "token" in error["message"]
             assert error["data"]["status"] == 401
-            assert "not-the-home-token" not in error["message"]
 
 
 async def test_unknown_entity_is_not_found(workdir: Path, home: FakeHomeAssistant) -> None:

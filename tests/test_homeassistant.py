@@ -13,6 +13,7 @@ import trio
 import trio.testing
 from attrs import frozen
 
+from agentgate.config import ConfigError
 from agentgate.errors import ExecutionFailed, InvalidParams, OutcomeUnknown, error_from_wire
 from agentgate.services.homeassistant import TOOLS, HomeAssistant, open_homeassistant
 
@@ -309,8 +310,8 @@ async def test_health_ok(ha: HomeAssistant) -> None:
     ("response", "expected"),
     [
         (httpx.Response(200, json={"message": "Hello"}), "unexpectedly"),
-        (httpx.Response(401, text="401: Unauthorized"), "token"),
         (httpx.Response(200, text="<html>"), "not JSON"),
+        (httpx.Response(500, text="oops"), "500"),
     ],
 )
 async def test_health_warns(response: httpx.Response, expected: str) -> None:
@@ -320,6 +321,16 @@ async def test_health_warns(response: httpx.Response, expected: str) -> None:
         warning = await executor.check_health()
     assert warning is not None
     assert expected in warning
+
+
+async def test_health_with_a_refused_token_is_a_config_error() -> None:
+    async with open_homeassistant(
+        Settings(), transport=httpx.MockTransport(answering(httpx.Response(401, text="401")))
+    ) as executor:
+        with pytest.raises(ConfigError) as refused:
+            await executor.check_health()
+    assert str(refused.value).startswith("services.homeassistant.token: ")
+    assert TOKEN not in str(refused.value)
 
 
 async def test_health_unreachable() -> None:

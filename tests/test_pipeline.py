@@ -335,7 +335,7 @@ async def test_shutdown_cancels_what_is_still_asked(
     async with fast_gateway(tmp_path) as fg:
         ws = await authed(fg)
         await ask(fg, ws, 1)
-        await fg.gateway.shutdown()
+        await fg.gateway.shutdown(cancel_pending=True)  # decommissioning
         answer = await reply(ws)
         assert code(answer) == -32007
         (row,) = await rows(fg)

@@ -122,7 +122,7 @@ class RealGateway:
         self._running = None
         if crash:
 
-            async def no_shutdown() -> None:
+            async def no_shutdown(**kw: Any) -> None:
                 pass
 
             running.gateway.shutdown = no_shutdown  # type: ignore[method-assign]  # fault injection
@@ -253,7 +253,9 @@ async def test_contract_against_the_real_gateway(
 async def test_clean_restart_answers_shutdown_then_reconnects(
     library: str, gate: RealGateway
 ) -> None:
-    """A clean shutdown answers a waiting ask with -32007; the SDK reconnects to the new one."""
+    """A clean restart answers a waiting ask with -32007 but keeps it pending; the SDK
+    reconnects to the new gateway, where the guardian's Allow executes it and queues its
+    result."""
 
     async def case(gw_factory: GwFactory, home: Any) -> None:
         pending = PendingLog()
@@ -270,19 +272,31 @@ async def test_clean_restart_answers_shutdown_then_reconnects(
             )
             assert restart_error is None, restart_error
             assert isinstance(error, GatewayShuttingDown), error
-            assert error.data["request_id"] == pending.seen[0]["request_id"]
+            request_id = pending.seen[0]["request_id"]
+            assert error.data["request_id"] == request_id
+            assert error.data["pending"] is True  # its result will be queued
             # the next call waits for the reconnection and works against the new gateway
             data = await gw.call("ha_get_state", entity_id="sensor.living_room")
             assert data["entity_id"] == "sensor.living_room"
             assert await gw.pending_results() == []
+            await home.press(request_id, "allow")  # its card still works
+            await home.settled()
+            (entry,) = await gw.pending_results()
+            assert (entry["request_id"], entry["status"]) == (request_id, "executed")
 
     class TrioHome(_TrioHome):
         async def restart_cleanly(self) -> None:
             await self.gate.restart(crash=False)
 
+        async def settled(self) -> None:
+            await self.gate.running.gateway.broker.idle()
+
     class AsyncioHome(_AsyncioHome):
         async def restart_cleanly(self) -> None:
             await self._trio(functools.partial(self.gate.restart, crash=False))
+
+        async def settled(self) -> None:
+            await self._trio(self.gate.running.gateway.broker.idle)
 
     factory = functools.partial(connect, gate.url, token=gate.token, ca=gate.ca_path)
     with trio.fail_after(CEILING):

@@ -12,6 +12,7 @@ under ``trio.fail_after`` ceilings; the 3 s approval timeout is the only wait th
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -493,3 +494,52 @@ async def test_telegram_unreachable_at_start_up(workdir: Path, home: FakeHomeAss
                 assert await press(tg, card, "allow") == "approved"
                 assert (await agent.reply(3))["result"]["status"] == "executed"
     assert len(posts(home)) == 1
+
+
+async def test_a_token_refused_after_start_up_is_retried_not_fatal(
+    workdir: Path, home: FakeHomeAssistant, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the first start treats a refused token as a configuration error; later (here:
+    Telegram unreachable at first, then refusing the token, then fine) it is an outage."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/bot"
+    with trio.fail_after(CEILING + 20), caplog.at_level(logging.INFO, logger="agentgate"):
+        async with (
+            telegram_gateway(workdir, home, base_url) as gw,
+            agent_of(gw) as agent,
+            run_fake_telegram(token=TOKEN, chat_id=CHAT, port=port) as tg,
+        ):
+            tg.fail("getMe", 401, "Unauthorized")
+            await tg.wait_for(lambda: tg.calls_to("getMe") or None)
+            await agent.ask(1, **KITCHEN_ON)
+            error = (await agent.reply(1))["error"]
+            assert error["code"] == -32004  # asks fail closed meanwhile
+            assert error["message"].startswith("guardian unreachable")
+            read = await agent.tool(2, "ha_get_state", **READ)
+            assert read["result"]["status"] == "executed"
+            tg.heal()
+            await tg.wait_for(lambda: tg.calls_to("getUpdates") or None)  # running again
+            request_id = await agent.ask(3, **KITCHEN_ON)
+            card = await card_of(tg, request_id)
+            assert await press(tg, card, "allow") == "approved"
+            assert (await agent.reply(3))["result"]["status"] == "executed"
+    refused = [
+        r
+        for r in caplog.records
+        if "refused the bot token" in r.getMessage() and r.levelname == "ERROR"
+    ]
+    assert len(refused) == 1, [r.getMessage() for r in refused]  # once, not at every attempt
+    assert "guardian.telegram.token" in refused[0].getMessage()
+    assert any("Telegram guardian running again" in r.getMessage() for r in caplog.records)
+
+
+async def test_delete_webhook_failing_at_start_up_does_not_stop_the_gateway(
+    workdir: Path, home: FakeHomeAssistant, tg: FakeTelegram
+) -> None:
+    tg.fail_next("deleteWebhook", 502, "Bad Gateway")  # exit 1 before (start_polling raised)
+    with trio.fail_after(CEILING):
+        async with telegram_gateway(workdir, home, tg.base_url) as gw, agent_of(gw) as agent:
+            request_id = await agent.ask(1, **KITCHEN_ON)
+            card = await card_of(tg, request_id)
+            assert await press(tg, card, "allow") == "approved"
+            assert (await agent.reply(1))["result"]["status"] == "executed"

@@ -26,6 +26,16 @@ class GuardianUnavailable(ExecutionFailed):
     default_message = "guardian unreachable"
 
 
+class GuardianRefused(GuardianUnavailable):
+    """The guardian's service refused the gateway's configuration: a token it does not accept,
+    a chat it cannot post to. ``key`` is the configuration key to fix (at start-up this stops
+    the gateway; later it is retried, as any outage)."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class Action(enum.StrEnum):
     ALLOW = "allow"
     DENY = "deny"
@@ -43,6 +53,7 @@ class Status(enum.StrEnum):
     UNKNOWN = "unknown"  # sent, no answer: it may have run (the detail says the state now)
     QUEUED = "queued"  # executed (or failed) while the agent was offline: result queued
     SHUTDOWN = "shutdown"  # gateway shutting down
+    RESTARTING = "restarting"  # a planned restart: still open, buttons back once it is up
     FROZEN = "frozen"  # denied by /freeze
 
 
@@ -116,6 +127,12 @@ class Guardian(Protocol):
 
     async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
         """Render a resolution on the card. Best effort: never raises for delivery failures."""
+        ...
+
+    async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
+        """Show the card as it was asked, buttons included (after a planned restart edited it
+        to say the gateway was restarting). Best effort, like :meth:`update_card`; may wait
+        until the guardian can reach its chat (the caller bounds the wait)."""
         ...
 
 

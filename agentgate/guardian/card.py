@@ -378,6 +378,7 @@ _STATUS_TEXT: Final[dict[Status, str]] = {
     Status.UNKNOWN: "❓ Sent, but no answer: it may have run",
     Status.QUEUED: "📥 Agent offline — result queued",
     Status.SHUTDOWN: "⏹ Gateway shutting down — request cancelled",
+    Status.RESTARTING: "⏸ Gateway restarting — this request stays open",
     Status.FROZEN: "🧊 Frozen — denied",
 }
 

@@ -45,5 +45,7 @@ class Executor(Protocol):
         ...
 
     async def check_health(self) -> str | None:
-        """None if the service answers as it should, else a warning for the log."""
+        """None if the service answers as it should, else a warning for the log (an outage is
+        ridden out). Raises :class:`~agentgate.config.ConfigError` if the service refuses the
+        gateway's credential: a configuration to fix, at start-up."""
         ...

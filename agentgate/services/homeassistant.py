@@ -61,7 +61,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from agentgate.config import client_ssl_context
+from agentgate.config import ConfigError, client_ssl_context
 from agentgate.errors import AgentgateError, ExecutionFailed, InvalidParams, OutcomeUnknown
 from agentgate.tools import TOOLS as TOOL_SPECS
 from agentgate.tools import ToolSpec
@@ -283,11 +283,21 @@ class HomeAssistant:
         }
 
     async def check_health(self) -> str | None:
-        """``None`` if ``GET /api/`` says the API runs, else a warning for the log; never raises."""
+        """``None`` if ``GET /api/`` says the API runs, else a warning for the log.
+
+        Raises :class:`~agentgate.config.ConfigError` only when Home Assistant refuses the
+        gateway's token (401): that is a configuration to fix, not an outage to ride out.
+        """
         try:
             with self._boundary():
                 body = await self._request("GET", "/api/")
         except ExecutionFailed as exc:
+            if exc.data.get("status") == 401:
+                raise ConfigError(
+                    f"services.homeassistant.token: Home Assistant at {self._url} refused the"
+                    " token (401 to GET /api/); create a long-lived access token in your Home"
+                    " Assistant profile"
+                ) from None
             return f"Home Assistant health check failed at {self._url}: {exc.message}"
         except Exception as exc:  # a health check must not stop the gateway
             return f"Home Assistant health check failed: {exc!r}"

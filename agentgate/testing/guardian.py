@@ -35,6 +35,7 @@ class ScriptedGuardian:
         self.user = user
         self.unavailable = False
         self.cards: dict[str, ShownCard] = {}
+        self.restored: list[tuple[str, str]] = []
         self._refs = itertools.count(1)
         self._changed = trio.Event()
 
@@ -55,6 +56,17 @@ class ScriptedGuardian:
         if shown is not None:
             shown.updates.append(update)
             self._touch()
+
+    async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
+        """After a planned restart: recorded in ``restored`` (request id, message ref)."""
+        self.restored.append((card.request_id, message_ref))
+        self._touch()
+
+    async def wait_restored(self, count: int = 1) -> list[tuple[str, str]]:
+        """Wait until ``count`` cards have been restored (caller's deadline)."""
+        while len(self.restored) < count:
+            await self._changed.wait()
+        return list(self.restored)
 
     async def wait_for_card(self, count: int = 1) -> ShownCard:
         """Wait until ``count`` cards have been shown; return the latest (caller's deadline)."""

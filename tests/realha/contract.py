@@ -24,7 +24,7 @@ import pytest
 import trio
 from attrs import frozen
 
-from agentgate.config import HomeAssistantConfig
+from agentgate.config import ConfigError, HomeAssistantConfig
 from agentgate.errors import ExecutionFailed, InvalidParams
 from agentgate.services.homeassistant import HomeAssistant, open_homeassistant
 
@@ -631,11 +631,13 @@ async def test_bad_token(ha_home: Home) -> None:
     with trio.fail_after(CEILING):
         async with open_homeassistant(settings(ha_home, token="wrong")) as executor:
             error = await failure(executor, "ha_get_states")
-            warning = await executor.check_health()
+            with pytest.raises(ConfigError) as refused:  # at start-up: a config to fix
+                await executor.check_health()
     assert error.data["status"] == 401
     assert "services.homeassistant.token" in error.message
-    assert warning is not None
-    assert "401" in warning
+    assert str(refused.value).startswith("services.homeassistant.token: ")
+    assert "401" in str(refused.value)
+    assert "wrong" not in str(refused.value)
 
 
 @pytest.mark.parametrize("role", ["climate", "lock"])
