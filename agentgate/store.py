@@ -687,11 +687,21 @@ def _transitions_trigger() -> str:
         f"'{source}>{target}'" for source, targets in TRANSITIONS.items() for target in targets
     )
     return (
-        "DROP TRIGGER IF EXISTS pending_transitions;\n"
         "CREATE TRIGGER pending_transitions BEFORE UPDATE OF state ON pending_requests"
         f" WHEN NEW.state != OLD.state AND OLD.state || '>' || NEW.state NOT IN ({allowed})"
-        " BEGIN SELECT RAISE(ABORT, 'approval state change not in the table'); END;"
+        " BEGIN SELECT RAISE(ABORT, 'approval state change not in the table'); END"
     )
+
+
+def _install_transitions_trigger(conn: sqlite3.Connection) -> None:
+    """The trigger of this version's table (replaced only if it differs: no write otherwise)."""
+    wanted = _transitions_trigger()
+    row = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type='trigger' AND name='pending_transitions'"
+    ).fetchone()
+    if row is not None and row[0] == wanted:
+        return
+    conn.executescript(f"DROP TRIGGER IF EXISTS pending_transitions; {wanted};")
 
 
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
@@ -799,7 +809,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
-    conn.executescript(_transitions_trigger())  # from the table of this version, every time
+    _install_transitions_trigger(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
