@@ -515,7 +515,7 @@ def test_an_evaluation_decided_by_its_full_signature_names_no_check() -> None:
         ("ha_get_state", {"entity_id": "sensor.phone_wifi_bssid"}, "deny"),
         ("ha_get_state", {"entity_id": "proximity.home"}, "ask"),
         ("ha_get_history", {"entity_id": "geo_location.quake_1"}, "ask"),
-        ("ha_get_state", {"entity_id": "sun.sun"}, "ask"),
+        ("ha_get_state", {"entity_id": "sun.sun"}, "allow"),  # the region, not the home
         ("ha_call_service", {"domain": "script", "service": "turn_on"}, "ask"),
         ("ha_call_service", {"domain": "shell_command", "service": "x"}, "ask"),
         ("ha_call_service", {"domain": "hassio", "service": "host_reboot"}, "deny"),
