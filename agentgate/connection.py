@@ -452,11 +452,8 @@ class WebSocketDoor:
                 result = await self._tool_request(conn, req)
             elif req.method == "list_tools":
                 result = {"tools": self.pipeline.list_tools(conn.agent)}
-            else:  # get_pending_results
-                results = await self.pipeline.take_queued(conn.agent)
-                handed = tuple(r["request_id"] for r in results)
-                if not await conn.send(encode_result(req.id, {"results": results}), handed):
-                    await self.pipeline.requeue(conn.agent, handed)
+            else:
+                await self._pending_results(conn, req)
                 return
             if result is not None:
                 await conn.send(encode_result(req.id, result))
@@ -471,6 +468,22 @@ class WebSocketDoor:
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
                 self._idle = None
+
+    async def _pending_results(self, conn: Connection, req: Request) -> None:
+        """``get_pending_results``: acknowledged delivery if the call carries ``ack``."""
+        extra = set(req.params) - {"ack"}
+        if extra:
+            raise InvalidParams(f"unexpected params: {', '.join(sorted(extra))}")
+        if "ack" in req.params:
+            # Listed, not handed out: whatever happens to this frame, the results stay queued
+            # until a later call acknowledges them.
+            listed = await self.pipeline.list_queued(conn.agent, acknowledge=req.params["ack"])
+            await conn.send(encode_result(req.id, {"results": listed}))
+            return
+        results = await self.pipeline.take_queued(conn.agent)
+        handed = tuple(r["request_id"] for r in results)
+        if not await conn.send(encode_result(req.id, {"results": results}), handed):
+            await self.pipeline.requeue(conn.agent, handed)
 
     async def _tool_request(self, conn: Connection, req: Request) -> dict[str, Any] | None:
         params = req.params

@@ -53,13 +53,28 @@ from agentgate.guardian import ApprovalCard
 from agentgate.guardian.card import CardRules, CardTooLarge
 from agentgate.limits import TokenBucket
 from agentgate.policy import Policy
-from agentgate.protocol import JsonId
+from agentgate.protocol import MAX_ACK, JsonId
 from agentgate.services import Executor
 from agentgate.store import AuditEntry, Store
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
 log = logging.getLogger(__name__)
+
+
+MAX_REQUEST_ID_CHARS = 128  # ours are 36 (a UUID): a longer one cannot be ours
+
+
+def request_ids(value: object) -> list[str]:
+    """An agent's list of request ids to acknowledge; InvalidParams (-32602) if it is not a
+    list of at most ``MAX_ACK`` strings."""
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise InvalidParams("ack must be a list of request ids (strings)")
+    if len(value) > MAX_ACK:
+        raise InvalidParams(f"ack: at most {MAX_ACK} request ids per call, got {len(value)}")
+    if any(len(item) > MAX_REQUEST_ID_CHARS for item in value):
+        raise InvalidParams(f"ack: a request id longer than {MAX_REQUEST_ID_CHARS} characters")
+    return list(value)
 
 
 class Executed(NamedTuple):
@@ -314,6 +329,21 @@ class Pipeline:
         """The agent's queued results, each handed out once."""
         self.admit(agent)
         return await self.store.take_queued(agent)
+
+    async def list_queued(self, agent: str, *, acknowledge: object = ()) -> list[dict[str, Any]]:
+        """Acknowledged delivery: drop the results ``acknowledge`` names from the agent's queue
+        (ids it does not hold are ignored), then list what is still queued, leaving it there
+        until a later call acknowledges it. ``acknowledge`` is the agent's own list, checked
+        here (:func:`request_ids`)."""
+        self.admit(agent)
+        ids = request_ids(acknowledge)
+        return await self.store.list_queued(agent, acknowledge=ids)
+
+    async def acknowledge_queued(self, agent: str, ids: object) -> int:
+        """The agent has these results (checked as for :meth:`list_queued`): they leave its
+        queue. Returns how many did."""
+        self.admit(agent)
+        return await self.store.acknowledge_queued(agent, request_ids(ids))
 
     async def queued_count(self, agent: str) -> int:
         try:

@@ -23,6 +23,9 @@ from agentgate.errors import AgentgateError, InvalidParams, InvalidRequest, Pars
 JsonId = str | int | float | None
 """A JSON-RPC id: string, number or null (never a boolean)."""
 
+MAX_ACK: Final = 1000
+"""Request ids one ``get_pending_results`` may acknowledge (its ``ack`` list)."""
+
 _NO_ID: Final = object()
 
 

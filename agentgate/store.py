@@ -473,7 +473,8 @@ class Store:
         """Close an approval: its outcome, the audit resolution, and the result entry.
 
         ``entry`` is the queued-result object of DESIGN §13; if ``delivered`` is False it waits
-        for ``take_queued`` to hand it out once.
+        in the agent's queue: handed out once by ``take_queued``, or listed by ``list_queued``
+        until ``acknowledge_queued``.
         """
 
         def fn(c: sqlite3.Connection) -> None:
@@ -513,11 +514,7 @@ class Store:
         """Hand out this agent's queued results, each exactly once (atomically)."""
 
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = c.execute(
-                "SELECT request_id, queued FROM pending_requests"
-                " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
-                (agent, State.DONE),
-            ).fetchall()
+            rows = _queued_rows(c, agent)
             c.executemany(
                 "UPDATE pending_requests SET delivered=1 WHERE request_id=?",
                 [(r["request_id"],) for r in rows],
@@ -525,6 +522,26 @@ class Store:
             return [json.loads(r["queued"]) for r in rows if r["queued"]]
 
         return await self._do(fn)
+
+    async def list_queued(
+        self, agent: str, *, acknowledge: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Acknowledge ``acknowledge`` (see :meth:`acknowledge_queued`), then list what is still
+        queued for ``agent``, oldest first, leaving it queued: one transaction."""
+        ids = list(acknowledge)
+
+        def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            _acknowledge(c, agent, ids)
+            return [json.loads(r["queued"]) for r in _queued_rows(c, agent) if r["queued"]]
+
+        return await self._do(fn)
+
+    async def acknowledge_queued(self, agent: str, request_ids: Iterable[str]) -> int:
+        """The agent has these results: they leave its queue. Ids that are not queued for
+        ``agent`` (unknown, another agent's, already acknowledged) are ignored. Returns how many
+        left the queue."""
+        ids = list(request_ids)
+        return await self._do(lambda c: _acknowledge(c, agent, ids))
 
     # -- grants and settings ------------------------------------------------------------------
 
@@ -619,6 +636,26 @@ def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
         ),
     )
     return int(cur.lastrowid or 0)
+
+
+def _queued_rows(c: sqlite3.Connection, agent: str) -> list[sqlite3.Row]:
+    return c.execute(
+        "SELECT request_id, queued FROM pending_requests"
+        " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
+        (agent, State.DONE),
+    ).fetchall()
+
+
+def _acknowledge(c: sqlite3.Connection, agent: str, request_ids: list[str]) -> int:
+    acknowledged = 0
+    for request_id in dict.fromkeys(request_ids):  # each id once, whatever the agent repeats
+        cur = c.execute(
+            "UPDATE pending_requests SET delivered=1"
+            " WHERE request_id=? AND agent=? AND state=? AND delivered=0",
+            (request_id, agent, State.DONE),
+        )
+        acknowledged += cur.rowcount
+    return acknowledged
 
 
 def select_audit(
