@@ -237,7 +237,7 @@ class AsyncioGateway(Gateway):
         self._changed.set()
         self._changed = asyncio.Event()
         logger.info("connected to %s as %r", self._options.target.url, self.agent)
-        self._request_collection()
+        self._connected()
         try:
             while True:
                 try:
@@ -265,7 +265,11 @@ class AsyncioGateway(Gateway):
             await sock.close()
 
     async def aclose(self) -> None:
-        """Stop reconnecting, close the socket, cancel callbacks (bounded)."""
+        """Acknowledge what was handed out, stop reconnecting, close the socket, cancel
+        callbacks (bounded)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_GRACE):
+                await self._flush_acknowledgements()
         self._finish(ConnectionLost("the client is closed"))
         tasks = [t for t in (self._supervisor, *self._tasks) if t is not None]
         for task in tasks:

@@ -119,7 +119,10 @@ class TrioGateway(Gateway):
         self._changed.set()
 
     async def aclose(self) -> None:
-        """Stop reconnecting and close the connection politely (bounded, shielded)."""
+        """Acknowledge what was handed out, stop reconnecting and close the connection
+        politely (bounded, shielded)."""
+        with trio.move_on_after(_CLOSE_GRACE, shield=True):
+            await self._flush_acknowledgements()
         self._finish(ConnectionLost("the client is closed"))
         if self._ws is not None:
             # while the reader still runs, so the close handshake can complete
@@ -192,7 +195,7 @@ class TrioGateway(Gateway):
                         serving = True
                         task_status.started()
                         logger.info("connected to %s as %r", target.url, self.agent)
-                        self._request_collection()
+                        self._connected()
                         await self._reader(ws)
                     finally:
                         if self._outbox is not None:
