@@ -229,12 +229,16 @@ def _session(
 
     One-shot: no reconnect. If the connection drops while a call waits for the guardian, the
     gateway still finishes it and queues the outcome: ``agentgate pending`` collects it.
+    Queued results are never collected in the background (``collect=False``): they stay on
+    the gateway for ``agentgate pending``, and no request is spent on them.
     """
     conn = connection_from_args(args)
 
     async def main() -> tuple[Any, AgentgateError | None]:
         try:
-            async with conn.open(reconnect=False, on_pending=_announce_pending) as gw:
+            async with conn.open(
+                reconnect=False, on_pending=_announce_pending, collect=False
+            ) as gw:
                 return await work(gw), None
         except AgentgateError as exc:
             return None, exc
@@ -267,18 +271,31 @@ def run_call(args: argparse.Namespace) -> int:
     ``--json`` prints the whole result ``{"status", "request_id", "data"}`` on one line.
     """
     tool_args = parse_tool_args(args.args)
+    waiting = 0
 
     async def work(gw: Gateway) -> dict[str, Any]:
-        return await gw.request(args.tool, tool_args)
+        nonlocal waiting
+        try:
+            return await gw.request(args.tool, tool_args)
+        finally:
+            waiting = gw.results_waiting  # announced right after auth, before any answer
 
     result, err = _session(args, work)
     if err is not None:
-        return _fail(args, err)
-    if args.json:
-        _print_json(result, compact=True)
+        status = _fail(args, err)
     else:
-        _print_json(result["data"], compact=False)
-    return EXIT_OK
+        if args.json:
+            _print_json(result, compact=True)
+        else:
+            _print_json(result["data"], compact=False)
+        status = EXIT_OK
+    if waiting:
+        many = waiting != 1
+        error(
+            f"{waiting} queued result{'s' if many else ''} wait{'' if many else 's'} for this"
+            f" agent: `agentgate pending` prints {'them' if many else 'it'}"
+        )
+    return status
 
 
 def run_tools(args: argparse.Namespace) -> int:
@@ -301,18 +318,39 @@ def run_tools(args: argparse.Namespace) -> int:
 
 
 def run_pending(args: argparse.Namespace) -> int:
-    """``agentgate pending``: collect the queued results (each is handed out once) as JSON.
+    """``agentgate pending``: print the queued results as JSON, then acknowledge them.
 
     Prints a JSON list of ``{"request_id", "rpc_id", "tool", "signature", "status", "data" |
     "error"}`` (``--json``: on one line). Exit status 0 even if some results are errors: they
-    are results; read their ``status``.
+    are results; read their ``status``. A result leaves the gateway's queue only once it has
+    been printed: if stdout fails (or the acknowledgement cannot reach the gateway), the next
+    ``agentgate pending`` prints it again.
     """
+    unprinted: list[OSError] = []
 
     async def work(gw: Gateway) -> list[dict[str, Any]]:
-        return await gw.pending_results()
+        results = await gw.pending_results(acknowledge=False)
+        try:
+            _print_json(results, compact=args.json)
+            sys.stdout.flush()
+        except OSError as exc:
+            unprinted.append(exc)
+            return results
+        try:
+            await gw.acknowledge(results)
+        except AgentgateError as exc:
+            error(
+                f"printed, but not acknowledged ({describe_error(exc)}): the next"
+                " `agentgate pending` prints them again"
+            )
+        return results
 
-    results, err = _session(args, work)
+    _, err = _session(args, work)
+    if unprinted:
+        if isinstance(unprinted[0], BrokenPipeError):
+            raise unprinted[0]  # the reader is gone (`| head`): main() says nothing
+        error(f"cannot print the queued results ({unprinted[0]}): they stay queued")
+        return EXIT_FAILED
     if err is not None:
         return _fail(args, err)
-    _print_json(results, compact=args.json)
     return EXIT_OK

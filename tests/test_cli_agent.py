@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -185,6 +186,62 @@ async def test_pending_collects_a_queued_result_once(
         status, out, _ = await cli(capsys, "pending", *conn(gate), "--json")
     assert status == 0
     assert json.loads(out) == []
+
+
+async def queue_a_result(gate: RealGateway) -> dict[str, Any]:
+    """An agent asks, then goes away; the guardian allows: one result queued for "pi"."""
+    pending = PendingLog()
+    light = {"domain": "light", "service": "turn_on", "entity_id": "light.kitchen"}
+    async with (
+        connect(gate.url, token=gate.token, ca=gate.ca_path, on_pending=pending) as gw,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(lambda: gw.call("ha_call_service", **light))
+        params = await pending.wait()
+        nursery.cancel_scope.cancel()
+    await gate.running.gateway.door.gone("pi")
+    await gate.press(params["request_id"], "allow")
+    await gate.guardian.wait_for_update(params["request_id"])
+    return params
+
+
+async def test_call_leaves_queued_results_to_pending_and_says_so(
+    gate: RealGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with trio.fail_after(CEILING):
+        params = await queue_a_result(gate)
+        status, out, err = await cli(capsys, "call", *conn(gate), *SENSOR)
+        assert status == 0
+        assert json.loads(out)["entity_id"] == "sensor.living_room"
+        assert await gate.running.gateway.store.queued_count("pi") == 1  # not collected
+        assert err == (
+            "agentgate: 1 queued result waits for this agent: `agentgate pending` prints it\n"
+        )
+        status, out, _ = await cli(capsys, "pending", *conn(gate))
+        assert status == 0
+        assert [e["request_id"] for e in json.loads(out)] == [params["request_id"]]
+
+
+async def test_pending_acknowledges_only_what_it_printed(
+    gate: RealGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cannot_print(value: Any, *, compact: bool) -> None:
+        raise OSError(5, "Input/output error")
+
+    with trio.fail_after(CEILING):
+        params = await queue_a_result(gate)
+        with monkeypatch.context() as patched:
+            patched.setattr(cli_agent, "_print_json", cannot_print)  # stdout fails
+            status, out, err = await cli(capsys, "pending", *conn(gate))
+        assert status == 4
+        assert "cannot print the queued results" in err
+        assert "they stay queued" in err
+        status, out, _ = await cli(capsys, "pending", *conn(gate))
+        assert status == 0
+        assert [e["request_id"] for e in json.loads(out)] == [params["request_id"]]
+        assert await gate.running.gateway.store.queued_count("pi") == 0
+        status, out, _ = await cli(capsys, "pending", *conn(gate))
+    assert (status, json.loads(out)) == (0, [])
 
 
 # --- 1: denied -----------------------------------------------------------------------------------
