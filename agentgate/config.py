@@ -434,6 +434,11 @@ class LimitsConfig:
     max_message_bytes: MessageBytes = 65536
     # Replies waiting for one agent to read them; past this the connection closes (1008).
     max_outbox_bytes: OutboxBytes = 16 * 1024 * 1024
+    # Sockets: in all; not yet authenticated (TLS and WebSocket handshakes included) per
+    # source address; authenticated per agent. Over them a connection is refused at once.
+    max_connections: PositiveInt = 256
+    max_unauthenticated_per_address: PositiveInt = 8
+    max_connections_per_agent: PositiveInt = 8
 
 
 @frozen(kw_only=True)

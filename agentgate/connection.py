@@ -44,7 +44,15 @@ from agentgate.errors import (
     MethodNotFound,
     RateLimited,
 )
-from agentgate.limits import AuthAttempt, FailedAuthTracker
+from agentgate.limits import (
+    AuthAttempt,
+    ConnectionLimits,
+    FailedAuthTracker,
+    OverLimit,
+    Throttle,
+    Ticket,
+    source_of,
+)
 from agentgate.pipeline import Asked, Pipeline
 from agentgate.protocol import (
     JsonId,
@@ -201,6 +209,13 @@ class WebSocketDoor:
         self.pipeline = pipeline
         self.connections: dict[str, set[Connection]] = {}
         self.failed_auth = FailedAuthTracker(config.limits.failed_auth_per_minute)
+        limits = config.limits
+        self.connection_limits = ConnectionLimits(
+            limits.max_connections,
+            limits.max_unauthenticated_per_address,
+            limits.max_connections_per_agent,
+        )
+        self._refusals = Throttle()  # refusals are logged once per address and minute
         self._in_flight = 0  # requests running on every connection
         self._idle: trio.Event | None = None  # set when nothing is in flight (idle())
         self._none_left: trio.Event | None = None  # set when no connection is left
@@ -232,27 +247,50 @@ class WebSocketDoor:
 
     # -- one connection -----------------------------------------------------------------------
 
-    async def handle(self, request: WebSocketRequest, remote: str | None = None) -> None:
+    async def handle(
+        self, request: WebSocketRequest, remote: str | None = None, ticket: Ticket | None = None
+    ) -> None:
         """The listener's handler for one WebSocket from ``remote`` (the peer's address; by
-        default what trio-websocket says). Never raises (but Cancelled)."""
+        default what trio-websocket says) holding ``ticket`` in :attr:`connection_limits`
+        (without one, the socket is admitted here, and refused with HTTP 503 over a limit).
+        Never raises (but Cancelled)."""
         remote = remote if remote is not None else _address(request.remote)
+        own = ticket is None
+        if ticket is None:
+            try:
+                ticket = self.connection_limits.admit(remote)
+            except OverLimit as over:
+                self._log_refusal(over.key, "refused a connection from %s: %s", remote, over)
+                with contextlib.suppress(Exception):
+                    await request.reject(503, body=f"{over}\n".encode())
+                return
         try:
-            ws = await request.accept()
-        except Exception:
-            log.debug("handshake with %s failed", remote, exc_info=True)
-            return
-        try:
-            await self._connection(ws, remote)
-        except Exception:
-            log.exception("connection from %s failed unexpectedly", remote)
+            try:
+                ws = await request.accept()
+            except Exception:
+                log.debug("handshake with %s failed", remote, exc_info=True)
+                return
+            try:
+                await self._connection(ws, remote, ticket)
+            except Exception:
+                log.exception("connection from %s failed unexpectedly", remote)
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
         finally:
-            with trio.move_on_after(2):
-                await ws.aclose()
+            if own:
+                ticket.close()
 
-    async def _connection(self, ws: WebSocketConnection, remote: str) -> None:
-        agent = await self._authenticate(ws, remote)
+    async def _connection(self, ws: WebSocketConnection, remote: str, ticket: Ticket) -> None:
+        agent = await self._authenticate(ws, remote, ticket)
         if agent is None:
             return
+        try:
+            await self._session(ws, remote, agent)
+        finally:
+            ticket.leave_agent()
+
+    async def _session(self, ws: WebSocketConnection, remote: str, agent: AgentConfig) -> None:
         send, receive = trio.open_memory_channel[Frame](OUTBOX)
         conn = Connection(
             agent.name, remote, send, max_outbox_bytes=self.config.limits.max_outbox_bytes
@@ -283,6 +321,11 @@ class WebSocketDoor:
             log.info("agent %s disconnected (%s)", agent.name, remote)
             conn.gone.set()
 
+    def _log_refusal(self, key: str, message: str, *args: object) -> None:
+        if self._refusals.allow(key):
+            missed = self._refusals.take_suppressed(key)
+            log.warning(message + (f" ({missed} more in the last minute)" if missed else ""), *args)
+
     async def _close_on_overflow(self, ws: WebSocketConnection, conn: Connection) -> None:
         # The agent does not read: its socket is full, so the close frame may never go out;
         # _close gives it a moment, then closes the stream, which frees the blocked writer.
@@ -292,7 +335,9 @@ class WebSocketDoor:
 
     # -- authentication -----------------------------------------------------------------------
 
-    async def _authenticate(self, ws: WebSocketConnection, remote: str) -> AgentConfig | None:
+    async def _authenticate(
+        self, ws: WebSocketConnection, remote: str, ticket: Ticket
+    ) -> AgentConfig | None:
         async def refuse(rpc_id: JsonId, error: AgentgateError, code: int = CLOSE_POLICY) -> None:
             with trio.move_on_after(2), contextlib.suppress(ConnectionClosed):
                 await ws.send_message(encode_error(rpc_id, error))
@@ -314,7 +359,7 @@ class WebSocketDoor:
             )
             return None
         try:
-            return await self._first_frame(ws, remote, attempt, refuse)
+            return await self._first_frame(ws, remote, attempt, ticket, refuse)
         finally:
             attempt.abandoned()  # ended without a guess (the peer left, or cancellation)
 
@@ -323,6 +368,7 @@ class WebSocketDoor:
         ws: WebSocketConnection,
         remote: str,
         attempt: AuthAttempt,
+        ticket: Ticket,
         refuse: Callable[[JsonId, AgentgateError], Awaitable[None]],
     ) -> AgentConfig | None:
         message: str | bytes | None = None
@@ -364,6 +410,22 @@ class WebSocketDoor:
             await refuse(rpc_id, error)
             return None
         attempt.succeeded()
+        if not ticket.authenticate(agent.name):  # a valid token: not a failed guess
+            cap = self.config.limits.max_connections_per_agent
+            self._log_refusal(
+                f"agent {agent.name} {source_of(remote)}",
+                "agent %s from %s refused: it already holds %d connections"
+                " (max_connections_per_agent)",
+                agent.name,
+                remote,
+                cap,
+            )
+            limited = RateLimited(
+                f"too many connections for agent {agent.name} (max_connections_per_agent ="
+                f" {cap}): close one first"
+            )
+            await refuse(rpc_id, limited)
+            return None
         try:
             await ws.send_message(
                 encode_result(rpc_id, {"status": "authenticated", "agent": agent.name})

@@ -263,6 +263,7 @@ async def serve_gateway(
                 ssl_context,
                 max_message_size=max(4 * limits.max_message_bytes, 1 << 20),
                 connect_timeout=config.gateway.auth_deadline,
+                limits=gateway.door.connection_limits,
             )
         )
         scheme = "ws" if ssl_context is None else "wss"

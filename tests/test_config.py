@@ -345,6 +345,10 @@ SECONDS = "expected a positive number of seconds, got "
         ("requests_per_minute", "[1]", POSITIVE_INT + "an array"),
         ("max_message_bytes", "1023", MESSAGE_BYTES + "1023"),
         ("max_message_bytes", "16777217", MESSAGE_BYTES + "16777217"),
+        ("max_connections", "0", POSITIVE_INT + "0"),
+        ("max_unauthenticated_per_address", '"8"', POSITIVE_INT + '"8"'),
+        ("max_connections_per_agent", "-8", POSITIVE_INT + "-8"),
+        ("max_connections_per_agent", "2.5", POSITIVE_INT + "2.5"),
     ],
 )
 def test_bad_limits(tmp_path: Path, key: str, value: str, expected: str) -> None:
@@ -603,6 +607,26 @@ def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path, 
     )
     assert "hunter2" not in message
     assert "admin" not in message
+
+
+def test_connection_limits(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL), env=ENV)
+    limits = config.limits
+    assert (
+        limits.max_connections,
+        limits.max_unauthenticated_per_address,
+        limits.max_connections_per_agent,
+    ) == (256, 8, 8)
+    text = MINIMAL + (
+        "[limits]\nmax_connections = 1\nmax_unauthenticated_per_address = 1\n"
+        "max_connections_per_agent = 100000\n"
+    )
+    limits = load_config(_write(tmp_path, text), env=ENV).limits
+    assert (
+        limits.max_connections,
+        limits.max_unauthenticated_per_address,
+        limits.max_connections_per_agent,
+    ) == (1, 1, 100000)  # every positive integer (DESIGN §13)
 
 
 def test_card_and_outbox_limits(tmp_path: Path) -> None:
