@@ -111,10 +111,14 @@ async def run(url: str, token: str, ca: str | None, entity: str, quiet: bool) ->
                 print(f"authentication failed: {exc}", file=sys.stderr)
                 return 3
             print(f"# authenticated as {who['agent']}", flush=True)
-            # 2. results decided while we were away (each is handed out once).
-            queued = await agent.request("get_pending_results")
+            # 2. results decided while we were away. With "ack" they stay queued until we
+            #    acknowledge them, so none is lost if we die before showing it.
+            queued = await agent.request("get_pending_results", {"ack": []})
             for item in queued["results"]:
                 print(f"# queued: rpc_id {item['rpc_id']!r} {item['status']}", flush=True)
+            if queued["results"]:
+                seen = [item["request_id"] for item in queued["results"]]
+                await agent.request("get_pending_results", {"ack": seen})
             # 3. what may we ask for?
             tools = await agent.request("list_tools")
             print("# tools:", ", ".join(t["name"] for t in tools["tools"]), flush=True)

@@ -348,6 +348,34 @@ async def _reconnect_later(gw: Harness, log: Transcript) -> None:
         await second.call("get_pending_results", rpc_id=3)
 
 
+@scenario(
+    MAIN,
+    "queued-ack",
+    "acknowledged delivery: listed until acknowledged, even across a lost connection",
+)
+async def _queued_ack(gw: Harness, log: Transcript) -> None:
+    async with connect(gw, log) as first:
+        request_id = await ask(first, 2, {**LIGHT_ON, "entity_id": "light.kitchen"})
+        while request_id not in gw.scripted.cards:
+            await gw.scripted.wait_for_card(len(gw.scripted.cards) + 1)
+        await first.close()
+    await wait_disconnected(gw)
+    await press(gw, log, request_id, "deny")
+    while not await gw.gateway.store.queued_count("pi"):  # noqa: ASYNC110 - polls the store
+        await trio.sleep(0.01)
+    async with connect(gw, log) as second:
+        frame = await second.recv()
+        assert frame.get("method") == "results_pending", frame
+        await second.call("get_pending_results", {"ack": []}, rpc_id=3)
+        log.note("the agent goes away before it could use the result (nothing acknowledged)")
+    await wait_disconnected(gw)
+    async with connect(gw, log) as third:
+        await third.recv()  # results_pending: still queued
+        await third.call("get_pending_results", {"ack": []}, rpc_id=3)
+        log.note("the agent has it now: it acknowledges it (and sees what else is queued):")
+        await third.call("get_pending_results", {"ack": [request_id]}, rpc_id=4)
+
+
 @scenario(MAIN, "list-tools", "list_tools")
 async def _list_tools(gw: Harness, log: Transcript) -> None:
     async with connect(gw, log) as peer:
