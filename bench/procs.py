@@ -168,6 +168,9 @@ def gateway(
             "requests_per_minute": 100_000_000,
             "max_pending_per_agent": max_pending,
             "failed_auth_per_minute": 1_000_000,
+            # S6 holds 1,000 agents' connections, all from 127.0.0.1, 20 handshakes at once
+            "max_connections": 4096,
+            "max_unauthenticated_per_address": 4096,
         },
         telegram=telegram,
         ha_timeout=ha_timeout,

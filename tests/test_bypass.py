@@ -441,7 +441,9 @@ async def test_parallel_sockets_get_no_more_guesses_than_the_limit(
     workdir: Path, home: FakeHomeAssistant
 ) -> None:
     limit = 5
-    async with running_gateway(workdir, home=home, limits={"failed_auth_per_minute": limit}) as gw:
+    # 60 sockets from one address at once: room for them before auth (this tests the guesses)
+    limits = {"failed_auth_per_minute": limit, "max_unauthenticated_per_address": 100}
+    async with running_gateway(workdir, home=home, limits=limits) as gw:
         with trio.fail_after(CEILING):
             ready = trio.Event()  # every socket is open
             opened = 0
