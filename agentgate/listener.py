@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -50,6 +51,8 @@ _CAPACITY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EN
 # Descriptors kept free for everything that is not an agent's socket and opens after start:
 # Home Assistant's and Telegram's connections, the store's checkpoints, worker threads, logs.
 RESERVED_FDS: Final = 64
+# Keepalive probes after 60 s of silence, every 15 s, 4 unanswered: a dead peer in ~2 min.
+KEEPALIVE: Final = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
 
 
 class Listening(NamedTuple):
@@ -155,6 +158,7 @@ async def serve_websockets(
                 more = f" ({missed} more in the last minute)" if missed else ""
                 log.warning("refused a connection from %s: %s%s", peer, over, more)
             return
+        _keep_alive(stream)
         nursery.start_soon(connection, stream, peer, ticket)
 
     async with trio.open_nursery() as nursery:
@@ -232,6 +236,25 @@ def _fds_in_use() -> int:
         except OSError:
             continue
     return RESERVED_FDS  # cannot tell: assume as many again as the reserve
+
+
+def _keep_alive(stream: trio.abc.Stream) -> None:
+    """TCP keepalive on an accepted socket: a peer that vanished without closing (a network
+    cut, a device switched off) is found within about two minutes of silence, so its socket
+    stops counting towards ``max_connections_per_agent`` and the other limits."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in KEEPALIVE:
+        if hasattr(socket, name):  # Linux names; other systems keep their own defaults
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            stream.setsockopt(level, option, value)
+        except OSError:  # already gone, or not supported: the limits still hold
+            return
 
 
 def _peer(stream: trio.abc.Stream) -> str:
