@@ -2,7 +2,8 @@
 
 Per connection (DESIGN §3)::
 
-    handle(request)                      one per accepted WebSocket (agentgate.listener)
+    handle(request)                      one per accepted WebSocket (agentgate.listener),
+    │                                     holding its place in the connection limits
     ├── auth under a deadline             the first frame must be "auth" (failed-auth limiter)
     ├── reader                            parse, admit (methods, in-flight cap, rate), spawn
     ├── writer                            the only task that writes to the socket

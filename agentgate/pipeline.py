@@ -53,16 +53,13 @@ from agentgate.guardian import ApprovalCard
 from agentgate.guardian.card import CardRules, CardTooLarge
 from agentgate.limits import TokenBucket
 from agentgate.policy import Policy
-from agentgate.protocol import MAX_ACK, JsonId
+from agentgate.protocol import MAX_ACK, MAX_REQUEST_ID_CHARS, JsonId
 from agentgate.services import Executor
 from agentgate.store import AuditEntry, Store
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
 log = logging.getLogger(__name__)
-
-
-MAX_REQUEST_ID_CHARS = 128  # ours are 36 (a UUID): a longer one cannot be ours
 
 
 def request_ids(value: object) -> list[str]:

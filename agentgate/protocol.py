@@ -26,6 +26,9 @@ JsonId = str | int | float | None
 MAX_ACK: Final = 1000
 """Request ids one ``get_pending_results`` may acknowledge (its ``ack`` list)."""
 
+MAX_REQUEST_ID_CHARS: Final = 128
+"""The longest request id ``ack`` may name (the gateway's are 36: UUIDs)."""
+
 _NO_ID: Final = object()
 
 

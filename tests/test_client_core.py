@@ -191,6 +191,18 @@ def test_core_take_results_without_acknowledging() -> None:
     assert _collect(core)[0] == ["r1"]
 
 
+def test_core_never_keeps_an_acknowledgement_the_gateway_refuses() -> None:
+    core: ClientCore[str] = ClientCore()
+    core.acknowledge(["r1", "x" * 129, ""])
+    assert core.unacknowledged == 1  # what cannot be a request id is never sent
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    event = core.receive(encode_error(rpc_id, InvalidParams("ack: no")))
+    assert isinstance(event, Completed)
+    assert isinstance(event.error, InvalidParams)
+    assert core.unacknowledged == 0  # given up: the next collections are not poisoned
+    assert _collect(core)[0] == []
+
+
 def test_core_acknowledges_at_most_max_ack_per_collection() -> None:
     core: ClientCore[str] = ClientCore()
     core.acknowledge(f"r{i}" for i in range(MAX_ACK + 5))

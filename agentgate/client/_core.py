@@ -32,9 +32,11 @@ from agentgate.errors import (
     AuthenticationFailed,
     ConnectionLost,
     InternalError,
+    InvalidParams,
 )
 from agentgate.protocol import (
     MAX_ACK,
+    MAX_REQUEST_ID_CHARS,
     ErrorResponse,
     Notification,
     Response,
@@ -204,6 +206,11 @@ class ClientCore(Generic[W]):
             return Ignored(f"reply to unknown or cancelled call {rpc_id!r}")
         assert isinstance(rpc_id, int)
         if isinstance(message, ErrorResponse):
+            if call.method == _COLLECT_METHOD and isinstance(message.error, InvalidParams):
+                # The gateway refuses these acknowledgements themselves: sending them again
+                # would fail every collection. Give them up (their results may come again).
+                for request_id in call.acks:
+                    self._unacked.pop(request_id, None)
             return Completed(call.waiter, rpc_id, call.method, error=message.error)
         assert isinstance(message, Response)
         if call.method == _COLLECT_METHOD:
@@ -283,9 +290,10 @@ class ClientCore(Generic[W]):
         return taken
 
     def acknowledge(self, request_ids: Iterable[object]) -> None:
-        """Acknowledge these results with the next collection (strings only)."""
+        """Acknowledge these results with the next collection (request ids only: strings the
+        gateway could have made; anything else names no result and is skipped)."""
         for request_id in request_ids:
-            if isinstance(request_id, str) and request_id:
+            if isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
                 self._unacked[request_id] = None
 
     def _acknowledged(self, acks: tuple[str, ...]) -> None:
