@@ -88,6 +88,7 @@ async def connect(
     backoff: Backoff = Backoff(),  # noqa: B008 - frozen, immutable
     handshake_timeout: float = 10.0,
     rng: random.Random | None = None,
+    client: str | None = None,
 ) -> AsyncIterator[Gateway]:
     """Connect to a gateway, authenticate, and yield a :class:`Gateway`.
 
@@ -103,6 +104,8 @@ async def connect(
       ``{"rpc_id", "request_id", "expires_at"}`` when a call waits for the guardian.
     - ``handshake_timeout``: seconds for TCP + TLS + WebSocket + ``auth`` (the only timeout
       the SDK sets by itself).
+    - ``client``: sent as ``auth``'s optional ``client`` member; ``"mcp-stdio"`` (agentgate's
+      MCP bridge) makes the audit log and the card say the request came through MCP.
 
     Raises ``AuthenticationFailed`` (bad token) or ``ConnectionLost`` (unreachable, TLS
     failure, handshake too slow) if the first connection fails; ``ValueError`` for a bad URL.
@@ -118,6 +121,7 @@ async def connect(
         backoff=backoff,
         handshake_timeout=handshake_timeout,
         rng=rng or random.Random(),
+        client=client,
     )
     library = sniffio.current_async_library()
     if library == "trio":
