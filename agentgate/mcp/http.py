@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 AGENT_KEY: Final = "agentgate.agent"  # ASGI scope: the agent the request authenticated as
 GONE_KEY: Final = "agentgate.gone"  # ASGI scope: set once the HTTP request has ended
 VIA: Final = "mcp-http"
+DRAIN_LIMIT: Final = 16 * 1024 * 1024  # bytes of an oversized body read (and dropped) to refuse it
 SUBMIT_BOUND: Final = 60.0  # seconds a started submit may finish after its caller gave up
 
 
@@ -293,20 +294,27 @@ class _Guard:
         """Read the whole body (at most ``max_message_bytes``), or refuse it (413)."""
         declared = _headers(scope).get("content-length")
         too_large = InvalidRequest(f"message too large: over {self.limit} bytes")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _refuse(send, 413, too_large)
+        if declared is not None and declared.isdigit() and int(declared) > DRAIN_LIMIT:
+            await _refuse(send, 413, too_large)  # not worth reading: the connection closes
             return None
         body = bytearray()
+        size = 0
         while True:
             message = await receive()
             if message.get("type") != "http.request":
                 return None  # the client left before its body was complete
-            body += message.get("body", b"")
-            if len(body) > self.limit:
-                await _refuse(send, 413, too_large)
-                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= self.limit:
+                body += chunk
+            elif size > DRAIN_LIMIT:
+                break
             if not message.get("more_body", False):
                 break
+        if size > self.limit:
+            # Read to its end (up to DRAIN_LIMIT), so the client is there to read the answer.
+            await _refuse(send, 413, too_large)
+            return None
         replayed = False
 
         async def replay() -> Message:
