@@ -378,3 +378,51 @@ async def test_protocol_versions(workdir: Path, home: FakeHomeAssistant, mode: s
                 )
                 assert old.status_code == 200
                 assert "2025-06-18" in old.text
+
+
+async def test_one_rate_and_one_pending_budget_per_agent_across_both_doors(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    with trio.fail_after(CEILING):
+        async with (
+            gate(
+                workdir, home, limits={"requests_per_minute": 4, "max_pending_per_agent": 1}
+            ) as gw,
+            raw_agent(gw) as agent,
+            client(gw) as mcp,
+        ):
+            await agent.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": "ask",
+                    "method": "tool_request",
+                    "params": {"tool": "ha_call_service", "args": LIGHT_ON},
+                }
+            )
+            await gw.scripted.wait_for_card()  # one pending approval, from the WebSocket door
+            await mcp.list_tools()  # the second request this minute (the client lists once)
+            over = await mcp.call_tool("ha_call_service", LIGHT_ON)
+            assert over.is_error
+            assert "too many pending approvals" in text(over)
+            assert len(gw.scripted.cards) == 1
+            read = await agent.tool("ha_get_state", **READ)  # the fourth request this minute
+            assert read["result"]["status"] == "executed"
+            limited = await mcp.call_tool("ha_get_state", READ)
+            assert limited.is_error
+            assert text(limited).startswith("rate limited")
+            assert (await agent.tool("ha_get_state", **READ))["error"]["code"] == -32006
+
+
+async def test_a_waiting_call_hears_the_gateway_shut_down(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    with trio.fail_after(CEILING):
+        async with gate(workdir, home) as gw, client(gw) as mcp:
+            outcome: list[Any] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_append, outcome, mcp.call_tool("ha_call_service", LIGHT_ON))
+                await gw.scripted.wait_for_card()
+                gw.running.request_stop()
+            assert outcome[0].is_error
+            assert text(outcome[0]).startswith("gateway shutting down")
+            assert posts(home, LIGHT_PATH) == 0
