@@ -64,6 +64,8 @@ AGENT_KEY: Final = "agentgate.agent"  # ASGI scope: the agent the request authen
 GONE_KEY: Final = "agentgate.gone"  # ASGI scope: set once the HTTP request has ended
 VIA: Final = "mcp-http"
 DRAIN_LIMIT: Final = 16 * 1024 * 1024  # bytes of an oversized body read (and dropped) to refuse it
+MAX_SESSIONS: Final = 1000  # open MCP sessions (2025 handshakes), all agents together
+SESSION_IDLE: Final = 600.0  # seconds a session with nothing in flight is kept
 SUBMIT_BOUND: Final = 60.0  # seconds a started submit may finish after its caller gave up
 
 
@@ -171,6 +173,9 @@ class McpHttpDoor:
             # where the SDK's DNS-rebinding check would (a browser holds no agent token).
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
             max_request_body_size=limit,
+            # Sessions are opened by authenticated agents only; these bound what they can hold.
+            max_sessions=MAX_SESSIONS,
+            session_idle_timeout=SESSION_IDLE,
         )
         self.app: App = _Guard(sdk_app, self)
 

@@ -425,20 +425,35 @@ async def _result_tool(
         return call_result(InvalidParams(f"unexpected arguments: {', '.join(sorted(extra))}"))
     if not isinstance(request_id, str) or not request_id or len(request_id) > 128:
         return call_result(InvalidParams('"request_id" must be a request id (a string)'))
-    deadline = trio.current_time() + wait
-    while True:
-        # Ask in steps, so the client hears progress while the approval is undecided.
-        step = max(0.0, min(PROGRESS_EVERY, deadline - trio.current_time()))
-        try:
-            entry = await backend.result(request_id, step)
-        except AgentgateError as exc:  # "unknown request: ..." among them
-            return call_result(exc)
-        if entry.get("status") != "pending":
-            return call_result(entry_outcome(entry))
-        asked = Asked(request_id, _number(entry.get("expires_at")))
-        if trio.current_time() >= deadline:
-            return pending_result(asked)
-        await progress.waiting(asked)
+    try:
+        entry = await backend.result(request_id, 0)
+    except AgentgateError as exc:  # "unknown request: ..." among them
+        return call_result(exc)
+    if entry.get("status") != "pending":
+        return call_result(entry_outcome(entry))
+    asked = Asked(request_id, _number(entry.get("expires_at")))
+    final: list[dict[str, Any] | AgentgateError] = []
+    # One more request that waits the whole time, with progress notices beside it (each
+    # request to the gateway counts against the agent's rate).
+    async with trio.open_nursery() as nursery:
+
+        async def read() -> None:
+            try:
+                final.append(await backend.result(request_id, wait))
+            except AgentgateError as exc:
+                final.append(exc)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(read)
+        while not final:
+            await progress.waiting(asked)
+            await trio.sleep(PROGRESS_EVERY)
+    outcome = final[0] if final else None
+    if isinstance(outcome, AgentgateError):
+        return call_result(outcome)
+    if outcome is None or outcome.get("status") == "pending":
+        return pending_result(asked)
+    return call_result(entry_outcome(outcome))
 
 
 async def _pending_tool(backend: Backend, args: dict[str, Any]) -> types.CallToolResult:
