@@ -248,3 +248,45 @@ async def test_a_host_that_goes_away_mid_ask_finds_the_outcome_through_a_new_bri
                 queued = (await mcp.call_tool("agentgate_pending_results", {})).structured_content
                 assert queued["results"] == []  # already returned by agentgate_result
             assert posts(home, LIGHT_PATH) == 1
+
+
+@pytest.mark.parametrize("mode", ["auto", "2026-07-28"])
+async def test_the_bridge_speaks_the_stateless_form_too(
+    workdir: Path, home: FakeHomeAssistant, mode: str
+) -> None:
+    with trio.fail_after(CEILING):
+        async with running_gateway(workdir, home=home) as gw, bridge(gw, mode=mode) as mcp:
+            assert mcp.protocol_version == "2026-07-28"
+            read = await mcp.call_tool("ha_get_state", READ)
+            assert not read.is_error, text(read)
+            assert read.structured_content["data"]["entity_id"] == READ["entity_id"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "wanted"),
+    [
+        (["--url", "wss://127.0.0.1:1", "--wait", "0"], {"AGENTGATE_TOKEN": "t" * 20}, "--wait"),
+        (["--url", "wss://127.0.0.1:1", "--token", "abc"], {}, "--token"),
+        (["--url", "wss://127.0.0.1:1", "--token-file", "/no/such/file"], {}, "--token-file"),
+        (["--token-file", "/dev/null"], {}, "--token-file"),
+        ([], {"AGENTGATE_TOKEN": "t" * 20}, "no gateway URL"),
+        (["--url", "https://127.0.0.1:1"], {"AGENTGATE_TOKEN": "t" * 20}, "wss://"),
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str],
+    env: dict[str, str],
+    wanted: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from agentgate.cli import main
+
+    for name in ("AGENTGATE_URL", "AGENTGATE_TOKEN", "AGENTGATE_CA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["mcp", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert wanted in captured.err

@@ -222,9 +222,6 @@ def _read_token_line() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the bridge until stdin closes; 0 then, 3 if the gateway cannot be reached."""
-    logging.basicConfig(
-        stream=sys.stderr, level=args.log_level, format="agentgate mcp: %(levelname)s: %(message)s"
-    )
     if not (args.wait > 0 and math.isfinite(args.wait)):
         raise UsageError("--wait: expected a positive number of seconds")
     if args.token_file is not None:
@@ -237,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
         token = None
     settings = argparse.Namespace(url=args.url, token=token, ca=args.ca)
     conn = connection_from_args(settings)
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level, format="agentgate mcp: %(levelname)s: %(message)s"
+    )
     try:
         trio.run(_serve, conn, args.wait)
     except AgentgateError as exc:
