@@ -7,8 +7,8 @@ Per connection (DESIGN §3)::
     ├── reader                            parse, admit (methods, in-flight cap, rate), spawn
     ├── writer                            the only task that writes to the socket
     ├── overflow watch                    closes 1008 an agent that stops reading its replies
-    └── one task per request              list_tools / get_pending_results / tool_request
-                                          -> agentgate.pipeline (which decides)
+    └── one task per request              list_tools / get_pending_results / get_result /
+                                          tool_request -> agentgate.pipeline (which decides)
 
 A :class:`Connection` is also the request's reply handle
 (:class:`~agentgate.approvals.ReplyHandle`): an approval's "pending" notice and its late result

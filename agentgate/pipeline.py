@@ -1,6 +1,6 @@
 """The decision pipeline: one tool request from any front door, to its outcome.
 
-Every front door (the WebSocket protocol today) hands an authenticated agent's request to
+Every front door (the WebSocket protocol, MCP) hands an authenticated agent's request to
 :meth:`Pipeline.submit` and gets a typed outcome back, so the checks below exist once::
 
     submit(agent, tool, args, reply, reply_to)

@@ -15,10 +15,10 @@ Where to connect, as ``agentgate call`` (flags win)::
                                         (which honours SSL_CERT_FILE)
     --wait SECONDS     (50)             how long a call waits for the guardian before "pending"
 
-A call the bridge stops waiting for (answered "pending", cancelled by the MCP client) goes on in
-the background until the gateway answers it; its outcome is then returned once by
-``agentgate_pending_results``, and always by ``agentgate_result`` with its request id (which
-reads the gateway's store, so it works across a restart of the bridge too).
+An ask the bridge stops waiting for (answered "pending", cancelled by the MCP client) goes on at
+the gateway; its outcome is returned once by ``agentgate_pending_results`` (which asks the
+gateway for the outcome of each such request id) and always by ``agentgate_result`` with its
+request id (which reads the gateway's store, so it works across a restart of the bridge too).
 
 Imports: client (the SDK), cli_agent (connection settings), mcp.server.
 """
@@ -40,7 +40,7 @@ from mcp.server.stdio import stdio_server
 
 from agentgate.cli import UsageError, error
 from agentgate.cli_agent import EXIT_CONNECTION, EXIT_OK, connection_from_args, describe_error
-from agentgate.client import AgentgateError, ConnectionLost, Gateway, InternalError
+from agentgate.client import AgentgateError, ConnectionLost, Gateway
 from agentgate.mcp.server import Asked, Outcome, build_server, entry_outcome
 
 __all__ = ["DEFAULT_WAIT", "SdkBackend", "run"]
@@ -51,26 +51,17 @@ CLIENT: Final = "mcp-stdio"
 DEFAULT_WAIT: Final = 50.0
 RESULT_STEP: Final = 50.0  # seconds one get_result waits after the connection dropped mid-ask
 REMEMBERED: Final = 4096  # request ids returned by agentgate_result, not to be returned again
-_STATUS_BY_CODE: Final = {
-    -32001: "denied",
-    -32002: "timed_out",
-    -32003: "denied",
-    -32007: "shutdown",
-}
 
 
 class SdkBackend:
-    """The bridge's :class:`~agentgate.mcp.server.Backend`: the gateway, through the SDK.
+    """The bridge's :class:`~agentgate.mcp.server.Backend`: the gateway, through the SDK."""
 
-    Calls run in ``nursery`` (the bridge's, not the MCP request's), so one the MCP client
-    stops waiting for still hears its outcome.
-    """
-
-    def __init__(self, gw: Gateway, nursery: trio.Nursery) -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self._nursery = nursery
         self._names: set[str] | None = None
-        self._late: dict[str, dict[str, Any]] = {}  # outcomes nobody was waiting for, by id
+        # Asks the MCP client stopped waiting for (answered "pending", cancelled), by request
+        # id: the gateway still decides them; agentgate_pending_results asks for their outcome.
+        self._abandoned: dict[str, str] = {}
         self._returned: deque[str] = deque(maxlen=REMEMBERED)
 
     def known(self, tool: str) -> bool:
@@ -86,40 +77,26 @@ class SdkBackend:
     ) -> Outcome:
         if self._names is None:
             await self.tools()
-        done = trio.Event()
-        state: dict[str, Any] = {"abandoned": False}
+        state: dict[str, Any] = {}
 
         def on_pending(params: dict[str, Any]) -> None:
             request_id, expires_at = params.get("request_id"), params.get("expires_at")
             if isinstance(request_id, str) and isinstance(expires_at, int | float):
                 state["request_id"] = request_id
-                if not state["abandoned"]:
-                    asked(Asked(request_id, float(expires_at)))
+                asked(Asked(request_id, float(expires_at)))
 
-        async def run() -> None:
-            try:
-                state["outcome"] = await self._final(tool, args, on_pending, state)
-            except AgentgateError as exc:
-                state["outcome"] = exc
-            except Exception:
-                log.exception("forwarding %s failed unexpectedly", tool)
-                state["outcome"] = InternalError("internal error in the MCP bridge (logged)")
-            finally:
-                done.set()
-            request_id = state.get("request_id")
-            if state["abandoned"] and isinstance(request_id, str):
-                self._late[request_id] = _entry(tool, request_id, state["outcome"])
-
-        self._nursery.start_soon(run)
+        done = False
         try:
-            await done.wait()
+            outcome = await self._final(tool, args, on_pending, state)
+            done = True
+            return outcome
+        except AgentgateError:
+            done = True
+            raise
         finally:
-            if not done.is_set():
-                state["abandoned"] = True
-        outcome: Outcome | AgentgateError = state["outcome"]
-        if isinstance(outcome, AgentgateError):
-            raise outcome
-        return outcome
+            request_id = state.get("request_id")
+            if not done and isinstance(request_id, str):
+                self._abandoned[request_id] = tool
 
     async def _final(
         self,
@@ -135,6 +112,7 @@ class SdkBackend:
             request_id = exc.data.get("request_id") or state.get("request_id")
             if not isinstance(request_id, str):
                 raise  # it never reached an approval: nothing to find again
+            state["request_id"] = request_id
         # The approval goes on at the gateway: ask for its outcome by id once reconnected.
         log.warning("connection lost while %s waited; asking for its outcome", request_id)
         for _ in range(100):
@@ -154,46 +132,29 @@ class SdkBackend:
     async def result(self, request_id: str, wait: float) -> dict[str, Any]:
         entry = await self.gw.get_result(request_id, wait=wait)
         if entry.get("status") != "pending":
-            self._late.pop(request_id, None)
+            self._abandoned.pop(request_id, None)
             self._returned.append(request_id)
         return entry
 
     async def pending_results(self) -> list[dict[str, Any]]:
-        queued = await self.gw.pending_results()
-        late, self._late = list(self._late.values()), {}
+        entries = await self.gw.pending_results()
+        # An abandoned ask's outcome went to this bridge's connection (the SDK had stopped
+        # waiting for it): the gateway's store has it, by id.
+        for request_id in list(self._abandoned):
+            entry = await self.gw.get_result(request_id, wait=0)
+            if entry.get("status") != "pending":
+                del self._abandoned[request_id]
+                entries.append(entry)
         returned = set(self._returned)
         out = []
-        for entry in [*queued, *late]:
-            request_id = entry.get("request_id")
-            if not isinstance(request_id, str) or request_id in returned:
+        for entry in entries:
+            rid = entry.get("request_id")
+            if not isinstance(rid, str) or rid in returned:
                 continue
-            returned.add(request_id)
-            self._returned.append(request_id)
+            returned.add(rid)
+            self._returned.append(rid)
             out.append(entry)
         return out
-
-
-def _entry(tool: str, request_id: str, outcome: Outcome | AgentgateError) -> dict[str, Any]:
-    """A queued-result entry (DESIGN §13) for an outcome the bridge heard late."""
-    if not isinstance(outcome, AgentgateError):
-        return {
-            "request_id": request_id,
-            "rpc_id": None,
-            "tool": tool,
-            "status": "executed",
-            "data": outcome.get("data"),
-        }
-    return {
-        "request_id": request_id,
-        "rpc_id": None,
-        "tool": tool,
-        "signature": outcome.data.get("signature"),
-        "status": _STATUS_BY_CODE.get(outcome.code, "failed"),
-        "error": {"code": outcome.code, "message": outcome.message},
-    }
-
-
-# -- the command -------------------------------------------------------------------------------
 
 
 def _read_token_file(path: str) -> str:
@@ -248,11 +209,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(conn: Any, wait: float) -> None:
-    async with conn.open(client=CLIENT) as gw, trio.open_nursery() as nursery:
+    async with conn.open(client=CLIENT) as gw:
         log.info("connected to %s as %s", conn.url, gw.agent)
-        backend = SdkBackend(gw, nursery)
+        backend = SdkBackend(gw)
         server = build_server(lambda ctx: backend, wait=wait)
         async with stdio_server() as (read_stream, write_stream):
             await server.run(read_stream, write_stream, server.create_initialization_options())
         log.info("stdin closed: stopping")
-        nursery.cancel_scope.cancel()
