@@ -290,3 +290,21 @@ def test_usage_errors_exit_2(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert wanted in captured.err
+
+
+async def test_token_from_the_first_line_of_stdin(workdir: Path, home: FakeHomeAssistant) -> None:
+    with trio.fail_after(CEILING):
+        async with running_gateway(workdir, home=home) as gw:
+            bare = {k: v for k, v in os.environ.items() if k != "AGENTGATE_TOKEN"}
+            done = await trio.run_process(
+                [*_bridge_command(gw), "--token", "-", "--log-level", "INFO"],
+                env=bare,
+                stdin=f"{gw.tokens['pi']}\n".encode(),  # then end of input: the host is gone
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == b""
+            assert b"connected to" in done.stderr
+            assert gw.tokens["pi"].encode() not in done.stderr
