@@ -4,6 +4,7 @@ subprocess (as an MCP host does) and speaks MCP over its stdio; the bridge forwa
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -308,3 +309,52 @@ async def test_token_from_the_first_line_of_stdin(workdir: Path, home: FakeHomeA
             assert done.stdout == b""
             assert b"connected to" in done.stderr
             assert gw.tokens["pi"].encode() not in done.stderr
+
+
+async def test_stdin_closing_mid_ask_ends_the_bridge_and_the_approval_goes_on(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    lines = [
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "host", "version": "1"},
+            },
+        },
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "ha_call_service", "arguments": LIGHT_ON},
+        },
+    ]
+    with trio.fail_after(CEILING):
+        async with running_gateway(workdir, home=home) as gw:
+            env = {**os.environ, "AGENTGATE_TOKEN": gw.tokens["pi"]}
+            async with trio.open_nursery() as nursery:
+                process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        _bridge_command(gw),
+                        env=env,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        check=False,
+                    )
+                )
+                assert process.stdin is not None
+                for line in lines:
+                    await process.stdin.send_all(json.dumps(line).encode() + b"\n")
+                request_id = (await gw.scripted.wait_for_card()).card.request_id
+                await process.stdin.aclose()  # the host crashed: nothing cancelled, stdin gone
+                with trio.fail_after(3):
+                    await process.wait()
+            await gw.gateway.door.gone("pi")
+            assert await gw.scripted.press(request_id, "allow") == "approved"
+            assert (await gw.scripted.wait_for_update(request_id)).status is Status.QUEUED
+            assert posts(home, LIGHT_PATH) == 1
