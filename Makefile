@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck pytest demo bench soak test-ha lint-container clean venv
+.PHONY: test lint typecheck pytest demo bench soak test-ha test-mcp lint-container clean venv
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ soak: $(STAMP)
 
 test-ha: $(STAMP)
 	scripts/real-ha test
+
+# The official MCP conformance suite (npm, cached in .cache/mcp-conformance) against the
+# gateway's MCP endpoint: every scenario that applies to a tools-only server (docs/mcp.md).
+test-mcp: $(STAMP)
+	$(BIN)/python scripts/mcp_conformance.py
 
 # No container engine is needed to lint the Containerfile: hadolint ships as a wheel.
 lint-container: $(STAMP)

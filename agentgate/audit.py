@@ -83,13 +83,16 @@ def _outcome(e: AuditEntry) -> str:
     return text
 
 
-COLUMNS = ("time (UTC)", "agent", "decision", "request", "outcome")
+COLUMNS = ("time (UTC)", "agent", "via", "decision", "request", "outcome")
 
 
 def table_rows(entries: list[AuditEntry]) -> list[tuple[str, ...]]:
     """Each row's cells, made inert: agents and Telegram users choose most of this text."""
     return [
-        tuple(inert(cell) for cell in (_when(e.time), e.agent, e.decision, _what(e), _outcome(e)))
+        tuple(
+            inert(cell)
+            for cell in (_when(e.time), e.agent, e.via or "-", e.decision, _what(e), _outcome(e))
+        )
         for e in entries
     ]
 

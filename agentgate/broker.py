@@ -119,6 +119,7 @@ class Approval:
             matched=r.matched,
             expires_at=r.expires_at,
             target=r.target,
+            via=r.via,
         )
 
 
@@ -164,6 +165,7 @@ class Broker:
         self._closing = False  # shutdown began: new approvals resolve at once
         self._idle: trio.Event | None = None  # set when the last approval is done (idle())
         self._sending: dict[str, trio.Event] = {}  # request id -> set once its card is sent
+        self._watched: dict[str, trio.Event] = {}  # request id -> set once it is finished
         self.executions = 0
 
     # -- running ------------------------------------------------------------------------------
@@ -243,6 +245,7 @@ class Broker:
                 created_at=now,
                 expires_at=now + self.approval_timeout,
                 state=State.PENDING,
+                via=reply.via,
             )
             entry = AuditEntry(
                 time=now,
@@ -253,6 +256,7 @@ class Broker:
                 signature=signature,
                 decision="ask",
                 matched=matched,
+                via=reply.via,
             )
             await self.store.add_pending(entry, row)
         except BaseException:
@@ -365,8 +369,21 @@ class Broker:
             approval.wake = None
             self._finished(approval)
 
+    async def finished(self, request_id: str) -> None:
+        """Return once the approval ``request_id`` is over (at once if it is not open): its
+        outcome is then in the store. Made for front doors that wait on a request by id."""
+        if request_id not in self.approvals:
+            return
+        event = self._watched.get(request_id)
+        if event is None:
+            event = self._watched[request_id] = trio.Event()
+        await event.wait()
+
     def _finished(self, approval: Approval) -> None:
         self.approvals.pop(approval.request_id, None)
+        watched = self._watched.pop(approval.request_id, None)
+        if watched is not None:
+            watched.set()
         if self._idle is not None and not self.approvals:
             self._idle.set()
             self._idle = None

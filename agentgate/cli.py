@@ -386,6 +386,50 @@ def _run_pending(args: argparse.Namespace) -> int:
     return run_pending(args)
 
 
+# --- mcp (an MCP server on stdio; logic in agentgate.mcp.stdio) ------------------------------
+
+
+def _configure_mcp(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "An MCP host starts this as a subprocess (docs/mcp.md); stdout is the protocol."
+        " Exit status: 0 once stdin closes, 2 usage, 3 the gateway cannot be reached."
+    )
+    parser.add_argument(
+        "--url", metavar="URL", help="gateway URL, wss://HOST:PORT/ (default: $AGENTGATE_URL)"
+    )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="a file holding the agent's token (default: $AGENTGATE_TOKEN)",
+    )
+    token.add_argument(
+        "--token", metavar="-", help="'-' reads the token from the first line of stdin"
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="a PEM CA to trust in addition to the system store and $SSL_CERT_FILE"
+        " (default: $AGENTGATE_CA)",
+    )
+    parser.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=float,
+        default=50.0,
+        help="how long a call waits for the guardian before answering 'pending' (default 50)",
+    )
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+
+def _run_mcp(args: argparse.Namespace) -> int:
+    from agentgate.mcp.stdio import run
+
+    return run(args)
+
+
 # --- dispatch ----------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
@@ -401,6 +445,7 @@ COMMANDS: list[Command] = [
     Command(
         "pending", "collect queued results, as an agent (JSON)", _configure_pending, _run_pending
     ),
+    Command("mcp", "an MCP server on stdio, forwarding to the gateway", _configure_mcp, _run_mcp),
 ]
 """Every subcommand, in the order ``--help`` lists them."""
 

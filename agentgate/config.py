@@ -50,6 +50,7 @@ __all__ = [
     "GuardianConfig",
     "HomeAssistantConfig",
     "LimitsConfig",
+    "McpConfig",
     "PolicyConfig",
     "ServicesConfig",
     "StoreConfig",
@@ -288,6 +289,42 @@ def _durability(value: object) -> str:
     return str(value)
 
 
+def _mcp_path(value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or len(value) > 256
+        or any(c in value for c in "?#%")
+        or any(c.isspace() or ord(c) < 0x20 for c in value)
+    ):
+        raise _Invalid(f'expected a URL path such as "/mcp", got {_show(value)}')
+    return value
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(
+            f'expected an array of origins such as ["https://app.example"], got {_show(value)}'
+        )
+    for index, item in enumerate(value):
+        ok = isinstance(item, str)
+        if ok:
+            try:
+                parts = urlsplit(item)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+                ok = ok and not (parts.path or parts.query or parts.fragment or "@" in parts.netloc)
+                parts.port  # noqa: B018  (raises ValueError for a bad port)
+            except ValueError:
+                ok = False
+        if not ok:
+            raise _Invalid(
+                f'expected an origin such as "https://app.example" (scheme://host[:port]),'
+                f" got {_show(item)}",
+                (index,),
+            )
+    return tuple(str(item).lower() for item in value)
+
+
 Durability = Annotated[str, _Check(_durability)]
 CardChars = Annotated[
     int, _Check(_int_in(MIN_CARD_CHARS, MAX_CARD_CHARS, "what one Telegram message holds"))
@@ -307,6 +344,8 @@ UserIds = Annotated[tuple[int, ...], _Check(_user_ids)]
 Listen = Annotated[str, _Check(_listen)]
 HttpUrl = Annotated[str, _Check(_http_url)]
 FilePath = Annotated[Path, _Check(_path)]
+McpPath = Annotated[str, _Check(_mcp_path)]
+Origins = Annotated[tuple[str, ...], _Check(_origins)]
 
 
 # --------------------------------------------------------------------------- the model
@@ -442,6 +481,29 @@ class LimitsConfig:
 
 
 @frozen(kw_only=True)
+class McpConfig:
+    """``[mcp]``: the Model Context Protocol endpoint (Streamable HTTP) on the gateway itself.
+
+    Absent table: no endpoint. TLS is ``[gateway]``'s certificate and key. ``wait`` is how long
+    a ``tools/call`` waits for the guardian before answering "pending"; a request carrying an
+    ``Origin`` header that ``allowed_origins`` does not list is refused (HTTP 403).
+    """
+
+    listen: Listen
+    path: McpPath = "/mcp"
+    wait: Seconds = 50.0
+    allowed_origins: Origins = ()
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+@frozen(kw_only=True)
 class Config:
     """A validated ``gate.toml``; every path in it is absolute."""
 
@@ -453,6 +515,7 @@ class Config:
     guardian: GuardianConfig = GuardianConfig()
     services: ServicesConfig = ServicesConfig()
     limits: LimitsConfig = LimitsConfig()
+    mcp: McpConfig | None = None
 
     def agent_limits(self, name: str) -> tuple[int, int]:
         """``(requests_per_minute, max_pending)`` for agent ``name``: its own overrides, else

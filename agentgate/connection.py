@@ -8,8 +8,8 @@ Per connection (DESIGN §3)::
     ├── reader                            parse, admit (methods, in-flight cap, rate), spawn
     ├── writer                            the only task that writes to the socket
     ├── overflow watch                    closes 1008 an agent that stops reading its replies
-    └── one task per request              list_tools / get_pending_results / tool_request
-                                          -> agentgate.pipeline (which decides)
+    └── one task per request              list_tools / get_pending_results / get_result /
+                                          tool_request -> agentgate.pipeline (which decides)
 
 A :class:`Connection` is also the request's reply handle
 (:class:`~agentgate.approvals.ReplyHandle`): an approval's "pending" notice and its late result
@@ -74,7 +74,10 @@ MAX_IN_FLIGHT: Final = 512  # concurrent requests per connection
 OUTBOX: Final = 1024  # frames buffered for one connection's writer
 CLOSE_POLICY: Final = 1008
 CLOSE_GOING_AWAY: Final = 1001
-_METHODS: Final = frozenset({"tool_request", "list_tools", "get_pending_results"})
+_METHODS: Final = frozenset({"tool_request", "list_tools", "get_pending_results", "get_result"})
+# auth's optional "client" member: the front doors it may name (anything else is "ws").
+_CLIENTS: Final = frozenset({"mcp-stdio"})
+MAX_RESULT_WAIT: Final = 300.0  # seconds one get_result may wait for an approval
 
 Frame = tuple[str, tuple[str, ...]]  # text, and the request ids of the results it carries
 
@@ -106,6 +109,7 @@ class Connection:
     written: int = 0
     outbox_bytes: int = 0  # memory held by frames queued and not yet written
     overflowed: bool = False  # closed because the agent did not read its replies
+    via: str = "ws"  # "mcp-stdio" when the agent is agentgate's MCP bridge (auth "client")
     closing: trio.Event = attrs.field(factory=trio.Event)  # set by close()
     gone: trio.Event = attrs.field(factory=trio.Event)  # set when the connection has ended
     # drained() waiters as (frames that must be written, event), in the order they came: their
@@ -283,18 +287,21 @@ class WebSocketDoor:
                 ticket.close()
 
     async def _connection(self, ws: WebSocketConnection, remote: str, ticket: Ticket) -> None:
-        agent = await self._authenticate(ws, remote, ticket)
-        if agent is None:
+        authenticated = await self._authenticate(ws, remote, ticket)
+        if authenticated is None:
             return
+        agent, via = authenticated
         try:
-            await self._session(ws, remote, agent)
+            await self._session(ws, remote, agent, via)
         finally:
             ticket.leave_agent()
 
-    async def _session(self, ws: WebSocketConnection, remote: str, agent: AgentConfig) -> None:
+    async def _session(
+        self, ws: WebSocketConnection, remote: str, agent: AgentConfig, via: str
+    ) -> None:
         send, receive = trio.open_memory_channel[Frame](OUTBOX)
         conn = Connection(
-            agent.name, remote, send, max_outbox_bytes=self.config.limits.max_outbox_bytes
+            agent.name, remote, send, max_outbox_bytes=self.config.limits.max_outbox_bytes, via=via
         )
         self.connections.setdefault(agent.name, set()).add(conn)
         self.pipeline.sessions.add(conn)
@@ -338,7 +345,7 @@ class WebSocketDoor:
 
     async def _authenticate(
         self, ws: WebSocketConnection, remote: str, ticket: Ticket
-    ) -> AgentConfig | None:
+    ) -> tuple[AgentConfig, str] | None:
         async def refuse(rpc_id: JsonId, error: AgentgateError, code: int = CLOSE_POLICY) -> None:
             with trio.move_on_after(2), contextlib.suppress(ConnectionClosed):
                 await ws.send_message(encode_error(rpc_id, error))
@@ -371,7 +378,7 @@ class WebSocketDoor:
         attempt: AuthAttempt,
         ticket: Ticket,
         refuse: Callable[[JsonId, AgentgateError], Awaitable[None]],
-    ) -> AgentConfig | None:
+    ) -> tuple[AgentConfig, str] | None:
         message: str | bytes | None = None
         with trio.move_on_after(self.config.gateway.auth_deadline):
             try:
@@ -385,6 +392,7 @@ class WebSocketDoor:
             return None
         rpc_id: JsonId = None
         agent: AgentConfig | None = None
+        via = "ws"
         try:
             if _too_large(message, self.config.limits.max_message_bytes):
                 raise AuthenticationFailed("authenticate first: message too large")
@@ -399,6 +407,10 @@ class WebSocketDoor:
             agent = self.config.find_agent(token)  # every agent compared, no early exit
             if agent is None:
                 raise AuthenticationFailed("authentication failed: unknown token")
+            # Which program speaks for the agent (older agents do not say): a label for the
+            # audit log and the card, chosen by the agent itself, so it decides nothing.
+            client = parsed.params.get("client")
+            via = client if isinstance(client, str) and client in _CLIENTS else "ws"
         except AgentgateError as exc:
             attempt.failed()
             rpc_id = rpc_id if rpc_id is not None else error_id(exc)
@@ -433,7 +445,7 @@ class WebSocketDoor:
             )
         except ConnectionClosed:
             return None
-        return agent
+        return agent, via
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -515,6 +527,8 @@ class WebSocketDoor:
                 result = await self._tool_request(conn, req)
             elif req.method == "list_tools":
                 result = {"tools": self.pipeline.list_tools(conn.agent)}
+            elif req.method == "get_result":
+                result = await self._get_result(conn, req)
             else:
                 await self._pending_results(conn, req)
                 return
@@ -563,6 +577,22 @@ class WebSocketDoor:
         if isinstance(outcome, Asked):
             return None  # the approval answers later, through the connection (or the queue)
         return {"status": "executed", "request_id": outcome.request_id, "data": outcome.data}
+
+    async def _get_result(self, conn: Connection, req: Request) -> dict[str, Any]:
+        """``get_result {"request_id", "wait"}``: the queued-result entry of one of this
+        agent's requests, or ``{"status": "pending", ...}`` once ``wait`` seconds passed."""
+        params = req.params
+        extra = set(params) - {"request_id", "wait"}
+        if extra:
+            raise InvalidParams(f"unexpected params: {', '.join(sorted(extra))}")
+        request_id = params.get("request_id")
+        wait = params.get("wait", 0)
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidParams('"request_id" must be a non-empty string')
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+            raise InvalidParams('"wait" must be a number of seconds, 0 or more')
+        wait = min(float(wait), MAX_RESULT_WAIT)
+        return await self.pipeline.result_of(conn.agent, request_id, wait)
 
 
 async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:

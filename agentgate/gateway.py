@@ -9,7 +9,8 @@ Task tree (DESIGN §3)::
     │   ├── guardian                  (Telegram in a trio-asyncio loop, supervised; or given)
     │   └── broker.run                (agentgate.broker: one task per pending approval)
     │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket)
-    └── serve_websockets              (agentgate.listener) → door.handle per connection
+    ├── serve_websockets              (agentgate.listener) → door.handle per connection
+    └── serve_mcp (if [mcp])          (agentgate.mcp.http) → the MCP door, Streamable HTTP
 
 Shutdown is an event, not a bare cancellation: new work is refused, pending approvals
 resolve as ``shutdown`` (-32007) while the connections are still there to hear it, in-flight
@@ -26,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import httpx
@@ -43,6 +44,9 @@ from agentgate.pipeline import Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
 from agentgate.services import Executor
 from agentgate.store import Store, open_store
+
+if TYPE_CHECKING:
+    from agentgate.mcp.http import McpHttpDoor, McpListening
 
 __all__ = [
     "Gateway",
@@ -81,12 +85,15 @@ class Gateway:
         self.broker = broker
         self.door = door
         self.guardian = guardian
+        self.mcp: McpHttpDoor | None = None  # the MCP door, when serve_gateway serves one
 
     async def shutdown(self) -> None:
         """Refuse new work, resolve approvals as shutdown, drain, close sockets with 1001."""
         self.pipeline.closing = True
         await self.broker.shutdown()
         await self.door.idle()
+        if self.mcp is not None:
+            await self.mcp.idle()
         await self.door.close_all()
 
 
@@ -227,6 +234,7 @@ class RunningGateway:
     port: int
     url: str
     stop: trio.Event
+    mcp_url: str | None = None  # the MCP endpoint (https://HOST:PORT/mcp) when [mcp] is set
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -275,12 +283,23 @@ async def serve_gateway(
                 " the network in clear text. Use this only on loopback."
             )
         log.info("listening on %s://%s:%d", scheme, host, listening.port)
-        task_status.started(RunningGateway(gateway, host, listening.port, url, stop))
+        mcp: McpListening | None = None
+        if config.mcp is not None:
+            # Imported only when configured: the MCP SDK and Hypercorn cost memory at start-up.
+            from agentgate.mcp.http import McpHttpDoor, serve_mcp
+
+            gateway.mcp = McpHttpDoor(config, gateway.pipeline, gateway.door.failed_auth)
+            mcp = await nursery.start(serve_mcp, gateway.mcp, ssl_context)
+        mcp_url = mcp.url if mcp is not None else None
+        task_status.started(RunningGateway(gateway, host, listening.port, url, stop, mcp_url))
         try:
             await stop.wait()
         finally:
             with trio.move_on_after(SHUTDOWN_BOUND, shield=True) as scope:
                 await gateway.shutdown()
+                if mcp is not None:  # Hypercorn's graceful stop: answers in flight go out
+                    mcp.stop.set()
+                    await mcp.stopped.wait()
             if scope.cancelled_caught:
                 log.warning("shutdown took longer than 5 s; cancelling what is left")
             nursery.cancel_scope.cancel()

@@ -1,6 +1,6 @@
 """The decision pipeline: one tool request from any front door, to its outcome.
 
-Every front door (the WebSocket protocol today) hands an authenticated agent's request to
+Every front door (the WebSocket protocol, MCP) hands an authenticated agent's request to
 :meth:`Pipeline.submit` and gets a typed outcome back, so the checks below exist once::
 
     submit(agent, tool, args, reply, reply_to)
@@ -189,13 +189,17 @@ class Pipeline:
         self.admit(agent)
         now = self.now()
         if tool not in self.offered:
-            await self._audit_refusal(agent, tool, args, None, "invalid", f"unknown tool: {tool}")
+            await self._audit_refusal(
+                agent, tool, args, None, "invalid", f"unknown tool: {tool}", via=reply.via
+            )
             raise InvalidParams(f"unknown tool: {tool}")
         policy = self.policies.get(agent) or self.policies[None]
         try:
             evaluation = policy.evaluate(tool, args)
         except InvalidParams as exc:
-            await self._audit_refusal(agent, tool, args, None, "invalid", exc.message)
+            await self._audit_refusal(
+                agent, tool, args, None, "invalid", exc.message, via=reply.via
+            )
             raise
         signature, decision = evaluation.signature, evaluation.decision
         # A rule's own text repeats from request to request: one shared string (10,000 pending
@@ -205,11 +209,13 @@ class Pipeline:
         data = {"request_id": request_id, "signature": signature}
         if self.controls.frozen:
             await self._audit_refusal(
-                agent, tool, args, signature, "deny", "frozen by guardian", request_id
+                agent, tool, args, signature, "deny", "frozen by guardian", request_id, reply.via
             )
             raise DeniedByPolicy("frozen by guardian", data=data)
         if decision == "deny":
-            await self._audit_refusal(agent, tool, args, signature, "deny", matched, request_id)
+            await self._audit_refusal(
+                agent, tool, args, signature, "deny", matched, request_id, reply.via
+            )
             raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
         if decision == "ask":
             grant = self.controls.grant_for(agent, tool, args, signature, now)
@@ -230,6 +236,7 @@ class Pipeline:
                 signature=signature,
                 decision="allow",
                 matched=matched,
+                via=reply.via,
             )
         )
         try:
@@ -261,12 +268,13 @@ class Pipeline:
             signature=signature,
             matched=matched,
             expires_at=self.now() + self.config.gateway.approval_timeout,
+            via=reply.via,
         )
         try:
             self.cards.layout(card)  # what the guardian will be shown: everything, or nothing
         except CardTooLarge as exc:
             await self._audit_refusal(
-                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id
+                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id, reply.via
             )
             limits = {"size": exc.size, "limit": exc.limit}
             raise InvalidParams(str(exc), data={**data, **limits}) from None
@@ -342,6 +350,29 @@ class Pipeline:
         self.admit(agent)
         return await self.store.acknowledge_queued(agent, request_ids(ids))
 
+    async def result_of(self, agent: str, request_id: str, wait: float) -> dict[str, Any]:
+        """The outcome of ``agent``'s request ``request_id``: its queued-result entry (DESIGN
+        §13), waiting up to ``wait`` seconds while it is still open, then
+        ``{"status": "pending", "request_id", "expires_at"}``. Only requests that were asked
+        have a stored outcome; any other id, or another agent's, is ``InvalidParams`` ("unknown
+        request"). Reading an outcome delivers it (it leaves the queue); nothing executes.
+        """
+        self.admit(agent)
+        row = await self.store.result_of(agent, request_id)
+        if row is None:
+            raise InvalidParams(
+                "unknown request: no approval of this agent has that request_id",
+                data={"request_id": request_id},
+            )
+        if row.entry is None and self.broker is not None and wait > 0:
+            with trio.move_on_after(wait):
+                await self.broker.finished(request_id)
+            row = await self.store.result_of(agent, request_id)
+            assert row is not None  # rows are never deleted
+        if row.entry is None:
+            return {"status": "pending", "request_id": request_id, "expires_at": row.expires_at}
+        return row.entry
+
     async def queued_count(self, agent: str) -> int:
         try:
             return await self.store.queued_count(agent)
@@ -378,6 +409,7 @@ class Pipeline:
         decision: str,
         matched: str,
         request_id: str | None = None,
+        via: str | None = None,
     ) -> None:
         now = self.now()
         await self.store.audit(
@@ -392,5 +424,6 @@ class Pipeline:
                 matched=matched,
                 resolution="denied" if decision == "deny" else "rejected",
                 resolved_at=now,
+                via=via,
             )
         )

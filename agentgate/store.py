@@ -139,6 +139,7 @@ class AuditEntry:
     result: Any = None
     error: str | None = None
     id: int | None = None
+    via: str | None = None  # the front door: ws, mcp-stdio, mcp-http (None: before doors)
 
 
 @frozen
@@ -157,6 +158,17 @@ class PendingRow:
     state: str  # an agentgate.approvals.State
     outcome: str | None = None
     decided_by: str | None = None
+    via: str | None = None
+
+
+@frozen
+class ResultRow:
+    """An approval's outcome as :meth:`Store.result_of` reads it: ``entry`` (the queued-result
+    object of DESIGN §13) is None while the approval is still open."""
+
+    request_id: str
+    expires_at: float
+    entry: dict[str, Any] | None
 
 
 @frozen
@@ -402,8 +414,8 @@ class Store:
             _insert_audit(c, entry)
             c.execute(
                 "INSERT INTO pending_requests (request_id, agent, rpc_id, tool, args, signature,"
-                " matched, target, message_ref, created_at, expires_at, state)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " matched, target, message_ref, created_at, expires_at, state, via)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     pending.request_id,
                     pending.agent,
@@ -417,6 +429,7 @@ class Store:
                     pending.created_at,
                     pending.expires_at,
                     State.PENDING,
+                    pending.via,
                 ),
             )
 
@@ -543,6 +556,28 @@ class Store:
         ids = list(request_ids)
         return await self._do(lambda c: _acknowledge(c, agent, ids))
 
+    async def result_of(self, agent: str, request_id: str) -> ResultRow | None:
+        """The outcome of one of ``agent``'s approvals (None: unknown, or another agent's).
+
+        A final outcome read here counts as delivered: it leaves the agent's queue, and reading
+        it again returns the same entry.
+        """
+
+        def fn(c: sqlite3.Connection) -> ResultRow | None:
+            row = c.execute(
+                "SELECT state, queued, expires_at FROM pending_requests"
+                " WHERE request_id=? AND agent=?",
+                (request_id, agent),
+            ).fetchone()
+            if row is None:
+                return None
+            if row["state"] != State.DONE or not row["queued"]:
+                return ResultRow(request_id, row["expires_at"], None)
+            c.execute("UPDATE pending_requests SET delivered=1 WHERE request_id=?", (request_id,))
+            return ResultRow(request_id, row["expires_at"], json.loads(row["queued"]))
+
+        return await self._do(fn)
+
     # -- grants and settings ------------------------------------------------------------------
 
     async def add_grant(self, grant: GrantRow) -> None:
@@ -616,8 +651,8 @@ class Store:
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
     cur = c.execute(
         "INSERT INTO audit_log (time, kind, agent, request_id, tool, args, signature, decision,"
-        " matched, resolution, resolved_by, resolved_at, result, error)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " matched, resolution, resolved_by, resolved_at, result, error, via)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             e.time,
             e.kind,
@@ -633,6 +668,7 @@ def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
             e.resolved_at,
             _result_json(e.result),
             e.error,
+            e.via,
         ),
     )
     return int(cur.lastrowid or 0)
@@ -702,6 +738,7 @@ def _audit_from_row(r: sqlite3.Row) -> AuditEntry:
         resolved_at=r["resolved_at"],
         result=_unjson(r["result"]),
         error=r["error"],
+        via=r["via"] if "via" in r.keys() else None,  # noqa: SIM118 - a store not yet migrated
     )
 
 
@@ -721,6 +758,7 @@ def _pending_from_row(r: sqlite3.Row) -> PendingRow:
         state=State(r["state"]),
         outcome=r["outcome"],
         decided_by=r["decided_by"],
+        via=r["via"],
     )
 
 
@@ -738,6 +776,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
+    _add_via(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -752,6 +791,19 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
         if side.exists():
             os.chmod(side, stat.S_IRUSR | stat.S_IWUSR)
     return conn
+
+
+def _add_via(conn: sqlite3.Connection) -> None:
+    """Additive migration: which front door each request came through (a store made before
+    the column keeps working with older and newer agentgate alike; its old rows say NULL)."""
+    for table in ("audit_log", "pending_requests"):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "via" not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN via TEXT")
+    conn.execute(
+        "CREATE TRIGGER IF NOT EXISTS audit_keep_via BEFORE UPDATE OF via ON audit_log"
+        " BEGIN SELECT RAISE(ABORT, 'audit_log rows keep their original columns'); END"
+    )
 
 
 async def _checkpoints(store: Store, path: Path, every: float) -> None:

@@ -394,6 +394,7 @@ def test_dispatch_table_names() -> None:
         "call",
         "tools",
         "pending",
+        "mcp",
     ]
 
 

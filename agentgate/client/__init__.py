@@ -89,6 +89,7 @@ async def connect(
     handshake_timeout: float = 10.0,
     rng: random.Random | None = None,
     collect: bool = True,
+    client: str | None = None,
 ) -> AsyncIterator[Gateway]:
     """Connect to a gateway, authenticate, and yield a :class:`Gateway`.
 
@@ -112,6 +113,8 @@ async def connect(
     Queued results are delivered in acknowledged mode: the gateway keeps each one until the
     SDK has handed it to the program, and the SDK drops duplicates, so a program sees each
     result once (see ``Gateway.pending_results``).
+    - ``client``: sent as ``auth``'s optional ``client`` member; ``"mcp-stdio"`` (agentgate's
+      MCP bridge) makes the audit log and the card say the request came through MCP.
 
     Raises ``AuthenticationFailed`` (bad token) or ``ConnectionLost`` (unreachable, TLS
     failure, handshake too slow) if the first connection fails; ``ValueError`` for a bad URL.
@@ -128,6 +131,7 @@ async def connect(
         handshake_timeout=handshake_timeout,
         rng=rng or random.Random(),
         collect=collect,
+        client=client,
     )
     library = sniffio.current_async_library()
     if library == "trio":

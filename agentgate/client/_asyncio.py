@@ -25,7 +25,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError
 
-from agentgate.client._base import Gateway, Options, Target, logger
+from agentgate.client._base import Gateway, Options, PendingHook, Target, logger
 from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, is_fatal
 from agentgate.errors import AgentgateError, ConnectionLost
 
@@ -150,14 +150,16 @@ class AsyncioGateway(Gateway):
     def connected(self) -> bool:
         return self._sock is not None
 
-    async def _rpc(self, method: str, params: dict[str, Any] | None) -> Any:
+    async def _rpc(
+        self, method: str, params: dict[str, Any] | None, on_pending: PendingHook | None = None
+    ) -> Any:
         while self._sock is None:
             if self._fatal is not None:
                 raise type(self._fatal)(self._fatal.message, data=self._fatal.data)
             await self._changed.wait()
         sock = self._sock
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        rpc_id, text = self._core.begin(method, params, future)
+        rpc_id, text = self._core.begin(method, params, future, on_pending)
         try:
             # On failure the reader notices the broken socket and fails this call.
             with contextlib.suppress(_Closed, OSError):

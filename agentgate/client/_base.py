@@ -25,7 +25,7 @@ from agentgate.client._core import (
     tool_result,
     tools_list,
 )
-from agentgate.errors import AgentgateError, ConnectionLost
+from agentgate.errors import AgentgateError, ConnectionLost, InternalError
 
 logger = logging.getLogger("agentgate.client")
 
@@ -89,6 +89,7 @@ class Options:
     handshake_timeout: float
     rng: random.Random = field(factory=random.Random)
     collect: bool = True
+    client: str | None = None  # auth's "client" member: which program speaks for the agent
 
 
 class Gateway:
@@ -131,10 +132,36 @@ class Gateway:
         result = await self.request(tool, args)
         return result["data"]
 
-    async def request(self, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Like :meth:`call` but return the whole result: ``{"status", "request_id", "data"}``."""
-        reply = await self._rpc("tool_request", {"tool": tool, "args": dict(args or {})})
+    async def request(
+        self,
+        tool: str,
+        args: dict[str, Any] | None = None,
+        *,
+        on_pending: PendingHook | None = None,
+    ) -> dict[str, Any]:
+        """Like :meth:`call` but return the whole result: ``{"status", "request_id", "data"}``.
+
+        ``on_pending`` (sync or async) is called with this call's ``approval_pending`` params
+        ``{"rpc_id", "request_id", "expires_at"}`` if it waits for the guardian (as well as
+        ``connect(on_pending=...)``).
+        """
+        params = {"tool": tool, "args": dict(args or {})}
+        reply = await self._rpc("tool_request", params, on_pending)
         return tool_result(reply)
+
+    async def get_result(self, request_id: str, *, wait: float = 0) -> dict[str, Any]:
+        """The outcome of one of this agent's requests that waited for the guardian.
+
+        Returns its queued-result entry ``{"request_id", "rpc_id", "tool", "signature",
+        "status", "data" | "error"}`` (reading it delivers it: it leaves the queue, and asking
+        again returns the same entry), or ``{"status": "pending", "request_id", "expires_at"}``
+        if it is still undecided after ``wait`` seconds (the gateway caps a wait at 300 s).
+        Raises ``InvalidParams`` for an unknown id or another agent's. Nothing executes.
+        """
+        reply = await self._rpc("get_result", {"request_id": request_id, "wait": wait})
+        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
+            raise InternalError(f"the gateway sent a malformed get_result reply: {reply!r}")
+        return reply
 
     async def list_tools(self) -> list[dict[str, Any]]:
         """The tools this gateway offers: ``[{"name", "description", "args": <JSON Schema>}]``."""
@@ -182,7 +209,9 @@ class Gateway:
 
     # -- shared machinery -----------------------------------------------------------------
 
-    async def _rpc(self, method: str, params: dict[str, Any] | None) -> Any:
+    async def _rpc(
+        self, method: str, params: dict[str, Any] | None, on_pending: PendingHook | None = None
+    ) -> Any:
         raise NotImplementedError
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
@@ -197,7 +226,10 @@ class Gateway:
         receive: Callable[[], Awaitable[str | bytes]],
     ) -> str:
         """Send ``auth`` and wait for its answer (dispatching anything else); the agent name."""
-        rpc_id, text = self._core.begin("auth", {"token": self._options.token}, None)
+        auth: dict[str, Any] = {"token": self._options.token}
+        if self._options.client is not None:
+            auth["client"] = self._options.client
+        rpc_id, text = self._core.begin("auth", auth, None)
         try:
             await send(text)
             while True:
@@ -218,7 +250,9 @@ class Gateway:
         elif isinstance(event, ApprovalPending):
             logger.info("approval pending: %s", event.params)
             if self._options.on_pending is not None:
-                self._spawn(self._run_hook, event.params)
+                self._spawn(self._run_hook, self._options.on_pending, event.params)
+            if event.hook is not None:
+                self._spawn(self._run_hook, event.hook, event.params)
         elif isinstance(event, ResultsPending):
             self._results_waiting = event.count
             if self._options.collect:
@@ -286,9 +320,7 @@ class Gateway:
         except AgentgateError as exc:
             logger.warning("could not collect queued results: %s", exc)
 
-    async def _run_hook(self, params: dict[str, Any]) -> None:
-        hook = self._options.on_pending
-        assert hook is not None
+    async def _run_hook(self, hook: PendingHook, params: dict[str, Any]) -> None:
         try:
             outcome = hook(params)
             if inspect.isawaitable(outcome):

@@ -65,9 +65,11 @@ class Completed(Generic[W]):
 
 @frozen
 class ApprovalPending:
-    """``approval_pending``: one of our calls waits for the guardian."""
+    """``approval_pending``: one of our calls waits for the guardian (``hook``: that call's
+    own ``on_pending``, if it has one)."""
 
     params: dict[str, Any]
+    hook: Any = None
 
 
 @frozen
@@ -129,6 +131,7 @@ class _Call(Generic[W]):
     waiter: W | None
     request_id: str | None = None
     acks: tuple[str, ...] = ()  # what a collection acknowledges
+    on_pending: Any = None
 
 
 @define
@@ -149,9 +152,10 @@ class ClientCore(Generic[W]):
     # -- outgoing -------------------------------------------------------------------------
 
     def begin(
-        self, method: str, params: dict[str, Any] | None, waiter: W | None
+        self, method: str, params: dict[str, Any] | None, waiter: W | None, on_pending: Any = None
     ) -> tuple[int, str]:
-        """Register a call; return its id and the text frame to send.
+        """Register a call; return its id and the text frame to send. ``on_pending`` rides
+        along with this call's ``approval_pending`` event.
 
         A ``get_pending_results`` always goes out in acknowledged mode, carrying the results
         handed to the program since the last confirmed acknowledgement (``params`` is ignored).
@@ -163,7 +167,7 @@ class ClientCore(Generic[W]):
             acks = tuple(self._unacked)[:MAX_ACK]
             params = {"ack": list(acks)}
         text = encode_request(rpc_id, method, params)
-        self._calls[rpc_id] = _Call(method, waiter, acks=acks)
+        self._calls[rpc_id] = _Call(method, waiter, acks=acks, on_pending=on_pending)
         return rpc_id, text
 
     def abandon(self, rpc_id: int) -> None:
@@ -230,7 +234,7 @@ class ClientCore(Generic[W]):
             call = self._calls.get(rpc_id) if isinstance(rpc_id, int) else None
             if call is not None and isinstance(request_id, str):
                 call.request_id = request_id
-            return ApprovalPending(dict(params))
+            return ApprovalPending(dict(params), call.on_pending if call is not None else None)
         if message.method == "results_pending":
             count = params.get("count")
             valid = isinstance(count, int) and not isinstance(count, bool)

@@ -10,7 +10,7 @@ from typing import Any, cast
 import trio
 import trio_websocket
 
-from agentgate.client._base import Gateway, Options, Target, logger
+from agentgate.client._base import Gateway, Options, PendingHook, Target, logger
 from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, is_fatal
 from agentgate.client._groups import collapse_groups
 from agentgate.errors import AgentgateError, ConnectionLost
@@ -78,13 +78,15 @@ class TrioGateway(Gateway):
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def _rpc(self, method: str, params: dict[str, Any] | None) -> Any:
+    async def _rpc(
+        self, method: str, params: dict[str, Any] | None, on_pending: PendingHook | None = None
+    ) -> Any:
         while self._outbox is None:
             if self._fatal is not None:
                 raise type(self._fatal)(self._fatal.message, data=self._fatal.data)
             await self._changed.wait()
         slot = _Slot()
-        rpc_id, text = self._core.begin(method, params, slot)
+        rpc_id, text = self._core.begin(method, params, slot, on_pending)
         try:
             # Unbounded outbox: never blocks, so a cancelled caller cannot tear a frame in
             # half; the writer task owns the socket.

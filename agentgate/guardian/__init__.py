@@ -57,6 +57,7 @@ class ApprovalCard:
     matched: str  # what decided "ask", e.g. "rule 4: ha_call_service(light.*) (ask)"
     expires_at: float  # unix time
     target: str | None = None  # e.g. "Front door (lock.front_door) — now: locked"
+    via: str | None = None  # the front door that asked: ws, mcp-stdio, mcp-http
 
 
 @frozen
