@@ -117,9 +117,10 @@ def _check_policy_path(args: argparse.Namespace) -> Path:
         raise UsageError("check: need --policy FILE, or --config gate.toml [--agent NAME]")
     from agentgate.config import ConfigError, load_config
 
-    # Only the policy path matters here: TLS files are not needed to evaluate a request.
+    # Only the policy path matters here: neither TLS files nor secrets are needed to evaluate
+    # a request.
     try:
-        config = load_config(args.config, insecure=True)
+        config = load_config(args.config, insecure=True, secrets=False)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
     if args.agent is None:
@@ -180,28 +181,97 @@ def _run_check(args: argparse.Namespace) -> int:
 def _configure_config(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
     check = sub.add_parser(
-        "check", help="validate gate.toml and every policy it names, without starting"
+        "check",
+        help="check gate.toml, every policy it names and what serve needs, without starting",
+        description="Check gate.toml, every policy it names, and what `agentgate serve` needs"
+        " from this machine (the listen address, the store directory, the TLS files), without"
+        " starting anything. Every problem is reported in one run. Exit status 0 ok, 2 not.",
     )
     check.add_argument("config", metavar="GATE_TOML")
     check.add_argument(
         "--insecure", action="store_true", help="allow no TLS files (plain ws://, as serve)"
     )
+    check.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="do not read the tokens' ${VAR}s from the environment (check everything else)",
+    )
+    check.add_argument(
+        "--no-bind",
+        action="store_true",
+        help="skip the listen-address check (e.g. while the gateway runs and holds it)",
+    )
+    check.add_argument(
+        "--allow-unknown-tools",
+        action="store_true",
+        help="a policy rule naming a tool the gateway does not have is a warning, not an error",
+    )
+    check.add_argument(
+        "--terminal-guardian",
+        action="store_true",
+        help="as serve --terminal-guardian: [guardian.telegram] is not used, nor checked",
+    )
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    from agentgate.config import ConfigError, load_config, policy_files
+    from agentgate import preflight
+    from agentgate.config import ConfigError, inspect_config, policy_files
+    from agentgate.policy import UNKNOWN_TOOL
 
     try:
-        config = load_config(args.config, insecure=args.insecure)
-    except ConfigError as exc:
+        config, found = inspect_config(
+            args.config,
+            insecure=args.insecure,
+            secrets=not args.no_secrets,
+            ignore=["guardian.telegram"] if args.terminal_guardian else [],
+        )
+    except ConfigError as exc:  # unreadable, or not TOML: nothing more to check
         raise UsageError(str(exc)) from exc
+    problems = [line for _, line in found]
+    reported = [key for key, _ in found]
+    if config is None:
+        raise UsageError("\n".join(problems))
+
+    # What serve needs from this machine, for the keys that are not wrong already.
+    for finding in preflight.check_machine(config, insecure=args.insecure, bind=not args.no_bind):
+        if _follows(finding.key, reported):
+            continue
+        if finding.error:
+            problems.append(finding.line(config))
+        else:
+            warn(finding.line(config))
+
     shown = []
     for label, path in policy_files(config).items():
-        _load_policy(path)
+        if _follows(label, reported):
+            continue
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            problems.append(str(exc))
+            continue
         shown.append(f"{label} ({_display_path(path)})")
+        for message in policy.warnings:
+            if f": {UNKNOWN_TOOL} " in message and not args.allow_unknown_tools:
+                problems.append(f"{message}; --allow-unknown-tools accepts it")
+            else:
+                warn(message)
+    if problems:
+        raise UsageError("\n".join(problems))
     agents = len(config.agents)
     print(f"ok: {agents} agent{'s' if agents != 1 else ''}, policies: {', '.join(shown)}")
     return EXIT_OK
+
+
+def _follows(key: str, reported: Sequence[str]) -> bool:
+    """Whether a check of ``key`` would repeat a problem already reported (the same key, or
+    one inside the other: a table that could not be read, or a value in it)."""
+    parts = key.split(".")
+    for seen in reported:
+        other = seen.split(".")
+        if seen and (parts[: len(other)] == other or other[: len(parts)] == parts):
+            return True
+    return False
 
 
 def _display_path(path: Path) -> str:
@@ -245,14 +315,29 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="plain ws:// without TLS (loopback only!)"
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="INFO by default; DEBUG also shows the traceback of a start-up failure",
+    )
+    parser.add_argument(
+        "--terminal-guardian",
+        action="store_true",
+        help="decide approvals in this terminal (keys a, d, h) instead of Telegram:"
+        " try an ask before you create a bot",
     )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from agentgate.serve import run_serve
 
-    return run_serve(args.config, insecure=args.insecure, log_level=args.log_level)
+    return run_serve(
+        args.config,
+        insecure=args.insecure,
+        log_level=args.log_level,
+        terminal_guardian=args.terminal_guardian,
+    )
 
 
 # --- audit -------------------------------------------------------------------------------------
@@ -276,8 +361,8 @@ def _audit_store(args: argparse.Namespace) -> Path:
     else:
         from agentgate.config import ConfigError, load_config
 
-        try:
-            config = load_config(args.config or "gate.toml", insecure=True)
+        try:  # only the store's path is needed: no secret, no TLS file
+            config = load_config(args.config or "gate.toml", insecure=True, secrets=False)
         except ConfigError as exc:
             raise UsageError(str(exc)) from exc
         path = config.store.path
