@@ -6,9 +6,10 @@ upgrade, and not a moment longer than its peer stays: a connection closed before
 server waits the whole timeout for such a peer, so connect-and-leave could pin one socket, its
 TLS state and its buffers per connection for the whole auth deadline.) The peer's departure is
 seen by a thin stream wrapper (:class:`_Watched`) that notes when the stream ends; nothing here
-reaches into trio-websocket.
+reaches into trio-websocket. A connection whose TLS handshake failed is logged with the reason
+(:mod:`agentgate.handshakes`, once per address per minute).
 
-Imports: nothing of agentgate (Trio, trio-websocket's public API).
+Imports: handshakes (Trio, trio-websocket's public API).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Final, NamedTuple
 
 import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
+
+from agentgate.handshakes import Counted, CountingListener, HandshakeLog
 
 __all__ = ["Listening", "serve_websockets"]
 
@@ -35,7 +38,7 @@ class Listening(NamedTuple):
     """What :func:`serve_websockets` hands to ``nursery.start``."""
 
     port: int
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.abc.Stream]]
 
 
 class _Watched(trio.abc.Stream):
@@ -44,11 +47,13 @@ class _Watched(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.ended = trio.Event()
+        self.error: BaseException | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
             data = await self.inner.receive_some(max_bytes)
-        except BaseException:
+        except BaseException as exc:
+            self.error = exc
             self.ended.set()
             raise
         if not data:
@@ -79,9 +84,13 @@ async def serve_websockets(
     """Serve WebSockets on ``host:port`` (0: a free port) until cancelled; supports
     ``await nursery.start(...)``, which returns the :class:`Listening` port."""
     tcp = await trio.open_tcp_listeners(port, host=host)
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = tcp
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.abc.Stream]] = tcp
     if ssl_context is not None:
-        listeners = [trio.SSLListener(each, ssl_context, https_compatible=True) for each in tcp]
+        listeners = [
+            trio.SSLListener(CountingListener(each), ssl_context, https_compatible=True)
+            for each in tcp
+        ]
+    handshakes = HandshakeLog()
 
     async def connection(stream: trio.abc.Stream) -> None:
         peer = _peer(stream)
@@ -100,6 +109,7 @@ async def serve_websockets(
             # before the 400 answer can be written, and serve_listeners would pass it on.
             log.debug("connection from %s ended with an error", peer, exc_info=True)
         finally:
+            handshakes.ended(stream, watched.error, peer)
             with trio.move_on_after(CLOSE_GRACE):
                 await trio.aclose_forcefully(stream)
 
@@ -112,6 +122,8 @@ def _peer(stream: trio.abc.Stream) -> str:
     """The peer's IP address (the failed-auth limiter counts by it)."""
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
+    if isinstance(stream, Counted):
+        stream = stream.inner
     if isinstance(stream, trio.SocketStream):
         try:
             return str(stream.socket.getpeername()[0])
