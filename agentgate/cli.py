@@ -1,4 +1,4 @@
-"""The ``agentgate`` command line (DESIGN §11).
+"""The ``agentgate`` command line (README.md; each command's ``--help``; docs/operations.md).
 
 One function per subcommand, registered in :data:`COMMANDS`: a :class:`Command` names the
 subcommand, adds its arguments to its parser and runs it, returning the exit status. To add a

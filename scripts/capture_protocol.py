@@ -546,7 +546,7 @@ ERROR_CODES = (-32700, -32600, -32601, -32602, *range(-32001, -32008, -1))
 
 
 def error_frames(transcripts: list[Transcript]) -> Transcript:
-    """One real error frame per code of DESIGN §4, from the sessions, one line each."""
+    """One real error frame per error code (docs/protocol.md), from the sessions, one line each."""
     first: dict[int, dict[str, Any]] = {}
     for log in transcripts:
         for frame in log.received:

@@ -1,4 +1,4 @@
-"""``agentgate check``, ``agentgate config check`` and ``agentgate hash-token`` (DESIGN §11)."""
+"""``agentgate check``, ``agentgate config check`` and ``agentgate hash-token`` (README, --help)."""
 
 from __future__ import annotations
 
