@@ -342,6 +342,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 # --- audit -------------------------------------------------------------------------------------
 
+DECISIONS: Final = (
+    *("allow", "deny", "ask", "invalid"),  # a request's (pipeline, broker)
+    *("grant", "revoke", "refused", "freeze", "unfreeze"),  # a guardian's own (controls)
+)
+"""Every ``decision`` the audit log holds, for ``audit --decision``."""
+
 
 def _configure_audit(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
@@ -349,10 +355,22 @@ def _configure_audit(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--store", metavar="FILE", help="the SQLite store file itself")
     parser.add_argument("--agent", help="only this agent")
     parser.add_argument("--tool", help="only this tool")
-    parser.add_argument("--decision", help="only this decision (allow, deny, ask, invalid, ...)")
+    parser.add_argument(
+        "--decision",
+        choices=DECISIONS,
+        metavar="DECISION",
+        help=f"only this decision: {', '.join(DECISIONS)}",
+    )
     parser.add_argument("--since", help="only rows since: 10m, 2h, 1d or an ISO time (UTC)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--follow", "-f", action="store_true", help="keep printing new rows")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per line (times in ISO 8601 UTC)"
+    )
+    parser.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing new rows, and each request again (↳) once it is resolved",
+    )
 
 
 def _audit_store(args: argparse.Namespace) -> Path:
@@ -391,9 +409,11 @@ def _run_audit(args: argparse.Namespace) -> int:
                 if args.json:
                     print(inert_json(audit.to_json(entry)), flush=True)
                 else:
-                    mark = "  ↳ " if update else ""
-                    print(mark + "  ".join(audit.table_rows([entry])[0]), flush=True)
+                    mark = "↳ " if update else ""
+                    print(audit.follow_line(audit.table_rows([entry])[0], mark), flush=True)
 
+            if not args.json:
+                print(audit.follow_header(), flush=True)
             audit.follow(path, filters, emit)
             return EXIT_OK
         conn = read_only(path)
@@ -476,7 +496,12 @@ def _run_pending(args: argparse.Namespace) -> int:
 COMMANDS: list[Command] = [
     Command("serve", "run the gateway", _configure_serve, _run_serve),
     Command("check", "explain the policy decision for one request", _configure_check, _run_check),
-    Command("config", "validate the configuration", _configure_config, _run_config),
+    Command(
+        "config",
+        "check gate.toml and what serve needs (config check)",
+        _configure_config,
+        _run_config,
+    ),
     Command(
         "hash-token", "sha256 of a token read from stdin", _configure_hash_token, _run_hash_token
     ),
@@ -512,9 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
-    if run is None:
-        parser.print_usage(sys.stderr)
-        error("a command is required")
+    if run is None:  # bare `agentgate`: what it can do, as a usage error
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
     del parser
     try:
