@@ -97,6 +97,8 @@ async def test_allow_with_a_key(workdir: Path, home: FakeHomeAssistant) -> None:
     assert "op (terminal) presses Allow" in out
     assert out.count("Your move") == 1  # a decided card is not offered again
     assert "✅ Executed by op (terminal)" in out
+    # The edit shows the target as it is after the call.
+    assert out.count("Target: light.kitchen “Kitchen Light” — now: on") == 1
     assert home.state("light.kitchen")["state"] == "on"  # type: ignore[index]
     conn = read_only(gw.config.store.path)
     try:
@@ -198,4 +200,5 @@ async def test_serve_terminal_guardian(workdir: Path, home: FakeHomeAssistant) -
         process.close()
     out = process.output()
     assert "presses Allow 1 h" in out
+    assert "⏱ Allowed for 1 h: the same request from pi runs without" in out
     assert "Traceback" not in out

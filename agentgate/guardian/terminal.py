@@ -180,12 +180,15 @@ def bubble(title: str, text: str, rows: Sequence[Sequence[str]], style: Style) -
 
 
 def condensed(text: str, style: Style) -> str:
-    """A resolved card's text as an edit shows it: the new status on top, the card (already
-    drawn just above) folded into one line."""
+    """A resolved card's text as an edit shows it: the new status on top, the target as it is
+    now, the rest of the card (already drawn just above) folded into one line."""
     head, blank, rest = text.partition("\n\n")
     if not blank:
         return text
-    return head + "\n" + style.dim(f"… the card as above ({len(rest.splitlines())} lines)")
+    lines = rest.splitlines()
+    kept = [line for line in lines if _ANSI.sub("", line).startswith("Target: ")]
+    folded = f"… the card as above ({len(lines) - len(kept)} lines)"
+    return "\n".join([head, *kept, style.dim(folded)])
 
 
 @contextmanager
