@@ -450,7 +450,8 @@ async def _run_example(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run an example agent as a process; press ``decision`` on the card it asks for."""
     result: list[subprocess.CompletedProcess[bytes]] = []
-    argv = [sys.executable, str(REPO / "examples" / script), "--url", gate.url, "--wait", "20"]
+    argv = [sys.executable, str(REPO / "examples" / script), "--url", gate.url, "--wait", "20",
+            "--sensor", "sensor.living_room_temperature", "--light", "light.kitchen"]  # fmt: skip
     env = _env(gate, AGENTGATE_TOKEN=gate.token, AGENTGATE_CA=str(gate.ca_path))
     with trio.fail_after(CEILING):
         async with trio.open_nursery() as nursery:
@@ -525,3 +526,36 @@ async def test_ctrl_c_while_waiting_says_the_call_is_still_pending(gate: RealGat
     assert "agentgate: still pending (request " in text
     assert "`agentgate pending` will collect the result" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("script", ["trio_agent.py", "asyncio_agent.py"])
+async def test_example_says_which_entity_to_pass(gate: RealGateway, script: str) -> None:
+    """An entity the home does not have: exit 1 and a hint; no --light: nobody is asked."""
+    argv = [sys.executable, str(REPO / "examples" / script), "--url", gate.url,
+            "--sensor", "sensor.nope"]  # fmt: skip
+    env = _env(gate, AGENTGATE_TOKEN=gate.token, AGENTGATE_CA=str(gate.ca_path))
+    with trio.fail_after(CEILING):
+        done = await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
+    assert done.returncode == 1, done.stderr.decode()
+    err = done.stderr.decode()
+    assert "entity not found: sensor.nope" in err
+    assert "(pass an entity of your home with --sensor)" in err
+    assert gate.guardian.cards == {}
+
+
+async def test_raw_agent_never_prints_the_token(gate: RealGateway) -> None:
+    raw = str(REPO / "examples" / "raw_agent.py")
+    argv = [sys.executable, raw, "--url", gate.url, "--ca", str(gate.ca_path), "--token", "-",
+            "--entity", "sensor.living_room"]  # fmt: skip
+    with trio.fail_after(CEILING):
+        done = await trio.run_process(
+            argv, stdin=(gate.token + "\n").encode(), capture_stdout=True, capture_stderr=True,
+            check=False, env=_env(gate),
+        )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    assert '"token":"***"' in out
+    assert gate.token not in out + done.stderr.decode()
+    assert "# sensor.living_room = 21.5" in out
