@@ -114,7 +114,9 @@ def step(
 ) -> str:
     """Run one command; show it (``shown``: how the README writes it) and its output."""
     status, output = shell.run(command)
-    lines = output.rstrip("\n").splitlines()
+    # pip's notices and this machine's index settings say nothing about agentgate
+    noise = ("[notice]", "WARNING: Location", "Looking in ")
+    lines = [x for x in output.rstrip("\n").splitlines() if not x.startswith(noise)]
     if len(lines) > keep:
         cut = len(lines) - keep
         lines = [*lines[: keep // 2], f"… ({cut} lines)", *lines[-keep // 2 :]]
@@ -242,7 +244,7 @@ Re-run it with `.venv/bin/python scripts/quickstart_transcript.py`.
             f" && git checkout --quiet {commit}",
             shown="git clone <this repository> agentgate && cd agentgate",
         )
-        step(one, out, "python3 -m venv .venv && .venv/bin/pip install .", keep=4)
+        step(one, out, "python3 -m venv .venv && .venv/bin/pip install .", keep=2)
         step(one, out, 'export PATH="$PWD/.venv/bin:$PATH"')
 
         out.text(
