@@ -16,8 +16,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
 
+from agentgate.store import open_store
 from agentgate.testing.harness import write_certificates
 
 pytestmark = pytest.mark.slow
@@ -253,3 +255,31 @@ def test_a_failure_while_starting_is_one_line_traceback_only_with_debug(tmp_path
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1].startswith("agentgate: gate.toml: store.path:")
+
+
+# --- secrets only where they are used ------------------------------------------------------------
+
+
+def test_audit_and_check_read_gate_toml_without_any_secret(tmp_path: Path) -> None:
+    """The shipped gate.toml names three secrets; reading the audit log or checking a request
+    needs none of them (the systemd unit keeps them in a file only systemd reads)."""
+    shipped = Path(__file__).resolve().parent.parent
+    for name in ("gate.toml", "permissions.yaml"):
+        (tmp_path / name).write_text((shipped / name).read_text())
+
+    async def create_store() -> None:
+        async with open_store(tmp_path / "data" / "agentgate.db", inline=True):
+            pass
+
+    trio.run(create_store)
+    proc = agentgate("audit", "--config", "gate.toml", cwd=tmp_path, env={})
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == "(no audit rows match)\n"
+    proc = agentgate(
+        "check", "--config", "gate.toml", "ha_get_state", "entity_id=sun.sun", cwd=tmp_path, env={}
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "decision:  allow" in proc.stdout
+    proc = agentgate("config", "check", "gate.toml", "--no-secrets", "--insecure", cwd=tmp_path,
+                     env={})  # fmt: skip
+    assert "environment variable" not in proc.stderr
