@@ -10,7 +10,8 @@ that stops it is a bug: logged with its traceback, exit 1.
 ``--terminal-guardian`` runs :class:`~agentgate.guardian.terminal.TerminalGuardian` instead of
 Telegram: cards in this terminal, keys decide.
 
-Imports: gateway, config, preflight, policy, inert, guardian.terminal (only when asked), _compat.
+Imports: gateway, config, preflight, policy, store, errors, inert, _compat; guardian.terminal
+only when asked for.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def run_serve(
         leaf = _leaf(exc)
         if isinstance(leaf, KeyboardInterrupt):
             raise leaf from None
-        if state.started:
+        if state.started and not isinstance(leaf, ConfigError | PolicyError):
             log.critical("the gateway stopped on an unexpected error: %r", leaf, exc_info=leaf)
             return EXIT_FAILED
         status, message = _explain(leaf, config)
