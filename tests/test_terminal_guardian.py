@@ -11,14 +11,17 @@ import io
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from agentgate.client import ApprovalTimedOut, DeniedByGuardian, connect
+from agentgate.guardian import Action, ApprovalCard, PendingCard, PressAnswer
 from agentgate.guardian.terminal import KeySource, Style, TerminalGuardian
 from agentgate.store import read_only
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant
@@ -202,3 +205,42 @@ async def test_serve_terminal_guardian(workdir: Path, home: FakeHomeAssistant) -
     assert "presses Allow 1 h" in out
     assert "⏱ Allowed for 1 h: the same request from pi runs without" in out
     assert "Traceback" not in out
+
+
+class _Control:
+    """The gateway's side, as far as the terminal guardian sees it: one approval pending from
+    before a restart, and the presses it gets."""
+
+    def __init__(self, card: ApprovalCard) -> None:
+        self.earlier = [PendingCard(card, "12345:678")]  # a card the last run showed
+        self.decided: list[tuple[str, str, str, str]] = []
+        self.done = trio.Event()
+
+    async def pending(self) -> list[PendingCard]:
+        return self.earlier
+
+    async def decide(self, request_id: str, action: Action, by: str, *, message_ref: str) -> Any:
+        self.decided.append((request_id, action.value, by, message_ref))
+        self.done.set()
+        return PressAnswer("approved", decided=True)
+
+
+async def test_an_approval_from_before_a_restart_is_shown_and_decided() -> None:
+    card = ApprovalCard(
+        request_id="r-1", agent="pi", tool="ha_call_service", args=LIGHT,
+        signature="ha_call_service(light.turn_on, light.kitchen)",
+        matched="rule 1: ha_call_service(light.*) (ask)", expires_at=time.time() + 600,
+    )  # fmt: skip
+    control = _Control(card)
+    with key_pipe() as (keys, typing), trio.fail_after(CEILING):
+        screen = Screen()
+        guardian = TerminalGuardian(user="op (terminal)", keys=keys, out=screen, style=Style(False))
+        guardian.control = control  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guardian.run)
+            await screen.wait_for("Your move")
+            os.write(typing, b"a")
+            await control.done.wait()
+            nursery.cancel_scope.cancel()
+    assert "an approval from before the restart, still pending" in screen.getvalue()
+    assert control.decided == [("r-1", "allow", "op (terminal)", "12345:678")]

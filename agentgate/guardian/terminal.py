@@ -279,6 +279,7 @@ class TerminalGuardian:
         self.cards = cards or CardRules()
         self.now = now
         self._refs = itertools.count(1)
+        self._run = f"{int(time.time()):x}"  # refs stay unique across restarts of the gateway
         self._waiting: dict[str, ApprovalCard] = {}  # message ref -> card, oldest first
         self._changed = trio.Event()
         self._prompt: tuple[str, trio.CancelScope] | None = None
@@ -301,7 +302,13 @@ class TerminalGuardian:
     # -- Guardian -------------------------------------------------------------------------------
 
     async def send_card(self, card: ApprovalCard) -> str:
-        ref = f"terminal-{next(self._refs)}"
+        ref = f"terminal-{self._run}-{next(self._refs)}"
+        self._draw_card(card)
+        self._waiting[ref] = card
+        self._touch()
+        return ref
+
+    def _draw_card(self, card: ApprovalCard) -> None:
         s = self.style
         try:
             layout = card_layout(card, max_chars=self.cards.max_chars, overflow="refuse")
@@ -313,9 +320,6 @@ class TerminalGuardian:
         text = html_to_text(render_card(card, now=self.now(), layout=layout), s)
         for line in bubble("🖥 agentgate · approval card", text, BUTTONS, s):
             self._print(line)
-        self._waiting[ref] = card
-        self._touch()
-        return ref
 
     async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
         self._waiting.pop(message_ref, None)
@@ -339,6 +343,7 @@ class TerminalGuardian:
         if self.keys is None:
             self._print(s.yellow("  (no keyboard: cards are shown, and wait until they time out)"))
             return
+        await self._show_earlier_cards()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.keys.run)
             while True:
@@ -354,6 +359,19 @@ class TerminalGuardian:
                     )
                     nursery.cancel_scope.cancel()
                     return
+
+    async def _show_earlier_cards(self) -> None:
+        """Approvals still pending from before this run (a restart): their cards were shown by
+        the gateway's last run, so show them again here, where their keys can decide them."""
+        assert self.control is not None, "set control to the gateway's controls first"
+        for pending in await self.control.pending():
+            ref = pending.message_ref
+            if ref is None or ref in self._waiting:
+                continue  # never shown: the broker sends it now, through send_card
+            self._print(self.style.dim("  (an approval from before the restart, still pending)"))
+            self._draw_card(pending.card)
+            self._waiting[ref] = pending.card
+        self._touch()
 
     async def _decide(self, ref: str, card: ApprovalCard) -> bool:
         """Prompt for one card until a key decides it or it leaves; False once keys end."""
