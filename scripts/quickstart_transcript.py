@@ -22,6 +22,7 @@ import datetime as dt
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -406,6 +407,7 @@ Re-run it with `.venv/bin/python scripts/quickstart_transcript.py`.
             timeout=120,
             check=False,
         )
+        shutil.rmtree(work, ignore_errors=True)
     if out.failures:
         listed = "\n".join(f"- {failure}" for failure in out.failures)
         out.text(f"## What did not go as the README says\n\n{listed}")
