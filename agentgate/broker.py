@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[str, dict[str, Any]], Awaitable[str | None]]
-OnGrant = Callable[[str, str, str], Awaitable[None]]
+OnGrant = Callable[[str, str, str], Awaitable[float | None]]
+"""Remembers an "Allow 1 h" (agent, signature, by); returns when the grant ends, if it says."""
 Sessions = Callable[[str], Sequence[ReplyHandle]]
 
 
@@ -423,8 +424,9 @@ class Broker:
         row, kind = approval.row, approval.kind
         assert kind is not None  # _run_approval resolved it before concluding
         meaning = MEANINGS[kind]
+        grant_until = None
         if meaning.executes:
-            outcome, result, error = await self._execute_once(approval)
+            outcome, result, error, grant_until = await self._execute_once(approval)
         else:
             assert meaning.outcome is not None
             data = {"request_id": row.request_id, "signature": row.signature}
@@ -432,30 +434,35 @@ class Broker:
             detail = detail.removeprefix("guardian unreachable: ")  # the message says it once
             outcome, result = meaning.outcome, None
             error = meaning.error_for(by=approval.by, detail=detail, data=data)
-        await self._deliver(approval, outcome, result, error)
+        await self._deliver(approval, outcome, result, error, grant_until)
 
-    async def _execute_once(self, approval: Approval) -> tuple[Outcome, Any, AgentgateError | None]:
+    async def _execute_once(
+        self, approval: Approval
+    ) -> tuple[Outcome, Any, AgentgateError | None, float | None]:
+        """Run the call once; also says until when an "Allow 1 h" it began holds."""
         row = approval.row
         data = {"request_id": row.request_id, "signature": row.signature}
         by = approval.by or "guardian"
+        until = None
         try:
             if not await self.store.begin_execution(row.request_id, by, self._now()):
-                return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data)
+                return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data), None
             if approval.kind is Decision.GRANT:
-                await self._on_grant(row.agent, row.signature, by)
+                until = await self._on_grant(row.agent, row.signature, by)
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc
+            return Outcome.FAILED, None, exc, None
         try:
             self.executions += 1
             result = await self._execute(row.tool, row.args)
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc
+            return Outcome.FAILED, None, exc, until
         except Exception as exc:
             log.exception("executing %s failed unexpectedly", row.request_id)
-            return Outcome.FAILED, None, ExecutionFailed(f"execution failed: {exc}", data=data)
-        return Outcome.EXECUTED, result, None
+            failed = ExecutionFailed(f"execution failed: {exc}", data=data)
+            return Outcome.FAILED, None, failed, until
+        return Outcome.EXECUTED, result, None, until
 
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row
@@ -477,6 +484,7 @@ class Broker:
         outcome: Outcome,
         result: Any,
         error: AgentgateError | None,
+        grant_until: float | None = None,
     ) -> None:
         row = approval.row
         late = Result(row.request_id, row.rpc_id, row.tool, row.signature, outcome, result, error)
@@ -502,7 +510,7 @@ class Broker:
             log.exception("could not record the outcome of %s", row.request_id)
         if not delivered:
             await self.announce_queued(row.agent)
-        await self._edit_card(approval, outcome, result, error, delivered)
+        await self._edit_card(approval, outcome, result, error, delivered, grant_until)
 
     async def announce_queued(self, agent: str) -> None:
         sessions = self._sessions(agent)
@@ -522,6 +530,7 @@ class Broker:
         result: Any,
         error: AgentgateError | None,
         delivered: bool,
+        grant_until: float | None = None,
     ) -> None:
         refs = [approval.row.message_ref, *(approval.copies or ())]
         if self.guardian is None or refs[0] is None:
@@ -534,11 +543,18 @@ class Broker:
             detail = error.message if error is not None else ""
         if not delivered and outcome in (Outcome.EXECUTED, Outcome.FAILED):
             status, detail = Status.QUEUED, f"{outcome.value}: {detail}"
-        update = CardUpdate(status=status, detail=detail, by=approval.by, at=self._now())
+        update = CardUpdate(
+            status=status, detail=detail, by=approval.by, at=self._now(), grant_until=grant_until
+        )
+        card = approval.card()
         with trio.move_on_after(10):
+            if outcome is Outcome.EXECUTED and card.target is not None:
+                # The card read the target before the call ("now: off"): say what it is now.
+                target = await self._describe(card.tool, card.args)
+                card = attrs.evolve(card, target=target or card.target)
             for ref in refs:
                 try:
-                    await self.guardian.update_card(approval.card(), str(ref), update)
+                    await self.guardian.update_card(card, str(ref), update)
                 except Exception:
                     log.exception("could not update the card of %s", approval.request_id)
 

@@ -12,7 +12,7 @@ Where to connect (flags win over the environment)::
     --ca FILE      AGENTGATE_CA      a PEM CA to trust IN ADDITION to the system store
                                      (which honours SSL_CERT_FILE / SSL_CERT_DIR)
 
-Exit status (:func:`exit_status`, DESIGN §11)::
+Exit status (:func:`exit_status`; also in README.md and `agentgate call --help`)::
 
     0  ok
     1  denied: by policy (-32003) or by the guardian (-32001)
@@ -120,12 +120,24 @@ def exit_status(err: AgentgateError) -> int:
     return EXIT_FAILED  # an error code this CLI does not know: the call did not succeed
 
 
+# A connection failure the SDK explains with its own parameter names, said the CLI's way.
+_CLI_FIXES: Final = {
+    "tls_untrusted": "certificate not trusted ({detail}): pass --ca FILE (the gateway's"
+    " certificate, or the CA that signed it) or set SSL_CERT_FILE",
+}
+
+
 def describe_error(err: AgentgateError) -> str:
-    """One line for stderr: ``LABEL: MESSAGE (signature: ..., request_id: ...)``."""
+    """One line for stderr: ``LABEL: MESSAGE (signature: ..., request_id: ...)``; the label is
+    left out when the message already starts with it."""
     label = next((lbl for cls, _, lbl in _OUTCOMES if isinstance(err, cls)), None)
     label = label or f"error {err.code}"
     message = err.message
-    if message == label or message.startswith(f"{label}:"):
+    fix = _CLI_FIXES.get(str(err.data.get("reason"))) if isinstance(err, ConnectionLost) else None
+    if fix is not None:
+        where = message.split(": ", 1)[0]
+        message = f"{where}: {fix.format(detail=err.data.get('detail', ''))}"
+    if message == label or message.startswith(label):
         text = message
     else:
         text = f"{label}: {message}" if message else label
@@ -214,12 +226,27 @@ def _expiry(value: object) -> str:
     return moment.strftime("%H:%M:%S UTC")
 
 
+_waiting: list[dict[str, Any]] = []  # approval_pending params of this invocation's calls
+
+
 def _announce_pending(params: dict[str, Any]) -> None:
+    _waiting.append(params)
     print(
         f"agentgate: waiting for the guardian (expires {_expiry(params.get('expires_at'))})...",
         file=sys.stderr,
         flush=True,
     )
+
+
+def _still_pending() -> None:
+    """Ctrl-C while a call waits: the gateway keeps it, and says so."""
+    for params in _waiting:
+        print(
+            f"agentgate: still pending (request {params.get('request_id')}): the guardian can"
+            " still decide until it expires; `agentgate pending` will collect the result",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _session(
@@ -245,10 +272,14 @@ def _session(
         except (OSError, ssl.SSLError) as exc:  # the SDK maps these; belt and braces
             return None, ConnectionLost(f"cannot reach the gateway at {conn.url}: {exc}")
 
+    _waiting.clear()
     try:
         return trio.run(main)
     except ValueError as exc:  # connect(): a URL it cannot use
         raise UsageError(str(exc)) from exc
+    except KeyboardInterrupt:
+        _still_pending()
+        raise
 
 
 def _fail(args: argparse.Namespace, err: AgentgateError) -> int:

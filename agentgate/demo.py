@@ -190,10 +190,14 @@ async def _agent(
                 "ha_call_service", domain="light", service="turn_on", entity_id=LIGHT
             )
         except DeniedByGuardian as exc:
-            steps[1].outcome = f"denied by the guardian ({exc.message})"
+            steps[1].outcome = exc.message  # "denied by the guardian (Alex (4242))"
             steps[1].ok = interactive  # the person said no: fine, unless nobody was asked
         except ApprovalTimedOut as exc:
-            steps[1].outcome = f"nobody decided in time ({exc.message})"
+            steps[
+                1
+            ].outcome = (
+                f"nobody decided in time: {exc.message.removeprefix('approval timed out: ')}"
+            )
             steps[1].ok = interactive
         except AgentgateError as exc:
             steps[1].outcome = f"failed: {exc.message}"

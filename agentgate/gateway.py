@@ -42,6 +42,7 @@ from agentgate.guardian.card import CardRules
 from agentgate.listener import serve_websockets
 from agentgate.pipeline import Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
+from agentgate.preflight import server_tls_context
 from agentgate.services import Executor
 from agentgate.store import Store, open_store
 
@@ -169,7 +170,7 @@ async def open_gateway(
             if executor is not None:
                 warning = await executor.check_health()
                 if warning:
-                    log.warning("Home Assistant health check: %s", warning)
+                    log.warning("%s", warning)
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.run)
                 try:
@@ -216,13 +217,8 @@ async def _maybe_telegram(
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext:
-    cert, key = config.gateway.tls_cert, config.gateway.tls_key
-    if cert is None or key is None:
-        raise ValueError("TLS needs gateway.tls_cert and gateway.tls_key (or --insecure)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+    """The TLS context; :class:`~agentgate.config.ConfigError` names the key that is wrong."""
+    return server_tls_context(config)
 
 
 @attrs.define

@@ -1,4 +1,5 @@
-"""Rate limits and connection limits, O(1) per request or socket (DESIGN §10, §13).
+"""Rate limits and connection limits, O(1) per request or socket (docs/configuration.md,
+`[limits]`; docs/protocol.md, -32006).
 
 Time comes from ``trio.current_time()`` by default so the fast tests can run on a fake clock.
 
@@ -63,7 +64,7 @@ def source_of(address: str) -> str:
 
 
 class FailedAuthTracker:
-    """Failed authentications per source (DESIGN §13), counted from when an attempt starts.
+    """Failed authentications per source (``failed_auth_per_minute``), counted from the start.
 
     An attempt takes one of the source's ``limit`` places as soon as its socket is accepted
     (:meth:`begin`) and gives it back only if it succeeds; a failure keeps it for ``window``

@@ -16,9 +16,10 @@ upgrade, and not a moment longer than its peer stays: a connection closed before
 server waits the whole timeout for such a peer, so connect-and-leave could pin one socket, its
 TLS state and its buffers per connection for the whole auth deadline.) The peer's departure is
 seen by a thin stream wrapper (:class:`_Watched`) that notes when the stream ends; nothing here
-reaches into trio-websocket.
+reaches into trio-websocket. A connection whose TLS handshake failed is logged with the reason
+(:mod:`agentgate.handshakes`, once per address per minute).
 
-Imports: limits (Trio, trio-websocket's public API).
+Imports: limits, handshakes (Trio, trio-websocket's public API).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Final, NamedTuple
 import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
 
+from agentgate.handshakes import Counted, CountingListener, HandshakeLog
 from agentgate.limits import ConnectionLimits, OverLimit, Throttle, Ticket
 
 __all__ = ["Listening", "raise_fd_limit", "serve_websockets"]
@@ -59,7 +61,7 @@ class Listening(NamedTuple):
     """What :func:`serve_websockets` hands to ``nursery.start``."""
 
     port: int
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.abc.Stream]]
 
 
 class _Watched(trio.abc.Stream):
@@ -68,11 +70,13 @@ class _Watched(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.ended = trio.Event()
+        self.error: BaseException | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
             data = await self.inner.receive_some(max_bytes)
-        except BaseException:
+        except BaseException as exc:
+            self.error = exc
             self.ended.set()
             raise
         if not data:
@@ -119,10 +123,14 @@ async def serve_websockets(
             limits.max_connections,
         )
     tcp = await trio.open_tcp_listeners(port, host=host)
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = tcp
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.abc.Stream]] = tcp
     if ssl_context is not None:
-        listeners = [trio.SSLListener(each, ssl_context, https_compatible=True) for each in tcp]
+        listeners = [
+            trio.SSLListener(CountingListener(each), ssl_context, https_compatible=True)
+            for each in tcp
+        ]
     refusals = Throttle()
+    handshakes = HandshakeLog()
 
     async def connection(stream: trio.abc.Stream, peer: str, ticket: Ticket) -> None:
         watched = _Watched(stream)
@@ -140,6 +148,7 @@ async def serve_websockets(
             # before the 400 answer can be written.
             log.debug("connection from %s ended with an error", peer, exc_info=True)
         finally:
+            handshakes.ended(stream, watched.error, peer)
             try:
                 with trio.move_on_after(CLOSE_GRACE):
                     await trio.aclose_forcefully(stream)
@@ -242,8 +251,7 @@ def _keep_alive(stream: trio.abc.Stream) -> None:
     """TCP keepalive on an accepted socket: a peer that vanished without closing (a network
     cut, a device switched off) is found within about two minutes of silence, so its socket
     stops counting towards ``max_connections_per_agent`` and the other limits."""
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
+    stream = _socket_stream(stream)
     if not isinstance(stream, trio.SocketStream):
         return
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
@@ -257,10 +265,18 @@ def _keep_alive(stream: trio.abc.Stream) -> None:
             return
 
 
-def _peer(stream: trio.abc.Stream) -> str:
-    """The peer's IP address (the failed-auth limiter counts by it)."""
+def _socket_stream(stream: trio.abc.Stream) -> trio.abc.Stream:
+    """The TCP stream under TLS and the handshake counter."""
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
+    if isinstance(stream, Counted):
+        stream = stream.inner
+    return stream
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """The peer's IP address (the failed-auth limiter counts by it)."""
+    stream = _socket_stream(stream)
     if isinstance(stream, trio.SocketStream):
         try:
             return str(stream.socket.getpeername()[0])

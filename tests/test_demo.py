@@ -115,7 +115,8 @@ async def test_a_guardian_at_the_keyboard_can_deny() -> None:
     assert process.returncode == 0, out
     assert "'x' is not a button" in out
     assert "Alex presses Deny" in out
-    assert "denied by the guardian" in out
+    assert "denied by the guardian (Alex (4242))" in out
+    assert "denied by the guardian (denied by" not in out  # said once
     assert "❌ Denied by Alex (4242)" in out
     assert "denied by policy (rule " in out
     assert "everything behaved as expected" in out

@@ -354,7 +354,8 @@ def test_lint_shadowed_default() -> None:
 
 def test_lint_typo_in_tool_name() -> None:
     assert lint('{pattern: "ha_get_stat(sensor.*)", action: allow}') == [
-        "p.yaml: rules[0] 'ha_get_stat(sensor.*)': no known tool is called 'ha_get_stat' (a typo?)"
+        "p.yaml: rules[0] 'ha_get_stat(sensor.*)': no known tool is called 'ha_get_stat'"
+        " (did you mean ha_get_state?)"
     ]
 
 

@@ -20,6 +20,7 @@ from wsproto.events import (
     Message,
     Ping,
     RejectConnection,
+    RejectData,
     Request,
     TextMessage,
 )
@@ -27,6 +28,7 @@ from wsproto.utilities import ProtocolError
 
 from agentgate.client._base import Gateway, Options, PendingHook, Target, logger
 from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, is_fatal
+from agentgate.client._diagnose import diagnose
 from agentgate.errors import AgentgateError, ConnectionLost
 
 _CLOSE_GRACE = 2.0
@@ -68,8 +70,15 @@ class _Socket:
                     if isinstance(event, AcceptConnection):
                         return sock
                     if isinstance(event, RejectConnection):
+                        body = b""
+                        while event.has_body:  # up to RejectData(body_finished)
+                            found = [e for e in await sock._events() if isinstance(e, RejectData)]
+                            body += b"".join(e.data for e in found)
+                            if any(e.body_finished for e in found) or len(body) > 4096:
+                                break
                         raise ConnectionLost(
-                            f"the gateway rejected the WebSocket: {event.status_code}"
+                            f"the gateway rejected the WebSocket: {event.status_code}",
+                            data={"status": event.status_code, "body": body.decode("replace")},
                         )
         except BaseException:
             sock.abort()
@@ -201,8 +210,18 @@ class AsyncioGateway(Gateway):
                     await sock.close(1000)
                     raise
                 return sock
-        except (OSError, TimeoutError, _Closed, ProtocolError) as exc:
-            raise ConnectionLost(f"cannot reach the gateway at {target.url}: {exc!r}") from exc
+        except (OSError, TimeoutError, _Closed, ProtocolError, ConnectionLost) as exc:
+            if isinstance(exc, _Closed):
+                exc = ConnectionLost(str(exc), data={"reason": "closed"})
+            raise await diagnose(
+                exc,
+                url=target.url,
+                host=target.host,
+                port=target.port,
+                secure=target.ssl_context is not None,
+                within=self._options.handshake_timeout,
+                run_sync=asyncio.to_thread,
+            ) from exc
 
     async def supervise(self, sock: _Socket) -> None:
         """Serve ``sock``; then reconnect with backoff until cancelled or refused."""

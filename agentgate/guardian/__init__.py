@@ -68,6 +68,7 @@ class CardUpdate:
     detail: str = ""  # one line: result summary, error, who decided
     by: str | None = None  # the guardian who decided, if any
     at: float = 0.0  # unix time of the resolution
+    grant_until: float | None = None  # an "Allow 1 h" holds until then (unix time)
 
 
 @frozen

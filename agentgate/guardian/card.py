@@ -407,6 +407,14 @@ def render_resolution(
         head.text(by)
         room -= utf16_len(by)
     head.text(when)
+    if update.grant_until is not None:
+        grant = (
+            f"\n⏱ Allowed for 1 h: the same request from {reveal_key(card.agent)} runs without"
+            f" asking until {utc(update.grant_until)}"
+        )
+        if utf16_len(grant) + 8 < room:
+            head.text(grant)
+            room -= utf16_len(grant)
     detail = reveal_value(update.detail.replace("\n", " "))
     if detail and room > 8:
         head.text("\n" + clip(detail, min(room - 1, 500)))
