@@ -233,6 +233,11 @@ class ReplyHandle(Protocol):
     @property
     def agent(self) -> str: ...
 
+    @property
+    def via(self) -> str:
+        """The front door, for the audit log and the card: ``ws``, ``mcp-stdio``, ``mcp-http``."""
+        ...
+
     def approval_pending(self, request_id: str, reply_to: JsonId, expires_at: float) -> None:
         """The request waits for a guardian (until ``expires_at``, unix time)."""
         ...

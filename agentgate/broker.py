@@ -80,7 +80,8 @@ log = logging.getLogger(__name__)
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[str, dict[str, Any]], Awaitable[str | None]]
 ReadBack = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
-OnGrant = Callable[[str, str, str], Awaitable[None]]
+OnGrant = Callable[[str, str, str], Awaitable[float | None]]
+"""Remembers an "Allow 1 h" (agent, signature, by); returns when the grant ends, if it says."""
 Sessions = Callable[[str], Sequence[ReplyHandle]]
 
 
@@ -142,6 +143,7 @@ class Approval:
             matched=r.matched,
             expires_at=r.expires_at,
             target=r.target,
+            via=r.via,
         )
 
 
@@ -194,6 +196,7 @@ class Broker:
         self._suspending = False  # a planned restart: undecided approvals stay pending
         self._idle: trio.Event | None = None  # set when the last approval is done (idle())
         self._sending: dict[str, trio.Event] = {}  # request id -> set once its card is sent
+        self._watched: dict[str, trio.Event] = {}  # request id -> set once it is finished
         self.executions = 0
 
     # -- running ------------------------------------------------------------------------------
@@ -287,6 +290,7 @@ class Broker:
                 created_at=now,
                 expires_at=now + self.approval_timeout,
                 state=State.PENDING,
+                via=reply.via,
             )
             entry = AuditEntry(
                 time=now,
@@ -297,6 +301,7 @@ class Broker:
                 signature=signature,
                 decision="ask",
                 matched=matched,
+                via=reply.via,
             )
             await self.store.add_pending(entry, row)
         except BaseException:
@@ -433,8 +438,21 @@ class Broker:
             approval.wake = None
             self._finished(approval)
 
+    async def finished(self, request_id: str) -> None:
+        """Return once the approval ``request_id`` is over (at once if it is not open): its
+        outcome is then in the store. Made for front doors that wait on a request by id."""
+        if request_id not in self.approvals:
+            return
+        event = self._watched.get(request_id)
+        if event is None:
+            event = self._watched[request_id] = trio.Event()
+        await event.wait()
+
     def _finished(self, approval: Approval) -> None:
         self.approvals.pop(approval.request_id, None)
+        watched = self._watched.pop(approval.request_id, None)
+        if watched is not None:
+            watched.set()
         if self._idle is not None and not self.approvals:
             self._idle.set()
             self._idle = None
@@ -535,8 +553,9 @@ class Broker:
         row, kind = approval.row, approval.kind
         assert kind is not None  # _run_approval resolved it before concluding
         meaning = MEANINGS[kind]
+        grant_until = None
         if meaning.executes:
-            outcome, result, error = await self._execute_once(approval)
+            outcome, result, error, grant_until = await self._execute_once(approval)
         else:
             assert meaning.outcome is not None
             data = {"request_id": row.request_id, "signature": row.signature}
@@ -544,33 +563,39 @@ class Broker:
             detail = detail.removeprefix("guardian unreachable: ")  # the message says it once
             outcome, result = meaning.outcome, None
             error = meaning.error_for(by=approval.by, detail=detail, data=data)
-        await self._deliver(approval, outcome, result, error)
+        await self._deliver(approval, outcome, result, error, grant_until)
 
-    async def _execute_once(self, approval: Approval) -> tuple[Outcome, Any, AgentgateError | None]:
+    async def _execute_once(
+        self, approval: Approval
+    ) -> tuple[Outcome, Any, AgentgateError | None, float | None]:
+        """Run the call once; also says until when an "Allow 1 h" it began holds."""
         row = approval.row
         data = {"request_id": row.request_id, "signature": row.signature}
         by = approval.by or "guardian"
+        until = None
         try:
             if not await self.store.begin_execution(row.request_id, by, self._now()):
-                return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data)
+                return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data), None
             if approval.kind is Decision.GRANT:
-                await self._on_grant(row.agent, row.signature, by)
+                until = await self._on_grant(row.agent, row.signature, by)
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc
+            return Outcome.FAILED, None, exc, None
         try:
             self.executions += 1
             result = await self._execute(row.tool, row.args)
         except OutcomeUnknown as exc:  # it may have run: never retried, reported as such
             exc.data.update(data)
-            return Outcome.UNKNOWN, None, exc
+            log.warning("%s (%s, request %s)", exc.message, row.signature, row.request_id)
+            return Outcome.UNKNOWN, None, exc, until
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc
+            return Outcome.FAILED, None, exc, until
         except Exception as exc:
             log.exception("executing %s failed unexpectedly", row.request_id)
-            return Outcome.FAILED, None, ExecutionFailed(f"execution failed: {exc}", data=data)
-        return Outcome.EXECUTED, result, None
+            failed = ExecutionFailed(f"execution failed: {exc}", data=data)
+            return Outcome.FAILED, None, failed, until
+        return Outcome.EXECUTED, result, None, until
 
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row
@@ -580,6 +605,7 @@ class Broker:
             " run and was not run again",
             data=data,
         )
+        log.warning("%s (%s, request %s)", error.message, row.signature, row.request_id)
         try:
             with trio.CancelScope(shield=True):
                 if self._read_back is not None:
@@ -596,6 +622,7 @@ class Broker:
         outcome: Outcome,
         result: Any,
         error: AgentgateError | None,
+        grant_until: float | None = None,
     ) -> None:
         row = approval.row
         late = Result(row.request_id, row.rpc_id, row.tool, row.signature, outcome, result, error)
@@ -621,7 +648,7 @@ class Broker:
             log.exception("could not record the outcome of %s", row.request_id)
         if not delivered:
             await self.announce_queued(row.agent)
-        await self._edit_card(approval, outcome, result, error, delivered)
+        await self._edit_card(approval, outcome, result, error, delivered, grant_until)
 
     async def announce_queued(self, agent: str) -> None:
         sessions = self._sessions(agent)
@@ -641,6 +668,7 @@ class Broker:
         result: Any,
         error: AgentgateError | None,
         delivered: bool,
+        grant_until: float | None = None,
     ) -> None:
         refs = [approval.row.message_ref, *(approval.copies or ())]
         if self.guardian is None or refs[0] is None:
@@ -658,11 +686,18 @@ class Broker:
             detail = error.message if error is not None else ""
         if not delivered and outcome in (Outcome.EXECUTED, Outcome.FAILED, Outcome.UNKNOWN):
             status, detail = Status.QUEUED, f"{outcome.value}: {detail}"
-        update = CardUpdate(status=status, detail=detail, by=approval.by, at=self._now())
+        update = CardUpdate(
+            status=status, detail=detail, by=approval.by, at=self._now(), grant_until=grant_until
+        )
+        card = approval.card()
         with trio.move_on_after(10):
+            if outcome is Outcome.EXECUTED and card.target is not None:
+                # The card read the target before the call ("now: off"): say what it is now.
+                target = await self._describe(card.tool, card.args)
+                card = attrs.evolve(card, target=target or card.target)
             for ref in refs:
                 try:
-                    await self.guardian.update_card(approval.card(), str(ref), update)
+                    await self.guardian.update_card(card, str(ref), update)
                 except Exception:
                     log.exception("could not update the card of %s", approval.request_id)
 

@@ -73,13 +73,15 @@ class Controls:
             return None
         return grant
 
-    async def add_grant(self, agent: str, signature: str, by: str) -> None:
-        """Remember an "Allow 1 h" (the broker calls this before it executes the call)."""
+    async def add_grant(self, agent: str, signature: str, by: str) -> float:
+        """Remember an "Allow 1 h" (the broker calls this before it executes the call); return
+        when it ends (unix time)."""
         now = self._now()
         grant = GrantRow(str(uuid.uuid4())[:8], agent, signature, by, now, now + GRANT_SECONDS)
         await self.store.add_grant(grant)
         self._grants[(agent, signature)] = grant
         await self._audit(by, "grant", f"{agent}: {signature} for 1 h ({grant.grant_id})")
+        return grant.expires_at
 
     async def _audit(self, by: str, decision: str, what: str) -> None:
         await self.store.audit(

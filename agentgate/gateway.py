@@ -9,7 +9,8 @@ Task tree (DESIGN §3)::
     │   ├── guardian                  (Telegram in a trio-asyncio loop, supervised; or given)
     │   └── broker.run                (agentgate.broker: one task per pending approval)
     │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket)
-    └── serve_websockets              (agentgate.listener) → door.handle per connection
+    ├── serve_websockets              (agentgate.listener) → door.handle per connection
+    └── serve_mcp (if [mcp])          (agentgate.mcp.http) → the MCP door, Streamable HTTP
 
 Shutdown is an event, not a bare cancellation: new work is refused, undecided approvals are
 suspended for the next start (their askers hear -32007 while the connections are still there,
@@ -31,12 +32,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import httpx
 import trio
 
+from agentgate import preflight
 from agentgate.broker import Broker
 from agentgate.config import Config, ConfigError
 from agentgate.connection import WebSocketDoor
@@ -46,8 +48,12 @@ from agentgate.guardian.card import CardRules
 from agentgate.listener import serve_websockets
 from agentgate.pipeline import Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
+from agentgate.preflight import server_tls_context
 from agentgate.services import Executor
 from agentgate.store import Store, open_store
+
+if TYPE_CHECKING:
+    from agentgate.mcp.http import McpHttpDoor, McpListening
 
 __all__ = [
     "Gateway",
@@ -86,6 +92,7 @@ class Gateway:
         self.broker = broker
         self.door = door
         self.guardian = guardian
+        self.mcp: McpHttpDoor | None = None  # the MCP door, when serve_gateway serves one
 
     async def shutdown(self, *, cancel_pending: bool = False) -> None:
         """Refuse new work, suspend undecided approvals for the next start (or resolve them as
@@ -93,6 +100,8 @@ class Gateway:
         self.pipeline.closing = True
         await self.broker.shutdown(cancel_pending=cancel_pending)
         await self.door.idle()
+        if self.mcp is not None:
+            await self.mcp.idle()
         await self.door.close_all()
 
 
@@ -155,9 +164,10 @@ async def _open_gateway(
             try:
                 warning = await executor.check_health()
             except ConfigError as exc:
-                raise ConfigError(*(f"{config.source}: {p}" for p in exc.problems)) from None
+                file = preflight.display(config.source)
+                raise ConfigError(*(f"{file}: {p}" for p in exc.problems)) from None
             if warning:
-                log.warning("Home Assistant health check: %s", warning)
+                log.warning("%s", warning)
         sessions = Sessions()
         controls = Controls(store, connected=sessions.counts, now=now)
         cards = card_rules(config)
@@ -228,7 +238,8 @@ async def _maybe_telegram(
         return
     from agentgate.guardian.supervisor import supervised_telegram
 
-    async with supervised_telegram(telegram, control, cards, source=str(config.source)) as tg:
+    source = preflight.display(config.source)
+    async with supervised_telegram(telegram, control, cards, source=source) as tg:
         yield tg
 
 
@@ -249,13 +260,8 @@ def _config_errors_ungrouped() -> Iterator[None]:
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext:
-    cert, key = config.gateway.tls_cert, config.gateway.tls_key
-    if cert is None or key is None:
-        raise ValueError("TLS needs gateway.tls_cert and gateway.tls_key (or --insecure)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+    """The TLS context; :class:`~agentgate.config.ConfigError` names the key that is wrong."""
+    return server_tls_context(config)
 
 
 @attrs.define
@@ -267,6 +273,7 @@ class RunningGateway:
     port: int
     url: str
     stop: trio.Event
+    mcp_url: str | None = None  # the MCP endpoint (https://HOST:PORT/mcp) when [mcp] is set
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -306,6 +313,7 @@ async def serve_gateway(
                 ssl_context,
                 max_message_size=max(4 * limits.max_message_bytes, 1 << 20),
                 connect_timeout=config.gateway.auth_deadline,
+                limits=gateway.door.connection_limits,
             )
         )
         scheme = "ws" if ssl_context is None else "wss"
@@ -317,12 +325,23 @@ async def serve_gateway(
                 " the network in clear text. Use this only on loopback."
             )
         log.info("listening on %s://%s:%d", scheme, host, listening.port)
-        task_status.started(RunningGateway(gateway, host, listening.port, url, stop))
+        mcp: McpListening | None = None
+        if config.mcp is not None:
+            # Imported only when configured: the MCP SDK and Hypercorn cost memory at start-up.
+            from agentgate.mcp.http import McpHttpDoor, serve_mcp
+
+            gateway.mcp = McpHttpDoor(config, gateway.pipeline, gateway.door.failed_auth)
+            mcp = await nursery.start(serve_mcp, gateway.mcp, ssl_context)
+        mcp_url = mcp.url if mcp is not None else None
+        task_status.started(RunningGateway(gateway, host, listening.port, url, stop, mcp_url))
         try:
             await stop.wait()
         finally:
             with trio.move_on_after(SHUTDOWN_BOUND, shield=True) as scope:
                 await gateway.shutdown(cancel_pending=cancel_pending)
+                if mcp is not None:  # Hypercorn's graceful stop: answers in flight go out
+                    mcp.stop.set()
+                    await mcp.stopped.wait()
             if scope.cancelled_caught:
                 log.warning("shutdown took longer than 5 s; cancelling what is left")
             nursery.cancel_scope.cancel()

@@ -3,8 +3,9 @@
 Agents choose tool names, arguments and JSON member names; Telegram users choose their display
 names. Printed raw, an ESC sequence rewrites the terminal (erases rows, retitles the window), a
 CR or LF forges a log line, and bidi controls reorder what is shown. :func:`inert` escapes every
-such character: C0 and C1 controls, DEL, bidi and other format characters, line and paragraph
-separators. JSON output uses ``ensure_ascii`` plus :func:`inert_json` for DEL.
+such character: every character of Unicode's control (Cc), format (Cf: bidi controls, zero
+widths, tags, Arabic number signs ...), surrogate (Cs) and line/paragraph separator (Zl, Zp)
+categories. JSON output uses ``ensure_ascii`` plus :func:`inert_json` for DEL.
 
 Imports: nothing of agentgate.
 """
@@ -13,19 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import unicodedata
 from typing import Any, Final
 
 __all__ = ["InertFormatter", "inert", "inert_json"]
 
-_UNSAFE: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
-    "\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]"
-)
+_UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
+def _escape(char: str) -> str:
+    code = ord(char)
     if code < 0x100:
         return f"\\x{code:02x}"
     if code <= 0xFFFF:
@@ -35,7 +33,9 @@ def _escape(match: re.Match[str]) -> str:
 
 def inert(text: str) -> str:
     """``text`` with every control, format and separator character shown escaped."""
-    return _UNSAFE.sub(_escape, text)
+    if text.isascii() and text.isprintable():  # the common case: nothing to look at
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
 
 
 def inert_json(value: Any) -> str:

@@ -1,6 +1,6 @@
 """The decision pipeline: one tool request from any front door, to its outcome.
 
-Every front door (the WebSocket protocol today) hands an authenticated agent's request to
+Every front door (the WebSocket protocol, MCP) hands an authenticated agent's request to
 :meth:`Pipeline.submit` and gets a typed outcome back, so the checks below exist once::
 
     submit(agent, tool, args, reply, reply_to)
@@ -55,13 +55,25 @@ from agentgate.guardian import ApprovalCard
 from agentgate.guardian.card import CardRules, CardTooLarge
 from agentgate.limits import TokenBucket
 from agentgate.policy import Policy
-from agentgate.protocol import JsonId
+from agentgate.protocol import MAX_ACK, MAX_REQUEST_ID_CHARS, JsonId
 from agentgate.services import Executor
 from agentgate.store import AuditEntry, Store
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
 log = logging.getLogger(__name__)
+
+
+def request_ids(value: object) -> list[str]:
+    """An agent's list of request ids to acknowledge; InvalidParams (-32602) if it is not a
+    list of at most ``MAX_ACK`` strings."""
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise InvalidParams("ack must be a list of request ids (strings)")
+    if len(value) > MAX_ACK:
+        raise InvalidParams(f"ack: at most {MAX_ACK} request ids per call, got {len(value)}")
+    if any(len(item) > MAX_REQUEST_ID_CHARS for item in value):
+        raise InvalidParams(f"ack: a request id longer than {MAX_REQUEST_ID_CHARS} characters")
+    return list(value)
 
 
 class Executed(NamedTuple):
@@ -179,13 +191,17 @@ class Pipeline:
         self.admit(agent)
         now = self.now()
         if tool not in self.offered:
-            await self._audit_refusal(agent, tool, args, None, "invalid", f"unknown tool: {tool}")
+            await self._audit_refusal(
+                agent, tool, args, None, "invalid", f"unknown tool: {tool}", via=reply.via
+            )
             raise InvalidParams(f"unknown tool: {tool}")
         policy = self.policies.get(agent) or self.policies[None]
         try:
             evaluation = policy.evaluate(tool, args)
         except InvalidParams as exc:
-            await self._audit_refusal(agent, tool, args, None, "invalid", exc.message)
+            await self._audit_refusal(
+                agent, tool, args, None, "invalid", exc.message, via=reply.via
+            )
             raise
         signature, decision = evaluation.signature, evaluation.decision
         # A rule's own text repeats from request to request: one shared string (10,000 pending
@@ -195,11 +211,13 @@ class Pipeline:
         data = {"request_id": request_id, "signature": signature}
         if self.controls.frozen:
             await self._audit_refusal(
-                agent, tool, args, signature, "deny", "frozen by guardian", request_id
+                agent, tool, args, signature, "deny", "frozen by guardian", request_id, reply.via
             )
             raise DeniedByPolicy("frozen by guardian", data=data)
         if decision == "deny":
-            await self._audit_refusal(agent, tool, args, signature, "deny", matched, request_id)
+            await self._audit_refusal(
+                agent, tool, args, signature, "deny", matched, request_id, reply.via
+            )
             raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
         if decision == "ask":
             grant = self.controls.grant_for(agent, tool, args, signature, now)
@@ -221,6 +239,7 @@ class Pipeline:
                 signature=signature,
                 decision="allow",
                 matched=matched,
+                via=reply.via,
             ),
             durable=True,
         )
@@ -228,6 +247,7 @@ class Pipeline:
             result = await self.execute(tool, args)
         except OutcomeUnknown as exc:  # it may have run: recorded as such, never retried
             exc.data.update(data)
+            log.warning("%s (%s, agent %s, request %s)", exc.message, signature, agent, request_id)
             after = {"state_after": exc.data.get("state_after")}
             await self._resolve_quietly(
                 request_id, Outcome.UNKNOWN, error=exc.message, result=after
@@ -260,12 +280,13 @@ class Pipeline:
             signature=signature,
             matched=matched,
             expires_at=self.now() + self.config.gateway.approval_timeout,
+            via=reply.via,
         )
         try:
             self.cards.layout(card)  # what the guardian will be shown: everything, or nothing
         except CardTooLarge as exc:
             await self._audit_refusal(
-                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id
+                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id, reply.via
             )
             limits = {"size": exc.size, "limit": exc.limit}
             raise InvalidParams(str(exc), data={**data, **limits}) from None
@@ -332,6 +353,44 @@ class Pipeline:
         self.admit(agent)
         return await self.store.take_queued(agent)
 
+    async def list_queued(self, agent: str, *, acknowledge: object = ()) -> list[dict[str, Any]]:
+        """Acknowledged delivery: drop the results ``acknowledge`` names from the agent's queue
+        (ids it does not hold are ignored), then list what is still queued, leaving it there
+        until a later call acknowledges it. ``acknowledge`` is the agent's own list, checked
+        here (:func:`request_ids`)."""
+        self.admit(agent)
+        ids = request_ids(acknowledge)
+        return await self.store.list_queued(agent, acknowledge=ids)
+
+    async def acknowledge_queued(self, agent: str, ids: object) -> int:
+        """The agent has these results (checked as for :meth:`list_queued`): they leave its
+        queue. Returns how many did."""
+        self.admit(agent)
+        return await self.store.acknowledge_queued(agent, request_ids(ids))
+
+    async def result_of(self, agent: str, request_id: str, wait: float) -> dict[str, Any]:
+        """The outcome of ``agent``'s request ``request_id``: its queued-result entry (DESIGN
+        §13), waiting up to ``wait`` seconds while it is still open, then
+        ``{"status": "pending", "request_id", "expires_at"}``. Only requests that were asked
+        have a stored outcome; any other id, or another agent's, is ``InvalidParams`` ("unknown
+        request"). Reading an outcome delivers it (it leaves the queue); nothing executes.
+        """
+        self.admit(agent)
+        row = await self.store.result_of(agent, request_id)
+        if row is None:
+            raise InvalidParams(
+                "unknown request: no approval of this agent has that request_id",
+                data={"request_id": request_id},
+            )
+        if row.entry is None and self.broker is not None and wait > 0:
+            with trio.move_on_after(wait):
+                await self.broker.finished(request_id)
+            row = await self.store.result_of(agent, request_id)
+            assert row is not None  # rows are never deleted
+        if row.entry is None:
+            return {"status": "pending", "request_id": request_id, "expires_at": row.expires_at}
+        return row.entry
+
     async def queued_count(self, agent: str) -> int:
         try:
             return await self.store.queued_count(agent)
@@ -368,6 +427,7 @@ class Pipeline:
         decision: str,
         matched: str,
         request_id: str | None = None,
+        via: str | None = None,
     ) -> None:
         now = self.now()
         await self.store.audit(
@@ -382,5 +442,6 @@ class Pipeline:
                 matched=matched,
                 resolution=Outcome.DENIED if decision == "deny" else Outcome.REJECTED,
                 resolved_at=now,
+                via=via,
             )
         )

@@ -22,6 +22,7 @@ Imports: tools (signatures and the per-entity checks).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -112,6 +113,10 @@ class Evaluation:
             "matched": self.reason,
         }
 
+
+UNKNOWN_TOOL: Final = "no known tool is called"
+"""How the lint warning about a rule naming no known tool begins (``config check`` makes it an
+error)."""
 
 _FALLBACK: Final = Matched(kind="fallback", action="ask")
 _MEMO_SIZE: Final = 4096
@@ -364,7 +369,9 @@ def _pattern_problems(pattern: str) -> list[str]:
     problems: list[str] = []
     tool, paren, rest = pattern.partition("(")
     if _GLOB.search(tool) is None and tool not in tools.TOOLS:
-        problems.append(f"no known tool is called {tool!r} (a typo?)")
+        close = difflib.get_close_matches(tool, list(tools.TOOLS), n=1)
+        meant = f"did you mean {close[0]}?" if close else "a typo?"
+        problems.append(f"{UNKNOWN_TOOL} {tool!r} ({meant})")
     if paren:
         args = rest.rstrip("*")
         args = args[:-1] if args.endswith(")") else args

@@ -146,6 +146,7 @@ class AuditEntry:
     result: Any = None
     error: str | None = None
     id: int | None = None
+    via: str | None = None  # the front door: ws, mcp-stdio, mcp-http (None: before doors)
 
 
 @frozen
@@ -164,6 +165,17 @@ class PendingRow:
     state: State
     outcome: Outcome | None = None
     decided_by: str | None = None
+    via: str | None = None
+
+
+@frozen
+class ResultRow:
+    """An approval's outcome as :meth:`Store.result_of` reads it: ``entry`` (the queued-result
+    object of DESIGN §13) is None while the approval is still open."""
+
+    request_id: str
+    expires_at: float
+    entry: dict[str, Any] | None
 
 
 @frozen
@@ -467,8 +479,8 @@ class Store:
             _insert_audit(c, entry)
             c.execute(
                 "INSERT INTO pending_requests (request_id, agent, rpc_id, tool, args, signature,"
-                " matched, target, message_ref, created_at, expires_at, state)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " matched, target, message_ref, created_at, expires_at, state, via)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     pending.request_id,
                     pending.agent,
@@ -482,6 +494,7 @@ class Store:
                     pending.created_at,
                     pending.expires_at,
                     State.PENDING,
+                    pending.via,
                 ),
             )
 
@@ -535,8 +548,9 @@ class Store:
         """Close an approval: its outcome, the audit resolution, and the result entry.
 
         ``entry`` is the queued-result object of DESIGN §13; if ``delivered`` is False it waits
-        for ``take_queued`` to hand it out once. False (and nothing written) if the approval was
-        already done.
+        in the agent's queue: handed out once by ``take_queued``, or listed by ``list_queued``
+        until ``acknowledge_queued``. False (and nothing written) if the approval was already
+        done.
         """
 
         def fn(c: sqlite3.Connection) -> bool:
@@ -581,16 +595,54 @@ class Store:
         """Hand out this agent's queued results, each exactly once (atomically)."""
 
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = c.execute(
-                "SELECT request_id, queued FROM pending_requests"
-                " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
-                (agent, State.DONE),
-            ).fetchall()
+            rows = _queued_rows(c, agent)
             c.executemany(
                 "UPDATE pending_requests SET delivered=1 WHERE request_id=?",
                 [(r["request_id"],) for r in rows],
             )
             return [json.loads(r["queued"]) for r in rows if r["queued"]]
+
+        return await self._do(fn)
+
+    async def list_queued(
+        self, agent: str, *, acknowledge: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Acknowledge ``acknowledge`` (see :meth:`acknowledge_queued`), then list what is still
+        queued for ``agent``, oldest first, leaving it queued: one transaction."""
+        ids = list(acknowledge)
+
+        def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            _acknowledge(c, agent, ids)
+            return [json.loads(r["queued"]) for r in _queued_rows(c, agent) if r["queued"]]
+
+        return await self._do(fn)
+
+    async def acknowledge_queued(self, agent: str, request_ids: Iterable[str]) -> int:
+        """The agent has these results: they leave its queue. Ids that are not queued for
+        ``agent`` (unknown, another agent's, already acknowledged) are ignored. Returns how many
+        left the queue."""
+        ids = list(request_ids)
+        return await self._do(lambda c: _acknowledge(c, agent, ids))
+
+    async def result_of(self, agent: str, request_id: str) -> ResultRow | None:
+        """The outcome of one of ``agent``'s approvals (None: unknown, or another agent's).
+
+        A final outcome read here counts as delivered: it leaves the agent's queue, and reading
+        it again returns the same entry.
+        """
+
+        def fn(c: sqlite3.Connection) -> ResultRow | None:
+            row = c.execute(
+                "SELECT state, queued, expires_at FROM pending_requests"
+                " WHERE request_id=? AND agent=?",
+                (request_id, agent),
+            ).fetchone()
+            if row is None:
+                return None
+            if row["state"] != State.DONE or not row["queued"]:
+                return ResultRow(request_id, row["expires_at"], None)
+            c.execute("UPDATE pending_requests SET delivered=1 WHERE request_id=?", (request_id,))
+            return ResultRow(request_id, row["expires_at"], json.loads(row["queued"]))
 
         return await self._do(fn)
 
@@ -707,8 +759,8 @@ def _install_transitions_trigger(conn: sqlite3.Connection) -> None:
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
     cur = c.execute(
         "INSERT INTO audit_log (time, kind, agent, request_id, tool, args, signature, decision,"
-        " matched, resolution, resolved_by, resolved_at, result, error)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " matched, resolution, resolved_by, resolved_at, result, error, via)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             e.time,
             e.kind,
@@ -724,9 +776,30 @@ def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
             e.resolved_at,
             _result_json(e.result),
             e.error,
+            e.via,
         ),
     )
     return int(cur.lastrowid or 0)
+
+
+def _queued_rows(c: sqlite3.Connection, agent: str) -> list[sqlite3.Row]:
+    return c.execute(
+        "SELECT request_id, queued FROM pending_requests"
+        " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
+        (agent, State.DONE),
+    ).fetchall()
+
+
+def _acknowledge(c: sqlite3.Connection, agent: str, request_ids: list[str]) -> int:
+    acknowledged = 0
+    for request_id in dict.fromkeys(request_ids):  # each id once, whatever the agent repeats
+        cur = c.execute(
+            "UPDATE pending_requests SET delivered=1"
+            " WHERE request_id=? AND agent=? AND state=? AND delivered=0",
+            (request_id, agent, State.DONE),
+        )
+        acknowledged += cur.rowcount
+    return acknowledged
 
 
 def select_audit(
@@ -773,6 +846,7 @@ def _audit_from_row(r: sqlite3.Row) -> AuditEntry:
         resolved_at=r["resolved_at"],
         result=_unjson(r["result"]),
         error=r["error"],
+        via=r["via"] if "via" in r.keys() else None,  # noqa: SIM118 - a store not yet migrated
     )
 
 
@@ -792,6 +866,7 @@ def _pending_from_row(r: sqlite3.Row) -> PendingRow:
         state=State(r["state"]),
         outcome=None if r["outcome"] is None else Outcome(r["outcome"]),
         decided_by=r["decided_by"],
+        via=r["via"],
     )
 
 
@@ -809,6 +884,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
+    _add_via(conn)
     _install_transitions_trigger(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
@@ -824,6 +900,19 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
         if side.exists():
             os.chmod(side, stat.S_IRUSR | stat.S_IWUSR)
     return conn
+
+
+def _add_via(conn: sqlite3.Connection) -> None:
+    """Additive migration: which front door each request came through (a store made before
+    the column keeps working with older and newer agentgate alike; its old rows say NULL)."""
+    for table in ("audit_log", "pending_requests"):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "via" not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN via TEXT")
+    conn.execute(
+        "CREATE TRIGGER IF NOT EXISTS audit_keep_via BEFORE UPDATE OF via ON audit_log"
+        " BEGIN SELECT RAISE(ABORT, 'audit_log rows keep their original columns'); END"
+    )
 
 
 async def _checkpoints(store: Store, path: Path, every: float) -> None:

@@ -124,9 +124,13 @@ INDIRECT_SERVICES: Final[Mapping[str, str]] = {
 
 _EVENT_IS_INDIRECT = "an event can trigger any automation"
 # Indirect domains whose effect is fixed by the entities the signature names (a scene's
-# states, an automation's definition); for the others it is the data: the text Assist reads,
-# a script's variables, the payload of a raw command.
-_GRANTABLE_INDIRECT: Final = frozenset({"scene", "automation"})
+# states, an automation's definition), and the service data that keeps it so; for the others
+# it is the data: the text Assist reads, a script's variables, the payload of a raw command.
+# An automation triggered with `variables` or `skip_condition` does what the data says.
+_GRANTABLE_INDIRECT: Final[Mapping[str, frozenset[str]]] = {
+    "scene": frozenset({"entities", "snapshot_entities", "scene_id", "transition"}),
+    "automation": frozenset(),
+}
 
 _IDENTIFIER = r"^[a-z_][a-z0-9_]*(\.[a-z0-9_]+)?$"
 _ENTITY_ID = r"^[a-z_][a-z0-9_]*\.[a-z0-9_]+$"
@@ -289,6 +293,15 @@ def _call_service_references(args: Mapping[str, Any]) -> tuple[Reference, ...]:
                 add(entity, f"the value at {path}", path)
 
     visit({k: v for k, v in args.items() if k not in _NOT_SERVICE_DATA}, "")
+    scene_id = args.get("scene_id")
+    if isinstance(scene_id, str) and (args.get("domain"), args.get("service")) == (
+        "scene",
+        "create",
+    ):
+        # scene.create writes the scene scene.<scene_id> (replacing one of that name).
+        if not _TOOL_NAME.match(scene_id):
+            raise InvalidParams("scene_id: expected a slug such as evening_lights")
+        add(f"scene.{scene_id}", "the scene scene_id creates or replaces", "scene_id")
     first = (Reference(named, "entity_id"),) if isinstance(named, str) else ()
     return first + tuple(found[entity] for entity in sorted(found))
 
@@ -466,7 +479,10 @@ def grantable(tool: str, args: Mapping[str, Any]) -> bool:
     if tool == "ha_fire_event":
         return False
     domain = args.get("domain") if tool == "ha_call_service" else None
-    return domain not in INDIRECT_SERVICES or domain in _GRANTABLE_INDIRECT
+    if domain not in INDIRECT_SERVICES:
+        return True
+    data = _GRANTABLE_INDIRECT.get(str(domain))
+    return data is not None and set(args) - _NOT_SERVICE_DATA <= data
 
 
 def _check_schema(spec: ToolSpec, args: dict[str, Any]) -> None:

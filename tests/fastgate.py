@@ -68,15 +68,18 @@ class FastGateway:
     home: MockHome
     nursery: trio.Nursery
 
-    async def connect(self, *, lockstep: bool = False) -> WebSocketConnection:
+    async def connect(
+        self, *, lockstep: bool = False, remote: str | None = None
+    ) -> WebSocketConnection:
         """A client connection; ``lockstep``: no buffering between the two ends, so a client
-        that stops reading stops the gateway's writes to it."""
+        that stops reading stops the gateway's writes to it. ``remote``: the peer address the
+        gateway sees (by default each memory stream is an address of its own)."""
         pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
         server_stream, client_stream = pair()
 
         async def serve() -> None:
             request = await wrap_server_stream(self.nursery, server_stream)
-            await self.gateway.door.handle(request)
+            await self.gateway.door.handle(request, remote)
 
         self.nursery.start_soon(serve)
         return await wrap_client_stream(self.nursery, client_stream, "gate.test", "/")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -111,9 +113,6 @@ def test_follow_prints_new_rows_and_resolutions(db: Path) -> None:
 
 
 def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     async def fill(path: Path) -> None:
         async with open_store(path, inline=True) as store:
             for i in range(3000):
@@ -146,3 +145,80 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
     proc.stderr.close()
     assert status == 0
     assert "Traceback" not in stderr
+
+
+# --- conventions: ISO times, a header on --follow, known decisions, said once -----------------
+
+AGENTGATE = Path(sys.executable).parent / "agentgate"
+
+
+def test_json_times_are_iso_8601_utc(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "--store", str(db), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first["time"] == "2027-01-15T08:00:00.000Z"
+    assert first["resolved_at"] == "2027-01-15T08:00:01.000Z"
+
+
+def test_unknown_decision_is_a_usage_error(db: Path) -> None:
+    proc = subprocess.run(
+        [str(AGENTGATE), "audit", "--store", str(db), "--decision", "bogus"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "invalid choice: 'bogus'" in proc.stderr
+    assert "allow" in proc.stderr
+
+
+async def test_follow_prints_the_header_first(db: Path) -> None:
+    with trio.fail_after(60):
+        process = await trio.lowlevel.open_process(
+            [str(AGENTGATE), "audit", "--store", str(db), "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert process.stdout is not None
+            out = b""
+            while out.count(b"\n") < 4:  # header, rule, two rows
+                chunk = await process.stdout.receive_some()
+                assert chunk, out
+                out += chunk
+        finally:
+            process.kill()
+            await process.wait()
+            assert process.stdout is not None
+            await process.stdout.aclose()
+    header, rule, first, second = out.decode().splitlines()[:4]
+    assert header.split() == ["time", "(UTC)", "agent", "via", "decision", "request", "outcome"]
+    assert set(rule.replace(" ", "")) == {"-"}
+    assert first.startswith("2027-01-15 08:00:00  pi ")
+    assert "ha_get_state(sensor.t)" in first
+    assert "laptop" in second
+
+
+def test_outcomes_are_said_once() -> None:
+    def outcome(**fields: object) -> str:
+        base: dict[str, object] = dict(
+            time=NOW, agent="pi", request_id="r", tool="t", args={}, signature="t", decision="ask",
+            matched="rule 1",
+        )  # fmt: skip
+        return audit.table_rows([AuditEntry(**{**base, **fields})])[0][-1]  # type: ignore[arg-type]
+
+    denied = outcome(resolution="denied", resolved_by="Alex (4242)",
+                     error="denied by the guardian (Alex (4242))")  # fmt: skip
+    assert denied == "denied by Alex (4242)"
+    timed_out = outcome(resolution="timed_out", error="approval timed out: no decision before")
+    assert timed_out == "timed_out: no decision before"
+    rejected = outcome(decision="invalid", resolution="rejected", matched="entity_id: forbidden")
+    assert rejected == "rejected: entity_id: forbidden"
+    assert (
+        outcome(resolution="failed", error="entity not found: x") == "failed: entity not found: x"
+    )
+
+
+def test_bare_agentgate_lists_the_commands() -> None:
+    proc = subprocess.run([str(AGENTGATE)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    for command in ("serve", "check", "config", "audit", "call", "tools", "pending"):
+        assert f"\n    {command}" in proc.stderr

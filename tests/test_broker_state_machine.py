@@ -96,6 +96,7 @@ class FakeSession:
 
     def __init__(self) -> None:
         self.agent = AGENT
+        self.via = "ws"
         self.open = True
         self.frames: list[dict[str, Any]] = []
 

@@ -1,4 +1,4 @@
-"""``agentgate check``, ``agentgate config check`` and ``agentgate hash-token`` (DESIGN §11)."""
+"""``agentgate check``, ``agentgate config check`` and ``agentgate hash-token`` (README, --help)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,34 @@ def test_check_fallback_ask_exits_3(capsys: pytest.CaptureFixture[str], tmp_path
     status, out, _ = run(capsys, "check", "--policy", str(empty), "ha_get_states")
     assert status == 3
     assert "matched:   fallback (ask)" in out
+
+
+SCENE_WITH_A_LOCK = [
+    "ha_call_service",
+    "domain=scene",
+    "service=apply",
+    'entities:={"light.kitchen": "on", "lock.front_door": "unlocked"}',
+]
+
+
+def test_check_shows_every_entity_and_why_it_is_there(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "check", "--policy", SHIPPED, *SCENE_WITH_A_LOCK)
+    assert status == 1
+    assert out.splitlines() == [
+        "signature: ha_call_service(scene.apply, light.kitchen, lock.front_door)",
+        "entities:  light.kitchen (a key of entities)",
+        "           lock.front_door (a key of entities)",
+        "decision:  deny",
+        "matched:   rule 24: ha_call_service(*, lock.*) (deny)",
+        "           no call that names a lock, wherever (homeassistant.toggle, scene.apply, ...)",
+        "indirect:  scene.apply sets every state the scene holds, named here or not",
+    ]
+    status, out, _ = run(capsys, "check", "--json", "--policy", SHIPPED, *SCENE_WITH_A_LOCK)
+    assert status == 1
+    assert json.loads(out)["entities"] == [
+        {"entity_id": "light.kitchen", "why": "a key of entities"},
+        {"entity_id": "lock.front_door", "why": "a key of entities"},
+    ]
 
 
 def test_check_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,7 +202,7 @@ def test_check_prints_lint_warnings(capsys: pytest.CaptureFixture[str], tmp_path
     assert status == 3
     assert err == (
         f"agentgate: warning: {path}: rules[0] 'ha_get_stat(*)': "
-        "no known tool is called 'ha_get_stat' (a typo?)\n"
+        "no known tool is called 'ha_get_stat' (did you mean ha_get_state?)\n"
     )
 
 
@@ -201,6 +229,9 @@ def gate_toml(tmp_path: Path) -> Path:
     path = tmp_path / "gate.toml"
     path.write_text(
         f"""
+[gateway]
+listen = "127.0.0.1:0"
+
 [policy]
 file = "permissions.yaml"
 
@@ -366,6 +397,7 @@ def test_dispatch_table_names() -> None:
         "call",
         "tools",
         "pending",
+        "mcp",
     ]
 
 

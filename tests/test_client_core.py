@@ -53,6 +53,7 @@ from agentgate.client._core import (
 from agentgate.client._groups import collapse_groups
 from agentgate.errors import ApprovalTimedOut, DeniedByGuardian, RateLimited
 from agentgate.protocol import (
+    MAX_ACK,
     Request,
     encode_error,
     encode_notification,
@@ -125,6 +126,91 @@ def test_core_cancelled_collection_still_buffers_results() -> None:
     assert core.buffered == 1
     assert core.take_results() == [{"request_id": "a"}]
     assert core.take_results() == []
+
+
+def _collect(core: ClientCore[str], *entries: dict[str, Any]) -> tuple[list[str], Any]:
+    """One collection: the ids it acknowledged, and the event its reply made."""
+    rpc_id, text = core.begin("get_pending_results", None, "w")
+    acks = json.loads(text)["params"]["ack"]
+    return acks, core.receive(encode_result(rpc_id, {"results": list(entries)}))
+
+
+def test_core_collections_acknowledge_what_was_handed_out_and_drop_duplicates() -> None:
+    core: ClientCore[str] = ClientCore()
+    r1, r2 = {"request_id": "r1", "status": "executed"}, {"request_id": "r2", "status": "denied"}
+    acks, event = _collect(core, r1)
+    assert acks == []  # acknowledged mode even with nothing to acknowledge
+    assert isinstance(event, Completed)
+    assert event.result == 1
+    # listed again (the gateway keeps it until acknowledged): a duplicate, dropped
+    assert _collect(core, r1, r2)[0] == []
+    assert core.take_results() == [r1, r2]
+    assert core.unacknowledged == 2
+    # the next collection acknowledges them; the gateway may still list them in a reply it
+    # computed before, which is dropped
+    rpc_id, text = core.begin("get_pending_results", None, "w")
+    assert json.loads(text)["params"] == {"ack": ["r1", "r2"]}
+    old_acks, _ = _collect(core, r1)  # a collection sent earlier and answered late
+    assert old_acks == ["r1", "r2"]
+    assert core.unacknowledged == 0
+    core.receive(encode_result(rpc_id, {"results": [r2]}))
+    assert core.take_results() == []
+    # once nothing listed before the acknowledgement can arrive, the ids are forgotten
+    assert core._seen == set()
+
+
+def test_core_acknowledgements_survive_a_lost_or_failed_collection() -> None:
+    core: ClientCore[str] = ClientCore()
+    _collect(core, {"request_id": "r1"})
+    assert [e["request_id"] for e in core.take_results()] == ["r1"]
+    core.begin("get_pending_results", None, "w")
+    core.lose_all("gone")  # never answered: still to acknowledge
+    assert core.unacknowledged == 1
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    event = core.receive(encode_error(rpc_id, RateLimited("slow down")))
+    assert isinstance(event, Completed)
+    assert isinstance(event.error, RateLimited)
+    assert core.unacknowledged == 1
+    # and the entry is not handed out again in between
+    acks, event = _collect(core, {"request_id": "r1"})
+    assert acks == ["r1"]
+    assert isinstance(event, Completed)
+    assert event.result == 0
+    assert core.take_results() == []
+    assert core.unacknowledged == 0
+
+
+def test_core_take_results_without_acknowledging() -> None:
+    core: ClientCore[str] = ClientCore()
+    _collect(core, {"request_id": "r1"}, {"status": "no id"})
+    assert len(core.take_results(acknowledge=False)) == 2
+    assert core.unacknowledged == 0
+    assert _collect(core, {"request_id": "r1"})[0] == []
+    assert core.take_results() == []  # handed out once, even unacknowledged
+    core.acknowledge(["r1", 7, "", None])  # only request ids count
+    assert _collect(core)[0] == ["r1"]
+
+
+def test_core_never_keeps_an_acknowledgement_the_gateway_refuses() -> None:
+    core: ClientCore[str] = ClientCore()
+    core.acknowledge(["r1", "x" * 129, ""])
+    assert core.unacknowledged == 1  # what cannot be a request id is never sent
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    event = core.receive(encode_error(rpc_id, InvalidParams("ack: no")))
+    assert isinstance(event, Completed)
+    assert isinstance(event.error, InvalidParams)
+    assert core.unacknowledged == 0  # given up: the next collections are not poisoned
+    assert _collect(core)[0] == []
+
+
+def test_core_acknowledges_at_most_max_ack_per_collection() -> None:
+    core: ClientCore[str] = ClientCore()
+    core.acknowledge(f"r{i}" for i in range(MAX_ACK + 5))
+    first, _ = _collect(core)
+    assert len(first) == MAX_ACK
+    second, _ = _collect(core)
+    assert second == [f"r{i}" for i in range(MAX_ACK, MAX_ACK + 5)]
+    assert core.unacknowledged == 0
 
 
 def test_core_malformed_collection_reply_is_an_error() -> None:
@@ -275,6 +361,8 @@ class FakeGateway:
         self.approvals: dict[str, _Approval] = {}
         self.queued: list[dict[str, Any]] = []
         self.collections = 0
+        self.acknowledged: list[str] = []
+        self.listed = 0  # acknowledged-mode collections that listed something
         self.auths = 0
         self.release = trio.Event()
         self.answer_auth = True
@@ -414,6 +502,12 @@ class FakeGateway:
             return {"tools": TOOLS}
         if req.method == "get_pending_results":
             self.collections += 1
+            if "ack" in req.params:  # acknowledged mode: listed until acknowledged
+                acked = set(req.params["ack"])
+                self.acknowledged.extend(req.params["ack"])
+                self.queued = [e for e in self.queued if e.get("request_id") not in acked]
+                self.listed += bool(self.queued)
+                return {"results": list(self.queued)}
             taken, self.queued = self.queued, []
             return {"results": taken}
         tool, args = req.params.get("tool"), req.params.get("args", {})
@@ -549,13 +643,87 @@ async def test_results_pending_is_collected_automatically(library: str, fake: Fa
     async def scenario(factory: Callable[..., Any], home: Any) -> None:
         async with factory() as gw:
             await gw.call("queue")
-            # collected in the background by the results_pending notification
-            while await home.do(lambda: fake.queued):
+            # collected in the background by the results_pending notification (after the
+            # collection every connection starts with)
+            while await home.do(lambda: fake.collections) < 2:
                 await sleep(0.01)
+            assert gw.results_waiting == 1
+            # listed again by pending_results' own collection (nothing acknowledged it yet):
+            # handed out once all the same
             assert await gw.pending_results() == [
                 {"request_id": "queued-1", "rpc_id": 1, "status": "executed"}
             ]
             assert await gw.pending_results() == []
+            assert await home.do(lambda: fake.queued) == []
+            assert await home.do(lambda: fake.acknowledged) == ["queued-1"]
+
+    await run_scenario(library, fake, scenario)
+
+
+ENTRY = {"request_id": "queued-1", "rpc_id": 1, "status": "executed"}
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_a_result_listed_again_after_a_reconnect_is_handed_out_once(
+    library: str, fake: FakeGateway
+) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            await gw.call("queue")
+            while await home.do(lambda: fake.listed) < 1:  # collected, not handed out
+                await sleep(0.01)
+            await home.do(fake.drop_all)
+            listed = await home.do(lambda: fake.listed)
+            # the new connection's collection lists it again: a duplicate, dropped
+            while await home.do(lambda: fake.listed) <= listed:
+                await sleep(0.01)
+            assert await gw.pending_results() == [ENTRY]
+            assert await gw.pending_results() == []
+        assert await home.do(lambda: fake.acknowledged) == ["queued-1"]
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_leaving_connect_acknowledges_what_was_handed_out_only(
+    library: str, fake: FakeGateway
+) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            await gw.call("queue")
+            assert await gw.pending_results() == [ENTRY]
+            # leaving at once: the acknowledgement goes out before the socket closes
+        assert await home.do(lambda: fake.acknowledged) == ["queued-1"]
+        assert await home.do(lambda: fake.queued) == []
+        async with factory() as gw:
+            await gw.call("queue")  # collected in the background, never handed out
+            while not await home.do(lambda: fake.listed):
+                await sleep(0.01)
+        assert await home.do(lambda: fake.queued) == [ENTRY]  # still the gateway's
+        async with factory() as gw:
+            assert await gw.pending_results() == [ENTRY]
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_collect_false_leaves_results_on_the_gateway(library: str, fake: FakeGateway) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory(collect=False) as gw:
+            await gw.call("queue")
+            await gw.call("ha_get_state", entity_id="sensor.x")  # after the notification
+            assert gw.results_waiting == 1
+            assert await home.do(lambda: fake.collections) == 0
+            taken = await gw.pending_results(acknowledge=False)
+            assert taken == [ENTRY]
+            assert await gw.pending_results() == []  # handed out once all the same
+            assert await home.do(lambda: fake.queued) == [ENTRY]  # not acknowledged
+            await gw.acknowledge(taken)
+            assert await home.do(lambda: fake.queued) == []
+            await gw.acknowledge(["queued-1", "never-heard-of"])  # harmless
 
     await run_scenario(library, fake, scenario)
 

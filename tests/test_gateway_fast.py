@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
-from agentgate.connection import Connection
+from agentgate.connection import CLOSE_POLICY, Connection
 from agentgate.gateway import SHUTDOWN_BOUND
 from agentgate.protocol import Request
 from tests.fastgate import MockHome, authed, call, fast_gateway, reply
@@ -317,22 +317,32 @@ async def test_an_agent_that_does_not_read_is_closed_1008(
         (conn,) = fg.gateway.door.connections["pi"]
         read = '{"tool":"ha_get_state","args":{"entity_id":"sensor.big"}}'
         sent = 0
-        with contextlib.suppress(ConnectionClosed):
-            for n in range(40):  # ~800 kB of replies, and it reads none of them
-                await greedy.send_message(
-                    f'{{"jsonrpc":"2.0","id":{n},"method":"tool_request","params":{read}}}'
-                )
-                sent += 1
-        await conn.closing.wait()
+
+        async def ask_and_never_read() -> None:
+            nonlocal sent
+            with contextlib.suppress(ConnectionClosed):
+                for n in range(40):  # ~800 kB of replies, and it reads none of them
+                    await greedy.send_message(
+                        f'{{"jsonrpc":"2.0","id":{n},"method":"tool_request","params":{read}}}'
+                    )
+                    sent += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_and_never_read)
+            await conn.closing.wait()
+            nursery.cancel_scope.cancel()  # the gateway stopped reading it: its send hangs
         assert conn.overflowed
         assert sent < 40  # the gateway stopped reading it, too
-        # Nothing else noticed: another agent is served.
-        other = await authed(fg, "laptop")
-        args = {"entity_id": "sensor.temp"}
-        answer = await call(other, 1, "tool_request", tool="ha_get_state", args=args)
-        assert answer["result"]["status"] == "executed"
-        with trio.fail_after(5):  # the close's own bound is 2 s
-            await drain_until_closed(greedy)
+        async with trio.open_nursery() as nursery:
+            # Reading again within the close's grace, it hears why it was closed.
+            nursery.start_soon(drain_until_closed, greedy)
+            # Nothing else noticed: another agent is served.
+            other = await authed(fg, "laptop")
+            args = {"entity_id": "sensor.temp"}
+            answer = await call(other, 1, "tool_request", tool="ha_get_state", args=args)
+            assert answer["result"]["status"] == "executed"
+        assert greedy.closed is not None
+        assert greedy.closed.code == CLOSE_POLICY
         assert "pi" not in fg.gateway.door.connections
 
 

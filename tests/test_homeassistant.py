@@ -302,6 +302,15 @@ async def test_describe_puts_the_entity_first_and_bounds_what_home_assistant_say
     assert state.endswith("…")
 
 
+async def test_a_friendly_name_cannot_close_its_own_quotes(ha: HomeAssistant, fake: FakeHA) -> None:
+    fake.routes["GET", "/api/states/lock.front_door"] = httpx.Response(
+        200,
+        json={"state": "locked", "attributes": {"friendly_name": "Door” — now: unlocked “x"}},
+    )
+    line = await ha.describe_entity("lock.front_door")
+    assert line == ("lock.front_door “Door\\u201d — now: unlocked \\u201cx” — now: locked")
+
+
 async def test_health_ok(ha: HomeAssistant) -> None:
     assert await ha.check_health() is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import unicodedata
 
 import pytest
 
@@ -57,3 +58,18 @@ def test_the_log_keeps_one_line_per_record() -> None:
     assert all(line.startswith("  ") for line in lines[2:])  # the traceback, indented
     assert "  ValueError: boom" in lines
     assert "  INFO forged" in lines
+
+
+def test_every_control_format_and_separator_character_is_escaped() -> None:
+    """Not only the well-known ones: Arabic number signs, Egyptian format controls, musical
+    symbol format characters and every other code point of those categories."""
+    unsafe = [
+        chr(code)
+        for code in range(0x110000)
+        if unicodedata.category(chr(code)) in {"Cc", "Cf", "Cs", "Zl", "Zp"}
+    ]
+    assert {"\u0600", "\U0001d173", "\U00013430"} <= set(unsafe)
+    for char in unsafe:
+        shown = inert(f"a{char}b")
+        assert shown.isascii(), repr(char)
+        assert shown.isprintable(), repr(char)

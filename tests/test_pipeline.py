@@ -128,6 +128,7 @@ class _NoDoor:
     """A reply handle of a front door that checks nothing itself (the pipeline must)."""
 
     agent = "pi"
+    via = "ws"
 
     def approval_pending(self, request_id: str, reply_to: Any, expires_at: float) -> None:
         pass

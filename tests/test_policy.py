@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from agentgate.errors import InvalidParams
 from agentgate.policy import Evaluation, Matched, Policy, PolicyError, load_policy, parse_policy
-from agentgate.tools import TOOLS
+from agentgate.tools import INDIRECT_SERVICES, TOOLS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -354,7 +354,8 @@ def test_lint_shadowed_default() -> None:
 
 def test_lint_typo_in_tool_name() -> None:
     assert lint('{pattern: "ha_get_stat(sensor.*)", action: allow}') == [
-        "p.yaml: rules[0] 'ha_get_stat(sensor.*)': no known tool is called 'ha_get_stat' (a typo?)"
+        "p.yaml: rules[0] 'ha_get_stat(sensor.*)': no known tool is called 'ha_get_stat'"
+        " (did you mean ha_get_state?)"
     ]
 
 
@@ -510,6 +511,12 @@ def test_an_evaluation_decided_by_its_full_signature_names_no_check() -> None:
         ("ha_get_state", {"entity_id": "sensor.phone_geocoded_location"}, "deny"),
         ("ha_get_history", {"entity_id": "sensor.phone_geocoded_location"}, "deny"),
         ("ha_get_state", {"entity_id": "sensor.outdoor_temperature"}, "allow"),
+        ("ha_get_state", {"entity_id": "sensor.home_phone_distance"}, "deny"),
+        ("ha_get_history", {"entity_id": "sensor.home_phone_direction_of_travel"}, "deny"),
+        ("ha_get_state", {"entity_id": "sensor.phone_wifi_bssid"}, "deny"),
+        ("ha_get_state", {"entity_id": "proximity.home"}, "ask"),
+        ("ha_get_history", {"entity_id": "geo_location.quake_1"}, "ask"),
+        ("ha_get_state", {"entity_id": "sun.sun"}, "allow"),  # the region, not the home
         ("ha_call_service", {"domain": "script", "service": "turn_on"}, "ask"),
         ("ha_call_service", {"domain": "shell_command", "service": "x"}, "ask"),
         ("ha_call_service", {"domain": "hassio", "service": "host_reboot"}, "deny"),
@@ -529,6 +536,13 @@ def test_shipped_policy_keeps_its_privacy_and_its_locks(
     tool: str, args: dict[str, Any], decision: str
 ) -> None:
     assert SHIPPED.evaluate(tool, args).decision == decision
+
+
+@pytest.mark.parametrize("domain", sorted(INDIRECT_SERVICES))
+def test_shipped_policy_has_a_rule_of_its_own_for_every_indirect_service(domain: str) -> None:
+    result = SHIPPED.evaluate("ha_call_service", {"domain": domain, "service": "x"})
+    assert result.decision in ("ask", "deny")
+    assert str(result.matched).startswith("rule "), result.matched  # not the catch-all default
 
 
 def test_lint_a_domain_deny_without_its_entity_companion() -> None:

@@ -1,4 +1,5 @@
-"""The store on its own: append-only audit, group commit, queued results handed out once."""
+"""The store on its own: append-only audit, group commit, queued results (handed out once, or
+listed until acknowledged)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,32 @@ async def test_queued_results_are_handed_out_once(tmp_path: Path) -> None:
         assert await store.take_queued("pi") == []
         await store.mark_undelivered("p1")
         assert await store.take_queued("pi") == [{"request_id": "p1"}]
+
+
+async def test_listed_results_stay_queued_until_acknowledged(tmp_path: Path) -> None:
+    async with open_store(tmp_path / "a.db", inline=True) as store:
+        for request_id, agent in (("p1", "pi"), ("p2", "pi"), ("l1", "laptop")):
+            pending = PendingRow(
+                request_id, agent, 1, "t", {}, "t", "rule", None, None, NOW, NOW + 60, "pending"
+            )
+            await store.add_pending(entry(request_id, "ask"), pending)
+            await store.finish_pending(
+                request_id,
+                "denied",
+                decided_by="g",
+                at=NOW,
+                entry={"request_id": request_id},
+                delivered=False,
+            )
+        first = await store.list_queued("pi")
+        assert first == [{"request_id": "p1"}, {"request_id": "p2"}]
+        assert await store.list_queued("pi") == first  # listing hands nothing out
+        # another agent's id, an unknown one and a repeated one change nothing else
+        assert await store.acknowledge_queued("pi", ["l1", "nope", "p1", "p1"]) == 1
+        assert await store.list_queued("pi", acknowledge=["p1"]) == [{"request_id": "p2"}]
+        assert await store.list_queued("pi", acknowledge=["p2"]) == []
+        assert await store.take_queued("laptop") == [{"request_id": "l1"}]
+        assert await store.queued_count("pi") == 0
 
 
 async def test_long_results_are_cut_in_the_audit_log(tmp_path: Path) -> None:

@@ -218,6 +218,9 @@ async def test_allow_executes_and_the_card_says_so(
             done = await edited(tg, card, "Executed")
             assert done.text.startswith("✅ Executed by Alice (111)")
             assert "light.kitchen: on" in done.text
+            # The target says what it is after the call, not what it was when asked.
+            assert "Target: light.kitchen “Kitchen Light” — now: on" in done.text
+            assert "now: off" not in done.text
             assert done.buttons == []
             rows = await gw.gateway.store.audit_rows(agent="pi", decision="ask")
             assert [(r.request_id, r.resolution, r.resolved_by) for r in rows] == [
@@ -316,7 +319,11 @@ async def test_allow_for_an_hour_then_revoke(
             card = await card_of(tg, request_id)
             assert await press(tg, card, "grant") == "allowed for 1 h"
             assert (await agent.reply(1))["result"]["status"] == "executed"
-            await edited(tg, card, "Executed")
+            done = await edited(tg, card, "Executed")
+            # The card says the grant is active, and until when.
+            assert "⏱ Allowed for 1 h: the same request from pi runs without asking until " in (
+                done.text
+            )
             assert approval_cards(tg) == 1
 
             # The same signature again: executed at once, no card.

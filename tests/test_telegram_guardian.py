@@ -405,7 +405,9 @@ async def test_malformed_press_is_expired(
         message = await send(guardian, tg, make_card())
         press = tg.press(message.message_id, "launch:rockets", ALICE)
         assert "expired" in str((await press.wait_answer()).text)
-    assert control.calls == []
+    assert control.calls == [
+        ("refused", "Guardian (111)", "button 'launch:rockets': not one of ours")
+    ]
 
 
 @slow

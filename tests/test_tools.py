@@ -543,6 +543,18 @@ def test_every_reference_is_checked_alone(data: Any) -> None:
         ("ha_call_service", {"domain": "light", "service": "turn_on"}, True),
         ("ha_call_service", {"domain": "scene", "service": "apply"}, True),  # names its entities
         ("ha_call_service", {"domain": "automation", "service": "trigger"}, True),
+        ("ha_call_service", {"domain": "automation", "service": "trigger", "variables": {}}, False),
+        (
+            "ha_call_service",
+            {"domain": "automation", "service": "trigger", "skip_condition": True},
+            False,
+        ),
+        (
+            "ha_call_service",
+            {"domain": "scene", "service": "apply", "entities": {"light.a": "on"}},
+            True,
+        ),
+        ("ha_call_service", {"domain": "scene", "service": "create", "scene_id": "x"}, True),
         ("ha_call_service", {"domain": "script", "service": "turn_on"}, False),  # its variables
         ("ha_call_service", {"domain": "conversation", "service": "process"}, False),  # its text
         ("ha_call_service", {"domain": "mqtt", "service": "publish"}, False),
@@ -554,3 +566,17 @@ def test_allow_for_an_hour_only_where_the_signature_says_what_runs(
     tool: str, args: dict[str, Any], expected: bool
 ) -> None:
     assert grantable(tool, args) is expected
+
+
+def test_scene_create_names_the_scene_it_writes() -> None:
+    args = {
+        "domain": "scene",
+        "service": "create",
+        "scene_id": "front_door",
+        "entities": {"light.porch": "on"},
+    }
+    assert signature("ha_call_service", args) == (
+        "ha_call_service(scene.create, light.porch, scene.front_door)"
+    )
+    with pytest.raises(InvalidParams, match="scene_id: expected a slug"):
+        signature("ha_call_service", {**args, "scene_id": "Front Door"})

@@ -91,6 +91,8 @@ async def connect(
     backoff: Backoff = Backoff(),  # noqa: B008 - frozen, immutable
     handshake_timeout: float = 10.0,
     rng: random.Random | None = None,
+    collect: bool = True,
+    client: str | None = None,
 ) -> AsyncIterator[Gateway]:
     """Connect to a gateway, authenticate, and yield a :class:`Gateway`.
 
@@ -106,6 +108,16 @@ async def connect(
       ``{"rpc_id", "request_id", "expires_at"}`` when a call waits for the guardian.
     - ``handshake_timeout``: seconds for TCP + TLS + WebSocket + ``auth`` (the only timeout
       the SDK sets by itself).
+    - ``collect``: collect queued results in the background, after each (re)connect and on
+      every ``results_pending``, so ``pending_results()`` has them at once. ``False`` leaves
+      them on the gateway until ``pending_results()`` asks (``results_waiting`` says how many
+      the gateway announced); ``agentgate call`` works this way.
+
+    Queued results are delivered in acknowledged mode: the gateway keeps each one until the
+    SDK has handed it to the program, and the SDK drops duplicates, so a program sees each
+    result once (see ``Gateway.pending_results``).
+    - ``client``: sent as ``auth``'s optional ``client`` member; ``"mcp-stdio"`` (agentgate's
+      MCP bridge) makes the audit log and the card say the request came through MCP.
 
     Raises ``AuthenticationFailed`` (bad token) or ``ConnectionLost`` (unreachable, TLS
     failure, handshake too slow) if the first connection fails; ``ValueError`` for a bad URL.
@@ -121,6 +133,8 @@ async def connect(
         backoff=backoff,
         handshake_timeout=handshake_timeout,
         rng=rng or random.Random(),
+        collect=collect,
+        client=client,
     )
     library = sniffio.current_async_library()
     if library == "trio":

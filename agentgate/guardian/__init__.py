@@ -69,6 +69,7 @@ class ApprovalCard:
     matched: str  # what decided "ask", e.g. "rule 4: ha_call_service(light.*) (ask)"
     expires_at: float  # unix time
     target: str | None = None  # e.g. "Front door (lock.front_door) — now: locked"
+    via: str | None = None  # the front door that asked: ws, mcp-stdio, mcp-http
 
 
 @frozen
@@ -79,6 +80,7 @@ class CardUpdate:
     detail: str = ""  # one line: result summary, error, who decided
     by: str | None = None  # the guardian who decided, if any
     at: float = 0.0  # unix time of the resolution
+    grant_until: float | None = None  # an "Allow 1 h" holds until then (unix time)
 
 
 @frozen

@@ -65,6 +65,7 @@ __all__ = [
     "utf16_len",
 ]
 
+MCP_DOORS: Final = frozenset({"mcp-stdio", "mcp-http"})  # a card says "via MCP" for these
 MAX_TEXT: Final = 4096
 """What one Telegram message holds: visible text, in UTF-16 code units."""
 
@@ -276,7 +277,8 @@ def _indirect_line(card: ApprovalCard) -> str | None:
 def _body(card: ApprovalCard, layout: Layout, *, target: str | None) -> _Html:
     """Everything but the first and last lines, which differ between asked and resolved."""
     out = _Html()
-    out.text("Agent: ").text(reveal_key(card.agent), "b").text("\n")
+    out.text("Agent: ").text(reveal_key(card.agent), "b")
+    out.text(" (via MCP)\n" if card.via in MCP_DOORS else "\n")
     out.text("Tool: ").text(reveal_key(card.tool), "code").text("\n")
     if target:
         out.text("Target: ").text(clip(reveal_value(target), _target_limit(card)), "b")
@@ -407,6 +409,14 @@ def render_resolution(
         head.text(by)
         room -= utf16_len(by)
     head.text(when)
+    if update.grant_until is not None:
+        grant = (
+            f"\n⏱ Allowed for 1 h: the same request from {reveal_key(card.agent)} runs without"
+            f" asking until {utc(update.grant_until)}"
+        )
+        if utf16_len(grant) + 8 < room:
+            head.text(grant)
+            room -= utf16_len(grant)
     detail = reveal_value(update.detail.replace("\n", " "))
     if detail and room > 8:
         head.text("\n" + clip(detail, min(room - 1, 500)))

@@ -647,6 +647,7 @@ class TelegramGuardian:
             return
         parsed = parse_callback(press.data)
         if parsed is None:
+            await self._control.refused(who, f"button {press.data[:80]!r}: not one of ours")
             await self._answer(press.query_id, EXPIRED)
             return
         kind, ident = parsed

@@ -376,7 +376,9 @@ class HomeAssistant:
             now = f"{now} {_bounded(unit, 16)}"
         name = attributes.get("friendly_name")
         if isinstance(name, str) and name.strip():
-            return f"{entity_id} “{_bounded(name, DESCRIBE_NAME)}” — now: {now}"
+            # Its own quote marks are shown escaped: the name cannot close its quotes.
+            name = _bounded(name, DESCRIBE_NAME).replace("“", "\\u201c").replace("”", "\\u201d")
+            return f"{entity_id} “{name}” — now: {now}"
         return f"{entity_id} — now: {now}"
 
     # ---- tools -----------------------------------------------------------------------

@@ -62,6 +62,12 @@ class Harness:
         return self.running.gateway
 
     @property
+    def mcp_url(self) -> str:
+        """The MCP endpoint (``https://127.0.0.1:PORT/mcp``); needs ``mcp={...}``."""
+        assert self.running.mcp_url is not None, "start the gateway with mcp={} for [mcp]"
+        return self.running.mcp_url
+
+    @property
     def scripted(self) -> ScriptedGuardian:
         assert isinstance(self.guardian, ScriptedGuardian)
         return self.guardian
@@ -111,6 +117,7 @@ def write_gate_toml(
     telegram: Mapping[str, Any] | None = None,
     guardian_settings: Mapping[str, Any] | None = None,
     ha_timeout: float = 5,
+    mcp: Mapping[str, Any] | None = None,
 ) -> Path:
     (workdir / "permissions.yaml").write_text(policy)
     gateway = dict(gateway or {})
@@ -140,6 +147,9 @@ def write_gate_toml(
         lines.append(f"timeout = {ha_timeout}")
     if limits:
         lines += ["", "[limits]"] + [f"{k} = {_toml_value(v)}" for k, v in limits.items()]
+    if mcp is not None:
+        mcp = {"listen": "127.0.0.1:0", **mcp}
+        lines += ["", "[mcp]"] + [f"{k} = {_toml_value(v)}" for k, v in mcp.items()]
     path = workdir / "gate.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
