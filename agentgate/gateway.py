@@ -186,6 +186,7 @@ async def _open_gateway(
             execute=pipeline.execute,
             describe=pipeline.describe,
             read_back=pipeline.state_after,
+            recheck=pipeline.recheck,
             sessions=sessions.of,
             on_grant=controls.add_grant,
             now=now,

@@ -38,7 +38,7 @@ import attrs
 import trio
 
 from agentgate import tools
-from agentgate.approvals import Outcome, ReplyHandle
+from agentgate.approvals import Decision, Outcome, ReplyHandle
 from agentgate.broker import Broker
 from agentgate.config import Config
 from agentgate.controls import Controls
@@ -57,7 +57,7 @@ from agentgate.limits import TokenBucket
 from agentgate.policy import Policy
 from agentgate.protocol import MAX_ACK, MAX_REQUEST_ID_CHARS, JsonId
 from agentgate.services import Executor
-from agentgate.store import AuditEntry, Store
+from agentgate.store import AuditEntry, PendingRow, Store
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
@@ -297,6 +297,30 @@ class Pipeline:
             reply, reply_to, tool, args, signature, matched, max_pending=max_pending
         )
         return Asked(request_id)
+
+    def recheck(self, row: PendingRow) -> tuple[Decision, str | None, str] | None:
+        """An approval found pending at start, checked against today's configuration: None if
+        it is still asked; else how it ends (the agent removed, the tool gone, the policy now
+        denies it, or the gateway frozen)."""
+        if self.controls.frozen:
+            return Decision.FROZEN, None, "frozen by guardian"
+        why = None
+        if row.agent not in self.config.agents:
+            why = f"agent {row.agent} is no longer configured"
+        elif row.tool not in self.offered:
+            why = f"unknown tool: {row.tool}"
+        else:
+            policy = self.policies.get(row.agent) or self.policies[None]
+            try:
+                evaluation = policy.evaluate(row.tool, row.args)
+            except InvalidParams as exc:
+                why = exc.message
+            else:
+                if evaluation.decision == "deny":
+                    why = evaluation.reason
+        if why is None:
+            return None
+        return Decision.REVOKED, None, f"{why} (changed while the gateway was down)"
 
     @property
     def offered(self) -> Mapping[str, tools.ToolSpec]:
