@@ -46,7 +46,7 @@ from agentgate.controls import Controls
 from agentgate.guardian import Guardian, GuardianControl
 from agentgate.guardian.card import CardRules
 from agentgate.listener import serve_websockets
-from agentgate.pipeline import Pipeline, Sessions
+from agentgate.pipeline import INTERRUPTED, Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
 from agentgate.preflight import server_tls_context
 from agentgate.services import Executor
@@ -168,6 +168,13 @@ async def _open_gateway(
                 raise ConfigError(*(f"{file}: {p}" for p in exc.problems)) from None
             if warning:
                 log.warning("%s", warning)
+        interrupted = await store.settle_interrupted(now(), INTERRUPTED)
+        if interrupted:
+            log.warning(
+                "%d allowed call(s) were executing when the gateway last stopped: recorded as"
+                " outcome unknown (they may have run)",
+                interrupted,
+            )
         sessions = Sessions()
         controls = Controls(store, connected=sessions.counts, now=now)
         cards = card_rules(config)

@@ -32,7 +32,7 @@ import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import attrs
 import trio
@@ -74,6 +74,12 @@ def request_ids(value: object) -> list[str]:
     if any(len(item) > MAX_REQUEST_ID_CHARS for item in value):
         raise InvalidParams(f"ack: a request id longer than {MAX_REQUEST_ID_CHARS} characters")
     return list(value)
+
+
+INTERRUPTED: Final = (
+    "outcome unknown: the call was interrupted while it executed (it may have run; it is not"
+    " run again)"
+)
 
 
 class Executed(NamedTuple):
@@ -256,6 +262,12 @@ class Pipeline:
         except AgentgateError as exc:
             exc.data.update(data)
             await self._resolve_quietly(request_id, Outcome.FAILED, error=exc.message)
+            raise
+        except trio.Cancelled:
+            # Cut off mid-call (the shutdown bound, a front door's own bound): it may have run.
+            log.warning("%s (%s, agent %s, request %s)", INTERRUPTED, signature, agent, request_id)
+            with trio.CancelScope(shield=True):
+                await self._resolve_quietly(request_id, Outcome.UNKNOWN, error=INTERRUPTED)
             raise
         await self._resolve_quietly(request_id, Outcome.EXECUTED, result=result)
         return Executed(request_id, result)
