@@ -109,7 +109,12 @@ async def authed(fg: FastGateway, agent: str = "pi", **kw: Any) -> WebSocketConn
 
 @asynccontextmanager
 async def fast_gateway(
-    workdir: Path, *, home: MockHome | None = None, inline_store: bool | None = True, **toml: Any
+    workdir: Path,
+    *,
+    home: MockHome | None = None,
+    inline_store: bool | None = True,
+    http_transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    **toml: Any,
 ) -> AsyncIterator[FastGateway]:
     """The gateway over memory streams; ``inline_store=None`` runs the store as ``serve`` does
     (durable commits and checkpoints in worker threads: not for ``autojump_clock``)."""
@@ -132,6 +137,7 @@ async def fast_gateway(
             ha_transport=httpx.MockTransport(home.handler),
             now=now,
             inline_store=inline_store,
+            http_transports=http_transports,
         ) as gateway,
         trio.open_nursery() as nursery,
     ):

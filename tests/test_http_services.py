@@ -118,10 +118,14 @@ def service_toml(kinto: str, tools: Path, name: str = "kinto", timeout: float = 
     )
 
 
-@pytest.fixture
-async def gate(workdir: Path, kinto: str) -> AsyncIterator[Harness]:
+def write_test_tools(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "test-tools.yaml").write_text(TEST_TOOLS)
+
+
+@pytest.fixture
+async def gate(workdir: Path, kinto: str) -> AsyncIterator[Harness]:
+    write_test_tools(workdir)
     extra = service_toml(kinto, EXAMPLE) + service_toml(
         kinto, workdir / "test-tools.yaml", name="test", timeout=1
     )
@@ -151,11 +155,13 @@ async def test_list_tools_shows_the_http_tools(gate: Harness) -> None:
 
 
 async def test_allowed_call_reads_kinto(gate: Harness, kinto: str) -> None:
-    with httpx.Client(auth=(USER, PASSWORD)) as client:
-        client.post(
-            f"{kinto}/buckets/home/collections/shopping/records", json={"data": {"item": "rice"}}
-        ).raise_for_status()
     with trio.fail_after(CEILING):
+        async with httpx.AsyncClient(auth=(USER, PASSWORD)) as client:
+            added = await client.post(
+                f"{kinto}/buckets/home/collections/shopping/records",
+                json={"data": {"item": "rice"}},
+            )
+            added.raise_for_status()
         async with raw_agent(gate) as agent:
             reply = await tool(agent, "http_kinto_list_items", _sort="-last_modified")
     result = reply["result"]
