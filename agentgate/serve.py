@@ -117,9 +117,17 @@ def _preflight(config: Config, *, insecure: bool) -> list[str]:
             problems.append(finding.line(config))
         else:
             log.warning("%s", finding.line(config))
+    known = None
+    if config.services.http:
+        from agentgate.http_tools import known_tools
+
+        try:
+            known = known_tools(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     for path in policy_files(config).values():
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, known=known)
         except PolicyError as exc:
             problems.append(str(exc))
             continue
