@@ -325,7 +325,7 @@ class Pipeline:
         else:
             policy = self.policies.get(row.agent) or self.policies[None]
             try:
-                evaluation = policy.evaluate(row.tool, row.args)
+                evaluation = policy.evaluate(row.tool, row.args, specs=self.offered)
             except InvalidParams as exc:
                 why = exc.message
             else:
