@@ -1,6 +1,6 @@
 """The approval broker: owns every pending approval, from ask to delivered result.
 
-Lifecycle of one approval (DESIGN §6)::
+Lifecycle of one approval::
 
     ask() ── persist (audit + pending row, one commit) ── start a broker task ──┐
                                                                                 │

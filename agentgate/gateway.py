@@ -1,6 +1,6 @@
 """The gateway, wired: one function builds every part, one serves it over WSS.
 
-Task tree (DESIGN §3)::
+Task tree::
 
     serve_gateway(config)             `agentgate serve`, the test harness, the demo, the bench
     ├── open_gateway(config)          the same wiring for the fast tests (memory streams)

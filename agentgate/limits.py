@@ -180,7 +180,7 @@ class OverLimit(Exception):
 
 
 class ConnectionLimits:
-    """The sockets the gateway holds, against ``[limits]`` (DESIGN §13).
+    """The sockets the gateway holds, against ``[limits]`` (docs/configuration.md).
 
     A socket takes a :class:`Ticket` as soon as it is accepted (:meth:`admit`): it counts
     towards ``max_connections`` until it is closed, and towards its source's

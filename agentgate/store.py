@@ -171,7 +171,7 @@ class PendingRow:
 @frozen
 class ResultRow:
     """An approval's outcome as :meth:`Store.result_of` reads it: ``entry`` (the queued-result
-    object of DESIGN §13) is None while the approval is still open."""
+    entry of docs/protocol.md) is None while the approval is still open."""
 
     request_id: str
     expires_at: float
@@ -547,7 +547,7 @@ class Store:
     ) -> bool:
         """Close an approval: its outcome, the audit resolution, and the result entry.
 
-        ``entry`` is the queued-result object of DESIGN §13; if ``delivered`` is False it waits
+        ``entry`` is a queued-result entry (docs/protocol.md); if ``delivered`` is False it waits
         in the agent's queue: handed out once by ``take_queued``, or listed by ``list_queued``
         until ``acknowledge_queued``. False (and nothing written) if the approval was already
         done.

@@ -15,7 +15,7 @@ Runner signature, what the runner must provide:
 - ``home``: an object satisfying :class:`Home` below. Its async methods must be awaitable
   from the library the case runs under (for asyncio in a worker thread, wrap Trio-side
   actions with ``trio.from_thread.run``).
-- The gateway under test runs with ``approval_timeout`` ≈ 3 s (DESIGN §13) and this policy
+- The gateway under test runs with ``approval_timeout`` ≈ 3 s and this policy
   (as ``permissions.yaml``)::
 
       rules:

@@ -1,10 +1,10 @@
 """The agent SDK: the sans-io core (synchronous) and both transports against a scripted gateway.
 
 The scripted gateway (:class:`FakeGateway`) is a tiny trio-websocket server on 127.0.0.1
-speaking DESIGN §4/§13 just enough: auth, tool_request (allow / deny / ask), approvals pressed
-by the test, queued results, notifications, disconnects and restarts. The transport tests run
-each scenario under Trio directly and under asyncio in a worker thread (``asyncio.Runner``
-with a plain selector loop, so trio-asyncio's loop policy is not involved).
+speaking the wire protocol (docs/protocol.md) just enough: auth, tool_request (allow / deny /
+ask), approvals pressed by the test, queued results, notifications, disconnects and restarts.
+The transport tests run each scenario under Trio directly and under asyncio in a worker thread
+(``asyncio.Runner`` with a plain selector loop, so trio-asyncio's loop policy is not involved).
 """
 
 from __future__ import annotations

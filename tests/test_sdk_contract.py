@@ -9,8 +9,8 @@ Restarts: :class:`RealGateway` keeps one workdir (same CA, same ``gate.toml``, s
 file) and, after the first start on port 0, pins ``listen`` to the port it got, so a restarted
 gateway is at the same URL and the SDK can reconnect to it. ``restart(crash=True)`` stops it
 like ``kill -9`` as far as the store can tell (no shutdown sequence: pending approvals stay
-pending and resume after the restart, DESIGN §6); ``crash=False`` is a clean shutdown (pending
-approvals resolve as ``shutdown``, -32007, DESIGN §3).
+pending and resume after the restart); ``crash=False`` is a planned restart (the asker hears
+-32007 and pending approvals resume at the next start; docs/operations.md, "What survives what").
 """
 
 from __future__ import annotations

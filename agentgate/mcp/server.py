@@ -155,7 +155,7 @@ class Backend(Protocol):
         ...
 
     async def result(self, request_id: str, wait: float) -> dict[str, Any]:
-        """A queued-result entry of DESIGN §13, or ``{"status": "pending", ...}``."""
+        """A queued-result entry (docs/protocol.md), or ``{"status": "pending", ...}``."""
         ...
 
     async def pending_results(self) -> list[dict[str, Any]]:
@@ -234,7 +234,7 @@ def pending_result(asked: Asked) -> types.CallToolResult:
 
 
 def entry_outcome(entry: Mapping[str, Any]) -> Outcome | AgentgateError:
-    """A queued-result entry (DESIGN §13) as a final outcome."""
+    """A queued-result entry (docs/protocol.md) as a final outcome."""
     if entry.get("status") == "executed":
         return {"request_id": entry.get("request_id"), "data": entry.get("data")}
     wire = entry.get("error")
