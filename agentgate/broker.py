@@ -27,7 +27,8 @@ crash, and edits its card back with its buttons. ``cancel_pending=True`` (decomm
 resolves everything as ``shutdown`` instead.
 
 Imports: approvals, store, guardian (the protocol), tools (which calls a grant may cover),
-errors. Results reach front doors through their :class:`~agentgate.approvals.ReplyHandle`.
+errors, protocol (ids). Results reach front doors through their
+:class:`~agentgate.approvals.ReplyHandle`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ Start-up fails fast (:class:`~agentgate.config.ConfigError`, ``agentgate serve``
 Home Assistant or Telegram refuses the configured token or chat; an unreachable service is
 logged and ridden out instead.
 
-Imports: every room below; nothing imports this module but the entry points.
+Imports: config, store, policy, preflight, services and services.homeassistant, guardian,
+guardian.card and guardian.supervisor, broker, controls, pipeline, connection, listener, and
+mcp.http when ``[mcp]`` is set. Nothing imports this module but the entry points.
 """
 
 from __future__ import annotations

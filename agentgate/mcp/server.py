@@ -25,7 +25,8 @@ While a call waits for the guardian it sends ``notifications/progress`` (if the 
 (its client gone) or answered "pending" leaves its approval with the broker; the outcome is
 queued for the agent (``agentgate_pending_results``) and readable by id (``agentgate_result``).
 
-Imports: errors (the error family). The SDK (``mcp``, ``mcp_types``) and Trio.
+Imports: errors (the error family), agentgate's ``__version__``. The SDK (``mcp``,
+``mcp_types``) and Trio.
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ Use it from Trio (``async with run_fake_homeassistant(token=...) as ha``), from 
 
 It is a stdlib ``ThreadingHTTPServer`` (one thread per connection, HTTP/1.1 keep-alive, Nagle
 off) with its own accept loop, so ``stop()``/``down()`` return at once.
+
+Imports: nothing of agentgate: it stands for another program.
 """
 
 from __future__ import annotations

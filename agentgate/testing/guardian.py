@@ -2,6 +2,8 @@
 
 It implements the :class:`~agentgate.guardian.Guardian` protocol exactly as Telegram does, so the
 broker cannot tell the difference; decisions go back through the gateway's ``GuardianControl``.
+
+Imports: guardian (the protocol).
 """
 
 from __future__ import annotations

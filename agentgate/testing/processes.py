@@ -15,6 +15,8 @@ Waits have no deadline of their own: hold one (``with trio.fail_after(...)``). T
 also run in-process (``run_fake_homeassistant``, ``run_fake_telegram``), which is what tests
 that press buttons need; :func:`fake_home_process` and :func:`fake_telegram_process` are for
 demos and benchmarks that want them in their own processes.
+
+Imports: testing.harness (the files a gateway needs, its certificates).
 """
 
 from __future__ import annotations
