@@ -76,6 +76,13 @@ class ScriptedGuardian:
             await self._changed.wait()
         return list(self.cards.values())[-1]
 
+    async def card_of(self, request_id: str) -> ShownCard:
+        """Wait until the card of ``request_id`` has been shown (caller's deadline): an agent
+        can hear "approval pending" before the card reaches the guardian."""
+        while request_id not in self.cards:
+            await self._changed.wait()
+        return self.cards[request_id]
+
     async def wait_for_update(self, request_id: str) -> CardUpdate:
         while True:
             shown = self.cards.get(request_id)
