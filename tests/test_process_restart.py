@@ -173,6 +173,7 @@ async def test_kill_9_then_restart_keeps_every_approval(
             kitchen_card = await card_of(tg, kitchen)
             bedroom_card = await card_of(tg, bedroom)
             # Both cards recorded in the store (else the restart would send them again).
+            # The store is another process's file: there is nothing to wait on but the file.
             while len(await trio.to_thread.run_sync(message_refs, files)) < 2:  # noqa: ASYNC110
                 await trio.sleep(0.02)
             first.kill()  # kill -9 with both cards shown and the agent connected
@@ -245,6 +246,7 @@ async def test_sigterm_keeps_a_pending_approval_for_the_next_start(
         async with gateway_process(files) as gw, agent_of(gw, files) as agent:
             request_id = await agent.ask("pending", KITCHEN_ON)
             card = await card_of(tg, request_id)
+            # The card's ref is in another process's store: nothing to wait on but the file.
             while not await trio.to_thread.run_sync(message_refs, files):  # noqa: ASYNC110
                 await trio.sleep(0.02)
             gw.terminate()

@@ -162,13 +162,29 @@ async def guardian_rows(gw: Harness, decision: str, *, count: int) -> list[Audit
 
 async def silently_audited(gw: Harness, decision: str, *, count: int) -> list[AuditEntry]:
     """Wait for guardian rows nothing else shows: a stranger's command gets no answer at all,
-    so there is no event to wait on but the row itself (the caller's ceiling bounds this)."""
-    while True:
-        rows = await gw.gateway.store.audit_rows(agent="-", decision=decision)
-        rows = [r for r in rows if r.kind == "guardian"]
-        if len(rows) >= count:
-            return rows
-        await trio.sleep(0.02)
+    so this watches the store's audit writes, each of which wakes it once committed (the
+    caller's ceiling bounds this)."""
+    store = gw.gateway.store
+    written = trio.Event()
+    audit = store.audit
+
+    async def watched(entry: AuditEntry, **kw: Any) -> int:
+        try:
+            return await audit(entry, **kw)
+        finally:
+            written.set()
+
+    store.audit = watched  # type: ignore[method-assign]  # a spy: the store has no write event
+    try:
+        while True:
+            rows = await store.audit_rows(agent="-", decision=decision)
+            rows = [r for r in rows if r.kind == "guardian"]
+            if len(rows) >= count:
+                return rows
+            await written.wait()
+            written = trio.Event()
+    finally:
+        del store.audit
 
 
 def posts(home: FakeHomeAssistant, path: str = KITCHEN_PATH) -> list[Any]:

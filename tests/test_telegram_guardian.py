@@ -675,8 +675,9 @@ async def test_shutdown_does_not_hang(tg: FakeTelegram, control: FakeControl) ->
 async def test_cancellation_stops_the_guardian(tg: FakeTelegram, control: FakeControl) -> None:
     config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
     with trio.fail_after(CEILING):
-        with trio.move_on_after(0.5):
+        with trio.CancelScope() as running:
             async with open_telegram_guardian(config, control, limits=FAST_LIMITS):
+                running.cancel()  # cancelled from outside while it runs
                 await trio.sleep_forever()
         # A second guardian on the same bot starts cleanly afterwards.
         async with open_telegram_guardian(config, control, limits=FAST_LIMITS) as guardian:

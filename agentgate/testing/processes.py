@@ -107,7 +107,7 @@ class Spawned:
 
         Raises ``RuntimeError`` with the output so far if the process exits first.
         """
-        while True:
+        while True:  # another process's log file: nothing to wait on but the file itself
             text = self.output()
             for line in text.splitlines():
                 if needle in line:
@@ -248,7 +248,7 @@ async def gateway_process(
     log = log or files.workdir / "gateway.log"
     start = log.stat().st_size if log.exists() else 0
     async with _spawned(argv, log) as process:
-        while True:
+        while True:  # the gateway's log file, written by another process: nothing to wait on
             text = process.output()[start:]
             line = next((x for x in text.splitlines() if "listening on " in x), None)
             if line is not None:
