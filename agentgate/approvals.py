@@ -24,6 +24,7 @@ and the wire all read this table, nothing compares message texts.
     TIMEOUT        timed_out    timed_out      ApprovalTimedOut      "timed out"
     SHUTDOWN       shutdown     shutdown       GatewayShuttingDown   "cancelled (gateway ...)"
     UNDELIVERABLE  failed       failed         ExecutionFailed       "failed (guardian ...)"
+    REVOKED        denied       denied         DeniedByPolicy        "denied (policy changed)"
     ============== ============ ============== ===================== ============================
 
 A press on an approval that already ended is answered ``"expired: already <answer>"``.
@@ -111,6 +112,7 @@ class Decision(enum.Enum):
     TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
     UNDELIVERABLE = "undeliverable"
+    REVOKED = "revoked"  # found pending at start, no longer asked: the policy or agent changed
 
 
 class Meaning(NamedTuple):
@@ -166,6 +168,13 @@ MEANINGS: Final[Mapping[Decision, Meaning]] = {
         ExecutionFailed,
         "guardian unreachable: {detail}",
         "failed (guardian unreachable)",
+    ),
+    Decision.REVOKED: Meaning(
+        Outcome.DENIED,
+        Status.DENIED,
+        DeniedByPolicy,
+        "denied by policy: {detail}",
+        "denied (the policy changed)",
     ),
 }
 

@@ -84,6 +84,9 @@ ReadBack = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
 OnGrant = Callable[[str, str, str], Awaitable[float | None]]
 """Remembers an "Allow 1 h" (agent, signature, by); returns when the grant ends, if it says."""
 Sessions = Callable[[str], Sequence[ReplyHandle]]
+Recheck = Callable[[PendingRow], tuple[Decision, str | None, str] | None]
+"""Is an approval found pending at start still asked? None, or how to end it (decision, by,
+detail)."""
 
 
 @attrs.define(eq=False)
@@ -180,12 +183,14 @@ class Broker:
         approval_timeout: float,
         guardian: Guardian | None = None,
         read_back: ReadBack | None = None,
+        recheck: Recheck | None = None,
     ) -> None:
         self.store = store
         self.guardian = guardian
         self._execute = execute
         self._describe = describe
         self._read_back = read_back
+        self._recheck: Recheck = recheck or (lambda row: None)
         self._sessions = sessions
         self._on_grant = on_grant
         self._now = now
@@ -226,6 +231,10 @@ class Broker:
             self._waiting[row.agent] += 1
             if row.expires_at <= now:
                 approval.resolve(Decision.TIMEOUT, None, "expired while the gateway was down")
+            elif (revoked := self._recheck(row)) is not None:
+                # A restart is how an operator tightens the policy, removes an agent or keeps
+                # a freeze: an ask that would not be asked now is not offered again.
+                approval.resolve(*revoked)
             elif restarted and row.message_ref is not None:
                 approval.restore, approval.restoring = True, trio.Event()
             self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)

@@ -105,6 +105,8 @@ class Controls:
         self, request_id: str, action: Action, by: str, *, message_ref: str
     ) -> PressAnswer:
         broker = self._approvals()
+        if self.frozen:  # every approval was denied by the freeze; a late press decides nothing
+            return PressAnswer("expired: the gateway is frozen (/unfreeze first)")
         await broker.card_known(request_id)
         if broker.misplaced(request_id, message_ref):
             what = f"button {action.value}:{request_id} pressed on {message_ref}"

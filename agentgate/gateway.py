@@ -48,7 +48,7 @@ from agentgate.controls import Controls
 from agentgate.guardian import Guardian, GuardianControl
 from agentgate.guardian.card import CardRules
 from agentgate.listener import serve_websockets
-from agentgate.pipeline import Pipeline, Sessions
+from agentgate.pipeline import INTERRUPTED, Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
 from agentgate.preflight import server_tls_context
 from agentgate.services import Executor
@@ -170,6 +170,13 @@ async def _open_gateway(
                 raise ConfigError(*(f"{file}: {p}" for p in exc.problems)) from None
             if warning:
                 log.warning("%s", warning)
+        interrupted = await store.settle_interrupted(now(), INTERRUPTED)
+        if interrupted:
+            log.warning(
+                "%d allowed call(s) were executing when the gateway last stopped: recorded as"
+                " outcome unknown (they may have run)",
+                interrupted,
+            )
         sessions = Sessions()
         controls = Controls(store, connected=sessions.counts, now=now)
         cards = card_rules(config)
@@ -188,6 +195,7 @@ async def _open_gateway(
             execute=pipeline.execute,
             describe=pipeline.describe,
             read_back=pipeline.state_after,
+            recheck=pipeline.recheck,
             sessions=sessions.of,
             on_grant=controls.add_grant,
             now=now,

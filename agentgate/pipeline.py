@@ -32,13 +32,13 @@ import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import attrs
 import trio
 
 from agentgate import tools
-from agentgate.approvals import Outcome, ReplyHandle
+from agentgate.approvals import Decision, Outcome, ReplyHandle
 from agentgate.broker import Broker
 from agentgate.config import Config
 from agentgate.controls import Controls
@@ -57,7 +57,7 @@ from agentgate.limits import TokenBucket
 from agentgate.policy import Policy
 from agentgate.protocol import MAX_ACK, MAX_REQUEST_ID_CHARS, JsonId
 from agentgate.services import Executor
-from agentgate.store import AuditEntry, Store
+from agentgate.store import AuditEntry, PendingRow, Store
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
@@ -74,6 +74,12 @@ def request_ids(value: object) -> list[str]:
     if any(len(item) > MAX_REQUEST_ID_CHARS for item in value):
         raise InvalidParams(f"ack: a request id longer than {MAX_REQUEST_ID_CHARS} characters")
     return list(value)
+
+
+INTERRUPTED: Final = (
+    "outcome unknown: the call was interrupted while it executed (it may have run; it is not"
+    " run again)"
+)
 
 
 class Executed(NamedTuple):
@@ -257,6 +263,12 @@ class Pipeline:
             exc.data.update(data)
             await self._resolve_quietly(request_id, Outcome.FAILED, error=exc.message)
             raise
+        except trio.Cancelled:
+            # Cut off mid-call (the shutdown bound, a front door's own bound): it may have run.
+            log.warning("%s (%s, agent %s, request %s)", INTERRUPTED, signature, agent, request_id)
+            with trio.CancelScope(shield=True):
+                await self._resolve_quietly(request_id, Outcome.UNKNOWN, error=INTERRUPTED)
+            raise
         await self._resolve_quietly(request_id, Outcome.EXECUTED, result=result)
         return Executed(request_id, result)
 
@@ -297,6 +309,30 @@ class Pipeline:
             reply, reply_to, tool, args, signature, matched, max_pending=max_pending
         )
         return Asked(request_id)
+
+    def recheck(self, row: PendingRow) -> tuple[Decision, str | None, str] | None:
+        """An approval found pending at start, checked against today's configuration: None if
+        it is still asked; else how it ends (the agent removed, the tool gone, the policy now
+        denies it, or the gateway frozen)."""
+        if self.controls.frozen:
+            return Decision.FROZEN, None, "frozen by guardian"
+        why = None
+        if row.agent not in self.config.agents:
+            why = f"agent {row.agent} is no longer configured"
+        elif row.tool not in self.offered:
+            why = f"unknown tool: {row.tool}"
+        else:
+            policy = self.policies.get(row.agent) or self.policies[None]
+            try:
+                evaluation = policy.evaluate(row.tool, row.args)
+            except InvalidParams as exc:
+                why = exc.message
+            else:
+                if evaluation.decision == "deny":
+                    why = evaluation.reason
+        if why is None:
+            return None
+        return Decision.REVOKED, None, f"{why} (changed while the gateway was down)"
 
     @property
     def offered(self) -> Mapping[str, tools.ToolSpec]:

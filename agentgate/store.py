@@ -434,6 +434,20 @@ class Store:
         run must be."""
         return await self._do(lambda c: _insert_audit(c, entry), durable=durable)
 
+    async def settle_interrupted(self, at: float, error: str) -> int:
+        """At start: allowed calls whose outcome was never recorded (the gateway stopped, or
+        died, while they executed) are recorded as ``unknown``. Returns how many."""
+
+        def fn(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE audit_log SET resolution=?, resolved_at=?, error=?"
+                " WHERE kind='request' AND decision='allow' AND resolution IS NULL",
+                (Outcome.UNKNOWN, at, error),
+            )
+            return cur.rowcount
+
+        return await self._do(fn)
+
     async def resolve_audit(
         self,
         request_id: str,

@@ -12,6 +12,7 @@ import pytest
 import trio
 from mcp.shared.exceptions import MCPError
 
+import agentgate.mcp.http as mcp_http
 from agentgate.guardian import Status
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant
 from agentgate.testing.harness import Harness, raw_agent, running_gateway
@@ -427,3 +428,21 @@ async def test_a_waiting_call_hears_the_gateway_shut_down(
             # A planned stop: the approval stays open for the next start, its result queued.
             assert text(outcome[0]).startswith("gateway restarting: the approval stays open")
             assert posts(home, LIGHT_PATH) == 0
+
+
+async def test_an_execution_longer_than_the_doors_bound_is_not_cut_short(
+    workdir: Path, home: FakeHomeAssistant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A started call may outlive its MCP caller by a bound; that bound is longer than Home
+    Assistant's own timeout, so a slow service is never cut off mid-call by the door."""
+    monkeypatch.setattr(mcp_http, "SUBMIT_BOUND", 1.0)  # stands for a service timeout > 60 s
+    allow = 'rules:\n  - pattern: "ha_call_service(light.*)"\n    action: allow\n'
+    with trio.fail_after(CEILING):
+        async with gate(workdir, home, policy=allow, ha_timeout=10) as gw, client(gw) as mcp:
+            home.answer_delay = 2.0  # it runs at once, answers 2 s later
+            result = await mcp.call_tool("ha_call_service", LIGHT_ON)
+            assert not result.is_error, text(result)
+            await gw.settled()
+            rows = await gw.gateway.store.audit_rows(agent="pi")
+            assert [(r.decision, r.resolution) for r in rows] == [("allow", "executed")]
+    assert posts(home, LIGHT_PATH) == 1

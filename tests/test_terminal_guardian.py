@@ -111,6 +111,42 @@ async def test_allow_with_a_key(workdir: Path, home: FakeHomeAssistant) -> None:
     assert tuple(row) == ("executed", "op (terminal)")
 
 
+async def test_the_card_on_screen_is_the_card_a_key_decides(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    """An ask arriving while the guardian looks at another card waits its turn: it is not
+    drawn (with its buttons) under the prompt of the first, where a key would decide the first."""
+    bedroom = "Signature: ha_call_service(light.turn_on, light.bedroom)"
+    outcomes: dict[str, str] = {}
+    with key_pipe() as (keys, typing), trio.fail_after(CEILING):
+        async with (
+            terminal_gateway(workdir, home, keys) as (gw, guardian, screen),
+            connect(gw.url, token=gw.tokens["pi"], ssl_context=gw.client_ssl) as agent,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def ask(entity_id: str) -> None:
+                try:
+                    await agent.call("ha_call_service", **{**LIGHT, "entity_id": entity_id})
+                    outcomes[entity_id] = "executed"
+                except DeniedByGuardian:
+                    outcomes[entity_id] = "denied"
+
+            nursery.start_soon(ask, "light.kitchen")
+            await screen.wait_for("Your move")
+            nursery.start_soon(ask, "light.bedroom")
+            await guardian.cards_waiting(2)
+            after_prompt = screen.getvalue().rsplit("Your move", 1)[1]
+            assert bedroom not in after_prompt  # the second card waits its turn
+            os.write(typing, b"a")  # decides the card on screen: the kitchen's
+            await screen.wait_for("Your move", 2)
+            last_card = screen.getvalue().rsplit("Approval needed", 1)[1]
+            assert bedroom in last_card  # drawn now, just above its own prompt
+            os.write(typing, b"d")
+    assert outcomes == {"light.kitchen": "executed", "light.bedroom": "denied"}
+    assert home.state("light.bedroom")["state"] == "off"  # type: ignore[index]
+
+
 async def test_a_key_typed_before_the_card_decides_nothing(
     workdir: Path, home: FakeHomeAssistant
 ) -> None:

@@ -283,6 +283,7 @@ class TerminalGuardian:
         self._waiting: dict[str, ApprovalCard] = {}  # message ref -> card, oldest first
         self._changed = trio.Event()
         self._prompt: tuple[str, trio.CancelScope] | None = None
+        self._earlier: set[str] = set()  # refs of cards from before a restart, not drawn yet
 
     def _print(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -303,10 +304,16 @@ class TerminalGuardian:
 
     async def send_card(self, card: ApprovalCard) -> str:
         ref = f"terminal-{self._run}-{next(self._refs)}"
-        self._draw_card(card)
         self._waiting[ref] = card
+        if self.keys is None:  # nothing to prompt: shown at once, to wait out its time
+            self._draw_card(card)
         self._touch()
         return ref
+
+    async def cards_waiting(self, count: int) -> None:
+        """Return once at least ``count`` cards wait for a decision here."""
+        while len(self._waiting) < count:
+            await self._changed.wait()
 
     def _draw_card(self, card: ApprovalCard) -> None:
         s = self.style
@@ -338,9 +345,10 @@ class TerminalGuardian:
         """After a planned restart: the card is shown again, and its keys decide it."""
         if message_ref in self._waiting:
             return  # shown again already (run() shows what was pending at start)
-        self._print(self.style.dim("  (an approval from before the restart, still pending)"))
-        self._draw_card(card)
+        self._earlier.add(message_ref)
         self._waiting[message_ref] = card
+        if self.keys is None:
+            self._draw(message_ref, card)
         self._touch()
 
     # -- the keyboard ---------------------------------------------------------------------------
@@ -377,10 +385,15 @@ class TerminalGuardian:
             ref = pending.message_ref
             if ref is None or ref in self._waiting:
                 continue  # never shown: the broker sends it now, through send_card
-            self._print(self.style.dim("  (an approval from before the restart, still pending)"))
-            self._draw_card(pending.card)
+            self._earlier.add(ref)
             self._waiting[ref] = pending.card
         self._touch()
+
+    def _draw(self, ref: str, card: ApprovalCard) -> None:
+        if ref in self._earlier:
+            self._earlier.discard(ref)
+            self._print(self.style.dim("  (an approval from before the restart, still pending)"))
+        self._draw_card(card)
 
     async def _decide(self, ref: str, card: ApprovalCard) -> bool:
         """Prompt for one card until a key decides it or it leaves; False once keys end."""
@@ -388,7 +401,10 @@ class TerminalGuardian:
         s = self.style
         hint = "  ".join(f"[{key}] {label}" for key, (_, label) in KEYS.items())
         others = len(self._waiting) - 1
-        more = f" ({others} more waiting)" if others else ""
+        more = f" ({others} more waiting: shown one at a time)" if others else ""
+        # Cards are drawn one at a time, each just before its prompt: the card on screen with
+        # buttons is always the one a key decides (a card arriving meanwhile waits its turn).
+        self._draw(ref, card)
         self.keys.flush()  # only a key pressed from now on decides this card
         self._print(
             f"  {s.bold('Your move')} on {card.signature} for {card.agent}: {hint}{s.dim(more)}"

@@ -49,11 +49,12 @@ from agentgate.errors import (
     AuthenticationFailed,
     GatewayShuttingDown,
     InvalidRequest,
+    OutcomeUnknown,
     RateLimited,
 )
 from agentgate.limits import FailedAuthTracker
 from agentgate.mcp.server import Asked, Outcome, build_server
-from agentgate.pipeline import Executed, Pipeline
+from agentgate.pipeline import INTERRUPTED, Executed, Pipeline
 from agentgate.protocol import JsonId
 
 __all__ = ["AGENT_KEY", "McpHttpDoor", "PipelineBackend", "serve_mcp", "take_results"]
@@ -117,6 +118,12 @@ class PipelineBackend:
         self.pipeline = door.pipeline
         self.agent = agent
 
+    def _submit_bound(self) -> float:
+        """How long a started submit may go on after its caller gave up: longer than the
+        service's own timeout, so an execution under way is never cut short by this door."""
+        ha = self.pipeline.config.services.homeassistant
+        return max(SUBMIT_BOUND, (ha.timeout if ha is not None else 0.0) + SUBMIT_BOUND / 2)
+
     def known(self, tool: str) -> bool:
         return tool in self.pipeline.offered
 
@@ -131,9 +138,12 @@ class PipelineBackend:
         try:
             # A request the pipeline has started finishes (its decision committed, an allowed
             # call executed) even if the MCP client cancels meanwhile: nothing half-done.
+            outcome: object = None
             with trio.CancelScope(shield=True) as shield:
-                shield.deadline = trio.current_time() + SUBMIT_BOUND
+                shield.deadline = trio.current_time() + self._submit_bound()
                 outcome = await self.pipeline.submit(self.agent, tool, args, waiter, None)
+            if outcome is None:  # cut off by the bound: the pipeline recorded it as unknown
+                raise OutcomeUnknown(INTERRUPTED)
             if isinstance(outcome, Executed):
                 return {"request_id": outcome.request_id, "data": outcome.data}
             await waiter.decided.wait()
