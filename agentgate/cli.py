@@ -10,7 +10,7 @@ agent-side ``call``, ``tools`` and ``pending`` declare their arguments here and 
 :mod:`agentgate.cli_agent` (exit statuses and connection settings are documented there).
 
 Imports: tools, policy, errors, agentgate's ``__version__``; and, each only in the command that
-runs it, config, preflight, serve, audit, inert, store, cli_agent, mcp.stdio.
+runs it, config, preflight, serve, audit, inert, store, http_tools, cli_agent, mcp.stdio.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from attrs import frozen
 
@@ -30,6 +30,9 @@ from agentgate import __version__, tools
 from agentgate.errors import InvalidParams
 from agentgate.policy import Policy, PolicyError, load_policy
 from agentgate.tools import is_known_tool
+
+if TYPE_CHECKING:
+    from agentgate.config import Config
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "parse_tool_args"]
 
@@ -113,19 +116,37 @@ def _configure_check(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_policy_path(args: argparse.Namespace) -> Path:
-    if args.policy is not None:
-        return Path(args.policy)
+def _check_config(args: argparse.Namespace) -> Config | None:
+    """The ``--config`` file (None without one): its policy path and its HTTP tools."""
     if args.config is None:
-        raise UsageError("check: need --policy FILE, or --config gate.toml [--agent NAME]")
+        return None
     from agentgate.config import ConfigError, load_config
 
-    # Only the policy path matters here: neither TLS files nor secrets are needed to evaluate
-    # a request.
+    # Neither TLS files nor secrets are needed to evaluate a request.
     try:
-        config = load_config(args.config, insecure=True, secrets=False)
+        return load_config(args.config, insecure=True, secrets=False)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def _check_specs(config: Config | None) -> dict[str, tools.ToolSpec] | None:
+    """Home Assistant's tools and the config's HTTP tools (None: Home Assistant's only)."""
+    if config is None or not config.services.http:
+        return None
+    from agentgate.config import ConfigError
+    from agentgate.http_tools import known_tools
+
+    try:
+        return known_tools(config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _check_policy_path(args: argparse.Namespace, config: Config | None) -> Path:
+    if args.policy is not None:
+        return Path(args.policy)
+    if config is None:
+        raise UsageError("check: need --policy FILE, or --config gate.toml [--agent NAME]")
     if args.agent is None:
         return config.policy.file
     agent = config.agents.get(args.agent)
@@ -135,9 +156,9 @@ def _check_policy_path(args: argparse.Namespace) -> Path:
     return agent.policy or config.policy.file
 
 
-def _load_policy(path: Path) -> Policy:
+def _load_policy(path: Path, known: dict[str, tools.ToolSpec] | None = None) -> Policy:
     try:
-        policy = load_policy(path)
+        policy = load_policy(path, known=known)
     except PolicyError as exc:
         raise UsageError(str(exc)) from exc
     for message in policy.warnings:
@@ -149,12 +170,14 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.agent is not None and args.config is None and args.policy is None:
         raise UsageError("check: --agent needs --config gate.toml")
     tool_args = parse_tool_args(args.args)
-    policy = _load_policy(_check_policy_path(args))
+    config = _check_config(args)
+    specs = _check_specs(config)
+    policy = _load_policy(_check_policy_path(args, config), specs)
     try:
-        evaluation = policy.evaluate(args.tool, tool_args, allow_unknown=True)
+        evaluation = policy.evaluate(args.tool, tool_args, allow_unknown=True, specs=specs)
     except InvalidParams as exc:
         raise UsageError(f"invalid params: {exc.message}") from exc
-    if not is_known_tool(args.tool):
+    if not is_known_tool(args.tool) and (specs is None or args.tool not in specs):
         warn(f"{args.tool} is not a known tool: the gateway refuses it whatever the policy says")
     entities = tools.references(args.tool, tool_args)
     indirect = tools.indirect_reason(args.tool, tool_args)
@@ -244,12 +267,29 @@ def _run_config(args: argparse.Namespace) -> int:
         else:
             warn(finding.line(config))
 
+    known = None
+    if config.services.http:  # the tools files: those whose table is not wrong already
+        import attrs
+
+        from agentgate.http_tools import known_tools
+
+        readable = {
+            name: service
+            for name, service in config.services.http.items()
+            if not _follows(f"services.http.{name}.tools", reported)
+        }
+        try:
+            known = known_tools(
+                attrs.evolve(config, services=attrs.evolve(config.services, http=readable))
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     shown = []
     for label, path in policy_files(config).items():
         if _follows(label, reported):
             continue
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, known=known)
         except PolicyError as exc:
             problems.append(str(exc))
             continue

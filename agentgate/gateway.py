@@ -5,7 +5,8 @@ Task tree::
     serve_gateway(config)             `agentgate serve`, the test harness, the demo, the bench
     ├── open_gateway(config)          the same wiring for the fast tests (memory streams)
     │   ├── store writer              (agentgate.store: group commit, off the loop)
-    │   ├── executor                  (agentgate.services: Home Assistant over httpx)
+    │   ├── executor                  (agentgate.services: Home Assistant and the HTTP
+    │   │                              services over httpx; several as one ServiceSet)
     │   ├── guardian                  (Telegram in a trio-asyncio loop, supervised; or given)
     │   └── broker.run                (agentgate.broker: one task per pending approval)
     │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket)
@@ -21,9 +22,9 @@ Start-up fails fast (:class:`~agentgate.config.ConfigError`, ``agentgate serve``
 Home Assistant or Telegram refuses the configured token or chat; an unreachable service is
 logged and ridden out instead.
 
-Imports: config, store, policy, preflight, services and services.homeassistant, guardian,
-guardian.card and guardian.supervisor, broker, controls, pipeline, connection, listener, and
-mcp.http when ``[mcp]`` is set. Nothing imports this module but the entry points.
+Imports: config, store, policy, preflight, http_tools, services and services.homeassistant,
+guardian, guardian.card and guardian.supervisor, broker, controls, pipeline, connection,
+listener, and mcp.http when ``[mcp]`` is set. Nothing imports this module but the entry points.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -116,11 +117,15 @@ def card_rules(config: Config) -> CardRules:
 
 
 def load_policies(config: Config) -> dict[str | None, Policy]:
-    """The default policy (key ``None``) and each agent's own, loaded once at start-up."""
-    policies: dict[str | None, Policy] = {None: load_policy(config.policy.file)}
+    """The default policy (key ``None``) and each agent's own, loaded once at start-up (their
+    lint knows the configuration's HTTP tools)."""
+    from agentgate.http_tools import known_tools
+
+    known = known_tools(config) if config.services.http else None
+    policies: dict[str | None, Policy] = {None: load_policy(config.policy.file, known=known)}
     for name, agent in config.agents.items():
         if agent.policy is not None:
-            policies[name] = load_policy(agent.policy)
+            policies[name] = load_policy(agent.policy, known=known)
     return policies
 
 
@@ -132,18 +137,21 @@ async def open_gateway(
     ha_transport: httpx.AsyncBaseTransport | None = None,
     now: Callable[[], float] = time.time,
     inline_store: bool | None = None,
+    http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
 ) -> AsyncIterator[Gateway]:
     """Build and run every part of the gateway for the ``async with`` block.
 
     ``guardian`` replaces the configured Telegram guardian (tests, the demo); ``ha_transport``
-    replaces Home Assistant's network (``httpx.MockTransport``); ``now`` is the wall clock;
+    replaces Home Assistant's network (``httpx.MockTransport``), ``http_transports`` that of
+    the ``[services.http.NAME]`` services named; ``now`` is the wall clock;
     ``inline_store=True`` keeps the store off threads (deterministic tests). Leaving the block
     cancels what still runs, as a crash would; call :meth:`Gateway.shutdown` first for a clean
     stop. Front doors are served by the caller (:func:`serve_gateway` serves the WebSocket one).
     """
     policies = load_policies(config)
+    transports = (ha_transport, http_transports or {})
     with _config_errors_ungrouped():
-        async with _open_gateway(config, guardian, ha_transport, now, inline_store, policies) as gw:
+        async with _open_gateway(config, guardian, transports, now, inline_store, policies) as gw:
             yield gw
 
 
@@ -151,7 +159,7 @@ async def open_gateway(
 async def _open_gateway(
     config: Config,
     guardian: Guardian | None,
-    ha_transport: httpx.AsyncBaseTransport | None,
+    transports: tuple[httpx.AsyncBaseTransport | None, Mapping[str, httpx.AsyncBaseTransport]],
     now: Callable[[], float],
     inline_store: bool | None,
     policies: dict[str | None, Policy],
@@ -160,7 +168,7 @@ async def _open_gateway(
         open_store(
             config.store.path, synchronous=config.store.synchronous, inline=inline_store
         ) as store,
-        _maybe_homeassistant(config, ha_transport) as executor,
+        _open_services(config, *transports) as executor,
     ):
         if executor is not None:
             try:
@@ -225,17 +233,38 @@ async def _open_gateway(
 
 
 @asynccontextmanager
-async def _maybe_homeassistant(
-    config: Config, transport: httpx.AsyncBaseTransport | None
+async def _open_services(
+    config: Config,
+    ha_transport: httpx.AsyncBaseTransport | None,
+    http_transports: Mapping[str, httpx.AsyncBaseTransport],
 ) -> AsyncIterator[Executor | None]:
-    ha_config = config.services.homeassistant
-    if ha_config is None:
-        yield None
-        return
-    from agentgate.services.homeassistant import open_homeassistant
+    """The configured services as one executor (None without any)."""
+    async with AsyncExitStack() as stack:
+        members: list[Executor] = []
+        ha_config = config.services.homeassistant
+        if ha_config is not None:
+            from agentgate.services.homeassistant import open_homeassistant
 
-    async with open_homeassistant(ha_config, transport=transport) as ha:
-        yield ha
+            members.append(
+                await stack.enter_async_context(
+                    open_homeassistant(ha_config, transport=ha_transport)
+                )
+            )
+        if config.services.http:
+            from agentgate.http_tools import http_tools
+            from agentgate.services.http import open_http_service
+
+            defined = http_tools(config)
+            for name, service in config.services.http.items():
+                mine = {tool: d for tool, d in defined.items() if d.service == name}
+                opened = open_http_service(service, mine, transport=http_transports.get(name))
+                members.append(await stack.enter_async_context(opened))
+        if len(members) <= 1:
+            yield members[0] if members else None
+        else:
+            from agentgate.services.registry import ServiceSet
+
+            yield ServiceSet(members)
 
 
 @asynccontextmanager

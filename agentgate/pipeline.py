@@ -203,7 +203,7 @@ class Pipeline:
             raise InvalidParams(f"unknown tool: {tool}")
         policy = self.policies.get(agent) or self.policies[None]
         try:
-            evaluation = policy.evaluate(tool, args)
+            evaluation = policy.evaluate(tool, args, specs=self.offered)
         except InvalidParams as exc:
             await self._audit_refusal(
                 agent, tool, args, None, "invalid", exc.message, via=reply.via
@@ -293,6 +293,7 @@ class Pipeline:
             matched=matched,
             expires_at=self.now() + self.config.gateway.approval_timeout,
             via=reply.via,
+            target=self._preview(tool, args),  # an HTTP request's text counts in the layout
         )
         try:
             self.cards.layout(card)  # what the guardian will be shown: everything, or nothing
@@ -358,16 +359,22 @@ class Pipeline:
             return None
         return await self.executor.state_after(tool, args)
 
+    def _preview(self, tool: str, args: dict[str, Any]) -> str | None:
+        spec = self.offered.get(tool)
+        return spec.preview(args) if spec is not None and spec.preview is not None else None
+
     async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
-        """The card's target line, from the service.
+        """The card's target line, from the service (for an HTTP tool: the request as sent).
 
         Single flight: an ask whose target is being read right now joins that read instead of
         queueing one more request (10,000 asks at once would otherwise wait behind each other
         for the service's connections, past its timeout).
         """
         entity_id = args.get("entity_id")
-        if self.executor is None or not isinstance(entity_id, str):
+        if self.executor is None:
             return None
+        if not isinstance(entity_id, str):
+            return self._preview(tool, args)
         while (reading := self._readings.get(entity_id)) is not None:
             await reading.done.wait()
             if reading.finished:

@@ -10,8 +10,8 @@ that stops it is a bug: logged with its traceback, exit 1.
 ``--terminal-guardian`` runs :class:`~agentgate.guardian.terminal.TerminalGuardian` instead of
 Telegram: cards in this terminal, keys decide.
 
-Imports: gateway, config, preflight, policy, store, errors, inert, _compat; guardian.terminal
-only when asked for.
+Imports: gateway, config, preflight, policy, store, errors, inert, _compat, http_tools (tool
+names); guardian.terminal only when asked for.
 """
 
 from __future__ import annotations
@@ -117,9 +117,17 @@ def _preflight(config: Config, *, insecure: bool) -> list[str]:
             problems.append(finding.line(config))
         else:
             log.warning("%s", finding.line(config))
+    known = None
+    if config.services.http:
+        from agentgate.http_tools import known_tools
+
+        try:
+            known = known_tools(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     for path in policy_files(config).values():
         try:
-            policy = load_policy(path)
+            policy = load_policy(path, known=known)
         except PolicyError as exc:
             problems.append(str(exc))
             continue

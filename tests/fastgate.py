@@ -114,6 +114,7 @@ async def fast_gateway(
     home: MockHome | None = None,
     inline_store: bool | None = True,
     tokens: Mapping[str, str] = DEFAULT_TOKENS,
+    http_transports: dict[str, httpx.AsyncBaseTransport] | None = None,
     **toml: Any,
 ) -> AsyncIterator[FastGateway]:
     """The gateway over memory streams; ``inline_store=None`` runs the store as ``serve`` does
@@ -137,6 +138,7 @@ async def fast_gateway(
             ha_transport=httpx.MockTransport(home.handler),
             now=now,
             inline_store=inline_store,
+            http_transports=http_transports,
         ) as gateway,
         trio.open_nursery() as nursery,
     ):

@@ -23,6 +23,7 @@ from agentgate.services.homeassistant import HomeAssistant, open_homeassistant
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant, run_fake_homeassistant
 from tests.realha.contract import *  # noqa: F403 - the shared tests and their fixtures
 from tests.realha.contract import CEILING, Home
+from tests.realha.contract_wider import *  # noqa: F403 - templates, areas, logbook, data
 from tests.realha.gateway_contract import *  # noqa: F403
 
 pytestmark = pytest.mark.slow

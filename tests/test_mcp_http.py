@@ -387,10 +387,10 @@ async def test_one_rate_and_one_pending_budget_per_agent_across_both_doors(
     with trio.fail_after(CEILING):
         async with (
             gate(
-                workdir, home, limits={"requests_per_minute": 4, "max_pending_per_agent": 1}
+                workdir, home, limits={"requests_per_minute": 5, "max_pending_per_agent": 1}
             ) as gw,
             raw_agent(gw) as agent,
-            client(gw) as mcp,
+            client(gw) as mcp,  # its initialize: the first request this minute
         ):
             await agent.send(
                 {
@@ -400,13 +400,13 @@ async def test_one_rate_and_one_pending_budget_per_agent_across_both_doors(
                     "params": {"tool": "ha_call_service", "args": LIGHT_ON},
                 }
             )
-            await gw.scripted.wait_for_card()  # one pending approval, from the WebSocket door
-            await mcp.list_tools()  # the second request this minute (the client lists once)
+            await gw.scripted.wait_for_card()  # the second request, pending, from the WS door
+            await mcp.list_tools()  # the third request this minute (the client lists once)
             over = await mcp.call_tool("ha_call_service", LIGHT_ON)
             assert over.is_error
             assert "too many pending approvals" in text(over)
             assert len(gw.scripted.cards) == 1
-            read = await agent.tool("ha_get_state", **READ)  # the fourth request this minute
+            read = await agent.tool("ha_get_state", **READ)  # the fifth request this minute
             assert read["result"]["status"] == "executed"
             limited = await mcp.call_tool("ha_get_state", READ)
             assert limited.is_error
@@ -446,3 +446,25 @@ async def test_an_execution_longer_than_the_doors_bound_is_not_cut_short(
             rows = await gw.gateway.store.audit_rows(agent="pi")
             assert [(r.decision, r.resolution) for r in rows] == [("allow", "executed")]
     assert posts(home, LIGHT_PATH) == 1
+
+
+async def test_one_agent_cannot_take_every_mcp_session(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    """Sessions come from one pool for every agent; each agent holds at most its share
+    (``max_connections_per_agent``), and a closed session gives its place back."""
+    with trio.fail_after(CEILING):
+        async with gate(workdir, home, limits={"max_connections_per_agent": 2}) as gw:
+            async with client(gw) as first, client(gw) as second:
+                assert (await first.list_tools()).tools
+                assert (await second.list_tools()).tools
+                with pytest.raises(Exception) as refused:  # noqa: PT011 - the SDK wraps the 429
+                    async with client(gw) as third:
+                        await third.list_tools()
+                assert "429" in repr(refused.value) or "too many open MCP sessions" in repr(
+                    refused.value
+                )
+                async with client(gw, "laptop") as other:  # another agent still gets one
+                    assert (await other.list_tools()).tools
+            async with client(gw) as again:  # the first two were closed: room again
+                assert (await again.list_tools()).tools

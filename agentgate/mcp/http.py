@@ -164,6 +164,70 @@ class PipelineBackend:
         return await take_results(self.pipeline, self.agent)
 
 
+class SessionLedger:
+    """The MCP sessions each agent holds (by the ids the SDK hands out), so that one agent
+    cannot take every session of the shared pool (``MAX_SESSIONS``). A session counts until it
+    is closed (``DELETE``) or unused for ``SESSION_IDLE`` seconds, as the SDK forgets it."""
+
+    def __init__(self, per_agent: int) -> None:
+        self.per_agent = per_agent
+        self._agent: dict[str, str] = {}  # session id -> agent
+        self._last: dict[str, float] = {}  # session id -> last use (trio time)
+
+    def _prune(self) -> None:
+        stale = trio.current_time() - SESSION_IDLE
+        for sid in [sid for sid, last in self._last.items() if last < stale]:
+            self._forget(sid)
+
+    def _forget(self, sid: str) -> None:
+        self._agent.pop(sid, None)
+        self._last.pop(sid, None)
+
+    def held(self, agent: str) -> int:
+        self._prune()
+        return sum(1 for owner in self._agent.values() if owner == agent)
+
+    def room_for(self, agent: str) -> None:
+        """RateLimited when ``agent`` already holds its share of sessions."""
+        if self.held(agent) >= self.per_agent:
+            raise RateLimited(
+                f"too many open MCP sessions for agent {agent} (limit {self.per_agent}); close"
+                f" one (HTTP DELETE) or let an idle one expire ({SESSION_IDLE:.0f} s)"
+            )
+
+    def used(self, sid: str, *, closing: bool = False) -> None:
+        if sid in self._agent:
+            if closing:
+                self._forget(sid)
+            else:
+                self._last[sid] = trio.current_time()
+
+    def recording(self, agent: str, send: Send) -> Send:
+        """``send`` that notes the session id the SDK's answer to ``initialize`` carries."""
+
+        async def record(message: Message) -> None:
+            if message.get("type") == "http.response.start":
+                for key, value in message.get("headers", ()):
+                    if bytes(key).lower() == b"mcp-session-id":
+                        sid = bytes(value).decode("latin-1")
+                        self._agent[sid], self._last[sid] = agent, trio.current_time()
+            await send(message)
+
+        return record
+
+
+def _opens_session(receive: Receive) -> bool:
+    """Whether a POST body (as read by ``_Guard._body``) is an ``initialize`` request."""
+    body = getattr(receive, "body", b"")
+    if b"initialize" not in body:
+        return False
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("method") == "initialize"
+
+
 class McpHttpDoor:
     """The MCP front door over Streamable HTTP onto one pipeline (see the module docstring)."""
 
@@ -176,6 +240,7 @@ class McpHttpDoor:
         self.origins = frozenset(self.settings.allowed_origins)
         self._calls = 0
         self._idle: trio.Event | None = None
+        self.sessions = SessionLedger(config.limits.max_connections_per_agent)
         self.server = build_server(self._backend_for, wait=self.settings.wait, gone_for=_gone_for)
         limit = config.limits.max_message_bytes
         sdk_app = self.server.streamable_http_app(
@@ -295,6 +360,19 @@ class _Guard:
             if replay is None:
                 return
             receive = replay
+        session = headers.get("mcp-session-id")
+        if session is None and _opens_session(receive):
+            # A new session costs the agent a request, and each agent holds only a few: one
+            # agent cannot fill the sessions every agent shares.
+            try:
+                door.pipeline.admit(agent.name)
+                door.sessions.room_for(agent.name)
+            except RateLimited as exc:
+                await _refuse(send, 429, exc)
+                return
+            send = door.sessions.recording(agent.name, send)
+        elif session is not None:
+            door.sessions.used(session, closing=scope.get("method") == "DELETE")
         scope = dict(scope)
         # The SDK binds a session to the principal that opened it: no other agent can use it.
         access = AccessToken(token="-", client_id=agent.name, scopes=[])  # noqa: S106
@@ -340,6 +418,7 @@ class _Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
+        replay.body = bytes(body)  # type: ignore[attr-defined]  # read by _opens_session
         return replay
 
 

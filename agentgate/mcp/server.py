@@ -76,8 +76,9 @@ RESULT_TOOL: Final = "agentgate_result"
 PENDING_TOOL: Final = "agentgate_pending_results"
 OWN_TOOLS: Final = frozenset({RESULT_TOOL, PENDING_TOOL})
 
-# Tools that only read: everything else changes the home (service calls, events) or is unknown
-# to this table, and says so. Annotations are hints; the policy stays the only gate.
+# Tools that only read, for a gateway whose list_tools entries carry no annotations (an older
+# one, behind the stdio bridge): everything else changes the home or is unknown to this table,
+# and says so. Annotations are hints; the policy stays the only gate.
 _READS: Final = frozenset(
     {"ha_get_state", "ha_get_states", "ha_get_services", "ha_get_config", "ha_get_history"}
 )
@@ -173,19 +174,25 @@ def mcp_tools(entries: list[dict[str, Any]]) -> list[types.Tool]:
     for entry in [*entries, *_OWN_TOOL_LIST]:
         name = str(entry.get("name", ""))
         own = name in OWN_TOOLS
-        reads = own or name in _READS
+        given = entry.get("annotations")
+        given = given if isinstance(given, dict) else {}
+        reads = own or given.get("readOnlyHint", name in _READS) is True
+        destructive = not reads and given.get("destructiveHint", True) is not False
+        title = given.get("title") if isinstance(given.get("title"), str) else None
+        title = _TITLES.get(name) or title or name
         out.append(
             types.Tool(
                 name=name,
-                title=_TITLES.get(name, name),
+                title=title,
                 description=str(entry.get("description", "")),
                 input_schema=dict(entry.get("args") or {"type": "object"}),
                 annotations=types.ToolAnnotations(
-                    title=_TITLES.get(name, name),
+                    title=title,
                     read_only_hint=reads,
-                    destructive_hint=not reads,
+                    destructive_hint=destructive,
                     idempotent_hint=reads,
-                    open_world_hint=False,
+                    # an HTTP service is a world beyond the home; Home Assistant is not
+                    open_world_hint=name.startswith("http_"),
                 ),
             )
         )

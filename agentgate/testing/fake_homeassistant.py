@@ -35,6 +35,8 @@ the same assertions against this fake and against the real core::
                                         should be a JSON object"
     any, bad or missing token           401 text/plain "401: Unauthorized"
     POST to a service with a non-JSON body  400 JSON {"message": "Data should be valid JSON."}
+    POST /api/template, GET /api/logbook/<start>, calendar.get_events, weather.get_forecasts,
+    todo.get_items / add_item, the areas: see agentgate/testing/fake_ha_wider.py
     a known path with another method    405 text/plain "405: Method Not Allowed"
     an unknown path                     404 text/plain "404: Not Found"
 
@@ -59,7 +61,8 @@ Use it from Trio (``async with run_fake_homeassistant(token=...) as ha``), from 
 It is a stdlib ``ThreadingHTTPServer`` (one thread per connection, HTTP/1.1 keep-alive, Nagle
 off) with its own accept loop, so ``stop()``/``down()`` return at once.
 
-Imports: nothing of agentgate: it stands for another program.
+Imports: testing.fake_ha_wider (the wider toolset), and nothing else: it stands for another
+program.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import trio
+
+from agentgate.testing import fake_ha_wider
+from agentgate.testing.fake_ha_wider import Refused, WiderHome
 
 __all__ = ["FakeHomeAssistant", "run_fake_homeassistant"]
 
@@ -397,9 +403,10 @@ class FakeHomeAssistant:
         self._history: dict[str, list[State]] = {}
         self._scenes: dict[str, dict[str, dict[str, Any]]] = {}  # scene.create
         self._watchers: list[Callable[[], None]] = []  # wait_for_state's wake-ups, under _lock
-        for entity_id, state, attributes in _INITIAL_HOME:
+        for entity_id, state, attributes in [*_INITIAL_HOME, *fake_ha_wider.ENTITIES]:
             extra = _LIGHT_EXTRA if entity_id.startswith("light.") else {}
             self._set(entity_id, state, {**extra, **attributes}, None)
+        self.wider = WiderHome(self._copy_states, self._copy_history, self._merge)
         self._server: ThreadingHTTPServer | None = None
         self._accept_thread: threading.Thread | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -543,11 +550,42 @@ class FakeHomeAssistant:
                 with self._lock:
                     self._watchers.remove(wake)
 
+    def _copy_states(self) -> dict[str, State]:
+        with self._lock:
+            return copy.deepcopy(self._states)
+
+    def _copy_history(self, entity_id: str) -> list[State]:
+        with self._lock:
+            return copy.deepcopy(self._history.get(entity_id, []))
+
+    def _merge(self, entity_id: str, state: str, attributes: dict[str, Any]) -> None:
+        current = self.state(entity_id)
+        merged = {**(current["attributes"] if current else {}), **attributes}
+        self._change(entity_id, state, merged)
+
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self._stopping.wait(seconds):
             raise ConnectionAbortedError("fake Home Assistant stopped")
 
     def _call_service(
+        self, domain: str, name: str, data: Any, return_response: bool
+    ) -> list[State] | dict[str, Any]:
+        if (domain, name) in fake_ha_wider.SERVICES:
+            try:
+                answer: list[State] | dict[str, Any] = self.wider.call(
+                    domain, name, data, return_response
+                )
+            except Refused as refused:
+                if refused.message is None:
+                    raise _text(refused.status) from None
+                raise _message(refused.status, refused.message) from None
+            return answer
+        changed = self._run_service(domain, name, data, return_response)
+        for state in changed if isinstance(changed, list) else changed["changed_states"]:
+            self.wider.calls[state["context"]["id"]] = (domain, name)
+        return changed
+
+    def _run_service(
         self, domain: str, name: str, data: Any, return_response: bool
     ) -> list[State] | dict[str, Any]:
         service = _SERVICES.get(domain, {}).get(name)
@@ -843,12 +881,34 @@ class FakeHomeAssistant:
                 route = ("GET", lambda: self._history_route(None, query))
             case ["history", "period", start]:
                 route = ("GET", lambda: self._history_route(start, query))
+            case ["template"]:
+                route = ("POST", lambda: self._template(raw))
+            case ["logbook", start]:
+                route = ("GET", lambda: self._logbook(start, query))
         if route is None:
             raise _text(404)
         allowed, answer = route
         if method != allowed:
             raise _text(405)
         return answer()
+
+    def _template(self, raw: bytes) -> Any:
+        try:
+            text = self.wider.render(self._service_data(raw))
+        except Refused as refused:
+            raise _message(refused.status, str(refused.message)) from None
+        raise _Reply(200, text, _TEXT)
+
+    def _logbook(self, start_text: str, query: Mapping[str, list[str]]) -> Any:
+        start = _parse_datetime(start_text)
+        if start is None:
+            raise _message(400, "Invalid datetime")
+        end_text = query.get("end_time", [""])[0]
+        end = _parse_datetime(end_text) if end_text else start + _ONE_DAY
+        if end is None:
+            raise _message(400, "Invalid end_time")
+        entity_id = query.get("entity", [""])[0]
+        return self.wider.logbook(start, entity_id, end)
 
     def _locked(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:

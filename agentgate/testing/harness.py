@@ -120,6 +120,7 @@ def write_gate_toml(
     guardian_settings: Mapping[str, Any] | None = None,
     ha_timeout: float = 5,
     mcp: Mapping[str, Any] | None = None,
+    extra_toml: str = "",
 ) -> Path:
     (workdir / "permissions.yaml").write_text(policy)
     gateway = dict(gateway or {})
@@ -153,7 +154,7 @@ def write_gate_toml(
         mcp = {"listen": "127.0.0.1:0", **mcp}
         lines += ["", "[mcp]"] + [f"{k} = {_toml_value(v)}" for k, v in mcp.items()]
     path = workdir / "gate.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
     return path
 
 
