@@ -212,7 +212,7 @@ class Result(NamedTuple):
     error: AgentgateError | None = None
 
     def queued(self) -> dict[str, Any]:
-        """The queued-result entry of ``get_pending_results`` (DESIGN §13)."""
+        """The queued-result entry of ``get_pending_results`` (docs/protocol.md)."""
         entry: dict[str, Any] = {
             "request_id": self.request_id,
             "rpc_id": self.reply_to,

@@ -1,6 +1,6 @@
 """The approval broker: owns every pending approval, from ask to delivered result.
 
-Lifecycle of one approval (DESIGN §6)::
+Lifecycle of one approval::
 
     ask() ── persist (audit + pending row, one commit) ── start a broker task ──┐
                                                                                 │
@@ -27,7 +27,8 @@ crash, and edits its card back with its buttons. ``cancel_pending=True`` (decomm
 resolves everything as ``shutdown`` instead.
 
 Imports: approvals, store, guardian (the protocol), tools (which calls a grant may cover),
-errors. Results reach front doors through their :class:`~agentgate.approvals.ReplyHandle`.
+errors, protocol (ids). Results reach front doors through their
+:class:`~agentgate.approvals.ReplyHandle`.
 """
 
 from __future__ import annotations

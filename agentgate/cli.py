@@ -8,6 +8,9 @@ to the table. Exit status 2 always means invalid input or usage (argparse's own 
 Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``, ``audit``; the
 agent-side ``call``, ``tools`` and ``pending`` declare their arguments here and run in
 :mod:`agentgate.cli_agent` (exit statuses and connection settings are documented there).
+
+Imports: tools, policy, errors, agentgate's ``__version__``; and, each only in the command that
+runs it, config, preflight, serve, audit, inert, store, http_tools, cli_agent, mcp.stdio.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The WebSocket front door: one JSON-RPC connection per agent socket, and nothing that decides.
 
-Per connection (DESIGN §3)::
+Per connection::
 
     handle(request)                      one per accepted WebSocket (agentgate.listener),
     │                                     holding its place in the connection limits
@@ -15,7 +15,7 @@ A :class:`Connection` is also the request's reply handle
 (:class:`~agentgate.approvals.ReplyHandle`): an approval's "pending" notice and its late result
 become frames on the connection that asked. Nothing a connection does can crash the server:
 every handler catches what is not cancellation, logs it and answers -32603, and the connection
-stays up (DESIGN §13).
+stays up (docs/protocol.md, "Errors").
 
 Imports: pipeline (and its outcome types), approvals, protocol, limits, config, errors.
 """

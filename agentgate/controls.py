@@ -6,7 +6,7 @@ state the pipeline consults on every request, the freeze and the active grants, 
 both from the store at start-up.
 
 Imports: broker (approvals it decides), store, tools (which calls a grant may cover),
-guardian (the protocol), approvals. Never the pipeline or a front door.
+guardian (the protocol), approvals, errors. Never the pipeline or a front door.
 """
 
 from __future__ import annotations

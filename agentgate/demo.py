@@ -17,6 +17,9 @@ One ``trio.run`` starts, all on 127.0.0.1:
 The demo ends with the audit table and cleans up its temporary directory. ``--auto`` presses
 Allow by itself and exits 0 only if everything behaved as expected (1 otherwise), with no TTY and
 no stdin needed; ``tests/test_demo.py`` runs it so it cannot rot.
+
+Imports: testing (the fakes, the harness, the MCP client), client (the agent), demo_phone, audit and
+store (the closing table).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ executed, denied, timed out) are drawn too.
 
 Keys come from :class:`KeyReader` (``a`` Allow, ``d`` Deny, ``h`` Allow 1 h); with ``auto=True``
 the phone presses Allow by itself after a short pause, so it runs with no TTY and no stdin.
+
+Imports: guardian.terminal (how a card is drawn, the keys), testing.fake_telegram.
 """
 
 from __future__ import annotations

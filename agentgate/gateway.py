@@ -1,6 +1,6 @@
 """The gateway, wired: one function builds every part, one serves it over WSS.
 
-Task tree (DESIGN §3)::
+Task tree::
 
     serve_gateway(config)             `agentgate serve`, the test harness, the demo, the bench
     ├── open_gateway(config)          the same wiring for the fast tests (memory streams)
@@ -22,7 +22,9 @@ Start-up fails fast (:class:`~agentgate.config.ConfigError`, ``agentgate serve``
 Home Assistant or Telegram refuses the configured token or chat; an unreachable service is
 logged and ridden out instead.
 
-Imports: every room below; nothing imports this module but the entry points.
+Imports: config, store, policy, preflight, http_tools, services and services.homeassistant,
+guardian, guardian.card and guardian.supervisor, broker, controls, pipeline, connection,
+listener, and mcp.http when ``[mcp]`` is set. Nothing imports this module but the entry points.
 """
 
 from __future__ import annotations

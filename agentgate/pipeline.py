@@ -412,8 +412,8 @@ class Pipeline:
         return await self.store.acknowledge_queued(agent, request_ids(ids))
 
     async def result_of(self, agent: str, request_id: str, wait: float) -> dict[str, Any]:
-        """The outcome of ``agent``'s request ``request_id``: its queued-result entry (DESIGN
-        §13), waiting up to ``wait`` seconds while it is still open, then
+        """The outcome of ``agent``'s request ``request_id``: its queued-result entry
+        (docs/protocol.md), waiting up to ``wait`` seconds while it is still open, then
         ``{"status": "pending", "request_id", "expires_at"}``. Only requests that were asked
         have a stored outcome; any other id, or another agent's, is ``InvalidParams`` ("unknown
         request"). Reading an outcome delivers it (it leaves the queue); nothing executes.

@@ -2,7 +2,7 @@
 
 A policy has ``rules`` (``{pattern, action, description?}``) and ``defaults`` (an ordered
 list of ``{pattern, action}``); patterns are case-sensitive fnmatch globs on the request's
-signature (see :mod:`agentgate.tools`). Precedence (DESIGN §5), whatever is more specific::
+signature (see :mod:`agentgate.tools`). Precedence (docs/policy.md), whatever is more specific::
 
     any matching deny rule   -> deny
     any matching allow rule  -> allow

@@ -10,8 +10,8 @@ that stops it is a bug: logged with its traceback, exit 1.
 ``--terminal-guardian`` runs :class:`~agentgate.guardian.terminal.TerminalGuardian` instead of
 Telegram: cards in this terminal, keys decide.
 
-Imports: gateway, config, preflight, policy, store, errors, inert, _compat; guardian.terminal
-only when asked for.
+Imports: gateway, config, preflight, policy, store, errors, inert, _compat, http_tools (tool
+names); guardian.terminal only when asked for.
 """
 
 from __future__ import annotations

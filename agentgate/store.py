@@ -171,7 +171,7 @@ class PendingRow:
 @frozen
 class ResultRow:
     """An approval's outcome as :meth:`Store.result_of` reads it: ``entry`` (the queued-result
-    object of DESIGN §13) is None while the approval is still open."""
+    entry of docs/protocol.md) is None while the approval is still open."""
 
     request_id: str
     expires_at: float
@@ -246,6 +246,19 @@ class Store:
         self._closed = False
         self.commits = 0  # transactions committed (group commit makes this < operations)
         self.synced = 0  # of which committed with an fsync (durable)
+        self.checkpointed = 0  # commits the last background WAL checkpoint covered
+        self._checkpoint = trio.Event()  # set (and renewed) after each background checkpoint
+
+    async def wait_checkpointed(self, commits: int) -> None:
+        """Return once a background WAL checkpoint has covered the first ``commits`` commits
+        (the database file then holds them without its WAL); the caller's deadline bounds it."""
+        while self.checkpointed < commits:
+            await self._checkpoint.wait()
+
+    def _checkpoint_done(self, commits: int) -> None:
+        self.checkpointed = commits
+        self._checkpoint.set()
+        self._checkpoint = trio.Event()
 
     # -- the writer ---------------------------------------------------------------------------
 
@@ -561,7 +574,7 @@ class Store:
     ) -> bool:
         """Close an approval: its outcome, the audit resolution, and the result entry.
 
-        ``entry`` is the queued-result object of DESIGN §13; if ``delivered`` is False it waits
+        ``entry`` is a queued-result entry (docs/protocol.md); if ``delivered`` is False it waits
         in the agent's queue: handed out once by ``take_queued``, or listed by ``list_queued``
         until ``acknowledge_queued``. False (and nothing written) if the approval was already
         done.
@@ -947,6 +960,8 @@ async def _checkpoints(store: Store, path: Path, every: float) -> None:
                 await trio.to_thread.run_sync(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 log.warning("WAL checkpoint failed (will retry): %s", exc)
+            else:
+                store._checkpoint_done(done)
     finally:
         if conn is not None:
             conn.close()

@@ -1,7 +1,7 @@
 """The registry of known tools: their JSON Schemas, argument validation and signatures.
 
 Every request is validated here *before* its signature is built, so a signature is always
-unambiguous and can be matched safely by the policy's fnmatch globs (DESIGN §5, §13):
+unambiguous and can be matched safely by the policy's fnmatch globs (docs/policy.md, "Validation"):
 
 - ``args`` is a JSON object of bounded depth and size; every string in it, keys included and
   however deeply nested, is free of the glob and separator characters ``* ? [ ] ( ) ,`` and

@@ -254,7 +254,7 @@ def _classic(rng: random.Random, rpc_id: int) -> Frame:
         and value.get("jsonrpc") == "2.0"
         and isinstance(value.get("method"), str)
     ):
-        return Frame(json.dumps(value), "none", None, "notification")  # no answer (§13)
+        return Frame(json.dumps(value), "none", None, "notification")  # never answered
     expected = value.get("id", ...) if isinstance(value, dict) else None
     if isinstance(value, dict) and value.get("jsonrpc") != "2.0":
         expected = ...

@@ -1,4 +1,4 @@
-"""The policy engine: loading, precedence, explanations and lint (DESIGN §5)."""
+"""The policy engine: loading, precedence, explanations and lint (docs/policy.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tool registry: schemas, argument validation and signatures (DESIGN §5, §13)."""
+"""The tool registry: schemas, argument validation and signatures (docs/policy.md)."""
 
 from __future__ import annotations
 

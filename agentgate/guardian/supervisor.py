@@ -11,9 +11,9 @@ At start-up only, a configuration Telegram refuses (the token, the chat) is not 
 first attempt's :class:`~agentgate.guardian.GuardianRefused` becomes a
 :class:`~agentgate.config.ConfigError` naming the key, and ``agentgate serve`` exits 2.
 
-Imports: the guardian protocol, card rules, config (ConfigError); the Telegram module itself
-only when it runs (python-telegram-bot is a heavy import, and a gateway without Telegram never
-needs it).
+Imports: guardian (the protocol), guardian.card (card rules), config (ConfigError);
+guardian.telegram only when it runs (python-telegram-bot is a heavy import, and a gateway
+without Telegram never needs it).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ guardian holds a one-shot reply handle (:class:`_Waiter`); when the call stops w
 (answered "pending", cancelled, or its client gone: the guard sets an event when the HTTP
 request ends) the handle refuses the late result and the broker queues it for the agent.
 
-Imports: pipeline, approvals (the reply handle), config, limits, errors; mcp.server.
+Imports: pipeline, approvals (the reply handle), config, limits, errors, protocol (ids); mcp.server.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ While a call waits for the guardian it sends ``notifications/progress`` (if the 
 (its client gone) or answered "pending" leaves its approval with the broker; the outcome is
 queued for the agent (``agentgate_pending_results``) and readable by id (``agentgate_result``).
 
-Imports: errors (the error family). The SDK (``mcp``, ``mcp_types``) and Trio.
+Imports: errors (the error family), agentgate's ``__version__``. The SDK (``mcp``,
+``mcp_types``) and Trio.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ class Backend(Protocol):
         ...
 
     async def result(self, request_id: str, wait: float) -> dict[str, Any]:
-        """A queued-result entry of DESIGN §13, or ``{"status": "pending", ...}``."""
+        """A queued-result entry (docs/protocol.md), or ``{"status": "pending", ...}``."""
         ...
 
     async def pending_results(self) -> list[dict[str, Any]]:
@@ -241,7 +242,7 @@ def pending_result(asked: Asked) -> types.CallToolResult:
 
 
 def entry_outcome(entry: Mapping[str, Any]) -> Outcome | AgentgateError:
-    """A queued-result entry (DESIGN §13) as a final outcome."""
+    """A queued-result entry (docs/protocol.md) as a final outcome."""
     if entry.get("status") == "executed":
         return {"request_id": entry.get("request_id"), "data": entry.get("data")}
     wire = entry.get("error")

@@ -54,7 +54,7 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
   back afterwards) when that read succeeds. Only a failure before the request left (cannot
   connect, DNS, TLS, no free connection) is a plain failure. Nothing is ever retried.
 
-Imports: tools, errors, config (TLS contexts).
+Imports: tools, errors, config (TLS contexts), ha_templates.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ here is 0), ``ha.down()`` / ``ha.up()`` (refuse connections: the listening socke
 open keep-alive connections are dropped; ``up()`` listens on the same port). ``ha.calls`` logs
 every request as ``(method, path_with_query, body)`` where ``body`` is the parsed JSON, the raw
 text if it is not JSON, or ``None`` if empty. ``ha.state(entity_id)`` returns a copy of an
-entity's state object.
+entity's state object; ``await ha.wait_for_state(entity_id, state)`` (Trio) waits for one.
 
 Use it from Trio (``async with run_fake_homeassistant(token=...) as ha``), from sync code
 (``with FakeHomeAssistant(token=...) as ha``) or as a process for benchmarks and the demo::
@@ -60,12 +60,16 @@ Use it from Trio (``async with run_fake_homeassistant(token=...) as ha``), from 
 
 It is a stdlib ``ThreadingHTTPServer`` (one thread per connection, HTTP/1.1 keep-alive, Nagle
 off) with its own accept loop, so ``stop()``/``down()`` return at once.
+
+Imports: testing.fake_ha_wider (the wider toolset), and nothing else: it stands for another
+program.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 import secrets
@@ -398,6 +402,7 @@ class FakeHomeAssistant:
         self._states: dict[str, State] = {}
         self._history: dict[str, list[State]] = {}
         self._scenes: dict[str, dict[str, dict[str, Any]]] = {}  # scene.create
+        self._watchers: list[Callable[[], None]] = []  # wait_for_state's wake-ups, under _lock
         for entity_id, state, attributes in [*_INITIAL_HOME, *fake_ha_wider.ENTITIES]:
             extra = _LIGHT_EXTRA if entity_id.startswith("light.") else {}
             self._set(entity_id, state, {**extra, **attributes}, None)
@@ -523,7 +528,27 @@ class FakeHomeAssistant:
         history = self._history.setdefault(entity_id, [])
         history.append(new)
         del history[:-_HISTORY_LENGTH]  # bounded, for long benchmark runs
+        for wake in self._watchers:
+            wake()
         return copy.deepcopy(new)
+
+    async def wait_for_state(self, entity_id: str, state: str) -> State:
+        """Wait (in Trio, under the caller's deadline) until the entity is in ``state``; a
+        copy of its state object. Handler threads wake the waiter through its Trio token."""
+        token = trio.lowlevel.current_trio_token()
+        while True:
+            changed = trio.Event()
+            wake = functools.partial(token.run_sync_soon, changed.set)
+            with self._lock:
+                found = self._states.get(entity_id)
+                if found is not None and found["state"] == state:
+                    return copy.deepcopy(found)
+                self._watchers.append(wake)
+            try:
+                await changed.wait()
+            finally:
+                with self._lock:
+                    self._watchers.remove(wake)
 
     def _copy_states(self) -> dict[str, State]:
         with self._lock:

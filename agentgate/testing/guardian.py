@@ -2,6 +2,8 @@
 
 It implements the :class:`~agentgate.guardian.Guardian` protocol exactly as Telegram does, so the
 broker cannot tell the difference; decisions go back through the gateway's ``GuardianControl``.
+
+Imports: guardian (the protocol).
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ class ScriptedGuardian:
         while len(self.cards) < count:
             await self._changed.wait()
         return list(self.cards.values())[-1]
+
+    async def card_of(self, request_id: str) -> ShownCard:
+        """Wait until the card of ``request_id`` has been shown (caller's deadline): an agent
+        can hear "approval pending" before the card reaches the guardian."""
+        while request_id not in self.cards:
+            await self._changed.wait()
+        return self.cards[request_id]
 
     async def wait_for_update(self, request_id: str) -> CardUpdate:
         while True:

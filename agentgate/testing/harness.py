@@ -3,6 +3,8 @@
 ``async with running_gateway(workdir, home=home) as gw:`` writes a ``gate.toml`` and a policy
 into ``workdir``, issues a throw-away TLS certificate (trustme), starts :func:`serve_gateway`
 in-process and yields everything an agent needs (``gw.url``, ``gw.ca_path``, ``gw.tokens``).
+
+Imports: config, gateway, guardian (the protocol), testing.guardian.
 """
 
 from __future__ import annotations
