@@ -8,7 +8,8 @@ Task tree::
     │   ├── executor                  (agentgate.services: Home Assistant and the HTTP
     │   │                              services over httpx; several as one ServiceSet)
     │   ├── guardian                  (Telegram in a trio-asyncio loop, supervised; or given)
-    │   └── broker.run                (agentgate.broker: one task per pending approval)
+    │   ├── broker.run                (agentgate.broker: one task per pending approval)
+    │   └── trim_after_activity       (agentgate.memory: freed heap back to the OS after work)
     │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket)
     ├── serve_websockets              (agentgate.listener) → door.handle per connection
     └── serve_mcp (if [mcp])          (agentgate.mcp.http) → the MCP door, Streamable HTTP
@@ -24,7 +25,8 @@ logged and ridden out instead.
 
 Imports: config, store, policy, preflight, http_tools, services and services.homeassistant,
 guardian, guardian.card and guardian.supervisor, broker, controls, pipeline, connection,
-listener, and mcp.http when ``[mcp]`` is set. Nothing imports this module but the entry points.
+listener, memory, and mcp.http when ``[mcp]`` is set. Nothing imports this module but the
+entry points.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from agentgate.controls import Controls
 from agentgate.guardian import Guardian, GuardianControl
 from agentgate.guardian.card import CardRules
 from agentgate.listener import serve_websockets
+from agentgate.memory import trim_after_activity
 from agentgate.pipeline import INTERRUPTED, Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
 from agentgate.preflight import server_tls_context
@@ -217,6 +220,7 @@ async def _open_gateway(
                 log.warning("no guardian configured: every ask fails closed (-32004)")
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.run)
+                nursery.start_soon(trim_after_activity, lambda: store.commits)
                 try:
                     yield Gateway(
                         config,
