@@ -6,7 +6,8 @@ Stored states (``pending_requests.state``) and their only transitions::
        └────(deny, freeze, timeout, shutdown, undeliverable card)──────▶ DONE
 
 ``PENDING → EXECUTING`` happens at most once per approval (the store's exactly-once gate); an
-approval found ``EXECUTING`` after a restart was interrupted mid-call and is never run again.
+approval found ``EXECUTING`` after a restart was interrupted mid-call and is never run again:
+its outcome is ``unknown``, as is that of a call whose answer never came (it may have run).
 
 What ended the wait is a :class:`Decision`. :data:`MEANINGS` says, for each, what the audit log
 records (:class:`Outcome`), what the card shows (:class:`~agentgate.guardian.Status`), which
@@ -16,13 +17,14 @@ and the wire all read this table, nothing compares message texts.
     ============== ============ ============== ===================== ============================
     decision       outcome      card           error to the agent     press answer
     ============== ============ ============== ===================== ============================
-    ALLOW          executed or failed, as the call went               "approved"
-    GRANT          executed or failed, as the call went               "allowed for 1 h"
+    ALLOW          executed, failed or unknown, as the call went      "approved"
+    GRANT          executed, failed or unknown, as the call went      "allowed for 1 h"
     DENY           denied       denied         DeniedByGuardian      "denied"
     FROZEN         denied       frozen         DeniedByPolicy        "denied (frozen)"
     TIMEOUT        timed_out    timed_out      ApprovalTimedOut      "timed out"
     SHUTDOWN       shutdown     shutdown       GatewayShuttingDown   "cancelled (gateway ...)"
     UNDELIVERABLE  failed       failed         ExecutionFailed       "failed (guardian ...)"
+    REVOKED        denied       denied         DeniedByPolicy        "denied (policy changed)"
     ============== ============ ============== ===================== ============================
 
 A press on an approval that already ended is answered ``"expired: already <answer>"``.
@@ -58,6 +60,7 @@ __all__ = [
     "Result",
     "State",
     "decision_for",
+    "sources",
 ]
 
 
@@ -74,16 +77,29 @@ TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
     State.EXECUTING: frozenset({State.DONE}),
     State.DONE: frozenset(),
 }
+"""Every state change the store may make (it guards its updates with this table, and a trigger
+refuses any other)."""
+
+
+def sources(target: State) -> frozenset[State]:
+    """The states from which an approval may move to ``target``."""
+    return frozenset(state for state, targets in TRANSITIONS.items() if target in targets)
 
 
 class Outcome(enum.StrEnum):
-    """How a request ended: the audit log's resolution, a queued result's ``status``."""
+    """How a request ended: the audit log's resolution, a queued result's ``status``.
+
+    The values are stored: a new member needs no migration, but an older agentgate reading a
+    store that holds it would not know it.
+    """
 
     EXECUTED = "executed"
     DENIED = "denied"
     TIMED_OUT = "timed_out"
     FAILED = "failed"
     SHUTDOWN = "shutdown"
+    REJECTED = "rejected"  # invalid before any decision (unknown tool, bad arguments)
+    UNKNOWN = "unknown"  # sent, but its answer never came: it may have run (never retried)
 
 
 class Decision(enum.Enum):
@@ -96,6 +112,7 @@ class Decision(enum.Enum):
     TIMEOUT = "timeout"
     SHUTDOWN = "shutdown"
     UNDELIVERABLE = "undeliverable"
+    REVOKED = "revoked"  # found pending at start, no longer asked: the policy or agent changed
 
 
 class Meaning(NamedTuple):
@@ -152,11 +169,19 @@ MEANINGS: Final[Mapping[Decision, Meaning]] = {
         "guardian unreachable: {detail}",
         "failed (guardian unreachable)",
     ),
+    Decision.REVOKED: Meaning(
+        Outcome.DENIED,
+        Status.DENIED,
+        DeniedByPolicy,
+        "denied by policy: {detail}",
+        "denied (the policy changed)",
+    ),
 }
 
 EXECUTION_CARDS: Final[Mapping[Outcome, Status]] = {
     Outcome.EXECUTED: Status.EXECUTED,
     Outcome.FAILED: Status.FAILED,
+    Outcome.UNKNOWN: Status.UNKNOWN,
 }
 """The card of a decision that executed, by how the call went."""
 
@@ -187,7 +212,7 @@ class Result(NamedTuple):
     error: AgentgateError | None = None
 
     def queued(self) -> dict[str, Any]:
-        """The queued-result entry of ``get_pending_results`` (DESIGN §13)."""
+        """The queued-result entry of ``get_pending_results`` (docs/protocol.md)."""
         entry: dict[str, Any] = {
             "request_id": self.request_id,
             "rpc_id": self.reply_to,
@@ -199,6 +224,11 @@ class Result(NamedTuple):
             entry["data"] = self.data
         else:
             entry["error"] = {"code": self.error.code, "message": self.error.message}
+            if self.outcome is Outcome.UNKNOWN:  # what the agent needs to decide what next
+                known = ("outcome", "state_after")
+                entry["error"]["data"] = {
+                    k: self.error.data[k] for k in known if k in self.error.data
+                }
         return entry
 
 
@@ -211,6 +241,11 @@ class ReplyHandle(Protocol):
 
     @property
     def agent(self) -> str: ...
+
+    @property
+    def via(self) -> str:
+        """The front door, for the audit log and the card: ``ws``, ``mcp-stdio``, ``mcp-http``."""
+        ...
 
     def approval_pending(self, request_id: str, reply_to: JsonId, expires_at: float) -> None:
         """The request waits for a guardian (until ``expires_at``, unix time)."""

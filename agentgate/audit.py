@@ -7,7 +7,7 @@ already shown, the way ``tail -f`` would if rows never changed.
 Every field that came from outside (tool names, arguments, guardians' display names) is made
 inert before it reaches the terminal (:mod:`agentgate.inert`).
 
-Imports: store (read-only), inert.
+Imports: store (read-only), approvals (the outcomes), inert.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 import attrs
 
+from agentgate.approvals import Outcome
 from agentgate.inert import inert, inert_json
 from agentgate.store import AuditEntry, audit_entries, read_only, select_audit
 
@@ -74,22 +75,46 @@ def _what(e: AuditEntry) -> str:
     return f"{e.tool} {json.dumps(e.args, ensure_ascii=False, default=str)}"
 
 
+# What an error message says again after its resolution: "denied by X: denied by the guardian
+# (X)" reads "denied by X"; "timed_out: approval timed out: why" reads "timed_out: why".
+_RESTATED = {
+    "denied": ("denied by the guardian", "denied by policy"),
+    "timed_out": ("approval timed out",),
+    "shutdown": ("gateway shutting down",),
+    "failed": ("execution failed",),
+    "unknown": ("outcome unknown",),
+}
+
+
 def _outcome(e: AuditEntry) -> str:
     text = e.resolution or "-"
     if e.resolved_by:
         text += f" by {e.resolved_by}"
-    if e.error:
-        text += f": {e.error}"
-    return text
+    detail = e.error or ""
+    for said in _RESTATED.get(e.resolution or "", ()):
+        if detail.startswith(said):
+            detail = detail[len(said) :].lstrip(": ")
+    if e.resolved_by and detail in (f"({e.resolved_by})", e.resolved_by):
+        detail = ""
+    if not detail and e.resolution == "rejected" and e.kind == "request":
+        detail = e.matched or ""  # why it was refused: the row has no other place for it
+    after = e.result.get("state_after") if isinstance(e.result, dict) else None
+    if e.resolution is Outcome.UNKNOWN and isinstance(after, dict) and after:
+        now = ", ".join(f"{entity}: {state}" for entity, state in after.items())
+        detail = f"{detail} — now: {now}" if detail else f"now: {now}"
+    return f"{text}: {detail}" if detail else text
 
 
-COLUMNS = ("time (UTC)", "agent", "decision", "request", "outcome")
+COLUMNS = ("time (UTC)", "agent", "via", "decision", "request", "outcome")
 
 
 def table_rows(entries: list[AuditEntry]) -> list[tuple[str, ...]]:
     """Each row's cells, made inert: agents and Telegram users choose most of this text."""
     return [
-        tuple(inert(cell) for cell in (_when(e.time), e.agent, e.decision, _what(e), _outcome(e)))
+        tuple(
+            inert(cell)
+            for cell in (_when(e.time), e.agent, e.via or "-", e.decision, _what(e), _outcome(e))
+        )
         for e in entries
     ]
 
@@ -109,8 +134,40 @@ def format_table(entries: list[AuditEntry], *, width: int = 60) -> str:
     return "\n".join(lines)
 
 
+def iso(t: float | None) -> str | None:
+    """Unix seconds as ISO 8601 UTC with milliseconds: ``2026-12-04T19:16:50.123Z``."""
+    if t is None:
+        return None
+    moment = datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+    return moment.replace("+00:00", "Z")
+
+
 def to_json(entry: AuditEntry) -> dict[str, Any]:
-    return attrs.asdict(entry)
+    """One row for ``--json``: every field, its times in ISO 8601 UTC."""
+    row = attrs.asdict(entry)
+    row["time"], row["resolved_at"] = iso(entry.time), iso(entry.resolved_at)
+    return row
+
+
+FOLLOW_WIDTHS = (19, 12, 9, 8, 56)
+"""Column widths of ``--follow`` (rows arrive one by one: they cannot be measured first);
+the outcome takes the rest of the line."""
+
+
+def follow_line(cells: tuple[str, ...], mark: str = "") -> str:
+    """One ``--follow`` line: fixed-width columns, long cells cut."""
+    parts = []
+    for cell, width in zip(cells, FOLLOW_WIDTHS, strict=False):
+        cell = cell if len(cell) <= width else cell[: width - 1] + "…"
+        parts.append(cell.ljust(width))
+    parts.append(cells[len(FOLLOW_WIDTHS)] if len(cells) > len(FOLLOW_WIDTHS) else "")
+    return (mark + "  ".join(parts)).rstrip()
+
+
+def follow_header() -> str:
+    """The header of ``--follow``, then the rule under it."""
+    rule = (*("-" * w for w in FOLLOW_WIDTHS), "-" * 20)
+    return follow_line(COLUMNS) + "\n" + follow_line(rule)
 
 
 def follow(

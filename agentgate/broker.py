@@ -1,6 +1,6 @@
 """The approval broker: owns every pending approval, from ask to delivered result.
 
-Lifecycle of one approval (DESIGN §6)::
+Lifecycle of one approval::
 
     ask() ── persist (audit + pending row, one commit) ── start a broker task ──┐
                                                                                 │
@@ -19,8 +19,16 @@ belong to the broker, not to the front door that asked: when the agent goes away
 goes on and its result is queued. Execution is gated by the store (``pending`` → ``executing``
 happens once), so a decision can never run a call twice, even across a restart.
 
+A planned restart (:meth:`Broker.shutdown`) *suspends* what is still undecided instead of
+ending it: the asking door hears -32007 (its result will be queued), the card is edited once to
+say the gateway is restarting (without buttons: a press while it is down could not be
+answered), and the store keeps the approval pending. The next start resumes it as after a
+crash, and edits its card back with its buttons. ``cancel_pending=True`` (decommissioning)
+resolves everything as ``shutdown`` instead.
+
 Imports: approvals, store, guardian (the protocol), tools (which calls a grant may cover),
-errors. Results reach front doors through their :class:`~agentgate.approvals.ReplyHandle`.
+errors, protocol (ids). Results reach front doors through their
+:class:`~agentgate.approvals.ReplyHandle`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +60,7 @@ from agentgate.errors import (
     AgentgateError,
     ExecutionFailed,
     GatewayShuttingDown,
+    OutcomeUnknown,
     RateLimited,
 )
 from agentgate.guardian import (
@@ -70,8 +80,13 @@ log = logging.getLogger(__name__)
 
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[str, dict[str, Any]], Awaitable[str | None]]
-OnGrant = Callable[[str, str, str], Awaitable[None]]
+ReadBack = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+OnGrant = Callable[[str, str, str], Awaitable[float | None]]
+"""Remembers an "Allow 1 h" (agent, signature, by); returns when the grant ends, if it says."""
 Sessions = Callable[[str], Sequence[ReplyHandle]]
+Recheck = Callable[[PendingRow], tuple[Decision, str | None, str] | None]
+"""Is an approval found pending at start still asked? None, or how to end it (decision, by,
+detail)."""
 
 
 @attrs.define(eq=False)
@@ -90,6 +105,9 @@ class Approval:
     detail: str = ""
     wake: trio.CancelScope | None = None
     copies: list[str] | None = None  # message refs of the card's copies (/pending)
+    suspended: bool = False  # a planned restart: stays pending in the store, undecided
+    restore: bool = False  # its card says "restarting": edit it back with its buttons
+    restoring: trio.Event | None = None  # set once the card's restore is done (or given up)
 
     def shown_on(self, message_ref: str) -> bool:
         """Whether ``message_ref`` is this approval's card or one of its copies."""
@@ -100,10 +118,20 @@ class Approval:
         return self.row.request_id
 
     def resolve(self, kind: Decision, by: str | None = None, detail: str = "") -> bool:
-        """First resolution wins; returns False (and changes nothing) for every later one."""
-        if self.kind is not None:
+        """First resolution wins; returns False (and changes nothing) for every later one, and
+        for a suspended approval (it is decided after the restart)."""
+        if self.kind is not None or self.suspended:
             return False
         self.kind, self.by, self.detail = kind, by, detail
+        if self.wake is not None:
+            self.wake.cancel()
+        return True
+
+    def suspend(self) -> bool:
+        """Leave it undecided for the next start (a planned restart); False if decided."""
+        if self.kind is not None or self.suspended:
+            return False
+        self.suspended = True
         if self.wake is not None:
             self.wake.cancel()
         return True
@@ -119,6 +147,7 @@ class Approval:
             matched=r.matched,
             expires_at=r.expires_at,
             target=r.target,
+            via=r.via,
         )
 
 
@@ -132,6 +161,10 @@ DEFAULT_DETAIL: Final = {
     Decision.UNDELIVERABLE: UNDELIVERED,
 }
 CARD_WAIT: Final = 15.0  # seconds a press may wait for its card's send to return (its budget)
+RESTORE_WAIT: Final = 10.0  # seconds an outcome's card edit waits for the card's restore
+# Set by a planned restart: the next start edits the pending cards back with their buttons.
+RESTARTING_KEY: Final = "restarting_since"
+RESTARTING_ANSWER: Final = "not decided: the gateway is restarting; press again once it is back"
 COPIES = 8  # copies of one card (/pending) whose buttons count; older ones answer "expired"
 
 
@@ -149,11 +182,15 @@ class Broker:
         now: Callable[[], float],
         approval_timeout: float,
         guardian: Guardian | None = None,
+        read_back: ReadBack | None = None,
+        recheck: Recheck | None = None,
     ) -> None:
         self.store = store
         self.guardian = guardian
         self._execute = execute
         self._describe = describe
+        self._read_back = read_back
+        self._recheck: Recheck = recheck or (lambda row: None)
         self._sessions = sessions
         self._on_grant = on_grant
         self._now = now
@@ -161,9 +198,11 @@ class Broker:
         self.approvals: dict[str, Approval] = {}
         self._waiting: dict[str, int] = defaultdict(int)  # agent -> undecided approvals
         self._nursery: trio.Nursery | None = None
-        self._closing = False  # shutdown began: new approvals resolve at once
+        self._closing = False  # shutdown began: new approvals resolve (or suspend) at once
+        self._suspending = False  # a planned restart: undecided approvals stay pending
         self._idle: trio.Event | None = None  # set when the last approval is done (idle())
         self._sending: dict[str, trio.Event] = {}  # request id -> set once its card is sent
+        self._watched: dict[str, trio.Event] = {}  # request id -> set once it is finished
         self.executions = 0
 
     # -- running ------------------------------------------------------------------------------
@@ -179,6 +218,7 @@ class Broker:
     async def _resume(self) -> None:
         assert self._nursery is not None
         now = self._now()
+        restarted = await self._planned_restart()
         for row in await self.store.open_pending():
             approval = Approval(row, session=None)
             self.approvals[row.request_id] = approval
@@ -191,9 +231,26 @@ class Broker:
             self._waiting[row.agent] += 1
             if row.expires_at <= now:
                 approval.resolve(Decision.TIMEOUT, None, "expired while the gateway was down")
+            elif (revoked := self._recheck(row)) is not None:
+                # A restart is how an operator tightens the policy, removes an agent or keeps
+                # a freeze: an ask that would not be asked now is not offered again.
+                approval.resolve(*revoked)
+            elif restarted and row.message_ref is not None:
+                approval.restore, approval.restoring = True, trio.Event()
             self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
         if self.approvals:
             log.info("resumed %d open approval(s) from the store", len(self.approvals))
+
+    async def _planned_restart(self) -> bool:
+        """Whether the last stop was a planned restart (its cards say so); forgets it."""
+        try:
+            since = await self.store.get_setting(RESTARTING_KEY)
+            if since:
+                await self.store.set_setting(RESTARTING_KEY, "")
+        except ExecutionFailed:
+            log.exception("could not read whether the last stop was a planned restart")
+            return False
+        return bool(since)
 
     # -- asking -------------------------------------------------------------------------------
 
@@ -243,6 +300,7 @@ class Broker:
                 created_at=now,
                 expires_at=now + self.approval_timeout,
                 state=State.PENDING,
+                via=reply.via,
             )
             entry = AuditEntry(
                 time=now,
@@ -253,6 +311,7 @@ class Broker:
                 signature=signature,
                 decision="ask",
                 matched=matched,
+                via=reply.via,
             )
             await self.store.add_pending(entry, row)
         except BaseException:
@@ -260,7 +319,9 @@ class Broker:
             raise
         approval = Approval(row, reply)
         self.approvals[request_id] = approval
-        if self._closing:  # shutdown began while this ask was being recorded
+        if self._suspending:  # a planned restart began while this ask was being recorded
+            approval.suspend()
+        elif self._closing:  # shutdown began while this ask was being recorded
             approval.resolve(Decision.SHUTDOWN, None, "gateway shutting down")
         self._nursery.start_soon(self._run_approval, approval, name=_TASK_NAME)
         reply.approval_pending(request_id, reply_to, row.expires_at)
@@ -292,10 +353,12 @@ class Broker:
         The caller has checked that the press was on this approval's card (:meth:`misplaced`).
         """
         approval = self.approvals.get(request_id)
+        if approval is not None and approval.kind is not None:
+            return PressAnswer(f"expired: already {MEANINGS[approval.kind].answer}")
+        if self._suspending:  # a planned restart: it is decided once the gateway is back
+            return PressAnswer(RESTARTING_ANSWER)
         if approval is None:
             return PressAnswer("expired or unknown approval")
-        if approval.kind is not None:
-            return PressAnswer(f"expired: already {MEANINGS[approval.kind].answer}")
         if self._now() >= approval.row.expires_at:
             approval.resolve(Decision.TIMEOUT)
             return PressAnswer("expired: the approval timed out")
@@ -316,10 +379,22 @@ class Broker:
                 count += 1
         return count
 
-    async def shutdown(self) -> None:
-        """Resolve everything still waiting as ``shutdown`` and let each approval finish."""
+    async def shutdown(self, *, cancel_pending: bool = False) -> None:
+        """Stop: suspend every undecided approval for the next start (a planned restart), or
+        with ``cancel_pending`` resolve them as ``shutdown``; let each approval finish either
+        way (a call already executing completes and records its outcome)."""
         self._closing = True
-        self.resolve_all(Decision.SHUTDOWN, None, "gateway shutting down")
+        if cancel_pending:
+            self.resolve_all(Decision.SHUTDOWN, None, "gateway shutting down")
+        else:
+            self._suspending = True
+            try:  # first: whatever happens next, the next start restores the cards
+                await self.store.set_setting(RESTARTING_KEY, str(time.time()))
+            except ExecutionFailed:
+                log.exception("could not record the planned restart")
+            suspended = sum(a.suspend() for a in list(self.approvals.values()))
+            if suspended:
+                log.info("%d approval(s) stay pending for the next start", suspended)
         await self.idle()
 
     async def idle(self) -> None:
@@ -349,14 +424,22 @@ class Broker:
 
     async def _run_approval(self, approval: Approval) -> None:
         try:
+            if approval.restore:
+                self._restore_card(approval)
             with trio.CancelScope(deadline=self._deadline(approval.row.expires_at)) as scope:
-                if approval.row.message_ref is None and approval.kind is None:
+                undecided = approval.kind is None and not approval.suspended
+                if approval.row.message_ref is None and undecided:  # else shown, or later
                     await self._show(approval)
-                if approval.kind is None:
-                    # Park until resolve() or the deadline cancels this scope.
+                if approval.kind is None and not approval.suspended:
+                    # Park until resolve(), suspend() or the deadline cancels this scope.
                     approval.wake = scope
                     await trio.sleep_forever()
             approval.wake = None
+            if approval.suspended:
+                self._waiting[approval.row.agent] -= 1
+                with trio.CancelScope(shield=True):
+                    await self._suspended(approval)
+                return
             approval.resolve(Decision.TIMEOUT)
             self._waiting[approval.row.agent] -= 1
             with trio.CancelScope(shield=True):
@@ -365,8 +448,21 @@ class Broker:
             approval.wake = None
             self._finished(approval)
 
+    async def finished(self, request_id: str) -> None:
+        """Return once the approval ``request_id`` is over (at once if it is not open): its
+        outcome is then in the store. Made for front doors that wait on a request by id."""
+        if request_id not in self.approvals:
+            return
+        event = self._watched.get(request_id)
+        if event is None:
+            event = self._watched[request_id] = trio.Event()
+        await event.wait()
+
     def _finished(self, approval: Approval) -> None:
         self.approvals.pop(approval.request_id, None)
+        watched = self._watched.pop(approval.request_id, None)
+        if watched is not None:
+            watched.set()
         if self._idle is not None and not self.approvals:
             self._idle.set()
             self._idle = None
@@ -402,12 +498,74 @@ class Broker:
         except ExecutionFailed:
             log.exception("could not record the card of %s", row.request_id)
 
+    async def _suspended(self, approval: Approval) -> None:
+        """A planned restart: the asking door hears -32007 (the result will be queued), and the
+        card says the gateway is restarting. The store keeps the approval pending."""
+        row = approval.row
+        data = {
+            "request_id": row.request_id,
+            "signature": row.signature,
+            "pending": True,
+            "expires_at": row.expires_at,
+        }
+        error = GatewayShuttingDown(
+            "gateway restarting: the approval stays open until its deadline and its result will"
+            " be queued for you (get_pending_results after reconnecting)",
+            data=data,
+        )
+        if approval.session is not None:
+            # A reply to this request, not its outcome (that is queued later; nothing is stored).
+            approval.session.deliver(
+                Result(
+                    row.request_id,
+                    row.rpc_id,
+                    row.tool,
+                    row.signature,
+                    Outcome.SHUTDOWN,
+                    None,
+                    error,
+                )
+            )
+        if self.guardian is None or row.message_ref is None:
+            return
+        update = CardUpdate(
+            status=Status.RESTARTING,
+            detail="open until its deadline; its buttons come back when the gateway does",
+            at=self._now(),
+        )
+        with trio.move_on_after(10):
+            try:
+                await self.guardian.update_card(approval.card(), row.message_ref, update)
+            except Exception:
+                log.exception("could not update the card of %s", row.request_id)
+
+    def _restore_card(self, approval: Approval) -> None:
+        """After a planned restart: the card gets its buttons back, once the guardian can."""
+        assert self._nursery is not None
+        if approval.restoring is None:
+            approval.restoring = trio.Event()
+        done = approval.restoring
+
+        async def restore() -> None:
+            ref = approval.row.message_ref
+            try:
+                with trio.move_on_after(max(0.0, approval.row.expires_at - self._now())):
+                    if self.guardian is not None and ref is not None and approval.kind is None:
+                        await self.guardian.restore_card(approval.card(), ref)
+            except Exception:
+                log.exception("could not restore the card of %s", approval.request_id)
+            finally:
+                done.set()
+
+        self._nursery.start_soon(restore, name=_TASK_NAME)
+
     async def _conclude(self, approval: Approval) -> None:
         row, kind = approval.row, approval.kind
         assert kind is not None  # _run_approval resolved it before concluding
         meaning = MEANINGS[kind]
+        grant_until = None
         if meaning.executes:
-            outcome, result, error = await self._execute_once(approval)
+            outcome, result, error, grant_until = await self._execute_once(approval)
         else:
             assert meaning.outcome is not None
             data = {"request_id": row.request_id, "signature": row.signature}
@@ -415,42 +573,56 @@ class Broker:
             detail = detail.removeprefix("guardian unreachable: ")  # the message says it once
             outcome, result = meaning.outcome, None
             error = meaning.error_for(by=approval.by, detail=detail, data=data)
-        await self._deliver(approval, outcome, result, error)
+        await self._deliver(approval, outcome, result, error, grant_until)
 
-    async def _execute_once(self, approval: Approval) -> tuple[Outcome, Any, AgentgateError | None]:
+    async def _execute_once(
+        self, approval: Approval
+    ) -> tuple[Outcome, Any, AgentgateError | None, float | None]:
+        """Run the call once; also says until when an "Allow 1 h" it began holds."""
         row = approval.row
         data = {"request_id": row.request_id, "signature": row.signature}
         by = approval.by or "guardian"
+        until = None
         try:
             if not await self.store.begin_execution(row.request_id, by, self._now()):
-                return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data)
+                return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data), None
             if approval.kind is Decision.GRANT:
-                await self._on_grant(row.agent, row.signature, by)
+                until = await self._on_grant(row.agent, row.signature, by)
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc
+            return Outcome.FAILED, None, exc, None
         try:
             self.executions += 1
             result = await self._execute(row.tool, row.args)
+        except OutcomeUnknown as exc:  # it may have run: never retried, reported as such
+            exc.data.update(data)
+            log.warning("%s (%s, request %s)", exc.message, row.signature, row.request_id)
+            return Outcome.UNKNOWN, None, exc, until
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc
+            return Outcome.FAILED, None, exc, until
         except Exception as exc:
             log.exception("executing %s failed unexpectedly", row.request_id)
-            return Outcome.FAILED, None, ExecutionFailed(f"execution failed: {exc}", data=data)
-        return Outcome.EXECUTED, result, None
+            failed = ExecutionFailed(f"execution failed: {exc}", data=data)
+            return Outcome.FAILED, None, failed, until
+        return Outcome.EXECUTED, result, None, until
 
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row
         data = {"request_id": row.request_id, "signature": row.signature}
-        error = ExecutionFailed(
-            "the gateway stopped while this call was executing; its outcome is unknown and it"
-            " was not run again",
+        error = OutcomeUnknown(
+            "outcome unknown: the gateway stopped while this call was executing; it may have"
+            " run and was not run again",
             data=data,
         )
+        log.warning("%s (%s, request %s)", error.message, row.signature, row.request_id)
         try:
             with trio.CancelScope(shield=True):
-                await self._deliver(approval, Outcome.FAILED, None, error)
+                if self._read_back is not None:
+                    after = await self._read_back(row.tool, row.args)
+                    if after is not None:
+                        error.data["state_after"] = after
+                await self._deliver(approval, Outcome.UNKNOWN, None, error)
         finally:
             self._finished(approval)
 
@@ -460,6 +632,7 @@ class Broker:
         outcome: Outcome,
         result: Any,
         error: AgentgateError | None,
+        grant_until: float | None = None,
     ) -> None:
         row = approval.row
         late = Result(row.request_id, row.rpc_id, row.tool, row.signature, outcome, result, error)
@@ -473,7 +646,7 @@ class Broker:
         try:
             await self.store.finish_pending(
                 row.request_id,
-                outcome.value,
+                outcome,
                 decided_by=approval.by,
                 at=self._now(),
                 entry=late.queued(),
@@ -485,7 +658,7 @@ class Broker:
             log.exception("could not record the outcome of %s", row.request_id)
         if not delivered:
             await self.announce_queued(row.agent)
-        await self._edit_card(approval, outcome, result, error, delivered)
+        await self._edit_card(approval, outcome, result, error, delivered, grant_until)
 
     async def announce_queued(self, agent: str) -> None:
         sessions = self._sessions(agent)
@@ -505,25 +678,49 @@ class Broker:
         result: Any,
         error: AgentgateError | None,
         delivered: bool,
+        grant_until: float | None = None,
     ) -> None:
         refs = [approval.row.message_ref, *(approval.copies or ())]
         if self.guardian is None or refs[0] is None:
             return
+        if approval.restoring is not None:  # its buttons must not come back after the outcome
+            with trio.move_on_after(RESTORE_WAIT):
+                await approval.restoring.wait()
         assert approval.kind is not None
         status = MEANINGS[approval.kind].card or EXECUTION_CARDS[outcome]
         if outcome is Outcome.EXECUTED:
             detail = _summary(result)
+        elif outcome is Outcome.UNKNOWN and error is not None:
+            detail = _unknown_summary(error)
         else:
             detail = error.message if error is not None else ""
-        if not delivered and outcome in (Outcome.EXECUTED, Outcome.FAILED):
+        if not delivered and outcome in (Outcome.EXECUTED, Outcome.FAILED, Outcome.UNKNOWN):
             status, detail = Status.QUEUED, f"{outcome.value}: {detail}"
-        update = CardUpdate(status=status, detail=detail, by=approval.by, at=self._now())
+        update = CardUpdate(
+            status=status, detail=detail, by=approval.by, at=self._now(), grant_until=grant_until
+        )
+        card = approval.card()
         with trio.move_on_after(10):
+            if outcome is Outcome.EXECUTED and card.target is not None:
+                # The card read the target before the call ("now: off"): say what it is now.
+                target = await self._describe(card.tool, card.args)
+                card = attrs.evolve(card, target=target or card.target)
             for ref in refs:
                 try:
-                    await self.guardian.update_card(approval.card(), str(ref), update)
+                    await self.guardian.update_card(card, str(ref), update)
                 except Exception:
                     log.exception("could not update the card of %s", approval.request_id)
+
+
+def _unknown_summary(error: AgentgateError) -> str:
+    """``outcome unknown — now: lock.front_door: unlocked (why)`` for the card."""
+    after = error.data.get("state_after")
+    if isinstance(after, dict) and after:
+        now = ", ".join(f"{entity}: {state}" for entity, state in after.items())
+    else:
+        now = "its state could not be read"
+    why = error.message.removeprefix("outcome unknown: ")
+    return f"outcome unknown — now: {now} ({why})"
 
 
 def _summary(result: Any, limit: int = 200) -> str:

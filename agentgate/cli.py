@@ -1,4 +1,4 @@
-"""The ``agentgate`` command line (DESIGN §11).
+"""The ``agentgate`` command line (README.md; each command's ``--help``; docs/operations.md).
 
 One function per subcommand, registered in :data:`COMMANDS`: a :class:`Command` names the
 subcommand, adds its arguments to its parser and runs it, returning the exit status. To add a
@@ -8,6 +8,9 @@ to the table. Exit status 2 always means invalid input or usage (argparse's own 
 Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``, ``audit``; the
 agent-side ``call``, ``tools`` and ``pending`` declare their arguments here and run in
 :mod:`agentgate.cli_agent` (exit statuses and connection settings are documented there).
+
+Imports: tools, policy, errors, agentgate's ``__version__``; and, each only in the command that
+runs it, config, preflight, serve, audit, inert, store, http_tools, cli_agent, mcp.stdio.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from attrs import frozen
 
@@ -27,6 +30,9 @@ from agentgate import __version__, tools
 from agentgate.errors import InvalidParams
 from agentgate.policy import Policy, PolicyError, load_policy
 from agentgate.tools import is_known_tool
+
+if TYPE_CHECKING:
+    from agentgate.config import Config
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "parse_tool_args"]
 
@@ -110,18 +116,37 @@ def _configure_check(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_policy_path(args: argparse.Namespace) -> Path:
-    if args.policy is not None:
-        return Path(args.policy)
+def _check_config(args: argparse.Namespace) -> Config | None:
+    """The ``--config`` file (None without one): its policy path and its HTTP tools."""
     if args.config is None:
-        raise UsageError("check: need --policy FILE, or --config gate.toml [--agent NAME]")
+        return None
     from agentgate.config import ConfigError, load_config
 
-    # Only the policy path matters here: TLS files are not needed to evaluate a request.
+    # Neither TLS files nor secrets are needed to evaluate a request.
     try:
-        config = load_config(args.config, insecure=True)
+        return load_config(args.config, insecure=True, secrets=False)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
+
+
+def _check_specs(config: Config | None) -> dict[str, tools.ToolSpec] | None:
+    """Home Assistant's tools and the config's HTTP tools (None: Home Assistant's only)."""
+    if config is None or not config.services.http:
+        return None
+    from agentgate.config import ConfigError
+    from agentgate.http_tools import known_tools
+
+    try:
+        return known_tools(config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _check_policy_path(args: argparse.Namespace, config: Config | None) -> Path:
+    if args.policy is not None:
+        return Path(args.policy)
+    if config is None:
+        raise UsageError("check: need --policy FILE, or --config gate.toml [--agent NAME]")
     if args.agent is None:
         return config.policy.file
     agent = config.agents.get(args.agent)
@@ -131,9 +156,9 @@ def _check_policy_path(args: argparse.Namespace) -> Path:
     return agent.policy or config.policy.file
 
 
-def _load_policy(path: Path) -> Policy:
+def _load_policy(path: Path, known: dict[str, tools.ToolSpec] | None = None) -> Policy:
     try:
-        policy = load_policy(path)
+        policy = load_policy(path, known=known)
     except PolicyError as exc:
         raise UsageError(str(exc)) from exc
     for message in policy.warnings:
@@ -145,12 +170,14 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.agent is not None and args.config is None and args.policy is None:
         raise UsageError("check: --agent needs --config gate.toml")
     tool_args = parse_tool_args(args.args)
-    policy = _load_policy(_check_policy_path(args))
+    config = _check_config(args)
+    specs = _check_specs(config)
+    policy = _load_policy(_check_policy_path(args, config), specs)
     try:
-        evaluation = policy.evaluate(args.tool, tool_args, allow_unknown=True)
+        evaluation = policy.evaluate(args.tool, tool_args, allow_unknown=True, specs=specs)
     except InvalidParams as exc:
         raise UsageError(f"invalid params: {exc.message}") from exc
-    if not is_known_tool(args.tool):
+    if not is_known_tool(args.tool) and (specs is None or args.tool not in specs):
         warn(f"{args.tool} is not a known tool: the gateway refuses it whatever the policy says")
     entities = tools.references(args.tool, tool_args)
     indirect = tools.indirect_reason(args.tool, tool_args)
@@ -180,28 +207,114 @@ def _run_check(args: argparse.Namespace) -> int:
 def _configure_config(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
     check = sub.add_parser(
-        "check", help="validate gate.toml and every policy it names, without starting"
+        "check",
+        help="check gate.toml, every policy it names and what serve needs, without starting",
+        description="Check gate.toml, every policy it names, and what `agentgate serve` needs"
+        " from this machine (the listen address, the store directory, the TLS files), without"
+        " starting anything. Every problem is reported in one run. Exit status 0 ok, 2 not.",
     )
     check.add_argument("config", metavar="GATE_TOML")
     check.add_argument(
         "--insecure", action="store_true", help="allow no TLS files (plain ws://, as serve)"
     )
+    check.add_argument(
+        "--no-secrets",
+        action="store_true",
+        help="do not read the tokens' ${VAR}s from the environment (check everything else)",
+    )
+    check.add_argument(
+        "--no-bind",
+        action="store_true",
+        help="skip the listen-address check (e.g. while the gateway runs and holds it)",
+    )
+    check.add_argument(
+        "--allow-unknown-tools",
+        action="store_true",
+        help="a policy rule naming a tool the gateway does not have is a warning, not an error",
+    )
+    check.add_argument(
+        "--terminal-guardian",
+        action="store_true",
+        help="as serve --terminal-guardian: [guardian.telegram] is not used, nor checked",
+    )
 
 
 def _run_config(args: argparse.Namespace) -> int:
-    from agentgate.config import ConfigError, load_config, policy_files
+    from agentgate import preflight
+    from agentgate.config import ConfigError, inspect_config, policy_files
+    from agentgate.policy import UNKNOWN_TOOL
 
     try:
-        config = load_config(args.config, insecure=args.insecure)
-    except ConfigError as exc:
+        config, found = inspect_config(
+            args.config,
+            insecure=args.insecure,
+            secrets=not args.no_secrets,
+            ignore=["guardian.telegram"] if args.terminal_guardian else [],
+        )
+    except ConfigError as exc:  # unreadable, or not TOML: nothing more to check
         raise UsageError(str(exc)) from exc
+    problems = [line for _, line in found]
+    reported = [key for key, _ in found]
+    if config is None:
+        raise UsageError("\n".join(problems))
+
+    # What serve needs from this machine, for the keys that are not wrong already.
+    for finding in preflight.check_machine(config, insecure=args.insecure, bind=not args.no_bind):
+        if _follows(finding.key, reported):
+            continue
+        if finding.error:
+            problems.append(finding.line(config))
+        else:
+            warn(finding.line(config))
+
+    known = None
+    if config.services.http:  # the tools files: those whose table is not wrong already
+        import attrs
+
+        from agentgate.http_tools import known_tools
+
+        readable = {
+            name: service
+            for name, service in config.services.http.items()
+            if not _follows(f"services.http.{name}.tools", reported)
+        }
+        try:
+            known = known_tools(
+                attrs.evolve(config, services=attrs.evolve(config.services, http=readable))
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     shown = []
     for label, path in policy_files(config).items():
-        _load_policy(path)
+        if _follows(label, reported):
+            continue
+        try:
+            policy = load_policy(path, known=known)
+        except PolicyError as exc:
+            problems.append(str(exc))
+            continue
         shown.append(f"{label} ({_display_path(path)})")
+        for message in policy.warnings:
+            if f": {UNKNOWN_TOOL} " in message and not args.allow_unknown_tools:
+                problems.append(f"{message}; --allow-unknown-tools accepts it")
+            else:
+                warn(message)
+    if problems:
+        raise UsageError("\n".join(problems))
     agents = len(config.agents)
     print(f"ok: {agents} agent{'s' if agents != 1 else ''}, policies: {', '.join(shown)}")
     return EXIT_OK
+
+
+def _follows(key: str, reported: Sequence[str]) -> bool:
+    """Whether a check of ``key`` would repeat a problem already reported (the same key, or
+    one inside the other: a table that could not be read, or a value in it)."""
+    parts = key.split(".")
+    for seen in reported:
+        other = seen.split(".")
+        if seen and (parts[: len(other)] == other or other[: len(parts)] == parts):
+            return True
+    return False
 
 
 def _display_path(path: Path) -> str:
@@ -245,17 +358,45 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="plain ws:// without TLS (loopback only!)"
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="INFO by default; DEBUG also shows the traceback of a start-up failure",
+    )
+    parser.add_argument(
+        "--terminal-guardian",
+        action="store_true",
+        help="decide approvals in this terminal (keys a, d, h) instead of Telegram:"
+        " try an ask before you create a bot",
+    )
+    parser.add_argument(
+        "--cancel-pending",
+        action="store_true",
+        help="on SIGTERM/SIGINT, resolve every pending approval as shutdown (-32007) instead of"
+        " keeping it for the next start: for decommissioning, not for restarts",
     )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from agentgate.serve import run_serve
 
-    return run_serve(args.config, insecure=args.insecure, log_level=args.log_level)
+    return run_serve(
+        args.config,
+        insecure=args.insecure,
+        log_level=args.log_level,
+        terminal_guardian=args.terminal_guardian,
+        cancel_pending=args.cancel_pending,
+    )
 
 
 # --- audit -------------------------------------------------------------------------------------
+
+DECISIONS: Final = (
+    *("allow", "deny", "ask", "invalid"),  # a request's (pipeline, broker)
+    *("grant", "revoke", "refused", "freeze", "unfreeze"),  # a guardian's own (controls)
+)
+"""Every ``decision`` the audit log holds, for ``audit --decision``."""
 
 
 def _configure_audit(parser: argparse.ArgumentParser) -> None:
@@ -264,10 +405,22 @@ def _configure_audit(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--store", metavar="FILE", help="the SQLite store file itself")
     parser.add_argument("--agent", help="only this agent")
     parser.add_argument("--tool", help="only this tool")
-    parser.add_argument("--decision", help="only this decision (allow, deny, ask, invalid, ...)")
+    parser.add_argument(
+        "--decision",
+        choices=DECISIONS,
+        metavar="DECISION",
+        help=f"only this decision: {', '.join(DECISIONS)}",
+    )
     parser.add_argument("--since", help="only rows since: 10m, 2h, 1d or an ISO time (UTC)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--follow", "-f", action="store_true", help="keep printing new rows")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per line (times in ISO 8601 UTC)"
+    )
+    parser.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing new rows, and each request again (↳) once it is resolved",
+    )
 
 
 def _audit_store(args: argparse.Namespace) -> Path:
@@ -276,8 +429,8 @@ def _audit_store(args: argparse.Namespace) -> Path:
     else:
         from agentgate.config import ConfigError, load_config
 
-        try:
-            config = load_config(args.config or "gate.toml", insecure=True)
+        try:  # only the store's path is needed: no secret, no TLS file
+            config = load_config(args.config or "gate.toml", insecure=True, secrets=False)
         except ConfigError as exc:
             raise UsageError(str(exc)) from exc
         path = config.store.path
@@ -306,9 +459,11 @@ def _run_audit(args: argparse.Namespace) -> int:
                 if args.json:
                     print(inert_json(audit.to_json(entry)), flush=True)
                 else:
-                    mark = "  ↳ " if update else ""
-                    print(mark + "  ".join(audit.table_rows([entry])[0]), flush=True)
+                    mark = "↳ " if update else ""
+                    print(audit.follow_line(audit.table_rows([entry])[0], mark), flush=True)
 
+            if not args.json:
+                print(audit.follow_header(), flush=True)
             audit.follow(path, filters, emit)
             return EXIT_OK
         conn = read_only(path)
@@ -386,12 +541,61 @@ def _run_pending(args: argparse.Namespace) -> int:
     return run_pending(args)
 
 
+# --- mcp (an MCP server on stdio; logic in agentgate.mcp.stdio) ------------------------------
+
+
+def _configure_mcp(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "An MCP host starts this as a subprocess (docs/mcp.md); stdout is the protocol."
+        " Exit status: 0 once stdin closes, 2 usage, 3 the gateway cannot be reached."
+    )
+    parser.add_argument(
+        "--url", metavar="URL", help="gateway URL, wss://HOST:PORT/ (default: $AGENTGATE_URL)"
+    )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="a file holding the agent's token (default: $AGENTGATE_TOKEN)",
+    )
+    token.add_argument(
+        "--token", metavar="-", help="'-' reads the token from the first line of stdin"
+    )
+    parser.add_argument(
+        "--ca",
+        metavar="FILE",
+        help="a PEM CA to trust in addition to the system store and $SSL_CERT_FILE"
+        " (default: $AGENTGATE_CA)",
+    )
+    parser.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=float,
+        default=50.0,
+        help="how long a call waits for the guardian before answering 'pending' (default 50)",
+    )
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+
+def _run_mcp(args: argparse.Namespace) -> int:
+    from agentgate.mcp.stdio import run
+
+    return run(args)
+
+
 # --- dispatch ----------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
     Command("serve", "run the gateway", _configure_serve, _run_serve),
     Command("check", "explain the policy decision for one request", _configure_check, _run_check),
-    Command("config", "validate the configuration", _configure_config, _run_config),
+    Command(
+        "config",
+        "check gate.toml and what serve needs (config check)",
+        _configure_config,
+        _run_config,
+    ),
     Command(
         "hash-token", "sha256 of a token read from stdin", _configure_hash_token, _run_hash_token
     ),
@@ -401,6 +605,7 @@ COMMANDS: list[Command] = [
     Command(
         "pending", "collect queued results, as an agent (JSON)", _configure_pending, _run_pending
     ),
+    Command("mcp", "an MCP server on stdio, forwarding to the gateway", _configure_mcp, _run_mcp),
 ]
 """Every subcommand, in the order ``--help`` lists them."""
 
@@ -427,9 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
-    if run is None:
-        parser.print_usage(sys.stderr)
-        error("a command is required")
+    if run is None:  # bare `agentgate`: what it can do, as a usage error
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
     del parser
     try:

@@ -12,7 +12,7 @@ Where to connect (flags win over the environment)::
     --ca FILE      AGENTGATE_CA      a PEM CA to trust IN ADDITION to the system store
                                      (which honours SSL_CERT_FILE / SSL_CERT_DIR)
 
-Exit status (:func:`exit_status`, DESIGN §11)::
+Exit status (:func:`exit_status`; also in README.md and `agentgate call --help`)::
 
     0  ok
     1  denied: by policy (-32003) or by the guardian (-32001)
@@ -27,6 +27,8 @@ Exit status (:func:`exit_status`, DESIGN §11)::
 Errors go to stderr as ``agentgate: denied by policy: MESSAGE (signature: ..., request_id:
 ...)``. With ``--json`` an error is also printed on stdout as ``{"error": {"code", "message",
 "data"}}``, so scripts can read both outcomes from one stream.
+
+Imports: cli (the arguments, usage errors), client (the SDK).
 """
 
 from __future__ import annotations
@@ -120,12 +122,24 @@ def exit_status(err: AgentgateError) -> int:
     return EXIT_FAILED  # an error code this CLI does not know: the call did not succeed
 
 
+# A connection failure the SDK explains with its own parameter names, said the CLI's way.
+_CLI_FIXES: Final = {
+    "tls_untrusted": "certificate not trusted ({detail}): pass --ca FILE (the gateway's"
+    " certificate, or the CA that signed it) or set SSL_CERT_FILE",
+}
+
+
 def describe_error(err: AgentgateError) -> str:
-    """One line for stderr: ``LABEL: MESSAGE (signature: ..., request_id: ...)``."""
+    """One line for stderr: ``LABEL: MESSAGE (signature: ..., request_id: ...)``; the label is
+    left out when the message already starts with it."""
     label = next((lbl for cls, _, lbl in _OUTCOMES if isinstance(err, cls)), None)
     label = label or f"error {err.code}"
     message = err.message
-    if message == label or message.startswith(f"{label}:"):
+    fix = _CLI_FIXES.get(str(err.data.get("reason"))) if isinstance(err, ConnectionLost) else None
+    if fix is not None:
+        where = message.split(": ", 1)[0]
+        message = f"{where}: {fix.format(detail=err.data.get('detail', ''))}"
+    if message == label or message.startswith(label):
         text = message
     else:
         text = f"{label}: {message}" if message else label
@@ -214,12 +228,27 @@ def _expiry(value: object) -> str:
     return moment.strftime("%H:%M:%S UTC")
 
 
+_waiting: list[dict[str, Any]] = []  # approval_pending params of this invocation's calls
+
+
 def _announce_pending(params: dict[str, Any]) -> None:
+    _waiting.append(params)
     print(
         f"agentgate: waiting for the guardian (expires {_expiry(params.get('expires_at'))})...",
         file=sys.stderr,
         flush=True,
     )
+
+
+def _still_pending() -> None:
+    """Ctrl-C while a call waits: the gateway keeps it, and says so."""
+    for params in _waiting:
+        print(
+            f"agentgate: still pending (request {params.get('request_id')}): the guardian can"
+            " still decide until it expires; `agentgate pending` will collect the result",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _session(
@@ -229,22 +258,30 @@ def _session(
 
     One-shot: no reconnect. If the connection drops while a call waits for the guardian, the
     gateway still finishes it and queues the outcome: ``agentgate pending`` collects it.
+    Queued results are never collected in the background (``collect=False``): they stay on
+    the gateway for ``agentgate pending``, and no request is spent on them.
     """
     conn = connection_from_args(args)
 
     async def main() -> tuple[Any, AgentgateError | None]:
         try:
-            async with conn.open(reconnect=False, on_pending=_announce_pending) as gw:
+            async with conn.open(
+                reconnect=False, on_pending=_announce_pending, collect=False
+            ) as gw:
                 return await work(gw), None
         except AgentgateError as exc:
             return None, exc
         except (OSError, ssl.SSLError) as exc:  # the SDK maps these; belt and braces
             return None, ConnectionLost(f"cannot reach the gateway at {conn.url}: {exc}")
 
+    _waiting.clear()
     try:
         return trio.run(main)
     except ValueError as exc:  # connect(): a URL it cannot use
         raise UsageError(str(exc)) from exc
+    except KeyboardInterrupt:
+        _still_pending()
+        raise
 
 
 def _fail(args: argparse.Namespace, err: AgentgateError) -> int:
@@ -267,18 +304,31 @@ def run_call(args: argparse.Namespace) -> int:
     ``--json`` prints the whole result ``{"status", "request_id", "data"}`` on one line.
     """
     tool_args = parse_tool_args(args.args)
+    waiting = 0
 
     async def work(gw: Gateway) -> dict[str, Any]:
-        return await gw.request(args.tool, tool_args)
+        nonlocal waiting
+        try:
+            return await gw.request(args.tool, tool_args)
+        finally:
+            waiting = gw.results_waiting  # announced right after auth, before any answer
 
     result, err = _session(args, work)
     if err is not None:
-        return _fail(args, err)
-    if args.json:
-        _print_json(result, compact=True)
+        status = _fail(args, err)
     else:
-        _print_json(result["data"], compact=False)
-    return EXIT_OK
+        if args.json:
+            _print_json(result, compact=True)
+        else:
+            _print_json(result["data"], compact=False)
+        status = EXIT_OK
+    if waiting:
+        many = waiting != 1
+        error(
+            f"{waiting} queued result{'s' if many else ''} wait{'' if many else 's'} for this"
+            f" agent: `agentgate pending` prints {'them' if many else 'it'}"
+        )
+    return status
 
 
 def run_tools(args: argparse.Namespace) -> int:
@@ -301,18 +351,39 @@ def run_tools(args: argparse.Namespace) -> int:
 
 
 def run_pending(args: argparse.Namespace) -> int:
-    """``agentgate pending``: collect the queued results (each is handed out once) as JSON.
+    """``agentgate pending``: print the queued results as JSON, then acknowledge them.
 
     Prints a JSON list of ``{"request_id", "rpc_id", "tool", "signature", "status", "data" |
     "error"}`` (``--json``: on one line). Exit status 0 even if some results are errors: they
-    are results; read their ``status``.
+    are results; read their ``status``. A result leaves the gateway's queue only once it has
+    been printed: if stdout fails (or the acknowledgement cannot reach the gateway), the next
+    ``agentgate pending`` prints it again.
     """
+    unprinted: list[OSError] = []
 
     async def work(gw: Gateway) -> list[dict[str, Any]]:
-        return await gw.pending_results()
+        results = await gw.pending_results(acknowledge=False)
+        try:
+            _print_json(results, compact=args.json)
+            sys.stdout.flush()
+        except OSError as exc:
+            unprinted.append(exc)
+            return results
+        try:
+            await gw.acknowledge(results)
+        except AgentgateError as exc:
+            error(
+                f"printed, but not acknowledged ({describe_error(exc)}): the next"
+                " `agentgate pending` prints them again"
+            )
+        return results
 
-    results, err = _session(args, work)
+    _, err = _session(args, work)
+    if unprinted:
+        if isinstance(unprinted[0], BrokenPipeError):
+            raise unprinted[0]  # the reader is gone (`| head`): main() says nothing
+        error(f"cannot print the queued results ({unprinted[0]}): they stay queued")
+        return EXIT_FAILED
     if err is not None:
         return _fail(args, err)
-    _print_json(results, compact=args.json)
     return EXIT_OK

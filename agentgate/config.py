@@ -1,21 +1,29 @@
-"""The gateway configuration: ``gate.toml`` → a frozen :class:`Config` (DESIGN §9, §13).
+"""The gateway configuration: ``gate.toml`` → a frozen :class:`Config` (docs/configuration.md).
 
-:func:`load_config` works in four steps; each one collects every problem it finds and then
-raises one :class:`ConfigError` whose lines read ``FILE: KEY.PATH: what was expected``:
+:func:`load_config` works in four steps and reports every problem of every step in one
+:class:`ConfigError` whose lines read ``FILE: KEY.PATH: what was expected``:
 
-1. read the file and parse it as TOML (errors name the file and the line);
+1. read the file and parse it as TOML (errors name the file and the line; nothing else can
+   be checked after this one fails);
 2. replace ``${VAR}`` in every string from the environment (``$${`` is a literal ``${``);
+   in secret keys (:data:`Secret`, :data:`AgentToken`) only when ``secrets`` is true;
 3. structure the document into the ``@frozen`` classes below with a cattrs converter that
-   forbids unknown keys and whose scalar hooks are strict (a bool is not a number, a number is
-   not a string), then make relative paths absolute against the directory of ``gate.toml``;
+   forbids unknown keys (suggesting the key meant) and whose scalar hooks are strict (a bool is
+   not a number, a number is not a string), then make relative paths absolute against the
+   directory of ``gate.toml``. A value that fails is dropped and structuring goes on without
+   it, so the next step still runs;
 4. cross-field checks: at least one agent, exactly one token form per agent, no shared tokens,
    TLS files (unless ``insecure``), policy files.
+
+A problem that follows from one already reported (the same key, or a key inside it) is not
+reported twice. A new table needs nothing here but its class and a field in :class:`Config`.
 
 Secrets (tokens) never appear in a ``repr`` or an error message.
 
 Imports: nothing of agentgate (cattrs, attrs, tomllib).
 """
 
+import difflib
 import functools
 import hashlib
 import hmac
@@ -23,10 +31,12 @@ import json
 import math
 import os
 import re
+import secrets as _secrets
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import attrs
@@ -49,12 +59,15 @@ __all__ = [
     "GatewayConfig",
     "GuardianConfig",
     "HomeAssistantConfig",
+    "HttpServiceConfig",
     "LimitsConfig",
+    "McpConfig",
     "PolicyConfig",
     "ServicesConfig",
     "StoreConfig",
     "TelegramConfig",
     "client_ssl_context",
+    "inspect_config",
     "load_config",
     "policy_files",
     "split_listen",
@@ -68,8 +81,18 @@ MIN_MESSAGE_BYTES = 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MIN_OUTBOX_BYTES = 65536
 MAX_OUTBOX_BYTES = 1 << 30
+MIN_RESPONSE_BYTES = 1024
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+HTTP_SERVICE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+HTTP_AUTH = ("none", "bearer", "header", "basic")
 
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+_HTTP_SERVICE_RE = re.compile(HTTP_SERVICE_PATTERN)
+# RFC 9110 token characters; the names that carry framing or the connection are refused.
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection", "cookie"}
+)
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -107,9 +130,11 @@ class _Invalid(ValueError):
 
 @frozen
 class _Check:
-    """``Annotated`` metadata: the structure hook for the annotated field."""
+    """``Annotated`` metadata: the structure hook for the annotated field; ``secret`` marks a
+    credential (resolved from the environment only where it is used)."""
 
     fn: Callable[[Any], Any]
+    secret: bool = False
 
 
 def _show(value: object) -> str:
@@ -288,14 +313,71 @@ def _durability(value: object) -> str:
     return str(value)
 
 
+def _http_auth(value: object) -> str:
+    if value not in HTTP_AUTH:
+        raise _Invalid(
+            f"expected one of {', '.join(map(json.dumps, HTTP_AUTH))}, got {_show(value)}"
+        )
+    return str(value)
+
+
+def _header_name(value: object) -> str:
+    if not isinstance(value, str) or not _HEADER_NAME_RE.match(value):
+        raise _Invalid(f'expected an HTTP header name such as "X-Api-Key", got {_show(value)}')
+    if value.lower() in _RESERVED_HEADERS:
+        raise _Invalid(f"{value} is set by the gateway itself: pick the header the API reads")
+    return value
+
+
+def _mcp_path(value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or len(value) > 256
+        or any(c in value for c in "?#%")
+        or any(c.isspace() or ord(c) < 0x20 for c in value)
+    ):
+        raise _Invalid(f'expected a URL path such as "/mcp", got {_show(value)}')
+    return value
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(
+            f'expected an array of origins such as ["https://app.example"], got {_show(value)}'
+        )
+    for index, item in enumerate(value):
+        ok = isinstance(item, str)
+        if ok:
+            try:
+                parts = urlsplit(item)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+                ok = ok and not (parts.path or parts.query or parts.fragment or "@" in parts.netloc)
+                parts.port  # noqa: B018  (raises ValueError for a bad port)
+            except ValueError:
+                ok = False
+        if not ok:
+            raise _Invalid(
+                f'expected an origin such as "https://app.example" (scheme://host[:port]),'
+                f" got {_show(item)}",
+                (index,),
+            )
+    return tuple(str(item).lower() for item in value)
+
+
 Durability = Annotated[str, _Check(_durability)]
+HttpAuth = Annotated[str, _Check(_http_auth)]
+HeaderName = Annotated[str, _Check(_header_name)]
+ResponseBytes = Annotated[
+    int, _Check(_int_in(MIN_RESPONSE_BYTES, MAX_RESPONSE_BYTES, "1 KiB to 16 MiB"))
+]
 CardChars = Annotated[
     int, _Check(_int_in(MIN_CARD_CHARS, MAX_CARD_CHARS, "what one Telegram message holds"))
 ]
 CardOverflow = Annotated[str, _Check(_card_overflow)]
 String = Annotated[str, _Check(_string)]
-Secret = Annotated[str, _Check(_secret)]
-AgentToken = Annotated[str, _Check(_agent_token)]
+Secret = Annotated[str, _Check(_secret, secret=True)]
+AgentToken = Annotated[str, _Check(_agent_token, secret=True)]
 Sha256Hex = Annotated[str, _Check(_sha256_hex)]
 Integer = Annotated[int, _Check(_integer)]
 PositiveInt = Annotated[int, _Check(_positive_int)]
@@ -307,6 +389,8 @@ UserIds = Annotated[tuple[int, ...], _Check(_user_ids)]
 Listen = Annotated[str, _Check(_listen)]
 HttpUrl = Annotated[str, _Check(_http_url)]
 FilePath = Annotated[Path, _Check(_path)]
+McpPath = Annotated[str, _Check(_mcp_path)]
+Origins = Annotated[tuple[str, ...], _Check(_origins)]
 
 
 # --------------------------------------------------------------------------- the model
@@ -418,15 +502,49 @@ class HomeAssistantConfig:
 
 
 @frozen(kw_only=True)
+class HttpServiceConfig:
+    """``[services.http.NAME]``: an HTTP API whose tools a tools file describes
+    (docs/services.md). Its tools are named ``http_NAME_TOOL``.
+
+    ``auth`` says how the gateway authenticates: ``"bearer"`` (``token``), ``"header"``
+    (``header`` = ``token``), ``"basic"`` (``username``, ``password``) or ``"none"``. The
+    secrets come from ``${VAR}`` and appear nowhere else: not in cards, audit rows or logs.
+    """
+
+    name: String
+    base_url: HttpUrl
+    tools: FilePath
+    auth: HttpAuth = "none"
+    token: Secret | None = field(default=None, repr=False)
+    header: HeaderName | None = None
+    username: String | None = None
+    password: Secret | None = field(default=None, repr=False)
+    timeout: Seconds = 10.0
+    ca: FilePath | None = None
+    max_response_bytes: ResponseBytes = 1 << 20
+
+    def secrets(self) -> tuple[str, ...]:
+        """The credential's secret values (never shown anywhere; scrubbed from answers)."""
+        found = [self.token, self.password]
+        if self.username is not None and self.password is not None:
+            import base64
+
+            pair = f"{self.username}:{self.password}".encode()
+            found.append(base64.b64encode(pair).decode("ascii"))
+        return tuple(s for s in found if s)
+
+
+@frozen(kw_only=True)
 class ServicesConfig:
     """``[services]``: the services the gateway executes against."""
 
     homeassistant: HomeAssistantConfig | None = None
+    http: dict[str, HttpServiceConfig] = field(factory=dict)
 
 
 @frozen(kw_only=True)
 class LimitsConfig:
-    """``[limits]``: per-agent and per-address limits (DESIGN §10, §13)."""
+    """``[limits]``: per-agent and per-address limits (docs/configuration.md, ``[limits]``)."""
 
     max_pending_per_agent: PositiveInt = 10
     requests_per_minute: PositiveInt = 60
@@ -434,6 +552,34 @@ class LimitsConfig:
     max_message_bytes: MessageBytes = 65536
     # Replies waiting for one agent to read them; past this the connection closes (1008).
     max_outbox_bytes: OutboxBytes = 16 * 1024 * 1024
+    # Sockets: in all; not yet authenticated (TLS and WebSocket handshakes included) per
+    # source address; authenticated per agent. Over them a connection is refused at once.
+    max_connections: PositiveInt = 256
+    max_unauthenticated_per_address: PositiveInt = 8
+    max_connections_per_agent: PositiveInt = 8
+
+
+@frozen(kw_only=True)
+class McpConfig:
+    """``[mcp]``: the Model Context Protocol endpoint (Streamable HTTP) on the gateway itself.
+
+    Absent table: no endpoint. TLS is ``[gateway]``'s certificate and key. ``wait`` is how long
+    a ``tools/call`` waits for the guardian before answering "pending"; a request carrying an
+    ``Origin`` header that ``allowed_origins`` does not list is refused (HTTP 403).
+    """
+
+    listen: Listen
+    path: McpPath = "/mcp"
+    wait: Seconds = 50.0
+    allowed_origins: Origins = ()
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
 
 
 @frozen(kw_only=True)
@@ -448,6 +594,7 @@ class Config:
     guardian: GuardianConfig = GuardianConfig()
     services: ServicesConfig = ServicesConfig()
     limits: LimitsConfig = LimitsConfig()
+    mcp: McpConfig | None = None
 
     def agent_limits(self, name: str) -> tuple[int, int]:
         """``(requests_per_minute, max_pending)`` for agent ``name``: its own overrides, else
@@ -515,19 +662,43 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     insecure: bool = False,
+    secrets: bool = True,
+    ignore: Iterable[str] = (),
 ) -> Config:
     """Read, validate and return the gateway configuration at ``path``.
 
     ``env`` (default ``os.environ``) supplies ``${VAR}`` substitutions. With ``insecure``
-    the TLS files may be absent (plain ``ws://``). Raises :class:`ConfigError` naming the
-    file, the key path and what was expected for every problem found.
+    the TLS files may be absent (plain ``ws://``). With ``secrets=False`` a ``${VAR}`` in a
+    secret key (the tokens) is not read from the environment: a placeholder that matches no
+    token stands in, for tools that read the file but never use a secret (``agentgate audit``,
+    ``check --config``, ``config check --no-secrets``); such a config must not be served.
+    ``ignore`` names tables (dotted, e.g. ``"guardian.telegram"``) left out entirely, as if
+    absent. Raises :class:`ConfigError` naming the file, the key path and what was expected
+    for every problem found.
     """
+    config, problems = inspect_config(
+        path, env=env, insecure=insecure, secrets=secrets, ignore=ignore
+    )
+    if problems or config is None:
+        raise ConfigError(*(line for _, line in problems))
+    return config
+
+
+def inspect_config(
+    path: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    insecure: bool = False,
+    secrets: bool = True,
+    ignore: Iterable[str] = (),
+) -> tuple[Config | None, list[tuple[str, str]]]:
+    """:func:`load_config` for ``agentgate config check``: what could be read (every value
+    that failed left at its default; None if the file cannot be structured at all) and every
+    problem as ``(dotted key, line)``. Raises :class:`ConfigError` only when the file cannot
+    be read or is not TOML."""
     label = os.fspath(path)
     source = Path(os.path.abspath(label))
     environ: Mapping[str, str] = os.environ if env is None else env
-
-    def fail(problems: Sequence[tuple[KeyPath, str]]) -> ConfigError:
-        return ConfigError(*(_problem(label, key, message) for key, message in problems))
 
     try:
         text = source.read_bytes().decode("utf-8")
@@ -542,27 +713,75 @@ def load_config(
     except (ValueError, RecursionError) as exc:  # TOMLDecodeError, int digit limit, nesting
         raise ConfigError(f"{label}: invalid TOML: {exc}") from exc
 
-    problems: list[tuple[KeyPath, str]] = []
+    for table in ignore:
+        _drop(raw, tuple(table.split(".")))
+    problems = _Problems()
     try:
-        document = _substitute(raw, (), environ, problems)
+        document = _substitute(raw, (), environ, problems, secrets=secrets)
     except RecursionError as exc:
         raise ConfigError(f"{label}: invalid TOML: nested too deeply") from exc
-    if problems:
-        raise fail(problems)
-
     _inject_names(document, source, problems)
-    try:
-        config = _converter.structure(document, Config)
-    except Exception as exc:  # every structuring failure becomes a located problem
-        problems.extend(_collect(exc, ()))
-    if problems:
-        raise fail(problems)
+    config = _structure(document, problems)
+    if config is not None:
+        config = _resolve_paths(config, source.parent)
+        problems.extend(_cross_check(config, insecure=insecure))
+    return config, [(_format_path(key), _problem(label, key, message)) for key, message in problems]
 
-    config = _resolve_paths(config, source.parent)
-    problems.extend(_cross_check(config, insecure=insecure))
-    if problems:
-        raise fail(problems)
-    return config
+
+class _Problems(list[tuple[KeyPath, str]]):
+    """Problems in the order found; one that follows from a reported one is left out."""
+
+    def follows(self, key: KeyPath) -> bool:
+        """Whether a problem at ``key`` would repeat one already reported (same key, or one
+        inside the other): a value that failed is dropped, and its absence would be next."""
+        return any(
+            seen and (key[: len(seen)] == seen or seen[: len(key)] == key) for seen, _ in self
+        )
+
+    def extend(self, found: Iterable[tuple[KeyPath, str]]) -> None:
+        fresh = [(key, message) for key, message in found if not self.follows(key)]
+        super().extend(fresh)
+
+
+def _structure(document: dict[str, Any], problems: _Problems) -> Config | None:
+    """The document as a :class:`Config`; each value that fails is reported, then dropped,
+    and structuring tries again without it (None when nothing more can be dropped)."""
+    for _ in range(64):  # each round drops at least one key
+        try:
+            return _converter.structure(document, Config)
+        except Exception as exc:  # every structuring failure becomes a located problem
+            found = _collect(exc, ())
+        problems.extend(found)
+        if not any([_drop_for(document, key) for key, _ in found]):
+            return None
+    return None
+
+
+def _drop(document: dict[str, Any], key: KeyPath) -> bool:
+    """Remove ``key`` from the document; False if it is not there."""
+    *parents, last = key
+    table: Any = document
+    for part in parents:
+        table = table.get(part) if isinstance(table, dict) else None
+    if isinstance(table, dict) and last in table:
+        del table[last]
+        return True
+    return False
+
+
+def _drop_for(document: dict[str, Any], key: KeyPath) -> bool:
+    """Drop what a problem at ``key`` is about: the value (a whole array, for one bad item),
+    or, for a key that is missing, the table that needs it."""
+    names: tuple[str, ...] = ()
+    for part in key:
+        if not isinstance(part, str):  # an array item: the array goes
+            break
+        names = (*names, part)
+    while names:
+        if _drop(document, names):
+            return True
+        names = names[:-1]
+    return False
 
 
 def _problem(label: str, key: KeyPath, message: str) -> str:
@@ -581,15 +800,26 @@ def _format_path(key: KeyPath) -> str:
 
 
 def _substitute(
-    value: Any, key: KeyPath, env: Mapping[str, str], problems: list[tuple[KeyPath, str]]
+    value: Any,
+    key: KeyPath,
+    env: Mapping[str, str],
+    problems: list[tuple[KeyPath, str]],
+    *,
+    secrets: bool,
 ) -> Any:
-    """A copy of the document with ``${VAR}`` replaced in every string."""
+    """A copy of the document with ``${VAR}`` replaced in every string (in secret keys only
+    when ``secrets``; otherwise by a placeholder that no agent can present)."""
     if isinstance(value, dict):
-        return {k: _substitute(v, (*key, k), env, problems) for k, v in value.items()}
+        return {
+            k: _substitute(v, (*key, k), env, problems, secrets=secrets) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_substitute(v, (*key, i), env, problems) for i, v in enumerate(value)]
+        return [
+            _substitute(v, (*key, i), env, problems, secrets=secrets) for i, v in enumerate(value)
+        ]
     if not isinstance(value, str) or "$" not in value:
         return value
+    resolve = secrets or not _is_secret_key(key)
 
     def replace(match: re.Match[str]) -> str:
         if match.group(0) == "$${":
@@ -599,6 +829,8 @@ def _substitute(
             problems.append((key, "unterminated ${ (write $${ for a literal ${)"))
         elif not _ENV_NAME_RE.match(name):
             problems.append((key, f"invalid environment variable reference ${{{name}}}"))
+        elif not resolve:
+            return f"\x00unresolved:{name}:{_secrets.token_hex(16)}"
         elif name not in env:
             problems.append((key, f"environment variable {name} is not set"))
         else:
@@ -608,6 +840,33 @@ def _substitute(
     return _ENV_REF_RE.sub(replace, value)
 
 
+def _is_secret_key(key: KeyPath) -> bool:
+    """Whether ``key`` is a secret field of :class:`Config` (found through the classes)."""
+    type_: Any = Config
+    for part in key:
+        type_ = _without_none(type_)
+        if attrs.has(type_) and isinstance(part, str):
+            fields = attrs.fields_dict(type_)
+            if part not in fields:
+                return False
+            type_ = fields[part].type
+        elif get_origin(type_) is dict:
+            type_ = get_args(type_)[1]
+        else:
+            return False
+    type_ = _without_none(type_)
+    return get_origin(type_) is Annotated and any(
+        isinstance(m, _Check) and m.secret for m in type_.__metadata__
+    )
+
+
+def _without_none(type_: Any) -> Any:
+    if get_origin(type_) in (Union, types.UnionType):
+        rest = [arg for arg in get_args(type_) if arg is not type(None)]
+        return rest[0] if len(rest) == 1 else type_
+    return type_
+
+
 def _inject_names(
     document: dict[str, Any], source: Path, problems: list[tuple[KeyPath, str]]
 ) -> None:
@@ -615,6 +874,18 @@ def _inject_names(
     if "source" in document:
         problems.append((("source",), "unknown key"))
     document["source"] = str(source)
+    services = document.get("services")
+    http = services.get("http") if isinstance(services, dict) else None
+    if isinstance(http, dict):
+        for name, table in http.items():
+            if not _HTTP_SERVICE_RE.match(name):
+                problems.append(
+                    (("services", "http", name), f"service name must match {HTTP_SERVICE_PATTERN}")
+                )
+            if isinstance(table, dict):
+                if "name" in table:
+                    problems.append((("services", "http", name, "name"), "unknown key"))
+                table["name"] = name
     agents = document.get("agents")
     if not isinstance(agents, dict):
         return
@@ -638,12 +909,24 @@ def _collect(exc: BaseException, key: KeyPath) -> list[tuple[KeyPath, str]]:
         found = [p for sub, note in with_index for p in _collect(sub, (*key, note.index))]
         return found + [p for sub in without for p in _collect(sub, key)]
     if isinstance(exc, ForbiddenExtraKeysError):
-        return [((*key, extra), "unknown key") for extra in sorted(exc.extra_fields)]
+        known = [f.name for f in attrs.fields(exc.cl) if f.name not in _INJECTED]
+        return [((*key, extra), _unknown_key(extra, known)) for extra in sorted(exc.extra_fields)]
     if isinstance(exc, _Invalid):
         return [((*key, *exc.subpath), exc.message)]
     if isinstance(exc, KeyError):
         return [(key, "required key is missing")]
     return [(key, f"invalid value ({exc})")]
+
+
+_INJECTED = frozenset({"source", "name"})  # filled by _inject_names, never written in the file
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> str:
+    """ "unknown key", with the key meant when one is close, else the keys there are."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]}?)"
+    return f"unknown key (expected one of: {', '.join(known)})" if known else "unknown key"
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -665,6 +948,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             name: attrs.evolve(agent, policy=maybe(agent.policy))
             for name, agent in config.agents.items()
         },
+        services=attrs.evolve(
+            config.services,
+            http={
+                name: attrs.evolve(service, tools=resolve(service.tools), ca=maybe(service.ca))
+                for name, service in config.services.http.items()
+            },
+        ),
     )
 
 
@@ -705,6 +995,38 @@ def _cross_check(config: Config, *, insecure: bool) -> list[tuple[KeyPath, str]]
     for name, agent in config.agents.items():
         if agent.policy is not None:
             problems.extend(_require_file(("agents", name, "policy"), agent.policy))
+    for name, service in config.services.http.items():
+        problems.extend(_check_http_service(name, service))
+    return problems
+
+
+_AUTH_KEYS: Mapping[str, tuple[str, ...]] = {
+    "none": (),
+    "bearer": ("token",),
+    "header": ("header", "token"),
+    "basic": ("username", "password"),
+}
+
+
+def _check_http_service(name: str, service: HttpServiceConfig) -> list[tuple[KeyPath, str]]:
+    key: KeyPath = ("services", "http", name)
+    problems: list[tuple[KeyPath, str]] = []
+    needed = _AUTH_KEYS[service.auth]
+    for field_name in ("token", "header", "username", "password"):
+        given = getattr(service, field_name) is not None
+        if field_name in needed and not given:
+            problems.append(((*key, field_name), f'required with auth = "{service.auth}"'))
+        elif given and field_name not in needed:
+            problems.append(
+                ((*key, field_name), f'not used with auth = "{service.auth}": remove it')
+            )
+    if service.token is not None and any(c in service.token for c in "\r\n\x00"):
+        problems.append(((*key, "token"), "must not contain line breaks or NUL"))
+    problems.extend(_require_file((*key, "tools"), service.tools))
+    if service.ca is not None:
+        problems.extend(_require_file((*key, "ca"), service.ca))
+        if urlsplit(service.base_url).scheme != "https":
+            problems.append(((*key, "ca"), "only used with an https:// base_url"))
     return problems
 
 

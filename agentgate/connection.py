@@ -1,20 +1,21 @@
 """The WebSocket front door: one JSON-RPC connection per agent socket, and nothing that decides.
 
-Per connection (DESIGN §3)::
+Per connection::
 
-    handle(request)                      one per accepted WebSocket (agentgate.listener)
+    handle(request)                      one per accepted WebSocket (agentgate.listener),
+    │                                     holding its place in the connection limits
     ├── auth under a deadline             the first frame must be "auth" (failed-auth limiter)
     ├── reader                            parse, admit (methods, in-flight cap, rate), spawn
     ├── writer                            the only task that writes to the socket
     ├── overflow watch                    closes 1008 an agent that stops reading its replies
-    └── one task per request              list_tools / get_pending_results / tool_request
-                                          -> agentgate.pipeline (which decides)
+    └── one task per request              list_tools / get_pending_results / get_result /
+                                          tool_request -> agentgate.pipeline (which decides)
 
 A :class:`Connection` is also the request's reply handle
 (:class:`~agentgate.approvals.ReplyHandle`): an approval's "pending" notice and its late result
 become frames on the connection that asked. Nothing a connection does can crash the server:
 every handler catches what is not cancellation, logs it and answers -32603, and the connection
-stays up (DESIGN §13).
+stays up (docs/protocol.md, "Errors").
 
 Imports: pipeline (and its outcome types), approvals, protocol, limits, config, errors.
 """
@@ -44,7 +45,15 @@ from agentgate.errors import (
     MethodNotFound,
     RateLimited,
 )
-from agentgate.limits import AuthAttempt, FailedAuthTracker
+from agentgate.limits import (
+    AuthAttempt,
+    ConnectionLimits,
+    FailedAuthTracker,
+    OverLimit,
+    Throttle,
+    Ticket,
+    source_of,
+)
 from agentgate.pipeline import Asked, Pipeline
 from agentgate.protocol import (
     JsonId,
@@ -65,7 +74,10 @@ MAX_IN_FLIGHT: Final = 512  # concurrent requests per connection
 OUTBOX: Final = 1024  # frames buffered for one connection's writer
 CLOSE_POLICY: Final = 1008
 CLOSE_GOING_AWAY: Final = 1001
-_METHODS: Final = frozenset({"tool_request", "list_tools", "get_pending_results"})
+_METHODS: Final = frozenset({"tool_request", "list_tools", "get_pending_results", "get_result"})
+# auth's optional "client" member: the front doors it may name (anything else is "ws").
+_CLIENTS: Final = frozenset({"mcp-stdio"})
+MAX_RESULT_WAIT: Final = 300.0  # seconds one get_result may wait for an approval
 
 Frame = tuple[str, tuple[str, ...]]  # text, and the request ids of the results it carries
 
@@ -97,6 +109,7 @@ class Connection:
     written: int = 0
     outbox_bytes: int = 0  # memory held by frames queued and not yet written
     overflowed: bool = False  # closed because the agent did not read its replies
+    via: str = "ws"  # "mcp-stdio" when the agent is agentgate's MCP bridge (auth "client")
     closing: trio.Event = attrs.field(factory=trio.Event)  # set by close()
     gone: trio.Event = attrs.field(factory=trio.Event)  # set when the connection has ended
     # drained() waiters as (frames that must be written, event), in the order they came: their
@@ -201,6 +214,13 @@ class WebSocketDoor:
         self.pipeline = pipeline
         self.connections: dict[str, set[Connection]] = {}
         self.failed_auth = FailedAuthTracker(config.limits.failed_auth_per_minute)
+        limits = config.limits
+        self.connection_limits = ConnectionLimits(
+            limits.max_connections,
+            limits.max_unauthenticated_per_address,
+            limits.max_connections_per_agent,
+        )
+        self._refusals = Throttle()  # refusals are logged once per address and minute
         self._in_flight = 0  # requests running on every connection
         self._idle: trio.Event | None = None  # set when nothing is in flight (idle())
         self._none_left: trio.Event | None = None  # set when no connection is left
@@ -232,30 +252,56 @@ class WebSocketDoor:
 
     # -- one connection -----------------------------------------------------------------------
 
-    async def handle(self, request: WebSocketRequest, remote: str | None = None) -> None:
+    async def handle(
+        self, request: WebSocketRequest, remote: str | None = None, ticket: Ticket | None = None
+    ) -> None:
         """The listener's handler for one WebSocket from ``remote`` (the peer's address; by
-        default what trio-websocket says). Never raises (but Cancelled)."""
+        default what trio-websocket says) holding ``ticket`` in :attr:`connection_limits`
+        (without one, the socket is admitted here, and refused with HTTP 503 over a limit).
+        Never raises (but Cancelled)."""
         remote = remote if remote is not None else _address(request.remote)
+        own = ticket is None
+        if ticket is None:
+            try:
+                ticket = self.connection_limits.admit(remote)
+            except OverLimit as over:
+                self._log_refusal(over.key, "refused a connection from %s: %s", remote, over)
+                with contextlib.suppress(Exception):
+                    await request.reject(503, body=f"{over}\n".encode())
+                return
         try:
-            ws = await request.accept()
-        except Exception:
-            log.debug("handshake with %s failed", remote, exc_info=True)
-            return
-        try:
-            await self._connection(ws, remote)
-        except Exception:
-            log.exception("connection from %s failed unexpectedly", remote)
+            try:
+                ws = await request.accept()
+            except Exception:
+                log.debug("handshake with %s failed", remote, exc_info=True)
+                return
+            try:
+                await self._connection(ws, remote, ticket)
+            except Exception:
+                log.exception("connection from %s failed unexpectedly", remote)
+            finally:
+                with trio.move_on_after(2):
+                    await ws.aclose()
         finally:
-            with trio.move_on_after(2):
-                await ws.aclose()
+            if own:
+                ticket.close()
 
-    async def _connection(self, ws: WebSocketConnection, remote: str) -> None:
-        agent = await self._authenticate(ws, remote)
-        if agent is None:
+    async def _connection(self, ws: WebSocketConnection, remote: str, ticket: Ticket) -> None:
+        authenticated = await self._authenticate(ws, remote, ticket)
+        if authenticated is None:
             return
+        agent, via = authenticated
+        try:
+            await self._session(ws, remote, agent, via)
+        finally:
+            ticket.leave_agent()
+
+    async def _session(
+        self, ws: WebSocketConnection, remote: str, agent: AgentConfig, via: str
+    ) -> None:
         send, receive = trio.open_memory_channel[Frame](OUTBOX)
         conn = Connection(
-            agent.name, remote, send, max_outbox_bytes=self.config.limits.max_outbox_bytes
+            agent.name, remote, send, max_outbox_bytes=self.config.limits.max_outbox_bytes, via=via
         )
         self.connections.setdefault(agent.name, set()).add(conn)
         self.pipeline.sessions.add(conn)
@@ -283,6 +329,11 @@ class WebSocketDoor:
             log.info("agent %s disconnected (%s)", agent.name, remote)
             conn.gone.set()
 
+    def _log_refusal(self, key: str, message: str, *args: object) -> None:
+        if self._refusals.allow(key):
+            missed = self._refusals.take_suppressed(key)
+            log.warning(message + (f" ({missed} more in the last minute)" if missed else ""), *args)
+
     async def _close_on_overflow(self, ws: WebSocketConnection, conn: Connection) -> None:
         # The agent does not read: its socket is full, so the close frame may never go out;
         # _close gives it a moment, then closes the stream, which frees the blocked writer.
@@ -292,7 +343,9 @@ class WebSocketDoor:
 
     # -- authentication -----------------------------------------------------------------------
 
-    async def _authenticate(self, ws: WebSocketConnection, remote: str) -> AgentConfig | None:
+    async def _authenticate(
+        self, ws: WebSocketConnection, remote: str, ticket: Ticket
+    ) -> tuple[AgentConfig, str] | None:
         async def refuse(rpc_id: JsonId, error: AgentgateError, code: int = CLOSE_POLICY) -> None:
             with trio.move_on_after(2), contextlib.suppress(ConnectionClosed):
                 await ws.send_message(encode_error(rpc_id, error))
@@ -314,7 +367,7 @@ class WebSocketDoor:
             )
             return None
         try:
-            return await self._first_frame(ws, remote, attempt, refuse)
+            return await self._first_frame(ws, remote, attempt, ticket, refuse)
         finally:
             attempt.abandoned()  # ended without a guess (the peer left, or cancellation)
 
@@ -323,8 +376,9 @@ class WebSocketDoor:
         ws: WebSocketConnection,
         remote: str,
         attempt: AuthAttempt,
+        ticket: Ticket,
         refuse: Callable[[JsonId, AgentgateError], Awaitable[None]],
-    ) -> AgentConfig | None:
+    ) -> tuple[AgentConfig, str] | None:
         message: str | bytes | None = None
         with trio.move_on_after(self.config.gateway.auth_deadline):
             try:
@@ -338,6 +392,7 @@ class WebSocketDoor:
             return None
         rpc_id: JsonId = None
         agent: AgentConfig | None = None
+        via = "ws"
         try:
             if _too_large(message, self.config.limits.max_message_bytes):
                 raise AuthenticationFailed("authenticate first: message too large")
@@ -352,6 +407,10 @@ class WebSocketDoor:
             agent = self.config.find_agent(token)  # every agent compared, no early exit
             if agent is None:
                 raise AuthenticationFailed("authentication failed: unknown token")
+            # Which program speaks for the agent (older agents do not say): a label for the
+            # audit log and the card, chosen by the agent itself, so it decides nothing.
+            client = parsed.params.get("client")
+            via = client if isinstance(client, str) and client in _CLIENTS else "ws"
         except AgentgateError as exc:
             attempt.failed()
             rpc_id = rpc_id if rpc_id is not None else error_id(exc)
@@ -364,13 +423,29 @@ class WebSocketDoor:
             await refuse(rpc_id, error)
             return None
         attempt.succeeded()
+        if not ticket.authenticate(agent.name):  # a valid token: not a failed guess
+            cap = self.config.limits.max_connections_per_agent
+            self._log_refusal(
+                f"agent {agent.name} {source_of(remote)}",
+                "agent %s from %s refused: it already holds %d connections"
+                " (max_connections_per_agent)",
+                agent.name,
+                remote,
+                cap,
+            )
+            limited = RateLimited(
+                f"too many connections for agent {agent.name} (max_connections_per_agent ="
+                f" {cap}): close one first"
+            )
+            await refuse(rpc_id, limited)
+            return None
         try:
             await ws.send_message(
                 encode_result(rpc_id, {"status": "authenticated", "agent": agent.name})
             )
         except ConnectionClosed:
             return None
-        return agent
+        return agent, via
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -452,11 +527,10 @@ class WebSocketDoor:
                 result = await self._tool_request(conn, req)
             elif req.method == "list_tools":
                 result = {"tools": self.pipeline.list_tools(conn.agent)}
-            else:  # get_pending_results
-                results = await self.pipeline.take_queued(conn.agent)
-                handed = tuple(r["request_id"] for r in results)
-                if not await conn.send(encode_result(req.id, {"results": results}), handed):
-                    await self.pipeline.requeue(conn.agent, handed)
+            elif req.method == "get_result":
+                result = await self._get_result(conn, req)
+            else:
+                await self._pending_results(conn, req)
                 return
             if result is not None:
                 await conn.send(encode_result(req.id, result))
@@ -471,6 +545,22 @@ class WebSocketDoor:
             if not self._in_flight and self._idle is not None:
                 self._idle.set()
                 self._idle = None
+
+    async def _pending_results(self, conn: Connection, req: Request) -> None:
+        """``get_pending_results``: acknowledged delivery if the call carries ``ack``."""
+        extra = set(req.params) - {"ack"}
+        if extra:
+            raise InvalidParams(f"unexpected params: {', '.join(sorted(extra))}")
+        if "ack" in req.params:
+            # Listed, not handed out: whatever happens to this frame, the results stay queued
+            # until a later call acknowledges them.
+            listed = await self.pipeline.list_queued(conn.agent, acknowledge=req.params["ack"])
+            await conn.send(encode_result(req.id, {"results": listed}))
+            return
+        results = await self.pipeline.take_queued(conn.agent)
+        handed = tuple(r["request_id"] for r in results)
+        if not await conn.send(encode_result(req.id, {"results": results}), handed):
+            await self.pipeline.requeue(conn.agent, handed)
 
     async def _tool_request(self, conn: Connection, req: Request) -> dict[str, Any] | None:
         params = req.params
@@ -487,6 +577,22 @@ class WebSocketDoor:
         if isinstance(outcome, Asked):
             return None  # the approval answers later, through the connection (or the queue)
         return {"status": "executed", "request_id": outcome.request_id, "data": outcome.data}
+
+    async def _get_result(self, conn: Connection, req: Request) -> dict[str, Any]:
+        """``get_result {"request_id", "wait"}``: the queued-result entry of one of this
+        agent's requests, or ``{"status": "pending", ...}`` once ``wait`` seconds passed."""
+        params = req.params
+        extra = set(params) - {"request_id", "wait"}
+        if extra:
+            raise InvalidParams(f"unexpected params: {', '.join(sorted(extra))}")
+        request_id = params.get("request_id")
+        wait = params.get("wait", 0)
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidParams('"request_id" must be a non-empty string')
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait >= 0:
+            raise InvalidParams('"wait" must be a number of seconds, 0 or more')
+        wait = min(float(wait), MAX_RESULT_WAIT)
+        return await self.pipeline.result_of(conn.agent, request_id, wait)
 
 
 async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:

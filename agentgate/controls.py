@@ -6,7 +6,7 @@ state the pipeline consults on every request, the freeze and the active grants, 
 both from the store at start-up.
 
 Imports: broker (approvals it decides), store, tools (which calls a grant may cover),
-guardian (the protocol), approvals. Never the pipeline or a front door.
+guardian (the protocol), approvals, errors. Never the pipeline or a front door.
 """
 
 from __future__ import annotations
@@ -73,13 +73,15 @@ class Controls:
             return None
         return grant
 
-    async def add_grant(self, agent: str, signature: str, by: str) -> None:
-        """Remember an "Allow 1 h" (the broker calls this before it executes the call)."""
+    async def add_grant(self, agent: str, signature: str, by: str) -> float:
+        """Remember an "Allow 1 h" (the broker calls this before it executes the call); return
+        when it ends (unix time)."""
         now = self._now()
         grant = GrantRow(str(uuid.uuid4())[:8], agent, signature, by, now, now + GRANT_SECONDS)
         await self.store.add_grant(grant)
         self._grants[(agent, signature)] = grant
         await self._audit(by, "grant", f"{agent}: {signature} for 1 h ({grant.grant_id})")
+        return grant.expires_at
 
     async def _audit(self, by: str, decision: str, what: str) -> None:
         await self.store.audit(
@@ -103,6 +105,8 @@ class Controls:
         self, request_id: str, action: Action, by: str, *, message_ref: str
     ) -> PressAnswer:
         broker = self._approvals()
+        if self.frozen:  # every approval was denied by the freeze; a late press decides nothing
+            return PressAnswer("expired: the gateway is frozen (/unfreeze first)")
         await broker.card_known(request_id)
         if broker.misplaced(request_id, message_ref):
             what = f"button {action.value}:{request_id} pressed on {message_ref}"

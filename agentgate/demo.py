@@ -10,11 +10,16 @@ One ``trio.run`` starts, all on 127.0.0.1:
 - a terminal "guardian phone" (:mod:`agentgate.demo_phone`) that shows each approval card as
   Telegram would and presses Allow / Deny / Allow 1 h for you (keys ``a`` / ``d`` / ``h``);
 - a scripted agent using the SDK: it reads a sensor (allowed by policy), turns on a light (the
-  guardian is asked) and tries to unlock the front door (denied by policy).
+  guardian is asked) and tries to unlock the front door (denied by policy). With ``--mcp`` the
+  same agent is an MCP client (the official ``mcp`` Python client) talking to ``agentgate mcp``,
+  the stdio bridge an MCP host would start.
 
 The demo ends with the audit table and cleans up its temporary directory. ``--auto`` presses
 Allow by itself and exits 0 only if everything behaved as expected (1 otherwise), with no TTY and
 no stdin needed; ``tests/test_demo.py`` runs it so it cannot rot.
+
+Imports: testing (the fakes, the harness, the MCP client), client (the agent), demo_phone, audit and
+store (the closing table).
 """
 
 from __future__ import annotations
@@ -188,10 +193,14 @@ async def _agent(
                 "ha_call_service", domain="light", service="turn_on", entity_id=LIGHT
             )
         except DeniedByGuardian as exc:
-            steps[1].outcome = f"denied by the guardian ({exc.message})"
+            steps[1].outcome = exc.message  # "denied by the guardian (Alex (4242))"
             steps[1].ok = interactive  # the person said no: fine, unless nobody was asked
         except ApprovalTimedOut as exc:
-            steps[1].outcome = f"nobody decided in time ({exc.message})"
+            steps[
+                1
+            ].outcome = (
+                f"nobody decided in time: {exc.message.removeprefix('approval timed out: ')}"
+            )
             steps[1].ok = interactive
         except AgentgateError as exc:
             steps[1].outcome = f"failed: {exc.message}"
@@ -239,6 +248,92 @@ async def _agent(
     return steps
 
 
+async def _mcp_agent(
+    gw: Harness, say: Narrator, settle: Callable[[], Awaitable[None]], *, interactive: bool
+) -> list[Step]:
+    """The same four requests as :func:`_agent`, as an MCP client through ``agentgate mcp``."""
+    from agentgate.testing.mcp_client import mcp_stdio_client
+
+    s = say.s
+    waiting: set[str] = set()
+
+    async def notice(progress: float, total: float | None, message: str | None) -> None:
+        if message and not waiting:  # the first notice; more follow every few seconds
+            waiting.add(message)
+            say.agent(s.yellow(f"⏳ MCP progress: {message}"))
+
+    def content(result: Any) -> str:
+        return "\n".join(block.text for block in result.content if block.type == "text")
+
+    steps = [
+        Step(f"read the living-room temperature ({SENSOR})"),
+        Step(f"turn on the living-room light ({LIGHT})"),
+        Step(f"unlock the front door ({LOCK})"),
+        Step(f"unlock it through a scene (scene.apply naming {LOCK})"),
+    ]
+    denied_by_policy = "denied by policy: "
+    async with mcp_stdio_client(
+        gw.url, token=gw.tokens[AGENT], ca=gw.ca_path, wait=APPROVAL_TIMEOUT + 10
+    ) as mcp:
+        tools = [tool.name for tool in (await mcp.list_tools()).tools]
+        say.agent(
+            f"MCP client connected to {s.bold('agentgate mcp')} (stdio) → {gw.url};"
+            f" {len(tools)} tools"
+        )
+
+        say.heading(f"1. the agent wants to {steps[0].title}")
+        say.agent(f"→ tools/call ha_get_state {{entity_id: {SENSOR}}}")
+        result = await mcp.call_tool("ha_get_state", {"entity_id": SENSOR})
+        if result.is_error:
+            steps[0].outcome = f"refused: {content(result)}"
+        else:
+            data = (result.structured_content or {}).get("data")
+            steps[0].outcome = f"allowed by policy, executed at once: {_describe(data)}"
+            steps[0].ok = True
+        say.agent((s.green if steps[0].ok else s.red)(steps[0].outcome))
+
+        say.heading(f"2. the agent wants to {steps[1].title}")
+        light = {"domain": "light", "service": "turn_on", "entity_id": LIGHT}
+        say.agent(f"→ tools/call ha_call_service {json.dumps(light)}")
+        result = await mcp.call_tool("ha_call_service", light, progress_callback=notice)
+        text = content(result)
+        if not result.is_error and (result.structured_content or {}).get("status") != "pending":
+            data = (result.structured_content or {}).get("data")
+            steps[1].outcome = f"approved by the guardian and executed: {_describe(data)}"
+            steps[1].ok = True
+        else:
+            steps[1].outcome = text
+            steps[1].ok = interactive and text.startswith(("denied by the guardian", "approval"))
+        say.agent((s.green if steps[1].ok else s.red)(steps[1].outcome))
+        await settle()
+
+        denials: list[tuple[Step, dict[str, Any]]] = [
+            (steps[2], {"domain": "lock", "service": "unlock", "entity_id": LOCK}),
+            (
+                steps[3],
+                {
+                    "domain": "scene",
+                    "service": "apply",
+                    "entities": {LIGHT: "on", LOCK: "unlocked"},
+                },
+            ),
+        ]
+        for step, args in denials:
+            say.heading(f"{steps.index(step) + 1}. the agent wants to {step.title}")
+            say.agent(f"→ tools/call ha_call_service {json.dumps(args)}")
+            result = await mcp.call_tool("ha_call_service", args)
+            text = content(result)
+            if result.is_error and text.startswith(denied_by_policy):
+                step.outcome = f"isError: {text}; nobody was asked, the door stays locked"
+                step.ok = True
+            elif result.is_error:
+                step.outcome = f"refused, but not by the policy: {text}"
+            else:
+                step.outcome = f"EXECUTED (this must never happen): {text}"
+            say.agent((s.green if step.ok else s.red)(step.outcome))
+    return steps
+
+
 def shipped_policy() -> str:
     """The repository's ``permissions.yaml``: the demo runs the policy users start from."""
     try:
@@ -259,12 +354,14 @@ async def run_demo(
     out: TextIO = sys.stdout,
     keys: KeyReader | None = None,
     auto_pause: float = 1.5,
+    mcp: bool = False,
 ) -> DemoResult:
     """Run the whole demo inside ``workdir`` (which the caller creates and removes).
 
     ``auto`` presses Allow by itself; otherwise ``keys`` (a :class:`KeyReader`) chooses, and
     with no keys left (stdin closed) the phone presses Allow too. ``policy`` is YAML text
-    (default: the shipped ``permissions.yaml``).
+    (default: the shipped ``permissions.yaml``). ``mcp``: the agent is an MCP client of
+    ``agentgate mcp`` instead of an SDK user.
     """
     style = style or Style(False)
     say = Narrator(style, out)
@@ -325,7 +422,8 @@ async def run_demo(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(phone.run)
-                steps = await _agent(gw, say, settle, interactive=not auto)
+                agent = _mcp_agent if mcp else _agent
+                steps = await agent(gw, say, settle, interactive=not auto)
                 await settle()
                 nursery.cancel_scope.cancel()
             light, lock = home.state(LIGHT), home.state(LOCK)
@@ -380,6 +478,7 @@ async def _main(
             style=style,
             keys=KeyReader(),
             auto_pause=args.pause,
+            mcp=args.mcp,
         )
         cancel()
 
@@ -408,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--insecure", action="store_true", help="plain ws:// on loopback instead of TLS"
+    )
+    parser.add_argument(
+        "--mcp",
+        action="store_true",
+        help="the agent is an MCP client (official mcp client) of agentgate mcp (stdio bridge)",
     )
     parser.add_argument("--no-color", action="store_true", help="no colours even on a terminal")
     parser.add_argument(

@@ -8,123 +8,29 @@ executed, denied, timed out) are drawn too.
 
 Keys come from :class:`KeyReader` (``a`` Allow, ``d`` Deny, ``h`` Allow 1 h); with ``auto=True``
 the phone presses Allow by itself after a short pause, so it runs with no TTY and no stdin.
+
+Imports: guardian.terminal (how a card is drawn, the keys), testing.fake_telegram.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
-import termios
-import textwrap
-import tty
-from collections.abc import Iterator
-from contextlib import contextmanager
-from html.parser import HTMLParser
 from typing import TextIO
 
 import trio
-from attrs import frozen
 
+from agentgate.guardian.terminal import KEYS, Style, bubble, cbreak, condensed, html_to_text
 from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram
 
 __all__ = ["KEYS", "KeyReader", "Phone", "Style", "cbreak"]
-
-# key -> (callback kind, what the guardian sees on the button)
-KEYS: dict[str, tuple[str, str]] = {
-    "a": ("allow", "Allow"),
-    "d": ("deny", "Deny"),
-    "h": ("grant", "Allow 1 h"),
-}
-WIDTH = 64  # columns of a phone screen, roughly
-
-
-@frozen
-class Style:
-    """ANSI colours, or nothing at all when the output is not a terminal."""
-
-    enabled: bool
-
-    @classmethod
-    def for_stream(cls, stream: TextIO, *, force_off: bool = False) -> Style:
-        """Colours only for a TTY, and never with ``NO_COLOR`` set (https://no-color.org)."""
-        isatty = getattr(stream, "isatty", lambda: False)()
-        return cls(bool(isatty) and not force_off and "NO_COLOR" not in os.environ)
-
-    def _sgr(self, code: str, text: str) -> str:
-        return f"\x1b[{code}m{text}\x1b[0m" if self.enabled and text else text
-
-    def bold(self, text: str) -> str:
-        return self._sgr("1", text)
-
-    def dim(self, text: str) -> str:
-        return self._sgr("2", text)
-
-    def green(self, text: str) -> str:
-        return self._sgr("32", text)
-
-    def red(self, text: str) -> str:
-        return self._sgr("31", text)
-
-    def yellow(self, text: str) -> str:
-        return self._sgr("33", text)
-
-    def blue(self, text: str) -> str:
-        return self._sgr("34", text)
-
-    def cyan(self, text: str) -> str:
-        return self._sgr("36", text)
-
-
-class _HtmlToAnsi(HTMLParser):
-    """Telegram HTML (already validated by the fake) → terminal text: bold stays bold, code cyan."""
-
-    def __init__(self, style: Style) -> None:
-        super().__init__(convert_charrefs=True)
-        self.style = style
-        self.parts: list[str] = []
-        self.open: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.open.append(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if self.open:
-            self.open.pop()
-
-    def handle_data(self, data: str) -> None:
-        paint = None
-        if {"b", "strong"} & set(self.open):
-            paint = self.style.bold
-        elif {"code", "pre"} & set(self.open):
-            paint = self.style.cyan
-        if paint is not None:  # line by line, so every printed line resets its own colour
-            data = "\n".join(paint(line) for line in data.split("\n"))
-        self.parts.append(data)
 
 
 def visible(message: FakeMessage, style: Style) -> str:
     """What the Telegram app shows for ``message``, with bold and code marked up for a TTY."""
     if not style.enabled or message.parse_mode != "HTML":
         return message.text
-    parser = _HtmlToAnsi(style)
-    parser.feed(message.raw_text)
-    parser.close()
-    return "".join(parser.parts)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _wrap(text: str) -> list[str]:
-    """Lines of at most ``WIDTH - 4`` visible characters (colour codes take no room)."""
-    lines: list[str] = []
-    for line in text.splitlines() or [""]:
-        if len(_ANSI.sub("", line)) <= WIDTH - 4:
-            lines.append(line)
-        else:
-            lines += textwrap.wrap(line, WIDTH - 4, replace_whitespace=False) or [""]
-    return lines
+    return html_to_text(message.raw_text, style)
 
 
 def _is_card(message: FakeMessage) -> bool:
@@ -159,20 +65,6 @@ class KeyReader:
         return self._buffer.pop(0)
 
 
-@contextmanager
-def cbreak(fd: int = 0) -> Iterator[bool]:
-    """Read keys one at a time without echo while inside (if ``fd`` is a TTY); always restore."""
-    if not os.isatty(fd):
-        yield False
-        return
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setcbreak(fd)
-        yield True
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
 class Phone:
     """The guardian's phone: draws the chat, answers each card with a key (or automatically)."""
 
@@ -204,25 +96,17 @@ class Phone:
 
     def draw(self, message: FakeMessage, *, edited: bool) -> None:
         """One chat bubble: header, text, inline keyboard (as Telegram lays it out)."""
-        s = self.style
         label = "edited" if edited else "new message"
-        title = f" 📱 Telegram · agentgate guardians · {label} "
-        self._print("  " + s.blue("╭─" + title + "─" * max(2, WIDTH - len(title) - 2)))
-        bar = s.blue("│")
-        text = visible(message, s)
-        head, blank, rest = text.partition("\n\n")
-        if edited and blank and not message.buttons:
+        text = visible(message, self.style)
+        if edited and not message.buttons:
             # The new status sits on top of the card just drawn; the rest did not change.
-            text = head + "\n" + s.dim(f"… the card as above ({len(rest.splitlines())} lines)")
-        for line in _wrap(text):
-            self._print(f"  {bar} {line}")
+            text = condensed(text, self.style)
         rows = (message.reply_markup or {}).get("inline_keyboard") or []
-        if rows:
-            self._print("  " + s.blue("├" + "─" * (WIDTH - 1)))
-            for row in rows:
-                buttons = "  ".join(s.bold(f"[ {b.get('text', '')} ]") for b in row)
-                self._print(f"  {bar} {buttons}")
-        self._print("  " + s.blue("╰" + "─" * (WIDTH - 1)))
+        labels = [[str(b.get("text", "")) for b in row] for row in rows]
+        for line in bubble(
+            f"📱 Telegram · agentgate guardians · {label}", text, labels, self.style
+        ):
+            self._print(line)
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ response back into the same class. ::
     ├── ApprovalTimedOut        -32002
     ├── DeniedByPolicy          -32003
     ├── ExecutionFailed         -32004  service error/unreachable, audit unavailable
+    │   └── OutcomeUnknown              data.outcome = "unknown": the call may have run
     ├── AuthenticationFailed    -32005  then the socket closes with 1008
     ├── RateLimited             -32006
     ├── GatewayShuttingDown     -32007
@@ -94,6 +95,20 @@ class ExecutionFailed(AgentgateError):
     default_message = "execution failed"
 
 
+class OutcomeUnknown(ExecutionFailed):
+    """The call was (or may have been) sent, but its answer never came: it may have run.
+
+    It is never retried. ``data["outcome"]`` is ``"unknown"``; ``data["state_after"]``, when
+    present, maps each entity the call named to its state read back afterwards.
+    """
+
+    default_message = "outcome unknown: the call may have run; it was not retried"
+
+    def __init__(self, message: str | None = None, *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message, data=data)
+        self.data["outcome"] = "unknown"
+
+
 class AuthenticationFailed(AgentgateError):
     code = -32005
     default_message = "authentication failed"
@@ -143,6 +158,8 @@ def error_from_wire(error: object) -> AgentgateError:
     message = error.get("message")
     data = error.get("data")
     cls = ERRORS_BY_CODE.get(code) if isinstance(code, int) else None
+    if cls is ExecutionFailed and isinstance(data, dict) and data.get("outcome") == "unknown":
+        cls = OutcomeUnknown
     err = (cls or AgentgateError)(
         str(message) if message is not None else None,
         data=data if isinstance(data, dict) else None,

@@ -1,21 +1,32 @@
 """The gateway, wired: one function builds every part, one serves it over WSS.
 
-Task tree (DESIGN §3)::
+Task tree::
 
     serve_gateway(config)             `agentgate serve`, the test harness, the demo, the bench
     ├── open_gateway(config)          the same wiring for the fast tests (memory streams)
     │   ├── store writer              (agentgate.store: group commit, off the loop)
-    │   ├── executor                  (agentgate.services: Home Assistant over httpx)
+    │   ├── executor                  (agentgate.services: Home Assistant and the HTTP
+    │   │                              services over httpx; several as one ServiceSet)
     │   ├── guardian                  (Telegram in a trio-asyncio loop, supervised; or given)
-    │   └── broker.run                (agentgate.broker: one task per pending approval)
+    │   ├── broker.run                (agentgate.broker: one task per pending approval)
+    │   └── trim_after_activity       (agentgate.memory: freed heap back to the OS after work)
     │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket)
-    └── serve_websockets              (agentgate.listener) → door.handle per connection
+    ├── serve_websockets              (agentgate.listener) → door.handle per connection
+    └── serve_mcp (if [mcp])          (agentgate.mcp.http) → the MCP door, Streamable HTTP
 
-Shutdown is an event, not a bare cancellation: new work is refused, pending approvals
-resolve as ``shutdown`` (-32007) while the connections are still there to hear it, in-flight
-requests finish, then sockets close with 1001 — all under a 5 s bound.
+Shutdown is an event, not a bare cancellation: new work is refused, undecided approvals are
+suspended for the next start (their askers hear -32007 while the connections are still there,
+their cards say the gateway is restarting) or, with ``cancel_pending``, resolved as
+``shutdown``; in-flight requests finish, then sockets close with 1001 — all under a 5 s bound.
 
-Imports: every room below; nothing imports this module but the entry points.
+Start-up fails fast (:class:`~agentgate.config.ConfigError`, ``agentgate serve`` exits 2) when
+Home Assistant or Telegram refuses the configured token or chat; an unreachable service is
+logged and ridden out instead.
+
+Imports: config, store, policy, preflight, http_tools, services and services.homeassistant,
+guardian, guardian.card and guardian.supervisor, broker, controls, pipeline, connection,
+listener, memory, and mcp.http when ``[mcp]`` is set. Nothing imports this module but the
+entry points.
 """
 
 from __future__ import annotations
@@ -23,26 +34,32 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import httpx
 import trio
 
+from agentgate import preflight
 from agentgate.broker import Broker
-from agentgate.config import Config
+from agentgate.config import Config, ConfigError
 from agentgate.connection import WebSocketDoor
 from agentgate.controls import Controls
 from agentgate.guardian import Guardian, GuardianControl
 from agentgate.guardian.card import CardRules
 from agentgate.listener import serve_websockets
-from agentgate.pipeline import Pipeline, Sessions
+from agentgate.memory import trim_after_activity
+from agentgate.pipeline import INTERRUPTED, Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
+from agentgate.preflight import server_tls_context
 from agentgate.services import Executor
 from agentgate.store import Store, open_store
+
+if TYPE_CHECKING:
+    from agentgate.mcp.http import McpHttpDoor, McpListening
 
 __all__ = [
     "Gateway",
@@ -81,12 +98,16 @@ class Gateway:
         self.broker = broker
         self.door = door
         self.guardian = guardian
+        self.mcp: McpHttpDoor | None = None  # the MCP door, when serve_gateway serves one
 
-    async def shutdown(self) -> None:
-        """Refuse new work, resolve approvals as shutdown, drain, close sockets with 1001."""
+    async def shutdown(self, *, cancel_pending: bool = False) -> None:
+        """Refuse new work, suspend undecided approvals for the next start (or resolve them as
+        ``shutdown`` with ``cancel_pending``), drain, close sockets with 1001."""
         self.pipeline.closing = True
-        await self.broker.shutdown()
+        await self.broker.shutdown(cancel_pending=cancel_pending)
         await self.door.idle()
+        if self.mcp is not None:
+            await self.mcp.idle()
         await self.door.close_all()
 
 
@@ -99,11 +120,15 @@ def card_rules(config: Config) -> CardRules:
 
 
 def load_policies(config: Config) -> dict[str | None, Policy]:
-    """The default policy (key ``None``) and each agent's own, loaded once at start-up."""
-    policies: dict[str | None, Policy] = {None: load_policy(config.policy.file)}
+    """The default policy (key ``None``) and each agent's own, loaded once at start-up (their
+    lint knows the configuration's HTTP tools)."""
+    from agentgate.http_tools import known_tools
+
+    known = known_tools(config) if config.services.http else None
+    policies: dict[str | None, Policy] = {None: load_policy(config.policy.file, known=known)}
     for name, agent in config.agents.items():
         if agent.policy is not None:
-            policies[name] = load_policy(agent.policy)
+            policies[name] = load_policy(agent.policy, known=known)
     return policies
 
 
@@ -115,22 +140,54 @@ async def open_gateway(
     ha_transport: httpx.AsyncBaseTransport | None = None,
     now: Callable[[], float] = time.time,
     inline_store: bool | None = None,
+    http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
 ) -> AsyncIterator[Gateway]:
     """Build and run every part of the gateway for the ``async with`` block.
 
     ``guardian`` replaces the configured Telegram guardian (tests, the demo); ``ha_transport``
-    replaces Home Assistant's network (``httpx.MockTransport``); ``now`` is the wall clock;
+    replaces Home Assistant's network (``httpx.MockTransport``), ``http_transports`` that of
+    the ``[services.http.NAME]`` services named; ``now`` is the wall clock;
     ``inline_store=True`` keeps the store off threads (deterministic tests). Leaving the block
     cancels what still runs, as a crash would; call :meth:`Gateway.shutdown` first for a clean
     stop. Front doors are served by the caller (:func:`serve_gateway` serves the WebSocket one).
     """
     policies = load_policies(config)
+    transports = (ha_transport, http_transports or {})
+    with _config_errors_ungrouped():
+        async with _open_gateway(config, guardian, transports, now, inline_store, policies) as gw:
+            yield gw
+
+
+@asynccontextmanager
+async def _open_gateway(
+    config: Config,
+    guardian: Guardian | None,
+    transports: tuple[httpx.AsyncBaseTransport | None, Mapping[str, httpx.AsyncBaseTransport]],
+    now: Callable[[], float],
+    inline_store: bool | None,
+    policies: dict[str | None, Policy],
+) -> AsyncIterator[Gateway]:
     async with (
         open_store(
             config.store.path, synchronous=config.store.synchronous, inline=inline_store
         ) as store,
-        _maybe_homeassistant(config, ha_transport) as executor,
+        _open_services(config, *transports) as executor,
     ):
+        if executor is not None:
+            try:
+                warning = await executor.check_health()
+            except ConfigError as exc:
+                file = preflight.display(config.source)
+                raise ConfigError(*(f"{file}: {p}" for p in exc.problems)) from None
+            if warning:
+                log.warning("%s", warning)
+        interrupted = await store.settle_interrupted(now(), INTERRUPTED)
+        if interrupted:
+            log.warning(
+                "%d allowed call(s) were executing when the gateway last stopped: recorded as"
+                " outcome unknown (they may have run)",
+                interrupted,
+            )
         sessions = Sessions()
         controls = Controls(store, connected=sessions.counts, now=now)
         cards = card_rules(config)
@@ -148,6 +205,8 @@ async def open_gateway(
             store,
             execute=pipeline.execute,
             describe=pipeline.describe,
+            read_back=pipeline.state_after,
+            recheck=pipeline.recheck,
             sessions=sessions.of,
             on_grant=controls.add_grant,
             now=now,
@@ -159,12 +218,9 @@ async def open_gateway(
             broker.guardian = active_guardian
             if active_guardian is None:
                 log.warning("no guardian configured: every ask fails closed (-32004)")
-            if executor is not None:
-                warning = await executor.check_health()
-                if warning:
-                    log.warning("Home Assistant health check: %s", warning)
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.run)
+                nursery.start_soon(trim_after_activity, lambda: store.commits)
                 try:
                     yield Gateway(
                         config,
@@ -181,17 +237,38 @@ async def open_gateway(
 
 
 @asynccontextmanager
-async def _maybe_homeassistant(
-    config: Config, transport: httpx.AsyncBaseTransport | None
+async def _open_services(
+    config: Config,
+    ha_transport: httpx.AsyncBaseTransport | None,
+    http_transports: Mapping[str, httpx.AsyncBaseTransport],
 ) -> AsyncIterator[Executor | None]:
-    ha_config = config.services.homeassistant
-    if ha_config is None:
-        yield None
-        return
-    from agentgate.services.homeassistant import open_homeassistant
+    """The configured services as one executor (None without any)."""
+    async with AsyncExitStack() as stack:
+        members: list[Executor] = []
+        ha_config = config.services.homeassistant
+        if ha_config is not None:
+            from agentgate.services.homeassistant import open_homeassistant
 
-    async with open_homeassistant(ha_config, transport=transport) as ha:
-        yield ha
+            members.append(
+                await stack.enter_async_context(
+                    open_homeassistant(ha_config, transport=ha_transport)
+                )
+            )
+        if config.services.http:
+            from agentgate.http_tools import http_tools
+            from agentgate.services.http import open_http_service
+
+            defined = http_tools(config)
+            for name, service in config.services.http.items():
+                mine = {tool: d for tool, d in defined.items() if d.service == name}
+                opened = open_http_service(service, mine, transport=http_transports.get(name))
+                members.append(await stack.enter_async_context(opened))
+        if len(members) <= 1:
+            yield members[0] if members else None
+        else:
+            from agentgate.services.registry import ServiceSet
+
+            yield ServiceSet(members)
 
 
 @asynccontextmanager
@@ -204,18 +281,30 @@ async def _maybe_telegram(
         return
     from agentgate.guardian.supervisor import supervised_telegram
 
-    async with supervised_telegram(telegram, control, cards) as supervisor:
-        yield supervisor
+    source = preflight.display(config.source)
+    async with supervised_telegram(telegram, control, cards, source=source) as tg:
+        yield tg
+
+
+@contextmanager
+def _config_errors_ungrouped() -> Iterator[None]:
+    """A configuration error found while starting leaves as itself, not inside the exception
+    groups of the nurseries it crossed (``agentgate serve`` maps it to exit status 2)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(ConfigError)
+        if matched is not None and rest is None:
+            leaves: list[BaseException] = [matched]
+            while isinstance(leaves[0], BaseExceptionGroup):
+                leaves = list(leaves[0].exceptions)
+            raise leaves[0] from None
+        raise
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext:
-    cert, key = config.gateway.tls_cert, config.gateway.tls_key
-    if cert is None or key is None:
-        raise ValueError("TLS needs gateway.tls_cert and gateway.tls_key (or --insecure)")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+    """The TLS context; :class:`~agentgate.config.ConfigError` names the key that is wrong."""
+    return server_tls_context(config)
 
 
 @attrs.define
@@ -227,6 +316,7 @@ class RunningGateway:
     port: int
     url: str
     stop: trio.Event
+    mcp_url: str | None = None  # the MCP endpoint (https://HOST:PORT/mcp) when [mcp] is set
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -240,11 +330,14 @@ async def serve_gateway(
     ha_transport: httpx.AsyncBaseTransport | None = None,
     now: Callable[[], float] = time.time,
     stop: trio.Event | None = None,
+    cancel_pending: bool = False,
     task_status: trio.TaskStatus[RunningGateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``stop`` is set (or the caller cancels), then shut down cleanly.
 
-    ``guardian`` replaces the configured Telegram guardian (tests). Supports the start protocol:
+    ``guardian`` replaces the configured Telegram guardian (tests). Pending approvals stay
+    pending for the next start, unless ``cancel_pending`` (decommissioning: they resolve as
+    ``shutdown``). Supports the start protocol:
     ``running = await nursery.start(serve_gateway, config)``.
     """
     stop = stop if stop is not None else trio.Event()
@@ -263,6 +356,7 @@ async def serve_gateway(
                 ssl_context,
                 max_message_size=max(4 * limits.max_message_bytes, 1 << 20),
                 connect_timeout=config.gateway.auth_deadline,
+                limits=gateway.door.connection_limits,
             )
         )
         scheme = "ws" if ssl_context is None else "wss"
@@ -274,12 +368,23 @@ async def serve_gateway(
                 " the network in clear text. Use this only on loopback."
             )
         log.info("listening on %s://%s:%d", scheme, host, listening.port)
-        task_status.started(RunningGateway(gateway, host, listening.port, url, stop))
+        mcp: McpListening | None = None
+        if config.mcp is not None:
+            # Imported only when configured: the MCP SDK and Hypercorn cost memory at start-up.
+            from agentgate.mcp.http import McpHttpDoor, serve_mcp
+
+            gateway.mcp = McpHttpDoor(config, gateway.pipeline, gateway.door.failed_auth)
+            mcp = await nursery.start(serve_mcp, gateway.mcp, ssl_context)
+        mcp_url = mcp.url if mcp is not None else None
+        task_status.started(RunningGateway(gateway, host, listening.port, url, stop, mcp_url))
         try:
             await stop.wait()
         finally:
             with trio.move_on_after(SHUTDOWN_BOUND, shield=True) as scope:
-                await gateway.shutdown()
+                await gateway.shutdown(cancel_pending=cancel_pending)
+                if mcp is not None:  # Hypercorn's graceful stop: answers in flight go out
+                    mcp.stop.set()
+                    await mcp.stopped.wait()
             if scope.cancelled_caught:
                 log.warning("shutdown took longer than 5 s; cancelling what is left")
             nursery.cancel_scope.cancel()

@@ -1,4 +1,14 @@
-"""The WSS listener: Trio's ``serve_listeners`` and trio-websocket's ``wrap_server_stream``.
+"""The WSS listener: an accept loop of its own and trio-websocket's ``wrap_server_stream``.
+
+Each accepted socket first takes its place in the connection limits
+(:class:`~agentgate.limits.ConnectionLimits`: ``max_connections`` in all,
+``max_unauthenticated_per_address`` while its TLS and WebSocket handshakes run); over a limit
+it is closed at once, before any TLS work, and the refusal is logged once per address and
+minute. The gateway raises its soft file-descriptor limit to the hard one at start and keeps
+``max_connections`` below what that allows, so ``accept`` does not run out of descriptors;
+if it does all the same (``EMFILE``: something else holds them), the loop waits a moment and
+says so once a minute, without a traceback (``trio.serve_listeners`` would log one every
+100 ms).
 
 Each accepted connection gets ``connect_timeout`` seconds for its TLS handshake and WebSocket
 upgrade, and not a moment longer than its peer stays: a connection closed before its upgrade
@@ -6,36 +16,52 @@ upgrade, and not a moment longer than its peer stays: a connection closed before
 server waits the whole timeout for such a peer, so connect-and-leave could pin one socket, its
 TLS state and its buffers per connection for the whole auth deadline.) The peer's departure is
 seen by a thin stream wrapper (:class:`_Watched`) that notes when the stream ends; nothing here
-reaches into trio-websocket.
+reaches into trio-websocket. A connection whose TLS handshake failed is logged with the reason
+(:mod:`agentgate.handshakes`, once per address per minute).
 
-Imports: nothing of agentgate (Trio, trio-websocket's public API).
+Imports: limits, handshakes (Trio, trio-websocket's public API).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final, NamedTuple
 
 import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
 
-__all__ = ["Listening", "serve_websockets"]
+from agentgate.handshakes import Counted, CountingListener, HandshakeLog
+from agentgate.limits import ConnectionLimits, OverLimit, Throttle, Ticket
 
-Handler = Callable[[WebSocketRequest, str], Awaitable[None]]
-"""Called with each upgraded connection's request and its peer's address."""
+__all__ = ["Listening", "raise_fd_limit", "serve_websockets"]
+
+Handler = Callable[[WebSocketRequest, str, Ticket], Awaitable[None]]
+"""Called with each upgraded connection's request, its peer's address and its ticket."""
 
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE: Final = 2.0  # seconds a connection's socket may take to close after its handler
+ACCEPT_RETRY: Final = 0.1  # seconds between accepts while the process is out of descriptors
+# accept(2) errors that mean "the process or the system is out of something", not "this peer"
+_CAPACITY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# Descriptors kept free for everything that is not an agent's socket and opens after start:
+# Home Assistant's and Telegram's connections, the store's checkpoints, worker threads, logs.
+RESERVED_FDS: Final = 64
+# Keepalive probes after 60 s of silence, every 15 s, 4 unanswered: a dead peer in ~2 min.
+KEEPALIVE: Final = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
 
 
 class Listening(NamedTuple):
     """What :func:`serve_websockets` hands to ``nursery.start``."""
 
     port: int
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]]
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.abc.Stream]]
 
 
 class _Watched(trio.abc.Stream):
@@ -44,11 +70,13 @@ class _Watched(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.ended = trio.Event()
+        self.error: BaseException | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
             data = await self.inner.receive_some(max_bytes)
-        except BaseException:
+        except BaseException as exc:
+            self.error = exc
             self.ended.set()
             raise
         if not data:
@@ -74,44 +102,181 @@ async def serve_websockets(
     *,
     max_message_size: int,
     connect_timeout: float,
+    limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve WebSockets on ``host:port`` (0: a free port) until cancelled; supports
-    ``await nursery.start(...)``, which returns the :class:`Listening` port."""
-    tcp = await trio.open_tcp_listeners(port, host=host)
-    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = tcp
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(each, ssl_context, https_compatible=True) for each in tcp]
+    ``await nursery.start(...)``, which returns the :class:`Listening` port.
 
-    async def connection(stream: trio.abc.Stream) -> None:
-        peer = _peer(stream)
+    ``limits``: the connection limits every accepted socket is admitted against (default:
+    none); its ``max_connections`` is lowered to what the file descriptors allow.
+    """
+    limits = limits if limits is not None else ConnectionLimits()
+    allowed = raise_fd_limit() - _fds_in_use() - RESERVED_FDS
+    configured = limits.max_connections
+    if limits.limit_to(allowed):
+        log.warning(
+            "max_connections = %.0f is more than this process's file descriptors allow: at"
+            " most %d connections at once (raise the hard limit, e.g. LimitNOFILE= in the"
+            " systemd unit, or lower max_connections)",
+            configured,
+            limits.max_connections,
+        )
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.abc.Stream]] = tcp
+    if ssl_context is not None:
+        listeners = [
+            trio.SSLListener(CountingListener(each), ssl_context, https_compatible=True)
+            for each in tcp
+        ]
+    refusals = Throttle()
+    handshakes = HandshakeLog()
+
+    async def connection(stream: trio.abc.Stream, peer: str, ticket: Ticket) -> None:
         watched = _Watched(stream)
         try:
             async with trio.open_nursery() as nursery:  # the WebSocket's reader task
                 request = await _upgrade(nursery, watched, max_message_size, within=connect_timeout)
                 try:
                     if request is not None:
-                        await handler(request, peer)
+                        await handler(request, peer, ticket)
                 finally:
                     nursery.cancel_scope.cancel()
         except Exception:
             # Nothing one connection does may end the listener: trio-websocket's reader raises
             # ConnectionClosed out of its task when a peer that sent a bad request is gone
-            # before the 400 answer can be written, and serve_listeners would pass it on.
+            # before the 400 answer can be written.
             log.debug("connection from %s ended with an error", peer, exc_info=True)
         finally:
-            with trio.move_on_after(CLOSE_GRACE):
-                await trio.aclose_forcefully(stream)
+            handshakes.ended(stream, watched.error, peer)
+            try:
+                with trio.move_on_after(CLOSE_GRACE):
+                    await trio.aclose_forcefully(stream)
+            finally:
+                ticket.close()
+
+    async def admit(stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
+        peer = _peer(stream)
+        try:
+            ticket = limits.admit(peer)
+        except OverLimit as over:
+            # Refused before any TLS work: the socket is closed at once.
+            await trio.aclose_forcefully(stream)
+            if refusals.allow(over.key):
+                missed = refusals.take_suppressed(over.key)
+                more = f" ({missed} more in the last minute)" if missed else ""
+                log.warning("refused a connection from %s: %s%s", peer, over, more)
+            return
+        _keep_alive(stream)
+        nursery.start_soon(connection, stream, peer, ticket)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, connection, listeners)
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener, admit, nursery)
         task_status.started(Listening(tcp[0].socket.getsockname()[1], listeners))
+
+
+async def accept_loop(
+    listener: trio.abc.Listener[trio.abc.Stream],
+    admit: Callable[[trio.abc.Stream, trio.Nursery], Awaitable[None]],
+    nursery: trio.Nursery,
+    *,
+    throttle: Throttle | None = None,
+) -> None:
+    """Accept on ``listener`` until cancelled; ``admit`` each stream (it starts the
+    connection's task in ``nursery`` or closes the stream). Out of descriptors (or memory),
+    wait ``ACCEPT_RETRY`` and try again, saying so once a minute."""
+    throttle = throttle or Throttle()
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _CAPACITY:
+                    raise
+                if throttle.allow("accept"):
+                    missed = throttle.take_suppressed("accept")
+                    log.error(
+                        "cannot accept connections: %s (%s)%s; retrying every %.1f s",
+                        errno.errorcode.get(exc.errno or 0, exc.errno),
+                        os.strerror(exc.errno or 0),
+                        f", {missed} more times in the last minute" if missed else "",
+                        ACCEPT_RETRY,
+                    )
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            await admit(stream, nursery)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the soft limit now."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: nothing to raise
+        return 1 << 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        target = _nr_open()
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+            return int(soft)
+        log.info("open files limit raised from %d to %d (the hard limit)", soft, target)
+        return int(target)
+    limit = target if soft == resource.RLIM_INFINITY else soft
+    log.info("open files limit: %d", limit)
+    return int(limit)
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def _fds_in_use() -> int:
+    for where in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(where))
+        except OSError:
+            continue
+    return RESERVED_FDS  # cannot tell: assume as many again as the reserve
+
+
+def _keep_alive(stream: trio.abc.Stream) -> None:
+    """TCP keepalive on an accepted socket: a peer that vanished without closing (a network
+    cut, a device switched off) is found within about two minutes of silence, so its socket
+    stops counting towards ``max_connections_per_agent`` and the other limits."""
+    stream = _socket_stream(stream)
+    if not isinstance(stream, trio.SocketStream):
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in KEEPALIVE:
+        if hasattr(socket, name):  # Linux names; other systems keep their own defaults
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            stream.setsockopt(level, option, value)
+        except OSError:  # already gone, or not supported: the limits still hold
+            return
+
+
+def _socket_stream(stream: trio.abc.Stream) -> trio.abc.Stream:
+    """The TCP stream under TLS and the handshake counter."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, Counted):
+        stream = stream.inner
+    return stream
 
 
 def _peer(stream: trio.abc.Stream) -> str:
     """The peer's IP address (the failed-auth limiter counts by it)."""
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
+    stream = _socket_stream(stream)
     if isinstance(stream, trio.SocketStream):
         try:
             return str(stream.socket.getpeername()[0])

@@ -1,6 +1,6 @@
 """The decision pipeline: one tool request from any front door, to its outcome.
 
-Every front door (the WebSocket protocol today) hands an authenticated agent's request to
+Every front door (the WebSocket protocol, MCP) hands an authenticated agent's request to
 :meth:`Pipeline.submit` and gets a typed outcome back, so the checks below exist once::
 
     submit(agent, tool, args, reply, reply_to)
@@ -11,8 +11,9 @@ Every front door (the WebSocket protocol today) hands an authenticated agent's r
       ask ─┬─ a grant covers it ──▶ allow
            ├─ the card cannot show everything ──── audited ──▶ InvalidParams (-32602)
            └─ broker.ask (pending limit, recorded) ─────────▶ Asked; the result comes later
-      allow ── decision committed (else nothing runs: -32004) ── execute ──▶ Executed
-                                                                       └──▶ ExecutionFailed
+      allow ── decision fsync'd (else nothing runs: -32004) ── execute ──▶ Executed
+                                                                      ├──▶ ExecutionFailed
+                                                      sent, no answer └──▶ OutcomeUnknown
 
 What it owns: the order of those checks, the policies, the per-agent request rate, the audit of
 every decision, the executor's calls, and the registry of live reply handles per agent.
@@ -31,13 +32,13 @@ import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import attrs
 import trio
 
 from agentgate import tools
-from agentgate.approvals import ReplyHandle
+from agentgate.approvals import Decision, Outcome, ReplyHandle
 from agentgate.broker import Broker
 from agentgate.config import Config
 from agentgate.controls import Controls
@@ -47,19 +48,38 @@ from agentgate.errors import (
     ExecutionFailed,
     GatewayShuttingDown,
     InvalidParams,
+    OutcomeUnknown,
     RateLimited,
 )
 from agentgate.guardian import ApprovalCard
 from agentgate.guardian.card import CardRules, CardTooLarge
 from agentgate.limits import TokenBucket
 from agentgate.policy import Policy
-from agentgate.protocol import JsonId
+from agentgate.protocol import MAX_ACK, MAX_REQUEST_ID_CHARS, JsonId
 from agentgate.services import Executor
-from agentgate.store import AuditEntry, Store
+from agentgate.store import AuditEntry, PendingRow, Store
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
 log = logging.getLogger(__name__)
+
+
+def request_ids(value: object) -> list[str]:
+    """An agent's list of request ids to acknowledge; InvalidParams (-32602) if it is not a
+    list of at most ``MAX_ACK`` strings."""
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) for item in value):
+        raise InvalidParams("ack must be a list of request ids (strings)")
+    if len(value) > MAX_ACK:
+        raise InvalidParams(f"ack: at most {MAX_ACK} request ids per call, got {len(value)}")
+    if any(len(item) > MAX_REQUEST_ID_CHARS for item in value):
+        raise InvalidParams(f"ack: a request id longer than {MAX_REQUEST_ID_CHARS} characters")
+    return list(value)
+
+
+INTERRUPTED: Final = (
+    "outcome unknown: the call was interrupted while it executed (it may have run; it is not"
+    " run again)"
+)
 
 
 class Executed(NamedTuple):
@@ -177,13 +197,17 @@ class Pipeline:
         self.admit(agent)
         now = self.now()
         if tool not in self.offered:
-            await self._audit_refusal(agent, tool, args, None, "invalid", f"unknown tool: {tool}")
+            await self._audit_refusal(
+                agent, tool, args, None, "invalid", f"unknown tool: {tool}", via=reply.via
+            )
             raise InvalidParams(f"unknown tool: {tool}")
         policy = self.policies.get(agent) or self.policies[None]
         try:
-            evaluation = policy.evaluate(tool, args)
+            evaluation = policy.evaluate(tool, args, specs=self.offered)
         except InvalidParams as exc:
-            await self._audit_refusal(agent, tool, args, None, "invalid", exc.message)
+            await self._audit_refusal(
+                agent, tool, args, None, "invalid", exc.message, via=reply.via
+            )
             raise
         signature, decision = evaluation.signature, evaluation.decision
         # A rule's own text repeats from request to request: one shared string (10,000 pending
@@ -193,11 +217,13 @@ class Pipeline:
         data = {"request_id": request_id, "signature": signature}
         if self.controls.frozen:
             await self._audit_refusal(
-                agent, tool, args, signature, "deny", "frozen by guardian", request_id
+                agent, tool, args, signature, "deny", "frozen by guardian", request_id, reply.via
             )
             raise DeniedByPolicy("frozen by guardian", data=data)
         if decision == "deny":
-            await self._audit_refusal(agent, tool, args, signature, "deny", matched, request_id)
+            await self._audit_refusal(
+                agent, tool, args, signature, "deny", matched, request_id, reply.via
+            )
             raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
         if decision == "ask":
             grant = self.controls.grant_for(agent, tool, args, signature, now)
@@ -207,7 +233,8 @@ class Pipeline:
                 return await self._ask(
                     agent, tool, args, signature, matched, request_id, reply, reply_to
                 )
-        # allow: the decision is committed before anything executes (fail closed).
+        # allow: the decision is on disk before anything executes (fail closed; fsync'd, so a
+        # power cut cannot leave a call that ran without its row).
         await self.store.audit(
             AuditEntry(
                 time=now,
@@ -218,15 +245,31 @@ class Pipeline:
                 signature=signature,
                 decision="allow",
                 matched=matched,
-            )
+                via=reply.via,
+            ),
+            durable=True,
         )
         try:
             result = await self.execute(tool, args)
+        except OutcomeUnknown as exc:  # it may have run: recorded as such, never retried
+            exc.data.update(data)
+            log.warning("%s (%s, agent %s, request %s)", exc.message, signature, agent, request_id)
+            after = {"state_after": exc.data.get("state_after")}
+            await self._resolve_quietly(
+                request_id, Outcome.UNKNOWN, error=exc.message, result=after
+            )
+            raise
         except AgentgateError as exc:
             exc.data.update(data)
-            await self._resolve_quietly(request_id, "failed", error=exc.message)
+            await self._resolve_quietly(request_id, Outcome.FAILED, error=exc.message)
             raise
-        await self._resolve_quietly(request_id, "executed", result=result)
+        except trio.Cancelled:
+            # Cut off mid-call (the shutdown bound, a front door's own bound): it may have run.
+            log.warning("%s (%s, agent %s, request %s)", INTERRUPTED, signature, agent, request_id)
+            with trio.CancelScope(shield=True):
+                await self._resolve_quietly(request_id, Outcome.UNKNOWN, error=INTERRUPTED)
+            raise
+        await self._resolve_quietly(request_id, Outcome.EXECUTED, result=result)
         return Executed(request_id, result)
 
     async def _ask(
@@ -249,12 +292,14 @@ class Pipeline:
             signature=signature,
             matched=matched,
             expires_at=self.now() + self.config.gateway.approval_timeout,
+            via=reply.via,
+            target=self._preview(tool, args),  # an HTTP request's text counts in the layout
         )
         try:
             self.cards.layout(card)  # what the guardian will be shown: everything, or nothing
         except CardTooLarge as exc:
             await self._audit_refusal(
-                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id
+                agent, tool, args, signature, "invalid", f"{exc} ({matched})", request_id, reply.via
             )
             limits = {"size": exc.size, "limit": exc.limit}
             raise InvalidParams(str(exc), data={**data, **limits}) from None
@@ -265,6 +310,30 @@ class Pipeline:
             reply, reply_to, tool, args, signature, matched, max_pending=max_pending
         )
         return Asked(request_id)
+
+    def recheck(self, row: PendingRow) -> tuple[Decision, str | None, str] | None:
+        """An approval found pending at start, checked against today's configuration: None if
+        it is still asked; else how it ends (the agent removed, the tool gone, the policy now
+        denies it, or the gateway frozen)."""
+        if self.controls.frozen:
+            return Decision.FROZEN, None, "frozen by guardian"
+        why = None
+        if row.agent not in self.config.agents:
+            why = f"agent {row.agent} is no longer configured"
+        elif row.tool not in self.offered:
+            why = f"unknown tool: {row.tool}"
+        else:
+            policy = self.policies.get(row.agent) or self.policies[None]
+            try:
+                evaluation = policy.evaluate(row.tool, row.args, specs=self.offered)
+            except InvalidParams as exc:
+                why = exc.message
+            else:
+                if evaluation.decision == "deny":
+                    why = evaluation.reason
+        if why is None:
+            return None
+        return Decision.REVOKED, None, f"{why} (changed while the gateway was down)"
 
     @property
     def offered(self) -> Mapping[str, tools.ToolSpec]:
@@ -284,16 +353,28 @@ class Pipeline:
             )
         return await self.executor.execute(tool, args)
 
+    async def state_after(self, tool: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """The states of the entities a call names, read now (after an unknown outcome)."""
+        if self.executor is None:
+            return None
+        return await self.executor.state_after(tool, args)
+
+    def _preview(self, tool: str, args: dict[str, Any]) -> str | None:
+        spec = self.offered.get(tool)
+        return spec.preview(args) if spec is not None and spec.preview is not None else None
+
     async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
-        """The card's target line, from the service.
+        """The card's target line, from the service (for an HTTP tool: the request as sent).
 
         Single flight: an ask whose target is being read right now joins that read instead of
         queueing one more request (10,000 asks at once would otherwise wait behind each other
         for the service's connections, past its timeout).
         """
         entity_id = args.get("entity_id")
-        if self.executor is None or not isinstance(entity_id, str):
+        if self.executor is None:
             return None
+        if not isinstance(entity_id, str):
+            return self._preview(tool, args)
         while (reading := self._readings.get(entity_id)) is not None:
             await reading.done.wait()
             if reading.finished:
@@ -315,6 +396,44 @@ class Pipeline:
         self.admit(agent)
         return await self.store.take_queued(agent)
 
+    async def list_queued(self, agent: str, *, acknowledge: object = ()) -> list[dict[str, Any]]:
+        """Acknowledged delivery: drop the results ``acknowledge`` names from the agent's queue
+        (ids it does not hold are ignored), then list what is still queued, leaving it there
+        until a later call acknowledges it. ``acknowledge`` is the agent's own list, checked
+        here (:func:`request_ids`)."""
+        self.admit(agent)
+        ids = request_ids(acknowledge)
+        return await self.store.list_queued(agent, acknowledge=ids)
+
+    async def acknowledge_queued(self, agent: str, ids: object) -> int:
+        """The agent has these results (checked as for :meth:`list_queued`): they leave its
+        queue. Returns how many did."""
+        self.admit(agent)
+        return await self.store.acknowledge_queued(agent, request_ids(ids))
+
+    async def result_of(self, agent: str, request_id: str, wait: float) -> dict[str, Any]:
+        """The outcome of ``agent``'s request ``request_id``: its queued-result entry
+        (docs/protocol.md), waiting up to ``wait`` seconds while it is still open, then
+        ``{"status": "pending", "request_id", "expires_at"}``. Only requests that were asked
+        have a stored outcome; any other id, or another agent's, is ``InvalidParams`` ("unknown
+        request"). Reading an outcome delivers it (it leaves the queue); nothing executes.
+        """
+        self.admit(agent)
+        row = await self.store.result_of(agent, request_id)
+        if row is None:
+            raise InvalidParams(
+                "unknown request: no approval of this agent has that request_id",
+                data={"request_id": request_id},
+            )
+        if row.entry is None and self.broker is not None and wait > 0:
+            with trio.move_on_after(wait):
+                await self.broker.finished(request_id)
+            row = await self.store.result_of(agent, request_id)
+            assert row is not None  # rows are never deleted
+        if row.entry is None:
+            return {"status": "pending", "request_id": request_id, "expires_at": row.expires_at}
+        return row.entry
+
     async def queued_count(self, agent: str) -> int:
         try:
             return await self.store.queued_count(agent)
@@ -335,7 +454,7 @@ class Pipeline:
 
     # -- audit --------------------------------------------------------------------------------
 
-    async def _resolve_quietly(self, request_id: str, resolution: str, **kw: Any) -> None:
+    async def _resolve_quietly(self, request_id: str, resolution: Outcome, **kw: Any) -> None:
         # The decision row was committed before execution; the resolution joins the next group
         # commit without holding up the reply (a failure to write it is logged by the store).
         await self.store.resolve_audit(
@@ -351,6 +470,7 @@ class Pipeline:
         decision: str,
         matched: str,
         request_id: str | None = None,
+        via: str | None = None,
     ) -> None:
         now = self.now()
         await self.store.audit(
@@ -363,7 +483,8 @@ class Pipeline:
                 signature=signature,
                 decision=decision,
                 matched=matched,
-                resolution="denied" if decision == "deny" else "rejected",
+                resolution=Outcome.DENIED if decision == "deny" else Outcome.REJECTED,
                 resolved_at=now,
+                via=via,
             )
         )

@@ -2,7 +2,7 @@
 
 A policy has ``rules`` (``{pattern, action, description?}``) and ``defaults`` (an ordered
 list of ``{pattern, action}``); patterns are case-sensitive fnmatch globs on the request's
-signature (see :mod:`agentgate.tools`). Precedence (DESIGN §5), whatever is more specific::
+signature (see :mod:`agentgate.tools`). Precedence (docs/policy.md), whatever is more specific::
 
     any matching deny rule   -> deny
     any matching allow rule  -> allow
@@ -22,6 +22,7 @@ Imports: tools (signatures and the per-entity checks).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -113,6 +114,10 @@ class Evaluation:
         }
 
 
+UNKNOWN_TOOL: Final = "no known tool is called"
+"""How the lint warning about a rule naming no known tool begins (``config check`` makes it an
+error)."""
+
 _FALLBACK: Final = Matched(kind="fallback", action="ask")
 _MEMO_SIZE: Final = 4096
 _MEMO_LONGEST: Final = 512  # longer signatures (many entities) are decided afresh each time
@@ -130,13 +135,22 @@ class Policy:
     # Decisions are a pure function of the signature: remembered, a bounded number of them.
     _memo: dict[str, Evaluation] = field(factory=dict, init=False, eq=False, repr=False)
 
-    def evaluate(self, tool: object, args: object, *, allow_unknown: bool = False) -> Evaluation:
+    def evaluate(
+        self,
+        tool: object,
+        args: object,
+        *,
+        allow_unknown: bool = False,
+        specs: Mapping[str, tools.ToolSpec] | None = None,
+    ) -> Evaluation:
         """Validate ``args``, build the signature and decide.
 
         Raises :class:`~agentgate.errors.InvalidParams` for invalid arguments, and for an
         unknown tool unless ``allow_unknown`` (policy tooling only; never for execution).
+        ``specs`` are the tools known (default: Home Assistant's; a gateway passes its own).
         """
-        return self.evaluate_signature(tools.signature(tool, args, allow_unknown=allow_unknown))
+        signature = tools.signature(tool, args, allow_unknown=allow_unknown, specs=specs)
+        return self.evaluate_signature(signature)
 
     def evaluate_signature(self, signature: str) -> Evaluation:
         """Decide for an already built ``signature``: the strictest decision of its checks."""
@@ -173,19 +187,25 @@ class Policy:
         return Evaluation(signature, "ask", _FALLBACK)
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Read and check a policy file; raise :class:`PolicyError` naming the file and key."""
+def load_policy(
+    path: str | os.PathLike[str], *, known: Mapping[str, tools.ToolSpec] | None = None
+) -> Policy:
+    """Read and check a policy file; raise :class:`PolicyError` naming the file and key.
+    ``known`` are the tools its lint knows (default: Home Assistant's)."""
     source = os.fspath(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise PolicyError(f"{source}: cannot read: {reason}") from exc
-    return parse_policy(text, source)
+    return parse_policy(text, source, known=known)
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    """Parse policy YAML ``text``; ``source`` names it in errors and warnings."""
+def parse_policy(
+    text: str, source: str = "<policy>", *, known: Mapping[str, tools.ToolSpec] | None = None
+) -> Policy:
+    """Parse policy YAML ``text``; ``source`` names it in errors and warnings, ``known`` are
+    the tools its lint knows (default: Home Assistant's)."""
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -199,7 +219,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     _check_keys(source, "", document, required=(), optional=("defaults", "rules"))
     rules = _entries(source, "rules", document.get("rules", []))
     defaults = _entries(source, "defaults", document.get("defaults", []))
-    return Policy(source, rules, defaults, _lint(source, rules, defaults))
+    return Policy(source, rules, defaults, _lint(source, rules, defaults, known or tools.TOOLS))
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -299,12 +319,17 @@ _BRACKET = re.compile(r"\[[^\]]*\]")
 _NEVER_IN_ARGS: Final = frozenset("()") | frozenset(map(chr, range(0x20))) | {"\x7f"}
 
 
-def _lint(source: str, rules: tuple[Rule, ...], defaults: tuple[Rule, ...]) -> tuple[str, ...]:
+def _lint(
+    source: str,
+    rules: tuple[Rule, ...],
+    defaults: tuple[Rule, ...],
+    known: Mapping[str, tools.ToolSpec],
+) -> tuple[str, ...]:
     warnings: list[str] = []
     for kind, entries in (("rules", rules), ("defaults", defaults)):
         for index, entry in enumerate(entries):
             where = f"{source}: {kind}[{index}] {entry.pattern!r}"
-            problems = _pattern_problems(entry.pattern)
+            problems = _pattern_problems(entry.pattern, known)
             problems.extend(_shadowing(kind, entries, index))
             warnings.extend(f"{where}: {problem}" for problem in problems)
     for index, rule in enumerate(rules):
@@ -359,12 +384,14 @@ def _covers(wide: str, narrow: str) -> bool:
     return wide in ("*", narrow) or (_GLOB.search(narrow) is None and fnmatchcase(narrow, wide))
 
 
-def _pattern_problems(pattern: str) -> list[str]:
+def _pattern_problems(pattern: str, known: Mapping[str, tools.ToolSpec]) -> list[str]:
     """Reasons why ``pattern`` can never match a valid signature."""
     problems: list[str] = []
     tool, paren, rest = pattern.partition("(")
-    if _GLOB.search(tool) is None and tool not in tools.TOOLS:
-        problems.append(f"no known tool is called {tool!r} (a typo?)")
+    if _GLOB.search(tool) is None and tool not in known:
+        close = difflib.get_close_matches(tool, list(known), n=1)
+        meant = f"did you mean {close[0]}?" if close else "a typo?"
+        problems.append(f"{UNKNOWN_TOOL} {tool!r} ({meant})")
     if paren:
         args = rest.rstrip("*")
         args = args[:-1] if args.endswith(")") else args
@@ -376,13 +403,13 @@ def _pattern_problems(pattern: str) -> list[str]:
             )
         if re.search(r",(?![ *?\[])", args):
             problems.append("never matches: arguments in a signature are separated by ', '")
-        if tool in tools.TOOLS:
-            if not tools.TOOLS[tool].has_parts:
+        if tool in known:
+            if known[tool].has_parts is False:
                 problems.append(
                     f"never matches: {tool} takes no arguments, its signature is {tool}"
                 )
-            elif re.search(r"[A-Z]", _BRACKET.sub("", args)):
+            elif tool in tools.TOOLS and re.search(r"[A-Z]", _BRACKET.sub("", args)):
                 problems.append("never matches: Home Assistant identifiers are lowercase")
-    elif tool in tools.TOOLS and tools.TOOLS[tool].has_parts:
+    elif tool in known and known[tool].has_parts is True:
         problems.append(f"never matches: {tool}'s signature always has arguments, e.g. {tool}(*)")
     return problems

@@ -23,6 +23,12 @@ from agentgate.errors import AgentgateError, InvalidParams, InvalidRequest, Pars
 JsonId = str | int | float | None
 """A JSON-RPC id: string, number or null (never a boolean)."""
 
+MAX_ACK: Final = 1000
+"""Request ids one ``get_pending_results`` may acknowledge (its ``ack`` list)."""
+
+MAX_REQUEST_ID_CHARS: Final = 128
+"""The longest request id ``ack`` may name (the gateway's are 36: UUIDs)."""
+
 _NO_ID: Final = object()
 
 

@@ -1,15 +1,32 @@
 """``agentgate serve gate.toml``: logging, signals and exit status around :func:`serve_gateway`.
 
-Imports: gateway, config, inert, _compat.
+A gateway that cannot start says why in one line naming the key, and exits 2, before anything
+runs: the configuration, the policies and what the machine must offer (:mod:`agentgate.preflight`:
+the listen address, the store, the TLS files) are checked first, as ``config check`` does. What
+still fails while starting (a race, a Telegram token refused) is mapped to the same kind of line;
+the traceback is logged only with ``--log-level debug``. After the gateway listens, an error
+that stops it is a bug: logged with its traceback, exit 1.
+
+``--terminal-guardian`` runs :class:`~agentgate.guardian.terminal.TerminalGuardian` instead of
+Telegram: cards in this terminal, keys decide.
+
+Imports: gateway, config, preflight, policy, store, errors, inert, _compat, http_tools (tool
+names); guardian.terminal only when asked for.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import signal
+import sqlite3
+import ssl
 import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
-from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -17,14 +34,24 @@ import trio
 # open_loop() fails with "no running event loop".
 import trio_asyncio  # noqa: F401
 
+from agentgate import preflight
 from agentgate._compat import import_telegram_without_passport
-from agentgate.config import ConfigError, load_config
+from agentgate.config import Config, ConfigError, load_config, policy_files
 from agentgate.errors import AgentgateError
-from agentgate.gateway import serve_gateway
-from agentgate.inert import InertFormatter
-from agentgate.policy import PolicyError
+from agentgate.gateway import card_rules, serve_gateway
+from agentgate.inert import InertFormatter, inert
+from agentgate.policy import PolicyError, load_policy
+from agentgate.store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from agentgate.guardian.terminal import TerminalGuardian
 
 log = logging.getLogger("agentgate")
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_CONFIG: Final = 2
+TELEGRAM: Final = "guardian.telegram"
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -37,6 +64,11 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("telegram").setLevel(logging.WARNING)
 
 
+def _say(message: str) -> None:
+    for line in message.splitlines() or [""]:
+        print(f"agentgate: {line}", file=sys.stderr, flush=True)
+
+
 async def _watch_signals(stop: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -45,35 +77,184 @@ async def _watch_signals(stop: trio.Event) -> None:
             return
 
 
-async def _main(path: Path, insecure: bool) -> None:
-    config = load_config(path, insecure=insecure)
+class _State:
+    started = False
+
+
+async def _main(
+    config: Config,
+    insecure: bool,
+    guardian: TerminalGuardian | None,
+    state: _State,
+    cancel_pending: bool = False,
+) -> None:
     stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, stop)
-        await serve_gateway(config, insecure=insecure, stop=stop)
-        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as outer:
+        outer.start_soon(_watch_signals, stop)
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(
+                partial(
+                    serve_gateway,
+                    config,
+                    insecure=insecure,
+                    stop=stop,
+                    guardian=guardian,
+                    cancel_pending=cancel_pending,
+                )
+            )
+            state.started = True
+            if guardian is not None:
+                guardian.control = running.gateway.controls
+                outer.start_soon(guardian.run)
+        outer.cancel_scope.cancel()  # the gateway has stopped: so do the signals and the keys
 
 
-def run_serve(path: str | Path, *, insecure: bool = False, log_level: str = "INFO") -> int:
-    """Run the gateway until SIGINT/SIGTERM. 0 after a clean shutdown, 2 for a config error."""
+def _preflight(config: Config, *, insecure: bool) -> list[str]:
+    """Every reason the gateway cannot start, as lines; warnings are logged."""
+    problems = []
+    for finding in preflight.check_machine(config, insecure=insecure):
+        if finding.error:
+            problems.append(finding.line(config))
+        else:
+            log.warning("%s", finding.line(config))
+    known = None
+    if config.services.http:
+        from agentgate.http_tools import known_tools
+
+        try:
+            known = known_tools(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    for path in policy_files(config).values():
+        try:
+            policy = load_policy(path, known=known)
+        except PolicyError as exc:
+            problems.append(str(exc))
+            continue
+        for message in policy.warnings:
+            log.warning("%s", message)
+    return problems
+
+
+def run_serve(
+    path: str | os.PathLike[str],
+    *,
+    insecure: bool = False,
+    log_level: str = "INFO",
+    terminal_guardian: bool = False,
+    cancel_pending: bool = False,
+) -> int:
+    """Run the gateway until SIGINT/SIGTERM. 0 after a clean shutdown, 2 when it cannot start
+    (one line naming the key), 1 when it stopped on an unexpected error. Pending approvals
+    stay pending across the stop, unless ``cancel_pending`` (decommissioning)."""
     setup_logging(log_level)
+    debug = log_level.upper() == "DEBUG"
     try:
-        config = load_config(path, insecure=insecure)  # fail fast, before anything starts
+        config = load_config(
+            path, insecure=insecure, ignore=[TELEGRAM] if terminal_guardian else []
+        )
     except ConfigError as exc:
-        print(f"agentgate: {exc}", file=sys.stderr)
-        return 2
-    if config.guardian.telegram is not None:
+        _say(str(exc))
+        return EXIT_CONFIG
+    problems = _preflight(config, insecure=insecure)
+    if problems:
+        _say("\n".join(problems))
+        return EXIT_CONFIG
+    guardian = None
+    if terminal_guardian:
+        guardian = _terminal_guardian(config)
+    elif config.guardian.telegram is not None:
         import_telegram_without_passport()  # before trio.run: the gateway would import it later
+    state = _State()
     try:
-        trio.run(partial(_main, Path(path), insecure))
-    except (ConfigError, PolicyError) as exc:
-        print(f"agentgate: {exc}", file=sys.stderr)
-        return 2
-    except AgentgateError as exc:
-        print(f"agentgate: {exc.message}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"agentgate: {exc}", file=sys.stderr)
-        return 1
+        with _keyboard(guardian):
+            trio.run(partial(_main, config, insecure, guardian, state, cancel_pending))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # each one becomes an exit status and a line
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            raise leaf from None
+        if state.started and not isinstance(leaf, ConfigError | PolicyError):
+            log.critical("the gateway stopped on an unexpected error: %r", leaf, exc_info=leaf)
+            return EXIT_FAILED
+        status, message = _explain(leaf, config)
+        if debug:
+            log.error("start-up failed", exc_info=leaf)
+        elif status != EXIT_CONFIG:
+            message += " (--log-level debug shows the traceback)"
+        _say(message)
+        return status
     log.info("stopped cleanly")
-    return 0
+    return EXIT_OK
+
+
+def _terminal_guardian(config: Config) -> TerminalGuardian:
+    import getpass
+
+    from agentgate.guardian.terminal import KeySource, TerminalGuardian
+
+    keys = KeySource(sys.stdin.fileno()) if _stdin_open() else None
+    user = f"{getpass.getuser()} (terminal)"
+    guardian = TerminalGuardian(user=user, keys=keys, cards=card_rules(config))
+    print(guardian.banner(), flush=True)
+    return guardian
+
+
+def _stdin_open() -> bool:
+    try:
+        return sys.stdin is not None and not sys.stdin.closed and sys.stdin.fileno() >= 0
+    except (OSError, ValueError):
+        return False
+
+
+def _keyboard(guardian: TerminalGuardian | None) -> AbstractContextManager[object]:
+    """Single keys without echo on a TTY while the terminal guardian runs (restored after)."""
+    if guardian is None or guardian.keys is None:
+        return nullcontext()
+    from agentgate.guardian.terminal import cbreak
+
+    return cbreak(guardian.keys.fd)
+
+
+# --- start-up failures, one line each --------------------------------------------------------
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The exception that matters in what Trio's nurseries raised: not a cancellation."""
+    leaves = list(_leaves(exc))
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0])
+
+
+def _explain(exc: BaseException, config: Config) -> tuple[int, str]:
+    """``(exit status, one line)`` for what stopped the gateway before it listened."""
+    file = preflight.display(config.source)
+    if isinstance(exc, ConfigError | PolicyError):
+        return EXIT_CONFIG, str(exc)
+    if isinstance(exc, sqlite3.Error):
+        return EXIT_CONFIG, f"{file}: store.path: cannot open {config.store.path}: {exc}"
+    if isinstance(exc, ssl.SSLError):
+        return EXIT_CONFIG, f"{file}: gateway.tls_cert: {exc.reason or exc}"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EADDRINUSE:
+            why = preflight.check_listen(config.gateway.host, config.gateway.port)
+            return EXIT_CONFIG, f"{file}: gateway.listen: {why or exc.strerror}"
+        name = os.fsdecode(exc.filename) if exc.filename is not None else ""
+        store = os.fspath(config.store.path)
+        if name and (name == store or name.startswith(store + "-") or store.startswith(name)):
+            return EXIT_CONFIG, f"{file}: store.path: {exc.strerror}: {name}"
+        where = f": {name}" if name else ""
+        return EXIT_CONFIG, f"cannot start: {exc.strerror or exc}{where}"
+    if isinstance(exc, StoreUnavailable):
+        return EXIT_CONFIG, f"{file}: store.path: {exc.message}"
+    if isinstance(exc, AgentgateError):
+        return EXIT_CONFIG, f"cannot start: {exc.message}"
+    return EXIT_FAILED, f"cannot start: unexpected {type(exc).__name__}: {inert(str(exc))}"

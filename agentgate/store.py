@@ -4,15 +4,22 @@ Why it looks like this:
 
 - **Fail closed.** Every decision row is committed before anything executes; a write that fails
   raises :class:`StoreUnavailable` (an ``ExecutionFailed``, -32004) and the caller executes nothing.
+- **Durable before execute.** The row that lets a call run (an allowed call's decision, an
+  approval's move to ``executing``) is written with ``durable=True``: its commit waits for an
+  fsync of the WAL (``synchronous = FULL`` for that transaction), so after a power cut a call is
+  either recorded as started or was never sent. Other writes may stay ``normal``: a power cut
+  can lose the last of them, never one that preceded an execution (the fsync of a durable
+  commit also covers every commit before it in the WAL).
 - **Where SQLite runs.** With ``synchronous = "full"`` every commit waits for an fsync, so the
   writer runs in a worker thread behind one ``CapacityLimiter(1)``. With ``"normal"`` (the
   default) a WAL commit is a few ``write()`` calls, cheaper than the thread hop it would cost,
-  so commits run on the event loop and only WAL checkpoints, the slow part, go to a worker
-  thread on a connection of their own.
+  so commits run on the event loop, except durable ones, whose fsync runs in the worker thread
+  (the loop never waits for a disk); WAL checkpoints go to a worker thread on a connection of
+  their own.
 - **Group commit.** Callers enqueue operations; one writer task runs everything queued so far in a
   single transaction (each operation under its own SAVEPOINT, so one failing operation does not
   sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
-  instead of paying N.
+  instead of paying N: durable writes that arrive while an fsync runs share the next one.
 - **Append-only audit.** Triggers refuse to change a row's original columns or delete rows; only the
   resolution columns are filled in later.
 - **Keys.** Approvals are keyed by a gateway-generated UUID (``request_id``), never by the agent's
@@ -38,7 +45,7 @@ import attrs
 import trio
 from attrs import frozen
 
-from agentgate.approvals import State
+from agentgate.approvals import TRANSITIONS, Outcome, State, sources
 from agentgate.errors import ExecutionFailed
 
 T = TypeVar("T")
@@ -63,7 +70,7 @@ CREATE TABLE IF NOT EXISTS audit_log (
     signature   TEXT,
     decision    TEXT NOT NULL,                     -- allow | deny | ask | invalid | limited | ...
     matched     TEXT,                              -- what decided it
-    resolution  TEXT,                              -- executed | denied | timed_out | failed | ...
+    resolution  TEXT,                              -- an approvals.Outcome
     resolved_by TEXT,
     resolved_at REAL,
     result      TEXT,                              -- JSON summary of the data
@@ -93,7 +100,7 @@ CREATE TABLE IF NOT EXISTS pending_requests (
     created_at  REAL NOT NULL,
     expires_at  REAL NOT NULL,
     state       TEXT NOT NULL,                     -- pending | executing | done
-    outcome     TEXT,                              -- executed|denied|timed_out|failed|shutdown
+    outcome     TEXT,                              -- an approvals.Outcome
     decided_by  TEXT,
     queued      TEXT,                              -- JSON result entry while waiting for the agent
     delivered   INTEGER NOT NULL DEFAULT 0
@@ -133,12 +140,13 @@ class AuditEntry:
     decision: str
     matched: str | None
     kind: str = "request"
-    resolution: str | None = None
+    resolution: Outcome | None = None
     resolved_by: str | None = None
     resolved_at: float | None = None
     result: Any = None
     error: str | None = None
     id: int | None = None
+    via: str | None = None  # the front door: ws, mcp-stdio, mcp-http (None: before doors)
 
 
 @frozen
@@ -154,9 +162,20 @@ class PendingRow:
     message_ref: str | None
     created_at: float
     expires_at: float
-    state: str  # an agentgate.approvals.State
-    outcome: str | None = None
+    state: State
+    outcome: Outcome | None = None
     decided_by: str | None = None
+    via: str | None = None
+
+
+@frozen
+class ResultRow:
+    """An approval's outcome as :meth:`Store.result_of` reads it: ``entry`` (the queued-result
+    entry of docs/protocol.md) is None while the approval is still open."""
+
+    request_id: str
+    expires_at: float
+    entry: dict[str, Any] | None
 
 
 @frozen
@@ -195,6 +214,7 @@ def _unjson(text: str | None) -> Any:
 class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     detached: bool = False  # nobody waits: failures are logged by the writer
+    durable: bool = False  # committed with an fsync before its caller goes on
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -203,15 +223,42 @@ class _Op(Generic[T]):
 class Store:
     """Async facade over the SQLite file; see the module docstring. Use :func:`open_store`."""
 
-    def __init__(self, conn: sqlite3.Connection, *, inline: bool = False) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        inline: bool = False,
+        synchronous: str = "FULL",
+        threads: bool = True,
+    ) -> None:
         self._conn = conn
         self._inline = inline  # commits on the event loop thread (see the module docstring)
+        self._full = synchronous.upper() == "FULL"  # every commit is fsync'd already
+        # Durable commits of an inline store go to a worker thread (False: no threads at all,
+        # for deterministic tests).
+        self._threads = threads
         self._limiter = trio.CapacityLimiter(1)
         self._queue: list[_Op[Any]] = []
+        self._durable_queued = False  # a durable op waits in the queue for the writer
+        self._busy = False  # the writer runs a batch in a worker thread: hands off the connection
         self._queued = trio.Event()  # something is in the queue
         self._wakeup = trio.Event()  # ... and somebody waits for it: commit now
         self._closed = False
         self.commits = 0  # transactions committed (group commit makes this < operations)
+        self.synced = 0  # of which committed with an fsync (durable)
+        self.checkpointed = 0  # commits the last background WAL checkpoint covered
+        self._checkpoint = trio.Event()  # set (and renewed) after each background checkpoint
+
+    async def wait_checkpointed(self, commits: int) -> None:
+        """Return once a background WAL checkpoint has covered the first ``commits`` commits
+        (the database file then holds them without its WAL); the caller's deadline bounds it."""
+        while self.checkpointed < commits:
+            await self._checkpoint.wait()
+
+    def _checkpoint_done(self, commits: int) -> None:
+        self.checkpointed = commits
+        self._checkpoint.set()
+        self._checkpoint = trio.Event()
 
     # -- the writer ---------------------------------------------------------------------------
 
@@ -227,23 +274,31 @@ class Store:
                 await self._wakeup.wait()
             self._queued, self._wakeup = trio.Event(), trio.Event()
             batch, self._queue = self._queue, []
+            self._durable_queued = False
             if not batch:
                 continue
+            durable = any(op.durable for op in batch)
             with trio.CancelScope(shield=True):  # a started batch always finishes and wakes
-                if self._inline:
-                    self._commit(batch)
+                if self._inline and not (durable and self._threads):
+                    self._commit(batch, durable=durable)
                     await trio.lowlevel.checkpoint()
                 else:
+                    self._busy = True
                     try:
-                        await trio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                        await trio.to_thread.run_sync(
+                            partial(self._run_batch, batch, durable=durable),
+                            limiter=self._limiter,
+                        )
                     except Exception as exc:
                         self._fail(batch, exc)
+                    finally:
+                        self._busy = False
                     self._wake(batch)
 
-    def _commit(self, batch: list[_Op[Any]]) -> None:
+    def _commit(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """Run a batch on this thread and wake its callers (inline mode)."""
         try:
-            self._run_batch(batch)
+            self._run_batch(batch, durable=durable)
         except Exception as exc:
             self._fail(batch, exc)
         self._wake(batch)
@@ -263,14 +318,37 @@ class Store:
             if op.detached and op.error is not None:
                 log.error("store write failed: %s", op.error)
 
-    def _run_batch(self, batch: list[_Op[Any]]) -> None:
+    def _run_batch(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
+        """One transaction for the batch. Every step can fail (``BEGIN``, a statement,
+        ``COMMIT``): whatever fails, each operation not committed gets an error (fail closed).
+        ``durable``: the commit waits for an fsync of the WAL."""
+        if durable and not self._full:
+            try:
+                self._conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as exc:
+                for op in batch:
+                    op.error = exc
+                return
+            try:
+                committed = self._transaction(batch)
+            finally:
+                with suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA synchronous=NORMAL")
+        else:
+            committed = self._transaction(batch)
+        if committed:
+            self.commits += 1
+            self.synced += durable or self._full
+
+    def _transaction(self, batch: list[_Op[Any]]) -> bool:
+        """True once committed; False with each operation's error set."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             for op in batch:
                 op.error = exc
-            return
+            return False
         if len(batch) == 1:  # nothing to isolate it from: no savepoint
             op = batch[0]
             try:
@@ -279,42 +357,49 @@ class Store:
                 op.error = exc
                 with suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                return
-            batch = []
-        for op in batch:
-            try:
-                conn.execute("SAVEPOINT op")
-                op.result = op.fn(conn)
-                conn.execute("RELEASE op")
-            except Exception as exc:  # one failing op must not sink the batch
-                op.error = exc
+                return False
+        else:
+            for op in batch:
                 try:
-                    conn.execute("ROLLBACK TO op")
+                    conn.execute("SAVEPOINT op")
+                    op.result = op.fn(conn)
                     conn.execute("RELEASE op")
-                except sqlite3.Error:
-                    pass
+                except Exception as exc:  # one failing op must not sink the batch
+                    op.error = exc
+                    try:
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                    except sqlite3.Error:
+                        pass
         try:
             conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
+        except sqlite3.Error as exc:  # a full or failing disk: nothing of the batch is written
             for op in batch:
                 if op.error is None:
                     op.error = exc
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            return False
+        return True
 
-    async def _do(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _do(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """Run ``fn`` in a committed transaction; ``durable``: fsync'd before this returns."""
         if self._closed:
             raise StoreUnavailable("audit log unavailable: the store is closed")
-        op: _Op[T] = _Op(fn)
+        op: _Op[T] = _Op(fn, durable=durable)
         self._queue.append(op)
-        if self._inline:
+        if durable and not self._full:
+            self._durable_queued = True
+        if self._inline and not self._busy and not (self._durable_queued and self._threads):
             # Commit now, in this task, with whatever else is queued: no hand-off to the
             # writer (the hop would cost more than the commit).
             batch, self._queue = self._queue, []
-            self._commit(batch)
+            self._durable_queued = False
+            self._commit(batch, durable=any(o.durable for o in batch))
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
+            # The writer commits it: an fsync in its worker thread, or after the batch that
+            # holds the connection now.
             self._queued.set()
             self._wakeup.set()
             await op.done.wait()
@@ -342,14 +427,31 @@ class Store:
 
     # -- audit --------------------------------------------------------------------------------
 
-    async def audit(self, entry: AuditEntry) -> int:
-        """Append an audit row (committed before this returns); return its id."""
-        return await self._do(lambda c: _insert_audit(c, entry))
+    async def audit(self, entry: AuditEntry, *, durable: bool = False) -> int:
+        """Append an audit row (committed before this returns); return its id.
+
+        ``durable``: on disk (fsync'd) before this returns, as the decision that lets a call
+        run must be."""
+        return await self._do(lambda c: _insert_audit(c, entry), durable=durable)
+
+    async def settle_interrupted(self, at: float, error: str) -> int:
+        """At start: allowed calls whose outcome was never recorded (the gateway stopped, or
+        died, while they executed) are recorded as ``unknown``. Returns how many."""
+
+        def fn(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE audit_log SET resolution=?, resolved_at=?, error=?"
+                " WHERE kind='request' AND decision='allow' AND resolution IS NULL",
+                (Outcome.UNKNOWN, at, error),
+            )
+            return cur.rowcount
+
+        return await self._do(fn)
 
     async def resolve_audit(
         self,
         request_id: str,
-        resolution: str,
+        resolution: Outcome,
         *,
         resolved_by: str | None,
         resolved_at: float,
@@ -358,12 +460,14 @@ class Store:
         wait: bool = True,
     ) -> None:
         """Record how a request ended; ``wait=False`` queues it without waiting (see post)."""
+        # Encoded (and cut) now: a queued write must not hold on to a large result.
+        text = _result_json(result)
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
                 " WHERE request_id=? AND kind='request' AND resolution IS NULL",
-                (resolution, resolved_by, resolved_at, _result_json(result), error, request_id),
+                (resolution, resolved_by, resolved_at, text, error, request_id),
             )
 
         if wait:
@@ -402,8 +506,8 @@ class Store:
             _insert_audit(c, entry)
             c.execute(
                 "INSERT INTO pending_requests (request_id, agent, rpc_id, tool, args, signature,"
-                " matched, target, message_ref, created_at, expires_at, state)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " matched, target, message_ref, created_at, expires_at, state, via)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     pending.request_id,
                     pending.agent,
@@ -417,6 +521,7 @@ class Store:
                     pending.created_at,
                     pending.expires_at,
                     State.PENDING,
+                    pending.via,
                 ),
             )
 
@@ -446,22 +551,19 @@ class Store:
         """Move an approval from ``pending`` to ``executing``; False if it was not pending.
 
         This is the exactly-once gate: the transition happens at most once per approval, and a
-        crash while ``executing`` is reported as an unknown outcome, never executed again.
+        crash while ``executing`` is reported as an unknown outcome, never executed again. It is
+        fsync'd before this returns, so it survives a power cut too.
         """
 
         def fn(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE pending_requests SET state=?, decided_by=? WHERE request_id=? AND state=?",
-                (State.EXECUTING, decided_by, request_id, State.PENDING),
-            )
-            return cur.rowcount == 1
+            return _move(c, request_id, State.EXECUTING, decided_by=decided_by)
 
-        return await self._do(fn)
+        return await self._do(fn, durable=True)  # on disk before the call is sent
 
     async def finish_pending(
         self,
         request_id: str,
-        outcome: str,
+        outcome: Outcome,
         *,
         decided_by: str | None,
         at: float,
@@ -469,27 +571,34 @@ class Store:
         delivered: bool,
         result: Any = None,
         error: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Close an approval: its outcome, the audit resolution, and the result entry.
 
-        ``entry`` is the queued-result object of DESIGN §13; if ``delivered`` is False it waits
-        for ``take_queued`` to hand it out once.
+        ``entry`` is a queued-result entry (docs/protocol.md); if ``delivered`` is False it waits
+        in the agent's queue: handed out once by ``take_queued``, or listed by ``list_queued``
+        until ``acknowledge_queued``. False (and nothing written) if the approval was already
+        done.
         """
 
-        def fn(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE pending_requests SET state=?, outcome=?,"
-                " decided_by=COALESCE(decided_by, ?), queued=?, delivered=?"
-                " WHERE request_id=?",
-                (State.DONE, outcome, decided_by, _json(entry), 1 if delivered else 0, request_id),
-            )
+        def fn(c: sqlite3.Connection) -> bool:
+            if not _move(
+                c,
+                request_id,
+                State.DONE,
+                outcome=outcome,
+                queued=_json(entry),
+                delivered=1 if delivered else 0,
+                decided_by=decided_by,
+            ):
+                return False
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
                 " WHERE request_id=? AND kind='request' AND resolution IS NULL",
                 (outcome, decided_by, at, _result_json(result), error, request_id),
             )
+            return True
 
-        await self._do(fn)
+        return await self._do(fn)
 
     async def mark_undelivered(self, request_id: str) -> None:
         await self._do(
@@ -513,16 +622,54 @@ class Store:
         """Hand out this agent's queued results, each exactly once (atomically)."""
 
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = c.execute(
-                "SELECT request_id, queued FROM pending_requests"
-                " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
-                (agent, State.DONE),
-            ).fetchall()
+            rows = _queued_rows(c, agent)
             c.executemany(
                 "UPDATE pending_requests SET delivered=1 WHERE request_id=?",
                 [(r["request_id"],) for r in rows],
             )
             return [json.loads(r["queued"]) for r in rows if r["queued"]]
+
+        return await self._do(fn)
+
+    async def list_queued(
+        self, agent: str, *, acknowledge: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Acknowledge ``acknowledge`` (see :meth:`acknowledge_queued`), then list what is still
+        queued for ``agent``, oldest first, leaving it queued: one transaction."""
+        ids = list(acknowledge)
+
+        def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            _acknowledge(c, agent, ids)
+            return [json.loads(r["queued"]) for r in _queued_rows(c, agent) if r["queued"]]
+
+        return await self._do(fn)
+
+    async def acknowledge_queued(self, agent: str, request_ids: Iterable[str]) -> int:
+        """The agent has these results: they leave its queue. Ids that are not queued for
+        ``agent`` (unknown, another agent's, already acknowledged) are ignored. Returns how many
+        left the queue."""
+        ids = list(request_ids)
+        return await self._do(lambda c: _acknowledge(c, agent, ids))
+
+    async def result_of(self, agent: str, request_id: str) -> ResultRow | None:
+        """The outcome of one of ``agent``'s approvals (None: unknown, or another agent's).
+
+        A final outcome read here counts as delivered: it leaves the agent's queue, and reading
+        it again returns the same entry.
+        """
+
+        def fn(c: sqlite3.Connection) -> ResultRow | None:
+            row = c.execute(
+                "SELECT state, queued, expires_at FROM pending_requests"
+                " WHERE request_id=? AND agent=?",
+                (request_id, agent),
+            ).fetchone()
+            if row is None:
+                return None
+            if row["state"] != State.DONE or not row["queued"]:
+                return ResultRow(request_id, row["expires_at"], None)
+            c.execute("UPDATE pending_requests SET delivered=1 WHERE request_id=?", (request_id,))
+            return ResultRow(request_id, row["expires_at"], json.loads(row["queued"]))
 
         return await self._do(fn)
 
@@ -578,29 +725,69 @@ class Store:
     async def close(self) -> None:
         self._closed = True
         pending, self._queue = self._queue, []
+        durable = any(op.durable for op in pending)
         with trio.CancelScope(shield=True):
             if pending:  # what was accepted is written, never dropped
-                if self._inline:
-                    self._commit(pending)
+                if self._inline and not (durable and self._threads):
+                    self._commit(pending, durable=durable)
                 else:
                     try:
                         await trio.to_thread.run_sync(
-                            self._run_batch, pending, limiter=self._limiter
+                            partial(self._run_batch, pending, durable=durable),
+                            limiter=self._limiter,
                         )
                     except Exception as exc:
                         self._fail(pending, exc)
                     self._wake(pending)
-            if self._inline:
+            if self._inline and not self._threads:
                 self._conn.close()
             else:
                 await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
 
 
+def _move(
+    c: sqlite3.Connection, request_id: str, to: State, *, decided_by: str | None, **columns: Any
+) -> bool:
+    """Move an approval to ``to`` from a state :data:`~agentgate.approvals.TRANSITIONS` allows;
+    False if it is in none of them. ``decided_by`` is kept if one was recorded already."""
+    allowed = sorted(sources(to))
+    assigned = "".join(f", {name}=?" for name in columns)
+    cur = c.execute(
+        f"UPDATE pending_requests SET state=?, decided_by=COALESCE(decided_by, ?){assigned}"
+        f" WHERE request_id=? AND state IN ({','.join('?' * len(allowed))})",
+        (to, decided_by, *columns.values(), request_id, *allowed),
+    )
+    return cur.rowcount == 1
+
+
+def _transitions_trigger() -> str:
+    """A trigger refusing any state change the table does not list (a bug, caught in SQL)."""
+    allowed = ", ".join(
+        f"'{source}>{target}'" for source, targets in TRANSITIONS.items() for target in targets
+    )
+    return (
+        "CREATE TRIGGER pending_transitions BEFORE UPDATE OF state ON pending_requests"
+        f" WHEN NEW.state != OLD.state AND OLD.state || '>' || NEW.state NOT IN ({allowed})"
+        " BEGIN SELECT RAISE(ABORT, 'approval state change not in the table'); END"
+    )
+
+
+def _install_transitions_trigger(conn: sqlite3.Connection) -> None:
+    """The trigger of this version's table (replaced only if it differs: no write otherwise)."""
+    wanted = _transitions_trigger()
+    row = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type='trigger' AND name='pending_transitions'"
+    ).fetchone()
+    if row is not None and row[0] == wanted:
+        return
+    conn.executescript(f"DROP TRIGGER IF EXISTS pending_transitions; {wanted};")
+
+
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
     cur = c.execute(
         "INSERT INTO audit_log (time, kind, agent, request_id, tool, args, signature, decision,"
-        " matched, resolution, resolved_by, resolved_at, result, error)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " matched, resolution, resolved_by, resolved_at, result, error, via)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             e.time,
             e.kind,
@@ -616,9 +803,30 @@ def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
             e.resolved_at,
             _result_json(e.result),
             e.error,
+            e.via,
         ),
     )
     return int(cur.lastrowid or 0)
+
+
+def _queued_rows(c: sqlite3.Connection, agent: str) -> list[sqlite3.Row]:
+    return c.execute(
+        "SELECT request_id, queued FROM pending_requests"
+        " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
+        (agent, State.DONE),
+    ).fetchall()
+
+
+def _acknowledge(c: sqlite3.Connection, agent: str, request_ids: list[str]) -> int:
+    acknowledged = 0
+    for request_id in dict.fromkeys(request_ids):  # each id once, whatever the agent repeats
+        cur = c.execute(
+            "UPDATE pending_requests SET delivered=1"
+            " WHERE request_id=? AND agent=? AND state=? AND delivered=0",
+            (request_id, agent, State.DONE),
+        )
+        acknowledged += cur.rowcount
+    return acknowledged
 
 
 def select_audit(
@@ -660,11 +868,12 @@ def _audit_from_row(r: sqlite3.Row) -> AuditEntry:
         signature=r["signature"],
         decision=r["decision"],
         matched=r["matched"],
-        resolution=r["resolution"],
+        resolution=None if r["resolution"] is None else Outcome(r["resolution"]),
         resolved_by=r["resolved_by"],
         resolved_at=r["resolved_at"],
         result=_unjson(r["result"]),
         error=r["error"],
+        via=r["via"] if "via" in r.keys() else None,  # noqa: SIM118 - a store not yet migrated
     )
 
 
@@ -682,8 +891,9 @@ def _pending_from_row(r: sqlite3.Row) -> PendingRow:
         created_at=r["created_at"],
         expires_at=r["expires_at"],
         state=State(r["state"]),
-        outcome=r["outcome"],
+        outcome=None if r["outcome"] is None else Outcome(r["outcome"]),
         decided_by=r["decided_by"],
+        via=r["via"],
     )
 
 
@@ -701,6 +911,8 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
+    _add_via(conn)
+    _install_transitions_trigger(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -715,6 +927,19 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
         if side.exists():
             os.chmod(side, stat.S_IRUSR | stat.S_IWUSR)
     return conn
+
+
+def _add_via(conn: sqlite3.Connection) -> None:
+    """Additive migration: which front door each request came through (a store made before
+    the column keeps working with older and newer agentgate alike; its old rows say NULL)."""
+    for table in ("audit_log", "pending_requests"):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "via" not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN via TEXT")
+    conn.execute(
+        "CREATE TRIGGER IF NOT EXISTS audit_keep_via BEFORE UPDATE OF via ON audit_log"
+        " BEGIN SELECT RAISE(ABORT, 'audit_log rows keep their original columns'); END"
+    )
 
 
 async def _checkpoints(store: Store, path: Path, every: float) -> None:
@@ -735,6 +960,8 @@ async def _checkpoints(store: Store, path: Path, every: float) -> None:
                 await trio.to_thread.run_sync(conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 log.warning("WAL checkpoint failed (will retry): %s", exc)
+            else:
+                store._checkpoint_done(done)
     finally:
         if conn is not None:
             conn.close()
@@ -750,25 +977,27 @@ async def open_store(
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the store at ``path`` and run its writer task.
 
-    ``synchronous``: ``"normal"`` (WAL commits survive a crash or ``kill -9`` of the process)
-    or ``"full"`` (each commit also fsync'd: survives a power cut). ``inline`` (default: with
-    ``"normal"``) runs commits on the event loop thread, with WAL checkpoints every
-    ``checkpoint_every`` seconds in a worker thread; ``inline=True`` given explicitly keeps
-    SQLite's own checkpoints and uses no thread at all (deterministic tests).
+    ``synchronous``: ``"normal"`` (WAL commits survive a crash or ``kill -9`` of the process;
+    durable ones, a power cut too) or ``"full"`` (every commit fsync'd: survives a power cut).
+    ``inline`` (default: with ``"normal"``) runs commits on the event loop thread (durable ones
+    in a worker thread), with WAL checkpoints every ``checkpoint_every`` seconds in a worker
+    thread; ``inline=True`` given explicitly keeps SQLite's own checkpoints and uses no thread
+    at all, durable commits included (deterministic tests).
     """
     synchronous = synchronous.upper()
     if synchronous not in {"FULL", "NORMAL"}:
         raise ValueError("synchronous must be full or normal")
     background_checkpoints = inline is None and synchronous == "NORMAL"
+    threads = inline is None or not inline  # inline=True given explicitly: no thread at all
     if inline is None:
         inline = synchronous == "NORMAL"
-    if inline:
+    if inline and not threads:
         conn = _connect(Path(path), synchronous)
     else:
         conn = await trio.to_thread.run_sync(_connect, Path(path), synchronous)
     if background_checkpoints:
         conn.execute("PRAGMA wal_autocheckpoint=0")
-    store = Store(conn, inline=inline)
+    store = Store(conn, inline=inline, synchronous=synchronous, threads=threads)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.run)

@@ -13,6 +13,8 @@ Modes (``spec["mode"]``):
   for its result-sized answer, matched by id by one reader per connection (as the SDK does).
 - ``asks``: ``connections`` agents each send ``per_agent`` asks at once and wait for their
   outcome (S6): reports when each was sent and answered, and how.
+- ``mcp``: one official MCP client (Streamable HTTP, one session) with ``in_flight`` tasks
+  calling the ``ha_get_state`` tool back to back (M1).
 
 Every mode warms up until ``start_at`` (wall clock, so several workers share one window), then
 counts the calls that complete within ``[start_at, start_at + duration]``.
@@ -302,12 +304,33 @@ def _announce(pending: list[str], request_id: str) -> None:
     print(json.dumps({"pending": request_id}), flush=True)
 
 
+async def run_mcp(spec: dict[str, Any]) -> dict[str, Any]:
+    from agentgate.testing.mcp_client import mcp_http_client
+
+    window = Window(spec["start_at"], spec["duration"])
+    entity = spec["entity"]
+    async with mcp_http_client(spec["mcp_url"], token=spec["tokens"][0], ca=spec["ca"]) as mcp:
+
+        async def call() -> Any:
+            result = await mcp.call_tool("ha_get_state", {"entity_id": entity})
+            assert not result.is_error, result.content
+            return result
+
+        late = max(0.0, time.time() - window.start)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_timer, window)
+            for _ in range(spec["in_flight"]):
+                nursery.start_soon(_loop, call, window)
+    return _result(window, late)
+
+
 MODES = {
     "gateway": run_gateway,
     "floor": run_floor,
     "echo": run_echo,
     "asks": run_asks,
     "presses": run_presses,
+    "mcp": run_mcp,
 }
 
 

@@ -245,6 +245,7 @@ class GatewayProc:
     proc: subprocess.Popen[bytes]
     log: Path
     workdir: Path
+    mcp_url: str | None = None
 
     @property
     def pid(self) -> int:
@@ -270,6 +271,7 @@ def gateway(
     auth_deadline: float = 10,
     ha_timeout: float = 10,
     proposals: str = "",
+    mcp: bool = False,
 ) -> Iterator[GatewayProc]:
     """``python -m agentgate serve gate.toml`` over TLS on 127.0.0.1, stopped with SIGTERM.
 
@@ -298,9 +300,13 @@ def gateway(
             "requests_per_minute": 100_000_000,
             "max_pending_per_agent": max_pending,
             "failed_auth_per_minute": 1_000_000,
+            # S6 holds 1,000 agents' connections, all from 127.0.0.1, 20 handshakes at once
+            "max_connections": 4096,
+            "max_unauthenticated_per_address": 4096,
         },
         telegram=telegram,
         ha_timeout=ha_timeout,
+        mcp={"listen": "127.0.0.1:0"} if mcp else None,
     )
     log = workdir / "gateway.log"
     module = "bench.gateway_unpaced" if unpaced_telegram or proposals else "agentgate"
@@ -315,7 +321,11 @@ def gateway(
     try:
         line = _wait_line(log, "listening on wss://", proc, 60)
         url = "wss://" + line.split("wss://", 1)[1].split()[0]
-        yield GatewayProc(url, ca, dict(tokens), proc, log, workdir)
+        mcp_url = None
+        if mcp:
+            line = _wait_line(log, "mcp listening on https://", proc, 60)
+            mcp_url = "https://" + line.split("https://", 1)[1].split()[0]
+        yield GatewayProc(url, ca, dict(tokens), proc, log, workdir, mcp_url)
     finally:
         _stop(proc)
 

@@ -45,7 +45,7 @@ class Settings:
     s6_per_agent: int = 10
     s6_timeout: float = 120  # every card is out in ~50 s: no approval expires before its card
     s6_probes: int = 20
-    idle_seconds: float = 150
+    idle_seconds: float = 120
     warmup: float = 2
 
     @classmethod
@@ -834,6 +834,40 @@ def _idle(ctx: Context, gw: procs.GatewayProc, seconds: float) -> Row:
     )
 
 
+# -- M1: the MCP door beside the WebSocket door, same gateway, same run ------------------------
+
+
+def m1(ctx: Context) -> list[Row]:
+    """Allowed reads over the MCP HTTP door (the official client, one session) and over the
+    WebSocket door (the SDK), sequential and 20 in flight, on one gateway."""
+    s = ctx.settings
+    rows: list[Row] = []
+    with _gateway(ctx, "m1", _tokens(1), mcp=True) as gw:
+        for in_flight in (1, 20):
+            ws = _measure(
+                ctx, [_gw_spec(gw, 0, 0, connections=1, in_flight=in_flight)], s.s1_seconds, setup=2
+            )
+            spec = {**_gw_spec(gw, 0, 0, in_flight=in_flight), "mode": "mcp", "mcp_url": gw.mcp_url}
+            mcp = _measure(ctx, [spec], s.s1_seconds, setup=3)
+            label = "sequential" if in_flight == 1 else f"{in_flight} in flight"
+            rows.append(
+                Row(
+                    f"M1 MCP HTTP {label}",
+                    mcp["rate"],
+                    "req/s",
+                    "-",
+                    None,
+                    ws["rate"],
+                    mcp["rate"] / ws["rate"] if ws["rate"] else math.nan,
+                    note=(
+                        f"p50 {mcp['p50']:.1f} ms; WebSocket (floor column) p50"
+                        f" {ws['p50']:.1f} ms " + (_errors_note(mcp) or _errors_note(ws))
+                    ),
+                )
+            )
+    return rows
+
+
 SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "floors": floors,
     "S1": s1,
@@ -843,4 +877,5 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "S5": s5,
     "S6": s6,
     "S7": s7,
+    "M1": m1,
 }

@@ -1,16 +1,20 @@
 """A small agentgate agent written with asyncio, using the SDK (``agentgate.client``).
 
 The same SDK names as under Trio: ``connect()`` sees that asyncio is running and uses its
-asyncio transport. It collects results decided while it was away, reads sensors concurrently
-over one connection, asks to turn a light on (usually ``ask``: a human decides in Telegram)
-and handles the ways a request can be refused. Run it against a gateway::
+asyncio transport. It collects results decided while it was away, reads entities concurrently
+over one connection (``--sensor``, repeatable, default ``sun.sun``, which every Home Assistant
+with its default configuration has), then, if you name one with ``--light``, asks to turn a
+light on (the shipped policy says ``ask``: the guardian decides) and handles the ways a request
+can be refused. Run it against a gateway::
 
-    export AGENTGATE_URL=wss://127.0.0.1:8443/ AGENTGATE_CA=ca.pem
+    export AGENTGATE_URL=wss://localhost:8443/ AGENTGATE_CA=gate.crt
     python examples/asyncio_agent.py --token - < token.txt     # the token from stdin
-    python examples/asyncio_agent.py --url wss://gate:8443/ --token "$AGENT_TOKEN" --ca ca.pem
+    python examples/asyncio_agent.py --token - --sensor sensor.outside_temperature \
+        --light light.kitchen < token.txt                       # entities of your home
 
-Exit status: 0 done (even if the light was refused: that is an answer), 3 connection or
-authentication failed. The Trio version is ``examples/trio_agent.py``.
+Exit status: 0 done (a refused light is an answer too), 1 a request failed (e.g. the entity
+does not exist in your home: pass one that does with --sensor), 2 bad arguments, 3 connection
+or authentication failed. The Trio version is ``examples/trio_agent.py``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from agentgate.client import (
     ConnectionLost,
     DeniedByGuardian,
     DeniedByPolicy,
+    Gateway,
     connect,
 )
 
@@ -44,14 +49,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--sensor",
         action="append",
-        help="a sensor to read (repeatable; default sensor.living_room_temperature)",
+        help="an entity to read (repeatable; default sun.sun, in every home)",
     )
-    parser.add_argument("--light", default="light.kitchen")
+    parser.add_argument(
+        "--light", help="a light to ask to turn on (the guardian decides); without it: no ask"
+    )
     parser.add_argument(
         "--wait", type=float, default=300, help="seconds to wait for the guardian at most"
     )
     args = parser.parse_args()
-    args.sensor = args.sensor or ["sensor.living_room_temperature"]
+    args.sensor = args.sensor or ["sun.sun"]
     if args.token == "-":  # noqa: S105 - "-" means: read it from stdin (not in shell history)
         args.token = sys.stdin.readline().strip()
     if not args.url or not args.token:
@@ -64,6 +71,23 @@ def show_queued(entries: list[dict[str, Any]]) -> None:
     for entry in entries:
         outcome = entry.get("data") if entry["status"] == "executed" else entry.get("error")
         print(f"queued: {entry['tool']} (rpc_id {entry['rpc_id']}) {entry['status']}: {outcome}")
+
+
+async def ask_for_light(gw: Gateway, light: str, wait: float) -> None:
+    """Ask to turn ``light`` on and say how it ended; the policy (``ask``) makes a human decide."""
+    try:
+        async with asyncio.timeout(wait):
+            await gw.call("ha_call_service", domain="light", service="turn_on", entity_id=light)
+        print(f"{light} is on")
+    except DeniedByPolicy as err:  # permissions.yaml says no: do not retry
+        print(f"denied by policy: {err.data.get('signature')}")
+    except DeniedByGuardian:  # the human said no
+        print("the guardian said no")
+    except ApprovalTimedOut:  # nobody decided in time
+        print("nobody answered in time")
+    except TimeoutError:
+        # The gateway still decides; the outcome arrives via pending_results() later.
+        print(f"gave up after {wait:g} s; the outcome will be queued")
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -85,28 +109,20 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"{state['entity_id']} = {state['state']} {unit}".rstrip())
 
             # 2. Ask for a light. The SDK sets no timeout of its own: bound the wait here.
-            light = {"domain": "light", "service": "turn_on", "entity_id": args.light}
-            try:
-                async with asyncio.timeout(args.wait):
-                    await gw.call("ha_call_service", **light)
-                print(f"{args.light} is on")
-            except DeniedByPolicy as err:  # permissions.yaml says no: do not retry
-                print(f"denied by policy: {err.data.get('signature')}")
-            except DeniedByGuardian:  # the human said no
-                print("the guardian said no")
-            except ApprovalTimedOut:  # nobody decided in time
-                print("nobody answered in time")
-            except TimeoutError:
-                # The gateway still decides; the outcome arrives via pending_results() later.
-                print(f"gave up after {args.wait:g} s; the outcome will be queued")
+            if args.light:
+                await ask_for_light(gw, args.light, args.wait)
+            else:
+                print("no --light given: nothing to ask the guardian")
 
             # 3. Anything that was queued meanwhile (the SDK collects it in the background).
             show_queued(await gw.pending_results())
     except (AuthenticationFailed, ConnectionLost) as err:
         print(f"cannot use the gateway: {err.message}", file=sys.stderr)
         return 3
-    except AgentgateError as err:  # e.g. ExecutionFailed: the sensor does not exist
+    except AgentgateError as err:  # e.g. ExecutionFailed: the entity does not exist
         print(f"request failed ({err.code}): {err.message}", file=sys.stderr)
+        if "not found" in err.message:
+            print("(pass an entity of your home with --sensor)", file=sys.stderr)
         return 1
     return 0
 

@@ -3,13 +3,15 @@
 This is what an agent written in any language has to do (docs/protocol.md): open a WSS
 connection, send ``auth`` first, number its requests and match replies by ``id``, and handle
 the gateway's notifications (``approval_pending``, ``results_pending``) whenever they arrive.
-Every frame is printed: ``→`` sent, ``←`` received. Needs only trio and trio-websocket::
+Every frame is printed: ``→`` sent, ``←`` received (the token in ``auth`` shown as ``***``).
+Needs only trio and trio-websocket::
 
-    python examples/raw_agent.py --url wss://127.0.0.1:8443/ --token "$AGENT_TOKEN" --ca ca.pem
+    python examples/raw_agent.py --url wss://localhost:8443/ --token - --ca gate.crt < token.txt
 
-It authenticates, collects queued results, lists the tools and reads one sensor
-(``--entity``, default ``sensor.living_room_temperature``). Exit status: 0 ok, 1 the gateway
-answered with an error, 3 connection or authentication failed.
+It authenticates, collects queued results, lists the tools and reads one entity (``--entity``,
+default ``sun.sun``, which every Home Assistant with its default configuration has). Exit
+status: 0 ok, 1 the gateway answered the read with an error (e.g. no such entity in your home:
+pass one with --entity), 2 bad arguments, 3 connection or authentication failed.
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class RawAgent:
         if params is not None:
             message["params"] = params
         text = json.dumps(message, separators=(",", ":"))
-        self.show("→", text)
+        shown = (
+            {**message, "params": {**(params or {}), "token": "***"}} if method == "auth" else None
+        )
+        self.show("→", text if shown is None else json.dumps(shown, separators=(",", ":")))
         await self.ws.send_message(text)
         while True:
             frame = await self.receive()
@@ -111,10 +116,14 @@ async def run(url: str, token: str, ca: str | None, entity: str, quiet: bool) ->
                 print(f"authentication failed: {exc}", file=sys.stderr)
                 return 3
             print(f"# authenticated as {who['agent']}", flush=True)
-            # 2. results decided while we were away (each is handed out once).
-            queued = await agent.request("get_pending_results")
+            # 2. results decided while we were away. With "ack" they stay queued until we
+            #    acknowledge them, so none is lost if we die before showing it.
+            queued = await agent.request("get_pending_results", {"ack": []})
             for item in queued["results"]:
                 print(f"# queued: rpc_id {item['rpc_id']!r} {item['status']}", flush=True)
+            if queued["results"]:
+                seen = [item["request_id"] for item in queued["results"]]
+                await agent.request("get_pending_results", {"ack": seen})
             # 3. what may we ask for?
             tools = await agent.request("list_tools")
             print("# tools:", ", ".join(t["name"] for t in tools["tools"]), flush=True)
@@ -148,12 +157,15 @@ async def run(url: str, token: str, ca: str | None, entity: str, quiet: bool) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A raw JSON-RPC agentgate agent (no SDK).")
     parser.add_argument("--url", required=True, help="wss://HOST:PORT/ (any path works)")
-    parser.add_argument("--token", required=True, help="this agent's token")
+    parser.add_argument(
+        "--token", required=True, help="this agent's token; '-' reads it from stdin (not in ps)"
+    )
     parser.add_argument("--ca", help="PEM file of the CA that signed the gateway's certificate")
-    parser.add_argument("--entity", default="sensor.living_room_temperature")
+    parser.add_argument("--entity", default="sun.sun", help="an entity to read (default sun.sun)")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not print the frames")
     args = parser.parse_args(argv)
-    return trio.run(run, args.url, args.token, args.ca, args.entity, args.quiet)
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token  # noqa: S105
+    return trio.run(run, args.url, token, args.ca, args.entity, args.quiet)
 
 
 if __name__ == "__main__":

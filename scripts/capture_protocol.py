@@ -7,6 +7,7 @@ every frame sent (``→``) and received (``←``) plus what happened around them
     python scripts/capture_protocol.py                           # print the sessions (markdown)
     python scripts/capture_protocol.py --write docs/protocol.md  # refresh the doc's blocks
     python scripts/capture_protocol.py --serve                   # a gateway for raw_agent.py
+                                                                 # (asks decided in this terminal)
 
 ``--write`` replaces the text between ``<!-- BEGIN capture NAME -->`` and
 ``<!-- END capture NAME -->`` in the file and leaves everything else alone.
@@ -348,6 +349,34 @@ async def _reconnect_later(gw: Harness, log: Transcript) -> None:
         await second.call("get_pending_results", rpc_id=3)
 
 
+@scenario(
+    MAIN,
+    "queued-ack",
+    "acknowledged delivery: listed until acknowledged, even across a lost connection",
+)
+async def _queued_ack(gw: Harness, log: Transcript) -> None:
+    async with connect(gw, log) as first:
+        request_id = await ask(first, 2, {**LIGHT_ON, "entity_id": "light.kitchen"})
+        while request_id not in gw.scripted.cards:
+            await gw.scripted.wait_for_card(len(gw.scripted.cards) + 1)
+        await first.close()
+    await wait_disconnected(gw)
+    await press(gw, log, request_id, "deny")
+    while not await gw.gateway.store.queued_count("pi"):  # noqa: ASYNC110 - polls the store
+        await trio.sleep(0.01)
+    async with connect(gw, log) as second:
+        frame = await second.recv()
+        assert frame.get("method") == "results_pending", frame
+        await second.call("get_pending_results", {"ack": []}, rpc_id=3)
+        log.note("the agent goes away before it could use the result (nothing acknowledged)")
+    await wait_disconnected(gw)
+    async with connect(gw, log) as third:
+        await third.recv()  # results_pending: still queued
+        await third.call("get_pending_results", {"ack": []}, rpc_id=3)
+        log.note("the agent has it now: it acknowledges it (and sees what else is queued):")
+        await third.call("get_pending_results", {"ack": [request_id]}, rpc_id=4)
+
+
 @scenario(MAIN, "list-tools", "list_tools")
 async def _list_tools(gw: Harness, log: Transcript) -> None:
     async with connect(gw, log) as peer:
@@ -546,7 +575,7 @@ ERROR_CODES = (-32700, -32600, -32601, -32602, *range(-32001, -32008, -1))
 
 
 def error_frames(transcripts: list[Transcript]) -> Transcript:
-    """One real error frame per code of DESIGN §4, from the sessions, one line each."""
+    """One real error frame per error code (docs/protocol.md), from the sessions, one line each."""
     first: dict[int, dict[str, Any]] = {}
     for log in transcripts:
         for frame in log.received:
@@ -583,21 +612,32 @@ def update_file(path: Path, transcripts: list[Transcript]) -> list[str]:
 
 
 async def serve(home_token: str | None = None) -> None:
-    """Run a harness gateway until SIGINT/SIGTERM; print how to point an agent at it."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """Run a harness gateway until SIGINT/SIGTERM; print how to point an agent at it. Its asks
+    are decided in this terminal (the terminal guardian: keys a, d, h), not left to time out."""
+    from agentgate.guardian.terminal import KeySource, TerminalGuardian, cbreak
+
+    guardian = TerminalGuardian(user="you (terminal)", keys=KeySource(sys.stdin.fileno()))
+    with tempfile.TemporaryDirectory() as tmp, cbreak(sys.stdin.fileno()):
         async with (
             run_fake_homeassistant(token=home_token) as home,
-            running_gateway(Path(tmp) / "gate", home=home) as gw,
+            running_gateway(Path(tmp) / "gate", home=home, guardian=guardian) as gw,
+            trio.open_nursery() as nursery,
         ):
+            guardian.control = gw.gateway.controls
+            nursery.start_soon(guardian.run)
+            token_file = Path(tmp) / "pi.token"
+            token_file.write_text(gw.tokens["pi"] + "\n")
             print(f"gateway: {gw.url}\nca:      {gw.ca_path}", flush=True)
             print(
                 f"try:     python examples/raw_agent.py --url {gw.url} "
-                f"--token {gw.tokens['pi']} --ca {gw.ca_path}",
+                f"--token - --ca {gw.ca_path} < {token_file}",
                 flush=True,
             )
+            print(guardian.banner(), flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     break
+            nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ deadline and the 900 s approval timeout take milliseconds.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -68,15 +68,18 @@ class FastGateway:
     home: MockHome
     nursery: trio.Nursery
 
-    async def connect(self, *, lockstep: bool = False) -> WebSocketConnection:
+    async def connect(
+        self, *, lockstep: bool = False, remote: str | None = None
+    ) -> WebSocketConnection:
         """A client connection; ``lockstep``: no buffering between the two ends, so a client
-        that stops reading stops the gateway's writes to it."""
+        that stops reading stops the gateway's writes to it. ``remote``: the peer address the
+        gateway sees (by default each memory stream is an address of its own)."""
         pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
         server_stream, client_stream = pair()
 
         async def serve() -> None:
             request = await wrap_server_stream(self.nursery, server_stream)
-            await self.gateway.door.handle(request)
+            await self.gateway.door.handle(request, remote)
 
         self.nursery.start_soon(serve)
         return await wrap_client_stream(self.nursery, client_stream, "gate.test", "/")
@@ -106,12 +109,20 @@ async def authed(fg: FastGateway, agent: str = "pi", **kw: Any) -> WebSocketConn
 
 @asynccontextmanager
 async def fast_gateway(
-    workdir: Path, *, home: MockHome | None = None, **toml: Any
+    workdir: Path,
+    *,
+    home: MockHome | None = None,
+    inline_store: bool | None = True,
+    tokens: Mapping[str, str] = DEFAULT_TOKENS,
+    http_transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    **toml: Any,
 ) -> AsyncIterator[FastGateway]:
+    """The gateway over memory streams; ``inline_store=None`` runs the store as ``serve`` does
+    (durable commits and checkpoints in worker threads: not for ``autojump_clock``)."""
     await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
     path = write_gate_toml(
         workdir,
-        tokens=DEFAULT_TOKENS,
+        tokens=tokens,
         ha_url="http://ha.test",
         ha_token="ha-token-0123456789",
         tls=None,
@@ -126,7 +137,8 @@ async def fast_gateway(
             guardian=guardian,
             ha_transport=httpx.MockTransport(home.handler),
             now=now,
-            inline_store=True,
+            inline_store=inline_store,
+            http_transports=http_transports,
         ) as gateway,
         trio.open_nursery() as nursery,
     ):

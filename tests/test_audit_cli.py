@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,13 @@ def test_usage_errors_exit_2(db: Path, tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_follow_prints_new_rows_and_resolutions(db: Path) -> None:
     seen: list[tuple[str | None, bool]] = []
+    both = threading.Event()
     done = threading.Event()
 
     def emit(entry: AuditEntry, update: bool) -> None:
         seen.append((entry.request_id, update))
+        if len(seen) >= 2:
+            both.set()
 
     thread = threading.Thread(
         target=audit.follow,
@@ -102,18 +106,15 @@ def test_follow_prints_new_rows_and_resolutions(db: Path) -> None:
         kwargs={"interval": 0.01, "stop": done.is_set},
     )
     thread.start()
-    deadline = time.monotonic() + 10
-    while len(seen) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    done.set()
-    thread.join(10)
+    try:
+        assert both.wait(10), seen  # a ceiling, not a pace: it returns once both are printed
+    finally:
+        done.set()
+        thread.join(10)
     assert seen == [("r1", False), ("r2", False)]
 
 
 def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     async def fill(path: Path) -> None:
         async with open_store(path, inline=True) as store:
             for i in range(3000):
@@ -146,3 +147,80 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
     proc.stderr.close()
     assert status == 0
     assert "Traceback" not in stderr
+
+
+# --- conventions: ISO times, a header on --follow, known decisions, said once -----------------
+
+AGENTGATE = Path(sys.executable).parent / "agentgate"
+
+
+def test_json_times_are_iso_8601_utc(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "--store", str(db), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first["time"] == "2027-01-15T08:00:00.000Z"
+    assert first["resolved_at"] == "2027-01-15T08:00:01.000Z"
+
+
+def test_unknown_decision_is_a_usage_error(db: Path) -> None:
+    proc = subprocess.run(
+        [str(AGENTGATE), "audit", "--store", str(db), "--decision", "bogus"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "invalid choice: 'bogus'" in proc.stderr
+    assert "allow" in proc.stderr
+
+
+async def test_follow_prints_the_header_first(db: Path) -> None:
+    with trio.fail_after(60):
+        process = await trio.lowlevel.open_process(
+            [str(AGENTGATE), "audit", "--store", str(db), "--follow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert process.stdout is not None
+            out = b""
+            while out.count(b"\n") < 4:  # header, rule, two rows
+                chunk = await process.stdout.receive_some()
+                assert chunk, out
+                out += chunk
+        finally:
+            process.kill()
+            await process.wait()
+            assert process.stdout is not None
+            await process.stdout.aclose()
+    header, rule, first, second = out.decode().splitlines()[:4]
+    assert header.split() == ["time", "(UTC)", "agent", "via", "decision", "request", "outcome"]
+    assert set(rule.replace(" ", "")) == {"-"}
+    assert first.startswith("2027-01-15 08:00:00  pi ")
+    assert "ha_get_state(sensor.t)" in first
+    assert "laptop" in second
+
+
+def test_outcomes_are_said_once() -> None:
+    def outcome(**fields: object) -> str:
+        base: dict[str, object] = dict(
+            time=NOW, agent="pi", request_id="r", tool="t", args={}, signature="t", decision="ask",
+            matched="rule 1",
+        )  # fmt: skip
+        return audit.table_rows([AuditEntry(**{**base, **fields})])[0][-1]  # type: ignore[arg-type]
+
+    denied = outcome(resolution="denied", resolved_by="Alex (4242)",
+                     error="denied by the guardian (Alex (4242))")  # fmt: skip
+    assert denied == "denied by Alex (4242)"
+    timed_out = outcome(resolution="timed_out", error="approval timed out: no decision before")
+    assert timed_out == "timed_out: no decision before"
+    rejected = outcome(decision="invalid", resolution="rejected", matched="entity_id: forbidden")
+    assert rejected == "rejected: entity_id: forbidden"
+    assert (
+        outcome(resolution="failed", error="entity not found: x") == "failed: entity not found: x"
+    )
+
+
+def test_bare_agentgate_lists_the_commands() -> None:
+    proc = subprocess.run([str(AGENTGATE)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    for command in ("serve", "check", "config", "audit", "call", "tools", "pending"):
+        assert f"\n    {command}" in proc.stderr

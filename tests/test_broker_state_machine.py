@@ -3,7 +3,8 @@
 Trio runs in a helper thread on a ``MockClock`` that only moves when a rule says so; every rule
 runs one operation inside that Trio run and waits until every task is blocked, so each step is
 deterministic. Random interleavings of ask, allow, deny, grant, deadline, disconnect, reconnect,
-restart (a crash: no cleanup) and shutdown must keep the invariants:
+restart (a crash: no cleanup), a planned restart (undecided approvals stay pending: the -32007
+their askers get is not their outcome) and a decommissioning stop must keep the invariants:
 
 - every request gets exactly one outcome (on its connection or queued, never both, never none);
 - an allowed call executes exactly once; nothing executes after deny, timeout or shutdown;
@@ -95,6 +96,7 @@ class FakeSession:
 
     def __init__(self) -> None:
         self.agent = AGENT
+        self.via = "ws"
         self.open = True
         self.frames: list[dict[str, Any]] = []
 
@@ -127,6 +129,9 @@ class FakeGuardian:
         return f"card-{len(self.cards)}"
 
     async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
+        return None
+
+    async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
         return None
 
 
@@ -195,6 +200,8 @@ class BrokerMachine(RuleBasedStateMachine):
                 frame = session.frames.pop(0)
                 if "id" not in frame:
                     continue
+                if frame.get("error", {}).get("data", {}).get("pending"):
+                    continue  # a planned restart: the outcome comes later, queued
                 status = "executed" if "result" in frame else str(frame["error"]["code"])
                 self.outcomes.setdefault(frame["id"], []).append(status)
 
@@ -283,7 +290,18 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @rule()
     def shutdown(self) -> None:
+        """A planned restart (SIGTERM): what is undecided stays pending for the next start."""
         self.host.call(self.broker.shutdown)
+        self.restart()
+
+    @rule()
+    def decommission(self) -> None:
+        """``serve --cancel-pending``: everything undecided resolves as shutdown."""
+
+        async def stop() -> None:
+            await self.broker.shutdown(cancel_pending=True)
+
+        self.host.call(stop)
         self.restart()
 
     # -- invariants ---------------------------------------------------------------------------

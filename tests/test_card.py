@@ -215,3 +215,19 @@ def test_a_resolved_card_keeps_to_max_card_chars() -> None:
     assert utf16_len(text) <= 1000
     assert text.startswith("⚠ Failed by BBB")
     assert '"note": "' + "z" * 300 + '"' in text  # the card itself is never what gets cut
+
+
+def test_a_resolved_grant_says_until_when() -> None:
+    shown = card(LIGHT, target="light.kitchen “Kitchen” — now: on")
+    until = 1_800_003_600.0
+    update = CardUpdate(Status.EXECUTED, "light.kitchen: on", by="Alex (1)", at=1_800_000_000.0,
+                        grant_until=until)  # fmt: skip
+    text = telegram_visible_text(render_resolution(shown, update, now=1_800_000_000.0))
+    assert text.splitlines()[:3] == [
+        "✅ Executed by Alex (1) at 2027-01-15 08:00:00 UTC",
+        "⏱ Allowed for 1 h: the same request from pi runs without asking until"
+        " 2027-01-15 09:00:00 UTC",
+        "light.kitchen: on",
+    ]
+    plain = render_resolution(shown, CardUpdate(Status.EXECUTED, "x", at=1_800_000_000.0), now=0)
+    assert "Allowed for 1 h" not in plain

@@ -13,10 +13,12 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -84,7 +86,7 @@ async def test_call_prints_the_data_and_exits_0(
 async def test_call_json_prints_the_whole_result_options_last(
     gate: RealGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with trio.fail_after(CEILING):  # DESIGN §11 writes the options after TOOL key=value
+    with trio.fail_after(CEILING):  # README and --help write the options after TOOL key=value
         status, out, _ = await cli(capsys, "call", *SENSOR, *conn(gate), "--json")
     assert status == 0
     (line,) = out.splitlines()
@@ -187,6 +189,62 @@ async def test_pending_collects_a_queued_result_once(
     assert json.loads(out) == []
 
 
+async def queue_a_result(gate: RealGateway) -> dict[str, Any]:
+    """An agent asks, then goes away; the guardian allows: one result queued for "pi"."""
+    pending = PendingLog()
+    light = {"domain": "light", "service": "turn_on", "entity_id": "light.kitchen"}
+    async with (
+        connect(gate.url, token=gate.token, ca=gate.ca_path, on_pending=pending) as gw,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(lambda: gw.call("ha_call_service", **light))
+        params = await pending.wait()
+        nursery.cancel_scope.cancel()
+    await gate.running.gateway.door.gone("pi")
+    await gate.press(params["request_id"], "allow")
+    await gate.guardian.wait_for_update(params["request_id"])
+    return params
+
+
+async def test_call_leaves_queued_results_to_pending_and_says_so(
+    gate: RealGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with trio.fail_after(CEILING):
+        params = await queue_a_result(gate)
+        status, out, err = await cli(capsys, "call", *conn(gate), *SENSOR)
+        assert status == 0
+        assert json.loads(out)["entity_id"] == "sensor.living_room"
+        assert await gate.running.gateway.store.queued_count("pi") == 1  # not collected
+        assert err == (
+            "agentgate: 1 queued result waits for this agent: `agentgate pending` prints it\n"
+        )
+        status, out, _ = await cli(capsys, "pending", *conn(gate))
+        assert status == 0
+        assert [e["request_id"] for e in json.loads(out)] == [params["request_id"]]
+
+
+async def test_pending_acknowledges_only_what_it_printed(
+    gate: RealGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def cannot_print(value: Any, *, compact: bool) -> None:
+        raise OSError(5, "Input/output error")
+
+    with trio.fail_after(CEILING):
+        params = await queue_a_result(gate)
+        with monkeypatch.context() as patched:
+            patched.setattr(cli_agent, "_print_json", cannot_print)  # stdout fails
+            status, out, err = await cli(capsys, "pending", *conn(gate))
+        assert status == 4
+        assert "cannot print the queued results" in err
+        assert "they stay queued" in err
+        status, out, _ = await cli(capsys, "pending", *conn(gate))
+        assert status == 0
+        assert [e["request_id"] for e in json.loads(out)] == [params["request_id"]]
+        assert await gate.running.gateway.store.queued_count("pi") == 0
+        status, out, _ = await cli(capsys, "pending", *conn(gate))
+    assert (status, json.loads(out)) == (0, [])
+
+
 # --- 1: denied -----------------------------------------------------------------------------------
 
 
@@ -232,7 +290,9 @@ async def test_denied_by_guardian_exits_1(
     assert status == 1
     assert out == ""
     assert WAITING.search(err), err
-    assert "agentgate: denied by the guardian: " in err
+    # Said once: not "denied by the guardian: denied by the guardian (...)".
+    assert "agentgate: denied by the guardian (test guardian (1)) (signature: " in err
+    assert err.count("denied by the guardian") == 1
     assert "signature: ha_call_service(light.turn_on, light.kitchen)" in err
 
 
@@ -301,6 +361,8 @@ async def test_untrusted_certificate_exits_3(
         status, _, err = await cli(capsys, "tools", "--url", gate.url, "--token", gate.token)
     assert status == 3
     assert err.startswith("agentgate: connection failed: ")
+    assert "certificate not trusted" in err
+    assert "pass --ca FILE" in err
 
 
 async def test_unreachable_gateway_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
@@ -445,7 +507,8 @@ async def _run_example(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run an example agent as a process; press ``decision`` on the card it asks for."""
     result: list[subprocess.CompletedProcess[bytes]] = []
-    argv = [sys.executable, str(REPO / "examples" / script), "--url", gate.url, "--wait", "20"]
+    argv = [sys.executable, str(REPO / "examples" / script), "--url", gate.url, "--wait", "20",
+            "--sensor", "sensor.living_room_temperature", "--light", "light.kitchen"]  # fmt: skip
     env = _env(gate, AGENTGATE_TOKEN=gate.token, AGENTGATE_CA=str(gate.ca_path))
     with trio.fail_after(CEILING):
         async with trio.open_nursery() as nursery:
@@ -487,3 +550,69 @@ async def test_example_agent_reports_a_bad_token(gate: RealGateway) -> None:
         )  # fmt: skip
     assert done.returncode == 3
     assert b"cannot use the gateway: " in done.stderr
+
+
+async def test_ctrl_c_while_waiting_says_the_call_is_still_pending(gate: RealGateway) -> None:
+    """Ctrl-C (SIGINT) while ``agentgate call`` waits for the guardian: the request stays with
+    the gateway, and the message says how to collect its result."""
+    argv = [str(Path(sys.executable).parent / "agentgate"), "call", *conn(gate), *LIGHT]
+    with trio.fail_after(CEILING):
+        process = await trio.lowlevel.open_process(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(gate)
+        )
+        try:
+            assert process.stderr is not None
+            err = b""
+            while b"waiting for the guardian" not in err:
+                chunk = await process.stderr.receive_some()
+                assert chunk, err
+                err += chunk
+            await gate.guardian.wait_for_card()
+            process.send_signal(signal.SIGINT)
+            while chunk := await process.stderr.receive_some():
+                err += chunk
+            status = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            assert process.stderr is not None
+            await process.stderr.aclose()
+    assert status == 130
+    text = err.decode()
+    assert "agentgate: still pending (request " in text
+    assert "`agentgate pending` will collect the result" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("script", ["trio_agent.py", "asyncio_agent.py"])
+async def test_example_says_which_entity_to_pass(gate: RealGateway, script: str) -> None:
+    """An entity the home does not have: exit 1 and a hint; no --light: nobody is asked."""
+    argv = [sys.executable, str(REPO / "examples" / script), "--url", gate.url,
+            "--sensor", "sensor.nope"]  # fmt: skip
+    env = _env(gate, AGENTGATE_TOKEN=gate.token, AGENTGATE_CA=str(gate.ca_path))
+    with trio.fail_after(CEILING):
+        done = await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
+    assert done.returncode == 1, done.stderr.decode()
+    err = done.stderr.decode()
+    assert "entity not found: sensor.nope" in err
+    assert "(pass an entity of your home with --sensor)" in err
+    assert gate.guardian.cards == {}
+
+
+async def test_raw_agent_never_prints_the_token(gate: RealGateway) -> None:
+    raw = str(REPO / "examples" / "raw_agent.py")
+    argv = [sys.executable, raw, "--url", gate.url, "--ca", str(gate.ca_path), "--token", "-",
+            "--entity", "sensor.living_room"]  # fmt: skip
+    with trio.fail_after(CEILING):
+        done = await trio.run_process(
+            argv, stdin=(gate.token + "\n").encode(), capture_stdout=True, capture_stderr=True,
+            check=False, env=_env(gate),
+        )  # fmt: skip
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()
+    assert '"token":"***"' in out
+    assert gate.token not in out + done.stderr.decode()
+    assert "# sensor.living_room = 21.5" in out

@@ -1,4 +1,4 @@
-"""``agentgate check``, ``agentgate config check`` and ``agentgate hash-token`` (DESIGN §11)."""
+"""``agentgate check``, ``agentgate config check`` and ``agentgate hash-token`` (README, --help)."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def test_check_prints_lint_warnings(capsys: pytest.CaptureFixture[str], tmp_path
     assert status == 3
     assert err == (
         f"agentgate: warning: {path}: rules[0] 'ha_get_stat(*)': "
-        "no known tool is called 'ha_get_stat' (a typo?)\n"
+        "no known tool is called 'ha_get_stat' (did you mean ha_get_state?)\n"
     )
 
 
@@ -229,6 +229,9 @@ def gate_toml(tmp_path: Path) -> Path:
     path = tmp_path / "gate.toml"
     path.write_text(
         f"""
+[gateway]
+listen = "127.0.0.1:0"
+
 [policy]
 file = "permissions.yaml"
 
@@ -394,6 +397,7 @@ def test_dispatch_table_names() -> None:
         "call",
         "tools",
         "pending",
+        "mcp",
     ]
 
 

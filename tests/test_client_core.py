@@ -1,10 +1,10 @@
 """The agent SDK: the sans-io core (synchronous) and both transports against a scripted gateway.
 
 The scripted gateway (:class:`FakeGateway`) is a tiny trio-websocket server on 127.0.0.1
-speaking DESIGN §4/§13 just enough: auth, tool_request (allow / deny / ask), approvals pressed
-by the test, queued results, notifications, disconnects and restarts. The transport tests run
-each scenario under Trio directly and under asyncio in a worker thread (``asyncio.Runner``
-with a plain selector loop, so trio-asyncio's loop policy is not involved).
+speaking the wire protocol (docs/protocol.md) just enough: auth, tool_request (allow / deny /
+ask), approvals pressed by the test, queued results, notifications, disconnects and restarts.
+The transport tests run each scenario under Trio directly and under asyncio in a worker thread
+(``asyncio.Runner`` with a plain selector loop, so trio-asyncio's loop policy is not involved).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from agentgate.client._core import (
 from agentgate.client._groups import collapse_groups
 from agentgate.errors import ApprovalTimedOut, DeniedByGuardian, RateLimited
 from agentgate.protocol import (
+    MAX_ACK,
     Request,
     encode_error,
     encode_notification,
@@ -60,7 +61,7 @@ from agentgate.protocol import (
     parse_request,
 )
 from tests import client_contract
-from tests.client_contract import CONTRACT, capture, deadline, gather, sleep
+from tests.client_contract import CONTRACT, capture, deadline, event, gather, sleep
 
 CEILING = 20.0
 
@@ -125,6 +126,91 @@ def test_core_cancelled_collection_still_buffers_results() -> None:
     assert core.buffered == 1
     assert core.take_results() == [{"request_id": "a"}]
     assert core.take_results() == []
+
+
+def _collect(core: ClientCore[str], *entries: dict[str, Any]) -> tuple[list[str], Any]:
+    """One collection: the ids it acknowledged, and the event its reply made."""
+    rpc_id, text = core.begin("get_pending_results", None, "w")
+    acks = json.loads(text)["params"]["ack"]
+    return acks, core.receive(encode_result(rpc_id, {"results": list(entries)}))
+
+
+def test_core_collections_acknowledge_what_was_handed_out_and_drop_duplicates() -> None:
+    core: ClientCore[str] = ClientCore()
+    r1, r2 = {"request_id": "r1", "status": "executed"}, {"request_id": "r2", "status": "denied"}
+    acks, event = _collect(core, r1)
+    assert acks == []  # acknowledged mode even with nothing to acknowledge
+    assert isinstance(event, Completed)
+    assert event.result == 1
+    # listed again (the gateway keeps it until acknowledged): a duplicate, dropped
+    assert _collect(core, r1, r2)[0] == []
+    assert core.take_results() == [r1, r2]
+    assert core.unacknowledged == 2
+    # the next collection acknowledges them; the gateway may still list them in a reply it
+    # computed before, which is dropped
+    rpc_id, text = core.begin("get_pending_results", None, "w")
+    assert json.loads(text)["params"] == {"ack": ["r1", "r2"]}
+    old_acks, _ = _collect(core, r1)  # a collection sent earlier and answered late
+    assert old_acks == ["r1", "r2"]
+    assert core.unacknowledged == 0
+    core.receive(encode_result(rpc_id, {"results": [r2]}))
+    assert core.take_results() == []
+    # once nothing listed before the acknowledgement can arrive, the ids are forgotten
+    assert core._seen == set()
+
+
+def test_core_acknowledgements_survive_a_lost_or_failed_collection() -> None:
+    core: ClientCore[str] = ClientCore()
+    _collect(core, {"request_id": "r1"})
+    assert [e["request_id"] for e in core.take_results()] == ["r1"]
+    core.begin("get_pending_results", None, "w")
+    core.lose_all("gone")  # never answered: still to acknowledge
+    assert core.unacknowledged == 1
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    event = core.receive(encode_error(rpc_id, RateLimited("slow down")))
+    assert isinstance(event, Completed)
+    assert isinstance(event.error, RateLimited)
+    assert core.unacknowledged == 1
+    # and the entry is not handed out again in between
+    acks, event = _collect(core, {"request_id": "r1"})
+    assert acks == ["r1"]
+    assert isinstance(event, Completed)
+    assert event.result == 0
+    assert core.take_results() == []
+    assert core.unacknowledged == 0
+
+
+def test_core_take_results_without_acknowledging() -> None:
+    core: ClientCore[str] = ClientCore()
+    _collect(core, {"request_id": "r1"}, {"status": "no id"})
+    assert len(core.take_results(acknowledge=False)) == 2
+    assert core.unacknowledged == 0
+    assert _collect(core, {"request_id": "r1"})[0] == []
+    assert core.take_results() == []  # handed out once, even unacknowledged
+    core.acknowledge(["r1", 7, "", None])  # only request ids count
+    assert _collect(core)[0] == ["r1"]
+
+
+def test_core_never_keeps_an_acknowledgement_the_gateway_refuses() -> None:
+    core: ClientCore[str] = ClientCore()
+    core.acknowledge(["r1", "x" * 129, ""])
+    assert core.unacknowledged == 1  # what cannot be a request id is never sent
+    rpc_id, _ = core.begin("get_pending_results", None, "w")
+    event = core.receive(encode_error(rpc_id, InvalidParams("ack: no")))
+    assert isinstance(event, Completed)
+    assert isinstance(event.error, InvalidParams)
+    assert core.unacknowledged == 0  # given up: the next collections are not poisoned
+    assert _collect(core)[0] == []
+
+
+def test_core_acknowledges_at_most_max_ack_per_collection() -> None:
+    core: ClientCore[str] = ClientCore()
+    core.acknowledge(f"r{i}" for i in range(MAX_ACK + 5))
+    first, _ = _collect(core)
+    assert len(first) == MAX_ACK
+    second, _ = _collect(core)
+    assert second == [f"r{i}" for i in range(MAX_ACK, MAX_ACK + 5)]
+    assert core.unacknowledged == 0
 
 
 def test_core_malformed_collection_reply_is_an_error() -> None:
@@ -275,31 +361,55 @@ class FakeGateway:
         self.approvals: dict[str, _Approval] = {}
         self.queued: list[dict[str, Any]] = []
         self.collections = 0
+        self.acknowledged: list[str] = []
+        self.listed = 0  # acknowledged-mode collections that listed something
         self.auths = 0
         self.release = trio.Event()
+        self.held = 0  # "slow" requests waiting for release
         self.answer_auth = True
         self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+        self._sending = 0  # replies and notifications still being written
+        self._changed = trio.Event()  # set (and renewed) whenever any of the above changes
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds (the caller's deadline bounds it)."""
+        while not predicate():
+            await self._changed.wait()
+
+    async def settled(self) -> None:
+        """Wait until every reply and notification sent in the background is written."""
+        await self.until(lambda: self._sending == 0)
 
     @property
     def url(self) -> str:
         return f"{'wss' if self.ssl_context else 'ws'}://127.0.0.1:{self.port}/"
 
     async def start(self) -> None:
-        self._scope = trio.CancelScope()
-        server = await self.nursery.start(self._serve, self._scope)
+        self._scope, self._stopped = trio.CancelScope(), trio.Event()
+        server = await self.nursery.start(self._serve, self._scope, self._stopped)
         self.port = server.port
 
-    async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:
-        with scope:
-            await trio_websocket.serve_websocket(
-                self._handle, "127.0.0.1", self.port, self.ssl_context, task_status=task_status
-            )
+    async def _serve(
+        self, scope: trio.CancelScope, stopped: trio.Event, *, task_status: Any
+    ) -> None:
+        try:
+            with scope:
+                await trio_websocket.serve_websocket(
+                    self._handle, "127.0.0.1", self.port, self.ssl_context, task_status=task_status
+                )
+        finally:
+            stopped.set()
 
     async def restart(self) -> None:
         self._scope.cancel()
         for conn in list(self.conns):
             conn.alive = False
-        await trio.sleep(0.05)
+        await self._stopped.wait()  # the port is free again
         await self.start()
 
     def press(self, request_id: str, decision: str) -> None:
@@ -326,9 +436,14 @@ class FakeGateway:
 
     def _send(self, conn: _Conn, text: str) -> None:
         async def send() -> None:
-            with contextlib.suppress(trio_websocket.ConnectionClosed):
-                await conn.ws.send_message(text)
+            try:
+                with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    await conn.ws.send_message(text)
+            finally:
+                self._sending -= 1
+                self._touch()
 
+        self._sending += 1
         self.nursery.start_soon(send)
 
     def _notify_results(self) -> None:
@@ -368,6 +483,7 @@ class FakeGateway:
         try:
             first = parse_request(await ws.get_message())
             self.auths += 1
+            self._touch()
             if not self.answer_auth:
                 await trio.sleep_forever()
             if not (isinstance(first, Request) and first.method == "auth"):
@@ -414,6 +530,13 @@ class FakeGateway:
             return {"tools": TOOLS}
         if req.method == "get_pending_results":
             self.collections += 1
+            self._touch()
+            if "ack" in req.params:  # acknowledged mode: listed until acknowledged
+                acked = set(req.params["ack"])
+                self.acknowledged.extend(req.params["ack"])
+                self.queued = [e for e in self.queued if e.get("request_id") not in acked]
+                self.listed += bool(self.queued)
+                return {"results": list(self.queued)}
             taken, self.queued = self.queued, []
             return {"results": taken}
         tool, args = req.params.get("tool"), req.params.get("args", {})
@@ -437,6 +560,8 @@ class FakeGateway:
                 return None  # answered by press() / expiry
             return self._executed(request_id, {"called": action})
         if tool == "slow":
+            self.held += 1
+            self._touch()
             await self.release.wait()
             return self._executed(request_id, args)
         if tool == "fail":
@@ -477,9 +602,16 @@ class _TrioHome:
     async def restart_gateway(self) -> None:
         await self.fake.restart()
 
+    async def settled(self) -> None:
+        await self.fake.settled()
+
     async def do(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a synchronous control function of the fake in the Trio thread."""
         return fn(*args)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` (about the fake) holds, in the Trio thread."""
+        await self.fake.until(predicate)
 
 
 class _AsyncioHome:
@@ -499,8 +631,14 @@ class _AsyncioHome:
     async def restart_gateway(self) -> None:
         await self._trio(self.fake.restart)
 
+    async def settled(self) -> None:
+        await self._trio(self.fake.settled)
+
     async def do(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(trio.from_thread.run_sync, fn, *args, trio_token=self.token)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        await self._trio(self.fake.until, predicate)
 
 
 def _asyncio_thread(scenario: Scenario, factory: Callable[..., Any], home: Any) -> None:
@@ -549,13 +687,83 @@ async def test_results_pending_is_collected_automatically(library: str, fake: Fa
     async def scenario(factory: Callable[..., Any], home: Any) -> None:
         async with factory() as gw:
             await gw.call("queue")
-            # collected in the background by the results_pending notification
-            while await home.do(lambda: fake.queued):
-                await sleep(0.01)
+            # collected in the background by the results_pending notification (after the
+            # collection every connection starts with)
+            await home.until(lambda: fake.collections >= 2)
+            assert gw.results_waiting == 1
+            # listed again by pending_results' own collection (nothing acknowledged it yet):
+            # handed out once all the same
             assert await gw.pending_results() == [
                 {"request_id": "queued-1", "rpc_id": 1, "status": "executed"}
             ]
             assert await gw.pending_results() == []
+            assert await home.do(lambda: fake.queued) == []
+            assert await home.do(lambda: fake.acknowledged) == ["queued-1"]
+
+    await run_scenario(library, fake, scenario)
+
+
+ENTRY = {"request_id": "queued-1", "rpc_id": 1, "status": "executed"}
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_a_result_listed_again_after_a_reconnect_is_handed_out_once(
+    library: str, fake: FakeGateway
+) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            await gw.call("queue")
+            await home.until(lambda: fake.listed >= 1)  # collected, not handed out
+            await home.do(fake.drop_all)
+            listed = await home.do(lambda: fake.listed)
+            # the new connection's collection lists it again: a duplicate, dropped
+            await home.until(lambda: fake.listed > listed)
+            assert await gw.pending_results() == [ENTRY]
+            assert await gw.pending_results() == []
+        assert await home.do(lambda: fake.acknowledged) == ["queued-1"]
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_leaving_connect_acknowledges_what_was_handed_out_only(
+    library: str, fake: FakeGateway
+) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory() as gw:
+            await gw.call("queue")
+            assert await gw.pending_results() == [ENTRY]
+            # leaving at once: the acknowledgement goes out before the socket closes
+        assert await home.do(lambda: fake.acknowledged) == ["queued-1"]
+        assert await home.do(lambda: fake.queued) == []
+        async with factory() as gw:
+            await gw.call("queue")  # collected in the background, never handed out
+            await home.until(lambda: fake.listed > 0)
+        assert await home.do(lambda: fake.queued) == [ENTRY]  # still the gateway's
+        async with factory() as gw:
+            assert await gw.pending_results() == [ENTRY]
+
+    await run_scenario(library, fake, scenario)
+
+
+@pytest.mark.slow
+@LIBRARIES
+async def test_collect_false_leaves_results_on_the_gateway(library: str, fake: FakeGateway) -> None:
+    async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        async with factory(collect=False) as gw:
+            await gw.call("queue")
+            await gw.call("ha_get_state", entity_id="sensor.x")  # after the notification
+            assert gw.results_waiting == 1
+            assert await home.do(lambda: fake.collections) == 0
+            taken = await gw.pending_results(acknowledge=False)
+            assert taken == [ENTRY]
+            assert await gw.pending_results() == []  # handed out once all the same
+            assert await home.do(lambda: fake.queued) == [ENTRY]  # not acknowledged
+            await gw.acknowledge(taken)
+            assert await home.do(lambda: fake.queued) == []
+            await gw.acknowledge(["queued-1", "never-heard-of"])  # harmless
 
     await run_scenario(library, fake, scenario)
 
@@ -564,18 +772,20 @@ async def test_results_pending_is_collected_automatically(library: str, fake: Fa
 @LIBRARIES
 async def test_async_hook_and_failing_hook(library: str, fake: FakeGateway) -> None:
     seen: list[str] = []
+    hooked: list[trio.Event | asyncio.Event] = []
 
     async def hook(params: dict[str, Any]) -> None:
         await sleep(0)
         seen.append(params["request_id"])
+        hooked[0].set()
         raise RuntimeError("hook bug")  # logged, never kills the connection
 
     async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        hooked.append(event())
         async with factory(on_pending=hook) as gw:
 
             async def guardian() -> None:
-                while not seen:
-                    await sleep(0.01)
+                await hooked[0].wait()
                 await home.press(seen[0], "allow")
 
             (result, error), _ = await gather(
@@ -642,8 +852,7 @@ async def test_token_revoked_during_reconnect_stops_for_good(
         async with factory() as gw:
             await home.do(setattr, fake, "token", "rotated")
             await home.do(fake.drop_all)
-            while gw.connected:
-                await sleep(0.01)
+            await home.until(lambda: fake.auths >= 2)  # the SDK saw the drop: it reconnects
             _, error = await capture(lambda: gw.call("ha_get_state", entity_id="sensor.x"))
             assert isinstance(error, AuthenticationFailed), error
             _, error = await capture(lambda: gw.list_tools())
@@ -731,8 +940,10 @@ async def test_user_errors_leave_connect_unwrapped(fake: FakeGateway) -> None:
 async def test_cancelled_trio_call_then_late_reply(fake: FakeGateway) -> None:
     with trio.fail_after(CEILING):
         async with connect(fake.url, token=fake.token) as gw:
-            with trio.move_on_after(0.1):
-                await gw.call("slow")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(gw.call, "slow"))
+                await fake.until(lambda: fake.held == 1)  # the gateway holds it
+                nursery.cancel_scope.cancel()
             fake.release.set()  # the late reply arrives and is discarded
             assert isinstance(gw, Gateway)
             assert (await gw.call("slow", x=1)) == {"x": 1}

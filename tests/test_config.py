@@ -303,12 +303,12 @@ def test_error_names_the_file_as_given(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_typo_top_level(tmp_path: Path) -> None:
     path = _write(tmp_path, MINIMAL + "[limit]\nrequests_per_minute = 5\n")
-    assert _error(path) == f"{path}: limit: unknown key"
+    assert _error(path) == f"{path}: limit: unknown key (did you mean limits?)"
 
 
 def test_typo_nested(tmp_path: Path) -> None:
     path = _write(tmp_path, MINIMAL.replace("listen =", "listne ="))
-    assert _error(path) == f"{path}: gateway.listne: unknown key"
+    assert _error(path) == f"{path}: gateway.listne: unknown key (did you mean listen?)"
 
 
 def test_typo_in_agent_and_telegram(tmp_path: Path) -> None:
@@ -319,9 +319,75 @@ def test_typo_in_agent_and_telegram(tmp_path: Path) -> None:
     )
     path = _write(tmp_path, text)
     assert _error(path) == (
-        f"{path}: agents.pi.policcy: unknown key\n"
-        f"{path}: guardian.telegram.allowed_user: unknown key"
+        f"{path}: agents.pi.policcy: unknown key (did you mean policy?)\n"
+        f"{path}: guardian.telegram.allowed_user: unknown key (did you mean allowed_users?)"
     )
+
+
+def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> None:
+    path = _write(tmp_path, MINIMAL + "[store]\nlocation = 'x.db'\n")
+    assert (
+        _error(path) == f"{path}: store.location: unknown key (expected one of: path, synchronous)"
+    )
+
+
+def test_every_stage_reports_at_once(tmp_path: Path) -> None:
+    """A missing variable, a typo, a bad value and a missing TLS file: one run, four lines,
+    and nothing that merely follows from one of them."""
+    text = MINIMAL.replace("listen =", "listne =") + "[limits]\nrequests_per_minute = 0\n"
+    path = _write(tmp_path, text, certs=False)
+    assert _error(path, env={}).splitlines() == [
+        f"{path}: agents.pi.token: environment variable AGENT_TOKEN is not set",
+        f"{path}: gateway.listne: unknown key (did you mean listen?)",
+        f"{path}: limits.requests_per_minute: expected a positive integer, got 0",
+        f"{path}: gateway.tls_cert: file not found: {tmp_path / 'certs' / 'gate.crt'}",
+        f"{path}: gateway.tls_key: file not found: {tmp_path / 'certs' / 'gate.key'}",
+    ]
+
+
+def test_a_table_that_cannot_be_read_still_lets_the_rest_be_checked(tmp_path: Path) -> None:
+    text = MINIMAL + "[guardian.telegram]\ntoken = 't'\n" + '[policy]\nfile = "nope.yaml"\n'
+    path = _write(tmp_path, text)
+    assert _error(path).splitlines() == [
+        f"{path}: guardian.telegram.chat_id: required key is missing",
+        f"{path}: guardian.telegram.allowed_users: required key is missing",
+        f"{path}: policy.file: file not found: {tmp_path / 'nope.yaml'}",
+    ]
+
+
+def test_secrets_false_reads_no_secret_from_the_environment(tmp_path: Path) -> None:
+    text = (
+        MINIMAL
+        + '[services.homeassistant]\nurl = "${HA_URL}"\ntoken = "${HA_TOKEN}"\n'
+        + '[guardian.telegram]\ntoken = "${BOT}"\nchat_id = 1\nallowed_users = [1]\n'
+    )
+    path = _write(tmp_path, text)
+    config = load_config(path, env={"HA_URL": "http://ha:8123"}, secrets=False)
+    assert config.services.homeassistant is not None
+    assert config.services.homeassistant.url == "http://ha:8123"  # not a secret: resolved
+    tokens = [config.agents["pi"].token, config.services.homeassistant.token]
+    assert config.guardian.telegram is not None
+    tokens.append(config.guardian.telegram.token)
+    assert all(t is not None and t.startswith("\x00unresolved:") for t in tokens)
+    assert config.find_agent(str(tokens[0])) is not None  # only the placeholder itself matches
+    assert config.find_agent("") is None
+    # Everything else is still checked, and a non-secret variable still must be set.
+    assert _error_no_secrets(path, {}) == (
+        f"{path}: services.homeassistant.url: environment variable HA_URL is not set"
+    )
+
+
+def _error_no_secrets(path: Path, env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env, secrets=False)
+    return str(info.value)
+
+
+def test_ignore_leaves_a_table_out(tmp_path: Path) -> None:
+    text = MINIMAL + '[guardian.telegram]\ntoken = "${BOT}"\nchat_id = "x"\n'
+    path = _write(tmp_path, text)
+    config = load_config(path, env=ENV, ignore=["guardian.telegram"])
+    assert config.guardian.telegram is None
 
 
 def test_reserved_names_are_unknown_keys(tmp_path: Path) -> None:
@@ -345,6 +411,10 @@ SECONDS = "expected a positive number of seconds, got "
         ("requests_per_minute", "[1]", POSITIVE_INT + "an array"),
         ("max_message_bytes", "1023", MESSAGE_BYTES + "1023"),
         ("max_message_bytes", "16777217", MESSAGE_BYTES + "16777217"),
+        ("max_connections", "0", POSITIVE_INT + "0"),
+        ("max_unauthenticated_per_address", '"8"', POSITIVE_INT + '"8"'),
+        ("max_connections_per_agent", "-8", POSITIVE_INT + "-8"),
+        ("max_connections_per_agent", "2.5", POSITIVE_INT + "2.5"),
     ],
 )
 def test_bad_limits(tmp_path: Path, key: str, value: str, expected: str) -> None:
@@ -603,6 +673,26 @@ def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path, 
     )
     assert "hunter2" not in message
     assert "admin" not in message
+
+
+def test_connection_limits(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, MINIMAL), env=ENV)
+    limits = config.limits
+    assert (
+        limits.max_connections,
+        limits.max_unauthenticated_per_address,
+        limits.max_connections_per_agent,
+    ) == (256, 8, 8)
+    text = MINIMAL + (
+        "[limits]\nmax_connections = 1\nmax_unauthenticated_per_address = 1\n"
+        "max_connections_per_agent = 100000\n"
+    )
+    limits = load_config(_write(tmp_path, text), env=ENV).limits
+    assert (
+        limits.max_connections,
+        limits.max_unauthenticated_per_address,
+        limits.max_connections_per_agent,
+    ) == (1, 1, 100000)  # every positive integer (docs/configuration.md, "Ranges")
 
 
 def test_card_and_outbox_limits(tmp_path: Path) -> None:

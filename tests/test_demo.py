@@ -115,7 +115,8 @@ async def test_a_guardian_at_the_keyboard_can_deny() -> None:
     assert process.returncode == 0, out
     assert "'x' is not a button" in out
     assert "Alex presses Deny" in out
-    assert "denied by the guardian" in out
+    assert "denied by the guardian (Alex (4242))" in out
+    assert "denied by the guardian (denied by" not in out  # said once
     assert "❌ Denied by Alex (4242)" in out
     assert "denied by policy (rule " in out
     assert "everything behaved as expected" in out
@@ -132,3 +133,16 @@ async def test_key_reader_reads_single_keys_until_eof() -> None:
         assert keys.eof
     finally:
         os.close(read_end)
+
+
+@pytest.mark.slow
+async def test_the_mcp_demo_goes_through_agentgate_mcp() -> None:
+    done = await run_demo("--auto", "--mcp")
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, out + err
+    assert "MCP client connected to agentgate mcp (stdio)" in out
+    assert "MCP progress: waiting for the guardian's approval" in out
+    assert "Agent: pi (via MCP)" in out
+    assert "isError: denied by policy: ha_call_service(lock.unlock, lock.front_door)" in out
+    assert "mcp-stdio  allow     ha_get_state(sensor.living_room_temperature)" in out
+    assert "demo finished: everything behaved as expected." in out

@@ -15,6 +15,7 @@ from trio_websocket import ConnectionClosed
 from agentgate.connection import CLOSE_POLICY, Connection
 from agentgate.gateway import SHUTDOWN_BOUND
 from agentgate.protocol import Request
+from agentgate.testing.harness import DEFAULT_POLICY, DEFAULT_TOKENS
 from tests.fastgate import MockHome, authed, call, fast_gateway, reply
 
 
@@ -102,6 +103,52 @@ async def test_restart_resumes_a_pending_approval_with_its_deadline(
     assert home.service_calls == [("/api/services/light/turn_on", {"entity_id": "light.bedroom"})]
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (
+            {
+                "policy": DEFAULT_POLICY.replace(
+                    "action: ask\n    description: lights", "action: deny\n    description: lights"
+                )
+            },
+            "denied by policy: rule 1: ha_call_service(light.*) (deny)",
+        ),
+        ({"tokens": {"laptop": DEFAULT_TOKENS["laptop"]}}, "agent pi is no longer configured"),
+        ({"frozen": True}, "frozen by guardian"),
+    ],
+    ids=["policy-now-denies", "agent-removed", "frozen"],
+)
+async def test_an_approval_that_would_not_be_asked_now_does_not_come_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, change: dict[str, Any], why: str
+) -> None:
+    """A restart is how an operator tightens the policy or removes an agent: what a restored
+    card would approve is checked against today's configuration first."""
+    home = MockHome()
+    frozen = change.pop("frozen", False)
+    async with fast_gateway(tmp_path, home=home) as fg:
+        ws = await authed(fg)
+        await ws.send_message(
+            '{"jsonrpc":"2.0","id":"a-1","method":"tool_request","params":'
+            '{"tool":"ha_call_service","args":{"domain":"light","service":"turn_on",'
+            '"entity_id":"light.bedroom"}}}'
+        )
+        request_id = (await fg.guardian.wait_for_card()).card.request_id
+        if frozen:  # frozen while the gateway stops: the freeze holds at the next start
+            await fg.gateway.store.set_setting("frozen", "1")
+    async with fast_gateway(tmp_path, home=home, **change) as fg:
+        await fg.gateway.broker.idle()
+        assert await fg.gateway.controls.pending() == []
+        answer = await fg.guardian.press(request_id, "allow", on=f"card-{request_id}")
+        assert answer.startswith("expired")
+        (row,) = [
+            r for r in await fg.gateway.store.audit_rows(agent="pi") if r.request_id == request_id
+        ]
+        assert (row.decision, row.resolution) == ("ask", "denied")
+        assert why in str(row.error)
+    assert home.service_calls == []
+
+
 async def test_an_approval_that_expired_while_down_is_queued_as_timed_out(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -122,20 +169,93 @@ async def test_an_approval_that_expired_while_down_is_queued_as_timed_out(
         assert fg.home.service_calls == []
 
 
-async def test_shutdown_answers_pending_asks_and_closes_1001(
+LIGHT_ON = (
+    '{"jsonrpc":"2.0","id":9,"method":"tool_request","params":{"tool":"ha_call_service",'
+    '"args":{"domain":"light","service":"turn_on","entity_id":"light.bedroom"}}}'
+)
+
+
+async def test_a_planned_stop_keeps_pending_asks_and_closes_1001(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path, gateway={"approval_timeout": 600}) as fg:
+        ws = await authed(fg)
+        await ws.send_message(LIGHT_ON)
+        shown = await fg.guardian.wait_for_card()
+        request_id = shown.card.request_id
+        with trio.fail_after(SHUTDOWN_BOUND):  # serve_gateway's own bound
+            await fg.gateway.shutdown()
+        answer = await reply(ws)
+        error = answer["error"]
+        assert (answer["id"], error["code"]) == (9, -32007)
+        assert error["message"].startswith("gateway restarting: the approval stays open")
+        assert error["data"]["pending"] is True
+        assert error["data"]["request_id"] == request_id
+        assert error["data"]["expires_at"] == shown.card.expires_at
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 1001
+        update = await fg.guardian.wait_for_update(request_id)
+        assert update.status == "restarting"  # edited once, without its buttons
+        assert len(fg.guardian.cards[request_id].updates) == 1
+        rows = await fg.gateway.store.audit_rows()
+        assert [(r.decision, r.resolution) for r in rows] == [("ask", None)]  # still open
+        [still] = await fg.gateway.store.open_pending()
+        assert still.state == "pending"
+        # A press while it stops decides nothing.
+        assert await fg.guardian.press(request_id, "allow") == (
+            "not decided: the gateway is restarting; press again once it is back"
+        )
+        assert fg.home.service_calls == []
+    await trio.sleep(60)
+    home = fg.home
+    async with fast_gateway(tmp_path, home=home, gateway={"approval_timeout": 600}) as fg:
+        # The card gets its buttons back, and they work; the result waits in the queue.
+        [(restored, ref)] = await fg.guardian.wait_restored()
+        assert (restored, ref) == (request_id, shown.ref)
+        assert await fg.guardian.press(request_id, "allow", on=ref) == "approved"
+        await fg.gateway.broker.idle()
+        ws = await authed(fg)
+        [entry] = (await call(ws, 1, "get_pending_results"))["result"]["results"]
+        assert (entry["request_id"], entry["rpc_id"], entry["status"]) == (
+            request_id,
+            9,
+            "executed",
+        )
+    assert home.service_calls == [("/api/services/light/turn_on", {"entity_id": "light.bedroom"})]
+
+
+async def test_a_planned_stop_keeps_the_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path, gateway={"approval_timeout": 600}) as fg:
+        ws = await authed(fg)
+        await ws.send_message(LIGHT_ON)
+        shown = await fg.guardian.wait_for_card()
+        await fg.gateway.shutdown()
+    await trio.sleep(300)
+    async with fast_gateway(tmp_path, home=fg.home, gateway={"approval_timeout": 600}) as fg:
+        ws = await authed(fg)
+        await fg.gateway.broker.idle()  # nobody decides: it times out at its first deadline
+        [entry] = (await call(ws, 1, "get_pending_results"))["result"]["results"]
+        assert (entry["status"], entry["error"]["code"]) == ("timed_out", -32002)
+        [row] = await fg.gateway.store.audit_rows()
+        assert row.resolved_at == pytest.approx(shown.card.expires_at, abs=1)
+    assert fg.home.service_calls == []
+
+
+async def test_a_decommissioning_stop_resolves_pending_asks_as_shutdown(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with fast_gateway(tmp_path) as fg:
         ws = await authed(fg)
-        await ws.send_message(
-            '{"jsonrpc":"2.0","id":9,"method":"tool_request","params":{"tool":"ha_call_service",'
-            '"args":{"domain":"light","service":"turn_on","entity_id":"light.bedroom"}}}'
-        )
+        await ws.send_message(LIGHT_ON)
         shown = await fg.guardian.wait_for_card()
-        with trio.fail_after(SHUTDOWN_BOUND):  # serve_gateway's own bound
-            await fg.gateway.shutdown()
+        with trio.fail_after(SHUTDOWN_BOUND):
+            await fg.gateway.shutdown(cancel_pending=True)
         answer = await reply(ws)
         assert (answer["id"], answer["error"]["code"]) == (9, -32007)
+        assert "pending" not in answer["error"]["data"]
         with pytest.raises(ConnectionClosed) as closed:
             await ws.get_message()
         assert closed.value.reason.code == 1001

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from agentgate.config import ConfigError
 from agentgate.guardian import Status
 from agentgate.store import Store
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant
@@ -105,14 +106,28 @@ async def test_slow_home_hits_the_deadline(workdir: Path, home: FakeHomeAssistan
             assert ok["result"]["status"] == "executed"
 
 
-async def test_home_rejecting_the_gateway_token(workdir: Path, home: FakeHomeAssistant) -> None:
+async def test_home_rejecting_the_gateway_token_at_start_up(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
     wrong = SimpleNamespace(url=home.url, token="not-the-home-token")
+    with trio.fail_after(CEILING), pytest.raises(ConfigError) as refused:
+        async with running_gateway(workdir, home=wrong):
+            pytest.fail("the gateway started with a token Home Assistant refuses")
+    message = str(refused.value)
+    assert message.startswith(f"{workdir / 'gate.toml'}: services.homeassistant.token: ")
+    assert "401" in message
+    assert "not-the-home-token" not in message
+
+
+async def test_home_rejecting_the_gateway_token_later(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
     with trio.fail_after(CEILING):
-        async with running_gateway(workdir, home=wrong) as gw, raw_agent(gw) as agent:
+        async with running_gateway(workdir, home=home) as gw, raw_agent(gw) as agent:
+            home.token = "rotated-in-home-assistant"  # the gateway's token was revoked
             error = await assert_execution_failed(agent, "401")
             assert "token" in error["message"]
             assert error["data"]["status"] == 401
-            assert "not-the-home-token" not in error["message"]
 
 
 async def test_unknown_entity_is_not_found(workdir: Path, home: FakeHomeAssistant) -> None:
@@ -147,26 +162,47 @@ class _DyingDisk:
         self._conn.close()
 
 
+class _FailingCommit:
+    """A sqlite3 connection whose ``COMMIT`` fails like a full or dying disk; every other
+    statement runs (so each write gets as far as its last step)."""
+
+    def __init__(self, conn: sqlite3.Connection, failures: list[int]) -> None:
+        self._conn = conn
+        self._failures = failures
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.strip().upper() == "COMMIT":
+            self._failures[0] += 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
 def _break_the_store(monkeypatch: pytest.MonkeyPatch, store: Store, how: str) -> list[int]:
     """Make every write of ``store`` fail with "disk I/O error"; returns a failure counter.
 
     ``batch``: the store's batch runner itself raises (as an unexpected error would);
-    ``statements``: every SQL statement fails inside the batch runner.
+    ``statements``: every SQL statement fails inside the batch runner; ``commit``: only the
+    ``COMMIT`` fails.
     """
     failures = [0]
 
-    def run_batch(batch: list[Any]) -> None:
+    def run_batch(batch: list[Any], **kw: Any) -> None:
         failures[0] += 1
         raise sqlite3.OperationalError("disk I/O error")
 
     if how == "batch":
         monkeypatch.setattr(store, "_run_batch", run_batch)
+    elif how == "commit":
+        monkeypatch.setattr(store, "_conn", _FailingCommit(store._conn, failures))
     else:
         monkeypatch.setattr(store, "_conn", _DyingDisk(store._conn, failures))
     return failures
 
 
-BREAKAGES = pytest.mark.parametrize("how", ["batch", "statements"])
+BREAKAGES = pytest.mark.parametrize("how", ["batch", "statements", "commit"])
 
 
 @BREAKAGES
@@ -225,6 +261,63 @@ async def test_unwritable_store_blocks_an_allowed_service_call(
             monkeypatch.undo()
             ok = await laptop.tool("ha_call_service", **LIGHT_ON)
             assert ok["result"]["status"] == "executed"
+            assert state(home, "light.bedroom") == "on"
+
+
+@BREAKAGES
+async def test_unwritable_store_blocks_an_approved_call(
+    workdir: Path, home: FakeHomeAssistant, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The approval's move to "executing" is the row that precedes execution: if it cannot be
+    # committed, the guardian's Allow executes nothing.
+    with trio.fail_after(CEILING):
+        async with running_gateway(workdir, home=home) as gw, raw_agent(gw) as agent:
+            await agent.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "tool_request",
+                    "params": {"tool": "ha_call_service", "args": LIGHT_ON},
+                }
+            )
+            card = (await gw.scripted.wait_for_card()).card
+            _break_the_store(monkeypatch, gw.gateway.store, how)
+            await gw.scripted.press(card.request_id, "allow")
+            reply = await agent.recv()
+            assert reply["error"]["code"] == -32004, reply
+            assert "nothing was executed" in reply["error"]["message"]
+            await gw.settled()
+            assert posts(home) == []
+            assert state(home, "light.bedroom") == "off"
+
+
+@pytest.mark.parametrize("lost", ["hang_up", "late"])
+async def test_a_call_whose_answer_is_lost_has_an_unknown_outcome(
+    workdir: Path, home: FakeHomeAssistant, lost: str
+) -> None:
+    # The home runs the call, then drops the connection (or answers after the gateway's
+    # deadline): it did run, so "failed" would be a lie that invites a retry.
+    with trio.fail_after(CEILING):
+        async with (
+            running_gateway(
+                workdir, home=home, ha_timeout=1, agent_policies={"laptop": ALLOW_LIGHTS}
+            ) as gw,
+            raw_agent(gw, "laptop") as laptop,
+        ):
+            if lost == "hang_up":
+                home.hang_up = True
+            else:
+                home.answer_delay = 3
+            reply = await laptop.tool("ha_call_service", **LIGHT_ON)
+            error = reply["error"]
+            assert error["code"] == -32004, reply
+            assert error["message"].startswith("outcome unknown: "), error
+            assert error["data"]["outcome"] == "unknown"
+            assert error["data"]["state_after"] == {"light.bedroom": "on"}
+            home.hang_up, home.answer_delay = False, 0
+            rows = await gw.gateway.store.audit_rows(agent="laptop")  # after the queued writes
+            assert [r.resolution for r in rows] == ["unknown"]
+            assert len(posts(home)) == 1  # never retried
             assert state(home, "light.bedroom") == "on"
 
 

@@ -20,7 +20,8 @@ async def test_home_assistant_down_at_start_warns_and_serves(
     home.down()
     with trio.fail_after(30), caplog.at_level(logging.WARNING, logger="agentgate"):
         async with running_gateway(workdir, home=home, ha_timeout=1) as gw, raw_agent(gw) as agent:
-            assert "Home Assistant health check" in caplog.text
+            assert "Home Assistant health check failed at http://" in caplog.text
+            assert caplog.text.count("health check") == 1  # said once
             reply = await agent.tool("ha_get_state", **READ)
             assert reply["error"]["code"] == -32004
             assert "unreachable" in reply["error"]["message"]

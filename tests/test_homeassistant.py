@@ -13,7 +13,8 @@ import trio
 import trio.testing
 from attrs import frozen
 
-from agentgate.errors import ExecutionFailed, InvalidParams
+from agentgate.config import ConfigError
+from agentgate.errors import ExecutionFailed, InvalidParams, OutcomeUnknown, error_from_wire
 from agentgate.services.homeassistant import TOOLS, HomeAssistant, open_homeassistant
 
 URL = "http://ha.test:8123"
@@ -318,8 +319,8 @@ async def test_health_ok(ha: HomeAssistant) -> None:
     ("response", "expected"),
     [
         (httpx.Response(200, json={"message": "Hello"}), "unexpectedly"),
-        (httpx.Response(401, text="401: Unauthorized"), "token"),
         (httpx.Response(200, text="<html>"), "not JSON"),
+        (httpx.Response(500, text="oops"), "500"),
     ],
 )
 async def test_health_warns(response: httpx.Response, expected: str) -> None:
@@ -329,6 +330,16 @@ async def test_health_warns(response: httpx.Response, expected: str) -> None:
         warning = await executor.check_health()
     assert warning is not None
     assert expected in warning
+
+
+async def test_health_with_a_refused_token_is_a_config_error() -> None:
+    async with open_homeassistant(
+        Settings(), transport=httpx.MockTransport(answering(httpx.Response(401, text="401")))
+    ) as executor:
+        with pytest.raises(ConfigError) as refused:
+            await executor.check_health()
+    assert str(refused.value).startswith("services.homeassistant.token: ")
+    assert TOKEN not in str(refused.value)
 
 
 async def test_health_unreachable() -> None:
@@ -511,3 +522,166 @@ async def test_an_entity_gone_since_it_was_read_is_still_not_found(
     args = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
     error = await failure(ha, "ha_call_service", args)
     assert error.message == "entity not found: light.bedroom"
+
+
+# ---- outcome unknown -------------------------------------------------------------------
+
+LIGHT_ON = {"domain": "light", "service": "turn_on", "entity_id": "light.bedroom"}
+
+
+class TracingTransport(httpx.AsyncBaseTransport):
+    """MockTransport, plus httpcore's "trace" events that say the request is going out (what
+    the real transport reports, and MockTransport does not)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._mock = httpx.MockTransport(handler)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        trace = request.extensions.get("trace")
+        if trace is not None:
+            await trace("http11.send_request_headers.started", {"request": request})
+        return await self._mock.handle_async_request(request)
+
+
+def posting(post: Handler) -> Handler:
+    """The scripted home, with ``post`` answering the service call."""
+    fake = FakeHA()
+
+    def handler(request: httpx.Request) -> httpx.Response | Awaitable[httpx.Response]:
+        if request.method == "POST":
+            fake.requests.append(request)
+            return post(request)
+        return fake(request)
+
+    handler.fake = fake  # type: ignore[attr-defined]
+    return handler
+
+
+async def call_failure(
+    handler: Handler, settings: Settings | None = None, *, tracing: bool = False
+) -> ExecutionFailed:
+    transport = TracingTransport(handler) if tracing else httpx.MockTransport(handler)
+    async with open_homeassistant(settings or Settings(), transport=transport) as executor:
+        with pytest.raises(ExecutionFailed) as info:
+            await executor.execute("ha_call_service", LIGHT_ON)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ReadTimeout("timed out"),
+        httpx.ReadError("reset"),
+        httpx.WriteError("broken pipe"),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_a_service_call_without_its_answer_has_an_unknown_outcome(
+    exc: httpx.TransportError,
+) -> None:
+    def lost(request: httpx.Request) -> httpx.Response:
+        exc.request = request
+        raise exc
+
+    handler = posting(lost)
+    error = await call_failure(handler)
+    assert isinstance(error, OutcomeUnknown)
+    assert error.code == -32004
+    assert error.message.startswith("outcome unknown: ")
+    assert "may have run and was not retried" in error.message
+    assert error.data["outcome"] == "unknown"
+    assert error.data["state_after"] == {"light.bedroom": "off"}  # read back afterwards
+    assert error.data["service"] == "homeassistant"
+    posts = [r for r in handler.fake.requests if r.method == "POST"]  # type: ignore[attr-defined]
+    assert len(posts) == 1  # never retried
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ConnectError("[Errno 111] Connection refused"),
+        httpx.ConnectTimeout("timed out"),
+        httpx.PoolTimeout("no connection"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_a_service_call_that_never_left_failed(exc: httpx.TransportError) -> None:
+    def refused(request: httpx.Request) -> httpx.Response:
+        exc.request = request
+        raise exc
+
+    error = await call_failure(posting(refused), tracing=True)
+    assert not isinstance(error, OutcomeUnknown)
+    assert "outcome" not in error.data
+
+
+async def test_a_read_without_its_answer_failed() -> None:
+    # A read changes nothing: it failed, whatever happened to it.
+    def lost(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    error = await failure_from(lost)
+    assert not isinstance(error, OutcomeUnknown)
+
+
+async def test_the_deadline_after_the_call_left_is_unknown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(3600)
+        return httpx.Response(200, json=[])
+
+    error = await call_failure(posting(hang), Settings(timeout=10), tracing=True)
+    assert isinstance(error, OutcomeUnknown)
+    assert "did not answer within 10 s after the call was sent" in error.message
+    assert error.data["state_after"] == {"light.bedroom": "off"}
+
+
+async def test_the_deadline_before_the_call_left_failed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow_check(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(3600)  # the existence check never answers: the POST never leaves
+        return httpx.Response(200, json={})
+
+    error = await call_failure(slow_check, Settings(timeout=10), tracing=True)
+    assert not isinstance(error, OutcomeUnknown)
+    assert error.message == "Home Assistant did not answer within 10 s"
+
+
+async def test_home_assistants_own_10_s_limit_is_an_unknown_outcome(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def cut_off(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(10)  # HA answers after 10 s whether or not the service finished
+        return httpx.Response(200, json=[])
+
+    error = await call_failure(posting(cut_off), Settings(timeout=30), tracing=True)
+    assert isinstance(error, OutcomeUnknown)
+    assert "stopped waiting for the service after 10 s" in error.message
+
+
+async def test_no_state_after_when_it_cannot_be_read() -> None:
+    fake = FakeHA()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            raise httpx.ReadTimeout("timed out", request=request)
+        if fake.requests:  # the existence check passes; the read-back does not
+            raise httpx.ConnectError("refused", request=request)
+        return fake(request)
+
+    error = await call_failure(handler)
+    assert isinstance(error, OutcomeUnknown)
+    assert "state_after" not in error.data
+
+
+def test_the_sdk_rebuilds_an_unknown_outcome_from_the_wire() -> None:
+    wire = OutcomeUnknown("outcome unknown: x", data={"state_after": {"a.b": "on"}}).to_wire()
+    assert wire["code"] == -32004
+    again = error_from_wire(wire)
+    assert isinstance(again, OutcomeUnknown)
+    assert isinstance(again, ExecutionFailed)  # old handlers still catch it
+    assert again.data == {"outcome": "unknown", "state_after": {"a.b": "on"}}
+    assert type(error_from_wire({"code": -32004, "message": "x"})) is ExecutionFailed

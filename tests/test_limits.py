@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentgate.limits import FailedAuthTracker, source_of
+from agentgate.limits import ConnectionLimits, FailedAuthTracker, OverLimit, Throttle, source_of
 
 
 class Clock:
@@ -61,3 +61,52 @@ def test_one_ipv6_host_cannot_rotate_addresses_within_its_64() -> None:
         attempt.failed()
     assert tracker.begin("2001:db8::99") is None
     assert tracker.begin("2001:db8:0:1::1") is not None  # the next /64 is someone else
+
+
+def test_connection_limits_count_each_socket_by_its_state() -> None:
+    limits = ConnectionLimits(4, 2, 1)
+    a, b = limits.admit("10.0.0.1"), limits.admit("10.0.0.1")
+    with pytest.raises(OverLimit, match="2 connections from 10\\.0\\.0\\.1 are not authenticated"):
+        limits.admit("10.0.0.1")
+    c = limits.admit("2001:db8::1")
+    assert limits.unauthenticated("2001:db8::2") == 1  # an IPv6 /64 is one source
+    assert a.authenticate("pi")
+    assert limits.unauthenticated("10.0.0.1") == 1
+    assert not b.authenticate("pi")  # pi holds its one connection: b stays unauthenticated
+    assert limits.unauthenticated("10.0.0.1") == 1
+    d = limits.admit("10.0.0.1")
+    assert limits.open == 4
+    with pytest.raises(OverLimit, match="holds 4 connections") as over:
+        limits.admit("10.0.0.9")
+    assert over.value.key == "max_connections 10.0.0.9"
+    a.leave_agent()
+    assert limits.of_agent("pi") == 0
+    assert b.authenticate("pi")
+    for ticket in (a, b, c, d, a, b):  # closing twice changes nothing
+        ticket.close()
+    assert (limits.open, limits.of_agent("pi"), limits.unauthenticated("10.0.0.1")) == (0, 0, 0)
+    assert not a.authenticate("pi")  # a closed ticket takes nothing
+
+
+def test_connection_limits_are_lowered_to_what_descriptors_allow() -> None:
+    limits = ConnectionLimits(256)
+    assert not limits.limit_to(1000)
+    assert limits.limit_to(100)
+    assert limits.max_connections == 100
+    assert limits.limit_to(-5)
+    assert limits.max_connections == 1
+
+
+def test_throttle_allows_one_per_window_per_key() -> None:
+    clock = Clock()
+    throttle = Throttle(60, clock=clock, max_keys=2)
+    assert throttle.allow("a")
+    assert not throttle.allow("a")
+    assert not throttle.allow("a")
+    assert throttle.allow("b")
+    assert throttle.take_suppressed("a") == 2
+    assert throttle.take_suppressed("a") == 0
+    clock.now = 60
+    assert throttle.allow("a")
+    assert throttle.allow("c")  # "b" is forgotten: at most two keys
+    assert throttle.allow("b")

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from trio.testing import wait_all_tasks_blocked
 from trio_websocket import WebSocketRequest, open_websocket_url
 
+from agentgate import listener
 from agentgate.listener import Listening, serve_websockets
 
 CEILING = 10
@@ -30,7 +32,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def _echo(request: WebSocketRequest, peer: str) -> None:
+async def _echo(request: WebSocketRequest, peer: str, ticket: object) -> None:
     assert peer == "127.0.0.1"
     ws = await request.accept()
     message = await ws.get_message()
@@ -81,7 +83,7 @@ async def test_a_peer_gone_before_its_upgrade_is_dropped_at_once(
     server_tls, _ = _contexts(ca)
     async with _server(server_tls if use_tls else None) as server:
         with trio.fail_after(CEILING):
-            await trio.sleep(0.1)
+            await wait_all_tasks_blocked()  # the server is up and idle: its sockets are open
             baseline = _open_fds()
             for _ in range(30):
                 stream = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -94,10 +96,11 @@ async def test_a_peer_gone_before_its_upgrade_is_dropped_at_once(
 async def test_a_silent_connection_still_waits_for_its_upgrade(ca: trustme.CA) -> None:
     async with _server(None) as server:
         with trio.fail_after(CEILING):
-            await trio.sleep(0.1)
+            await wait_all_tasks_blocked()  # the server is up and idle: its sockets are open
             baseline = _open_fds()
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            await trio.sleep(0.3)
+            # The server accepted it and did all it does at once: it now waits for the upgrade.
+            await wait_all_tasks_blocked()
             # Our end plus the server's end: a peer that is only slow is not dropped.
             assert _open_fds() >= baseline + 2
             await stream.aclose()
@@ -128,7 +131,7 @@ def _bad_request_then_reset(port: int) -> None:
 async def test_bad_requests_neither_end_the_listener_nor_hold_their_sockets() -> None:
     async with _server(None) as server:
         with trio.fail_after(CEILING):
-            await trio.sleep(0.1)
+            await wait_all_tasks_blocked()  # the server is up and idle: its sockets are open
             baseline = _open_fds()
             for _ in range(20):
                 await trio.to_thread.run_sync(_bad_request_then_reset, server.port)
@@ -138,3 +141,33 @@ async def test_bad_requests_neither_end_the_listener_nor_hold_their_sockets() ->
             async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
                 await ws.send_message("still here")
                 assert await ws.get_message() == "echo still here"
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux keepalive options")
+async def test_accepted_sockets_probe_a_silent_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    options: list[tuple[int, int, int, int]] = []
+    done = trio.Event()
+    keep_alive = listener._keep_alive
+
+    def record(stream: trio.abc.Stream) -> None:
+        keep_alive(stream)
+        assert isinstance(stream, trio.SocketStream)
+        options.append(
+            (
+                stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            )
+        )
+        done.set()
+
+    monkeypatch.setattr(listener, "_keep_alive", record)
+    async with _server(None) as server:
+        with trio.fail_after(CEILING):
+            client = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await done.wait()
+            await client.aclose()
+    (set_options,) = options
+    assert set_options[0] != 0
+    assert set_options[1:] == (60, 15, 4)  # a silent dead peer is found in about 2 minutes

@@ -128,6 +128,7 @@ class _NoDoor:
     """A reply handle of a front door that checks nothing itself (the pipeline must)."""
 
     agent = "pi"
+    via = "ws"
 
     def approval_pending(self, request_id: str, reply_to: Any, expires_at: float) -> None:
         pass
@@ -335,7 +336,7 @@ async def test_shutdown_cancels_what_is_still_asked(
     async with fast_gateway(tmp_path) as fg:
         ws = await authed(fg)
         await ask(fg, ws, 1)
-        await fg.gateway.shutdown()
+        await fg.gateway.shutdown(cancel_pending=True)  # decommissioning
         answer = await reply(ws)
         assert code(answer) == -32007
         (row,) = await rows(fg)

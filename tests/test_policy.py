@@ -1,4 +1,4 @@
-"""The policy engine: loading, precedence, explanations and lint (DESIGN §5)."""
+"""The policy engine: loading, precedence, explanations and lint (docs/policy.md)."""
 
 from __future__ import annotations
 
@@ -354,7 +354,8 @@ def test_lint_shadowed_default() -> None:
 
 def test_lint_typo_in_tool_name() -> None:
     assert lint('{pattern: "ha_get_stat(sensor.*)", action: allow}') == [
-        "p.yaml: rules[0] 'ha_get_stat(sensor.*)': no known tool is called 'ha_get_stat' (a typo?)"
+        "p.yaml: rules[0] 'ha_get_stat(sensor.*)': no known tool is called 'ha_get_stat'"
+        " (did you mean ha_get_state?)"
     ]
 
 
@@ -515,7 +516,7 @@ def test_an_evaluation_decided_by_its_full_signature_names_no_check() -> None:
         ("ha_get_state", {"entity_id": "sensor.phone_wifi_bssid"}, "deny"),
         ("ha_get_state", {"entity_id": "proximity.home"}, "ask"),
         ("ha_get_history", {"entity_id": "geo_location.quake_1"}, "ask"),
-        ("ha_get_state", {"entity_id": "sun.sun"}, "ask"),
+        ("ha_get_state", {"entity_id": "sun.sun"}, "allow"),  # the region, not the home
         ("ha_call_service", {"domain": "script", "service": "turn_on"}, "ask"),
         ("ha_call_service", {"domain": "shell_command", "service": "x"}, "ask"),
         ("ha_call_service", {"domain": "hassio", "service": "host_reboot"}, "deny"),

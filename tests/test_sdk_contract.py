@@ -9,8 +9,8 @@ Restarts: :class:`RealGateway` keeps one workdir (same CA, same ``gate.toml``, s
 file) and, after the first start on port 0, pins ``listen`` to the port it got, so a restarted
 gateway is at the same URL and the SDK can reconnect to it. ``restart(crash=True)`` stops it
 like ``kill -9`` as far as the store can tell (no shutdown sequence: pending approvals stay
-pending and resume after the restart, DESIGN §6); ``crash=False`` is a clean shutdown (pending
-approvals resolve as ``shutdown``, -32007, DESIGN §3).
+pending and resume after the restart); ``crash=False`` is a planned restart (the asker hears
+-32007 and pending approvals resume at the next start; docs/operations.md, "What survives what").
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class RealGateway:
         self._running = None
         if crash:
 
-            async def no_shutdown() -> None:
+            async def no_shutdown(**kw: Any) -> None:
                 pass
 
             running.gateway.shutdown = no_shutdown  # type: ignore[method-assign]  # fault injection
@@ -135,7 +135,9 @@ class RealGateway:
         await self.start()
 
     async def press(self, request_id: str, decision: str) -> str:
-        """Decide as the guardian; fail loudly if the gateway did not take the decision."""
+        """Decide as the guardian, once the card is shown; fail loudly if the gateway did not
+        take the decision."""
+        await self.guardian.card_of(request_id)
         answer = await self.guardian.press(request_id, decision)
         assert answer in ("approved", "denied"), answer
         return answer
@@ -191,6 +193,9 @@ class _TrioHome:
     async def restart_gateway(self) -> None:
         await self.gate.restart()
 
+    async def settled(self) -> None:
+        await self.gate.running.gateway.broker.idle()
+
 
 class _AsyncioHome:
     """The same, awaited from an asyncio loop in a worker thread (hops into the Trio thread)."""
@@ -208,6 +213,9 @@ class _AsyncioHome:
 
     async def restart_gateway(self) -> None:
         await self._trio(self.gate.restart)
+
+    async def settled(self) -> None:
+        await self._trio(self.gate.running.gateway.broker.idle)
 
 
 Case = Callable[[GwFactory, Any], Awaitable[None]]
@@ -253,7 +261,9 @@ async def test_contract_against_the_real_gateway(
 async def test_clean_restart_answers_shutdown_then_reconnects(
     library: str, gate: RealGateway
 ) -> None:
-    """A clean shutdown answers a waiting ask with -32007; the SDK reconnects to the new one."""
+    """A clean restart answers a waiting ask with -32007 but keeps it pending; the SDK
+    reconnects to the new gateway, where the guardian's Allow executes it and queues its
+    result."""
 
     async def case(gw_factory: GwFactory, home: Any) -> None:
         pending = PendingLog()
@@ -270,11 +280,17 @@ async def test_clean_restart_answers_shutdown_then_reconnects(
             )
             assert restart_error is None, restart_error
             assert isinstance(error, GatewayShuttingDown), error
-            assert error.data["request_id"] == pending.seen[0]["request_id"]
+            request_id = pending.seen[0]["request_id"]
+            assert error.data["request_id"] == request_id
+            assert error.data["pending"] is True  # its result will be queued
             # the next call waits for the reconnection and works against the new gateway
             data = await gw.call("ha_get_state", entity_id="sensor.living_room")
             assert data["entity_id"] == "sensor.living_room"
             assert await gw.pending_results() == []
+            await home.press(request_id, "allow")  # its card still works
+            await home.settled()
+            (entry,) = await gw.pending_results()
+            assert (entry["request_id"], entry["status"]) == (request_id, "executed")
 
     class TrioHome(_TrioHome):
         async def restart_cleanly(self) -> None:

@@ -12,6 +12,7 @@ under ``trio.fail_after`` ceilings; the 3 s approval timeout is the only wait th
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import trio
 
+from agentgate.guardian.telegram import SendLimits
 from agentgate.store import AuditEntry
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant
 from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram, run_fake_telegram
@@ -161,13 +163,29 @@ async def guardian_rows(gw: Harness, decision: str, *, count: int) -> list[Audit
 
 async def silently_audited(gw: Harness, decision: str, *, count: int) -> list[AuditEntry]:
     """Wait for guardian rows nothing else shows: a stranger's command gets no answer at all,
-    so there is no event to wait on but the row itself (the caller's ceiling bounds this)."""
-    while True:
-        rows = await gw.gateway.store.audit_rows(agent="-", decision=decision)
-        rows = [r for r in rows if r.kind == "guardian"]
-        if len(rows) >= count:
-            return rows
-        await trio.sleep(0.02)
+    so this watches the store's audit writes, each of which wakes it once committed (the
+    caller's ceiling bounds this)."""
+    store = gw.gateway.store
+    written = trio.Event()
+    audit = store.audit
+
+    async def watched(entry: AuditEntry, **kw: Any) -> int:
+        try:
+            return await audit(entry, **kw)
+        finally:
+            written.set()
+
+    store.audit = watched  # type: ignore[method-assign]  # a spy: the store has no write event
+    try:
+        while True:
+            rows = await store.audit_rows(agent="-", decision=decision)
+            rows = [r for r in rows if r.kind == "guardian"]
+            if len(rows) >= count:
+                return rows
+            await written.wait()
+            written = trio.Event()
+    finally:
+        del store.audit
 
 
 def posts(home: FakeHomeAssistant, path: str = KITCHEN_PATH) -> list[Any]:
@@ -217,6 +235,9 @@ async def test_allow_executes_and_the_card_says_so(
             done = await edited(tg, card, "Executed")
             assert done.text.startswith("✅ Executed by Alice (111)")
             assert "light.kitchen: on" in done.text
+            # The target says what it is after the call, not what it was when asked.
+            assert "Target: light.kitchen “Kitchen Light” — now: on" in done.text
+            assert "now: off" not in done.text
             assert done.buttons == []
             rows = await gw.gateway.store.audit_rows(agent="pi", decision="ask")
             assert [(r.request_id, r.resolution, r.resolved_by) for r in rows] == [
@@ -315,7 +336,11 @@ async def test_allow_for_an_hour_then_revoke(
             card = await card_of(tg, request_id)
             assert await press(tg, card, "grant") == "allowed for 1 h"
             assert (await agent.reply(1))["result"]["status"] == "executed"
-            await edited(tg, card, "Executed")
+            done = await edited(tg, card, "Executed")
+            # The card says the grant is active, and until when.
+            assert "⏱ Allowed for 1 h: the same request from pi runs without asking until " in (
+                done.text
+            )
             assert approval_cards(tg) == 1
 
             # The same signature again: executed at once, no card.
@@ -446,12 +471,14 @@ async def test_outage_fails_asks_closed_and_reads_go_on(
     with trio.fail_after(CEILING + 20):
         async with telegram_gateway(workdir, home, tg.base_url) as gw, agent_of(gw) as agent:
             tg.down()
-            with trio.fail_after(15):  # the bounded retry: ~10 s at most
-                request_id = await agent.ask(1, **KITCHEN_ON)
-                # The ask is being retried: reads are served meanwhile.
-                read = await agent.tool(2, "ha_get_state", **READ)
-                assert read["result"]["status"] == "executed"
-                error = (await agent.reply(1))["error"]
+            asked = trio.current_time()
+            request_id = await agent.ask(1, **KITCHEN_ON)
+            # The ask is being retried: reads are served meanwhile.
+            read = await agent.tool(2, "ha_get_state", **READ)
+            assert read["result"]["status"] == "executed"
+            error = (await agent.reply(1))["error"]
+            # Failed closed within the guardian's send budget (its attempts are cut at it).
+            assert trio.current_time() - asked <= SendLimits().budget
             assert error["code"] == -32004
             assert error["message"].startswith("guardian unreachable")
             assert error["data"]["request_id"] == request_id
@@ -493,3 +520,52 @@ async def test_telegram_unreachable_at_start_up(workdir: Path, home: FakeHomeAss
                 assert await press(tg, card, "allow") == "approved"
                 assert (await agent.reply(3))["result"]["status"] == "executed"
     assert len(posts(home)) == 1
+
+
+async def test_a_token_refused_after_start_up_is_retried_not_fatal(
+    workdir: Path, home: FakeHomeAssistant, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the first start treats a refused token as a configuration error; later (here:
+    Telegram unreachable at first, then refusing the token, then fine) it is an outage."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}/bot"
+    with trio.fail_after(CEILING + 20), caplog.at_level(logging.INFO, logger="agentgate"):
+        async with (
+            telegram_gateway(workdir, home, base_url) as gw,
+            agent_of(gw) as agent,
+            run_fake_telegram(token=TOKEN, chat_id=CHAT, port=port) as tg,
+        ):
+            tg.fail("getMe", 401, "Unauthorized")
+            await tg.wait_for(lambda: tg.calls_to("getMe") or None)
+            await agent.ask(1, **KITCHEN_ON)
+            error = (await agent.reply(1))["error"]
+            assert error["code"] == -32004  # asks fail closed meanwhile
+            assert error["message"].startswith("guardian unreachable")
+            read = await agent.tool(2, "ha_get_state", **READ)
+            assert read["result"]["status"] == "executed"
+            tg.heal()
+            await tg.wait_for(lambda: tg.calls_to("getUpdates") or None)  # running again
+            request_id = await agent.ask(3, **KITCHEN_ON)
+            card = await card_of(tg, request_id)
+            assert await press(tg, card, "allow") == "approved"
+            assert (await agent.reply(3))["result"]["status"] == "executed"
+    refused = [
+        r
+        for r in caplog.records
+        if "refused the bot token" in r.getMessage() and r.levelname == "ERROR"
+    ]
+    assert len(refused) == 1, [r.getMessage() for r in refused]  # once, not at every attempt
+    assert "guardian.telegram.token" in refused[0].getMessage()
+    assert any("Telegram guardian running again" in r.getMessage() for r in caplog.records)
+
+
+async def test_delete_webhook_failing_at_start_up_does_not_stop_the_gateway(
+    workdir: Path, home: FakeHomeAssistant, tg: FakeTelegram
+) -> None:
+    tg.fail_next("deleteWebhook", 502, "Bad Gateway")  # exit 1 before (start_polling raised)
+    with trio.fail_after(CEILING):
+        async with telegram_gateway(workdir, home, tg.base_url) as gw, agent_of(gw) as agent:
+            request_id = await agent.ask(1, **KITCHEN_ON)
+            card = await card_of(tg, request_id)
+            assert await press(tg, card, "allow") == "approved"
+            assert (await agent.reply(1))["result"]["status"] == "executed"

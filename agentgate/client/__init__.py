@@ -17,12 +17,16 @@ Errors (all :class:`AgentgateError` with ``.code``, ``.message``, ``.data``)::
     ├── ApprovalTimedOut        -32002
     ├── DeniedByPolicy          -32003   .data["signature"], .data["request_id"]
     ├── ExecutionFailed         -32004
+    │   └── OutcomeUnknown               sent, no answer: it may have run (.data["state_after"])
     ├── AuthenticationFailed    -32005   never retried
     ├── RateLimited             -32006
     ├── GatewayShuttingDown     -32007
     └── ConnectionLost                   the socket went away (see docs/sdk.md)
 
 No exception group ever escapes ``connect()`` or a call. See ``docs/sdk.md``.
+
+Imports: client._base, client._core, errors; client._trio or client._asyncio when ``connect``
+knows which library runs it. Nothing of the gateway: the SDK runs on the agent's device.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from agentgate.errors import (
     InvalidParams,
     InvalidRequest,
     MethodNotFound,
+    OutcomeUnknown,
     ParseError,
     RateLimited,
 )
@@ -69,6 +74,7 @@ __all__ = [
     "InvalidParams",
     "InvalidRequest",
     "MethodNotFound",
+    "OutcomeUnknown",
     "ParseError",
     "PendingHook",
     "RateLimited",
@@ -88,6 +94,8 @@ async def connect(
     backoff: Backoff = Backoff(),  # noqa: B008 - frozen, immutable
     handshake_timeout: float = 10.0,
     rng: random.Random | None = None,
+    collect: bool = True,
+    client: str | None = None,
 ) -> AsyncIterator[Gateway]:
     """Connect to a gateway, authenticate, and yield a :class:`Gateway`.
 
@@ -103,6 +111,16 @@ async def connect(
       ``{"rpc_id", "request_id", "expires_at"}`` when a call waits for the guardian.
     - ``handshake_timeout``: seconds for TCP + TLS + WebSocket + ``auth`` (the only timeout
       the SDK sets by itself).
+    - ``collect``: collect queued results in the background, after each (re)connect and on
+      every ``results_pending``, so ``pending_results()`` has them at once. ``False`` leaves
+      them on the gateway until ``pending_results()`` asks (``results_waiting`` says how many
+      the gateway announced); ``agentgate call`` works this way.
+
+    Queued results are delivered in acknowledged mode: the gateway keeps each one until the
+    SDK has handed it to the program, and the SDK drops duplicates, so a program sees each
+    result once (see ``Gateway.pending_results``).
+    - ``client``: sent as ``auth``'s optional ``client`` member; ``"mcp-stdio"`` (agentgate's
+      MCP bridge) makes the audit log and the card say the request came through MCP.
 
     Raises ``AuthenticationFailed`` (bad token) or ``ConnectionLost`` (unreachable, TLS
     failure, handshake too slow) if the first connection fails; ``ValueError`` for a bad URL.
@@ -118,6 +136,8 @@ async def connect(
         backoff=backoff,
         handshake_timeout=handshake_timeout,
         rng=rng or random.Random(),
+        collect=collect,
+        client=client,
     )
     library = sniffio.current_async_library()
     if library == "trio":

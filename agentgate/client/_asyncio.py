@@ -2,6 +2,8 @@
 
 One reader task per connection, writes serialized by a lock (``write()`` is synchronous, so
 frames never interleave; the lock only orders ``drain()``).
+
+Imports: client._base, client._core, client._diagnose, errors.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from wsproto.events import (
     Message,
     Ping,
     RejectConnection,
+    RejectData,
     Request,
     TextMessage,
 )
 from wsproto.utilities import ProtocolError
 
-from agentgate.client._base import Gateway, Options, Target, logger
+from agentgate.client._base import Gateway, Options, PendingHook, Target, logger
 from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, is_fatal
+from agentgate.client._diagnose import diagnose
 from agentgate.errors import AgentgateError, ConnectionLost
 
 _CLOSE_GRACE = 2.0
@@ -68,8 +72,15 @@ class _Socket:
                     if isinstance(event, AcceptConnection):
                         return sock
                     if isinstance(event, RejectConnection):
+                        body = b""
+                        while event.has_body:  # up to RejectData(body_finished)
+                            found = [e for e in await sock._events() if isinstance(e, RejectData)]
+                            body += b"".join(e.data for e in found)
+                            if any(e.body_finished for e in found) or len(body) > 4096:
+                                break
                         raise ConnectionLost(
-                            f"the gateway rejected the WebSocket: {event.status_code}"
+                            f"the gateway rejected the WebSocket: {event.status_code}",
+                            data={"status": event.status_code, "body": body.decode("replace")},
                         )
         except BaseException:
             sock.abort()
@@ -150,14 +161,16 @@ class AsyncioGateway(Gateway):
     def connected(self) -> bool:
         return self._sock is not None
 
-    async def _rpc(self, method: str, params: dict[str, Any] | None) -> Any:
+    async def _rpc(
+        self, method: str, params: dict[str, Any] | None, on_pending: PendingHook | None = None
+    ) -> Any:
         while self._sock is None:
             if self._fatal is not None:
                 raise type(self._fatal)(self._fatal.message, data=self._fatal.data)
             await self._changed.wait()
         sock = self._sock
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        rpc_id, text = self._core.begin(method, params, future)
+        rpc_id, text = self._core.begin(method, params, future, on_pending)
         try:
             # On failure the reader notices the broken socket and fails this call.
             with contextlib.suppress(_Closed, OSError):
@@ -199,8 +212,18 @@ class AsyncioGateway(Gateway):
                     await sock.close(1000)
                     raise
                 return sock
-        except (OSError, TimeoutError, _Closed, ProtocolError) as exc:
-            raise ConnectionLost(f"cannot reach the gateway at {target.url}: {exc!r}") from exc
+        except (OSError, TimeoutError, _Closed, ProtocolError, ConnectionLost) as exc:
+            if isinstance(exc, _Closed):
+                exc = ConnectionLost(str(exc), data={"reason": "closed"})
+            raise await diagnose(
+                exc,
+                url=target.url,
+                host=target.host,
+                port=target.port,
+                secure=target.ssl_context is not None,
+                within=self._options.handshake_timeout,
+                run_sync=asyncio.to_thread,
+            ) from exc
 
     async def supervise(self, sock: _Socket) -> None:
         """Serve ``sock``; then reconnect with backoff until cancelled or refused."""
@@ -237,7 +260,7 @@ class AsyncioGateway(Gateway):
         self._changed.set()
         self._changed = asyncio.Event()
         logger.info("connected to %s as %r", self._options.target.url, self.agent)
-        self._request_collection()
+        self._connected()
         try:
             while True:
                 try:
@@ -265,7 +288,11 @@ class AsyncioGateway(Gateway):
             await sock.close()
 
     async def aclose(self) -> None:
-        """Stop reconnecting, close the socket, cancel callbacks (bounded)."""
+        """Acknowledge what was handed out, stop reconnecting, close the socket, cancel
+        callbacks (bounded)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_GRACE):
+                await self._flush_acknowledgements()
         self._finish(ConnectionLost("the client is closed"))
         tasks = [t for t in (self._supervisor, *self._tasks) if t is not None]
         for task in tasks:

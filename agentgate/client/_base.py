@@ -1,4 +1,7 @@
-"""What both transports share: options, URL/TLS set-up and the user-facing ``Gateway`` methods."""
+"""What both transports share: options, URL/TLS set-up and the user-facing ``Gateway`` methods.
+
+Imports: client._core, errors.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +28,7 @@ from agentgate.client._core import (
     tool_result,
     tools_list,
 )
-from agentgate.errors import AgentgateError, ConnectionLost
+from agentgate.errors import AgentgateError, ConnectionLost, InternalError
 
 logger = logging.getLogger("agentgate.client")
 
@@ -88,6 +91,8 @@ class Options:
     backoff: Backoff
     handshake_timeout: float
     rng: random.Random = field(factory=random.Random)
+    collect: bool = True
+    client: str | None = None  # auth's "client" member: which program speaks for the agent
 
 
 class Gateway:
@@ -106,6 +111,8 @@ class Gateway:
         self._core: ClientCore[Any] = ClientCore()
         self._collect_lock = collect_lock
         self._collect_queued = False
+        self._acks_queued = False
+        self._results_waiting = 0
         self.agent = ""
 
     # -- public API -----------------------------------------------------------------------
@@ -128,29 +135,86 @@ class Gateway:
         result = await self.request(tool, args)
         return result["data"]
 
-    async def request(self, tool: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Like :meth:`call` but return the whole result: ``{"status", "request_id", "data"}``."""
-        reply = await self._rpc("tool_request", {"tool": tool, "args": dict(args or {})})
+    async def request(
+        self,
+        tool: str,
+        args: dict[str, Any] | None = None,
+        *,
+        on_pending: PendingHook | None = None,
+    ) -> dict[str, Any]:
+        """Like :meth:`call` but return the whole result: ``{"status", "request_id", "data"}``.
+
+        ``on_pending`` (sync or async) is called with this call's ``approval_pending`` params
+        ``{"rpc_id", "request_id", "expires_at"}`` if it waits for the guardian (as well as
+        ``connect(on_pending=...)``).
+        """
+        params = {"tool": tool, "args": dict(args or {})}
+        reply = await self._rpc("tool_request", params, on_pending)
         return tool_result(reply)
+
+    async def get_result(self, request_id: str, *, wait: float = 0) -> dict[str, Any]:
+        """The outcome of one of this agent's requests that waited for the guardian.
+
+        Returns its queued-result entry ``{"request_id", "rpc_id", "tool", "signature",
+        "status", "data" | "error"}`` (reading it delivers it: it leaves the queue, and asking
+        again returns the same entry), or ``{"status": "pending", "request_id", "expires_at"}``
+        if it is still undecided after ``wait`` seconds (the gateway caps a wait at 300 s).
+        Raises ``InvalidParams`` for an unknown id or another agent's. Nothing executes.
+        """
+        reply = await self._rpc("get_result", {"request_id": request_id, "wait": wait})
+        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
+            raise InternalError(f"the gateway sent a malformed get_result reply: {reply!r}")
+        return reply
 
     async def list_tools(self) -> list[dict[str, Any]]:
         """The tools this gateway offers: ``[{"name", "description", "args": <JSON Schema>}]``."""
         return tools_list(await self._rpc("list_tools", None))
 
-    async def pending_results(self) -> list[dict[str, Any]]:
+    @property
+    def results_waiting(self) -> int:
+        """How many queued results the gateway last said wait for this agent (its latest
+        ``results_pending`` notification; 0 until it sends one). Useful with
+        ``connect(collect=False)``, which leaves them on the gateway."""
+        return self._results_waiting
+
+    async def pending_results(self, *, acknowledge: bool = True) -> list[dict[str, Any]]:
         """Queued results: those collected automatically so far plus freshly fetched ones.
 
         Each entry is ``{"request_id", "rpc_id", "tool", "signature", "status", "data" |
-        "error"}`` and is returned once. If fetching fails (e.g. ``ConnectionLost``) the
-        exception is raised and the buffered entries stay for the next call.
+        "error"}`` and is returned once in this ``connect()`` session, whatever the
+        connection does. The gateway keeps each result until the SDK acknowledges it, which
+        it does right after handing it out here (``acknowledge=True``). With
+        ``acknowledge=False`` the results stay on the gateway until you call
+        :meth:`acknowledge` (say, once you have stored them): if your program stops before,
+        the next session gets them again.
+
+        If fetching fails (e.g. ``ConnectionLost``) the exception is raised and the buffered
+        entries stay for the next call.
         """
         async with self._collect_lock:
             await self._rpc("get_pending_results", None)
-        return self._core.take_results()
+        taken = self._core.take_results(acknowledge=acknowledge)
+        if acknowledge and taken:
+            self._acknowledge_soon()
+        return taken
+
+    async def acknowledge(self, results: Iterable[dict[str, Any] | str]) -> None:
+        """Tell the gateway these results (entries or their ``request_id``) are in your hands;
+        it drops them from the agent's queue. For results taken with
+        ``pending_results(acknowledge=False)``; acknowledging twice, or an id the gateway does
+        not hold, is harmless.
+
+        Raises ``ConnectionLost`` if the gateway could not confirm it now; the SDK then
+        acknowledges them with its next collection (on this connection or the next).
+        """
+        self._core.acknowledge(r.get("request_id") if isinstance(r, dict) else r for r in results)
+        await self._send_acks()
 
     # -- shared machinery -----------------------------------------------------------------
 
-    async def _rpc(self, method: str, params: dict[str, Any] | None) -> Any:
+    async def _rpc(
+        self, method: str, params: dict[str, Any] | None, on_pending: PendingHook | None = None
+    ) -> Any:
         raise NotImplementedError
 
     def _spawn(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
@@ -165,7 +229,10 @@ class Gateway:
         receive: Callable[[], Awaitable[str | bytes]],
     ) -> str:
         """Send ``auth`` and wait for its answer (dispatching anything else); the agent name."""
-        rpc_id, text = self._core.begin("auth", {"token": self._options.token}, None)
+        auth: dict[str, Any] = {"token": self._options.token}
+        if self._options.client is not None:
+            auth["client"] = self._options.client
+        rpc_id, text = self._core.begin("auth", auth, None)
         try:
             await send(text)
             while True:
@@ -186,17 +253,64 @@ class Gateway:
         elif isinstance(event, ApprovalPending):
             logger.info("approval pending: %s", event.params)
             if self._options.on_pending is not None:
-                self._spawn(self._run_hook, event.params)
+                self._spawn(self._run_hook, self._options.on_pending, event.params)
+            if event.hook is not None:
+                self._spawn(self._run_hook, event.hook, event.params)
         elif isinstance(event, ResultsPending):
-            self._request_collection()
+            self._results_waiting = event.count
+            if self._options.collect:
+                self._request_collection()
         else:
             logger.debug("ignored: %s", event.reason)
+
+    def _connected(self) -> None:
+        """A (re)connection is authenticated: collect what waits, acknowledge what was handed."""
+        if self._options.collect:
+            self._request_collection()
+        elif self._core.unacknowledged:
+            self._acknowledge_soon()
 
     def _request_collection(self) -> None:
         """Collect queued results in the background (coalesced: one waiting collector)."""
         if not self._collect_queued:
             self._collect_queued = True
             self._spawn(self._collect_quietly)
+
+    def _acknowledge_soon(self) -> None:
+        """Send pending acknowledgements in the background (coalesced)."""
+        if not self._acks_queued:
+            self._acks_queued = True
+            self._spawn(self._acknowledge_quietly)
+
+    async def _acknowledge_quietly(self) -> None:
+        self._acks_queued = False
+        try:
+            await self._send_acks()
+        except ConnectionLost as exc:
+            logger.debug("acknowledgements wait for the next connection: %s", exc)
+        except AgentgateError as exc:
+            logger.warning("could not acknowledge queued results: %s", exc)
+
+    async def _send_acks(self) -> None:
+        """Collections until the gateway has confirmed every acknowledgement (each carries
+        up to ``MAX_ACK``; what they list is buffered, duplicates dropped)."""
+        async with self._collect_lock:
+            while self._core.unacknowledged:  # each answered collection confirms some
+                await self._rpc("get_pending_results", None)
+
+    async def _flush_acknowledgements(self) -> None:
+        """On leaving ``connect()``: acknowledge what was handed out, if connected (the
+        transport bounds this)."""
+        if self._core.unacknowledged and self.connected:
+            try:
+                await self._send_acks()
+            except AgentgateError as exc:
+                logger.warning(
+                    "%d queued result(s) handed out but not acknowledged (%s): the gateway"
+                    " will hand them out again",
+                    self._core.unacknowledged,
+                    exc,
+                )
 
     async def _collect_quietly(self) -> None:
         try:
@@ -209,9 +323,7 @@ class Gateway:
         except AgentgateError as exc:
             logger.warning("could not collect queued results: %s", exc)
 
-    async def _run_hook(self, params: dict[str, Any]) -> None:
-        hook = self._options.on_pending
-        assert hook is not None
+    async def _run_hook(self, hook: PendingHook, params: dict[str, Any]) -> None:
         try:
             outcome = hook(params)
             if inspect.isawaitable(outcome):

@@ -8,17 +8,23 @@ gateway that does not depend on how bytes move:
 * correlation of replies to the calls waiting for them (a transport hands in an opaque
   *waiter* and gets it back in a :class:`Completed` event);
 * decoding of the gateway's notifications (:class:`ApprovalPending`, :class:`ResultsPending`);
-* the buffer of queued results (any ``get_pending_results`` reply is stored here, even when
-  the call that asked was cancelled, because the gateway hands each result out only once);
+* acknowledged delivery of queued results: every ``get_pending_results`` carries ``ack`` (the
+  results already handed to the program, so the gateway drops them), any reply is buffered
+  (even when the call that asked was cancelled), and an entry whose ``request_id`` was
+  already collected is dropped, so the program sees each result once whatever the connection
+  does (see :meth:`ClientCore.take_results`);
 * the reconnect policy (:class:`Backoff`, :func:`is_fatal`).
 
 Transports drive it: ``begin()`` → send the text; every received frame → ``receive()``;
 connection gone → ``lose_all()``; caller cancelled → ``abandon()``.
+
+Imports: errors, protocol (the sans-io JSON-RPC core the gateway speaks too).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
 from attrs import define, field, frozen, validators
@@ -28,8 +34,17 @@ from agentgate.errors import (
     AuthenticationFailed,
     ConnectionLost,
     InternalError,
+    InvalidParams,
 )
-from agentgate.protocol import ErrorResponse, Notification, Response, encode_request, parse_reply
+from agentgate.protocol import (
+    MAX_ACK,
+    MAX_REQUEST_ID_CHARS,
+    ErrorResponse,
+    Notification,
+    Response,
+    encode_request,
+    parse_reply,
+)
 
 W = TypeVar("W")
 
@@ -52,9 +67,11 @@ class Completed(Generic[W]):
 
 @frozen
 class ApprovalPending:
-    """``approval_pending``: one of our calls waits for the guardian."""
+    """``approval_pending``: one of our calls waits for the guardian (``hook``: that call's
+    own ``on_pending``, if it has one)."""
 
     params: dict[str, Any]
+    hook: Any = None
 
 
 @frozen
@@ -115,6 +132,8 @@ class _Call(Generic[W]):
     method: str
     waiter: W | None
     request_id: str | None = None
+    acks: tuple[str, ...] = ()  # what a collection acknowledges
+    on_pending: Any = None
 
 
 @define
@@ -123,18 +142,34 @@ class ClientCore(Generic[W]):
 
     _next_id: int = 1
     _calls: dict[int, _Call[W]] = field(factory=dict)
-    _results: list[dict[str, Any]] = field(factory=list)
+    _results: list[dict[str, Any]] = field(factory=list)  # collected, not yet handed out
+    # request ids collected in this session (buffered or handed out): a later listing of one
+    # of them is a duplicate
+    _seen: set[str] = field(factory=set)
+    # handed to the program and not yet acknowledged to the gateway (an ordered set)
+    _unacked: dict[str, None] = field(factory=dict)
+    # acknowledged (the gateway said so) but maybe still in a reply already on its way
+    _confirmed: set[str] = field(factory=set)
 
     # -- outgoing -------------------------------------------------------------------------
 
     def begin(
-        self, method: str, params: dict[str, Any] | None, waiter: W | None
+        self, method: str, params: dict[str, Any] | None, waiter: W | None, on_pending: Any = None
     ) -> tuple[int, str]:
-        """Register a call; return its id and the text frame to send."""
+        """Register a call; return its id and the text frame to send. ``on_pending`` rides
+        along with this call's ``approval_pending`` event.
+
+        A ``get_pending_results`` always goes out in acknowledged mode, carrying the results
+        handed to the program since the last confirmed acknowledgement (``params`` is ignored).
+        """
         rpc_id = self._next_id
         self._next_id += 1
+        acks: tuple[str, ...] = ()
+        if method == _COLLECT_METHOD:
+            acks = tuple(self._unacked)[:MAX_ACK]
+            params = {"ack": list(acks)}
         text = encode_request(rpc_id, method, params)
-        self._calls[rpc_id] = _Call(method, waiter)
+        self._calls[rpc_id] = _Call(method, waiter, acks=acks, on_pending=on_pending)
         return rpc_id, text
 
     def abandon(self, rpc_id: int) -> None:
@@ -177,6 +212,11 @@ class ClientCore(Generic[W]):
             return Ignored(f"reply to unknown or cancelled call {rpc_id!r}")
         assert isinstance(rpc_id, int)
         if isinstance(message, ErrorResponse):
+            if call.method == _COLLECT_METHOD and isinstance(message.error, InvalidParams):
+                # The gateway refuses these acknowledgements themselves: sending them again
+                # would fail every collection. Give them up (their results may come again).
+                for request_id in call.acks:
+                    self._unacked.pop(request_id, None)
             return Completed(call.waiter, rpc_id, call.method, error=message.error)
         assert isinstance(message, Response)
         if call.method == _COLLECT_METHOD:
@@ -184,6 +224,7 @@ class ClientCore(Generic[W]):
                 count = self.store_results(message.result)
             except InternalError as exc:
                 return Completed(call.waiter, rpc_id, call.method, error=exc)
+            self._acknowledged(call.acks)
             return Completed(call.waiter, rpc_id, call.method, result=count)
         return Completed(call.waiter, rpc_id, call.method, result=message.result)
 
@@ -195,7 +236,7 @@ class ClientCore(Generic[W]):
             call = self._calls.get(rpc_id) if isinstance(rpc_id, int) else None
             if call is not None and isinstance(request_id, str):
                 call.request_id = request_id
-            return ApprovalPending(dict(params))
+            return ApprovalPending(dict(params), call.on_pending if call is not None else None)
         if message.method == "results_pending":
             count = params.get("count")
             valid = isinstance(count, int) and not isinstance(count, bool)
@@ -223,22 +264,64 @@ class ClientCore(Generic[W]):
     # -- results ----------------------------------------------------------------------------
 
     def store_results(self, result: Any) -> int:
-        """Buffer the entries of a ``get_pending_results`` result; return how many."""
+        """Buffer the new entries of a ``get_pending_results`` result; return how many.
+
+        An entry whose ``request_id`` was collected before in this session (still buffered,
+        or handed out and not yet acknowledged) is a duplicate and is dropped.
+        """
         entries = result.get("results") if isinstance(result, dict) else None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise InternalError("the gateway sent a malformed get_pending_results reply")
-        self._results.extend(entries)
-        return len(entries)
+        new = 0
+        for entry in entries:
+            request_id = entry.get("request_id")
+            if isinstance(request_id, str):
+                if request_id in self._seen:
+                    continue
+                self._seen.add(request_id)
+            self._results.append(entry)
+            new += 1
+        return new
 
-    def take_results(self) -> list[dict[str, Any]]:
-        """Hand out (and forget) every buffered queued result."""
+    def take_results(self, *, acknowledge: bool = True) -> list[dict[str, Any]]:
+        """Hand out (and forget) every buffered queued result.
+
+        ``acknowledge``: the next collection tells the gateway they were handed out (the
+        caller sends one soon); False leaves that to :meth:`acknowledge` (the program first
+        stores them somewhere, then acknowledges).
+        """
         taken, self._results = self._results, []
+        if acknowledge:
+            self.acknowledge(e.get("request_id") for e in taken)
         return taken
+
+    def acknowledge(self, request_ids: Iterable[object]) -> None:
+        """Acknowledge these results with the next collection (request ids only: strings the
+        gateway could have made; anything else names no result and is skipped)."""
+        for request_id in request_ids:
+            if isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
+                self._unacked[request_id] = None
+
+    def _acknowledged(self, acks: tuple[str, ...]) -> None:
+        """The gateway confirmed ``acks``: it will never list them again."""
+        for request_id in acks:
+            self._unacked.pop(request_id, None)
+        self._confirmed.update(acks)
+        if not any(call.method == _COLLECT_METHOD for call in self._calls.values()):
+            # No reply listed before those acknowledgements can still arrive: they cannot
+            # come back, so they need not be remembered.
+            self._seen -= self._confirmed
+            self._confirmed.clear()
 
     @property
     def buffered(self) -> int:
         """Number of queued results collected and not yet handed out."""
         return len(self._results)
+
+    @property
+    def unacknowledged(self) -> int:
+        """Results handed to the program whose acknowledgement the gateway has not confirmed."""
+        return len(self._unacked)
 
 
 # -- result shapes ---------------------------------------------------------------------------

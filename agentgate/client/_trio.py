@@ -1,17 +1,22 @@
-"""Trio transport: trio-websocket, one reader task, one writer task draining an outbox."""
+"""Trio transport: trio-websocket, one reader task, one writer task draining an outbox.
+
+Imports: client._base, client._core, client._diagnose, client._groups, errors.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import Any, cast
 
 import trio
 import trio_websocket
 
-from agentgate.client._base import Gateway, Options, Target, logger
+from agentgate.client._base import Gateway, Options, PendingHook, Target, logger
 from agentgate.client._core import MAX_MESSAGE_BYTES, Completed, is_fatal
+from agentgate.client._diagnose import diagnose
 from agentgate.client._groups import collapse_groups
 from agentgate.errors import AgentgateError, ConnectionLost
 
@@ -43,6 +48,66 @@ def _map_transport_errors(url: str) -> Iterator[None]:
         trio_websocket.ConnectionClosed,
     ) as exc:
         raise ConnectionLost(f"cannot reach the gateway at {url}: {exc!r}") from exc
+
+
+class _Ended(trio.abc.Stream):
+    """A stream that says when its peer is gone: the WebSocket upgrade must not wait for an
+    answer that cannot come (trio-websocket's client would wait the whole handshake timeout)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.ended = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except BaseException:
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _upgrade(
+    nursery: trio.Nursery, stream: _Ended, target: Target
+) -> trio_websocket.WebSocketConnection:
+    """The WebSocket upgrade, or ConnectionLost as soon as the gateway hangs up instead."""
+    ws: trio_websocket.WebSocketConnection | None = None
+    async with trio.open_nursery() as race:
+
+        async def upgrade() -> None:
+            nonlocal ws
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                stream,  # type: ignore[arg-type]
+                target.host_header,
+                target.resource,
+                max_message_size=MAX_MESSAGE_BYTES,
+            )
+            race.cancel_scope.cancel()
+
+        async def hang_up() -> None:
+            await stream.ended.wait()
+            race.cancel_scope.cancel()
+
+        race.start_soon(upgrade)
+        race.start_soon(hang_up)
+    if ws is None:
+        raise ConnectionLost(
+            "the gateway closed the connection before the WebSocket upgrade",
+            data={"reason": "closed"},
+        )
+    return ws
 
 
 async def _open_stream(target: Target) -> trio.abc.Stream:
@@ -78,13 +143,15 @@ class TrioGateway(Gateway):
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def _rpc(self, method: str, params: dict[str, Any] | None) -> Any:
+    async def _rpc(
+        self, method: str, params: dict[str, Any] | None, on_pending: PendingHook | None = None
+    ) -> Any:
         while self._outbox is None:
             if self._fatal is not None:
                 raise type(self._fatal)(self._fatal.message, data=self._fatal.data)
             await self._changed.wait()
         slot = _Slot()
-        rpc_id, text = self._core.begin(method, params, slot)
+        rpc_id, text = self._core.begin(method, params, slot, on_pending)
         try:
             # Unbounded outbox: never blocks, so a cancelled caller cannot tear a frame in
             # half; the writer task owns the socket.
@@ -119,7 +186,10 @@ class TrioGateway(Gateway):
         self._changed.set()
 
     async def aclose(self) -> None:
-        """Stop reconnecting and close the connection politely (bounded, shielded)."""
+        """Acknowledge what was handed out, stop reconnecting and close the connection
+        politely (bounded, shielded)."""
+        with trio.move_on_after(_CLOSE_GRACE, shield=True):
+            await self._flush_acknowledgements()
         self._finish(ConnectionLost("the client is closed"))
         if self._ws is not None:
             # while the reader still runs, so the close handshake can complete
@@ -176,13 +246,7 @@ class TrioGateway(Gateway):
                                 # We own the stream (not connect_websocket_url) so that a
                                 # failed handshake cannot leak the socket.
                                 stream = await _open_stream(target)
-                                ws = await trio_websocket.wrap_client_stream(
-                                    nursery,
-                                    stream,  # type: ignore[arg-type]
-                                    target.host_header,
-                                    target.resource,
-                                    max_message_size=MAX_MESSAGE_BYTES,
-                                )
+                                ws = await _upgrade(nursery, _Ended(stream), target)
                                 self.agent = await self._handshake(ws.send_message, ws.get_message)
                         outbox, inbox = trio.open_memory_channel[str](math.inf)
                         nursery.start_soon(self._writer, ws, inbox)
@@ -192,7 +256,7 @@ class TrioGateway(Gateway):
                         serving = True
                         task_status.started()
                         logger.info("connected to %s as %r", target.url, self.agent)
-                        self._request_collection()
+                        self._connected()
                         await self._reader(ws)
                     finally:
                         if self._outbox is not None:
@@ -205,10 +269,22 @@ class TrioGateway(Gateway):
                             if stream is not None:
                                 await trio.aclose_forcefully(stream)
                         nursery.cancel_scope.cancel()
-        except Exception:
-            if not serving:
+        except Exception as exc:
+            if serving:
+                logger.exception("connection ended with an unexpected error")
+                return
+            explained = await diagnose(
+                exc,
+                url=target.url,
+                host=target.host,
+                port=target.port,
+                secure=target.ssl_context is not None,
+                within=self._options.handshake_timeout,
+                run_sync=partial(trio.to_thread.run_sync, abandon_on_cancel=True),
+            )
+            if explained is exc:
                 raise
-            logger.exception("connection ended with an unexpected error")
+            raise explained from exc
 
     async def _reader(self, ws: trio_websocket.WebSocketConnection) -> None:
         while True:

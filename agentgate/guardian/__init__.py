@@ -26,6 +26,16 @@ class GuardianUnavailable(ExecutionFailed):
     default_message = "guardian unreachable"
 
 
+class GuardianRefused(GuardianUnavailable):
+    """The guardian's service refused the gateway's configuration: a token it does not accept,
+    a chat it cannot post to. ``key`` is the configuration key to fix (at start-up this stops
+    the gateway; later it is retried, as any outage)."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class Action(enum.StrEnum):
     ALLOW = "allow"
     DENY = "deny"
@@ -40,8 +50,10 @@ class Status(enum.StrEnum):
     TIMED_OUT = "timed_out"
     EXECUTED = "executed"
     FAILED = "failed"
+    UNKNOWN = "unknown"  # sent, no answer: it may have run (the detail says the state now)
     QUEUED = "queued"  # executed (or failed) while the agent was offline: result queued
     SHUTDOWN = "shutdown"  # gateway shutting down
+    RESTARTING = "restarting"  # a planned restart: still open, buttons back once it is up
     FROZEN = "frozen"  # denied by /freeze
 
 
@@ -57,6 +69,7 @@ class ApprovalCard:
     matched: str  # what decided "ask", e.g. "rule 4: ha_call_service(light.*) (ask)"
     expires_at: float  # unix time
     target: str | None = None  # e.g. "Front door (lock.front_door) — now: locked"
+    via: str | None = None  # the front door that asked: ws, mcp-stdio, mcp-http
 
 
 @frozen
@@ -67,6 +80,7 @@ class CardUpdate:
     detail: str = ""  # one line: result summary, error, who decided
     by: str | None = None  # the guardian who decided, if any
     at: float = 0.0  # unix time of the resolution
+    grant_until: float | None = None  # an "Allow 1 h" holds until then (unix time)
 
 
 @frozen
@@ -115,6 +129,12 @@ class Guardian(Protocol):
 
     async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
         """Render a resolution on the card. Best effort: never raises for delivery failures."""
+        ...
+
+    async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
+        """Show the card as it was asked, buttons included (after a planned restart edited it
+        to say the gateway was restarting). Best effort, like :meth:`update_card`; may wait
+        until the guardian can reach its chat (the caller bounds the wait)."""
         ...
 
 

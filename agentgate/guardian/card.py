@@ -20,6 +20,12 @@ What a card guarantees:
 - **The target starts with the entity id**; the friendly name Home Assistant reports follows,
   quoted and bounded (the Home Assistant executor builds that line; here it is revealed and
   bounded again).
+- **An HTTP tool's card shows the request as it will be sent** (method, URL, the
+  authentication scheme without its secret, the JSON body), whole, under "Request:": it is
+  part of what the card must show in full, or nothing is asked. A call naming no entity has
+  no other target, so a target without ``entity_id`` is such a request.
+- **A template is named by its length and digest** (``ha_render_template``): its signature
+  does not hold it, so the guardian can match the card against the arguments below.
 
 HTML is built from text spans (:class:`_Html`) that count what Telegram will show, so the size
 of a card is known exactly without parsing it back.
@@ -65,6 +71,7 @@ __all__ = [
     "utf16_len",
 ]
 
+MCP_DOORS: Final = frozenset({"mcp-stdio", "mcp-http"})  # a card says "via MCP" for these
 MAX_TEXT: Final = 4096
 """What one Telegram message holds: visible text, in UTF-16 code units."""
 
@@ -264,6 +271,18 @@ def _entity_line(card: ApprovalCard) -> str | None:
     )
 
 
+def _is_request(card: ApprovalCard) -> bool:
+    return card.target is not None and not isinstance(card.args.get("entity_id"), str)
+
+
+def _template_line(card: ApprovalCard) -> str | None:
+    template = card.args.get("template")
+    if card.tool != "ha_render_template" or not isinstance(template, str):
+        return None
+    digest = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"Template: {len(template):,} characters, sha256 {digest[:16]}…\n"
+
+
 def _indirect_line(card: ApprovalCard) -> str | None:
     reason = tools.indirect_reason(card.tool, card.args)
     if reason is None:
@@ -276,11 +295,18 @@ def _indirect_line(card: ApprovalCard) -> str | None:
 def _body(card: ApprovalCard, layout: Layout, *, target: str | None) -> _Html:
     """Everything but the first and last lines, which differ between asked and resolved."""
     out = _Html()
-    out.text("Agent: ").text(reveal_key(card.agent), "b").text("\n")
+    out.text("Agent: ").text(reveal_key(card.agent), "b")
+    out.text(" (via MCP)\n" if card.via in MCP_DOORS else "\n")
     out.text("Tool: ").text(reveal_key(card.tool), "code").text("\n")
-    if target:
+    if target and _is_request(card):
+        shown = "\n".join(reveal_value(line) for line in target.split("\n"))
+        out.text("Request (as it will be sent):\n").text(shown, "pre").text("\n")
+    elif target:
         out.text("Target: ").text(clip(reveal_value(target), _target_limit(card)), "b")
         out.text("\n")
+    template = _template_line(card)
+    if template:
+        out.text(template)
     out.text("Signature: ").text(reveal_key(card.signature), "code").text("\n")
     entities = _entity_line(card)
     if entities:
@@ -346,7 +372,7 @@ def card_layout(card: ApprovalCard, *, max_chars: int, overflow: str) -> Layout:
     """
     # The target line is read from Home Assistant when the card is sent: count its largest.
     named = isinstance(card.args.get("entity_id"), str)
-    worst_target = "x" * _target_limit(card) if named else None
+    worst_target = "x" * _target_limit(card) if named else card.target
     size = _body(card, "inline", target=worst_target).visible + FRAME_RESERVE
     if size <= max_chars:
         return "inline"
@@ -375,8 +401,10 @@ _STATUS_TEXT: Final[dict[Status, str]] = {
     Status.TIMED_OUT: "⌛ Timed out: nobody decided",
     Status.EXECUTED: "✅ Executed",
     Status.FAILED: "⚠ Failed",
+    Status.UNKNOWN: "❓ Sent, but no answer: it may have run",
     Status.QUEUED: "📥 Agent offline — result queued",
     Status.SHUTDOWN: "⏹ Gateway shutting down — request cancelled",
+    Status.RESTARTING: "⏸ Gateway restarting — this request stays open",
     Status.FROZEN: "🧊 Frozen — denied",
 }
 
@@ -405,6 +433,14 @@ def render_resolution(
         head.text(by)
         room -= utf16_len(by)
     head.text(when)
+    if update.grant_until is not None:
+        grant = (
+            f"\n⏱ Allowed for 1 h: the same request from {reveal_key(card.agent)} runs without"
+            f" asking until {utc(update.grant_until)}"
+        )
+        if utf16_len(grant) + 8 < room:
+            head.text(grant)
+            room -= utf16_len(grant)
     detail = reveal_value(update.detail.replace("\n", " "))
     if detail and room > 8:
         head.text("\n" + clip(detail, min(room - 1, 500)))

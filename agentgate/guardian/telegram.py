@@ -16,6 +16,16 @@ The asyncio handlers only hand updates over; every decision runs on the Trio sid
 bounded number of times (honouring Telegram's ``RetryAfter``) and then fail closed with
 :class:`GuardianUnavailable`; new messages are paced by a per-chat token bucket.
 
+Updates are polled by :class:`_Poller`, a Trio task of ours rather than PTB's ``Updater``: PTB's
+polling stops for good after one 401 and its start raises on one 502 or 409 to
+``deleteWebhook``. Ours never stops: every error (network, 5xx, 409 conflicts, 429, a refused
+token) is retried with a growing pause (at most a minute), logged once per change of state and
+shown by ``/status``; asks fail closed meanwhile only if cards cannot be sent.
+
+At start, ``getMe`` answered 401/404 (the token) or ``getChat`` refused (the chat) raise
+:class:`GuardianRefused` naming the key to fix; the supervisor makes that a configuration error
+on the first start and an outage to ride out later.
+
 Card text is Telegram HTML; every string that an agent can influence is escaped, and invisible or
 direction-changing characters are shown as ``\\uXXXX`` so that nothing on a card can hide or
 fake a part of it.
@@ -59,10 +69,13 @@ from telegram import (
 from telegram.constants import ParseMode
 from telegram.error import (
     BadRequest,
+    Conflict,
+    Forbidden,
     InvalidToken,
     NetworkError,
     RetryAfter,
     TelegramError,
+    TimedOut,
 )
 from telegram.ext import (
     Application,
@@ -81,6 +94,7 @@ from agentgate.guardian import (
     GatewayStatus,
     Grant,
     GuardianControl,
+    GuardianRefused,
     GuardianUnavailable,
 )
 from agentgate.guardian._trio_request import TrioRequest
@@ -124,6 +138,16 @@ POLL_PAUSE = 0.02
 SHUTDOWN_GRACE = 5.0  # seconds for PTB to stop, all steps together
 UPDATER_STOP_GRACE = 1.0
 SEND_CONNECTIONS = 8  # Bot API calls in flight at most
+POLL_RETRY_DELAYS = (
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)  # seconds after a failed poll; the last repeats
+CONFIRM_GRACE = 1.0  # seconds for the last getUpdates that confirms what was fetched
+ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY)
 
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("pending", "Re-send every pending approval"),
@@ -172,6 +196,7 @@ class SendLimits:
     # A fresh decision is answered (the press's progress bar stopped) once its card shows the
     # outcome, or after this many seconds: the execution runs first, unhurried by the answer.
     answer_wait: float = 3.0
+    poll_backoff: tuple[float, ...] = POLL_RETRY_DELAYS  # pauses after failed polls
 
 
 # -- rendering (pure functions) -------------------------------------------------------------
@@ -235,8 +260,8 @@ def render_grants(grants: list[Grant], *, now: float) -> tuple[str, InlineKeyboa
     return text, InlineKeyboardMarkup(rows) if rows else None
 
 
-def render_status(status: GatewayStatus) -> str:
-    """The /status answer."""
+def render_status(status: GatewayStatus, telegram: str = "ok") -> str:
+    """The /status answer; ``telegram`` is how polling Telegram goes (:meth:`_Poller.health`)."""
     agents = ", ".join(
         f"{_field(name, 100)} ({count})" for name, count in sorted(status.agents_connected.items())
     )
@@ -244,7 +269,8 @@ def render_status(status: GatewayStatus) -> str:
         f"<b>agentgate status</b>\n"
         f"Agents connected: {agents or 'none'}\n"
         f"Pending approvals: {status.pending}\n"
-        f"Frozen: {'yes — every ask is denied' if status.frozen else 'no'}"
+        f"Frozen: {'yes — every ask is denied' if status.frozen else 'no'}\n"
+        f"Telegram: {_field(telegram, 300)}"
     )
 
 
@@ -283,6 +309,18 @@ class TokenBucket:
                 self.tokens -= 1
                 return
             await trio.sleep((1 - self.tokens) / self.rate)
+
+
+class _NotModified(GuardianUnavailable):
+    """Telegram refused an edit that would change nothing (the card already shows it)."""
+
+
+def _refused(what: str, exc: BadRequest, token: str) -> GuardianUnavailable:
+    """A 400 from the Bot API as a typed condition: its kind is only in the description."""
+    message = _redact(exc.message, token)
+    if "not modified" in message.lower():  # PTB has no class of its own for this one
+        return _NotModified(f"Telegram {what}: {message}")
+    return GuardianUnavailable(f"Telegram {what} refused: {message}")
 
 
 def _redact(text: str, token: str) -> str:
@@ -400,6 +438,7 @@ class TelegramGuardian:
         # Presses waiting for their card's outcome before they are answered: request id ->
         # events, set by update_card.
         self._outcomes: dict[str, list[trio.Event]] = {}
+        self.poller: _Poller | None = None  # set once polling runs
 
     # -- Guardian ---------------------------------------------------------------------------
 
@@ -435,11 +474,41 @@ class TelegramGuardian:
 
         try:
             await self._deliver("editMessageText", edit)
+        except _NotModified:
+            pass  # it shows this already
         except GuardianUnavailable as exc:
-            if "not modified" not in exc.message:
-                log.warning("could not update card %s: %s", card.request_id, exc.message)
+            log.warning("could not update card %s: %s", card.request_id, exc.message)
         except Exception:
             log.exception("could not update card %s", card.request_id)
+
+    async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
+        """The card as it was asked, buttons included (after a planned restart). Best effort."""
+        try:
+            chat_id, message_id = parse_ref(message_ref)
+        except ValueError:
+            log.error("cannot restore card %s: bad message ref %r", card.request_id, message_ref)
+            return
+        layout = self._cards.shown_layout(card)
+        grant = tools.grantable(card.tool, card.args)
+
+        def edit() -> Awaitable[Any]:
+            text = render_card(card, now=time.time(), layout=layout)
+            return self._bot.edit_message_text(  # type: ignore[no-any-return]
+                text,
+                chat_id=chat_id,
+                message_id=message_id,
+                parse_mode=ParseMode.HTML,
+                reply_markup=card_keyboard(card.request_id, grant=grant),
+            )
+
+        try:
+            await self._deliver("editMessageText", edit)
+        except _NotModified:
+            pass
+        except (GuardianUnavailable, CardTooLarge) as exc:
+            log.warning("could not restore card %s: %s", card.request_id, exc)
+        except Exception:
+            log.exception("could not restore card %s", card.request_id)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -517,9 +586,7 @@ class TelegramGuardian:
                     last, pause = exc, _retry_after_seconds(exc)
                     cause = f"rate limited by Telegram (retry after {pause:g} s)"
                 except BadRequest as exc:  # our request is wrong: retrying cannot help
-                    raise GuardianUnavailable(
-                        f"Telegram {what} refused: {_redact(exc.message, self._token)}"
-                    ) from exc
+                    raise _refused(what, exc, self._token) from exc
                 except NetworkError as exc:  # includes TimedOut
                     last = exc
                     pause = limits.backoff[min(attempt, len(limits.backoff) - 1)]
@@ -656,7 +723,8 @@ class TelegramGuardian:
                 else f"Unfrozen by {_field(who, 200)}: asks go to the guardians again.",
             )
         elif command.name == "status":
-            await self._reply(chat, render_status(await self._control.status()))
+            health = self.poller.health() if self.poller is not None else "ok"
+            await self._reply(chat, render_status(await self._control.status(), health))
         else:
             await self._reply(chat, HELP_TEXT)
 
@@ -694,6 +762,7 @@ def _build_application(config: TelegramSettings) -> Application[Any, Any, Any, A
         Application.builder()
         .token(config.token)
         .job_queue(None)
+        .updater(None)  # we poll ourselves (_Poller)
         .request(requests)
         .get_updates_request(polling)
     )
@@ -704,10 +773,11 @@ def _build_application(config: TelegramSettings) -> Application[Any, Any, Any, A
 
 def _start_error(exc: Exception, config: TelegramSettings) -> GuardianUnavailable:
     where = config.base_url or "https://api.telegram.org/bot"
-    if isinstance(exc, InvalidToken):
-        return GuardianUnavailable(
-            "Telegram rejected the bot token (getMe answered Unauthorized): check "
-            "[guardian.telegram] token"
+    if isinstance(exc, InvalidToken):  # getMe answered 401 or 404
+        return GuardianRefused(
+            "Telegram refused the bot token (getMe answered Unauthorized or Not Found): check it"
+            " with @BotFather",
+            key="guardian.telegram.token",
         )
     if isinstance(exc, NetworkError):
         return GuardianUnavailable(
@@ -757,6 +827,7 @@ async def open_telegram_guardian(
                         raise _start_error(exc, config) from None
                     raise _start_error(exc, config) from exc
                 try:
+                    await _check_chat(app, config)
                     async with _running(app, config, control, limits, cards) as guardian:
                         yield guardian
                 finally:
@@ -766,6 +837,22 @@ async def open_telegram_guardian(
                         log.warning("Telegram guardian did not stop within %s s", SHUTDOWN_GRACE)
     finally:
         httpx_log.removeFilter(redactor)
+
+
+async def _check_chat(
+    app: Application[Any, Any, Any, Any, Any, Any], config: TelegramSettings
+) -> None:
+    """``getChat``: the bot must be able to reach ``chat_id`` (a refusal names the key)."""
+    try:
+        await trio_asyncio.aio_as_trio(app.bot.get_chat)(config.chat_id)
+    except (BadRequest, Forbidden) as exc:  # "chat not found", "bot was kicked", ...
+        raise GuardianRefused(
+            f"Telegram says the bot cannot reach chat {config.chat_id}:"
+            f" {_redact(exc.message, config.token)} (add the bot to the chat, then check the id)",
+            key="guardian.telegram.chat_id",
+        ) from None
+    except TelegramError as exc:
+        raise _start_error(exc, config) from exc
 
 
 def _on_asyncio_error(token: str, loop: object, context: dict[str, Any]) -> None:
@@ -845,9 +932,6 @@ async def _running(
             "Telegram update handling failed: %s", _redact(repr(context.error), config.token)
         )
 
-    def on_poll_error(exc: TelegramError) -> None:
-        log.warning("Telegram polling failed (will retry): %s", _redact(str(exc), config.token))
-
     app.add_handler(CallbackQueryHandler(on_button))
     app.add_handler(
         CommandHandler(
@@ -866,18 +950,143 @@ async def _running(
                 )
             except TelegramError as exc:
                 log.warning("could not set the bot's command list: %s", exc)
-            await trio_asyncio.aio_as_trio(app.updater.start_polling)(  # type: ignore[union-attr]
-                poll_interval=POLL_PAUSE,
-                timeout=POLL_TIMEOUT,
-                drop_pending_updates=False,  # presses made while we were down still count
-                allowed_updates=[Update.MESSAGE, Update.CALLBACK_QUERY],
-                error_callback=on_poll_error,
-            )
+            poller = guardian.poller = _Poller(app, config.token, limits.poll_backoff)
+            nursery.start_soon(poller.run)
             log.info("Telegram guardian running (chat %s)", config.chat_id)
             yield guardian
         finally:
             send.close()  # first: a handler blocked on the channel would stall app.stop()
             nursery.cancel_scope.cancel()
+            if guardian.poller is not None:
+                with trio.CancelScope(shield=True):
+                    await guardian.poller.confirm()
+
+
+class _Poller:
+    """Fetches updates (``getUpdates`` long polls) and hands them to PTB's update queue.
+
+    Presses made while the gateway was down still count (pending updates are kept). Never
+    stops by itself: see the module docstring. ``health()`` says how it goes, for ``/status``.
+    """
+
+    def __init__(
+        self,
+        app: Application[Any, Any, Any, Any, Any, Any],
+        token: str,
+        backoff: tuple[float, ...] = POLL_RETRY_DELAYS,
+    ) -> None:
+        self._app = app
+        self._token = token
+        self._backoff = backoff
+        self._loop = trio_asyncio.current_loop.get()
+        self.offset: int | None = None  # the next update wanted (all before it are handled)
+        self.problem: str | None = None  # what goes wrong now, or None
+        self.since = 0.0  # unix time the problem began
+        self.polls = 0  # getUpdates answered (tests wait on it)
+        self._answered = trio.Event()
+
+    def health(self) -> str:
+        if self.problem is None:
+            return "ok"
+        return f"polling fails since {utc(self.since)}: {self.problem}"
+
+    async def answered(self) -> None:
+        """Return once the next getUpdates has been answered."""
+        await self._answered.wait()
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        result: T = await trio_asyncio.aio_as_trio(partial(fn, *args, **kwargs), loop=self._loop)()
+        return result
+
+    async def run(self) -> None:
+        bot = self._app.bot
+        failures = 0
+        webhook_cleared = False
+        while True:
+            try:
+                if not webhook_cleared:
+                    # getUpdates is refused while a webhook is set.
+                    await self._call(bot.delete_webhook, drop_pending_updates=False)
+                    webhook_cleared = True
+                updates = await self._call(
+                    bot.get_updates,
+                    offset=self.offset,
+                    timeout=POLL_TIMEOUT,
+                    allowed_updates=list(ALLOWED_UPDATES),
+                )
+            except Exception as exc:
+                pause, problem, level = self._trouble(exc, failures)
+                if isinstance(exc, Conflict):
+                    webhook_cleared = False
+                self._report(problem, level, exc)
+                failures += 1
+                await trio.sleep(pause)
+                continue
+            failures = 0
+            if self.problem is not None:
+                log.info("Telegram polling works again (it failed: %s)", self.problem)
+                self.problem = None
+            self.polls += 1
+            self._answered.set()
+            self._answered = trio.Event()
+            for update in updates:
+                await self._call(self._app.update_queue.put, update)
+                self.offset = update.update_id + 1
+            await trio.sleep(POLL_PAUSE)
+
+    def _trouble(self, exc: Exception, failures: int) -> tuple[float, str, int]:
+        """(pause, what is wrong, log level) for a failed poll."""
+        backoff = self._backoff[min(failures, len(self._backoff) - 1)]
+        if isinstance(exc, RetryAfter):
+            pause = _retry_after_seconds(exc)
+            return pause, f"rate limited by Telegram (retry after {pause:g} s)", logging.WARNING
+        if isinstance(exc, InvalidToken):
+            return backoff, "Telegram refused the bot token (401)", logging.ERROR
+        if isinstance(exc, Conflict):
+            return backoff, f"conflict: {_redact(exc.message, self._token)}", logging.WARNING
+        if isinstance(exc, TimedOut):
+            return min(backoff, 1.0), "Telegram did not answer in time", logging.WARNING
+        if isinstance(exc, NetworkError):  # includes 5xx answers
+            return (
+                backoff,
+                f"Telegram unreachable: {_redact(exc.message, self._token)}",
+                logging.WARNING,
+            )
+        if isinstance(exc, TelegramError):
+            return backoff, f"Telegram error: {_redact(exc.message, self._token)}", logging.WARNING
+        return backoff, f"unexpected error: {_redact(repr(exc), self._token)}", logging.ERROR
+
+    def _report(self, problem: str, level: int, exc: Exception) -> None:
+        """Log a problem once, when it begins or changes (not at every retry)."""
+        if problem == self.problem:
+            return
+        if self.problem is None:
+            self.since = time.time()
+        self.problem = problem
+        log.log(
+            level,
+            "Telegram polling failed: %s; retrying with a growing pause (at most %g s);"
+            " presses wait in Telegram meanwhile",
+            problem,
+            self._backoff[-1],
+            exc_info=exc if level >= logging.ERROR and not isinstance(exc, TelegramError) else None,
+        )
+
+    async def confirm(self) -> None:
+        """Tell Telegram that every update handed over is done (one short getUpdates), so the
+        next start does not fetch them again. Best effort, bounded."""
+        if self.offset is None:
+            return
+        with trio.move_on_after(CONFIRM_GRACE):
+            try:
+                await self._call(
+                    self._app.bot.get_updates,
+                    offset=self.offset,
+                    timeout=0,
+                    allowed_updates=list(ALLOWED_UPDATES),
+                )
+            except Exception as exc:
+                log.debug("could not confirm the last updates: %s", exc)
 
 
 async def _stop(app: Application[Any, Any, Any, Any, Any, Any]) -> None:

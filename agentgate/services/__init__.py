@@ -39,6 +39,13 @@ class Executor(Protocol):
         cannot say gives a line saying so."""
         ...
 
+    async def state_after(self, tool: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """The current states of the entities a call names (``{entity_id: state}``), read after
+        an unknown outcome; None if it names none or none could be read. Never raises."""
+        ...
+
     async def check_health(self) -> str | None:
-        """None if the service answers as it should, else a warning for the log."""
+        """None if the service answers as it should, else a warning for the log (an outage is
+        ridden out). Raises :class:`~agentgate.config.ConfigError` if the service refuses the
+        gateway's credential: a configuration to fix, at start-up."""
         ...

@@ -16,7 +16,17 @@ tool                HTTP (bearer token from ``[services.homeassistant]``)
 ``ha_get_history``  GET  ``/api/history/period/{now - hours}?filter_entity_id=X&end_time={now}
                     &minimal_response``  (``hours`` defaults to 24); if HA answers ``[]`` (what
                     it says for an unknown entity), GET ``/api/states/X`` (404 → not found)
+``ha_get_logbook``  GET  ``/api/logbook/{now - hours}?entity=X&end_time={now}``; ``[]`` is
+                    checked as for the history
+``ha_render_        POST ``/api/template`` ``{"template"}``: the rendered text (a read: a
+template``          timeout is a plain failure, never "outcome unknown")
+``ha_list_areas``,  POST ``/api/template`` with a fixed template (:mod:`.ha_templates`) and
+``ha_list_          the filters as its ``variables``: JSON built by Home Assistant itself
+entities``
 =================== ==========================================================================
+
+``ha_call_service`` with ``return_response: true`` adds ``?return_response``: the answer is
+``{"changed_states": [...], "service_response": {...}}``.
 
 The result for the agent is Home Assistant's JSON as it came: a service call's list of changed
 states may hold transitional states (``[locking, locked]``) and is ``[]`` when nothing changed.
@@ -35,8 +45,16 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
   answer within ``timeout`` seconds (one
   deadline per tool call, both requests of ``ha_call_service`` included) → ``Home Assistant did
   not answer within N s``.
+- **Outcome unknown.** A request that acts (the POST of ``ha_call_service`` or
+  ``ha_fire_event``) that was, or may have been, sent without its answer arriving may have
+  run: a read timeout, a connection dropped after the request was written, the call's deadline
+  once the request had started to go out, or Home Assistant's own 10 s limit for a service
+  call (it answers then, while the service may still run) → :class:`OutcomeUnknown` (-32004,
+  ``data.outcome = "unknown"``), with ``data.state_after`` (the named entities' states read
+  back afterwards) when that read succeeds. Only a failure before the request left (cannot
+  connect, DNS, TLS, no free connection) is a plain failure. Nothing is ever retried.
 
-Imports: tools, errors, config (TLS contexts).
+Imports: tools, errors, config (TLS contexts), ha_templates.
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
 from urllib.parse import quote
@@ -52,8 +71,9 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from agentgate.config import client_ssl_context
-from agentgate.errors import AgentgateError, ExecutionFailed, InvalidParams
+from agentgate.config import ConfigError, client_ssl_context
+from agentgate.errors import AgentgateError, ExecutionFailed, InvalidParams, OutcomeUnknown
+from agentgate.services import ha_templates
 from agentgate.tools import TOOLS as TOOL_SPECS
 from agentgate.tools import ToolSpec
 
@@ -68,6 +88,10 @@ TOOLS: Final = frozenset(
         "ha_get_services",
         "ha_get_config",
         "ha_get_history",
+        "ha_get_logbook",
+        "ha_render_template",
+        "ha_list_areas",
+        "ha_list_entities",
     }
 )
 
@@ -80,6 +104,24 @@ log = logging.getLogger(__name__)
 SEEN_FOR: Final = 60.0  # seconds an entity read counts as "exists" for a service call
 SEEN_MAX: Final = 10_000
 LIMITS: Final = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=30)
+
+HA_SERVICE_LIMIT: Final = 10.0  # seconds Home Assistant waits for a service before answering
+READ_BACK: Final = 5.0  # seconds at most to read the state after an unknown outcome
+# Transport errors that can only happen before a request left: it certainly did not run.
+NOT_SENT: Final = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+)
+# ... and those that can happen after it was written: it may have run.
+MAY_HAVE_RUN: Final = (
+    httpx.WriteError,
+    httpx.WriteTimeout,
+    httpx.ReadError,
+    httpx.ReadTimeout,
+    httpx.RemoteProtocolError,
+)
 
 _SNIPPET = 200
 DESCRIBE_NAME: Final = 64  # characters of a friendly name on a card
@@ -117,25 +159,61 @@ def _snippet(text: str) -> str:
     return text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…"
 
 
+class _Progress:
+    """How far the acting request of one tool call got (see "Outcome unknown" above)."""
+
+    __slots__ = ("may_have_run",)
+
+    def __init__(self) -> None:
+        self.may_have_run = False
+
+    async def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        # httpcore's "trace" extension: once the request's first bytes are on their way, it
+        # may reach Home Assistant whatever happens next.
+        if event.endswith("send_request_headers.started"):
+            self.may_have_run = True
+
+
+_PROGRESS: ContextVar[_Progress | None] = ContextVar("agentgate_ha_progress", default=None)
+
+
 @contextmanager
-def _map_transport_errors(url: str, timeout: float) -> Iterator[None]:
-    """Turn httpx's and Trio's exceptions into :class:`ExecutionFailed` at the boundary.
+def _map_transport_errors(url: str, timeout: float, progress: _Progress) -> Iterator[None]:
+    """Turn httpx's and Trio's exceptions into :class:`ExecutionFailed` at the boundary, or
+    :class:`OutcomeUnknown` once the acting request may have reached Home Assistant.
 
     The agent hears what happened, never where: Home Assistant's address and the socket
     error's text (which names it) go to the log only.
     """
     try:
         yield
+    except OutcomeUnknown:
+        raise
     except (trio.TooSlowError, httpx.TimeoutException) as exc:
+        if progress.may_have_run and not isinstance(exc, NOT_SENT):
+            raise _unknown(
+                f"Home Assistant did not answer within {timeout:g} s after the call was sent"
+            ) from exc
         raise _failed(f"Home Assistant did not answer within {timeout:g} s", None) from exc
     except httpx.TransportError as exc:
         reason = str(exc) or type(exc).__name__
         log.warning("Home Assistant unreachable at %s: %s", url, reason)
+        if progress.may_have_run and not isinstance(exc, NOT_SENT):
+            raise _unknown(
+                "the connection to Home Assistant dropped after the call was sent"
+            ) from exc
         what = "cannot connect" if isinstance(exc, httpx.ConnectError) else "connection failed"
         raise _failed(f"Home Assistant unreachable: {what}", None) from exc
     except httpx.HTTPError as exc:  # e.g. a malformed URL built from odd arguments
         log.warning("Home Assistant request to %s failed: %s", url, exc)
         raise _failed("Home Assistant request failed (see the gateway's log)", None) from exc
+
+
+def _unknown(what: str) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"outcome unknown: {what}; it may have run and was not retried",
+        data={"status": None, "service": SERVICE},
+    )
 
 
 def _error_for(
@@ -217,14 +295,28 @@ class HomeAssistant:
             "ha_get_services": lambda _: self._request("GET", "/api/services"),
             "ha_get_config": lambda _: self._request("GET", "/api/config"),
             "ha_get_history": self._get_history,
+            "ha_get_logbook": self._get_logbook,
+            "ha_render_template": self._render_template,
+            "ha_list_areas": self._list_areas,
+            "ha_list_entities": self._list_entities,
         }
 
     async def check_health(self) -> str | None:
-        """``None`` if ``GET /api/`` says the API runs, else a warning for the log; never raises."""
+        """``None`` if ``GET /api/`` says the API runs, else a warning for the log.
+
+        Raises :class:`~agentgate.config.ConfigError` only when Home Assistant refuses the
+        gateway's token (401): that is a configuration to fix, not an outage to ride out.
+        """
         try:
             with self._boundary():
                 body = await self._request("GET", "/api/")
         except ExecutionFailed as exc:
+            if exc.data.get("status") == 401:
+                raise ConfigError(
+                    f"services.homeassistant.token: Home Assistant at {self._url} refused the"
+                    " token (401 to GET /api/); create a long-lived access token in your Home"
+                    " Assistant profile"
+                ) from None
             return f"Home Assistant health check failed at {self._url}: {exc.message}"
         except Exception as exc:  # a health check must not stop the gateway
             return f"Home Assistant health check failed: {exc!r}"
@@ -241,8 +333,35 @@ class HomeAssistant:
         handler = self._tools.get(tool)
         if handler is None:
             raise InvalidParams(f"unknown tool: {tool}")
-        with self._boundary():
-            return await handler(args)
+        try:
+            with self._boundary():
+                return await handler(args)
+        except OutcomeUnknown as exc:
+            after = await self.state_after(tool, args)
+            if after is not None:
+                exc.data["state_after"] = after
+            raise
+
+    async def state_after(self, tool: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """The states of the entities a call names, read now (``{entity_id: state}``), or None
+        if it names none or none could be read; never raises. Bounded by its own deadline."""
+        named = args.get("entity_id")
+        entity_ids = [named] if isinstance(named, str) else named
+        if not isinstance(entity_ids, list):
+            return None
+        states: dict[str, Any] = {}
+        with trio.move_on_after(min(self._timeout, READ_BACK)):
+            for entity_id in entity_ids:
+                if not isinstance(entity_id, str):
+                    continue
+                try:
+                    with self._boundary():
+                        state = await self._fetch_state(entity_id)
+                except AgentgateError:
+                    continue
+                if isinstance(state, dict):
+                    states[entity_id] = state.get("state")
+        return states or None
 
     async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
         """The card's target line for a call naming ``entity_id`` (None otherwise); never
@@ -303,7 +422,10 @@ class HomeAssistant:
             for entity_id in unchecked:
                 await self._fetch_state(entity_id)
         path = f"/api/services/{_segment(domain)}/{_segment(service)}"
-        changed = await self._request("POST", path, body=body, service_call=True)
+        params = None
+        if body.pop("return_response", False) is True:
+            params = {"return_response": ""}  # HA's flag: {changed_states, service_response}
+        changed = await self._request("POST", path, body=body, params=params, service_call=True)
         if changed == [] and entity_ids:
             # Nothing changed: make sure that is not because an entity vanished meanwhile.
             for entity_id in entity_ids:
@@ -325,13 +447,44 @@ class HomeAssistant:
             raise InvalidParams("event_data must be an object")
         return await self._request("POST", f"/api/events/{_segment(event_type)}", body=event_data)
 
-    async def _get_history(self, args: dict[str, Any]) -> Any:
-        entity_id = _str_arg(args, "entity_id")
+    def _window(self, args: dict[str, Any]) -> tuple[datetime, datetime]:
         hours = args.get("hours", 24)
         if isinstance(hours, bool) or not isinstance(hours, int | float) or not hours > 0:
             raise InvalidParams("hours must be a positive number")
         end = self._now().astimezone(UTC)
-        start = end - timedelta(hours=hours)
+        return end - timedelta(hours=hours), end
+
+    async def _get_logbook(self, args: dict[str, Any]) -> Any:
+        entity_id = _str_arg(args, "entity_id")
+        start, end = self._window(args)
+        params = {"entity": entity_id, "end_time": end.isoformat()}
+        path = f"/api/logbook/{_segment(start.isoformat())}"
+        entries = await self._request("GET", path, params=params, entity_id=entity_id)
+        if entries == []:
+            await self._fetch_state(entity_id)  # [] for an unknown entity too: say which
+        return entries
+
+    async def _render_template(self, args: dict[str, Any]) -> Any:
+        template = _str_arg(args, "template")
+        return await self._template(template, {})
+
+    async def _list_areas(self, args: dict[str, Any]) -> Any:
+        return ha_templates.areas(await self._template(ha_templates.AREAS, {}))
+
+    async def _list_entities(self, args: dict[str, Any]) -> Any:
+        area, domain = args.get("area"), args.get("domain")
+        variables = {"area": area or "", "domain": domain or ""}
+        answer = await self._template(ha_templates.ENTITIES, variables)
+        return ha_templates.entities(answer, area)
+
+    async def _template(self, template: str, variables: dict[str, Any]) -> str:
+        body = {"template": template, "variables": variables}
+        text: str = await self._request("POST", "/api/template", body=body, acts=False, text=True)
+        return text
+
+    async def _get_history(self, args: dict[str, Any]) -> Any:
+        entity_id = _str_arg(args, "entity_id")
+        start, end = self._window(args)
         params = {
             "filter_entity_id": entity_id,
             "end_time": end.isoformat(),
@@ -349,8 +502,16 @@ class HomeAssistant:
     @contextmanager
     def _boundary(self) -> Iterator[None]:
         """One call's deadline, with foreign exceptions mapped to :class:`ExecutionFailed`."""
-        with _map_transport_errors(self._url, self._timeout), trio.fail_after(self._timeout):
-            yield
+        progress = _Progress()
+        token = _PROGRESS.set(progress)
+        try:
+            with (
+                _map_transport_errors(self._url, self._timeout, progress),
+                trio.fail_after(self._timeout),
+            ):
+                yield
+        finally:
+            _PROGRESS.reset(token)
 
     async def _fetch_state(self, entity_id: str) -> Any:
         path = f"/api/states/{_segment(entity_id)}"
@@ -369,11 +530,34 @@ class HomeAssistant:
         body: Any = None,
         params: dict[str, str] | None = None,
         service_call: bool = False,
+        acts: bool | None = None,
+        text: bool = False,
     ) -> Any:
+        if acts is None:
+            acts = method == "POST"
+        progress = _PROGRESS.get() if acts else None  # only POSTs act (not a template's)
         async with self._slots:
-            response = await self._client.request(method, path, json=body, params=params)
+            if progress is None:
+                response = await self._client.request(method, path, json=body, params=params)
+            else:
+                started = trio.current_time()
+                try:
+                    response = await self._client.request(
+                        method, path, json=body, params=params, extensions={"trace": progress.trace}
+                    )
+                except MAY_HAVE_RUN:
+                    progress.may_have_run = True  # also where no trace is seen (test transports)
+                    raise
+                if service_call and trio.current_time() - started >= HA_SERVICE_LIMIT:
+                    # Home Assistant answers after this long whether or not the service is done.
+                    raise _unknown(
+                        f"Home Assistant stopped waiting for the service after"
+                        f" {HA_SERVICE_LIMIT:g} s (it may still be running)"
+                    )
         if not response.is_success:
             raise _error_for(response, entity_id, service_call=service_call)
+        if text:
+            return response.text
         try:
             return response.json()
         except ValueError as exc:

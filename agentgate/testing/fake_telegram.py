@@ -15,11 +15,17 @@ Test code plays the guardian through a thread-safe API::
 
 Fault switches: :meth:`FakeTelegram.down` / :meth:`~FakeTelegram.up` (refuse or drop
 connections), ``tg.retry_after = N`` (the next sendMessage answers 429 with ``retry_after``),
-:meth:`~FakeTelegram.throttle` (the next K sendMessage calls) and :meth:`~FakeTelegram.fail_next`.
+:meth:`~FakeTelegram.throttle` (the next K sendMessage calls), per method
+:meth:`~FakeTelegram.fail_next` (the next K calls) and :meth:`~FakeTelegram.fail` (every call
+until :meth:`~FakeTelegram.heal`): e.g. ``tg.fail("getUpdates", 401, "Unauthorized")``.
+``getChat`` knows the default chat and those added to ``tg.chats``; any other is "chat not
+found", as for a bot that was never added to it.
 
 Messages sent with ``parse_mode="HTML"`` are checked like Telegram does (only its tags, balanced,
 every ``<``, ``>`` and ``&`` escaped) and stored as the text a human would see. ``sendDocument``
 takes a multipart upload; the message keeps the file (``message.document``).
+
+Imports: nothing of agentgate: it stands for another program.
 """
 
 from __future__ import annotations
@@ -296,6 +302,8 @@ class FakeTelegram:
         self._commands: list[dict[str, Any]] = []
         self._calls: list[tuple[str, dict[str, Any]]] = []
         self._failures: dict[str, deque[tuple[int, str, dict[str, Any] | None]]] = {}
+        self._failing: dict[str, tuple[int, str, int | None]] = {}  # method -> answer until healed
+        self.chats: set[int | str] = set()  # chats the bot is in, besides the default one
         self._waiters: list[tuple[trio.lowlevel.TrioToken, trio.Event]] = []
         self._down: Literal["refuse", "drop"] | None = None
         self._dropped = 0
@@ -400,6 +408,24 @@ class FakeTelegram:
                         {"retry_after": retry_after},
                     )
                 )
+
+    def fail(
+        self, method: str, error_code: int, description: str, *, retry_after: int | None = None
+    ) -> None:
+        """Every call of ``method`` answers ``error_code`` with ``description`` until healed
+        (``retry_after``: the 429's ``parameters.retry_after``)."""
+        with self._cond:
+            self._failing[method] = (error_code, description, retry_after)
+            self._changed()
+
+    def heal(self, method: str | None = None) -> None:
+        """Stop :meth:`fail` for ``method`` (every method if None)."""
+        with self._cond:
+            if method is None:
+                self._failing.clear()
+            else:
+                self._failing.pop(method, None)
+            self._changed()
 
     def fail_next(self, method: str, error_code: int, description: str, *, times: int = 1) -> None:
         """The next ``times`` calls of ``method`` answer ``error_code`` with ``description``."""
@@ -561,6 +587,16 @@ class FakeTelegram:
             if self._down:
                 return None
             failures = self._failures.get(method)
+            if method in self._failing:
+                code, description, retry_after = self._failing[method]
+                failed: dict[str, Any] = {
+                    "ok": False,
+                    "error_code": code,
+                    "description": description,
+                }
+                if retry_after is not None:
+                    failed["parameters"] = {"retry_after": retry_after}
+                return code, failed
             if failures:
                 code, description, extra = failures.popleft()
                 body: dict[str, Any] = {"ok": False, "error_code": code, "description": description}
@@ -639,6 +675,12 @@ class FakeTelegram:
 
     def _api_getMe(self, params: dict[str, Any]) -> Any:
         return self.bot_user
+
+    def _api_getChat(self, params: dict[str, Any]) -> Any:
+        chat_id = params["chat_id"]
+        if chat_id != self.default_chat_id and chat_id not in self.chats:
+            raise _BadRequest("Bad Request: chat not found")
+        return {**_chat(chat_id), "accent_color_id": 0, "max_reaction_count": 11}
 
     def _api_sendMessage(self, params: dict[str, Any]) -> Any:
         chat_id = params["chat_id"]

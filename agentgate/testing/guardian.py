@@ -2,6 +2,8 @@
 
 It implements the :class:`~agentgate.guardian.Guardian` protocol exactly as Telegram does, so the
 broker cannot tell the difference; decisions go back through the gateway's ``GuardianControl``.
+
+Imports: guardian (the protocol).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ScriptedGuardian:
         self.user = user
         self.unavailable = False
         self.cards: dict[str, ShownCard] = {}
+        self.restored: list[tuple[str, str]] = []
         self._refs = itertools.count(1)
         self._changed = trio.Event()
 
@@ -56,11 +59,29 @@ class ScriptedGuardian:
             shown.updates.append(update)
             self._touch()
 
+    async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
+        """After a planned restart: recorded in ``restored`` (request id, message ref)."""
+        self.restored.append((card.request_id, message_ref))
+        self._touch()
+
+    async def wait_restored(self, count: int = 1) -> list[tuple[str, str]]:
+        """Wait until ``count`` cards have been restored (caller's deadline)."""
+        while len(self.restored) < count:
+            await self._changed.wait()
+        return list(self.restored)
+
     async def wait_for_card(self, count: int = 1) -> ShownCard:
         """Wait until ``count`` cards have been shown; return the latest (caller's deadline)."""
         while len(self.cards) < count:
             await self._changed.wait()
         return list(self.cards.values())[-1]
+
+    async def card_of(self, request_id: str) -> ShownCard:
+        """Wait until the card of ``request_id`` has been shown (caller's deadline): an agent
+        can hear "approval pending" before the card reaches the guardian."""
+        while request_id not in self.cards:
+            await self._changed.wait()
+        return self.cards[request_id]
 
     async def wait_for_update(self, request_id: str) -> CardUpdate:
         while True:

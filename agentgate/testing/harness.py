@@ -3,6 +3,8 @@
 ``async with running_gateway(workdir, home=home) as gw:`` writes a ``gate.toml`` and a policy
 into ``workdir``, issues a throw-away TLS certificate (trustme), starts :func:`serve_gateway`
 in-process and yields everything an agent needs (``gw.url``, ``gw.ca_path``, ``gw.tokens``).
+
+Imports: config, gateway, guardian (the protocol), testing.guardian.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import attrs
 import trio
 import trio_websocket
 
-from agentgate.config import Config, load_config
+from agentgate.config import Config, ConfigError, load_config
 from agentgate.gateway import RunningGateway, serve_gateway
 from agentgate.guardian import Guardian
 from agentgate.testing.guardian import ScriptedGuardian
@@ -60,6 +62,12 @@ class Harness:
     @property
     def gateway(self) -> Any:
         return self.running.gateway
+
+    @property
+    def mcp_url(self) -> str:
+        """The MCP endpoint (``https://127.0.0.1:PORT/mcp``); needs ``mcp={...}``."""
+        assert self.running.mcp_url is not None, "start the gateway with mcp={} for [mcp]"
+        return self.running.mcp_url
 
     @property
     def scripted(self) -> ScriptedGuardian:
@@ -111,6 +119,8 @@ def write_gate_toml(
     telegram: Mapping[str, Any] | None = None,
     guardian_settings: Mapping[str, Any] | None = None,
     ha_timeout: float = 5,
+    mcp: Mapping[str, Any] | None = None,
+    extra_toml: str = "",
 ) -> Path:
     (workdir / "permissions.yaml").write_text(policy)
     gateway = dict(gateway or {})
@@ -140,8 +150,11 @@ def write_gate_toml(
         lines.append(f"timeout = {ha_timeout}")
     if limits:
         lines += ["", "[limits]"] + [f"{k} = {_toml_value(v)}" for k, v in limits.items()]
+    if mcp is not None:
+        mcp = {"listen": "127.0.0.1:0", **mcp}
+        lines += ["", "[mcp]"] + [f"{k} = {_toml_value(v)}" for k, v in mcp.items()]
     path = workdir / "gate.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
     return path
 
 
@@ -194,27 +207,34 @@ async def running_gateway(
     config, ca_path, client_ssl = _prepare(workdir, home, tls, tokens, toml)
     if guardian is None and not use_telegram:
         guardian = ScriptedGuardian()
+    refused: ConfigError | None = None  # at start-up (a token or chat refused): raised as is
     async with trio.open_nursery() as nursery:
-        running: RunningGateway = await nursery.start(
-            lambda task_status: serve_gateway(
-                config, insecure=not tls, guardian=guardian, task_status=task_status
-            )
-        )
-        if isinstance(guardian, ScriptedGuardian):
-            guardian.control = running.gateway.controls
         try:
-            yield Harness(
-                url=running.url,
-                config=config,
-                running=running,
-                guardian=guardian if guardian is not None else running.gateway.broker.guardian,
-                tokens=tokens,
-                ca_path=ca_path,
-                client_ssl=client_ssl,
-                workdir=workdir,
+            running: RunningGateway = await nursery.start(
+                lambda task_status: serve_gateway(
+                    config, insecure=not tls, guardian=guardian, task_status=task_status
+                )
             )
-        finally:
-            running.request_stop()
+        except ConfigError as exc:
+            refused = exc
+        else:
+            if isinstance(guardian, ScriptedGuardian):
+                guardian.control = running.gateway.controls
+            try:
+                yield Harness(
+                    url=running.url,
+                    config=config,
+                    running=running,
+                    guardian=guardian if guardian is not None else running.gateway.broker.guardian,
+                    tokens=tokens,
+                    ca_path=ca_path,
+                    client_ssl=client_ssl,
+                    workdir=workdir,
+                )
+            finally:
+                running.request_stop()
+    if refused is not None:
+        raise refused
 
 
 class RawAgent:

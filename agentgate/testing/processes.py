@@ -15,6 +15,8 @@ Waits have no deadline of their own: hold one (``with trio.fail_after(...)``). T
 also run in-process (``run_fake_homeassistant``, ``run_fake_telegram``), which is what tests
 that press buttons need; :func:`fake_home_process` and :func:`fake_telegram_process` are for
 demos and benchmarks that want them in their own processes.
+
+Imports: testing.harness (the files a gateway needs, its certificates).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Spawned:
 
         Raises ``RuntimeError`` with the output so far if the process exits first.
         """
-        while True:
+        while True:  # another process's log file: nothing to wait on but the file itself
             text = self.output()
             for line in text.splitlines():
                 if needle in line:
@@ -225,27 +227,28 @@ class GatewayProcess:
         return await self.process.wait()
 
 
-def serve_argv(config: Path, *, insecure: bool = False) -> list[str]:
-    """The command line of ``agentgate serve`` with this interpreter."""
-    argv = [sys.executable, "-m", "agentgate", "serve", str(config)]
+def serve_argv(config: Path, *, insecure: bool = False, extra: Sequence[str] = ()) -> list[str]:
+    """The command line of ``agentgate serve`` with this interpreter (``extra``: more flags)."""
+    argv = [sys.executable, "-m", "agentgate", "serve", str(config), *extra]
     return [*argv, "--insecure"] if insecure else argv
 
 
 @asynccontextmanager
 async def gateway_process(
-    files: GatewayFiles, *, log: Path | None = None
+    files: GatewayFiles, *, log: Path | None = None, extra: Sequence[str] = ()
 ) -> AsyncIterator[GatewayProcess]:
     """``python -m agentgate serve gate.toml`` until the block ends (then SIGKILL if alive).
 
     Waits for ``listening on wss://HOST:PORT`` (or ``ws://``) under the caller's deadline.
     Several processes may share ``files`` one after the other (a restart on the same store);
-    their output goes to the same ``gateway.log`` unless ``log`` says otherwise.
+    their output goes to the same ``gateway.log`` unless ``log`` says otherwise. ``extra``:
+    more flags for ``serve`` (e.g. ``--cancel-pending``).
     """
-    argv = serve_argv(files.config, insecure=files.ca_path is None)
+    argv = serve_argv(files.config, insecure=files.ca_path is None, extra=extra)
     log = log or files.workdir / "gateway.log"
     start = log.stat().st_size if log.exists() else 0
     async with _spawned(argv, log) as process:
-        while True:
+        while True:  # the gateway's log file, written by another process: nothing to wait on
             text = process.output()[start:]
             line = next((x for x in text.splitlines() if "listening on " in x), None)
             if line is not None:

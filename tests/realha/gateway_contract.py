@@ -19,8 +19,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
+from agentgate.config import ConfigError
 from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram, run_fake_telegram
 from agentgate.testing.harness import Harness, RawAgent, raw_agent, running_gateway
 from agentgate.tools import ENTITY_DOMAINS
@@ -225,15 +227,13 @@ async def test_gateway_errors(workdir: Path, ha_home: Home) -> None:
 
 
 async def test_gateway_with_a_wrong_home_token(workdir: Path, ha_home: Home) -> None:
+    # Refused at start-up: the gateway does not start (agentgate serve exits 2).
     wrong = SimpleNamespace(url=ha_home.url, token="not-the-home-token")
-    with trio.fail_after(GATE_CEILING):
-        async with gateway(workdir, wrong) as (_, agent, _):
-            error = await failed(agent, "ha_get_state", entity_id=ha_home.lock)
-            assert error["message"] == (
-                "Home Assistant rejected the gateway's token (401): "
-                "check services.homeassistant.token"
-            )
-            assert error["data"]["status"] == 401
+    with trio.fail_after(GATE_CEILING), pytest.raises(ConfigError) as refused:
+        async with gateway(workdir, wrong):
+            pytest.fail("the gateway started with a token Home Assistant refuses")
+    assert "gate.toml: services.homeassistant.token: " in str(refused.value)
+    assert "not-the-home-token" not in str(refused.value)
 
 
 SHIPPED_POLICY = (Path(__file__).resolve().parents[2] / "permissions.yaml").read_text()
