@@ -162,7 +162,7 @@ class BrokerMachine(RuleBasedStateMachine):
             async def describe(tool: str, args: dict[str, Any]) -> str | None:
                 return None
 
-            async def on_grant(agent: str, signature: str, by: str) -> None:
+            async def on_grant(agent: str, signature: str, by: str, permanent: bool) -> None:
                 return None
 
             self.broker = Broker(

@@ -166,6 +166,7 @@ class McpHttpDoor:
         self.origins = frozenset(self.settings.allowed_origins)
         self._calls = 0
         self._idle: trio.Event | None = None
+        self._requests: dict[str, set[trio.CancelScope]] = {}  # agent -> HTTP requests running
         self.server = build_server(self._backend_for, wait=self.settings.wait, gone_for=_gone_for)
         limit = config.limits.max_message_bytes
         sdk_app = self.server.streamable_http_app(
@@ -187,6 +188,15 @@ class McpHttpDoor:
         if not isinstance(agent, str):  # never: the guard lets nothing through without one
             raise MCPError(code=AuthenticationFailed.code, message="not authenticated")
         return PipelineBackend(self, agent)
+
+    def disconnect(self, agent: str) -> int:
+        """End every HTTP request of ``agent`` now in flight (a configuration reload removed
+        it or changed its token: its next request needs the new token); how many. A call
+        waiting for the guardian stops waiting; its result is queued."""
+        scopes = self._requests.get(agent, set())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -291,10 +301,16 @@ class _Guard:
         scope["user"] = AuthenticatedUser(access)
         scope[AGENT_KEY] = agent.name
         gone = scope[GONE_KEY] = trio.Event()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            gone.set()
+        running = door._requests.setdefault(agent.name, set())
+        with trio.CancelScope() as request:
+            running.add(request)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                gone.set()
+                running.discard(request)
+                if not running:
+                    door._requests.pop(agent.name, None)
 
     async def _body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the whole body (at most ``max_message_bytes``), or refuse it (413)."""
