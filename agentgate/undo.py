@@ -564,8 +564,13 @@ class Undo:
             await self.store.move_undo(row.request_id, state, detail=detail)
         except ExecutionFailed:
             log.exception("could not record the undo of %s", row.request_id)
-        log.warning(
-            "undo of %s (%s) by %s: %s", row.request_id, row.signature, by, error or summary
+        log.log(
+            logging.WARNING if error else logging.INFO,
+            "undo of %s (%s) by %s: %s",
+            row.request_id,
+            row.signature,
+            by,
+            error or summary,
         )
         await self._show(row, done, by, now)
         return done
