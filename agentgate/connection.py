@@ -322,6 +322,10 @@ class WebSocketDoor:
         log.info("agent %s connected from %s", agent.name, remote)
         if self.pipeline.closing:  # authenticated while the gateway began to shut down
             conn.close()
+        elif (now := self.config.agents.get(agent.name)) is None or now.digest != agent.digest:
+            # A reload removed it, or changed its token, while it authenticated.
+            conn.revoked = "agent removed or token changed by a configuration reload"
+            conn.close()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, conn, receive)

@@ -8,7 +8,8 @@ Every front door (the WebSocket protocol, MCP) hands an authenticated agent's re
       signature (every entity), policy
       frozen by the guardian ────────────────────── audited ──▶ DeniedByPolicy (-32003)
       deny ─────────────────────────────────────── audited ──▶ DeniedByPolicy (-32003)
-      ask ─┬─ a grant covers it (and the rule's quota is not used up) ──▶ allow
+      ask ─┬─ a grant covers it (one guardian is enough, and the rule's quota is not
+           │  used up) ──▶ allow
            ├─ the card cannot show everything ──── audited ──▶ InvalidParams (-32602)
            └─ broker.ask (pending limit, recorded) ─────────▶ Asked; the result comes later
       allow ─┬─ the rule's quota is used up ──▶ ask (no grant applies; the card says so)
@@ -232,12 +233,17 @@ class Pipeline:
             )
             raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
         quota = None
+        granted = None  # the grant that allowed it, for Undo's listing
         if decision == "ask":
-            grant = self.controls.grant_for(agent, tool, args, signature, now)
+            # One guardian's grant never stands for the several a two-person rule needs.
+            grant = None
+            if evaluation.matched.approvals <= 1:
+                grant = self.controls.grant_for(agent, tool, args, signature, now)
             if grant is not None:
                 quota = self._quota_used_up(agent, policy, evaluation, now)
             if grant is not None and quota is None:
                 decision, matched = "allow", f"grant {grant.grant_id} by {grant.granted_by}"
+                granted = matched
             else:
                 return await self._ask(
                     agent,
@@ -298,7 +304,7 @@ class Pipeline:
                     tool=tool,
                     args=args,
                     signature=signature,
-                    decided_by=None,
+                    decided_by=granted,
                 )
             )
         return Executed(request_id, result)

@@ -17,7 +17,9 @@ the ASGI scope (and as the SDK's authenticated user, so a session can only be us
 token that opened it); the tool handlers read it from there. A call that waits for the
 guardian holds a one-shot reply handle (:class:`_Waiter`); when the call stops waiting
 (answered "pending", cancelled, or its client gone: the guard sets an event when the HTTP
-request ends) the handle refuses the late result and the broker queues it for the agent.
+request ends) the handle refuses the late result and the broker queues it for the agent. A
+configuration reload that removes an agent or changes its token ends that agent's requests in
+flight (:meth:`McpHttpDoor.disconnect`).
 
 Imports: pipeline, approvals (the reply handle), config, limits, errors; mcp.server.
 """
@@ -295,6 +297,10 @@ class _Guard:
             if replay is None:
                 return
             receive = replay
+        now = door.config.agents.get(agent.name)
+        if now is None or now.digest != agent.digest:  # a reload came while the body came
+            await _refuse(send, 401, AuthenticationFailed("authentication failed: unknown token"))
+            return
         scope = dict(scope)
         # The SDK binds a session to the principal that opened it: no other agent can use it.
         access = AccessToken(token="-", client_id=agent.name, scopes=[])  # noqa: S106
