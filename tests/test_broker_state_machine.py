@@ -323,6 +323,7 @@ class BrokerMachine(RuleBasedStateMachine):
         if not ids:
             return
         before = self.restored[rpc]
+
         async def press() -> Any:
             return await self.undo.undo(ids[0], guardian, confirm=confirm)
 

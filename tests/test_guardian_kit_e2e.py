@@ -26,10 +26,12 @@ from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram, run_fake_
 from agentgate.testing.harness import (
     DEFAULT_TOKENS,
     Harness,
+    RawAgent,
     raw_agent,
     running_gateway,
     write_gate_toml,
 )
+from agentgate.testing.processes import agent_websocket
 from tests.test_telegram_e2e import Agent, card_of, edited, posts
 
 pytestmark = pytest.mark.slow
@@ -133,6 +135,17 @@ async def gate(
 @asynccontextmanager
 async def agent_of(gw: Harness, name: str = "pi") -> AsyncIterator[Agent]:
     async with raw_agent(gw, name) as raw:
+        yield Agent(raw)
+
+
+@asynccontextmanager
+async def closable_agent(gw: Harness, name: str) -> AsyncIterator[Agent]:
+    """An agent the gateway may close: its socket is closed here whatever trio-websocket does
+    (its client leaves it open when the server closes the WebSocket)."""
+    async with agent_websocket(gw.url, gw.client_ssl) as ws:
+        raw = RawAgent(ws)
+        reply = await raw.call("auth", {"token": gw.tokens[name]})
+        assert reply.get("result", {}).get("status") == "authenticated", reply
         yield Agent(raw)
 
 
@@ -490,7 +503,7 @@ async def test_reload_from_the_shell_succeeds_fails_and_removes_an_agent(
     with trio.fail_after(CEILING + 15):
         async with (
             gate(workdir, home, tg, clock, mcp={"wait": 30}) as gw,
-            agent_of(gw, "pi") as pi,
+            closable_agent(gw, "pi") as pi,
             agent_of(gw, "laptop") as laptop,
         ):
             config = str(gw.workdir / "gate.toml")
