@@ -66,7 +66,7 @@ from attrs import frozen
 
 from agentgate import tools
 from agentgate.approvals import UNDO_ANSWERS, Outcome, UndoCheck, UndoState
-from agentgate.errors import AgentgateError, ExecutionFailed
+from agentgate.errors import AgentgateError, ExecutionFailed, OutcomeUnknown
 from agentgate.guardian import ApprovalCard, CardUpdate, Guardian, Status, UndoItem
 from agentgate.guardian.card import utc
 from agentgate.store import AuditEntry, PendingRow, Store, UndoRow
@@ -529,11 +529,9 @@ class Undo:
             try:
                 self.restores += 1
                 result = await self._execute("ha_call_service", args)
-            except AgentgateError as exc:
+            except AgentgateError as exc:  # failed, or sent without an answer: never retried
                 error = exc.message
-                outcome = (
-                    Outcome.UNKNOWN if exc.data.get("outcome") == "unknown" else Outcome.FAILED
-                )
+                outcome = Outcome.UNKNOWN if isinstance(exc, OutcomeUnknown) else Outcome.FAILED
                 break
             except Exception as exc:
                 log.exception("undo of %s failed unexpectedly", row.request_id)

@@ -287,6 +287,30 @@ async def test_undo_window_zero_turns_undo_off(
         assert before.count(("GET", "/api/states/light.kitchen")) == 1
 
 
+async def test_an_undo_that_fails_says_so_and_is_never_retried(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    home = fake_home()
+    async with gateway(tmp_path, home) as fg:
+        ws = await authed(fg)
+        request_id = await ask(fg, ws, 1, KITCHEN_ON)
+        await fg.guardian.press(request_id, "allow")
+        await reply(ws)
+        await fg.guardian.wait_for_update(request_id)
+        home.fail_with = 500
+        answer = await fg.guardian.press(request_id, "undo!")  # confirmed: no state read first
+        assert answer.startswith("undo failed: Home Assistant ")
+        failed = fg.guardian.cards[request_id].updates[-1]
+        assert failed.status is Status.UNDO_FAILED
+        home.fail_with = None
+        again = await fg.guardian.press(request_id, "undo!")
+        assert again.startswith("not undone: it was tried already and failed (Home Assistant ")
+        assert fg.gateway.undo.restores == 1
+        assert home.state("light.kitchen")["state"] == "on"
+        (row,) = [r for r in await fg.gateway.store.audit_rows(agent="pi") if r.kind == "undo"]
+        assert (row.resolution, row.resolved_by) == ("failed", "test guardian (1)")
+
+
 async def test_an_undo_interrupted_by_a_stop_is_never_run_again(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
