@@ -227,7 +227,7 @@ async def open_audit_log(
             await store.append_event(
                 "key", {"time": now(), "origin": origin, "vkey": signer.vkey, "reason": "new log"}
             )
-            log.warning(
+            log.info(
                 "audit log %s: checkpoints are signed with %s (%s); keep this line: agentgate"
                 " audit key prints it again",
                 origin,
