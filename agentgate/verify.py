@@ -124,6 +124,11 @@ class Report:
             )
         if self.first_bad is not None:
             lines.append(f"first bad event: {self.first_bad}")
+        elif not self.ok:
+            lines.append(
+                "first bad event: none: every event hashes, chains and sits in its place;"
+                " what failed is said above"
+            )
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -485,7 +490,9 @@ def _check_given(
     roots: dict[int, bytes | None],
     cut: int,
 ) -> None:
-    for g in given:
+    # Smallest first: each root that matches moves up where a change can have begun.
+    matched = cut
+    for g in sorted(given, key=lambda g: g.note.size if isinstance(g.note, tlog.Checkpoint) else 0):
         note = g.note
         assert isinstance(note, tlog.Checkpoint)
         label = f"{g.source} ({note.size} events)"
@@ -493,37 +500,48 @@ def _check_given(
             report.bad(f"{label}: from another log ({note.origin}; this log is {report.origin})")
             report.given.append(f"{label}: another log")
             continue
-        if not keys.check(note):
+        signed = keys.check(note)
+        if not signed:
+            # What the chat holds is no longer signed by the log's key: a new key, the log
+            # rewritten with it. Its size and root still say what was removed or changed.
             report.bad(
                 f"{label}: not signed by this log's key: the key was replaced (and the log"
                 " rewritten with it), or the checkpoint was altered"
             )
-            report.given.append(f"{label}: signature FAILED")
-            continue
         if note.size > report.size:
             report.completeness.append(
                 f"{label}: the log has only {report.size} events: events {report.size}.."
                 f"{note.size - 1} were removed (the tail truncated, or the store replaced by an"
                 " older copy)"
             )
-            report.given.append(f"{label}: the log has fewer events")
+            report.given.append(
+                f"{label}: {'' if signed else 'signature FAILED, '}the log has fewer events"
+            )
             if report.first_bad is None:
-                report.first_bad = f"{report.size} (missing)"
+                # Re-signed, the log may differ anywhere the chat's roots do not vouch for.
+                missing = f"{report.size} (missing)"
+                report.first_bad = missing if signed else f"in {matched}..{report.size}"
             continue
         computed = roots.get(note.size)
         if computed is None or note.size < cut:
             report.notes.append(f"{label}: before the pruned range: only its signature was checked")
-            report.given.append(f"{label}: signature ok, before the pruned range")
+            report.given.append(
+                f"{label}: signature {'ok' if signed else 'FAILED'}, before the pruned range"
+            )
             continue
         if computed != note.root:
             report.bad(
                 f"{label}: the log's first {note.size} events are not what this checkpoint"
-                " signed: the log was rewritten",
-                f"before {note.size}",
+                f" holds: the log was rewritten (an event in {matched}..{note.size - 1})",
+                f"in {matched}..{note.size - 1}",
             )
-            report.given.append(f"{label}: root FAILED")
-        else:
+            report.given.append(f"{label}: {'' if signed else 'signature FAILED, '}root FAILED")
+            continue
+        matched = max(matched, note.size)
+        if signed:
             report.given.append(f"ok: {label}: signature and root match")
+        else:
+            report.given.append(f"{label}: signature FAILED, root matches")
 
 
 def _check_key_file(report: Report, path: Path) -> None:

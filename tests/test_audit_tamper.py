@@ -26,6 +26,7 @@ from agentgate.auditkey import AuditKey, create_key, load_key
 from agentgate.checkpoints import LogSigner
 from tests.fastgate import FastGateway, authed, call, fast_gateway
 from tests.test_audit_log import a_day_of_use, check
+from tests.test_audit_log import events as events_of
 
 CEILING = 20
 
@@ -235,6 +236,12 @@ async def test_a_replaced_key_file_is_caught(log: tuple[Path, str]) -> None:
     report = check(db)
     assert not report.ok
     assert "is not the key the log names" in report.integrity[0]
+    assert report.first_bad is None  # every event is intact: the key file is what changed
+    done = await _cli("--store", str(db))
+    assert done.returncode == 1
+    assert "first bad event: none: every event hashes, chains and sits in its place" in (
+        done.stdout.decode()
+    )
 
 
 async def test_a_log_rewritten_and_re_signed_with_a_new_key_is_caught_by_the_chat(
@@ -249,16 +256,48 @@ async def test_a_log_rewritten_and_re_signed_with_a_new_key_is_caught_by_the_cha
     def edit(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [b for b in bodies if b["type"] != "guardian"]  # the freeze never happened
 
+    size = _size(db)
     rewrite(db, edit, key=new)
     alone = check(db)
     assert alone.ok, alone.text()  # consistent in itself: key, events, checkpoints
     report = check(db, chat)
     assert not report.ok
     assert "not signed by this log's key" in report.integrity[0]
+    # The chat's checkpoint says the log had more events: where the rewrite began, to a range.
+    assert f"events {_size(db)}..{size - 1} were removed" in report.completeness[0]
+    assert report.first_bad == f"in 0..{_size(db)}"
     origin = tlog.find_notes(chat)[0].origin  # type: ignore[union-attr]
     pinned = check(db, pinned=(original.vkey(origin),))
     assert not pinned.ok  # the key recorded at the first start tells too
     assert "not signed by the log's key" in pinned.integrity[0]
+
+
+async def test_the_chats_checkpoints_narrow_down_where_a_rewrite_began(
+    log: tuple[Path, str],
+) -> None:
+    db, _ = log
+    conn = sqlite3.connect(db)
+    held = [(int(s), str(n)) for s, n in conn.execute("SELECT size, note FROM audit_checkpoints")]
+    conn.close()  # every checkpoint, as the chat (or a witness file) kept them
+    assert len(held) >= 3
+    changed = next(
+        b["seq"] for b in events_of(db) if b["type"] == "request" and b.get("decision") == "deny"
+    )
+
+    def edit(bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        bodies[changed]["decision"] = "allow"
+        return bodies
+
+    rewrite(db, edit)  # every hash recomputed, and the store's own checkpoints dropped
+    conn = _open(db)
+    conn.execute("DELETE FROM audit_checkpoints")
+    conn.close()
+    report = check(db, *(note for _, note in held))
+    vouched = max((size for size, _ in held if size <= changed), default=0)
+    first_wrong = min(size for size, _ in held if size > changed)
+    assert vouched > 0
+    assert report.first_bad == f"in {vouched}..{first_wrong - 1}"
+    assert f"an event in {vouched}..{first_wrong - 1}" in report.integrity[0]
 
 
 async def test_the_store_replaced_by_an_older_copy_is_caught(tmp_path: Path) -> None:
@@ -278,6 +317,10 @@ async def test_the_store_replaced_by_an_older_copy_is_caught(tmp_path: Path) -> 
     report = check(db, chat)
     assert not report.ok
     assert "the store replaced by an older copy" in report.completeness[0]
+    assert report.first_bad == f"{_size(db)} (missing)"  # the first event the copy lacks
+    done = await _cli("--store", str(db), "--checkpoint", chat)
+    assert done.returncode == 1
+    assert f"first bad event: {_size(db)} (missing)" in done.stdout.decode()
 
 
 async def test_rows_of_audit_log_edited_are_caught(log: tuple[Path, str]) -> None:
