@@ -363,15 +363,24 @@ def compact(
     keep_days: float,
 ) -> Compaction | None:
     """Record the pruning of every event before the first ``audit_log`` row at or after
-    ``before`` (unix time): the range is checked first (its leaves and chain recomputed), then
-    a ``compaction`` event keeps its root and chain hash, ``audit_compactions`` its frontier,
-    and a signed checkpoint covers the event, all in the caller's transaction. The rows
-    themselves go with :func:`prune`. None when there is nothing to prune."""
+    ``before`` (unix time), or before the first request still open: the range is checked first
+    (its leaves and chain recomputed), then a ``compaction`` event keeps its root and chain
+    hash, ``audit_compactions`` its frontier, and a signed checkpoint covers the event, all in
+    the caller's transaction. The rows themselves go with :func:`prune`. None when there is
+    nothing to prune."""
     start, chain, frontier = base(c)
     row = c.execute(
         "SELECT MIN(seq) FROM audit_log WHERE time >= ? AND seq IS NOT NULL", (before,)
     ).fetchone()
     end = tip(c).size if row[0] is None else int(row[0])
+    # A request still open (an approval waiting, a call executing) keeps its row, and so every
+    # event after it: its outcome must find the row it ends.
+    waiting = c.execute(
+        "SELECT MIN(seq) FROM audit_log WHERE resolution IS NULL AND kind != 'guardian'"
+        " AND seq IS NOT NULL"
+    ).fetchone()[0]
+    if waiting is not None:
+        end = min(end, int(waiting))
     if end <= start:
         return None
     expected = start

@@ -8,6 +8,7 @@ The tampering itself is in ``test_audit_tamper.py``, crashes in ``test_audit_cra
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -171,6 +172,23 @@ async def test_events_and_checkpoints_refuse_updates_and_deletes(tmp_path: Path)
                 conn.execute(sql)
     finally:
         conn.close()
+
+
+def test_no_code_path_changes_an_event() -> None:
+    # Beside the triggers (which would fail any suite that tried): the only statements of the
+    # package that touch events or checkpoints insert them, but for a compaction's prune.
+    package = Path(__file__).resolve().parent.parent / "agentgate"
+    writes = re.compile(
+        r"\b(UPDATE|DELETE\s+FROM|REPLACE\s+INTO|INSERT\s+OR\s+REPLACE\s+INTO)\s+"
+        r"(audit_events|audit_checkpoints|audit_compactions)\b",
+        re.IGNORECASE,
+    )
+    found = [
+        (path.name, match.group(0))
+        for path in sorted(package.rglob("*.py"))
+        for match in writes.finditer(path.read_text(encoding="utf-8"))
+    ]
+    assert found == [("eventlog.py", "DELETE FROM audit_events")]  # eventlog.prune
 
 
 async def test_checkpoints_every_n_events_or_minutes_and_at_the_stop(
@@ -413,6 +431,10 @@ async def test_the_previous_version_refuses_an_upgraded_store(tmp_path: Path) ->
     assert first.returncode == 0, first.stderr
     async with open_store(db, inline=True) as store:
         assert [r.request_id for r in await store.audit_rows()] == ["r1"]
+    sealed = events(db)
+    assert [(e["type"], e["row"]["request_id"]) for e in sealed] == [("migrated", "r1")]
+    report = check(db)
+    assert report.integrity == [], report.text()  # no key and no checkpoint yet: no completeness
     with trio.fail_after(60):
         again = await trio.run_process(command, capture_stderr=True, check=False)
     assert again.returncode != 0
@@ -457,6 +479,34 @@ async def test_a_compaction_prunes_old_events_and_the_log_still_verifies(tmp_pat
     kinds = [e["type"] for e in events(db)]
     assert kinds[-1] == "compaction"
     assert len(kinds) == 3 * 2 + 1
+
+
+async def test_a_compaction_stops_before_a_request_still_open(tmp_path: Path) -> None:
+    db = tmp_path / "agentgate.db"
+    signer = LogSigner(create_key(tmp_path / "agentgate.audit-key"), "agentgate/test")
+    async with open_store(db, inline=True) as store:
+        await store.append_event("key", {"origin": signer.origin, "vkey": signer.vkey})
+        for day in range(6):
+            await store.audit(
+                AuditEntry(day * 86400.0, "pi", f"r{day}", "t", {}, "t()", "ask", "r")
+            )
+            if day != 2:  # r2's approval is still waiting
+                await store.resolve_audit(
+                    f"r{day}", Outcome.EXECUTED, resolved_by="Alex", resolved_at=day * 86400.0
+                )
+        done = await store.compact(4.5 * 86400, sign=signer, at=6 * 86400.0, by="t", keep_days=1)
+        assert done is not None
+        assert done.cut == 1 + 2 * 2  # the key, r0 and r1: r2 keeps its row and all after it
+        await store.resolve_audit(
+            "r2", Outcome.TIMED_OUT, resolved_by=None, resolved_at=6 * 86400.0 + 1
+        )
+        rows = {r.request_id: r.resolution for r in await store.audit_rows()}
+        assert rows == {"r2": "timed_out", "r3": "executed", "r4": "executed", "r5": "executed"}
+        again = await store.compact(4.5 * 86400, sign=signer, at=7 * 86400.0, by="t", keep_days=1)
+        assert again is not None  # now r2 and r3 go too
+    assert any(e["type"] == "outcome" and e["request_id"] == "r2" for e in events(db))
+    report = check(db)
+    assert report.ok, report.text()
 
 
 async def test_a_prefix_removed_without_a_signed_compaction_is_caught(tmp_path: Path) -> None:
