@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agentgate import tlog
-from agentgate.auditkey import create_key, verify_signature
+from agentgate.auditkey import KeyFileError, create_key, load_key, verify_signature
 
 # RFC 8785 Appendix B: IEEE 754 bit patterns and their ECMAScript text.
 JCS_NUMBERS = [
@@ -222,6 +222,50 @@ def test_a_checkpoint_note_round_trips_and_its_signature_verifies(tmp_path: Path
     assert not verify_signature(key.public, parsed.body.replace(b"\n8\n", b"\n9\n"), sig.signature)
     # The verifier key is the signed-note format: name+hash+base64(0x01 || key).
     assert tlog.parse_vkey(key.vkey(origin)) == (origin, key.public)
+
+
+def test_the_key_file_is_the_pkcs8_pem_everyone_reads_and_nothing_else_loads(
+    tmp_path: Path,
+) -> None:
+    # agentgate writes its key file without cryptography's serialization module (memory): the
+    # same bytes that module, and openssl, read and write.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    made = create_key(tmp_path / "made")
+    theirs = serialization.load_pem_private_key((tmp_path / "made").read_bytes(), password=None)
+    assert isinstance(theirs, ed25519.Ed25519PrivateKey)
+    assert theirs.public_key().public_bytes_raw() == made.public
+    assert load_key(tmp_path / "made").public == made.public
+
+    def write(name: str, data: bytes) -> Path:
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    other = ed25519.Ed25519PrivateKey.generate()
+    pkcs8 = other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    assert load_key(write("theirs", pkcs8)).public == other.public_key().public_bytes_raw()
+    encrypted = other.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    an_rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    refused = {
+        "encrypted": (encrypted, "encrypted"),
+        "rsa": (an_rsa_key, "not an Ed25519 key"),
+        "garbage": (b"\xff\xfe not a key", "not a PEM file"),
+        "text": (b"hello", "not a PEM private key"),
+        "damaged": (pkcs8.replace(pkcs8.splitlines()[1], b"!!!!"), "not an Ed25519 key"),
+        "empty": (b"", "not a PEM private key"),
+    }
+    for name, (data, why) in refused.items():
+        with pytest.raises(KeyFileError, match=why):
+            load_key(write(name, data))
 
 
 def test_notes_are_found_in_a_chat_message_or_a_file() -> None:
