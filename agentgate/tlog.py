@@ -106,7 +106,9 @@ def _encode(value: Any, out: list[str]) -> None:
     elif isinstance(value, float):
         out.append(_number(value))
     elif isinstance(value, dict):
-        items = sorted(((str(k), v) for k, v in value.items()), key=lambda kv: _utf16(kv[0]))
+        items = [(k if type(k) is str else str(k), v) for k, v in value.items()]
+        # ASCII keys (nearly all) sort by code point as by UTF-16 code unit: no encoding.
+        items.sort(key=_key if all(k.isascii() for k, _ in items) else _utf16_key)
         out.append("{")
         for i, (key, item) in enumerate(items):
             if i:
@@ -131,17 +133,28 @@ def _utf16(key: str) -> bytes:
     return key.encode("utf-16-be", "surrogatepass")
 
 
+def _key(item: tuple[str, Any]) -> str:
+    return item[0]
+
+
+def _utf16_key(item: tuple[str, Any]) -> bytes:
+    return _utf16(item[0])
+
+
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f"}
 _ESCAPES["\r"] = "\\r"
 _NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\ud800-\udfff]')
 
 
-def _string(text: str) -> str:
-    def escape(match: re.Match[str]) -> str:
-        char = match.group()
-        return _ESCAPES.get(char) or f"\\u{ord(char):04x}"
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\u{ord(char):04x}"
 
-    return '"' + _NEEDS_ESCAPE.sub(escape, text) + '"'
+
+def _string(text: str) -> str:
+    if _NEEDS_ESCAPE.search(text) is None:
+        return '"' + text + '"'
+    return '"' + _NEEDS_ESCAPE.sub(_escape, text) + '"'
 
 
 def _number(x: float) -> str:
@@ -150,13 +163,18 @@ def _number(x: float) -> str:
         return _string("NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity"))
     if x == 0:
         return "0"
-    sign, digit_tuple, exponent = Decimal(repr(x)).as_tuple()
+    text = repr(x)
+    if "e" not in text:
+        # Python writes 1e-4 <= |x| < 1e16 positionally, with the same shortest round-trip
+        # digits ECMAScript uses, whose positional range (1e-7 .. 1e21) holds it: only the
+        # ".0" of an integral value differs.
+        return text[:-2] if text.endswith(".0") else text
+    sign, digit_tuple, exponent = Decimal(text).as_tuple()
     assert isinstance(exponent, int)
     digits = "".join(map(str, digit_tuple)).rstrip("0") or "0"
     exponent += len("".join(map(str, digit_tuple))) - len(digits)
     k = len(digits)
     n = exponent + k  # x = 0.DIGITS * 10**n
-    text: str
     if k <= n <= 21:
         text = digits + "0" * (n - k)
     elif 0 < n <= 21:

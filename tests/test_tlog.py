@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import struct
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,46 @@ def test_what_jcs_cannot_hold_is_written_deterministically() -> None:
     assert tlog.canonical(float("-inf")) == b'"-Infinity"'
     assert tlog.canonical("\ud800x") == b'"\\ud800x"'  # a lone surrogate, escaped
     assert tlog.canonical({"when": (1, 2)}) == b'{"when":[1,2]}'
+
+
+def _ecmascript(x: float) -> str:
+    """Number::toString from its definition (ECMA-262 §6.1.6.1.20), for finite non-zero x:
+    the shortest digits that round-trip (Python's repr finds them), then the layout."""
+    _, digit_tuple, exponent = Decimal(repr(abs(x))).as_tuple()
+    assert isinstance(exponent, int)
+    digits = "".join(map(str, digit_tuple)).rstrip("0")
+    n = exponent + len("".join(map(str, digit_tuple)))
+    k = len(digits)
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        e = n - 1
+        text = (
+            digits if k == 1 else digits[0] + "." + digits[1:]
+        ) + f"e{'+' if e >= 0 else '-'}{abs(e)}"
+    return ("-" if x < 0 else "") + text
+
+
+@given(
+    st.floats(allow_nan=False, allow_infinity=False)
+    | st.floats(min_value=1e-8, max_value=1e22)
+    | st.integers(-(2**60), 2**60).map(float)
+    | st.sampled_from([1e-7, 1e-6, 1e-5, 1e-4, 9.999e-5, 1e15, 1e16, 1e21, 1e20, 123e18, 0.5])
+)
+def test_every_number_is_written_as_ecmascript_would(x: float) -> None:
+    expected = "0" if x == 0 else _ecmascript(x)
+    assert tlog.canonical(x) == expected.encode()
+    assert tlog.canonical(-x) == ("0" if x == 0 else _ecmascript(-x)).encode()
+
+
+@given(st.dictionaries(st.text(), st.integers(), max_size=8))
+def test_keys_sort_by_utf16_code_units_whatever_they_hold(value: dict[str, int]) -> None:
+    order = list(json.loads(tlog.canonical(value)))
+    assert order == sorted(value, key=lambda k: k.encode("utf-16-be", "surrogatepass"))
 
 
 json_values = st.recursive(
