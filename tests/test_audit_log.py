@@ -130,6 +130,37 @@ async def test_every_fact_is_an_event_linked_by_its_request(tmp_path: Path) -> N
     assert report.latest_checkpoint == len(log)  # the stop signed every event
 
 
+async def test_an_undo_a_revoked_grant_and_a_reload_are_events_too(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    from agentgate.reload import Reloader
+    from tests.test_guardian_kit import KITCHEN_ON, fake_home, gateway
+    from tests.test_guardian_kit import ask as ask_kitchen
+
+    async with gateway(tmp_path, fake_home()) as fg:  # its own ceiling, after the start
+        ws = await authed(fg)
+        undone = await ask_kitchen(fg, ws, 1, KITCHEN_ON)
+        assert await fg.guardian.press(undone, "allow") == "approved"
+        await fg.guardian.wait_for_update(undone)
+        assert (await fg.guardian.press(undone, "undo", "Alex (42)")).startswith("undone")
+        granted = await ask_kitchen(fg, ws, 2, KITCHEN_ON)
+        await fg.guardian.press(granted, "grant")
+        await fg.gateway.broker.idle()
+        (grant,) = await fg.gateway.controls.grants()
+        assert await fg.gateway.controls.revoke_grant(grant.grant_id, "Alex (42)")
+        assert (await Reloader(fg.gateway, insecure=True).reload("SIGHUP")).ok
+        await fg.gateway.broker.idle()
+        await fg.gateway.shutdown()
+    log = events(tmp_path / "agentgate.db")
+    kinds = [(e["type"], e.get("decision")) for e in log if e["type"] in ("undo", "guardian")]
+    assert kinds == [("undo", "undo"), ("guardian", "grant"), ("guardian", "revoke"),
+                     ("guardian", "reload")]  # fmt: skip
+    undo = [e["type"] for e in log if e.get("request_id") == undone]
+    assert undo == ["request", "card", "press", "executing", "outcome", "undo", "outcome"]
+    report = check(tmp_path / "agentgate.db")
+    assert report.ok, report.text()
+
+
 async def test_a_press_names_the_guardian_telegram_authenticated(tmp_path: Path) -> None:
     with trio.fail_after(CEILING):
         async with fast_gateway(tmp_path) as fg:
