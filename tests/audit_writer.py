@@ -5,19 +5,24 @@ does (commits on the event loop, durable ones and WAL checkpoints in worker thre
 MODE ``append``, records requests and their outcomes from several tasks at once (every third
 decision durable, outcomes posted), signing a checkpoint every 25 events; with MODE
 ``checkpoint``, signs a checkpoint after every event, each appended to WITNESS_FILE. It prints
-``events N`` now and then, so the test can kill it mid-write.
+``events N`` now and then, so the test can kill it mid-write; with MODE ``checkpoint`` it also
+prints ``signing N`` from inside the transaction that writes every 50th checkpoint, and lingers
+there, so the test can kill it in the middle of checkpointing for certain.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import trio
 
+from agentgate import tlog
 from agentgate.approvals import Outcome
 from agentgate.auditkey import create_key, load_key
 from agentgate.checkpoints import LogSigner, _append_note, new_origin
+from agentgate.eventlog import Tip
 from agentgate.store import AuditEntry, open_store
 
 
@@ -31,13 +36,27 @@ async def main(db: Path, witness: Path, mode: str) -> None:
         else:
             signer = LogSigner(load_key(key_file), named[0])
         every = 1 if mode == "checkpoint" else 25
+        sign = signer
+        if mode == "checkpoint":
+            signed = [0]
+
+            def lingering(tip: Tip) -> tlog.Checkpoint:
+                # Inside the store's transaction, now and then: nothing of it is committed yet,
+                # and the process does nothing else until the kill.
+                signed[0] += 1
+                if signed[0] % 50 == 0:
+                    print(f"signing {tip.size}", flush=True)
+                    time.sleep(0.5)
+                return signer(tip)
+
+            sign = lingering  # type: ignore[assignment]
 
         async def checkpoints() -> None:
             seen = store.appended
             while True:
                 await store.wait_appended(seen + every)
                 seen = store.appended
-                checkpoint = await store.write_checkpoint(signer, 0.0)
+                checkpoint = await store.write_checkpoint(sign, 0.0)
                 if checkpoint is not None:
                     await trio.to_thread.run_sync(_append_note, witness, checkpoint.text())
 

@@ -22,8 +22,10 @@ CEILING = 60
 pytestmark = pytest.mark.slow
 
 
-async def _kill_after(db: Path, witness: Path, mode: str, events: int) -> None:
-    """Run the writer until it reports ``events``, then SIGKILL it (mid-write: it never waits)."""
+async def _kill_after(db: Path, witness: Path, mode: str, events: int) -> int | None:
+    """Run the writer until it reports ``events``, then SIGKILL it (mid-write: it never waits;
+    with ``checkpoint``, once it says it is inside a checkpoint's transaction: the size it was
+    signing)."""
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "tests.audit_writer", str(db), str(witness), mode],
         cwd=REPO,
@@ -31,9 +33,10 @@ async def _kill_after(db: Path, witness: Path, mode: str, events: int) -> None:
     )
     assert process.stdout is not None
     seen = 0
+    signing = mode != "checkpoint"
     buffer = b""
     try:
-        while seen < events:
+        while seen < events or not signing:
             chunk = await process.stdout.receive_some()
             assert chunk, "the writer ended early"
             buffer += chunk
@@ -41,11 +44,19 @@ async def _kill_after(db: Path, witness: Path, mode: str, events: int) -> None:
             for line in lines:
                 if line.startswith(b"events "):
                     seen = int(line.split()[1])
+            # The last thing it said, and nothing after: it is inside a checkpoint's transaction.
+            signing = mode != "checkpoint" or (
+                seen >= events
+                and buffer == b""
+                and lines[-1:] != []
+                and lines[-1].startswith(b"signing ")
+            )
     finally:
         process.send_signal(signal.SIGKILL)
         await process.wait()
         await process.stdout.aclose()
     assert process.returncode == -signal.SIGKILL
+    return int(lines[-1].split()[1]) if mode == "checkpoint" else None
 
 
 def _verify(db: Path, witness: Path) -> None:
@@ -65,5 +76,13 @@ async def test_kill_9_mid_write_leaves_a_log_that_verifies(tmp_path: Path, mode:
     db, witness = tmp_path / "a.db", tmp_path / "witness.txt"
     with trio.fail_after(CEILING):
         for events in (60, 400, 700):  # three kills, each a restart on the same log
-            await _kill_after(db, witness, mode, events)
+            signing = await _kill_after(db, witness, mode, events)
             _verify(db, witness)
+            if signing is not None:  # killed with that checkpoint's transaction open
+                conn = read_only(db)
+                try:
+                    sizes = {r[0] for r in conn.execute("SELECT size FROM audit_checkpoints")}
+                finally:
+                    conn.close()
+                assert signing not in sizes
+                assert f"\n{signing}\n" not in witness.read_text()
