@@ -7,7 +7,10 @@ FILE``; the signing key is ``[audit] key``, or ``NAME.audit-key`` beside the sto
 Exit status: 0, 1 (``verify``: the log does not verify; ``proof``: nothing to prove yet;
 ``compact``: refused), 2 invalid input (``cli.UsageError``).
 
-Imports: cli (UsageError), config, store, eventlog, tlog, verify, auditkey and checkpoints
+What the store says is printed through :mod:`agentgate.inert`: whoever could write the store
+chose it, and agents chose the arguments events hold.
+
+Imports: cli (UsageError), config, store, eventlog, tlog, verify, inert, auditkey and checkpoints
 (``key``, ``compact``).
 """
 
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sqlite3
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 from agentgate import eventlog, tlog
 from agentgate.cli import EXIT_FAILED, EXIT_OK, UsageError
 from agentgate.config import Config
+from agentgate.inert import inert, inert_json
 from agentgate.store import read_only
 from agentgate.verify import Given, proof, verify
 
@@ -115,9 +118,9 @@ def _verify(args: argparse.Namespace, store: Path, key_file: Path) -> int:
     finally:
         conn.close()
     if getattr(args, "json", False):
-        print(json.dumps(report.to_json(), ensure_ascii=False))
+        print(inert_json(report.to_json()))
     else:
-        print(report.text())
+        print("\n".join(inert(line) for line in report.text().split("\n")))
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -125,13 +128,13 @@ def _proof(args: argparse.Namespace, store: Path) -> int:
     conn = _open(store)
     try:
         checkpoint, proofs, later = proof(conn, args.request_id)
-    except (sqlite3.Error, tlog.NoteError, ValueError) as exc:
-        raise UsageError(f"cannot prove {args.request_id}: {exc}") from exc
+    except (sqlite3.Error, tlog.NoteError, ValueError, TypeError) as exc:
+        raise UsageError(f"cannot prove {inert(args.request_id)}: {inert(str(exc))}") from exc
     finally:
         conn.close()
     if getattr(args, "json", False):
         print(
-            json.dumps(
+            inert_json(
                 {
                     "request_id": args.request_id,
                     "checkpoint": None if checkpoint is None else checkpoint.text(),
@@ -140,23 +143,23 @@ def _proof(args: argparse.Namespace, store: Path) -> int:
                     "proofs": [p.to_json() for p in proofs],
                     "not_yet_covered": later,
                 },
-                ensure_ascii=False,
             )
         )
     else:
         if checkpoint is not None and proofs:
             print(f"checkpoint (tree size {checkpoint.size}):")
-            print("  " + checkpoint.text().rstrip("\n").replace("\n", "\n  "))
+            for line in checkpoint.text().rstrip("\n").split("\n"):
+                print("  " + inert(line))
         for p in proofs:
             print(f"event {p.seq}: leaf hash {eventlog.b64(p.leaf)}")
-            print(f"  {p.body}")
+            print(f"  {inert(p.body)}")
             print("  inclusion path (RFC 9162, bottom first):")
             for h in p.path:
                 print(f"    {eventlog.b64(h)}")
         if later:
             print(f"not covered by a checkpoint yet: event(s) {', '.join(map(str, later))}")
         if not proofs and not later:
-            print(f"no event has request id {args.request_id}")
+            print(f"no event has request id {inert(args.request_id)}")
     return EXIT_OK if proofs else EXIT_FAILED
 
 
@@ -169,7 +172,7 @@ def _key(store: Path, key_file: Path) -> int:
     if named is None:
         raise UsageError(f"{store}: the audit log has no key yet: start the gateway once")
     origin, vkey = named
-    print(vkey)
+    print(inert(vkey))
     if key_file.exists():
         from agentgate.auditkey import KeyFileError, load_key
 

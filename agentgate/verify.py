@@ -168,8 +168,14 @@ def _row_digest(row: Sequence[Any]) -> int:
     values = [
         float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in row
     ]
-    data = json.dumps(values, separators=(",", ":")).encode()
-    return int.from_bytes(hashlib.sha256(data).digest()[:16])
+    # A blob where agentgate writes text or numbers differs from every row events give.
+    data = json.dumps(values, separators=(",", ":"), default=lambda b: {"blob": bytes(b).hex()})
+    return int.from_bytes(hashlib.sha256(data.encode()).digest()[:16])
+
+
+def _blob(value: Any) -> bytes | None:
+    """A hash column as stored, or None when it holds anything but bytes (someone wrote it)."""
+    return value if isinstance(value, bytes) else None
 
 
 _COLUMNS = (*eventlog.ROW_COLUMNS, "seq")
@@ -189,7 +195,11 @@ def verify(
     signing key that should be the log's (checked when it exists)."""
     report = Report(store)
     keys = _Keys([tlog.parse_vkey(v) for v in pinned])
-    cut, chain, frontier = eventlog.base(conn)
+    try:
+        cut, chain, frontier = eventlog.base(conn)
+    except (TypeError, ValueError) as exc:  # not what agentgate writes: check from event 0
+        report.bad(f"the latest compaction record is damaged ({exc})", 0)
+        cut, chain, frontier = 0, tlog.ZERO, []
     report.first = cut
     stored = _stored_checkpoints(conn, report)
     outside = [g for g in given if isinstance(g.note, tlog.Checkpoint)]
@@ -243,11 +253,14 @@ def _stored_checkpoints(
             parsed: tlog.Checkpoint | tlog.NoteError = tlog.parse_note(str(note))
         except tlog.NoteError as exc:
             parsed = exc
+        if not isinstance(size, int):
+            report.bad(f"a stored checkpoint's size is not a number ({str(size)[:20]!r})")
+            continue
         if isinstance(parsed, tlog.Checkpoint) and (
-            parsed.size != size or parsed.root != bytes(root)
+            parsed.size != size or parsed.root != _blob(root)
         ):
             parsed = tlog.NoteError("its columns differ from its note")
-        stored.append((int(size), parsed))
+        stored.append((size, parsed))
     return stored
 
 
@@ -291,6 +304,7 @@ class _Pass:
                 self.gap = True  # the tree goes on with the events there are
             data = str(text).encode("utf-8", "surrogatepass")
             computed = tlog.leaf_hash(data)
+            leaf, stored_chain = _blob(leaf), _blob(stored_chain)
             self.chain = tlog.chain_hash(self.chain, computed)
             try:
                 body = tlog.event_json(data)
@@ -301,15 +315,16 @@ class _Pass:
                 problem = f"event {seq} is not a JSON object"
             elif body.get("seq") != seq:
                 problem = f"event {seq} is out of place (its bytes say event {body.get('seq')})"
-            elif computed != bytes(leaf):
+            elif computed != leaf:
                 problem = f"event {seq} was changed: its bytes do not hash to its leaf"
-            elif tlog.chain_hash(self.stored_chain, computed) != bytes(stored_chain):
+            elif tlog.chain_hash(self.stored_chain, computed) != stored_chain:
                 problem = f"event {seq} does not chain to the event before it"
             elif body.get("type") != type_ or body.get("request_id") != request_id:
                 problem = f"event {seq}'s columns differ from its bytes"
             if problem is not None:
                 report.bad(problem, seq)
-            self.stored_chain = bytes(stored_chain)  # each link checked on its own
+            # Each link checked on its own (one that is not a hash: against the recomputed one).
+            self.stored_chain = self.chain if stored_chain is None else stored_chain
             self.frontier = tlog.append(self.frontier, self.size, computed)
             self.size += 1
             if self.size in self.wanted:
@@ -387,7 +402,7 @@ def _check_tip(conn: sqlite3.Connection, report: Report, state: _Pass) -> None:
     if row is None:
         report.bad("the log has no tip record")
         return
-    if (int(row[0]), bytes(row[1]), bytes(row[2])) != (
+    if (row[0], _blob(row[1]), _blob(row[2])) != (
         state.size,
         state.chain,
         tlog.pack(state.frontier),
@@ -406,7 +421,7 @@ def _check_compactions(
     cut: int,
 ) -> None:
     recorded = {
-        int(c): (bytes(ch), bytes(f))
+        c: (_blob(ch), _blob(f))
         for c, ch, f in conn.execute("SELECT cut, chain, frontier FROM audit_compactions")
     }
     seen = set()
@@ -420,9 +435,12 @@ def _check_compactions(
         record = recorded.get(cut_at)
         if record is not None:
             chain, frontier = record
-            if eventlog.b64(chain) != body.get("chain") or eventlog.b64(
-                tlog.root(tlog.unpack(frontier))
-            ) != body.get("root"):
+            if (
+                chain is None
+                or frontier is None
+                or eventlog.b64(chain) != body.get("chain")
+                or _frontier_root(frontier) != body.get("root")
+            ):
                 report.bad(f"compaction record {cut_at} is not what event {seq} says", seq)
         signed = any(isinstance(note, tlog.Checkpoint) and size > seq for size, note in stored)
         if not signed:
@@ -439,6 +457,13 @@ def _check_compactions(
         report.bad(f"events 0..{cut - 1} are gone, and no compaction event of the log says why", 0)
 
 
+def _frontier_root(frontier: bytes) -> str | None:
+    try:
+        return eventlog.b64(tlog.root(tlog.unpack(frontier)))
+    except ValueError:  # not whole hashes
+        return None
+
+
 def _check_stored(
     report: Report,
     keys: _Keys,
@@ -450,13 +475,12 @@ def _check_stored(
     beyond = 0  # the largest signed size beyond the log's end
     for size, note in stored:
         report.checkpoints += 1
-        if isinstance(note, tlog.NoteError):
-            report.bad(f"stored checkpoint {size} is not a checkpoint: {note}", size)
+        if isinstance(note, tlog.NoteError):  # the checkpoint itself, not an event
+            report.bad(f"stored checkpoint {size} is not a checkpoint: {note}")
             continue
         if not keys.check(note):
             report.bad(
-                f"stored checkpoint {size} is not signed by the log's key (a key file replaced?)",
-                size,
+                f"stored checkpoint {size} is not signed by the log's key (a key file replaced?)"
             )
             continue
         report.latest_checkpoint = max(report.latest_checkpoint or 0, size)

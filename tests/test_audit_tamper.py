@@ -323,6 +323,52 @@ async def test_the_store_replaced_by_an_older_copy_is_caught(tmp_path: Path) -> 
     assert f"first bad event: {_size(db)} (missing)" in done.stdout.decode()
 
 
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        ("UPDATE audit_events SET leaf = 'text' WHERE seq = 3", "event 3 was changed"),
+        ("UPDATE audit_events SET chain = 7 WHERE seq = 3", "event 3 does not chain"),
+        ("UPDATE audit_events SET body = X'FF00' WHERE seq = 3", "event 3 is not a JSON object"),
+        ("UPDATE audit_tip SET size = 'x'", "tip record (size x)"),
+        ("UPDATE audit_checkpoints SET root = 'x'", "its columns differ from its note"),
+        ("UPDATE audit_checkpoints SET size = 'x'", "size is not a number ('x')"),
+        (
+            "INSERT INTO audit_compactions VALUES (2, X'00', X'01', 0)",
+            "compaction record is damaged",
+        ),
+        ("UPDATE audit_log SET args = X'FF' WHERE id = 1", "audit_log row 1 was changed"),
+    ],
+)
+async def test_columns_of_the_wrong_type_are_reported_not_a_traceback(
+    log: tuple[Path, str], edit: str, said: str
+) -> None:
+    db, chat = log
+    conn = _open(db)
+    conn.execute(edit)
+    conn.close()
+    done = await _cli("--store", str(db), "--checkpoint", chat)
+    out = done.stdout.decode()
+    assert done.returncode == 1, out + done.stderr.decode()
+    assert "Traceback" not in done.stderr.decode()
+    assert said in out
+
+
+async def test_what_the_store_says_reaches_the_terminal_inert(log: tuple[Path, str]) -> None:
+    db, _ = log
+    conn = _open(db)
+    body = conn.execute("SELECT body FROM audit_events WHERE seq = 0").fetchone()[0]
+    forged = json.loads(body)
+    forged["origin"] = "agentgate/\x1b]2;owned\x07\u009b2J"  # a title, a clear screen
+    text = tlog.canonical(forged).decode()
+    conn.execute("UPDATE audit_events SET body = ? WHERE seq = 0", (text,))
+    conn.close()
+    done = await _cli("--store", str(db))
+    assert done.returncode == 1
+    assert b"\x1b" not in done.stdout
+    assert "\x9b" not in done.stdout.decode()
+    assert "\\x9b" in done.stdout.decode()  # shown, escaped
+
+
 async def test_rows_of_audit_log_edited_are_caught(log: tuple[Path, str]) -> None:
     db, _ = log
     conn = _open(db)
