@@ -1,7 +1,7 @@
 """What the whole-pipeline state machine (``test_pipeline_state_machine.py``) found, each case
 reduced to a focused test on the fast tier (memory streams, MockTransport, ``autojump_clock``).
 
-Both are open: they are marked ``xfail(strict=True)``, so fixing one turns its test into an
+All are open: they are marked ``xfail(strict=True)``, so fixing one turns its test into an
 unexpected pass (and the suite fails until the mark goes). The state machine exempts exactly
 these cases unless ``AGENTGATE_PROPTEST_STRICT=1``.
 
@@ -16,6 +16,9 @@ these cases unless ``AGENTGATE_PROPTEST_STRICT=1``.
    (a no-op while the outcome is not recorded yet) runs before the outcome's commit (which
    depends on the scheduler's order: about one time in three here), the result is neither
    on the wire nor in the agent's queue.
+3. A result whose frame could not be written goes back to the agent's queue — unless that
+   write fails (a disk error at that moment): ``Pipeline.requeue`` only logs it, and the
+   result, recorded as delivered, is neither on the wire nor in the queue.
 """
 
 from __future__ import annotations
@@ -194,3 +197,26 @@ async def test_a_result_whose_connection_drops_before_it_is_written_stays_queued
         assert fg.home.service_calls  # it ran
         # Its frame never left: the result must wait in the agent's queue.
         assert stored(workdir, request_id) == ("done", "executed", 0)
+
+
+@pytest.mark.xfail(strict=True, reason="open: a result whose requeue cannot be written is lost")
+async def test_a_result_whose_requeue_fails_is_not_lost(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        ws, stream = await jammable(fg)
+        stream.jam(True)  # the agent takes no more bytes (a full TCP window)
+        await ws.send_message(ask_frame(1))
+        shown = await fg.guardian.wait_for_card()
+        request_id = shown.card.request_id
+        assert await fg.guardian.press(request_id, "deny") == "denied"
+        await fg.guardian.wait_for_update(request_id)  # recorded: delivered (in the outbox)
+        assert stored(tmp_path, request_id) == ("done", "denied", 1)
+        store = fg.gateway.store
+        healthy = store._conn
+        store._conn = FailingCommits(healthy)  # type: ignore[assignment]
+        await stream.aclose()  # the connection drops: the frame was never written
+        await trio.sleep(1)
+        store._conn = healthy
+        # Never written, so back in the queue (it stayed "delivered": lost).
+        assert stored(tmp_path, request_id) == ("done", "denied", 0)

@@ -37,7 +37,7 @@ recover it (``docs/protocol.md``): an answer given at once (policy, grant, refus
 connection, and an approval's outcome the gateway wrote to a connection that then dropped before
 the program read it, when the program never learnt the request's id either.
 
-Two open bugs it found are exempted here, precisely (``AGENTGATE_PROPTEST_STRICT=1`` removes the
+Three open bugs it found are exempted here, precisely (``AGENTGATE_PROPTEST_STRICT=1`` removes the
 exemptions); ``test_pipeline_findings.py`` pins each with a focused test.
 
 ``AGENTGATE_PROPTEST_EXAMPLES`` sets the number of examples (``make soak`` runs thousands),
@@ -229,13 +229,16 @@ class FlakyConnection:
     dies at the end of a transaction) and are rolled back; once ``dead`` (the process crashed)
     nothing reaches the file any more. Every other statement runs for real."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, lost: set[str]) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, lost: set[str], unqueued: set[str]
+    ) -> None:
         self._conn = conn
         self.path = path
         self.fail_commits = 0
         self.failed = 0
         self.dead = False
         self.lost = lost  # approvals whose outcome a failed COMMIT did not record
+        self.unqueued = unqueued  # results a failed COMMIT did not put back in the queue
 
     def execute(self, sql: str, *args: Any) -> Any:
         if self.dead:
@@ -243,18 +246,24 @@ class FlakyConnection:
         if self.fail_commits and sql.strip().upper() == "COMMIT":
             self.fail_commits -= 1
             self.failed += 1
-            self.lost |= self._finishing()
+            finishing, requeueing = self._rolled_back()
+            self.lost |= finishing
+            self.unqueued |= requeueing
             raise sqlite3.OperationalError("disk I/O error")
         return self._conn.execute(sql, *args)
 
-    def _finishing(self) -> set[str]:
-        """The approvals this transaction moves to ``done`` (its own view, minus the file's)."""
+    def _rolled_back(self) -> tuple[set[str], set[str]]:
+        """The approvals this transaction moves to ``done``, and the results it puts back in
+        the queue (its own view, against the file's)."""
         done = "SELECT request_id FROM pending_requests WHERE state = 'done'"
-        mine = {r[0] for r in self._conn.execute(done)}
+        queued = done + " AND delivered = 0"
         with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as other:
             committed = {r[0] for r in other.execute(done)}
+            committed_queued = {r[0] for r in other.execute(queued)}
         other.close()
-        return mine - committed
+        finishing = {r[0] for r in self._conn.execute(done)} - committed
+        requeueing = {r[0] for r in self._conn.execute(queued)} & (committed - committed_queued)
+        return finishing, requeueing
 
     def executemany(self, sql: str, *args: Any) -> Any:
         if self.dead:
@@ -485,6 +494,7 @@ class PipelineMachine(RuleBasedStateMachine):
         self.collections: dict[int, Waiter] = {}  # get_pending_results calls in flight
         self.violations: list[str] = []
         self.unrecorded: set[str] = set()  # outcomes a failed COMMIT lost (finding 1)
+        self.unqueued: set[str] = set()  # requeues a failed COMMIT lost (finding 3)
         self.cut_short: set[str] = set()  # approvals a planned stop's bound cut (finding 2)
         self.jammed_at_stop: set[int] = set()  # asked on a socket jammed at a stop (finding 2)
         self.abandoned: list[Socket] = []  # sockets the program gave up on (maybe half-open)
@@ -530,7 +540,9 @@ class PipelineMachine(RuleBasedStateMachine):
                     trio.open_nursery() as nursery,
                 ):
                     # The test's hook on the store (as in test_store's fail-at-commit tests).
-                    conn = FlakyConnection(gateway.store._conn, self.db, self.unrecorded)
+                    conn = FlakyConnection(
+                        gateway.store._conn, self.db, self.unrecorded, self.unqueued
+                    )
                     gateway.store._conn = conn  # type: ignore[assignment]
                     self.guardian.control = gateway.controls
                     instance.gateway, instance.conn, instance.nursery = gateway, conn, nursery
@@ -672,8 +684,12 @@ class PipelineMachine(RuleBasedStateMachine):
             self.stats.add("frames the gateway wrote were lost unread")
         sock.inbox.clear()
         for waiter, _error in self.core.lose_all("connection lost"):
-            if waiter.req is not None:
+            if waiter.req is None:
+                continue
+            if waiter.kind == "tool":
                 waiter.req.lost = True
+            else:  # a get_result whose answer was lost: asked again later
+                waiter.req.asked_by_id = False
         if self.current is sock:
             self.current = None
         self.want_collect = False
@@ -892,14 +908,16 @@ class PipelineMachine(RuleBasedStateMachine):
         return {rpc_id for request_id, rpc_id, *_ in rows if request_id in self.unrecorded}
 
     def _lost_in_outbox(self, req: Req, request_id: str) -> bool:
-        """Whether finding 2 of ``test_pipeline_findings.py`` may have lost this result: it
-        waited in an outbox when the gateway stopped (a jammed socket, or a planned stop's
-        bound ran out), or when its jammed socket dropped before its outcome was recorded.
-        Never with ``AGENTGATE_PROPTEST_STRICT``."""
+        """Whether findings 2 and 3 of ``test_pipeline_findings.py`` may have lost this
+        result: it waited in an outbox when the gateway stopped (a jammed socket, or a planned
+        stop's bound ran out), or when its jammed socket dropped before its outcome was
+        recorded (2); its frame was never written and a failed COMMIT kept it out of the queue
+        again (3). Never with ``AGENTGATE_PROPTEST_STRICT``."""
         if STRICT:
             return False
         return (
             request_id in self.cut_short
+            or request_id in self.unqueued
             or req.rpc in self.jammed_at_stop
             or req.rpc in self.dropped_jammed
         )
