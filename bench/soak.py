@@ -962,8 +962,14 @@ def run_pipeline(examples: int) -> tuple[bool, list[str]]:
     # notes on drawing rules).
     noted = [line.strip() for line in output.splitlines() if "%, " in line]
     lines += [f"  {line}" for line in noted if "draw" not in line and "gave up" not in line]
-    if done.returncode != 0:
-        lines += ["  pytest failed:", *(f"    {line}" for line in output.splitlines()[-60:])]
+    if done.returncode != 0:  # each failing example, as Hypothesis shrank it
+        shown = ("AssertionError", "Error:", "StepStuck", "state.", "Falsifying")
+        failing = [
+            line.strip(" |")
+            for line in output.splitlines()
+            if any(mark in line for mark in shown) and "consistent()" not in line
+        ]
+        lines += ["  pytest failed:", *(f"    {line}" for line in failing[:120])]
     return done.returncode == 0, lines
 
 
