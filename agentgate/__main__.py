@@ -1,3 +1,8 @@
+"""``python -m agentgate``: the command line.
+
+Imports: cli.
+"""
+
 from agentgate.cli import main
 
 raise SystemExit(main())

@@ -27,6 +27,8 @@ Exit status (:func:`exit_status`; also in README.md and `agentgate call --help`)
 Errors go to stderr as ``agentgate: denied by policy: MESSAGE (signature: ..., request_id:
 ...)``. With ``--json`` an error is also printed on stdout as ``{"error": {"code", "message",
 "data"}}``, so scripts can read both outcomes from one stream.
+
+Imports: cli (the arguments, usage errors), client (the SDK).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ __all__ = [
     "GatewayConfig",
     "GuardianConfig",
     "HomeAssistantConfig",
+    "HttpServiceConfig",
     "LimitsConfig",
     "McpConfig",
     "PolicyConfig",
@@ -80,8 +81,18 @@ MIN_MESSAGE_BYTES = 1024
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MIN_OUTBOX_BYTES = 65536
 MAX_OUTBOX_BYTES = 1 << 30
+MIN_RESPONSE_BYTES = 1024
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+HTTP_SERVICE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+HTTP_AUTH = ("none", "bearer", "header", "basic")
 
 _AGENT_NAME_RE = re.compile(AGENT_NAME_PATTERN)
+_HTTP_SERVICE_RE = re.compile(HTTP_SERVICE_PATTERN)
+# RFC 9110 token characters; the names that carry framing or the connection are refused.
+_HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "transfer-encoding", "connection", "cookie"}
+)
 _BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -215,6 +226,17 @@ def _seconds(value: object) -> float:
     return number
 
 
+def _non_negative_seconds(value: object) -> float:
+    if _as_int(value) == 0 or value == 0.0:
+        return 0.0
+    try:
+        return _seconds(value)
+    except _Invalid:
+        raise _Invalid(
+            f"expected a number of seconds, 0 or more (0 turns it off), got {_show(value)}"
+        ) from None
+
+
 def _int_in(low: int, high: int, note: str) -> Callable[[object], int]:
     """A check for an integer from ``low`` to ``high``; ``note`` says what the bound is."""
 
@@ -302,6 +324,22 @@ def _durability(value: object) -> str:
     return str(value)
 
 
+def _http_auth(value: object) -> str:
+    if value not in HTTP_AUTH:
+        raise _Invalid(
+            f"expected one of {', '.join(map(json.dumps, HTTP_AUTH))}, got {_show(value)}"
+        )
+    return str(value)
+
+
+def _header_name(value: object) -> str:
+    if not isinstance(value, str) or not _HEADER_NAME_RE.match(value):
+        raise _Invalid(f'expected an HTTP header name such as "X-Api-Key", got {_show(value)}')
+    if value.lower() in _RESERVED_HEADERS:
+        raise _Invalid(f"{value} is set by the gateway itself: pick the header the API reads")
+    return value
+
+
 def _mcp_path(value: object) -> str:
     if (
         not isinstance(value, str)
@@ -339,6 +377,11 @@ def _origins(value: object) -> tuple[str, ...]:
 
 
 Durability = Annotated[str, _Check(_durability)]
+HttpAuth = Annotated[str, _Check(_http_auth)]
+HeaderName = Annotated[str, _Check(_header_name)]
+ResponseBytes = Annotated[
+    int, _Check(_int_in(MIN_RESPONSE_BYTES, MAX_RESPONSE_BYTES, "1 KiB to 16 MiB"))
+]
 CardChars = Annotated[
     int, _Check(_int_in(MIN_CARD_CHARS, MAX_CARD_CHARS, "what one Telegram message holds"))
 ]
@@ -351,6 +394,7 @@ Integer = Annotated[int, _Check(_integer)]
 PositiveInt = Annotated[int, _Check(_positive_int)]
 NonNegativeInt = Annotated[int, _Check(_non_negative_int)]
 Seconds = Annotated[float, _Check(_seconds)]
+SecondsOrOff = Annotated[float, _Check(_non_negative_seconds)]
 MessageBytes = Annotated[int, _Check(_int_in(MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, "16 MiB"))]
 OutboxBytes = Annotated[int, _Check(_int_in(MIN_OUTBOX_BYTES, MAX_OUTBOX_BYTES, "1 GiB"))]
 UserIds = Annotated[tuple[int, ...], _Check(_user_ids)]
@@ -373,6 +417,9 @@ class GatewayConfig:
     tls_key: FilePath | None = None
     auth_deadline: Seconds = 10.0
     approval_timeout: Seconds = 900.0
+    # The operator's control socket (agentgate reload, grants --revoke, undo); default: the
+    # file agentgate.sock next to the store.
+    control_socket: FilePath | None = None
 
     @property
     def host(self) -> str:
@@ -458,6 +505,11 @@ class GuardianConfig:
     telegram: TelegramConfig | None = None
     max_card_chars: CardChars = MAX_CARD_CHARS
     card_overflow: CardOverflow = "refuse"
+    # Seconds an executed call's ↩ Undo is offered (0: no snapshots, no Undo).
+    undo_window: SecondsOrOff = 600.0
+    # Approvals of one signature (30 days, no denial) before its card offers "Always allow"
+    # (0: never offered).
+    suggest_after: NonNegativeInt = 3
 
 
 @frozen(kw_only=True)
@@ -470,10 +522,44 @@ class HomeAssistantConfig:
 
 
 @frozen(kw_only=True)
+class HttpServiceConfig:
+    """``[services.http.NAME]``: an HTTP API whose tools a tools file describes
+    (docs/services.md). Its tools are named ``http_NAME_TOOL``.
+
+    ``auth`` says how the gateway authenticates: ``"bearer"`` (``token``), ``"header"``
+    (``header`` = ``token``), ``"basic"`` (``username``, ``password``) or ``"none"``. The
+    secrets come from ``${VAR}`` and appear nowhere else: not in cards, audit rows or logs.
+    """
+
+    name: String
+    base_url: HttpUrl
+    tools: FilePath
+    auth: HttpAuth = "none"
+    token: Secret | None = field(default=None, repr=False)
+    header: HeaderName | None = None
+    username: String | None = None
+    password: Secret | None = field(default=None, repr=False)
+    timeout: Seconds = 10.0
+    ca: FilePath | None = None
+    max_response_bytes: ResponseBytes = 1 << 20
+
+    def secrets(self) -> tuple[str, ...]:
+        """The credential's secret values (never shown anywhere; scrubbed from answers)."""
+        found = [self.token, self.password]
+        if self.username is not None and self.password is not None:
+            import base64
+
+            pair = f"{self.username}:{self.password}".encode()
+            found.append(base64.b64encode(pair).decode("ascii"))
+        return tuple(s for s in found if s)
+
+
+@frozen(kw_only=True)
 class ServicesConfig:
     """``[services]``: the services the gateway executes against."""
 
     homeassistant: HomeAssistantConfig | None = None
+    http: dict[str, HttpServiceConfig] = field(factory=dict)
 
 
 @frozen(kw_only=True)
@@ -538,6 +624,11 @@ class Config:
             agent.requests_per_minute or self.limits.requests_per_minute,
             agent.max_pending or self.limits.max_pending_per_agent,
         )
+
+    def control_socket(self) -> Path:
+        """Where the operator's control socket is: ``[gateway] control_socket``, else
+        ``agentgate.sock`` next to the store."""
+        return self.gateway.control_socket or self.store.path.parent / "agentgate.sock"
 
     def agent_policy(self, name: str) -> Path:
         """The policy file for agent ``name``: its own, else ``[policy] file``."""
@@ -808,6 +899,18 @@ def _inject_names(
     if "source" in document:
         problems.append((("source",), "unknown key"))
     document["source"] = str(source)
+    services = document.get("services")
+    http = services.get("http") if isinstance(services, dict) else None
+    if isinstance(http, dict):
+        for name, table in http.items():
+            if not _HTTP_SERVICE_RE.match(name):
+                problems.append(
+                    (("services", "http", name), f"service name must match {HTTP_SERVICE_PATTERN}")
+                )
+            if isinstance(table, dict):
+                if "name" in table:
+                    problems.append((("services", "http", name, "name"), "unknown key"))
+                table["name"] = name
     agents = document.get("agents")
     if not isinstance(agents, dict):
         return
@@ -862,7 +965,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     return attrs.evolve(
         config,
         gateway=attrs.evolve(
-            gateway, tls_cert=maybe(gateway.tls_cert), tls_key=maybe(gateway.tls_key)
+            gateway,
+            tls_cert=maybe(gateway.tls_cert),
+            tls_key=maybe(gateway.tls_key),
+            control_socket=maybe(gateway.control_socket),
         ),
         store=attrs.evolve(config.store, path=resolve(config.store.path)),
         policy=attrs.evolve(config.policy, file=resolve(config.policy.file)),
@@ -870,6 +976,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             name: attrs.evolve(agent, policy=maybe(agent.policy))
             for name, agent in config.agents.items()
         },
+        services=attrs.evolve(
+            config.services,
+            http={
+                name: attrs.evolve(service, tools=resolve(service.tools), ca=maybe(service.ca))
+                for name, service in config.services.http.items()
+            },
+        ),
     )
 
 
@@ -910,6 +1023,38 @@ def _cross_check(config: Config, *, insecure: bool) -> list[tuple[KeyPath, str]]
     for name, agent in config.agents.items():
         if agent.policy is not None:
             problems.extend(_require_file(("agents", name, "policy"), agent.policy))
+    for name, service in config.services.http.items():
+        problems.extend(_check_http_service(name, service))
+    return problems
+
+
+_AUTH_KEYS: Mapping[str, tuple[str, ...]] = {
+    "none": (),
+    "bearer": ("token",),
+    "header": ("header", "token"),
+    "basic": ("username", "password"),
+}
+
+
+def _check_http_service(name: str, service: HttpServiceConfig) -> list[tuple[KeyPath, str]]:
+    key: KeyPath = ("services", "http", name)
+    problems: list[tuple[KeyPath, str]] = []
+    needed = _AUTH_KEYS[service.auth]
+    for field_name in ("token", "header", "username", "password"):
+        given = getattr(service, field_name) is not None
+        if field_name in needed and not given:
+            problems.append(((*key, field_name), f'required with auth = "{service.auth}"'))
+        elif given and field_name not in needed:
+            problems.append(
+                ((*key, field_name), f'not used with auth = "{service.auth}": remove it')
+            )
+    if service.token is not None and any(c in service.token for c in "\r\n\x00"):
+        problems.append(((*key, "token"), "must not contain line breaks or NUL"))
+    problems.extend(_require_file((*key, "tools"), service.tools))
+    if service.ca is not None:
+        problems.extend(_require_file((*key, "ca"), service.ca))
+        if urlsplit(service.base_url).scheme != "https":
+            problems.append(((*key, "ca"), "only used with an https:// base_url"))
     return problems
 
 

@@ -180,7 +180,7 @@ class OverLimit(Exception):
 
 
 class ConnectionLimits:
-    """The sockets the gateway holds, against ``[limits]`` (DESIGN §13).
+    """The sockets the gateway holds, against ``[limits]`` (docs/configuration.md).
 
     A socket takes a :class:`Ticket` as soon as it is accepted (:meth:`admit`): it counts
     towards ``max_connections`` until it is closed, and towards its source's
@@ -202,6 +202,19 @@ class ConnectionLimits:
         self.open = 0
         self._unauthenticated: dict[str, int] = {}
         self._agents: dict[str, int] = {}
+        self._released: trio.Event | None = None  # someone waits in released()
+
+    async def released(self) -> None:
+        """Return once a socket or an agent's session gives its place back (tests wait on
+        the counts with it)."""
+        if self._released is None:
+            self._released = trio.Event()
+        await self._released.wait()
+
+    def _give_back(self) -> None:
+        if self._released is not None:
+            self._released.set()
+            self._released = None
 
     def admit(self, address: str) -> Ticket:
         """A ticket for a socket just accepted from ``address``; OverLimit if over a limit."""
@@ -278,6 +291,7 @@ class Ticket:
         if self._limits is not None and self._agent is not None:
             self._limits._down(self._limits._agents, self._agent)
             self._agent = None
+            self._limits._give_back()
 
     def close(self) -> None:
         """The socket is closed: every place it held is given back."""
@@ -291,6 +305,7 @@ class Ticket:
             limits._down(limits._agents, self._agent)
             self._agent = None
         limits.open -= 1
+        limits._give_back()
 
 
 class Throttle:

@@ -8,21 +8,27 @@ Every front door (the WebSocket protocol, MCP) hands an authenticated agent's re
       signature (every entity), policy
       frozen by the guardian ────────────────────── audited ──▶ DeniedByPolicy (-32003)
       deny ─────────────────────────────────────── audited ──▶ DeniedByPolicy (-32003)
-      ask ─┬─ a grant covers it ──▶ allow
+      ask ─┬─ a grant covers it (one guardian is enough, and the rule's quota is not
+           │  used up) ──▶ allow
            ├─ the card cannot show everything ──── audited ──▶ InvalidParams (-32602)
            └─ broker.ask (pending limit, recorded) ─────────▶ Asked; the result comes later
-      allow ── decision fsync'd (else nothing runs: -32004) ── execute ──▶ Executed
-                                                                      ├──▶ ExecutionFailed
-                                                      sent, no answer └──▶ OutcomeUnknown
+      allow ─┬─ the rule's quota is used up ──▶ ask (no grant applies; the card says so)
+             └─ decision fsync'd (else nothing runs: -32004) ── [undo snapshot] ── execute
+                                                             ├──▶ Executed
+                                                             ├──▶ ExecutionFailed
+                                             sent, no answer └──▶ OutcomeUnknown
 
-What it owns: the order of those checks, the policies, the per-agent request rate, the audit of
-every decision, the executor's calls, and the registry of live reply handles per agent.
+What it owns: the order of those checks, the policies, the per-agent request rate, the quota
+counts (:mod:`agentgate.quotas`), the audit of every decision, the executor's calls, and the
+registry of live reply handles per agent. A configuration reload swaps :attr:`Pipeline.config`
+and :attr:`Pipeline.policies` at once (:mod:`agentgate.reload`).
 What it does not: the wire (each door encodes its own replies), the guardian's controls
 (:mod:`agentgate.controls`: freeze and grants live there), approvals once asked
 (:mod:`agentgate.broker`).
 
 Imports: tools, policy, store, broker, controls, guardian (the card and its rules), services
-(the Executor protocol), approvals, limits, config, protocol (ids), errors. Never a front door.
+(the Executor protocol), approvals, quotas, undo, limits, config, protocol (ids), errors. Never a
+front door.
 """
 
 from __future__ import annotations
@@ -32,18 +38,19 @@ import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import attrs
 import trio
 
 from agentgate import tools
-from agentgate.approvals import Outcome, ReplyHandle
+from agentgate.approvals import Decision, Outcome, ReplyHandle
 from agentgate.broker import Broker
 from agentgate.config import Config
 from agentgate.controls import Controls
 from agentgate.errors import (
     AgentgateError,
+    AuthenticationFailed,
     DeniedByPolicy,
     ExecutionFailed,
     GatewayShuttingDown,
@@ -54,10 +61,12 @@ from agentgate.errors import (
 from agentgate.guardian import ApprovalCard
 from agentgate.guardian.card import CardRules, CardTooLarge
 from agentgate.limits import TokenBucket
-from agentgate.policy import Policy
+from agentgate.policy import Evaluation, Policy
 from agentgate.protocol import MAX_ACK, MAX_REQUEST_ID_CHARS, JsonId
+from agentgate.quotas import Quotas
 from agentgate.services import Executor
-from agentgate.store import AuditEntry, Store
+from agentgate.store import AuditEntry, PendingRow, Store
+from agentgate.undo import Undo
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
@@ -74,6 +83,12 @@ def request_ids(value: object) -> list[str]:
     if any(len(item) > MAX_REQUEST_ID_CHARS for item in value):
         raise InvalidParams(f"ack: a request id longer than {MAX_REQUEST_ID_CHARS} characters")
     return list(value)
+
+
+INTERRUPTED: Final = (
+    "outcome unknown: the call was interrupted while it executed (it may have run; it is not"
+    " run again)"
+)
 
 
 class Executed(NamedTuple):
@@ -146,6 +161,8 @@ class Pipeline:
         self.cards = cards
         self.now = now
         self.broker: Broker | None = None  # set by open_gateway: the broker needs us too
+        self.undo: Undo | None = None  # set by open_gateway when there is a service
+        self.quotas = Quotas()  # loaded by open_gateway from the audit log
         self.closing = False  # shutting down: new requests are refused (-32007)
         self._buckets: dict[str, TokenBucket] = {}
         self._readings: dict[str, _Reading] = {}  # target -> its describe in flight
@@ -162,6 +179,8 @@ class Pipeline:
 
     def take_rate(self, agent: str) -> None:
         """One request of ``agent`` against its ``requests_per_minute`` (RateLimited if none)."""
+        if agent not in self.config.agents:  # removed by a reload while its request was read
+            raise AuthenticationFailed("agent removed by a configuration reload")
         rpm, _ = self.config.agent_limits(agent)
         bucket = self._buckets.get(agent)
         if bucket is None or bucket.capacity != rpm:
@@ -197,7 +216,7 @@ class Pipeline:
             raise InvalidParams(f"unknown tool: {tool}")
         policy = self.policies.get(agent) or self.policies[None]
         try:
-            evaluation = policy.evaluate(tool, args)
+            evaluation = policy.evaluate(tool, args, specs=self.offered)
         except InvalidParams as exc:
             await self._audit_refusal(
                 agent, tool, args, None, "invalid", exc.message, via=reply.via
@@ -219,14 +238,35 @@ class Pipeline:
                 agent, tool, args, signature, "deny", matched, request_id, reply.via
             )
             raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
+        quota = None
+        granted = None  # the grant that allowed it, for Undo's listing
         if decision == "ask":
-            grant = self.controls.grant_for(agent, tool, args, signature, now)
+            # One guardian's grant never stands for the several a two-person rule needs.
+            grant = None
+            if evaluation.matched.approvals <= 1:
+                grant = self.controls.grant_for(agent, tool, args, signature, now)
             if grant is not None:
+                quota = self._quota_used_up(agent, policy, evaluation, now)
+            if grant is not None and quota is None:
                 decision, matched = "allow", f"grant {grant.grant_id} by {grant.granted_by}"
+                granted = matched
             else:
                 return await self._ask(
-                    agent, tool, args, signature, matched, request_id, reply, reply_to
+                    agent,
+                    tool,
+                    args,
+                    signature,
+                    matched,
+                    request_id,
+                    reply,
+                    reply_to,
+                    quorum=evaluation.matched.approvals,
+                    quota=quota,
                 )
+        elif (quota := self._quota_used_up(agent, policy, evaluation, now)) is not None:
+            return await self._ask(
+                agent, tool, args, signature, matched, request_id, reply, reply_to, quota=quota
+            )
         # allow: the decision is on disk before anything executes (fail closed; fsync'd, so a
         # power cut cannot leave a call that ran without its row).
         await self.store.audit(
@@ -243,6 +283,8 @@ class Pipeline:
             ),
             durable=True,
         )
+        # Read before the call, so that Undo knows what it changed (one read per entity).
+        snapshot = None if self.undo is None else await self.undo.before(tool, args)
         try:
             result = await self.execute(tool, args)
         except OutcomeUnknown as exc:  # it may have run: recorded as such, never retried
@@ -257,8 +299,37 @@ class Pipeline:
             exc.data.update(data)
             await self._resolve_quietly(request_id, Outcome.FAILED, error=exc.message)
             raise
+        except trio.Cancelled:
+            # Cut off mid-call (the shutdown bound, a front door's own bound): it may have run.
+            log.warning("%s (%s, agent %s, request %s)", INTERRUPTED, signature, agent, request_id)
+            with trio.CancelScope(shield=True):
+                await self._resolve_quietly(request_id, Outcome.UNKNOWN, error=INTERRUPTED)
+            raise
         await self._resolve_quietly(request_id, Outcome.EXECUTED, result=result)
+        if snapshot is not None and self.undo is not None:
+            self.store.post_undo(
+                self.undo.record(
+                    snapshot,
+                    result,
+                    request_id=request_id,
+                    agent=agent,
+                    tool=tool,
+                    args=args,
+                    signature=signature,
+                    decided_by=granted,
+                )
+            )
         return Executed(request_id, result)
+
+    def _quota_used_up(
+        self, agent: str, policy: Policy, evaluation: Evaluation, now: float
+    ) -> str | None:
+        """Count this call against its rule's quota; the quota (as the card says it) if it is
+        used up instead: then a human is asked. Synchronous: no request can overtake."""
+        key = self.quotas.key(agent, policy, evaluation)
+        if key is None or self.quotas.admit(key, now):
+            return None
+        return str(key.quota)
 
     async def _ask(
         self,
@@ -270,8 +341,13 @@ class Pipeline:
         request_id: str,
         reply: ReplyHandle,
         reply_to: JsonId,
+        *,
+        quorum: int = 1,
+        quota: str | None = None,
     ) -> Asked:
         data = {"request_id": request_id, "signature": signature}
+        if quota is not None:
+            matched = f"quota reached: {quota} ({matched})"
         card = ApprovalCard(
             request_id=request_id,
             agent=agent,
@@ -281,6 +357,9 @@ class Pipeline:
             matched=matched,
             expires_at=self.now() + self.config.gateway.approval_timeout,
             via=reply.via,
+            target=self._preview(tool, args),  # an HTTP request's text counts in the layout
+            quorum=quorum,
+            quota=quota,
         )
         try:
             self.cards.layout(card)  # what the guardian will be shown: everything, or nothing
@@ -294,9 +373,41 @@ class Pipeline:
             raise GatewayShuttingDown()
         _, max_pending = self.config.agent_limits(agent)
         request_id = await self.broker.ask(
-            reply, reply_to, tool, args, signature, matched, max_pending=max_pending
+            reply,
+            reply_to,
+            tool,
+            args,
+            signature,
+            matched,
+            max_pending=max_pending,
+            quorum=quorum,
+            quota=quota,
         )
         return Asked(request_id)
+
+    def recheck(self, row: PendingRow) -> tuple[Decision, str | None, str] | None:
+        """An approval found pending at start, checked against today's configuration: None if
+        it is still asked; else how it ends (the agent removed, the tool gone, the policy now
+        denies it, or the gateway frozen)."""
+        if self.controls.frozen:
+            return Decision.FROZEN, None, "frozen by guardian"
+        why = None
+        if row.agent not in self.config.agents:
+            why = f"agent {row.agent} is no longer configured"
+        elif row.tool not in self.offered:
+            why = f"unknown tool: {row.tool}"
+        else:
+            policy = self.policies.get(row.agent) or self.policies[None]
+            try:
+                evaluation = policy.evaluate(row.tool, row.args, specs=self.offered)
+            except InvalidParams as exc:
+                why = exc.message
+            else:
+                if evaluation.decision == "deny":
+                    why = evaluation.reason
+        if why is None:
+            return None
+        return Decision.REVOKED, None, f"{why} (changed while the gateway was down)"
 
     @property
     def offered(self) -> Mapping[str, tools.ToolSpec]:
@@ -322,16 +433,22 @@ class Pipeline:
             return None
         return await self.executor.state_after(tool, args)
 
+    def _preview(self, tool: str, args: dict[str, Any]) -> str | None:
+        spec = self.offered.get(tool)
+        return spec.preview(args) if spec is not None and spec.preview is not None else None
+
     async def describe(self, tool: str, args: dict[str, Any]) -> str | None:
-        """The card's target line, from the service.
+        """The card's target line, from the service (for an HTTP tool: the request as sent).
 
         Single flight: an ask whose target is being read right now joins that read instead of
         queueing one more request (10,000 asks at once would otherwise wait behind each other
         for the service's connections, past its timeout).
         """
         entity_id = args.get("entity_id")
-        if self.executor is None or not isinstance(entity_id, str):
+        if self.executor is None:
             return None
+        if not isinstance(entity_id, str):
+            return self._preview(tool, args)
         while (reading := self._readings.get(entity_id)) is not None:
             await reading.done.wait()
             if reading.finished:
@@ -369,8 +486,8 @@ class Pipeline:
         return await self.store.acknowledge_queued(agent, request_ids(ids))
 
     async def result_of(self, agent: str, request_id: str, wait: float) -> dict[str, Any]:
-        """The outcome of ``agent``'s request ``request_id``: its queued-result entry (DESIGN
-        §13), waiting up to ``wait`` seconds while it is still open, then
+        """The outcome of ``agent``'s request ``request_id``: its queued-result entry
+        (docs/protocol.md), waiting up to ``wait`` seconds while it is still open, then
         ``{"status": "pending", "request_id", "expires_at"}``. Only requests that were asked
         have a stored outcome; any other id, or another agent's, is ``InvalidParams`` ("unknown
         request"). Reading an outcome delivers it (it leaves the queue); nothing executes.

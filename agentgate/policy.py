@@ -2,7 +2,7 @@
 
 A policy has ``rules`` (``{pattern, action, description?}``) and ``defaults`` (an ordered
 list of ``{pattern, action}``); patterns are case-sensitive fnmatch globs on the request's
-signature (see :mod:`agentgate.tools`). Precedence (DESIGN §5), whatever is more specific::
+signature (see :mod:`agentgate.tools`). Precedence (docs/policy.md), whatever is more specific::
 
     any matching deny rule   -> deny
     any matching allow rule  -> allow
@@ -14,6 +14,15 @@ A service call that names several entities is decided on its full signature and 
 entity alone (:func:`agentgate.tools.signature_checks`); the strictest of those decisions
 wins (deny, then ask, then allow), so a deny rule for ``lock.*`` holds wherever in the call a
 lock is named.
+
+Two optional fields of a rule make it stricter, never looser:
+
+- ``approvals: N`` (ask rules): N guardians must press Allow (two-person approval). Of the ask
+  rules that match, the one asking for most approvals decides.
+- ``quota: "20/h"`` (allow or ask rules; ``/min``, ``/h``, ``/day``): at most that many calls
+  this rule lets through without a human (its allows; for an ask rule, what grants allow) per
+  agent in a rolling window; past it the call is asked (:mod:`agentgate.quotas` counts). Of
+  the allow rules that match, one with a quota decides.
 
 Indices count from 0, as in the error paths: ``rule 3`` is ``rules[3]`` in the file.
 
@@ -38,14 +47,18 @@ from attrs import field, frozen
 from agentgate import tools
 
 __all__ = [
+    "MAX_APPROVALS",
     "Action",
     "Evaluation",
     "Matched",
     "Policy",
     "PolicyError",
+    "Quota",
     "Rule",
     "load_policy",
     "parse_policy",
+    "parse_quota",
+    "quorum_problems",
 ]
 
 Action = Literal["allow", "deny", "ask"]
@@ -56,13 +69,48 @@ class PolicyError(Exception):
     """A policy file that cannot be used; the message names the file and the key path."""
 
 
+MAX_APPROVALS: Final = 20
+_QUOTA = re.compile(r"^\s*(\d{1,9})\s*/\s*(min|minute|h|hour|d|day)\s*$")
+_QUOTA_UNITS: Final = {
+    "min": (60.0, "minute"),
+    "minute": (60.0, "minute"),
+    "h": (3600.0, "hour"),
+    "hour": (3600.0, "hour"),
+    "d": (86400.0, "day"),
+    "day": (86400.0, "day"),
+}
+
+
+@frozen
+class Quota:
+    """A rule's ``quota``: at most ``count`` calls per ``window`` seconds, per agent."""
+
+    count: int
+    window: float
+    unit: str  # minute, hour, day
+
+    def __str__(self) -> str:
+        return f"{self.count} per {self.unit}"
+
+
+def parse_quota(text: object) -> Quota:
+    """``"20/h"`` (also ``/min``, ``/day``) as a :class:`Quota`; ValueError if it is not one."""
+    match = _QUOTA.match(text) if isinstance(text, str) else None
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError('expected a quota such as "20/h" (per /min, /h or /day)')
+    window, unit = _QUOTA_UNITS[match.group(2)]
+    return Quota(int(match.group(1)), window, unit)
+
+
 @frozen
 class Rule:
-    """One entry of ``rules`` or ``defaults``."""
+    """One entry of ``rules`` or ``defaults`` (only rules carry ``approvals`` and ``quota``)."""
 
     pattern: str
     action: Action
     description: str = ""
+    approvals: int = 1
+    quota: Quota | None = None
 
     def matches(self, signature: str) -> bool:
         """Whether this entry's glob matches ``signature`` (case-sensitive)."""
@@ -78,6 +126,8 @@ class Matched:
     index: int | None = None
     pattern: str | None = None
     description: str = ""
+    approvals: int = 1  # guardians who must press Allow (an ask rule's approvals)
+    quota: Quota | None = None
 
     def __str__(self) -> str:
         if self.kind == "fallback":
@@ -105,13 +155,19 @@ class Evaluation:
             return str(self.matched)
         return f"{self.matched} on {self.checked}"
 
-    def to_dict(self) -> dict[str, str]:
-        """``{"signature", "decision", "matched"}`` with ``matched`` in its string form."""
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        """``{"signature", "decision", "matched"}`` with ``matched`` in its string form, plus
+        ``approvals`` (when more than one) and ``quota`` (its text) when the rule sets them."""
+        found: dict[str, Any] = {
             "signature": self.signature,
             "decision": self.decision,
             "matched": self.reason,
         }
+        if self.matched.approvals > 1:
+            found["approvals"] = self.matched.approvals
+        if self.matched.quota is not None:
+            found["quota"] = str(self.matched.quota)
+        return found
 
 
 UNKNOWN_TOOL: Final = "no known tool is called"
@@ -122,6 +178,16 @@ _FALLBACK: Final = Matched(kind="fallback", action="ask")
 _MEMO_SIZE: Final = 4096
 _MEMO_LONGEST: Final = 512  # longer signatures (many entities) are decided afresh each time
 _STRICTNESS: Final[dict[Action, int]] = {"deny": 0, "ask": 1, "allow": 2}
+
+
+def _weight(evaluation: Evaluation) -> tuple[int, int, int]:
+    """Lower is stricter: the decision first, then more approvals, then a quota."""
+    matched = evaluation.matched
+    return (
+        _STRICTNESS[evaluation.decision],
+        -matched.approvals,
+        0 if matched.quota is not None else 1,
+    )
 
 
 @frozen
@@ -135,13 +201,22 @@ class Policy:
     # Decisions are a pure function of the signature: remembered, a bounded number of them.
     _memo: dict[str, Evaluation] = field(factory=dict, init=False, eq=False, repr=False)
 
-    def evaluate(self, tool: object, args: object, *, allow_unknown: bool = False) -> Evaluation:
+    def evaluate(
+        self,
+        tool: object,
+        args: object,
+        *,
+        allow_unknown: bool = False,
+        specs: Mapping[str, tools.ToolSpec] | None = None,
+    ) -> Evaluation:
         """Validate ``args``, build the signature and decide.
 
         Raises :class:`~agentgate.errors.InvalidParams` for invalid arguments, and for an
         unknown tool unless ``allow_unknown`` (policy tooling only; never for execution).
+        ``specs`` are the tools known (default: Home Assistant's; a gateway passes its own).
         """
-        return self.evaluate_signature(tools.signature(tool, args, allow_unknown=allow_unknown))
+        signature = tools.signature(tool, args, allow_unknown=allow_unknown, specs=specs)
+        return self.evaluate_signature(signature)
 
     def evaluate_signature(self, signature: str) -> Evaluation:
         """Decide for an already built ``signature``: the strictest decision of its checks."""
@@ -153,7 +228,7 @@ class Policy:
             found = self._decide(signature)
             for check in checks[1:]:
                 narrower = self._decide(check)
-                if _STRICTNESS[narrower.decision] < _STRICTNESS[found.decision]:
+                if _weight(narrower) < _weight(found):
                     found = attrs.evolve(narrower, signature=signature, checked=check)
             if len(signature) <= _MEMO_LONGEST:  # bounded memory: at most 4096 short ones
                 self._memo[signature] = found
@@ -161,13 +236,23 @@ class Policy:
 
     def _decide(self, signature: str) -> Evaluation:
         for wanted in ("deny", "allow", "ask"):
+            found: Evaluation | None = None
             for index, rule in enumerate(self.rules):
                 if rule.action == wanted and rule.matches(signature):
-                    return Evaluation(
-                        signature,
+                    matched = Matched(
+                        "rule",
                         rule.action,
-                        Matched("rule", rule.action, index, rule.pattern, rule.description),
+                        index,
+                        rule.pattern,
+                        rule.description,
+                        rule.approvals,
+                        rule.quota,
                     )
+                    candidate = Evaluation(signature, rule.action, matched)
+                    if found is None or _weight(candidate) < _weight(found):
+                        found = candidate  # the first one, unless a later one is stricter
+            if found is not None:
+                return found
         for index, default in enumerate(self.defaults):
             if default.matches(signature):
                 return Evaluation(
@@ -178,19 +263,25 @@ class Policy:
         return Evaluation(signature, "ask", _FALLBACK)
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Read and check a policy file; raise :class:`PolicyError` naming the file and key."""
+def load_policy(
+    path: str | os.PathLike[str], *, known: Mapping[str, tools.ToolSpec] | None = None
+) -> Policy:
+    """Read and check a policy file; raise :class:`PolicyError` naming the file and key.
+    ``known`` are the tools its lint knows (default: Home Assistant's)."""
     source = os.fspath(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise PolicyError(f"{source}: cannot read: {reason}") from exc
-    return parse_policy(text, source)
+    return parse_policy(text, source, known=known)
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    """Parse policy YAML ``text``; ``source`` names it in errors and warnings."""
+def parse_policy(
+    text: str, source: str = "<policy>", *, known: Mapping[str, tools.ToolSpec] | None = None
+) -> Policy:
+    """Parse policy YAML ``text``; ``source`` names it in errors and warnings, ``known`` are
+    the tools its lint knows (default: Home Assistant's)."""
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -204,7 +295,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     _check_keys(source, "", document, required=(), optional=("defaults", "rules"))
     rules = _entries(source, "rules", document.get("rules", []))
     defaults = _entries(source, "defaults", document.get("defaults", []))
-    return Policy(source, rules, defaults, _lint(source, rules, defaults))
+    return Policy(source, rules, defaults, _lint(source, rules, defaults, known or tools.TOOLS))
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -242,7 +333,8 @@ def _entries(source: str, name: str, value: object) -> tuple[Rule, ...]:
             raise PolicyError(
                 f"{source}: {where}: expected a mapping with pattern and action, got {_kind(item)}"
             )
-        _check_keys(source, where, item, ("pattern", "action"), ("description",))
+        extras = ("approvals", "quota") if name == "rules" else ()
+        _check_keys(source, where, item, ("pattern", "action"), ("description", *extras))
         pattern = item["pattern"]
         if not isinstance(pattern, str) or not pattern:
             raise PolicyError(
@@ -261,8 +353,53 @@ def _entries(source: str, name: str, value: object) -> tuple[Rule, ...]:
             raise PolicyError(
                 f"{source}: {where}.description: expected a string, got {_shown(description)}"
             )
-        entries.append(Rule(pattern, cast(Action, action), description))
+        approvals = _approvals(source, where, item, action)
+        quota = _quota(source, where, item, action)
+        entries.append(Rule(pattern, cast(Action, action), description, approvals, quota))
     return tuple(entries)
+
+
+def _approvals(source: str, where: str, item: Mapping[str, Any], action: object) -> int:
+    if "approvals" not in item:
+        return 1
+    value = item["approvals"]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_APPROVALS:
+        raise PolicyError(
+            f"{source}: {where}.approvals: expected a number of guardians from 1 to"
+            f" {MAX_APPROVALS}, got {_shown(value)}"
+        )
+    if action != "ask" and value > 1:
+        raise PolicyError(
+            f"{source}: {where}.approvals: only an ask rule asks guardians (this rule is"
+            f" {action}); use action: ask"
+        )
+    return value
+
+
+def _quota(source: str, where: str, item: Mapping[str, Any], action: object) -> Quota | None:
+    if "quota" not in item:
+        return None
+    try:
+        quota = parse_quota(item["quota"])
+    except ValueError as exc:
+        raise PolicyError(f"{source}: {where}.quota: {exc}, got {_shown(item['quota'])}") from None
+    if action == "deny":
+        raise PolicyError(
+            f"{source}: {where}.quota: a deny rule lets nothing through, so a quota means"
+            " nothing here; put it on an allow or ask rule"
+        )
+    return quota
+
+
+def quorum_problems(policy: Policy, guardians: int, who: str) -> list[str]:
+    """Rules asking for more approvals than there are ``guardians`` (``who`` says where they
+    come from, e.g. ``guardian.telegram.allowed_users``): nobody could ever allow them."""
+    return [
+        f"{policy.source}: rules[{index}].approvals: {rule.approvals} guardians must allow,"
+        f" but {who} has {guardians}"
+        for index, rule in enumerate(policy.rules)
+        if rule.approvals > guardians
+    ]
 
 
 def _check_keys(
@@ -304,12 +441,17 @@ _BRACKET = re.compile(r"\[[^\]]*\]")
 _NEVER_IN_ARGS: Final = frozenset("()") | frozenset(map(chr, range(0x20))) | {"\x7f"}
 
 
-def _lint(source: str, rules: tuple[Rule, ...], defaults: tuple[Rule, ...]) -> tuple[str, ...]:
+def _lint(
+    source: str,
+    rules: tuple[Rule, ...],
+    defaults: tuple[Rule, ...],
+    known: Mapping[str, tools.ToolSpec],
+) -> tuple[str, ...]:
     warnings: list[str] = []
     for kind, entries in (("rules", rules), ("defaults", defaults)):
         for index, entry in enumerate(entries):
             where = f"{source}: {kind}[{index}] {entry.pattern!r}"
-            problems = _pattern_problems(entry.pattern)
+            problems = _pattern_problems(entry.pattern, known)
             problems.extend(_shadowing(kind, entries, index))
             warnings.extend(f"{where}: {problem}" for problem in problems)
     for index, rule in enumerate(rules):
@@ -364,12 +506,12 @@ def _covers(wide: str, narrow: str) -> bool:
     return wide in ("*", narrow) or (_GLOB.search(narrow) is None and fnmatchcase(narrow, wide))
 
 
-def _pattern_problems(pattern: str) -> list[str]:
+def _pattern_problems(pattern: str, known: Mapping[str, tools.ToolSpec]) -> list[str]:
     """Reasons why ``pattern`` can never match a valid signature."""
     problems: list[str] = []
     tool, paren, rest = pattern.partition("(")
-    if _GLOB.search(tool) is None and tool not in tools.TOOLS:
-        close = difflib.get_close_matches(tool, list(tools.TOOLS), n=1)
+    if _GLOB.search(tool) is None and tool not in known:
+        close = difflib.get_close_matches(tool, list(known), n=1)
         meant = f"did you mean {close[0]}?" if close else "a typo?"
         problems.append(f"{UNKNOWN_TOOL} {tool!r} ({meant})")
     if paren:
@@ -383,13 +525,13 @@ def _pattern_problems(pattern: str) -> list[str]:
             )
         if re.search(r",(?![ *?\[])", args):
             problems.append("never matches: arguments in a signature are separated by ', '")
-        if tool in tools.TOOLS:
-            if not tools.TOOLS[tool].has_parts:
+        if tool in known:
+            if known[tool].has_parts is False:
                 problems.append(
                     f"never matches: {tool} takes no arguments, its signature is {tool}"
                 )
-            elif re.search(r"[A-Z]", _BRACKET.sub("", args)):
+            elif tool in tools.TOOLS and re.search(r"[A-Z]", _BRACKET.sub("", args)):
                 problems.append("never matches: Home Assistant identifiers are lowercase")
-    elif tool in tools.TOOLS and tools.TOOLS[tool].has_parts:
+    elif tool in known and known[tool].has_parts is True:
         problems.append(f"never matches: {tool}'s signature always has arguments, e.g. {tool}(*)")
     return problems

@@ -69,19 +69,23 @@ def check_machine(config: Config, *, insecure: bool, bind: bool = True) -> list[
     """Every check of this module that applies (``bind=False`` skips the listen address,
     e.g. while the gateway itself holds it)."""
     found: list[Finding] = []
-    if insecure and not is_loopback(config.gateway.host):
-        found.append(
-            Finding(
-                "gateway.listen",
-                f"--insecure serves plain ws:// (tokens and requests in clear text) and is only"
-                f" allowed on a loopback address (127.0.0.1 or [::1]), not {config.gateway.host};"
-                " give the gateway tls_cert and tls_key, or put a TLS proxy on this host",
+    doors = [("gateway.listen", "ws://", config.gateway.host, config.gateway.port)]
+    if config.mcp is not None:
+        doors.append(("mcp.listen", "http://", config.mcp.host, config.mcp.port))
+    for key, scheme, host, port in doors:
+        if insecure and not is_loopback(host):
+            found.append(
+                Finding(
+                    key,
+                    f"--insecure serves plain {scheme} (tokens and requests in clear text) and"
+                    f" is only allowed on a loopback address (127.0.0.1 or [::1]), not {host};"
+                    " give the gateway tls_cert and tls_key, or put a TLS proxy on this host",
+                )
             )
-        )
-    elif bind:
-        problem = check_listen(config.gateway.host, config.gateway.port)
-        if problem:
-            found.append(Finding("gateway.listen", problem))
+        elif bind:
+            problem = check_listen(host, port)
+            if problem:
+                found.append(Finding(key, problem))
     problem = check_store(config.store.path)
     if problem:
         found.append(Finding("store.path", problem))

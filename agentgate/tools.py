@@ -1,7 +1,7 @@
 """The registry of known tools: their JSON Schemas, argument validation and signatures.
 
 Every request is validated here *before* its signature is built, so a signature is always
-unambiguous and can be matched safely by the policy's fnmatch globs (DESIGN §5, §13):
+unambiguous and can be matched safely by the policy's fnmatch globs (docs/policy.md, "Validation"):
 
 - ``args`` is a JSON object of bounded depth and size; every string in it, keys included and
   however deeply nested, is free of the glob and separator characters ``* ? [ ] ( ) ,`` and
@@ -56,6 +56,7 @@ __all__ = [
     "Signature",
     "ToolSpec",
     "build_signature",
+    "check_value",
     "grantable",
     "indirect_reason",
     "is_known_tool",
@@ -139,7 +140,8 @@ _TOOL_NAME = re.compile(_NAME)
 _ENTITY = re.compile(_ENTITY_ID)
 # Keys under which Home Assistant expects entity ids (cv.entity_ids, scene's STATES_SCHEMA).
 _ENTITY_KEYS: Final = frozenset({"entity_id", "entities", "snapshot_entities"})
-_NOT_SERVICE_DATA: Final = frozenset({"domain", "service", "entity_id"})
+_NOT_SERVICE_DATA: Final = frozenset({"domain", "service", "entity_id", "return_response"})
+_AREA_ID = r"^[a-z0-9_]+$"
 
 _ENTITY_ID_SCHEMA: Final = {
     "type": "string",
@@ -153,20 +155,32 @@ class ToolSpec:
     """One known tool: what ``list_tools`` shows and how its signature is built.
 
     ``schema`` is the JSON Schema of ``args`` (the subset the validator understands:
-    ``type``, ``pattern``, ``properties``, ``required``, ``additionalProperties``,
-    ``exclusiveMinimum``, ``maximum``). ``has_parts`` says whether the signature has a
-    parenthesised part list (``ha_get_state(sensor.temp)``) or is the bare name
-    (``ha_get_states``).
+    ``type``, ``enum``, ``pattern``, ``minLength``, ``maxLength``, ``minimum``, ``maximum``,
+    ``exclusiveMinimum``, ``exclusiveMaximum``, ``items``, ``minItems``, ``maxItems``,
+    ``properties``, ``required``, ``additionalProperties``). ``has_parts`` says whether the
+    signature has a parenthesised part list (``ha_get_state(sensor.temp)``), is the bare name
+    (``ha_get_states``), or either (None: ``ha_list_entities`` with or without filters).
+
+    ``text_args`` are free-text arguments (a template, a message): they may hold any character
+    but controls other than newline and tab, because they never enter the signature as they
+    are (a tool names them by length and digest, or leaves them to the card). ``read_only``
+    and ``destructive`` become the MCP annotations; ``preview`` renders the request a call
+    will send, for the approval card (HTTP tools).
     """
 
     name: str
     description: str
     schema: Mapping[str, Any]
     build: Callable[[Mapping[str, Any]], tuple[str, ...]]
-    has_parts: bool = True
+    has_parts: bool | None = True
     # Every entity the call can touch (appended to build's parts), for tools whose arguments
     # can name several.
     references: Callable[[Mapping[str, Any]], tuple[Reference, ...]] | None = None
+    text_args: frozenset[str] = frozenset()
+    read_only: bool = False
+    destructive: bool = True
+    title: str = ""
+    preview: Callable[[Mapping[str, Any]], str] | None = None
 
     def signature(self, args: Mapping[str, Any]) -> str:
         """The policy signature of already validated ``args``."""
@@ -180,8 +194,20 @@ class ToolSpec:
         return Signature(text, signature_checks(text) if refs else (text,), refs)
 
     def to_wire(self) -> dict[str, Any]:
-        """The ``list_tools`` entry: ``{"name", "description", "args"}``."""
-        return {"name": self.name, "description": self.description, "args": dict(self.schema)}
+        """The ``list_tools`` entry: ``{"name", "description", "args", "annotations"}``
+        (MCP's tool annotations: hints for clients, never a gate)."""
+        annotations: dict[str, Any] = {
+            "readOnlyHint": self.read_only,
+            "destructiveHint": not self.read_only and self.destructive,
+        }
+        if self.title:
+            annotations["title"] = self.title
+        return {
+            "name": self.name,
+            "description": self.description,
+            "args": dict(self.schema),
+            "annotations": annotations,
+        }
 
 
 @frozen
@@ -325,6 +351,8 @@ _SPECS: Final = (
         description="Read the state and attributes of one Home Assistant entity.",
         schema=_object_schema({"entity_id": _ENTITY_ID_SCHEMA}, ("entity_id",)),
         build=lambda args: (args["entity_id"],),
+        read_only=True,
+        title="Read one Home Assistant entity",
     ),
     ToolSpec(
         name="ha_get_states",
@@ -332,6 +360,8 @@ _SPECS: Final = (
         schema=_object_schema({}),
         build=lambda args: (),
         has_parts=False,
+        read_only=True,
+        title="Read every Home Assistant entity",
     ),
     ToolSpec(
         name="ha_call_service",
@@ -346,6 +376,14 @@ _SPECS: Final = (
                 "domain": {"type": "string", "pattern": _NAME, "description": "e.g. light"},
                 "service": {"type": "string", "pattern": _NAME, "description": "e.g. turn_on"},
                 "entity_id": _ENTITY_ID_SCHEMA,
+                "return_response": {
+                    "type": "boolean",
+                    "description": (
+                        "true for services that return data (calendar.get_events,"
+                        " weather.get_forecasts, todo.get_items): the answer is"
+                        " {changed_states, service_response}"
+                    ),
+                },
             },
             ("domain", "service"),
             additionalProperties=True,
@@ -353,6 +391,7 @@ _SPECS: Final = (
         ),
         build=lambda args: (f"{args['domain']}.{args['service']}",),
         references=_call_service_references,
+        title="Call a Home Assistant service",
     ),
     ToolSpec(
         name="ha_fire_event",
@@ -365,6 +404,7 @@ _SPECS: Final = (
             ("event_type",),
         ),
         build=lambda args: (args["event_type"],),
+        title="Fire a Home Assistant event",
     ),
     ToolSpec(
         name="ha_get_services",
@@ -372,6 +412,8 @@ _SPECS: Final = (
         schema=_object_schema({}),
         build=lambda args: (),
         has_parts=False,
+        read_only=True,
+        title="List Home Assistant services",
     ),
     ToolSpec(
         name="ha_get_config",
@@ -379,6 +421,8 @@ _SPECS: Final = (
         schema=_object_schema({}),
         build=lambda args: (),
         has_parts=False,
+        read_only=True,
+        title="Read Home Assistant's configuration",
     ),
     ToolSpec(
         name="ha_get_history",
@@ -391,6 +435,69 @@ _SPECS: Final = (
             ("entity_id",),
         ),
         build=lambda args: (args["entity_id"],),
+        read_only=True,
+        title="Read an entity's history",
+    ),
+    ToolSpec(
+        name="ha_render_template",
+        description=(
+            "Render a Home Assistant (Jinja) template, e.g. \"{{ states('sensor.x') }}\";"
+            " the rendered text is the answer. A template can read anything Home Assistant"
+            " knows, so the guardian usually reads it first."
+        ),
+        schema=_object_schema(
+            {"template": {"type": "string", "minLength": 1, "maxLength": MAX_STRING_LENGTH}},
+            ("template",),
+        ),
+        build=lambda args: (),
+        has_parts=False,
+        text_args=frozenset({"template"}),
+        read_only=True,
+        title="Render a Home Assistant template",
+    ),
+    ToolSpec(
+        name="ha_list_areas",
+        description="List Home Assistant's areas: [{area_id, name}].",
+        schema=_object_schema({}),
+        build=lambda args: (),
+        has_parts=False,
+        read_only=True,
+        title="List Home Assistant areas",
+    ),
+    ToolSpec(
+        name="ha_list_entities",
+        description=(
+            "List entities with their friendly names and areas: [{entity_id, name, area_id}],"
+            " optionally only those in one area (its area_id, e.g. kitchen) and/or of one"
+            " domain (e.g. light)."
+        ),
+        schema=_object_schema(
+            {
+                "area": {"type": "string", "pattern": _AREA_ID, "description": "an area_id"},
+                "domain": {"type": "string", "pattern": _NAME, "description": "e.g. light"},
+            }
+        ),
+        build=lambda args: tuple(f"{key}={args[key]}" for key in ("area", "domain") if key in args),
+        has_parts=None,
+        read_only=True,
+        title="List Home Assistant entities",
+    ),
+    ToolSpec(
+        name="ha_get_logbook",
+        description=(
+            "Read the logbook of one entity (what happened, and who or what did it) over the"
+            " last `hours` (default 24, at most 168)."
+        ),
+        schema=_object_schema(
+            {
+                "entity_id": _ENTITY_ID_SCHEMA,
+                "hours": {"type": "number", "exclusiveMinimum": 0, "maximum": 168, "default": 24},
+            },
+            ("entity_id",),
+        ),
+        build=lambda args: (args["entity_id"],),
+        read_only=True,
+        title="Read an entity's logbook",
     ),
 )
 
@@ -408,39 +515,58 @@ def is_known_tool(tool: object) -> bool:
     return isinstance(tool, str) and tool in TOOLS
 
 
-def validate_args(tool: object, args: object, *, allow_unknown: bool = False) -> None:
+def validate_args(
+    tool: object,
+    args: object,
+    *,
+    allow_unknown: bool = False,
+    specs: Mapping[str, ToolSpec] | None = None,
+) -> None:
     """Check ``args`` for ``tool``; raise :class:`InvalidParams` naming what is wrong.
 
     An unknown tool is refused (``unknown tool: X``) unless ``allow_unknown`` is set, which
     only the policy tooling does (``agentgate check``): an unknown tool is never executed.
-    Its arguments must then all be strings.
+    Its arguments must then all be strings. ``specs`` are the tools known (default
+    :data:`TOOLS`; a gateway passes its HTTP tools too).
     """
-    signature(tool, args, allow_unknown=allow_unknown)
+    signature(tool, args, allow_unknown=allow_unknown, specs=specs)
 
 
-def signature(tool: object, args: object, *, allow_unknown: bool = False) -> str:
+def signature(
+    tool: object,
+    args: object,
+    *,
+    allow_unknown: bool = False,
+    specs: Mapping[str, ToolSpec] | None = None,
+) -> str:
     """Validate ``args`` for ``tool`` and return the request's policy signature.
 
     Known tools use their own builder (``ha_call_service(light.turn_on, light.bedroom)``);
     unknown tools (only with ``allow_unknown``) list their string values in sorted-key order
     (``my_tool(v1, v2)``), or are the bare name without arguments.
     """
-    return build_signature(tool, args, allow_unknown=allow_unknown).text
+    return build_signature(tool, args, allow_unknown=allow_unknown, specs=specs).text
 
 
-def build_signature(tool: object, args: object, *, allow_unknown: bool = False) -> Signature:
+def build_signature(
+    tool: object,
+    args: object,
+    *,
+    allow_unknown: bool = False,
+    specs: Mapping[str, ToolSpec] | None = None,
+) -> Signature:
     """Validate ``args`` for ``tool``: its :class:`Signature`, with what the policy checks."""
     if not isinstance(tool, str):
         raise InvalidParams(f"tool must be a string, got {_json_type(tool)}")
     if not isinstance(args, dict):
         raise InvalidParams("args must be an object")
-    spec = TOOLS.get(tool)
+    spec = (TOOLS if specs is None else specs).get(tool)
     if spec is None:
         if not _TOOL_NAME.fullmatch(tool):
             raise InvalidParams(f"invalid tool name {_preview(tool)}: expected {_NAME}")
         if not allow_unknown:
             raise InvalidParams(f"unknown tool: {tool}")
-    _check_tree(args)
+    _check_tree(args, spec.text_args if spec is not None else frozenset())
     if spec is None:
         for key, value in args.items():
             if not isinstance(value, str):
@@ -474,9 +600,9 @@ def indirect_reason(tool: str, args: Mapping[str, Any]) -> str | None:
 
 def grantable(tool: str, args: Mapping[str, Any]) -> bool:
     """Whether "Allow 1 h" may cover this call: not where the signature leaves out what the call
-    does (scripts, Assist, raw device and shell commands, events), since one grant would
-    approve any data for an hour."""
-    if tool == "ha_fire_event":
+    does (scripts, Assist, raw device and shell commands, events, templates), since one grant
+    would approve any data for an hour."""
+    if tool in ("ha_fire_event", "ha_render_template"):
         return False
     domain = args.get("domain") if tool == "ha_call_service" else None
     if domain not in INDIRECT_SERVICES:
@@ -504,28 +630,84 @@ def _check_schema(spec: ToolSpec, args: dict[str, Any]) -> None:
                 raise InvalidParams(f"{key}: unknown argument for {spec.name} (allowed: {allowed})")
     for name, prop in properties.items():
         if name in args:
-            _check_value(name, args[name], prop)
+            check_value(name, args[name], prop)
 
 
-def _check_value(name: str, value: Any, prop: Mapping[str, Any]) -> None:
-    expected = prop["type"]
-    if _json_type(value) != expected:
-        raise InvalidParams(f"{name}: expected {_article(expected)}, got {_json_type(value)}")
+_IDENTIFIER_PATTERNS: Final = frozenset({_IDENTIFIER, _ENTITY_ID, _NAME, _AREA_ID})
+
+
+def check_value(name: str, value: Any, prop: Mapping[str, Any]) -> None:
+    """Check one argument against its JSON Schema (the subset :class:`ToolSpec` names);
+    :class:`InvalidParams` naming ``name`` (a path such as ``tags[2]``) if it does not fit."""
+    expected = prop.get("type")
+    got = _json_type(value)
+    if expected == "integer":
+        if got != "number" or not (isinstance(value, int) or value.is_integer()):
+            raise InvalidParams(f"{name}: expected an integer, got {_shown_type(value)}")
+    elif expected is not None and got != expected:
+        raise InvalidParams(f"{name}: expected {_article(expected)}, got {got}")
+    enum = prop.get("enum")
+    if enum is not None and not any(value == item and type(value) is type(item) for item in enum):
+        choices = ", ".join(_preview(str(item)) for item in enum)
+        raise InvalidParams(f"{name}: expected one of {choices}, got {_preview(str(value))}")
+    if isinstance(value, str):
+        _check_text(name, value, prop)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        _check_number(name, value, prop)
+    elif isinstance(value, list):
+        low, high = prop.get("minItems"), prop.get("maxItems")
+        if low is not None and len(value) < low:
+            raise InvalidParams(f"{name}: expected at least {low} items, got {len(value)}")
+        if high is not None and len(value) > high:
+            raise InvalidParams(f"{name}: expected at most {high} items, got {len(value)}")
+        items = prop.get("items")
+        if items is not None:
+            for index, item in enumerate(value):
+                check_value(f"{name}[{index}]", item, items)
+
+
+def _check_text(name: str, value: str, prop: Mapping[str, Any]) -> None:
     pattern = prop.get("pattern")
     if pattern is not None and not re.fullmatch(pattern, value):
-        hint = "domain.object_id, " if pattern == _ENTITY_ID else ""
-        raise InvalidParams(
-            f"{name}: invalid identifier {_preview(value)}: expected {hint}"
-            f"lowercase letters, digits and underscores ({pattern})"
-        )
+        if pattern in _IDENTIFIER_PATTERNS:
+            hint = "domain.object_id, " if pattern == _ENTITY_ID else ""
+            raise InvalidParams(
+                f"{name}: invalid identifier {_preview(value)}: expected {hint}"
+                f"lowercase letters, digits and underscores ({pattern})"
+            )
+        raise InvalidParams(f"{name}: {_preview(value)} does not match {pattern}")
+    low, high = prop.get("minLength"), prop.get("maxLength")
+    if low is not None and len(value) < low:
+        raise InvalidParams(f"{name}: expected at least {low} characters, got {len(value)}")
+    if high is not None and len(value) > high:
+        raise InvalidParams(f"{name}: expected at most {high} characters, got {len(value)}")
+
+
+def _check_number(name: str, value: float, prop: Mapping[str, Any]) -> None:
     low = prop.get("exclusiveMinimum")
     high = prop.get("maximum")
     if (low is not None and not value > low) or (high is not None and not value <= high):
-        raise InvalidParams(f"{name}: must be greater than {low} and at most {high}, got {value}")
+        if low is not None and high is not None:
+            raise InvalidParams(
+                f"{name}: must be greater than {low} and at most {high}, got {value}"
+            )
+        bound = f"greater than {low}" if low is not None else f"at most {high}"
+        raise InvalidParams(f"{name}: must be {bound}, got {value}")
+    minimum, below = prop.get("minimum"), prop.get("exclusiveMaximum")
+    if minimum is not None and not value >= minimum:
+        raise InvalidParams(f"{name}: must be at least {minimum}, got {value}")
+    if below is not None and not value < below:
+        raise InvalidParams(f"{name}: must be less than {below}, got {value}")
 
 
-def _check_tree(args: dict[str, Any]) -> None:
-    """Walk ``args``: JSON types only, bounded depth and size, no forbidden character."""
+def _shown_type(value: Any) -> str:
+    kind = _json_type(value)
+    return f"{kind} {value!r}" if kind == "number" else kind
+
+
+def _check_tree(args: dict[str, Any], text_args: frozenset[str] = frozenset()) -> None:
+    """Walk ``args``: JSON types only, bounded depth and size, no forbidden character (in a
+    free-text argument, ``text_args``, no control character but newline and tab)."""
     budget = [MAX_ITEMS]
 
     def visit(value: Any, path: str, depth: int) -> None:
@@ -533,7 +715,10 @@ def _check_tree(args: dict[str, Any]) -> None:
         if budget[0] < 0:
             raise InvalidParams(f"args too large: more than {MAX_ITEMS} values")
         if isinstance(value, str):
-            _check_string(value, path or "args", what="")
+            if depth == 1 and path in text_args:
+                _check_free_text(value, path)
+            else:
+                _check_string(value, path or "args", what="")
         elif isinstance(value, dict | list):
             if depth >= MAX_DEPTH:
                 raise InvalidParams(f"{path or 'args'}: nested deeper than {MAX_DEPTH} levels")
@@ -554,6 +739,17 @@ def _check_tree(args: dict[str, Any]) -> None:
             raise InvalidParams(f"{path}: not a JSON value ({type(value).__name__})")
 
     visit(args, "", 0)
+
+
+_TEXT_FORBIDDEN: Final = frozenset(map(chr, range(0x20))) - {"\n", "\t"} | {"\x7f"}
+
+
+def _check_free_text(text: str, path: str) -> None:
+    if len(text) > MAX_STRING_LENGTH:
+        raise InvalidParams(f"{path}: string longer than {MAX_STRING_LENGTH} characters")
+    for char in text:
+        if char in _TEXT_FORBIDDEN:
+            raise InvalidParams(f"{path}: forbidden character {char!r} (U+{ord(char):04X})")
 
 
 def _check_string(text: str, path: str, *, what: str) -> None:

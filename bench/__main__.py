@@ -25,7 +25,7 @@ from agentgate.testing.fake_telegram import serve_fake_telegram
 from bench import procs
 from bench.profile import Profiler, find_py_spy, report
 from bench.scenarios import SCENARIOS, Context, Settings
-from bench.stats import Row, combine, table
+from bench.stats import Row, combine, fmt, headline, table
 
 NEEDS_FLOORS = {"S1", "S2", "S3", "S4"}
 PROPOSALS = ""  # set from --proposals
@@ -50,7 +50,7 @@ def one_run(
 ) -> list[Row]:
     rows: list[Row] = []
     with (
-        procs.fake_home() as home,
+        procs.fake_home(fast=True) as home,
         serve_fake_telegram(procs.TG_TOKEN, chat_id=procs.TG_CHAT) as tg,
     ):
         ctx = Context(settings=settings, home=home, tg=tg, workdir=workdir, profiler=profiler)
@@ -65,7 +65,11 @@ def one_run(
             except Exception as exc:  # one broken scenario must not lose the others
                 ctx.log(f"{name} FAILED: {exc!r}")
                 rows.append(Row(name, float("nan"), "", "-", False, note=f"failed: {exc!r}"[:200]))
-            ctx.log(f"    {name} took {time.monotonic() - began:.0f} s")
+            # Other work on the machine moves every figure: say how busy it was.
+            ctx.log(
+                f"    {name} took {time.monotonic() - began:.0f} s; load average "
+                f"{os.getloadavg()[0]:.2f} at its end"
+            )
     return rows
 
 
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--profile needs py-spy (see bench/README.md)")
         profiler = Profiler(args.profile, binary)
 
-    print(machine(), file=sys.stderr)
+    host = machine()  # its load average is the one at the start
+    print(host, file=sys.stderr)
     started = datetime.now(UTC)
     runs: list[list[Row]] = []
     with tempfile.TemporaryDirectory(prefix="agentgate-bench-") as tmp:
@@ -117,13 +122,17 @@ def main(argv: list[str] | None = None) -> int:
                 profiler = None  # profile the first run only
     combined = combine(runs)
     print()
-    print(f"agentgate bench — {started:%Y-%m-%d %H:%M} UTC — {machine()}")
+    print(f"agentgate bench — {started:%Y-%m-%d %H:%M} UTC — {host}")
     print(f"command: python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
     if PROPOSALS:
         print(f"WITH PROPOSALS {PROPOSALS} applied by bench/gateway_unpaced.py")
     print(f"median of {len(runs)} run(s); ratio = gateway / floor (1.00 = as fast as the floor)")
     print()
     print(table(combined))
+    figures = headline(combined)
+    if figures:
+        print()
+        print("headline: " + ", ".join(f"{k} = {fmt(v)}" for k, v in figures.items()))
     if args.profile:
         for path in sorted(args.profile.glob("*.txt")):
             print()
@@ -132,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "machine": machine(),
+                    "machine": host,
+                    "load_average_at_end": os.getloadavg()[0],
                     "started": started.isoformat(),
                     "runs": [[attrs.asdict(r) for r in rows] for rows in runs],
                     "median": [attrs.asdict(r) for r in combined],
+                    "headline": headline(combined),
                 },
                 default=str,
             )

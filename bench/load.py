@@ -5,7 +5,12 @@ Modes (``spec["mode"]``):
 - ``gateway``: ``connections`` SDK connections (tokens taken round-robin from ``tokens``), each
   with ``in_flight`` tasks calling ``ha_get_state`` back to back.
 - ``floor``: the same HTTP work straight at the fake home with ``httpx.AsyncClient`` under Trio:
-  ``clients`` clients, ``in_flight`` tasks in all, pool sized to the tasks.
+  ``clients`` clients, ``in_flight`` tasks in all, pool sized to the tasks (or ``pool``), and
+  with ``slots``, each client's requests through a ``trio.CapacityLimiter`` of that many (as the
+  gateway's Home Assistant client does).
+- ``echo``: the door's floor: ``connections`` WSS connections to :mod:`bench.door`'s echo
+  server, each with ``in_flight`` tasks sending an ``ha_get_state`` request frame and waiting
+  for its result-sized answer, matched by id by one reader per connection (as the SDK does).
 - ``asks``: ``connections`` agents each send ``per_agent`` asks at once and wait for their
   outcome (S6): reports when each was sent and answered, and how.
 - ``mcp``: one official MCP client (Streamable HTTP, one session) with ``in_flight`` tasks
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import trio_asyncio  # noqa: F401  # isort: skip  # patch asyncio before httpx, anyio or telegram are imported
 
+import itertools
 import json
 import logging
 import math
@@ -27,35 +33,24 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
 from agentgate.client import AgentgateError, connect
+from bench import stats
 
 Call = Callable[[], Awaitable[Any]]
 
 
-class Window:
-    """Completions and latencies inside the measuring window."""
+class Window(stats.Window):
+    """The window, and the event that stops the loops at its end."""
 
     def __init__(self, start_at: float, duration: float) -> None:
-        self.start = start_at
-        self.end = start_at + duration
-        self.latencies: list[float] = []
-        self.per_second = [0] * (math.ceil(duration) + 1)
-        self.errors: Counter[str] = Counter()
+        super().__init__(start_at, duration)
         self.stop = trio.Event()
-
-    def done(self, begun: float, ended: float) -> None:
-        if self.start <= ended <= self.end:
-            self.latencies.append(round((ended - begun) * 1000, 3))
-            self.per_second[int(ended - self.start)] += 1
-
-    def failed(self, exc: BaseException, ended: float) -> None:
-        if self.start <= ended <= self.end:
-            self.errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
 
 
 async def _loop(call: Call, window: Window) -> None:
@@ -77,14 +72,7 @@ async def _timer(window: Window) -> None:
 
 
 def _result(window: Window, setup_late: float) -> dict[str, Any]:
-    return {
-        "count": len(window.latencies),
-        "duration": window.end - window.start,
-        "latencies_ms": window.latencies,
-        "per_second": window.per_second[:-1],
-        "errors": dict(window.errors),
-        "late_start_s": round(setup_late, 3),
-    }
+    return window.result(setup_late)
 
 
 async def run_gateway(spec: dict[str, Any]) -> dict[str, Any]:
@@ -135,19 +123,78 @@ async def run_floor(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(clients_n)
         ]
 
-        def bind(client: httpx.AsyncClient) -> Call:
+        def bind(client: httpx.AsyncClient, slots: trio.CapacityLimiter | None) -> Call:
             async def call() -> Any:
                 reply = await client.get(path)
                 reply.raise_for_status()
                 return reply.json()
 
-            return call
+            async def call_in_turn() -> Any:
+                assert slots is not None
+                async with slots:
+                    reply = await client.get(path)
+                reply.raise_for_status()
+                return reply.json()
 
+            return call if slots is None else call_in_turn
+
+        calls = [
+            bind(client, trio.CapacityLimiter(spec["slots"]) if spec.get("slots") else None)
+            for client in clients
+        ]
         late = max(0.0, time.time() - window.start)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_timer, window)
             for i in range(in_flight):
-                nursery.start_soon(_loop, bind(clients[i % clients_n]), window)
+                nursery.start_soon(_loop, calls[i % clients_n], window)
+    return _result(window, late)
+
+
+async def run_echo(spec: dict[str, Any]) -> dict[str, Any]:
+    import trio_websocket
+
+    from agentgate.testing.harness import client_ssl_context
+    from bench.door import MAX_MESSAGE, request_frame
+
+    window = Window(spec["start_at"], spec["duration"])
+    context = client_ssl_context(Path(spec["ca"]))
+
+    async def reader(ws: Any, waiting: dict[int, trio.Event]) -> None:
+        while True:
+            answer = json.loads(await ws.get_message())
+            waiting.pop(answer["id"]).set()
+
+    def bind(ws: Any, waiting: dict[int, trio.Event]) -> Call:
+        ids = itertools.count()
+
+        async def call() -> Any:
+            rpc_id = next(ids)
+            answered = waiting[rpc_id] = trio.Event()
+            await ws.send_message(request_frame(rpc_id))
+            await answered.wait()
+
+        return call
+
+    async with AsyncExitStack() as stack:
+        sockets = [
+            await stack.enter_async_context(
+                trio_websocket.open_websocket_url(
+                    spec["url"], ssl_context=context, max_message_size=MAX_MESSAGE
+                )
+            )
+            for _ in range(spec["connections"])
+        ]
+        late = max(0.0, time.time() - window.start)
+        async with trio.open_nursery() as readers:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_timer, window)
+                for ws in sockets:
+                    waiting: dict[int, trio.Event] = {}
+                    readers.start_soon(reader, ws, waiting)
+                    call = bind(ws, waiting)  # one id sequence per connection
+                    for _ in range(spec["in_flight"]):
+                        nursery.start_soon(_loop, call, window)
+            readers.cancel_scope.cancel()
     return _result(window, late)
 
 
@@ -222,13 +269,15 @@ async def run_asks(spec: dict[str, Any]) -> dict[str, Any]:
 
 async def run_presses(spec: dict[str, Any]) -> dict[str, Any]:
     """S5 (and S6's probes): ``asks`` approvals one after another, each waiting for its result;
-    the orchestrator presses Allow on each card. Reports when each result arrived (wall clock),
-    keyed by request id, so the orchestrator can time press → result across processes.
+    the orchestrator presses Allow on each card. Reports when each call began and when its result
+    arrived (wall clock), keyed by request id, so the orchestrator can time press → result across
+    processes.
 
     The calls alternate ``turn_on`` / ``turn_off``: each approved call changes the light, as an
     approved action normally does.
     """
     results: dict[str, float] = {}
+    started: dict[str, float] = {}
     pending: list[str] = []
     async with connect(
         spec["url"],
@@ -240,11 +289,13 @@ async def run_presses(spec: dict[str, Any]) -> dict[str, Any]:
         with trio.fail_after(spec.get("limit", 600)):
             for i in range(spec["asks"]):
                 service = "turn_off" if i % 2 else "turn_on"
+                begun = time.time()
                 await gw.call(
                     "ha_call_service", domain="light", service=service, entity_id=spec["entity"]
                 )
                 results[pending[-1]] = time.time()
-    return {"results": results}
+                started[pending[-1]] = begun
+    return {"results": results, "started": started}
 
 
 def _announce(pending: list[str], request_id: str) -> None:
@@ -276,6 +327,7 @@ async def run_mcp(spec: dict[str, Any]) -> dict[str, Any]:
 MODES = {
     "gateway": run_gateway,
     "floor": run_floor,
+    "echo": run_echo,
     "asks": run_asks,
     "presses": run_presses,
     "mcp": run_mcp,

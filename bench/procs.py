@@ -1,4 +1,5 @@
-"""Processes for the bench: the fake home, the gateway, load workers; RSS and fd counts."""
+"""Processes for the bench: the fake home, the echo server, the gateway, load workers; their
+RSS, fd counts and CPU time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -39,6 +41,7 @@ rules:
 """
 
 ENTITY = "sensor.living_room_temperature"
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -49,6 +52,94 @@ def rss_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0])
     return out
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_times(path: Path) -> float:
+    text = path.read_text()
+    fields = text[text.rindex(")") + 2 :].split()  # the name in parentheses may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all its threads (``/proc/PID/stat``);
+    NaN once it is gone."""
+    try:
+        return _stat_times(Path(f"/proc/{pid}/stat"))
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def thread_times(pid: int) -> dict[str, float]:
+    """CPU seconds of each live thread, keyed ``"TID name"``, to the nanosecond: the scheduler's
+    run time (``/proc/PID/task/TID/schedstat``), where ``/proc/PID/stat`` counts 10 ms ticks."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            out[f"{task.name} {name}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return out
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of the live threads: each is a wake-up."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, stolen) CPU seconds of the whole machine so far, all CPUs (``/proc/stat``): busy is
+    user, nice, system, irq and softirq (with tick accounting, as here, the interrupt ticks are
+    also charged to the process they interrupted); stolen is the hypervisor's time for other
+    guests."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+class CpuWindow:
+    """CPU seconds of some processes over a wall-clock window: a thread samples each process at
+    the window's start and at its end (the same window the load workers count in).
+
+    Also the rest of the machine: ``"others"`` is what every other process used meanwhile (the
+    machine's busy time less the watched processes'), ``"stolen"`` the hypervisor's share.
+    """
+
+    def __init__(self, pids: dict[str, int], start_at: float, duration: float) -> None:
+        self.pids = pids
+        self.start_at = start_at
+        self.end_at = start_at + duration
+        self.used: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        time.sleep(max(0.0, self.start_at - time.time()))
+        first = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        busy, stolen = machine_busy()
+        time.sleep(max(0.0, self.end_at - time.time()))
+        used = {name: cpu_seconds(pid) - first[name] for name, pid in self.pids.items()}
+        busy_end, stolen_end = machine_busy()
+        used["others"] = busy_end - busy - sum(v for v in used.values() if v == v)
+        used["stolen"] = stolen_end - stolen
+        self.used = used
+
+    def result(self) -> dict[str, float]:
+        """Seconds used inside the window, per name (waits for the window's end)."""
+        self._thread.join(max(0.0, self.end_at - time.time()) + 5)
+        return dict(self.used)
 
 
 def open_fds(pid: int) -> int:
@@ -88,14 +179,21 @@ class Home:
     url: str
     proc: subprocess.Popen[str]
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
 
 @contextmanager
-def fake_home() -> Iterator[Home]:
-    """The fake Home Assistant in its own process (a stdlib threading HTTP server)."""
+def fake_home(*, fast: bool = False) -> Iterator[Home]:
+    """A fake Home Assistant in its own process: the correctness fake (a stdlib threading HTTP
+    server, as the soak uses), or with ``fast`` the benchmarks' (:mod:`bench.fasthome`)."""
+    module = "bench.fasthome" if fast else "agentgate.testing.fake_homeassistant"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agentgate.testing.fake_homeassistant", "--token", HA_TOKEN],
+        [sys.executable, "-m", module, "--token", HA_TOKEN],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=ROOT,
     )
     try:
         assert proc.stdout is not None
@@ -103,6 +201,38 @@ def fake_home() -> Iterator[Home]:
         if not url.startswith("http"):
             raise RuntimeError(f"fake home did not start: {url!r}")
         yield Home(url, proc)
+    finally:
+        _stop(proc)
+
+
+@attrs.define
+class EchoServer:
+    url: str
+    ca: Path
+    proc: subprocess.Popen[str]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@contextmanager
+def echo_server(workdir: Path) -> Iterator[EchoServer]:
+    """The door's floor, :mod:`bench.door`, in its own process (TLS, a fresh certificate)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca, cert, key = write_certificates(workdir)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.door", str(cert), str(key)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("wss://"):
+            raise RuntimeError(f"echo server did not start: {url!r}")
+        yield EchoServer(url, ca, proc)
     finally:
         _stop(proc)
 

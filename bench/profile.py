@@ -43,7 +43,9 @@ class Profiler:
     _threads: list[threading.Thread] = attrs.field(factory=list)
     files: dict[str, Path] = attrs.field(factory=dict)
 
-    def record(self, name: str, pid: int, start_at: float, duration: float) -> None:
+    def record(
+        self, name: str, pid: int, start_at: float, duration: float, rate: int | None = None
+    ) -> None:
         self.outdir.mkdir(parents=True, exist_ok=True)
         out = self.outdir / f"{name}.txt"
         self.files[name] = out
@@ -55,7 +57,7 @@ class Profiler:
             "--duration",
             str(max(1, int(duration))),
             "--rate",
-            str(self.rate),
+            str(rate or self.rate),
             "--format",
             "raw",
             "--nonblocking",

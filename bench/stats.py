@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +22,41 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+class Window:
+    """Completions and latencies inside a measuring window (wall clock, shared by the workers).
+
+    No event loop of its own: the Trio workers (:mod:`bench.load`) and the asyncio ones
+    (:mod:`bench.fasthome`) both use it.
+    """
+
+    def __init__(self, start_at: float, duration: float) -> None:
+        self.start = start_at
+        self.end = start_at + duration
+        self.latencies: list[float] = []
+        self.per_second = [0] * (math.ceil(duration) + 1)
+        self.errors: Counter[str] = Counter()
+
+    def done(self, begun: float, ended: float) -> None:
+        if self.start <= ended <= self.end:
+            self.latencies.append(round((ended - begun) * 1000, 3))
+            self.per_second[int(ended - self.start)] += 1
+
+    def failed(self, exc: BaseException, ended: float) -> None:
+        if self.start <= ended <= self.end:
+            self.errors[f"{type(exc).__name__}: {str(exc)[:80]}"] += 1
+
+    def result(self, setup_late: float) -> dict[str, Any]:
+        """What a worker prints: count, latencies, per-second counts, errors."""
+        return {
+            "count": len(self.latencies),
+            "duration": self.end - self.start,
+            "latencies_ms": self.latencies,
+            "per_second": self.per_second[:-1],
+            "errors": dict(self.errors),
+            "late_start_s": round(setup_late, 3),
+        }
 
 
 @attrs.define
@@ -66,10 +103,16 @@ def combine(runs: list[list[Row]]) -> list[Row]:
                 floor=median(floors) if floors else None,
                 ratio=median(ratios) if ratios else None,
                 note=f"{sum(oks)}/{len(oks)} runs met it" if oks else first.note,
-                extra={"runs": [r.value for r in rows]},
+                extra={"runs": [r.value for r in rows]}
+                | {k: v for k, v in first.extra.items() if k == "headline"},
             )
         )
     return out
+
+
+def headline(rows: list[Row]) -> dict[str, float]:
+    """The figures named as headlines (CPU per request, CPU per idle hour), by their names."""
+    return {r.extra["headline"]: r.value for r in rows if "headline" in r.extra}
 
 
 def fmt(value: float | None, unit: str = "") -> str:

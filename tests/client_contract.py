@@ -15,7 +15,7 @@ Runner signature, what the runner must provide:
 - ``home``: an object satisfying :class:`Home` below. Its async methods must be awaitable
   from the library the case runs under (for asyncio in a worker thread, wrap Trio-side
   actions with ``trio.from_thread.run``).
-- The gateway under test runs with ``approval_timeout`` ≈ 3 s (DESIGN §13) and this policy
+- The gateway under test runs with ``approval_timeout`` ≈ 3 s and this policy
   (as ``permissions.yaml``)::
 
       rules:
@@ -68,6 +68,10 @@ class Home(Protocol):
         """Stop the gateway (connections drop) and start it again at the same URL with the
         same store; return once it accepts connections."""
 
+    async def settled(self) -> None:
+        """Return once no approval is in flight on the gateway: each decided one has answered
+        its connection or queued its result."""
+
 
 # -- library-neutral helpers (Trio or asyncio, picked with sniffio) ----------------------------
 
@@ -77,11 +81,16 @@ def _trio() -> bool:
 
 
 async def sleep(seconds: float) -> None:
-    """Sleep under whichever library runs."""
+    """Sleep under whichever library runs (to wait for a condition, wait on an event)."""
     if _trio():
         await trio.sleep(seconds)
     else:
         await asyncio.sleep(seconds)
+
+
+def event() -> trio.Event | asyncio.Event:
+    """An event of whichever library runs (set it from that library's thread)."""
+    return trio.Event() if _trio() else asyncio.Event()
 
 
 @asynccontextmanager
@@ -144,14 +153,18 @@ class PendingLog:
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
+        self._changed: trio.Event | asyncio.Event | None = None
 
     def __call__(self, params: dict[str, Any]) -> None:
         self.seen.append(params)
+        if self._changed is not None:
+            self._changed.set()
 
     async def wait(self, count: int = 1) -> dict[str, Any]:
         """Wait (bounded by the caller's deadline) until ``count`` approvals were announced."""
         while len(self.seen) < count:
-            await sleep(0.02)
+            self._changed = event()
+            await self._changed.wait()
         return self.seen[count - 1]
 
 
@@ -277,10 +290,10 @@ async def cancelled_call_leaves_connection_usable(gw_factory: GwFactory, home: H
         data = await gw.call("ha_get_state", entity_id="sensor.living_room")
         assert data["entity_id"] == "sensor.living_room"
         await home.press(params["request_id"], "deny")  # clean up; the late reply is dropped
-        await sleep(0.2)
-        assert gw.connected
+        await home.settled()  # the late reply is on the wire, ahead of the next call's
         data = await gw.call("ha_get_state", entity_id="sensor.living_room")
         assert data["entity_id"] == "sensor.living_room"
+        assert gw.connected
 
 
 async def list_tools_shape(gw_factory: GwFactory, home: Home) -> None:
@@ -301,15 +314,12 @@ async def reconnect_after_restart_collects_queued_result(gw_factory: GwFactory, 
     fast = Backoff(initial=0.1, maximum=0.5)
     async with deadline(3 * STEP), gw_factory(on_pending=pending, backoff=fast) as gw:
 
-        async def restart_then_allow() -> None:
-            params = await pending.wait()
+        async def restart_when_pending() -> None:
+            await pending.wait()
             await home.restart_gateway()
-            while not gw.connected:
-                await sleep(0.05)
-            await home.press(params["request_id"], "allow")
 
         (_, lost), (_, restart_error) = await gather(
-            lambda: gw.call("ha_call_service", **_light()), restart_then_allow
+            lambda: gw.call("ha_call_service", **_light()), restart_when_pending
         )
         assert restart_error is None, restart_error
         assert isinstance(lost, ConnectionLost), lost
@@ -317,10 +327,9 @@ async def reconnect_after_restart_collects_queued_result(gw_factory: GwFactory, 
         assert lost.data["rpc_id"] == pending.seen[0]["rpc_id"]
         assert lost.data.get("request_id") == request_id
 
-        collected: list[dict[str, Any]] = []
-        while not any(entry.get("request_id") == request_id for entry in collected):
-            collected += await gw.pending_results()
-            await sleep(0.05)
+        await home.press(request_id, "allow")  # the approval outlived the restart
+        await home.settled()  # executed, its result queued for the agent
+        collected = await gw.pending_results()  # waits for the SDK to reconnect
         (entry,) = [e for e in collected if e["request_id"] == request_id]
         assert entry["status"] == "executed"
         assert entry["rpc_id"] == lost.data["rpc_id"]

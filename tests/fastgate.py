@@ -9,7 +9,7 @@ deadline and the 900 s approval timeout take milliseconds.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -109,14 +109,20 @@ async def authed(fg: FastGateway, agent: str = "pi", **kw: Any) -> WebSocketConn
 
 @asynccontextmanager
 async def fast_gateway(
-    workdir: Path, *, home: MockHome | None = None, inline_store: bool | None = True, **toml: Any
+    workdir: Path,
+    *,
+    home: MockHome | None = None,
+    inline_store: bool | None = True,
+    tokens: Mapping[str, str] = DEFAULT_TOKENS,
+    http_transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    **toml: Any,
 ) -> AsyncIterator[FastGateway]:
     """The gateway over memory streams; ``inline_store=None`` runs the store as ``serve`` does
     (durable commits and checkpoints in worker threads: not for ``autojump_clock``)."""
     await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
     path = write_gate_toml(
         workdir,
-        tokens=DEFAULT_TOKENS,
+        tokens=tokens,
         ha_url="http://ha.test",
         ha_token="ha-token-0123456789",
         tls=None,
@@ -132,6 +138,7 @@ async def fast_gateway(
             ha_transport=httpx.MockTransport(home.handler),
             now=now,
             inline_store=inline_store,
+            http_transports=http_transports,
         ) as gateway,
         trio.open_nursery() as nursery,
     ):

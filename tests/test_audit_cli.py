@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -93,10 +92,13 @@ def test_usage_errors_exit_2(db: Path, tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_follow_prints_new_rows_and_resolutions(db: Path) -> None:
     seen: list[tuple[str | None, bool]] = []
+    both = threading.Event()
     done = threading.Event()
 
     def emit(entry: AuditEntry, update: bool) -> None:
         seen.append((entry.request_id, update))
+        if len(seen) >= 2:
+            both.set()
 
     thread = threading.Thread(
         target=audit.follow,
@@ -104,11 +106,11 @@ def test_follow_prints_new_rows_and_resolutions(db: Path) -> None:
         kwargs={"interval": 0.01, "stop": done.is_set},
     )
     thread.start()
-    deadline = time.monotonic() + 10
-    while len(seen) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    done.set()
-    thread.join(10)
+    try:
+        assert both.wait(10), seen  # a ceiling, not a pace: it returns once both are printed
+    finally:
+        done.set()
+        thread.join(10)
     assert seen == [("r1", False), ("r2", False)]
 
 

@@ -239,6 +239,12 @@ def test_insecure_is_refused_off_loopback(tmp_path: Path) -> None:
     assert_one_line_exit_2(proc, "gateway.listen: --insecure", "only allowed on a loopback address")
 
 
+def test_insecure_is_refused_for_an_mcp_endpoint_off_loopback(tmp_path: Path) -> None:
+    write_gate(tmp_path, tls=False, extra='[mcp]\nlisten = "0.0.0.0:0"\n')
+    proc = agentgate("serve", "gate.toml", "--insecure", cwd=tmp_path)
+    assert_one_line_exit_2(proc, "mcp.listen: --insecure", "only allowed on a loopback address")
+
+
 def test_a_failure_while_starting_is_one_line_traceback_only_with_debug(tmp_path: Path) -> None:
     """A store written by a newer agentgate fails inside the running start-up, not in the
     checks before it: still one line and exit 2; ``--log-level debug`` adds the traceback."""

@@ -1,10 +1,10 @@
 """The agent SDK: the sans-io core (synchronous) and both transports against a scripted gateway.
 
 The scripted gateway (:class:`FakeGateway`) is a tiny trio-websocket server on 127.0.0.1
-speaking DESIGN §4/§13 just enough: auth, tool_request (allow / deny / ask), approvals pressed
-by the test, queued results, notifications, disconnects and restarts. The transport tests run
-each scenario under Trio directly and under asyncio in a worker thread (``asyncio.Runner``
-with a plain selector loop, so trio-asyncio's loop policy is not involved).
+speaking the wire protocol (docs/protocol.md) just enough: auth, tool_request (allow / deny /
+ask), approvals pressed by the test, queued results, notifications, disconnects and restarts.
+The transport tests run each scenario under Trio directly and under asyncio in a worker thread
+(``asyncio.Runner`` with a plain selector loop, so trio-asyncio's loop policy is not involved).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from agentgate.protocol import (
     parse_request,
 )
 from tests import client_contract
-from tests.client_contract import CONTRACT, capture, deadline, gather, sleep
+from tests.client_contract import CONTRACT, capture, deadline, event, gather, sleep
 
 CEILING = 20.0
 
@@ -365,29 +365,51 @@ class FakeGateway:
         self.listed = 0  # acknowledged-mode collections that listed something
         self.auths = 0
         self.release = trio.Event()
+        self.held = 0  # "slow" requests waiting for release
         self.answer_auth = True
         self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+        self._sending = 0  # replies and notifications still being written
+        self._changed = trio.Event()  # set (and renewed) whenever any of the above changes
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds (the caller's deadline bounds it)."""
+        while not predicate():
+            await self._changed.wait()
+
+    async def settled(self) -> None:
+        """Wait until every reply and notification sent in the background is written."""
+        await self.until(lambda: self._sending == 0)
 
     @property
     def url(self) -> str:
         return f"{'wss' if self.ssl_context else 'ws'}://127.0.0.1:{self.port}/"
 
     async def start(self) -> None:
-        self._scope = trio.CancelScope()
-        server = await self.nursery.start(self._serve, self._scope)
+        self._scope, self._stopped = trio.CancelScope(), trio.Event()
+        server = await self.nursery.start(self._serve, self._scope, self._stopped)
         self.port = server.port
 
-    async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:
-        with scope:
-            await trio_websocket.serve_websocket(
-                self._handle, "127.0.0.1", self.port, self.ssl_context, task_status=task_status
-            )
+    async def _serve(
+        self, scope: trio.CancelScope, stopped: trio.Event, *, task_status: Any
+    ) -> None:
+        try:
+            with scope:
+                await trio_websocket.serve_websocket(
+                    self._handle, "127.0.0.1", self.port, self.ssl_context, task_status=task_status
+                )
+        finally:
+            stopped.set()
 
     async def restart(self) -> None:
         self._scope.cancel()
         for conn in list(self.conns):
             conn.alive = False
-        await trio.sleep(0.05)
+        await self._stopped.wait()  # the port is free again
         await self.start()
 
     def press(self, request_id: str, decision: str) -> None:
@@ -414,9 +436,14 @@ class FakeGateway:
 
     def _send(self, conn: _Conn, text: str) -> None:
         async def send() -> None:
-            with contextlib.suppress(trio_websocket.ConnectionClosed):
-                await conn.ws.send_message(text)
+            try:
+                with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    await conn.ws.send_message(text)
+            finally:
+                self._sending -= 1
+                self._touch()
 
+        self._sending += 1
         self.nursery.start_soon(send)
 
     def _notify_results(self) -> None:
@@ -456,6 +483,7 @@ class FakeGateway:
         try:
             first = parse_request(await ws.get_message())
             self.auths += 1
+            self._touch()
             if not self.answer_auth:
                 await trio.sleep_forever()
             if not (isinstance(first, Request) and first.method == "auth"):
@@ -502,6 +530,7 @@ class FakeGateway:
             return {"tools": TOOLS}
         if req.method == "get_pending_results":
             self.collections += 1
+            self._touch()
             if "ack" in req.params:  # acknowledged mode: listed until acknowledged
                 acked = set(req.params["ack"])
                 self.acknowledged.extend(req.params["ack"])
@@ -531,6 +560,8 @@ class FakeGateway:
                 return None  # answered by press() / expiry
             return self._executed(request_id, {"called": action})
         if tool == "slow":
+            self.held += 1
+            self._touch()
             await self.release.wait()
             return self._executed(request_id, args)
         if tool == "fail":
@@ -571,9 +602,16 @@ class _TrioHome:
     async def restart_gateway(self) -> None:
         await self.fake.restart()
 
+    async def settled(self) -> None:
+        await self.fake.settled()
+
     async def do(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a synchronous control function of the fake in the Trio thread."""
         return fn(*args)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` (about the fake) holds, in the Trio thread."""
+        await self.fake.until(predicate)
 
 
 class _AsyncioHome:
@@ -593,8 +631,14 @@ class _AsyncioHome:
     async def restart_gateway(self) -> None:
         await self._trio(self.fake.restart)
 
+    async def settled(self) -> None:
+        await self._trio(self.fake.settled)
+
     async def do(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(trio.from_thread.run_sync, fn, *args, trio_token=self.token)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        await self._trio(self.fake.until, predicate)
 
 
 def _asyncio_thread(scenario: Scenario, factory: Callable[..., Any], home: Any) -> None:
@@ -645,8 +689,7 @@ async def test_results_pending_is_collected_automatically(library: str, fake: Fa
             await gw.call("queue")
             # collected in the background by the results_pending notification (after the
             # collection every connection starts with)
-            while await home.do(lambda: fake.collections) < 2:
-                await sleep(0.01)
+            await home.until(lambda: fake.collections >= 2)
             assert gw.results_waiting == 1
             # listed again by pending_results' own collection (nothing acknowledged it yet):
             # handed out once all the same
@@ -671,13 +714,11 @@ async def test_a_result_listed_again_after_a_reconnect_is_handed_out_once(
     async def scenario(factory: Callable[..., Any], home: Any) -> None:
         async with factory() as gw:
             await gw.call("queue")
-            while await home.do(lambda: fake.listed) < 1:  # collected, not handed out
-                await sleep(0.01)
+            await home.until(lambda: fake.listed >= 1)  # collected, not handed out
             await home.do(fake.drop_all)
             listed = await home.do(lambda: fake.listed)
             # the new connection's collection lists it again: a duplicate, dropped
-            while await home.do(lambda: fake.listed) <= listed:
-                await sleep(0.01)
+            await home.until(lambda: fake.listed > listed)
             assert await gw.pending_results() == [ENTRY]
             assert await gw.pending_results() == []
         assert await home.do(lambda: fake.acknowledged) == ["queued-1"]
@@ -699,8 +740,7 @@ async def test_leaving_connect_acknowledges_what_was_handed_out_only(
         assert await home.do(lambda: fake.queued) == []
         async with factory() as gw:
             await gw.call("queue")  # collected in the background, never handed out
-            while not await home.do(lambda: fake.listed):
-                await sleep(0.01)
+            await home.until(lambda: fake.listed > 0)
         assert await home.do(lambda: fake.queued) == [ENTRY]  # still the gateway's
         async with factory() as gw:
             assert await gw.pending_results() == [ENTRY]
@@ -732,18 +772,20 @@ async def test_collect_false_leaves_results_on_the_gateway(library: str, fake: F
 @LIBRARIES
 async def test_async_hook_and_failing_hook(library: str, fake: FakeGateway) -> None:
     seen: list[str] = []
+    hooked: list[trio.Event | asyncio.Event] = []
 
     async def hook(params: dict[str, Any]) -> None:
         await sleep(0)
         seen.append(params["request_id"])
+        hooked[0].set()
         raise RuntimeError("hook bug")  # logged, never kills the connection
 
     async def scenario(factory: Callable[..., Any], home: Any) -> None:
+        hooked.append(event())
         async with factory(on_pending=hook) as gw:
 
             async def guardian() -> None:
-                while not seen:
-                    await sleep(0.01)
+                await hooked[0].wait()
                 await home.press(seen[0], "allow")
 
             (result, error), _ = await gather(
@@ -810,8 +852,7 @@ async def test_token_revoked_during_reconnect_stops_for_good(
         async with factory() as gw:
             await home.do(setattr, fake, "token", "rotated")
             await home.do(fake.drop_all)
-            while gw.connected:
-                await sleep(0.01)
+            await home.until(lambda: fake.auths >= 2)  # the SDK saw the drop: it reconnects
             _, error = await capture(lambda: gw.call("ha_get_state", entity_id="sensor.x"))
             assert isinstance(error, AuthenticationFailed), error
             _, error = await capture(lambda: gw.list_tools())
@@ -899,8 +940,10 @@ async def test_user_errors_leave_connect_unwrapped(fake: FakeGateway) -> None:
 async def test_cancelled_trio_call_then_late_reply(fake: FakeGateway) -> None:
     with trio.fail_after(CEILING):
         async with connect(fake.url, token=fake.token) as gw:
-            with trio.move_on_after(0.1):
-                await gw.call("slow")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(gw.call, "slow"))
+                await fake.until(lambda: fake.held == 1)  # the gateway holds it
+                nursery.cancel_scope.cancel()
             fake.release.set()  # the late reply arrives and is discarded
             assert isinstance(gw, Gateway)
             assert (await gw.call("slow", x=1)) == {"x": 1}

@@ -692,7 +692,7 @@ def test_connection_limits(tmp_path: Path) -> None:
         limits.max_connections,
         limits.max_unauthenticated_per_address,
         limits.max_connections_per_agent,
-    ) == (1, 1, 100000)  # every positive integer (DESIGN §13)
+    ) == (1, 1, 100000)  # every positive integer (docs/configuration.md, "Ranges")
 
 
 def test_card_and_outbox_limits(tmp_path: Path) -> None:

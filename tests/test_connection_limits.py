@@ -67,8 +67,8 @@ async def test_an_agent_over_its_connection_cap_is_refused_and_others_are_served
         # a connection of pi's ends: pi may connect again
         await held[0].aclose()
         limits = fg.gateway.door.connection_limits
-        while limits.of_agent("pi") == 3:  # noqa: ASYNC110 - the door's count, no event
-            await trio.sleep(0.01)
+        while limits.of_agent("pi") == 3:
+            await limits.released()
         again = await authed(fg, "pi")
         assert (await call(again, 3, "tool_request", **READ))["result"]["status"] == "executed"
 
@@ -280,8 +280,8 @@ async def test_the_total_cap_refuses_at_once_and_frees_with_the_sockets(
                 # full: an agent is refused too (a TCP close before TLS: ConnectionLost)
                 with pytest.raises(Exception, match="cannot reach the gateway"):
                     await read_as(gw, "laptop")
-            while limits.open:  # noqa: ASYNC110 - the listener's count, no event
-                await trio.sleep(0.01)
+            while limits.open:
+                await limits.released()
             assert (await read_as(gw, "laptop"))["entity_id"] == SENSOR
 
 

@@ -23,6 +23,7 @@ from agentgate.services.homeassistant import HomeAssistant, open_homeassistant
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant, run_fake_homeassistant
 from tests.realha.contract import *  # noqa: F403 - the shared tests and their fixtures
 from tests.realha.contract import CEILING, Home
+from tests.realha.contract_wider import *  # noqa: F403 - templates, areas, logbook, data
 from tests.realha.gateway_contract import *  # noqa: F403
 
 pytestmark = pytest.mark.slow
@@ -129,11 +130,7 @@ async def test_lock_stays_locking_for_the_delay(fake: FakeHomeAssistant) -> None
         async with open_homeassistant(Settings(fake.url)) as executor, trio.open_nursery() as n:
             args = {"domain": "lock", "service": "unlock", "entity_id": "lock.front_door"}
             n.start_soon(executor.execute, "ha_call_service", args)
-            while True:
-                state = fake.state("lock.front_door")
-                if state is not None and state["state"] == "unlocking":
-                    break
-                await trio.sleep(0.01)
+            await fake.wait_for_state("lock.front_door", "unlocking")
             n.cancel_scope.cancel()
 
 

@@ -237,7 +237,7 @@ async def test_list_tools_shape(workdir: Path, home: FakeHomeAssistant) -> None:
             )
             assert len(names) == len(set(names))
             for tool in tools:
-                assert set(tool) == {"name", "description", "args"}
+                assert set(tool) == {"name", "description", "args", "annotations"}
                 assert isinstance(tool["description"], str)
                 assert tool["description"]
                 assert tool["args"]["type"] == "object"

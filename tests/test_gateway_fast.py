@@ -15,6 +15,7 @@ from trio_websocket import ConnectionClosed
 from agentgate.connection import CLOSE_POLICY, Connection
 from agentgate.gateway import SHUTDOWN_BOUND
 from agentgate.protocol import Request
+from agentgate.testing.harness import DEFAULT_POLICY, DEFAULT_TOKENS
 from tests.fastgate import MockHome, authed, call, fast_gateway, reply
 
 
@@ -100,6 +101,52 @@ async def test_restart_resumes_a_pending_approval_with_its_deadline(
         ]
         assert (await call(ws, 3, "get_pending_results"))["result"]["results"] == []
     assert home.service_calls == [("/api/services/light/turn_on", {"entity_id": "light.bedroom"})]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (
+            {
+                "policy": DEFAULT_POLICY.replace(
+                    "action: ask\n    description: lights", "action: deny\n    description: lights"
+                )
+            },
+            "denied by policy: rule 1: ha_call_service(light.*) (deny)",
+        ),
+        ({"tokens": {"laptop": DEFAULT_TOKENS["laptop"]}}, "agent pi is no longer configured"),
+        ({"frozen": True}, "frozen by guardian"),
+    ],
+    ids=["policy-now-denies", "agent-removed", "frozen"],
+)
+async def test_an_approval_that_would_not_be_asked_now_does_not_come_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, change: dict[str, Any], why: str
+) -> None:
+    """A restart is how an operator tightens the policy or removes an agent: what a restored
+    card would approve is checked against today's configuration first."""
+    home = MockHome()
+    frozen = change.pop("frozen", False)
+    async with fast_gateway(tmp_path, home=home) as fg:
+        ws = await authed(fg)
+        await ws.send_message(
+            '{"jsonrpc":"2.0","id":"a-1","method":"tool_request","params":'
+            '{"tool":"ha_call_service","args":{"domain":"light","service":"turn_on",'
+            '"entity_id":"light.bedroom"}}}'
+        )
+        request_id = (await fg.guardian.wait_for_card()).card.request_id
+        if frozen:  # frozen while the gateway stops: the freeze holds at the next start
+            await fg.gateway.store.set_setting("frozen", "1")
+    async with fast_gateway(tmp_path, home=home, **change) as fg:
+        await fg.gateway.broker.idle()
+        assert await fg.gateway.controls.pending() == []
+        answer = await fg.guardian.press(request_id, "allow", on=f"card-{request_id}")
+        assert answer.startswith("expired")
+        (row,) = [
+            r for r in await fg.gateway.store.audit_rows(agent="pi") if r.request_id == request_id
+        ]
+        assert (row.decision, row.resolution) == ("ask", "denied")
+        assert why in str(row.error)
+    assert home.service_calls == []
 
 
 async def test_an_approval_that_expired_while_down_is_queued_as_timed_out(

@@ -1,7 +1,7 @@
 """A hostile or broken agent over real sockets: every abuse gets its code, nobody else notices.
 
 Each test keeps a second agent (``laptop``) connected and checks that it is still served after
-every abuse; protocol errors also leave the abusing connection open (DESIGN §13).
+every abuse; protocol errors also leave the abusing connection open (docs/protocol.md, "Errors").
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
+from trio.testing import wait_all_tasks_blocked
 from trio_websocket import WebSocketRequest, open_websocket_url
 
 from agentgate import listener
@@ -82,7 +83,7 @@ async def test_a_peer_gone_before_its_upgrade_is_dropped_at_once(
     server_tls, _ = _contexts(ca)
     async with _server(server_tls if use_tls else None) as server:
         with trio.fail_after(CEILING):
-            await trio.sleep(0.1)
+            await wait_all_tasks_blocked()  # the server is up and idle: its sockets are open
             baseline = _open_fds()
             for _ in range(30):
                 stream = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -95,10 +96,11 @@ async def test_a_peer_gone_before_its_upgrade_is_dropped_at_once(
 async def test_a_silent_connection_still_waits_for_its_upgrade(ca: trustme.CA) -> None:
     async with _server(None) as server:
         with trio.fail_after(CEILING):
-            await trio.sleep(0.1)
+            await wait_all_tasks_blocked()  # the server is up and idle: its sockets are open
             baseline = _open_fds()
             stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-            await trio.sleep(0.3)
+            # The server accepted it and did all it does at once: it now waits for the upgrade.
+            await wait_all_tasks_blocked()
             # Our end plus the server's end: a peer that is only slow is not dropped.
             assert _open_fds() >= baseline + 2
             await stream.aclose()
@@ -129,7 +131,7 @@ def _bad_request_then_reset(port: int) -> None:
 async def test_bad_requests_neither_end_the_listener_nor_hold_their_sockets() -> None:
     async with _server(None) as server:
         with trio.fail_after(CEILING):
-            await trio.sleep(0.1)
+            await wait_all_tasks_blocked()  # the server is up and idle: its sockets are open
             baseline = _open_fds()
             for _ in range(20):
                 await trio.to_thread.run_sync(_bad_request_then_reset, server.port)

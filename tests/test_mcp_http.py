@@ -12,6 +12,7 @@ import pytest
 import trio
 from mcp.shared.exceptions import MCPError
 
+import agentgate.mcp.http as mcp_http
 from agentgate.guardian import Status
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant
 from agentgate.testing.harness import Harness, raw_agent, running_gateway
@@ -386,10 +387,10 @@ async def test_one_rate_and_one_pending_budget_per_agent_across_both_doors(
     with trio.fail_after(CEILING):
         async with (
             gate(
-                workdir, home, limits={"requests_per_minute": 4, "max_pending_per_agent": 1}
+                workdir, home, limits={"requests_per_minute": 5, "max_pending_per_agent": 1}
             ) as gw,
             raw_agent(gw) as agent,
-            client(gw) as mcp,
+            client(gw) as mcp,  # its initialize: the first request this minute
         ):
             await agent.send(
                 {
@@ -399,13 +400,13 @@ async def test_one_rate_and_one_pending_budget_per_agent_across_both_doors(
                     "params": {"tool": "ha_call_service", "args": LIGHT_ON},
                 }
             )
-            await gw.scripted.wait_for_card()  # one pending approval, from the WebSocket door
-            await mcp.list_tools()  # the second request this minute (the client lists once)
+            await gw.scripted.wait_for_card()  # the second request, pending, from the WS door
+            await mcp.list_tools()  # the third request this minute (the client lists once)
             over = await mcp.call_tool("ha_call_service", LIGHT_ON)
             assert over.is_error
             assert "too many pending approvals" in text(over)
             assert len(gw.scripted.cards) == 1
-            read = await agent.tool("ha_get_state", **READ)  # the fourth request this minute
+            read = await agent.tool("ha_get_state", **READ)  # the fifth request this minute
             assert read["result"]["status"] == "executed"
             limited = await mcp.call_tool("ha_get_state", READ)
             assert limited.is_error
@@ -427,3 +428,43 @@ async def test_a_waiting_call_hears_the_gateway_shut_down(
             # A planned stop: the approval stays open for the next start, its result queued.
             assert text(outcome[0]).startswith("gateway restarting: the approval stays open")
             assert posts(home, LIGHT_PATH) == 0
+
+
+async def test_an_execution_longer_than_the_doors_bound_is_not_cut_short(
+    workdir: Path, home: FakeHomeAssistant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A started call may outlive its MCP caller by a bound; that bound is longer than Home
+    Assistant's own timeout, so a slow service is never cut off mid-call by the door."""
+    monkeypatch.setattr(mcp_http, "SUBMIT_BOUND", 1.0)  # stands for a service timeout > 60 s
+    allow = 'rules:\n  - pattern: "ha_call_service(light.*)"\n    action: allow\n'
+    with trio.fail_after(CEILING):
+        async with gate(workdir, home, policy=allow, ha_timeout=10) as gw, client(gw) as mcp:
+            home.answer_delay = 2.0  # it runs at once, answers 2 s later
+            result = await mcp.call_tool("ha_call_service", LIGHT_ON)
+            assert not result.is_error, text(result)
+            await gw.settled()
+            rows = await gw.gateway.store.audit_rows(agent="pi")
+            assert [(r.decision, r.resolution) for r in rows] == [("allow", "executed")]
+    assert posts(home, LIGHT_PATH) == 1
+
+
+async def test_one_agent_cannot_take_every_mcp_session(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    """Sessions come from one pool for every agent; each agent holds at most its share
+    (``max_connections_per_agent``), and a closed session gives its place back."""
+    with trio.fail_after(CEILING):
+        async with gate(workdir, home, limits={"max_connections_per_agent": 2}) as gw:
+            async with client(gw) as first, client(gw) as second:
+                assert (await first.list_tools()).tools
+                assert (await second.list_tools()).tools
+                with pytest.raises(Exception) as refused:  # noqa: PT011 - the SDK wraps the 429
+                    async with client(gw) as third:
+                        await third.list_tools()
+                assert "429" in repr(refused.value) or "too many open MCP sessions" in repr(
+                    refused.value
+                )
+                async with client(gw, "laptop") as other:  # another agent still gets one
+                    assert (await other.list_tools()).tools
+            async with client(gw) as again:  # the first two were closed: room again
+                assert (await again.list_tools()).tools

@@ -19,8 +19,11 @@ import trio.testing
 
 from agentgate.approvals import Outcome
 from agentgate.audit import format_table
+from agentgate.gateway import SHUTDOWN_BOUND
 from agentgate.guardian import CardUpdate, Status
 from agentgate.guardian.card import render_resolution
+from agentgate.pipeline import INTERRUPTED
+from agentgate.store import AuditEntry
 from agentgate.testing.fake_telegram import telegram_visible_text
 from tests.fastgate import MockHome, authed, call, fast_gateway, reply
 from tests.test_card import card
@@ -168,3 +171,58 @@ def test_the_card_of_an_unknown_outcome() -> None:
     text = telegram_visible_text(render_resolution(card(lock), update, now=0))
     assert "it may have run" in text
     assert "outcome unknown — now: lock.front_door: unlocked" in text
+
+
+class SlowHome(MockHome):
+    """Runs every service call at once and answers it 8 s later: longer than the gateway's
+    shutdown bound, within Home Assistant's timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = trio.Event()
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:  # type: ignore[override]
+        answer = super().handler(request)
+        if request.method == "POST":
+            self.started.set()
+            await trio.sleep(8)
+        return answer
+
+
+async def test_an_allowed_call_cut_off_by_the_shutdown_bound_is_recorded_unknown(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    home = SlowHome()
+    async with fast_gateway(tmp_path, home=home, policy=ALLOW_LIGHTS, ha_timeout=10) as fg:
+        ws = await authed(fg)
+        await ws.send_message(tool_request(1, "ha_call_service", LIGHT_ON))
+        await home.started.wait()
+        with trio.move_on_after(SHUTDOWN_BOUND):  # as serve does; what is left is cancelled
+            await fg.gateway.shutdown()
+    async with fast_gateway(tmp_path, home=home, policy=ALLOW_LIGHTS) as fg:
+        [row] = await fg.gateway.store.audit_rows()
+        assert (row.decision, row.resolution, row.error) == ("allow", Outcome.UNKNOWN, INTERRUPTED)
+    assert len(home.service_calls) == 1
+
+
+async def test_an_allowed_call_a_crash_left_without_outcome_is_unknown_at_the_next_start(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path, policy=ALLOW_LIGHTS) as fg:
+        # What a kill -9 between the durable decision and the outcome leaves behind.
+        await fg.gateway.store.audit(
+            AuditEntry(
+                time=1.0,
+                agent="pi",
+                request_id="r-1",
+                tool="ha_call_service",
+                args=LIGHT_ON,
+                signature="ha_call_service(light.turn_on, light.bedroom)",
+                decision="allow",
+                matched="rule 0",
+            )
+        )
+    async with fast_gateway(tmp_path, policy=ALLOW_LIGHTS) as fg:
+        [row] = await fg.gateway.store.audit_rows()
+        assert (row.resolution, row.error) == (Outcome.UNKNOWN, INTERRUPTED)
+        assert row.resolved_at is not None

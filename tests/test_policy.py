@@ -1,4 +1,4 @@
-"""The policy engine: loading, precedence, explanations and lint (DESIGN §5)."""
+"""The policy engine: loading, precedence, explanations and lint (docs/policy.md)."""
 
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def test_shipped_policy_has_no_warnings() -> None:
         (
             'rules:\n  - {pattern: "*", action: ask, desc: x}\n',
             'permissions.yaml: rules[0]: unknown key "desc" '
-            "(expected pattern, action, description)",
+            "(expected pattern, action, description, approvals, quota)",
         ),
         (
             "rules:\n  - {pattern: 3, action: ask}\n",

@@ -9,8 +9,8 @@ Restarts: :class:`RealGateway` keeps one workdir (same CA, same ``gate.toml``, s
 file) and, after the first start on port 0, pins ``listen`` to the port it got, so a restarted
 gateway is at the same URL and the SDK can reconnect to it. ``restart(crash=True)`` stops it
 like ``kill -9`` as far as the store can tell (no shutdown sequence: pending approvals stay
-pending and resume after the restart, DESIGN §6); ``crash=False`` is a clean shutdown (pending
-approvals resolve as ``shutdown``, -32007, DESIGN §3).
+pending and resume after the restart); ``crash=False`` is a planned restart (the asker hears
+-32007 and pending approvals resume at the next start; docs/operations.md, "What survives what").
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ class RealGateway:
         await self.start()
 
     async def press(self, request_id: str, decision: str) -> str:
-        """Decide as the guardian; fail loudly if the gateway did not take the decision."""
+        """Decide as the guardian, once the card is shown; fail loudly if the gateway did not
+        take the decision."""
+        await self.guardian.card_of(request_id)
         answer = await self.guardian.press(request_id, decision)
         assert answer in ("approved", "denied"), answer
         return answer
@@ -191,6 +193,9 @@ class _TrioHome:
     async def restart_gateway(self) -> None:
         await self.gate.restart()
 
+    async def settled(self) -> None:
+        await self.gate.running.gateway.broker.idle()
+
 
 class _AsyncioHome:
     """The same, awaited from an asyncio loop in a worker thread (hops into the Trio thread)."""
@@ -208,6 +213,9 @@ class _AsyncioHome:
 
     async def restart_gateway(self) -> None:
         await self._trio(self.gate.restart)
+
+    async def settled(self) -> None:
+        await self._trio(self.gate.running.gateway.broker.idle)
 
 
 Case = Callable[[GwFactory, Any], Awaitable[None]]
@@ -288,15 +296,9 @@ async def test_clean_restart_answers_shutdown_then_reconnects(
         async def restart_cleanly(self) -> None:
             await self.gate.restart(crash=False)
 
-        async def settled(self) -> None:
-            await self.gate.running.gateway.broker.idle()
-
     class AsyncioHome(_AsyncioHome):
         async def restart_cleanly(self) -> None:
             await self._trio(functools.partial(self.gate.restart, crash=False))
-
-        async def settled(self) -> None:
-            await self._trio(self.gate.running.gateway.broker.idle)
 
     factory = functools.partial(connect, gate.url, token=gate.token, ca=gate.ca_path)
     with trio.fail_after(CEILING):

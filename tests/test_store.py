@@ -195,18 +195,15 @@ async def test_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
         for i in range(20):
             await store.audit(entry(f"r{i}"))
         with trio.fail_after(10):
-            while True:  # the main file alone (no WAL) must hold the rows once checkpointed
-                copy = tmp_path / f"copy-{store.commits}.db"
-                copy.write_bytes(path.read_bytes())
-                conn = sqlite3.connect(copy)
-                try:
-                    count = conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0]
-                except sqlite3.OperationalError:  # not even the schema checkpointed yet
-                    count = 0
-                conn.close()
-                if count == 20:
-                    break
-                await trio.sleep(0.05)
+            await store.wait_checkpointed(store.commits)
+        # the main file alone (no WAL) holds the rows
+        copy = tmp_path / "copy.db"
+        copy.write_bytes(path.read_bytes())
+        conn = sqlite3.connect(copy)
+        try:
+            assert conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == 20
+        finally:
+            conn.close()
 
 
 class _FailingCommit:

@@ -28,6 +28,7 @@ from agentgate.guardian import (
     PendingCard,
     PressAnswer,
     Status,
+    UndoItem,
 )
 from agentgate.guardian.card import (
     CardRules,
@@ -98,6 +99,7 @@ class FakeControl:
         self.frozen = False
         self.pending_cards: list[PendingCard] = []
         self.active_grants: list[Grant] = []
+        self.undo_items: list[UndoItem] = []
         self.block_decide = False
 
     def _record(self, *call: Any) -> None:
@@ -111,7 +113,13 @@ class FakeControl:
         return matching
 
     async def decide(
-        self, request_id: str, action: Action, by: str, *, message_ref: str
+        self,
+        request_id: str,
+        action: Action,
+        by: str,
+        *,
+        message_ref: str,
+        voter: str | None = None,
     ) -> PressAnswer:
         self._record("decide", request_id, action, by, message_ref)
         if self.block_decide:
@@ -140,6 +148,14 @@ class FakeControl:
         before = len(self.active_grants)
         self.active_grants = [g for g in self.active_grants if g.grant_id != grant_id]
         return len(self.active_grants) < before
+
+    async def undo(self, request_id: str, by: str, *, confirm: bool = False) -> PressAnswer:
+        self._record("undo", request_id, by, confirm)
+        return PressAnswer("undone: light.kitchen: off")
+
+    async def undoable(self) -> list[UndoItem]:
+        self._record("undoable")
+        return self.undo_items
 
     async def set_frozen(self, frozen: bool, by: str) -> None:
         self._record("set_frozen", frozen, by)
@@ -307,6 +323,7 @@ async def test_card_arrives_with_buttons(guardian: TelegramGuardian, tg: FakeTel
     assert [c["command"] for c in tg.commands] == [
         "pending",
         "grants",
+        "undo",
         "freeze",
         "unfreeze",
         "status",
@@ -534,7 +551,7 @@ async def test_send_while_down_fails_closed_within_bound(
     start = trio.current_time()
     with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable, match="unreachable"):
         await guardian.send_card(make_card())
-    assert trio.current_time() - start <= FAST_LIMITS.budget + 1
+    assert trio.current_time() - start <= FAST_LIMITS.budget  # attempts are cut at it
     tg.up()
     with trio.fail_after(CEILING):
         await send(guardian, tg, make_card())  # and the guardian is still alive
@@ -608,10 +625,6 @@ async def test_polling_survives_an_outage(
         assert (await press.wait_answer()).text == "approved"
 
 
-# Scheduling slack on top of a bound the product holds with a cancel scope.
-SLACK = 1.0
-
-
 @slow
 async def test_shutdown_during_an_outage_is_bounded(tg: FakeTelegram, control: FakeControl) -> None:
     config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
@@ -621,7 +634,7 @@ async def test_shutdown_during_an_outage_is_bounded(tg: FakeTelegram, control: F
             # A few failed polls: the poller now sleeps out a back-off of several seconds.
             await tg.wait_for(lambda: tg.dropped > 2 or None)
             leaving = trio.current_time()
-    assert trio.current_time() - leaving <= SHUTDOWN_GRACE + SLACK
+    assert trio.current_time() - leaving <= SHUTDOWN_GRACE  # the guardian's own bound
 
 
 @slow
@@ -668,15 +681,16 @@ async def test_shutdown_does_not_hang(tg: FakeTelegram, control: FakeControl) ->
             await control.wait("decide")
             tg.down()
             leaving = trio.current_time()
-    assert trio.current_time() - leaving <= SHUTDOWN_GRACE + SLACK
+    assert trio.current_time() - leaving <= SHUTDOWN_GRACE  # the guardian's own bound
 
 
 @slow
 async def test_cancellation_stops_the_guardian(tg: FakeTelegram, control: FakeControl) -> None:
     config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
     with trio.fail_after(CEILING):
-        with trio.move_on_after(0.5):
+        with trio.CancelScope() as running:
             async with open_telegram_guardian(config, control, limits=FAST_LIMITS):
+                running.cancel()  # cancelled from outside while it runs
                 await trio.sleep_forever()
         # A second guardian on the same bot starts cleanly afterwards.
         async with open_telegram_guardian(config, control, limits=FAST_LIMITS) as guardian:

@@ -1,4 +1,4 @@
-"""The tool registry: schemas, argument validation and signatures (DESIGN §5, §13)."""
+"""The tool registry: schemas, argument validation and signatures (docs/policy.md)."""
 
 from __future__ import annotations
 
@@ -336,9 +336,13 @@ def test_list_tools_wire_shape() -> None:
         "ha_get_services",
         "ha_get_config",
         "ha_get_history",
+        "ha_get_logbook",
+        "ha_render_template",
+        "ha_list_areas",
+        "ha_list_entities",
     }
     for entry in listed:
-        assert set(entry) == {"name", "description", "args"}
+        assert set(entry) == {"name", "description", "args", "annotations"}
         assert entry["args"]["type"] == "object"
         assert entry["description"]
     by_name = {entry["name"]: entry["args"] for entry in listed}

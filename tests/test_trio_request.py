@@ -142,8 +142,9 @@ async def test_cancelling_the_ptb_side_cancels_the_trio_side() -> None:
     with trio.fail_after(10):
         async with trio_asyncio.open_loop():
             await trio_asyncio.aio_as_trio(request.initialize)()
-            with trio.move_on_after(0.2):
-                await trio_asyncio.aio_as_trio(request.do_request)(URL, "POST")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio_asyncio.aio_as_trio(request.do_request), URL, "POST")
+                await started.wait()  # the Trio side is handling it
+                nursery.cancel_scope.cancel()
             await cancelled.wait()
-            assert started.is_set()
             await trio_asyncio.aio_as_trio(request.shutdown)()

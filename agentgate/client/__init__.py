@@ -24,6 +24,9 @@ Errors (all :class:`AgentgateError` with ``.code``, ``.message``, ``.data``)::
     └── ConnectionLost                   the socket went away (see docs/sdk.md)
 
 No exception group ever escapes ``connect()`` or a call. See ``docs/sdk.md``.
+
+Imports: client._base, client._core, errors; client._trio or client._asyncio when ``connect``
+knows which library runs it. Nothing of the gateway: the SDK runs on the agent's device.
 """
 
 from __future__ import annotations

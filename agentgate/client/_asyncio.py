@@ -2,6 +2,8 @@
 
 One reader task per connection, writes serialized by a lock (``write()`` is synchronous, so
 frames never interleave; the lock only orders ``drain()``).
+
+Imports: client._base, client._core, client._diagnose, errors.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""What both transports share: options, URL/TLS set-up and the user-facing ``Gateway`` methods."""
+"""What both transports share: options, URL/TLS set-up and the user-facing ``Gateway`` methods.
+
+Imports: client._core, errors.
+"""
 
 from __future__ import annotations
 

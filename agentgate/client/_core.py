@@ -17,6 +17,8 @@ gateway that does not depend on how bytes move:
 
 Transports drive it: ``begin()`` → send the text; every received frame → ``receive()``;
 connection gone → ``lose_all()``; caller cancelled → ``abandon()``.
+
+Imports: errors, protocol (the sans-io JSON-RPC core the gateway speaks too).
 """
 
 from __future__ import annotations

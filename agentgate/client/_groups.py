@@ -1,4 +1,10 @@
-"""Keep exception groups from Trio nurseries inside the SDK (STYLE 9)."""
+"""Keep exception groups from Trio nurseries inside the SDK.
+
+No exception group ever escapes ``connect()`` or a call (docs/sdk.md): a nursery's group is
+re-raised as its one meaningful exception, and any other is logged.
+
+Imports: client._base (the logger).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Trio transport: trio-websocket, one reader task, one writer task draining an outbox."""
+"""Trio transport: trio-websocket, one reader task, one writer task draining an outbox.
+
+Imports: client._base, client._core, client._diagnose, client._groups, errors.
+"""
 
 from __future__ import annotations
 

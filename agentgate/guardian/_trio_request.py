@@ -9,6 +9,8 @@ to a Trio-native httpx client through ``trio_as_aio``.
 
 One httpx client must never be shared between the asyncio side and the Trio side (its pool's
 locks belong to one event loop); this client is only ever used from Trio.
+
+Imports: nothing of agentgate (python-telegram-bot's request interface, httpx, trio-asyncio).
 """
 
 from __future__ import annotations

@@ -15,5 +15,6 @@ Nothing here decides: the pipeline does, once for every door.
 Runs on Trio: the official ``mcp`` SDK is anyio-based, and its Streamable HTTP app is served
 by Hypercorn's Trio worker inside the gateway's root nursery (no second event loop).
 
-Imports: pipeline, approvals, errors, config, limits (the HTTP door); client (the bridge).
+Imports: nothing itself. Its modules: the HTTP door reaches the pipeline (and approvals, config,
+limits, protocol, errors), the bridge the SDK (client, cli, cli_agent), both mcp.server.
 """

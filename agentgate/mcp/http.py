@@ -17,9 +17,11 @@ the ASGI scope (and as the SDK's authenticated user, so a session can only be us
 token that opened it); the tool handlers read it from there. A call that waits for the
 guardian holds a one-shot reply handle (:class:`_Waiter`); when the call stops waiting
 (answered "pending", cancelled, or its client gone: the guard sets an event when the HTTP
-request ends) the handle refuses the late result and the broker queues it for the agent.
+request ends) the handle refuses the late result and the broker queues it for the agent. A
+configuration reload that removes an agent or changes its token ends that agent's requests in
+flight (:meth:`McpHttpDoor.disconnect`).
 
-Imports: pipeline, approvals (the reply handle), config, limits, errors; mcp.server.
+Imports: pipeline, approvals (the reply handle), config, limits, errors, protocol (ids); mcp.server.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ from agentgate.errors import (
     AuthenticationFailed,
     GatewayShuttingDown,
     InvalidRequest,
+    OutcomeUnknown,
     RateLimited,
 )
 from agentgate.limits import FailedAuthTracker
 from agentgate.mcp.server import Asked, Outcome, build_server
-from agentgate.pipeline import Executed, Pipeline
+from agentgate.pipeline import INTERRUPTED, Executed, Pipeline
 from agentgate.protocol import JsonId
 
 __all__ = ["AGENT_KEY", "McpHttpDoor", "PipelineBackend", "serve_mcp", "take_results"]
@@ -117,6 +120,12 @@ class PipelineBackend:
         self.pipeline = door.pipeline
         self.agent = agent
 
+    def _submit_bound(self) -> float:
+        """How long a started submit may go on after its caller gave up: longer than the
+        service's own timeout, so an execution under way is never cut short by this door."""
+        ha = self.pipeline.config.services.homeassistant
+        return max(SUBMIT_BOUND, (ha.timeout if ha is not None else 0.0) + SUBMIT_BOUND / 2)
+
     def known(self, tool: str) -> bool:
         return tool in self.pipeline.offered
 
@@ -131,9 +140,12 @@ class PipelineBackend:
         try:
             # A request the pipeline has started finishes (its decision committed, an allowed
             # call executed) even if the MCP client cancels meanwhile: nothing half-done.
+            outcome: object = None
             with trio.CancelScope(shield=True) as shield:
-                shield.deadline = trio.current_time() + SUBMIT_BOUND
+                shield.deadline = trio.current_time() + self._submit_bound()
                 outcome = await self.pipeline.submit(self.agent, tool, args, waiter, None)
+            if outcome is None:  # cut off by the bound: the pipeline recorded it as unknown
+                raise OutcomeUnknown(INTERRUPTED)
             if isinstance(outcome, Executed):
                 return {"request_id": outcome.request_id, "data": outcome.data}
             await waiter.decided.wait()
@@ -154,6 +166,70 @@ class PipelineBackend:
         return await take_results(self.pipeline, self.agent)
 
 
+class SessionLedger:
+    """The MCP sessions each agent holds (by the ids the SDK hands out), so that one agent
+    cannot take every session of the shared pool (``MAX_SESSIONS``). A session counts until it
+    is closed (``DELETE``) or unused for ``SESSION_IDLE`` seconds, as the SDK forgets it."""
+
+    def __init__(self, per_agent: int) -> None:
+        self.per_agent = per_agent
+        self._agent: dict[str, str] = {}  # session id -> agent
+        self._last: dict[str, float] = {}  # session id -> last use (trio time)
+
+    def _prune(self) -> None:
+        stale = trio.current_time() - SESSION_IDLE
+        for sid in [sid for sid, last in self._last.items() if last < stale]:
+            self._forget(sid)
+
+    def _forget(self, sid: str) -> None:
+        self._agent.pop(sid, None)
+        self._last.pop(sid, None)
+
+    def held(self, agent: str) -> int:
+        self._prune()
+        return sum(1 for owner in self._agent.values() if owner == agent)
+
+    def room_for(self, agent: str) -> None:
+        """RateLimited when ``agent`` already holds its share of sessions."""
+        if self.held(agent) >= self.per_agent:
+            raise RateLimited(
+                f"too many open MCP sessions for agent {agent} (limit {self.per_agent}); close"
+                f" one (HTTP DELETE) or let an idle one expire ({SESSION_IDLE:.0f} s)"
+            )
+
+    def used(self, sid: str, *, closing: bool = False) -> None:
+        if sid in self._agent:
+            if closing:
+                self._forget(sid)
+            else:
+                self._last[sid] = trio.current_time()
+
+    def recording(self, agent: str, send: Send) -> Send:
+        """``send`` that notes the session id the SDK's answer to ``initialize`` carries."""
+
+        async def record(message: Message) -> None:
+            if message.get("type") == "http.response.start":
+                for key, value in message.get("headers", ()):
+                    if bytes(key).lower() == b"mcp-session-id":
+                        sid = bytes(value).decode("latin-1")
+                        self._agent[sid], self._last[sid] = agent, trio.current_time()
+            await send(message)
+
+        return record
+
+
+def _opens_session(receive: Receive) -> bool:
+    """Whether a POST body (as read by ``_Guard._body``) is an ``initialize`` request."""
+    body = getattr(receive, "body", b"")
+    if b"initialize" not in body:
+        return False
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("method") == "initialize"
+
+
 class McpHttpDoor:
     """The MCP front door over Streamable HTTP onto one pipeline (see the module docstring)."""
 
@@ -166,6 +242,8 @@ class McpHttpDoor:
         self.origins = frozenset(self.settings.allowed_origins)
         self._calls = 0
         self._idle: trio.Event | None = None
+        self.sessions = SessionLedger(config.limits.max_connections_per_agent)
+        self._requests: dict[str, set[trio.CancelScope]] = {}  # agent -> HTTP requests running
         self.server = build_server(self._backend_for, wait=self.settings.wait, gone_for=_gone_for)
         limit = config.limits.max_message_bytes
         sdk_app = self.server.streamable_http_app(
@@ -187,6 +265,15 @@ class McpHttpDoor:
         if not isinstance(agent, str):  # never: the guard lets nothing through without one
             raise MCPError(code=AuthenticationFailed.code, message="not authenticated")
         return PipelineBackend(self, agent)
+
+    def disconnect(self, agent: str) -> int:
+        """End every HTTP request of ``agent`` now in flight (a configuration reload removed
+        it or changed its token: its next request needs the new token); how many. A call
+        waiting for the guardian stops waiting; its result is queued."""
+        scopes = self._requests.get(agent, set())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -285,16 +372,39 @@ class _Guard:
             if replay is None:
                 return
             receive = replay
+        now = door.config.agents.get(agent.name)
+        if now is None or now.digest != agent.digest:  # a reload came while the body came
+            await _refuse(send, 401, AuthenticationFailed("authentication failed: unknown token"))
+            return
+        session = headers.get("mcp-session-id")
+        if session is None and _opens_session(receive):
+            # A new session costs the agent a request, and each agent holds only a few: one
+            # agent cannot fill the sessions every agent shares.
+            try:
+                door.pipeline.admit(agent.name)
+                door.sessions.room_for(agent.name)
+            except RateLimited as exc:
+                await _refuse(send, 429, exc)
+                return
+            send = door.sessions.recording(agent.name, send)
+        elif session is not None:
+            door.sessions.used(session, closing=scope.get("method") == "DELETE")
         scope = dict(scope)
         # The SDK binds a session to the principal that opened it: no other agent can use it.
         access = AccessToken(token="-", client_id=agent.name, scopes=[])  # noqa: S106
         scope["user"] = AuthenticatedUser(access)
         scope[AGENT_KEY] = agent.name
         gone = scope[GONE_KEY] = trio.Event()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            gone.set()
+        running = door._requests.setdefault(agent.name, set())
+        with trio.CancelScope() as request:
+            running.add(request)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                gone.set()
+                running.discard(request)
+                if not running:
+                    door._requests.pop(agent.name, None)
 
     async def _body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the whole body (at most ``max_message_bytes``), or refuse it (413)."""
@@ -330,6 +440,7 @@ class _Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
+        replay.body = bytes(body)  # type: ignore[attr-defined]  # read by _opens_session
         return replay
 
 

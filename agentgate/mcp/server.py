@@ -25,7 +25,8 @@ While a call waits for the guardian it sends ``notifications/progress`` (if the 
 (its client gone) or answered "pending" leaves its approval with the broker; the outcome is
 queued for the agent (``agentgate_pending_results``) and readable by id (``agentgate_result``).
 
-Imports: errors (the error family). The SDK (``mcp``, ``mcp_types``) and Trio.
+Imports: errors (the error family), agentgate's ``__version__``. The SDK (``mcp``,
+``mcp_types``) and Trio.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ RESULT_TOOL: Final = "agentgate_result"
 PENDING_TOOL: Final = "agentgate_pending_results"
 OWN_TOOLS: Final = frozenset({RESULT_TOOL, PENDING_TOOL})
 
-# Tools that only read: everything else changes the home (service calls, events) or is unknown
-# to this table, and says so. Annotations are hints; the policy stays the only gate.
+# Tools that only read, for a gateway whose list_tools entries carry no annotations (an older
+# one, behind the stdio bridge): everything else changes the home or is unknown to this table,
+# and says so. Annotations are hints; the policy stays the only gate.
 _READS: Final = frozenset(
     {"ha_get_state", "ha_get_states", "ha_get_services", "ha_get_config", "ha_get_history"}
 )
@@ -155,7 +157,7 @@ class Backend(Protocol):
         ...
 
     async def result(self, request_id: str, wait: float) -> dict[str, Any]:
-        """A queued-result entry of DESIGN §13, or ``{"status": "pending", ...}``."""
+        """A queued-result entry (docs/protocol.md), or ``{"status": "pending", ...}``."""
         ...
 
     async def pending_results(self) -> list[dict[str, Any]]:
@@ -172,19 +174,25 @@ def mcp_tools(entries: list[dict[str, Any]]) -> list[types.Tool]:
     for entry in [*entries, *_OWN_TOOL_LIST]:
         name = str(entry.get("name", ""))
         own = name in OWN_TOOLS
-        reads = own or name in _READS
+        given = entry.get("annotations")
+        given = given if isinstance(given, dict) else {}
+        reads = own or given.get("readOnlyHint", name in _READS) is True
+        destructive = not reads and given.get("destructiveHint", True) is not False
+        title = given.get("title") if isinstance(given.get("title"), str) else None
+        title = _TITLES.get(name) or title or name
         out.append(
             types.Tool(
                 name=name,
-                title=_TITLES.get(name, name),
+                title=title,
                 description=str(entry.get("description", "")),
                 input_schema=dict(entry.get("args") or {"type": "object"}),
                 annotations=types.ToolAnnotations(
-                    title=_TITLES.get(name, name),
+                    title=title,
                     read_only_hint=reads,
-                    destructive_hint=not reads,
+                    destructive_hint=destructive,
                     idempotent_hint=reads,
-                    open_world_hint=False,
+                    # an HTTP service is a world beyond the home; Home Assistant is not
+                    open_world_hint=name.startswith("http_"),
                 ),
             )
         )
@@ -234,7 +242,7 @@ def pending_result(asked: Asked) -> types.CallToolResult:
 
 
 def entry_outcome(entry: Mapping[str, Any]) -> Outcome | AgentgateError:
-    """A queued-result entry (DESIGN §13) as a final outcome."""
+    """A queued-result entry (docs/protocol.md) as a final outcome."""
     if entry.get("status") == "executed":
         return {"request_id": entry.get("request_id"), "data": entry.get("data")}
     wire = entry.get("error")

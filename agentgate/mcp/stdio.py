@@ -20,7 +20,8 @@ the gateway; its outcome is returned once by ``agentgate_pending_results`` (whic
 gateway for the outcome of each such request id) and always by ``agentgate_result`` with its
 request id (which reads the gateway's store, so it works across a restart of the bridge too).
 
-Imports: client (the SDK), cli_agent (connection settings), mcp.server.
+Imports: client (the SDK), cli and cli_agent (connection settings, errors as the CLI says
+them), mcp.server.
 """
 
 from __future__ import annotations

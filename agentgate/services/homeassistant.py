@@ -16,7 +16,17 @@ tool                HTTP (bearer token from ``[services.homeassistant]``)
 ``ha_get_history``  GET  ``/api/history/period/{now - hours}?filter_entity_id=X&end_time={now}
                     &minimal_response``  (``hours`` defaults to 24); if HA answers ``[]`` (what
                     it says for an unknown entity), GET ``/api/states/X`` (404 → not found)
+``ha_get_logbook``  GET  ``/api/logbook/{now - hours}?entity=X&end_time={now}``; ``[]`` is
+                    checked as for the history
+``ha_render_        POST ``/api/template`` ``{"template"}``: the rendered text (a read: a
+template``          timeout is a plain failure, never "outcome unknown")
+``ha_list_areas``,  POST ``/api/template`` with a fixed template (:mod:`.ha_templates`) and
+``ha_list_          the filters as its ``variables``: JSON built by Home Assistant itself
+entities``
 =================== ==========================================================================
+
+``ha_call_service`` with ``return_response: true`` adds ``?return_response``: the answer is
+``{"changed_states": [...], "service_response": {...}}``.
 
 The result for the agent is Home Assistant's JSON as it came: a service call's list of changed
 states may hold transitional states (``[locking, locked]``) and is ``[]`` when nothing changed.
@@ -44,7 +54,7 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
   back afterwards) when that read succeeds. Only a failure before the request left (cannot
   connect, DNS, TLS, no free connection) is a plain failure. Nothing is ever retried.
 
-Imports: tools, errors, config (TLS contexts).
+Imports: tools, errors, config (TLS contexts), ha_templates.
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ import trio
 
 from agentgate.config import ConfigError, client_ssl_context
 from agentgate.errors import AgentgateError, ExecutionFailed, InvalidParams, OutcomeUnknown
+from agentgate.services import ha_templates
 from agentgate.tools import TOOLS as TOOL_SPECS
 from agentgate.tools import ToolSpec
 
@@ -77,6 +88,10 @@ TOOLS: Final = frozenset(
         "ha_get_services",
         "ha_get_config",
         "ha_get_history",
+        "ha_get_logbook",
+        "ha_render_template",
+        "ha_list_areas",
+        "ha_list_entities",
     }
 )
 
@@ -280,6 +295,10 @@ class HomeAssistant:
             "ha_get_services": lambda _: self._request("GET", "/api/services"),
             "ha_get_config": lambda _: self._request("GET", "/api/config"),
             "ha_get_history": self._get_history,
+            "ha_get_logbook": self._get_logbook,
+            "ha_render_template": self._render_template,
+            "ha_list_areas": self._list_areas,
+            "ha_list_entities": self._list_entities,
         }
 
     async def check_health(self) -> str | None:
@@ -403,7 +422,10 @@ class HomeAssistant:
             for entity_id in unchecked:
                 await self._fetch_state(entity_id)
         path = f"/api/services/{_segment(domain)}/{_segment(service)}"
-        changed = await self._request("POST", path, body=body, service_call=True)
+        params = None
+        if body.pop("return_response", False) is True:
+            params = {"return_response": ""}  # HA's flag: {changed_states, service_response}
+        changed = await self._request("POST", path, body=body, params=params, service_call=True)
         if changed == [] and entity_ids:
             # Nothing changed: make sure that is not because an entity vanished meanwhile.
             for entity_id in entity_ids:
@@ -425,13 +447,44 @@ class HomeAssistant:
             raise InvalidParams("event_data must be an object")
         return await self._request("POST", f"/api/events/{_segment(event_type)}", body=event_data)
 
-    async def _get_history(self, args: dict[str, Any]) -> Any:
-        entity_id = _str_arg(args, "entity_id")
+    def _window(self, args: dict[str, Any]) -> tuple[datetime, datetime]:
         hours = args.get("hours", 24)
         if isinstance(hours, bool) or not isinstance(hours, int | float) or not hours > 0:
             raise InvalidParams("hours must be a positive number")
         end = self._now().astimezone(UTC)
-        start = end - timedelta(hours=hours)
+        return end - timedelta(hours=hours), end
+
+    async def _get_logbook(self, args: dict[str, Any]) -> Any:
+        entity_id = _str_arg(args, "entity_id")
+        start, end = self._window(args)
+        params = {"entity": entity_id, "end_time": end.isoformat()}
+        path = f"/api/logbook/{_segment(start.isoformat())}"
+        entries = await self._request("GET", path, params=params, entity_id=entity_id)
+        if entries == []:
+            await self._fetch_state(entity_id)  # [] for an unknown entity too: say which
+        return entries
+
+    async def _render_template(self, args: dict[str, Any]) -> Any:
+        template = _str_arg(args, "template")
+        return await self._template(template, {})
+
+    async def _list_areas(self, args: dict[str, Any]) -> Any:
+        return ha_templates.areas(await self._template(ha_templates.AREAS, {}))
+
+    async def _list_entities(self, args: dict[str, Any]) -> Any:
+        area, domain = args.get("area"), args.get("domain")
+        variables = {"area": area or "", "domain": domain or ""}
+        answer = await self._template(ha_templates.ENTITIES, variables)
+        return ha_templates.entities(answer, area)
+
+    async def _template(self, template: str, variables: dict[str, Any]) -> str:
+        body = {"template": template, "variables": variables}
+        text: str = await self._request("POST", "/api/template", body=body, acts=False, text=True)
+        return text
+
+    async def _get_history(self, args: dict[str, Any]) -> Any:
+        entity_id = _str_arg(args, "entity_id")
+        start, end = self._window(args)
         params = {
             "filter_entity_id": entity_id,
             "end_time": end.isoformat(),
@@ -477,8 +530,12 @@ class HomeAssistant:
         body: Any = None,
         params: dict[str, str] | None = None,
         service_call: bool = False,
+        acts: bool | None = None,
+        text: bool = False,
     ) -> Any:
-        progress = _PROGRESS.get() if method == "POST" else None  # only POSTs act
+        if acts is None:
+            acts = method == "POST"
+        progress = _PROGRESS.get() if acts else None  # only POSTs act (not a template's)
         async with self._slots:
             if progress is None:
                 response = await self._client.request(method, path, json=body, params=params)
@@ -499,6 +556,8 @@ class HomeAssistant:
                     )
         if not response.is_success:
             raise _error_for(response, entity_id, service_call=service_call)
+        if text:
+            return response.text
         try:
             return response.json()
         except ValueError as exc:

@@ -35,6 +35,8 @@ the same assertions against this fake and against the real core::
                                         should be a JSON object"
     any, bad or missing token           401 text/plain "401: Unauthorized"
     POST to a service with a non-JSON body  400 JSON {"message": "Data should be valid JSON."}
+    POST /api/template, GET /api/logbook/<start>, calendar.get_events, weather.get_forecasts,
+    todo.get_items / add_item, the areas: see agentgate/testing/fake_ha_wider.py
     a known path with another method    405 text/plain "405: Method Not Allowed"
     an unknown path                     404 text/plain "404: Not Found"
 
@@ -49,21 +51,27 @@ here is 0), ``ha.down()`` / ``ha.up()`` (refuse connections: the listening socke
 open keep-alive connections are dropped; ``up()`` listens on the same port). ``ha.calls`` logs
 every request as ``(method, path_with_query, body)`` where ``body`` is the parsed JSON, the raw
 text if it is not JSON, or ``None`` if empty. ``ha.state(entity_id)`` returns a copy of an
-entity's state object.
+entity's state object; ``await ha.wait_for_state(entity_id, state)`` (Trio) waits for one.
 
 Use it from Trio (``async with run_fake_homeassistant(token=...) as ha``), from sync code
-(``with FakeHomeAssistant(token=...) as ha``) or as a process for benchmarks and the demo::
+(``with FakeHomeAssistant(token=...) as ha``), without a socket (``httpx.MockTransport(
+FakeHomeAssistant(token=...).handler)``: the same answers, for the fast tier) or as a process
+for benchmarks and the demo::
 
     python -m agentgate.testing.fake_homeassistant --port 8123 --token T   # prints its URL
 
 It is a stdlib ``ThreadingHTTPServer`` (one thread per connection, HTTP/1.1 keep-alive, Nagle
 off) with its own accept loop, so ``stop()``/``down()`` return at once.
+
+Imports: testing.fake_ha_wider (the wider toolset), and nothing else: it stands for another
+program.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 import secrets
@@ -81,7 +89,11 @@ from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
+import httpx
 import trio
+
+from agentgate.testing import fake_ha_wider
+from agentgate.testing.fake_ha_wider import Refused, WiderHome
 
 __all__ = ["FakeHomeAssistant", "run_fake_homeassistant"]
 
@@ -393,9 +405,11 @@ class FakeHomeAssistant:
         self._states: dict[str, State] = {}
         self._history: dict[str, list[State]] = {}
         self._scenes: dict[str, dict[str, dict[str, Any]]] = {}  # scene.create
-        for entity_id, state, attributes in _INITIAL_HOME:
+        self._watchers: list[Callable[[], None]] = []  # wait_for_state's wake-ups, under _lock
+        for entity_id, state, attributes in [*_INITIAL_HOME, *fake_ha_wider.ENTITIES]:
             extra = _LIGHT_EXTRA if entity_id.startswith("light.") else {}
             self._set(entity_id, state, {**extra, **attributes}, None)
+        self.wider = WiderHome(self._copy_states, self._copy_history, self._merge)
         self._server: ThreadingHTTPServer | None = None
         self._accept_thread: threading.Thread | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -459,6 +473,19 @@ class FakeHomeAssistant:
             with suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
 
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        """Answer ``request`` as the server would, without a socket (``httpx.MockTransport``).
+        ``hang_up`` has no meaning here: such an answer raises ``httpx.ReadError``."""
+        reply = self._handle(
+            request.method, request.url.raw_path.decode("ascii"), request.headers, request.content
+        )
+        if reply is _HANG_UP:
+            raise httpx.ReadError("fake Home Assistant dropped the connection", request=request)
+        payload = json.dumps(reply.body) if reply.content_type == _JSON else str(reply.body)
+        return httpx.Response(
+            reply.status, content=payload.encode(), headers={"Content-Type": reply.content_type}
+        )
+
     def __enter__(self) -> FakeHomeAssistant:
         self.start()
         return self
@@ -517,13 +544,64 @@ class FakeHomeAssistant:
         history = self._history.setdefault(entity_id, [])
         history.append(new)
         del history[:-_HISTORY_LENGTH]  # bounded, for long benchmark runs
+        for wake in self._watchers:
+            wake()
         return copy.deepcopy(new)
+
+    async def wait_for_state(self, entity_id: str, state: str) -> State:
+        """Wait (in Trio, under the caller's deadline) until the entity is in ``state``; a
+        copy of its state object. Handler threads wake the waiter through its Trio token."""
+        token = trio.lowlevel.current_trio_token()
+        while True:
+            changed = trio.Event()
+            wake = functools.partial(token.run_sync_soon, changed.set)
+            with self._lock:
+                found = self._states.get(entity_id)
+                if found is not None and found["state"] == state:
+                    return copy.deepcopy(found)
+                self._watchers.append(wake)
+            try:
+                await changed.wait()
+            finally:
+                with self._lock:
+                    self._watchers.remove(wake)
+
+    def _copy_states(self) -> dict[str, State]:
+        with self._lock:
+            return copy.deepcopy(self._states)
+
+    def _copy_history(self, entity_id: str) -> list[State]:
+        with self._lock:
+            return copy.deepcopy(self._history.get(entity_id, []))
+
+    def _merge(self, entity_id: str, state: str, attributes: dict[str, Any]) -> None:
+        current = self.state(entity_id)
+        merged = {**(current["attributes"] if current else {}), **attributes}
+        self._change(entity_id, state, merged)
 
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self._stopping.wait(seconds):
             raise ConnectionAbortedError("fake Home Assistant stopped")
 
     def _call_service(
+        self, domain: str, name: str, data: Any, return_response: bool
+    ) -> list[State] | dict[str, Any]:
+        if (domain, name) in fake_ha_wider.SERVICES:
+            try:
+                answer: list[State] | dict[str, Any] = self.wider.call(
+                    domain, name, data, return_response
+                )
+            except Refused as refused:
+                if refused.message is None:
+                    raise _text(refused.status) from None
+                raise _message(refused.status, refused.message) from None
+            return answer
+        changed = self._run_service(domain, name, data, return_response)
+        for state in changed if isinstance(changed, list) else changed["changed_states"]:
+            self.wider.calls[state["context"]["id"]] = (domain, name)
+        return changed
+
+    def _run_service(
         self, domain: str, name: str, data: Any, return_response: bool
     ) -> list[State] | dict[str, Any]:
         service = _SERVICES.get(domain, {}).get(name)
@@ -819,12 +897,34 @@ class FakeHomeAssistant:
                 route = ("GET", lambda: self._history_route(None, query))
             case ["history", "period", start]:
                 route = ("GET", lambda: self._history_route(start, query))
+            case ["template"]:
+                route = ("POST", lambda: self._template(raw))
+            case ["logbook", start]:
+                route = ("GET", lambda: self._logbook(start, query))
         if route is None:
             raise _text(404)
         allowed, answer = route
         if method != allowed:
             raise _text(405)
         return answer()
+
+    def _template(self, raw: bytes) -> Any:
+        try:
+            text = self.wider.render(self._service_data(raw))
+        except Refused as refused:
+            raise _message(refused.status, str(refused.message)) from None
+        raise _Reply(200, text, _TEXT)
+
+    def _logbook(self, start_text: str, query: Mapping[str, list[str]]) -> Any:
+        start = _parse_datetime(start_text)
+        if start is None:
+            raise _message(400, "Invalid datetime")
+        end_text = query.get("end_time", [""])[0]
+        end = _parse_datetime(end_text) if end_text else start + _ONE_DAY
+        if end is None:
+            raise _message(400, "Invalid end_time")
+        entity_id = query.get("entity", [""])[0]
+        return self.wider.logbook(start, entity_id, end)
 
     def _locked(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:

@@ -24,6 +24,8 @@ found", as for a bot that was never added to it.
 Messages sent with ``parse_mode="HTML"`` are checked like Telegram does (only its tags, balanced,
 every ``<``, ``>`` and ``&`` escaped) and stored as the text a human would see. ``sendDocument``
 takes a multipart upload; the message keeps the file (``message.document``).
+
+Imports: nothing of agentgate: it stands for another program.
 """
 
 from __future__ import annotations

@@ -3,13 +3,16 @@
 ``async with running_gateway(workdir, home=home) as gw:`` writes a ``gate.toml`` and a policy
 into ``workdir``, issues a throw-away TLS certificate (trustme), starts :func:`serve_gateway`
 in-process and yields everything an agent needs (``gw.url``, ``gw.ca_path``, ``gw.tokens``).
+
+Imports: config, gateway, guardian (the protocol), testing.guardian.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -118,6 +121,7 @@ def write_gate_toml(
     guardian_settings: Mapping[str, Any] | None = None,
     ha_timeout: float = 5,
     mcp: Mapping[str, Any] | None = None,
+    extra_toml: str = "",
 ) -> Path:
     (workdir / "permissions.yaml").write_text(policy)
     gateway = dict(gateway or {})
@@ -151,7 +155,7 @@ def write_gate_toml(
         mcp = {"listen": "127.0.0.1:0", **mcp}
         lines += ["", "[mcp]"] + [f"{k} = {_toml_value(v)}" for k, v in mcp.items()]
     path = workdir / "gate.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + extra_toml)
     return path
 
 
@@ -192,13 +196,15 @@ async def running_gateway(
     use_telegram: bool = False,
     tls: bool = True,
     tokens: Mapping[str, str] | None = None,
+    now: Callable[[], float] = time.time,
     **toml: Any,
 ) -> AsyncIterator[Harness]:
     """Start a real gateway for the body of the block; stop it cleanly afterwards.
 
     ``guardian`` defaults to a :class:`ScriptedGuardian` unless ``use_telegram`` (then pass
     ``telegram={...}`` for ``[guardian.telegram]``). ``home`` is a fake (or real) Home Assistant
-    with ``url`` and ``token``. Other keywords go to :func:`write_gate_toml`.
+    with ``url`` and ``token``. ``now`` is the gateway's wall clock (a test can move it on to
+    pass an undo window or a quota's). Other keywords go to :func:`write_gate_toml`.
     """
     tokens = dict(tokens or DEFAULT_TOKENS)
     config, ca_path, client_ssl = _prepare(workdir, home, tls, tokens, toml)
@@ -209,7 +215,7 @@ async def running_gateway(
         try:
             running: RunningGateway = await nursery.start(
                 lambda task_status: serve_gateway(
-                    config, insecure=not tls, guardian=guardian, task_status=task_status
+                    config, insecure=not tls, guardian=guardian, now=now, task_status=task_status
                 )
             )
         except ConfigError as exc:

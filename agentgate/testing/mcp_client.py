@@ -5,6 +5,8 @@ the agent's token as the bearer; ``async with mcp_stdio_client(url, token=..., c
 starts ``agentgate mcp`` as a subprocess (the token travels in its environment, never on its
 command line) and speaks MCP over its stdin/stdout. ``mode`` is the client's: ``"legacy"``
 (the 2025 initialize handshake), ``"auto"`` or a modern version such as ``"2026-07-28"``.
+
+Imports: nothing of agentgate (the official ``mcp`` client; ``agentgate mcp`` runs as a subprocess).
 """
 
 from __future__ import annotations

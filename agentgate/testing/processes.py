@@ -15,6 +15,8 @@ Waits have no deadline of their own: hold one (``with trio.fail_after(...)``). T
 also run in-process (``run_fake_homeassistant``, ``run_fake_telegram``), which is what tests
 that press buttons need; :func:`fake_home_process` and :func:`fake_telegram_process` are for
 demos and benchmarks that want them in their own processes.
+
+Imports: testing.harness (the files a gateway needs, its certificates).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Spawned:
 
         Raises ``RuntimeError`` with the output so far if the process exits first.
         """
-        while True:
+        while True:  # another process's log file: nothing to wait on but the file itself
             text = self.output()
             for line in text.splitlines():
                 if needle in line:
@@ -246,7 +248,7 @@ async def gateway_process(
     log = log or files.workdir / "gateway.log"
     start = log.stat().st_size if log.exists() else 0
     async with _spawned(argv, log) as process:
-        while True:
+        while True:  # the gateway's log file, written by another process: nothing to wait on
             text = process.output()[start:]
             line = next((x for x in text.splitlines() if "listening on " in x), None)
             if line is not None:

@@ -3,7 +3,8 @@
 Usage: python seed_auth.py CONFIG_DIR   (prints the bearer token on stdout)
 
 Must run before HA starts for the first time in CONFIG_DIR: afterwards HA owns ``.storage``.
-Onboarding is marked done so HA never asks, and no ``person`` is created (the refresh token
+Onboarding is marked done so HA never asks, a shopping list (``todo.shopping_list``) is
+configured, and no ``person`` is created (the refresh token
 belongs to an owner user with no credentials, like the token a person would mint in the UI).
 The token is the HS256 JWT HA itself would issue for that refresh token. Stdlib only.
 """
@@ -83,8 +84,39 @@ def seed(config_dir: Path) -> str:
         "key": "onboarding",
         "data": {"done": ["user", "core_config", "analytics", "integration"]},
     }
+    # The shopping list (todo.shopping_list) is set up from a config entry only: its YAML
+    # import opens a form nobody answers. HA adds its own entries (sun, demo) next to it.
+    stamp = datetime.now(UTC).isoformat()
+    config_entries = {
+        "version": 1,
+        "minor_version": 5,
+        "key": "core.config_entries",
+        "data": {
+            "entries": [
+                {
+                    "created_at": stamp,
+                    "data": {},
+                    "disabled_by": None,
+                    "discovery_keys": {},
+                    "domain": "shopping_list",
+                    "entry_id": secrets.token_hex(13).upper(),
+                    "minor_version": 1,
+                    "modified_at": stamp,
+                    "options": {},
+                    "pref_disable_new_entities": False,
+                    "pref_disable_polling": False,
+                    "source": "user",
+                    "subentries": [],
+                    "title": "Shopping list",
+                    "unique_id": "shopping_list",
+                    "version": 1,
+                }
+            ]
+        },
+    }
     (storage / "auth").write_text(json.dumps(auth, indent=2))
     (storage / "onboarding").write_text(json.dumps(onboarding, indent=2))
+    (storage / "core.config_entries").write_text(json.dumps(config_entries, indent=2))
 
     now = int(time.time())
     header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())

@@ -97,7 +97,7 @@ def stop_real_ha(directory: Path) -> None:
     if result.returncode != 0 and pid_file.exists():
         pid = int(pid_file.read_text())
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
+        time.sleep(0.5)  # not our child: nothing to wait() on while the kernel reaps it
 
 
 @pytest.fixture(scope="session")

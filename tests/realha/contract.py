@@ -383,13 +383,14 @@ async def test_rest_history(raw: httpx.AsyncClient, ha_home: Home) -> None:
     )
     start = datetime.now(UTC)
     with trio.fail_after(CEILING):
-        await trio.sleep(0.01)
+        await trio.sleep(0.01)  # a wall-clock gap: the change must be stamped after `start`
         await post(
             raw, f"{ha_home.switchable.split('.')[0]}.turn_on", {"entity_id": ha_home.switchable}
         )
         params = {"filter_entity_id": ha_home.switchable}
         path = f"/api/history/period/{start.isoformat()}"
-        # the recorder writes in its own thread: history trails the state machine by a few ms
+        # the recorder writes in its own thread: history trails the state machine by a few ms,
+        # and Home Assistant (another process) tells no one when it has caught up
         while True:
             series = (await get(raw, path, params=params)).json()[0]
             if len(series) >= 2:
@@ -515,7 +516,7 @@ async def test_get_history(ha: HomeAssistant, ha_home: Home) -> None:
     await service(ha, f"{domain}.turn_off", entity_id=ha_home.switchable)
     await service(ha, f"{domain}.toggle", entity_id=ha_home.switchable)
     with trio.fail_after(CEILING):
-        while True:  # the recorder trails the state machine by a few ms
+        while True:  # the recorder trails the state machine by a few ms; HA says nothing
             history = await ha.execute("ha_get_history", {"entity_id": ha_home.switchable})
             if [s["state"] for s in history[0]][-2:] == ["off", "on"]:
                 break

@@ -16,6 +16,7 @@ from agentgate.services.homeassistant import open_homeassistant
 from tests.realha.conftest import RealHA, stop_real_ha
 from tests.realha.contract import *  # noqa: F403 - the shared tests and their fixtures
 from tests.realha.contract import CEILING, Home, execute, failure, settings
+from tests.realha.contract_wider import *  # noqa: F403 - templates, areas, logbook, data
 
 pytestmark = pytest.mark.realha
 

@@ -43,6 +43,7 @@ def state_of(client: httpx.Client, entity_id: str) -> dict[str, Any]:
 
 def wait_for_state(client: httpx.Client, entity_id: str, expected: str) -> dict[str, Any]:
     deadline = time.monotonic() + CEILING
+    # Home Assistant is another process: its REST API is all there is to watch.
     while (state := state_of(client, entity_id))["state"] != expected:
         assert time.monotonic() < deadline, f"{entity_id} stayed {state['state']!r}"
         time.sleep(0.1)
