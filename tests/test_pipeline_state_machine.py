@@ -851,13 +851,18 @@ class PipelineMachine(RuleBasedStateMachine):
     async def _jam(self, sock: Socket, jammed: bool) -> None:
         sock.jam(jammed)
 
-    async def _disconnect(self, sock: Socket, graceful: bool) -> None:
-        self._lose(sock)
-        if sock.jammed and not graceful:
-            # A result in its outbox whose outcome is not recorded yet may race the writer's
-            # requeue (finding 2); one recorded already must be put back in the queue.
+    def _dropping(self, sock: Socket) -> None:
+        """``sock`` is about to drop: if it is jammed, a result in its outbox whose outcome is
+        not recorded yet may race the writer's requeue (finding 2); one recorded already must
+        be put back in the queue."""
+        if sock.jammed and not sock.closed:
             open_ = {rpc for _, rpc, state, *_ in self._rows() if state != "done"}
             self.dropped_jammed |= {r.rpc for r in self.reqs.values() if r.socket is sock} & open_
+
+    async def _disconnect(self, sock: Socket, graceful: bool) -> None:
+        self._lose(sock)
+        if not graceful:
+            self._dropping(sock)
         if graceful:
             sock.jam(False)  # a close handshake reads until the gateway's close frame
             await sock.ws.aclose()
@@ -990,6 +995,7 @@ class PipelineMachine(RuleBasedStateMachine):
 
         async def give_up() -> None:  # TCP gives up on half-open connections, in the end
             for sock in self.abandoned:
+                self._dropping(sock)
                 await sock.stream.aclose()
 
         self._step(give_up)
