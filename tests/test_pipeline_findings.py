@@ -8,7 +8,9 @@ these cases unless ``AGENTGATE_PROPTEST_STRICT=1``.
 1. An outcome the store could not record (its COMMIT failed) is still told to the agent and
    shown on the card, but the approval stays ``pending`` in the store with no task behind it:
    nothing records it later, and a restart resumes it, so it is decided a second time — a
-   call the agent was told was denied can then run.
+   call the agent was told was denied can then run. The same without any disk error: the
+   agent is told first, and the outcome recorded only once its frame went out (at most
+   ``DRAIN_WAIT`` later); a crash in between leaves the approval open for the next start.
 2. A late result handed to a connection's outbox is recorded as delivered (at most
    ``DRAIN_WAIT`` later) even if the connection's writer never writes it: when the gateway
    stops with the frame still in the outbox (a shutdown that runs out its 5 s bound, a
@@ -220,3 +222,41 @@ async def test_a_result_whose_requeue_fails_is_not_lost(
         store._conn = healthy
         # Never written, so back in the queue (it stayed "delivered": lost).
         assert stored(tmp_path, request_id) == ("done", "denied", 0)
+
+
+class Dead:
+    """A store connection after ``kill -9``: nothing reaches the file any more."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        raise sqlite3.OperationalError("the process is gone")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="open: an outcome told just before a crash is decided again after it"
+)
+async def test_a_denial_told_just_before_a_crash_never_runs_after_the_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    home = MockHome()
+    async with fast_gateway(tmp_path, home=home) as fg:
+        ws, stream = await jammable(fg)
+        stream.jam(True)  # the agent reads slowly: its frames take a while to go out
+        await ws.send_message(ask_frame(1))
+        shown = await fg.guardian.wait_for_card()
+        request_id = shown.card.request_id
+        assert await fg.guardian.press(request_id, "deny") == "denied"
+        await trio.testing.wait_all_tasks_blocked()  # the denial's frame is on its way
+        store = fg.gateway.store
+        store._conn = Dead(store._conn)  # type: ignore[assignment]  # kill -9: nothing more
+        stream.jam(False)  # the socket still hands the agent what the gateway had written
+        assert (await reply(ws))["error"]["code"] == -32001  # the agent was told: denied
+    async with fast_gateway(tmp_path, home=home) as fg:
+        await fg.guardian.press(request_id, "allow")
+        await trio.sleep(1)
+        assert home.service_calls == []  # the call it was told was denied never runs
