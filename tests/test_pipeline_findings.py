@@ -1,26 +1,24 @@
 """What the whole-pipeline state machine (``test_pipeline_state_machine.py``) found, each case
 reduced to a focused test on the fast tier (memory streams, MockTransport, ``autojump_clock``).
 
-All are open: they are marked ``xfail(strict=True)``, so fixing one turns its test into an
-unexpected pass (and the suite fails until the mark goes). The state machine exempts exactly
-these cases unless ``AGENTGATE_PROPTEST_STRICT=1``.
+All are fixed (the outcome is recorded, queued, before it is told; a result leaves the queue
+only once a connection's writer wrote its frame), and the state machine checks every property
+with no exemption. What each test pinned:
 
-1. An outcome the store could not record (its COMMIT failed) is still told to the agent and
-   shown on the card, but the approval stays ``pending`` in the store with no task behind it:
-   nothing records it later, and a restart resumes it, so it is decided a second time — a
-   call the agent was told was denied can then run. The same without any disk error: the
-   agent is told first, and the outcome recorded only once its frame went out (at most
-   ``DRAIN_WAIT`` later); a crash in between leaves the approval open for the next start.
-2. A late result handed to a connection's outbox is recorded as delivered (at most
-   ``DRAIN_WAIT`` later) even if the connection's writer never writes it: when the gateway
-   stops with the frame still in the outbox (a shutdown that runs out its 5 s bound, a
-   crash), and when the connection drops within ``DRAIN_WAIT`` and the writer's requeue
-   (a no-op while the outcome is not recorded yet) runs before the outcome's commit (which
-   depends on the scheduler's order: about one time in three here), the result is neither
-   on the wire nor in the agent's queue.
-3. A result whose frame could not be written goes back to the agent's queue — unless that
-   write fails (a disk error at that moment): ``Pipeline.requeue`` only logs it, and the
-   result, recorded as delivered, is neither on the wire nor in the queue.
+1. An outcome the store could not record (its COMMIT failed) was still told to the agent and
+   shown on the card, but the approval stayed ``pending`` in the store with no task behind
+   it: a restart resumed it, so it was decided a second time — a call the agent was told was
+   denied could then run. The same without any disk error: the agent was told first and the
+   outcome recorded once its frame went out; a crash in between left the approval open.
+2. A late result handed to a connection's outbox was recorded as delivered even if the
+   connection's writer never wrote it (the gateway stopped with the frame in the outbox, or
+   the connection dropped before the writer's requeue could see the outcome): the result was
+   neither on the wire nor in the agent's queue.
+3. A result whose frame could not be written went back to the agent's queue — unless that
+   write failed (a disk error at that moment): it was only logged, and the result lost.
+4. (found while fixing 1-3) With a result queued before it is told, a listing made while its
+   answer is on its way must skip it, and an answer written just before a crash is listed
+   again after it: the SDK drops that repeat (``test_client_core.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, Phase, given, settings
@@ -79,9 +76,6 @@ def stored(workdir: Path, request_id: str) -> tuple[str, str | None, int]:
     return row[0], row[1], row[2]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: an outcome whose COMMIT failed is told, never recorded"
-)
 async def test_an_outcome_the_store_could_not_record_is_recorded_once_it_can(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -102,9 +96,6 @@ async def test_an_outcome_the_store_could_not_record_is_recorded_once_it_can(
         assert stored(tmp_path, request_id)[:2] == ("done", "denied")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: an outcome whose COMMIT failed is decided again after a restart"
-)
 async def test_a_denial_the_store_could_not_record_never_runs_after_a_restart(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -128,9 +119,6 @@ async def test_a_denial_the_store_could_not_record_never_runs_after_a_restart(
         assert home.service_calls == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: a result left in the outbox when the gateway stops is lost"
-)
 async def test_a_result_the_gateway_never_wrote_stays_queued(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -171,9 +159,6 @@ async def jammable(fg: FastGateway) -> tuple[WebSocketConnection, Valve]:
     return ws, client_stream
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: a result whose connection drops before it is written is lost"
-)
 @settings(
     max_examples=100,  # a bad order comes about one time in six: 100 never miss it
     deadline=None,
@@ -201,7 +186,6 @@ async def test_a_result_whose_connection_drops_before_it_is_written_stays_queued
         assert stored(workdir, request_id) == ("done", "executed", 0)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a result whose requeue cannot be written is lost")
 async def test_a_result_whose_requeue_fails_is_not_lost(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -212,8 +196,8 @@ async def test_a_result_whose_requeue_fails_is_not_lost(
         shown = await fg.guardian.wait_for_card()
         request_id = shown.card.request_id
         assert await fg.guardian.press(request_id, "deny") == "denied"
-        await fg.guardian.wait_for_update(request_id)  # recorded: delivered (in the outbox)
-        assert stored(tmp_path, request_id) == ("done", "denied", 1)
+        await fg.guardian.wait_for_update(request_id)  # recorded, its frame in the outbox
+        assert stored(tmp_path, request_id) == ("done", "denied", 0)  # queued until written
         store = fg.gateway.store
         healthy = store._conn
         store._conn = FailingCommits(healthy)  # type: ignore[assignment]
@@ -237,9 +221,6 @@ class Dead:
         return getattr(self._conn, name)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: an outcome told just before a crash is decided again after it"
-)
 async def test_a_denial_told_just_before_a_crash_never_runs_after_the_restart(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -260,3 +241,62 @@ async def test_a_denial_told_just_before_a_crash_never_runs_after_the_restart(
         await fg.guardian.press(request_id, "allow")
         await trio.sleep(1)
         assert home.service_calls == []  # the call it was told was denied never runs
+
+
+async def test_an_outcome_unrecorded_at_a_stop_is_not_told_and_is_decided_afresh(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    home = MockHome()
+    async with fast_gateway(tmp_path, home=home) as fg:
+        ws = await authed(fg)
+        await ws.send_message(ask_frame(1))
+        shown = await fg.guardian.wait_for_card()
+        request_id = shown.card.request_id
+        store = fg.gateway.store
+        healthy = store._conn
+        store._conn = FailingCommits(healthy, count=10_000)  # type: ignore[assignment]
+        assert await fg.guardian.press(request_id, "deny") == "denied"
+        await trio.sleep(60)  # retried meanwhile, never recorded: nothing told
+        await fg.gateway.shutdown()  # a planned restart, the disk still failing
+        answer = await reply(ws)
+        assert answer["error"]["code"] == -32007  # not "denied": the store never said so
+        assert answer["error"]["data"]["pending"] is True
+        store._conn = healthy
+    assert stored(tmp_path, request_id)[:2] == ("pending", None)
+    assert home.service_calls == []
+    async with fast_gateway(tmp_path, home=home) as fg:
+        # Decided again after the restart: only a new, recorded Allow runs it, once.
+        assert await fg.guardian.press(request_id, "allow") == "approved"
+        await fg.gateway.broker.idle()
+        assert len(home.service_calls) == 1
+        assert stored(tmp_path, request_id)[:2] == ("done", "executed")
+        ws = await authed(fg)
+        listed = await call(ws, 1, "get_pending_results", ack=[])
+        assert [r["status"] for r in listed["result"]["results"]] == ["executed"]
+
+
+async def test_a_result_on_its_way_is_not_listed_until_its_frame_is_given_up(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fast_gateway(tmp_path) as fg:
+        asking, stream = await jammable(fg)
+        stream.jam(True)  # the denial's frame waits in the outbox of the asking connection
+        await asking.send_message(ask_frame(1))
+        shown = await fg.guardian.wait_for_card()
+        request_id = shown.card.request_id
+        assert await fg.guardian.press(request_id, "deny") == "denied"
+        await fg.guardian.wait_for_update(request_id)
+        assert stored(tmp_path, request_id) == ("done", "denied", 0)  # queued until written
+        other = await authed(fg)
+        # Neither mode hands it out while its answer may still be written.
+        assert (await call(other, 1, "get_pending_results"))["result"]["results"] == []
+        listed = await call(other, 2, "get_pending_results", ack=[])
+        assert listed["result"]["results"] == []
+        await stream.aclose()  # the asking connection drops: its frame was never written
+        await trio.testing.wait_all_tasks_blocked()
+        handed = await call(other, 3, "get_pending_results")
+        assert [r["request_id"] for r in handed["result"]["results"]] == [request_id]
+        await fg.gateway.broker.idle()
+        await fg.gateway.store.get_setting("flush")  # a waited-for commit flushes posted writes
+        assert stored(tmp_path, request_id) == ("done", "denied", 1)  # written: delivered
+        assert (await call(other, 4, "get_pending_results"))["result"]["results"] == []
