@@ -37,8 +37,8 @@ recover it (``docs/protocol.md``): an answer given at once (policy, grant, refus
 connection, and an approval's outcome the gateway wrote to a connection that then dropped before
 the program read it, when the program never learnt the request's id either.
 
-Three open bugs it found are exempted here, precisely (``AGENTGATE_PROPTEST_STRICT=1`` removes the
-exemptions); ``test_pipeline_findings.py`` pins each with a focused test.
+Every property is checked with no exemption. What it found is pinned by focused tests in
+``test_pipeline_findings.py``.
 
 ``AGENTGATE_PROPTEST_EXAMPLES`` sets the number of examples (``make soak`` runs thousands),
 ``AGENTGATE_PROPTEST_STEPS`` the steps in each.
@@ -84,7 +84,6 @@ T = TypeVar("T")
 
 EXAMPLES = int(os.environ.get("AGENTGATE_PROPTEST_EXAMPLES", "200"))
 STEPS = int(os.environ.get("AGENTGATE_PROPTEST_STEPS", "40"))
-STRICT = bool(os.environ.get("AGENTGATE_PROPTEST_STRICT"))
 BASE = 1_800_000_000.0
 APPROVAL_TIMEOUT = 60.0
 HA_TIMEOUT = 5.0
@@ -229,16 +228,11 @@ class FlakyConnection:
     dies at the end of a transaction) and are rolled back; once ``dead`` (the process crashed)
     nothing reaches the file any more. Every other statement runs for real."""
 
-    def __init__(
-        self, conn: sqlite3.Connection, path: Path, lost: set[str], unqueued: set[str]
-    ) -> None:
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
-        self.path = path
         self.fail_commits = 0
         self.failed = 0
         self.dead = False
-        self.lost = lost  # approvals whose outcome a failed COMMIT did not record
-        self.unqueued = unqueued  # results a failed COMMIT did not put back in the queue
 
     def execute(self, sql: str, *args: Any) -> Any:
         if self.dead:
@@ -246,24 +240,8 @@ class FlakyConnection:
         if self.fail_commits and sql.strip().upper() == "COMMIT":
             self.fail_commits -= 1
             self.failed += 1
-            finishing, requeueing = self._rolled_back()
-            self.lost |= finishing
-            self.unqueued |= requeueing
             raise sqlite3.OperationalError("disk I/O error")
         return self._conn.execute(sql, *args)
-
-    def _rolled_back(self) -> tuple[set[str], set[str]]:
-        """The approvals this transaction moves to ``done``, and the results it puts back in
-        the queue (its own view, against the file's)."""
-        done = "SELECT request_id FROM pending_requests WHERE state = 'done'"
-        queued = done + " AND delivered = 0"
-        with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as other:
-            committed = {r[0] for r in other.execute(done)}
-            committed_queued = {r[0] for r in other.execute(queued)}
-        other.close()
-        finishing = {r[0] for r in self._conn.execute(done)} - committed
-        requeueing = {r[0] for r in self._conn.execute(queued)} & (committed - committed_queued)
-        return finishing, requeueing
 
     def executemany(self, sql: str, *args: Any) -> Any:
         if self.dead:
@@ -497,12 +475,7 @@ class PipelineMachine(RuleBasedStateMachine):
         self.looked_up: set[str] = set()  # request ids asked for with get_result
         self.collections: dict[int, Waiter] = {}  # get_pending_results calls in flight
         self.violations: list[str] = []
-        self.unrecorded: set[str] = set()  # outcomes told, not recorded (finding 1)
-        self.unqueued: set[str] = set()  # requeues a failed COMMIT lost (finding 3)
-        self.cut_short: set[str] = set()  # approvals a planned stop's bound cut (finding 2)
-        self.jammed_at_stop: set[int] = set()  # asked on a socket jammed at a stop (finding 2)
         self.abandoned: list[Socket] = []  # sockets the program gave up on (maybe half-open)
-        self.dropped_jammed: set[int] = set()  # unrecorded when their jammed socket dropped
         self.stats: set[str] = set()  # what this example exercised (hypothesis statistics)
         self.instances = 0
         self.host = TrioHost()
@@ -544,9 +517,7 @@ class PipelineMachine(RuleBasedStateMachine):
                     trio.open_nursery() as nursery,
                 ):
                     # The test's hook on the store (as in test_store's fail-at-commit tests).
-                    conn = FlakyConnection(
-                        gateway.store._conn, self.db, self.unrecorded, self.unqueued
-                    )
+                    conn = FlakyConnection(gateway.store._conn)
                     gateway.store._conn = conn  # type: ignore[assignment]
                     self.guardian.control = gateway.controls
                     instance.gateway, instance.conn, instance.nursery = gateway, conn, nursery
@@ -555,8 +526,8 @@ class PipelineMachine(RuleBasedStateMachine):
                     if instance.planned:  # as serve_gateway does on SIGTERM
                         with trio.move_on_after(SHUTDOWN_BOUND, shield=True) as bound:
                             await gateway.shutdown()
-                        if bound.cancelled_caught:  # what still runs may lose its result
-                            self.cut_short |= set(gateway.broker.approvals)
+                        if bound.cancelled_caught:
+                            self.stats.add("a planned stop that ran out its bound")
                     nursery.cancel_scope.cancel()
         finally:
             instance.alive = False
@@ -572,15 +543,6 @@ class PipelineMachine(RuleBasedStateMachine):
             instance.conn.dead = True
             instance.alive = False
             instance.scope.cancel()
-            if instance.gateway is not None:
-                # Decided, maybe told, not recorded (finding 1): decided again after this.
-                hung = {hang.n for hang in self.home.hung}
-                for approval in instance.gateway.broker.approvals.values():
-                    if approval.kind is not None and approval.row.args.get("n") not in hung:
-                        self.unrecorded.add(approval.request_id)
-        for req in self.reqs.values():  # what may wait in a jammed socket's outbox (finding 2)
-            if req.socket is not None and req.socket.jammed and not req.socket.closed:
-                self.jammed_at_stop.add(req.rpc)
         if instance.gateway is not None and instance.gateway.broker.approvals:
             self.stats.add(
                 "planned restart with open approvals" if planned else "crash with open approvals"
@@ -861,18 +823,8 @@ class PipelineMachine(RuleBasedStateMachine):
     async def _jam(self, sock: Socket, jammed: bool) -> None:
         sock.jam(jammed)
 
-    def _dropping(self, sock: Socket) -> None:
-        """``sock`` is about to drop: if it is jammed, a result in its outbox whose outcome is
-        not recorded yet may race the writer's requeue (finding 2); one recorded already must
-        be put back in the queue."""
-        if sock.jammed and not sock.closed:
-            open_ = {rpc for _, rpc, state, *_ in self._rows() if state != "done"}
-            self.dropped_jammed |= {r.rpc for r in self.reqs.values() if r.socket is sock} & open_
-
     async def _disconnect(self, sock: Socket, graceful: bool) -> None:
         self._lose(sock)
-        if not graceful:
-            self._dropping(sock)
         if graceful:
             sock.jam(False)  # a close handshake reads until the gateway's close frame
             await sock.ws.aclose()
@@ -914,39 +866,13 @@ class PipelineMachine(RuleBasedStateMachine):
             )
         ]
 
-    def _exempt(self, rows: list[tuple[str, Any, str, str | None, int]]) -> set[int]:
-        """Requests hit by finding 1 of ``test_pipeline_findings.py`` (an outcome told but not
-        recorded, because its COMMIT failed or the gateway crashed first: decided again after
-        a restart); none with ``AGENTGATE_PROPTEST_STRICT``."""
-        if STRICT:
-            return set()
-        return {rpc_id for request_id, rpc_id, *_ in rows if request_id in self.unrecorded}
-
-    def _lost_in_outbox(self, req: Req, request_id: str) -> bool:
-        """Whether findings 2 and 3 of ``test_pipeline_findings.py`` may have lost this
-        result: it waited in an outbox when the gateway stopped (a jammed socket, or a planned
-        stop's bound ran out), or when its jammed socket dropped before its outcome was
-        recorded (2); its frame was never written and a failed COMMIT kept it out of the queue
-        again (3). Never with ``AGENTGATE_PROPTEST_STRICT``."""
-        if STRICT:
-            return False
-        return (
-            request_id in self.cut_short
-            or request_id in self.unqueued
-            or req.rpc in self.jammed_at_stop
-            or req.rpc in self.dropped_jammed
-        )
-
     @invariant()
     def consistent(self) -> None:
         if not hasattr(self, "host"):
             return
         rows = self._rows()
-        exempt = self._exempt(rows)
         problems = self.home.violations + self.violations
         for req in self.reqs.values():
-            if req.rpc in exempt:
-                continue
             handed = [status for _, status in req.seen]
             if len(handed) > 1:
                 problems.append(f"rpc {req.rpc} ({req.policy}) handed out {req.seen}")
@@ -966,8 +892,6 @@ class PipelineMachine(RuleBasedStateMachine):
             if req is None:
                 problems.append(f"approval {request_id} for no request of the agent ({rpc_id})")
                 continue
-            if req.rpc in exempt:
-                continue
             if state == "done" and outcome is not None:
                 others = {s for _, s in req.seen} | set(req.looked_up) | set(req.wire)
                 if others - {outcome}:
@@ -978,19 +902,13 @@ class PipelineMachine(RuleBasedStateMachine):
                     problems.append(f"rpc {req.rpc}: stored {outcome}, executed {runs} times")
             if request_id in self.confirmed and not delivered:
                 problems.append(f"rpc {req.rpc}: acknowledged, and queued again")
-            if state == "done" and delivered:
-                reached = req.wire or request_id in self.acks_sent | self.looked_up
-                sock = req.socket
-                if reached:
-                    pass
-                elif sock is not None and sock.jammed and not sock.closed:
-                    pass  # its frame waits in the outbox of a connection still up
-                elif self._lost_in_outbox(req, request_id):
-                    self.stats.add("a result lost in an outbox (known, exempted)")
-                else:
-                    problems.append(
-                        f"rpc {req.rpc}: {outcome} marked delivered but never reached the agent"
-                    )
+            # Only a written frame, an acknowledgement or a read by id takes a result out of the
+            # queue: never a frame still in an outbox.
+            reached = req.wire or request_id in self.acks_sent | self.looked_up
+            if state == "done" and delivered and not reached:
+                problems.append(
+                    f"rpc {req.rpc}: {outcome} marked delivered but never reached the agent"
+                )
         assert not problems, "\n".join(problems)
 
     # -- liveness ---------------------------------------------------------------------------------
@@ -1005,7 +923,6 @@ class PipelineMachine(RuleBasedStateMachine):
 
         async def give_up() -> None:  # TCP gives up on half-open connections, in the end
             for sock in self.abandoned:
-                self._dropping(sock)
                 await sock.stream.aclose()
 
         self._step(give_up)
@@ -1025,19 +942,14 @@ class PipelineMachine(RuleBasedStateMachine):
         self.consistent()
         problems: list[str] = []
         rows = self._rows()
-        exempt = self._exempt(rows)
-        if exempt:
-            _note("an outcome told but not recorded (known bug, exempted)")
         for request_id, rpc_id, state, outcome, delivered in rows:
-            if rpc_id in exempt:
-                continue
             if state != "done":
                 problems.append(f"approval {request_id} (rpc {rpc_id}) never resolved: {state}")
             elif not delivered:
                 problems.append(f"approval {request_id} (rpc {rpc_id}): {outcome} still queued")
         asked = {rpc_id: request_id for request_id, rpc_id, *_ in rows}
         for req in self.reqs.values():
-            if req.seen or req.looked_up or req.rpc in exempt:
+            if req.seen or req.looked_up:
                 continue
             if not req.sent:
                 _note("a request whose socket was gone before it left")
@@ -1050,8 +962,6 @@ class PipelineMachine(RuleBasedStateMachine):
                     _note(f"an answer at once lost with its connection ({req.policy})")
             elif req.request_id is not None:
                 problems.append(f"rpc {req.rpc}: its id is known, its outcome was not recovered")
-            elif not req.wire and self._lost_in_outbox(req, asked[req.rpc]):
-                _note("an approval's outcome lost in an outbox (known, exempted)")
             elif not req.wire:
                 problems.append(f"rpc {req.rpc}: asked, no outcome ever reached the agent")
             else:
