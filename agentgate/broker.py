@@ -559,7 +559,7 @@ class Broker:
         await self.idle()
 
     async def idle(self) -> None:
-        """Return once no approval is in flight (each has delivered and recorded its outcome)."""
+        """Return once no approval is in flight (each has recorded and told its outcome)."""
         if self.approvals:
             if self._idle is None:
                 self._idle = trio.Event()
