@@ -191,6 +191,7 @@ DRAIN_WAIT: Final = 0.25
 RECORD_RETRY: Final = 1.0
 RECORD_RETRY_MAX: Final = 30.0
 UNDELIVERED = "the approval card could not be delivered (the gateway's log says why)"
+UNRECORDED: Final = "its outcome could not be recorded (a store error): the next start resumes it"
 DEFAULT_DETAIL: Final = {
     Decision.TIMEOUT: "no decision before the deadline",
     Decision.UNDELIVERABLE: UNDELIVERED,
@@ -661,9 +662,10 @@ class Broker:
         except ExecutionFailed:
             log.exception("could not record the card of %s", row.request_id)
 
-    async def _suspended(self, approval: Approval) -> None:
+    async def _suspended(self, approval: Approval, detail: str | None = None) -> None:
         """A planned restart: the asking door hears -32007 (the result will be queued), and the
-        card says the gateway is restarting. The store keeps the approval pending."""
+        card says the gateway is restarting (``detail``: why it is still open). The store keeps
+        the approval pending."""
         row = approval.row
         data = {
             "request_id": row.request_id,
@@ -693,7 +695,7 @@ class Broker:
             return
         update = CardUpdate(
             status=Status.RESTARTING,
-            detail="open until its deadline; its buttons come back when the gateway does",
+            detail=detail or "open until its deadline; its buttons come back when the gateway does",
             at=self._now(),
         )
         with trio.move_on_after(10):
@@ -817,7 +819,7 @@ class Broker:
             # The gateway stops before the outcome could be recorded: nothing was told, and the
             # store still holds the approval (pending, or executing: unknown) for the next start.
             self.store.release([row.request_id])
-            await self._suspended(approval)
+            await self._suspended(approval, UNRECORDED)
             return
         session = approval.session
         delivered = session is not None and session.deliver(late)

@@ -261,6 +261,9 @@ async def test_an_outcome_unrecorded_at_a_stop_is_not_told_and_is_decided_afresh
         answer = await reply(ws)
         assert answer["error"]["code"] == -32007  # not "denied": the store never said so
         assert answer["error"]["data"]["pending"] is True
+        update = await fg.guardian.wait_for_update(request_id)  # the card never said "denied"
+        assert [u.detail for u in fg.guardian.cards[request_id].updates] == [update.detail]
+        assert "could not be recorded" in update.detail
         store._conn = healthy
     assert stored(tmp_path, request_id)[:2] == ("pending", None)
     assert home.service_calls == []
