@@ -297,6 +297,7 @@ class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     detached: bool = False  # nobody waits: failures are logged by the writer
     durable: bool = False  # committed with an fsync before its caller goes on
+    then: Callable[[], None] | None = None  # called once it is committed or failed (post)
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -326,6 +327,10 @@ class Store:
         self._queued = trio.Event()  # something is in the queue
         self._wakeup = trio.Event()  # ... and somebody waits for it: commit now
         self._closed = False
+        # Request ids of queued results on their way to their agent (a frame, an MCP answer):
+        # listings skip them until their delivery is recorded (mark_delivered) or given up
+        # (release), so one is not handed out twice meanwhile.
+        self.telling: set[str] = set()
         self.commits = 0  # transactions committed (group commit makes this < operations)
         self.synced = 0  # of which committed with an fsync (durable)
         self.checkpointed = 0  # commits the last background WAL checkpoint covered
@@ -413,6 +418,8 @@ class Store:
             op.done.set()
             if op.detached and op.error is not None:
                 log.error("store write failed: %s", op.error)
+            if op.then is not None:
+                op.then()
 
     def _run_batch(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """One transaction for the batch. Every step can fail (``BEGIN``, a statement,
@@ -507,16 +514,21 @@ class Store:
             raise op.error
         return op.result  # type: ignore[no-any-return]
 
-    def post(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
-        """Queue a write nobody waits for (it joins the next group commit; failures are logged).
+    def post(
+        self, fn: Callable[[sqlite3.Connection], Any], *, then: Callable[[], None] | None = None
+    ) -> None:
+        """Queue a write nobody waits for (it joins the next group commit; failures are logged);
+        ``then`` is called once it is committed or has failed.
 
         Only for records that follow an already committed decision, like a resolution: the
         reply to the agent need not wait for them.
         """
         if self._closed:
             log.error("store closed: a write was dropped")
+            if then is not None:
+                then()
             return
-        self._queue.append(_Op(fn, detached=True))
+        self._queue.append(_Op(fn, detached=True, then=then))
         self._queued.set()
         if len(self._queue) >= POST_BACKLOG:
             self._wakeup.set()
@@ -795,6 +807,23 @@ class Store:
         self._appended(finished)
         return finished
 
+    def mark_delivered(self, request_ids: Iterable[str]) -> None:
+        """These results reached their agent: they leave its queue, and listings stop skipping
+        them once that is committed. Posted (see :meth:`post`): if the write is lost, the result
+        is handed out again (at least once)."""
+        ids = list(request_ids)
+        rows = [(request_id, State.DONE) for request_id in ids]
+        self.post(
+            lambda c: c.executemany(
+                "UPDATE pending_requests SET delivered=1 WHERE request_id=? AND state=?", rows
+            ),
+            then=lambda: self.telling.difference_update(ids),
+        )
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """These results did not reach their agent: they stay queued, listed again from now."""
+        self.telling.difference_update(request_ids)
+
     async def mark_undelivered(self, request_id: str) -> None:
         await self._do(
             lambda c: c.execute(
@@ -817,7 +846,7 @@ class Store:
         """Hand out this agent's queued results, each exactly once (atomically)."""
 
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = _queued_rows(c, agent)
+            rows = _queued_rows(c, agent, self.telling)
             c.executemany(
                 "UPDATE pending_requests SET delivered=1 WHERE request_id=?",
                 [(r["request_id"],) for r in rows],
@@ -825,6 +854,24 @@ class Store:
             return [json.loads(r["queued"]) for r in rows if r["queued"]]
 
         return await self._do(fn)
+
+    async def hand_out(self, agent: str) -> list[dict[str, Any]]:
+        """List this agent's queued results that are not on their way already, and count them
+        as on their way (:attr:`telling`) until :meth:`mark_delivered` or :meth:`release`."""
+
+        ids: list[str] = []
+
+        def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = [r for r in _queued_rows(c, agent, self.telling) if r["queued"]]
+            ids[:] = [r["request_id"] for r in rows]
+            self.telling.update(ids)  # now: a listing later in this batch must skip them
+            return [json.loads(r["queued"]) for r in rows]
+
+        try:
+            return await self._do(fn)
+        except BaseException:
+            self.release(ids)
+            raise
 
     async def list_queued(
         self, agent: str, *, acknowledge: Iterable[str] = ()
@@ -835,7 +882,8 @@ class Store:
 
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
             _acknowledge(c, agent, ids)
-            return [json.loads(r["queued"]) for r in _queued_rows(c, agent) if r["queued"]]
+            rows = _queued_rows(c, agent, self.telling)
+            return [json.loads(r["queued"]) for r in rows if r["queued"]]
 
         return await self._do(fn)
 
@@ -1216,12 +1264,13 @@ def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
     )
 
 
-def _queued_rows(c: sqlite3.Connection, agent: str) -> list[sqlite3.Row]:
-    return c.execute(
+def _queued_rows(c: sqlite3.Connection, agent: str, skip: set[str]) -> list[sqlite3.Row]:
+    rows = c.execute(
         "SELECT request_id, queued FROM pending_requests"
         " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
         (agent, State.DONE),
     ).fetchall()
+    return [r for r in rows if r["request_id"] not in skip] if skip else rows
 
 
 def _acknowledge(c: sqlite3.Connection, agent: str, request_ids: list[str]) -> int:

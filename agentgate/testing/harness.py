@@ -76,8 +76,8 @@ class Harness:
         return self.guardian
 
     async def settled(self) -> None:
-        """Wait until every approval has finished: the agent hears its outcome first, the
-        outcome's audit row and card edit follow (the caller's deadline bounds the wait)."""
+        """Wait until every approval has finished: its outcome is recorded first, then told to
+        the agent, then shown on the card (the caller's deadline bounds the wait)."""
         await self.gateway.broker.idle()
 
 
