@@ -219,9 +219,11 @@ async def open_audit_log(
     key file is missing, unreadable or not the log's key. ``source`` names gate.toml."""
     path = config.audit.key_path(config.store.path)
     named = await store.log_key()
+    # The key file is read (or made) on the event loop: a few hundred bytes, once, before the
+    # gateway serves anything; nothing waits on it yet.
     try:
         if named is None:
-            key = await trio.to_thread.run_sync(_load_or_create, path)
+            key = _load_or_create(path)
             origin = new_origin()
             signer = LogSigner(key, origin)
             await store.append_event(
@@ -236,7 +238,7 @@ async def open_audit_log(
             )
         else:
             origin, vkey = named
-            key = await trio.to_thread.run_sync(load_key, path)
+            key = load_key(path)
             signer = LogSigner(key, origin)
             if signer.vkey != vkey:
                 raise KeyFileError(
