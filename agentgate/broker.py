@@ -52,7 +52,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -190,6 +190,15 @@ DRAIN_WAIT: Final = 0.25
 # Seconds between attempts to record an outcome the store refused (doubling up to the max).
 RECORD_RETRY: Final = 1.0
 RECORD_RETRY_MAX: Final = 30.0
+# A press on an approval that is over, by its recorded outcome: a call that ran (or may have)
+# was approved, as the press on a card still in memory would say.
+STALE_ANSWERS: Final[Mapping[Outcome, str]] = {
+    Outcome.EXECUTED: "approved",
+    Outcome.UNKNOWN: "approved",
+    Outcome.DENIED: "denied",
+    Outcome.TIMED_OUT: "timed out",
+    Outcome.SHUTDOWN: "cancelled (gateway shutting down)",
+}
 UNDELIVERED = "the approval card could not be delivered (the gateway's log says why)"
 UNRECORDED: Final = "its outcome could not be recorded (a store error): the next start resumes it"
 DEFAULT_DETAIL: Final = {
@@ -416,7 +425,7 @@ class Broker:
         if self._suspending:  # a planned restart: it is decided once the gateway is back
             return PressAnswer(RESTARTING_ANSWER)
         if approval is None:
-            return PressAnswer("expired or unknown approval")
+            return PressAnswer(await self._stale_answer(request_id))
         if self._now() >= approval.row.expires_at:
             approval.resolve(Decision.TIMEOUT)
             return PressAnswer("expired: the approval timed out")
@@ -431,6 +440,16 @@ class Broker:
         decision = decision_for(action)
         approval.resolve(decision, by)
         return PressAnswer(MEANINGS[decision].answer, decided=True)
+
+    async def _stale_answer(self, request_id: str) -> str:
+        """How to answer a press on an approval that is over: what the store recorded."""
+        try:
+            row = await self.store.pending_row(request_id)
+        except ExecutionFailed:
+            row = None
+        if row is None or row.outcome is None:
+            return "expired or unknown approval"
+        return f"expired: already {STALE_ANSWERS.get(row.outcome, row.outcome.value)}"
 
     async def _grant_refusal(self, approval: Approval, action: Action) -> str | None:
         """Why "Allow 1 h" or "Always allow" may not decide this approval (their buttons are

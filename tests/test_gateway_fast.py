@@ -481,3 +481,40 @@ async def test_a_press_that_arrives_before_its_card_send_returns_still_counts(
         answer = await call(ws, 1, "tool_request", tool="ha_call_service", args=args)
         assert answer["result"]["status"] == "executed"
         assert answers == ["approved"]
+
+
+async def test_a_press_on_an_approval_that_is_over_says_what_became_of_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Once over, an approval leaves the broker's memory; the store still says how it ended,
+    # also after a restart.
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        request_ids = []
+        for count, action in ((1, "allow"), (2, "deny")):
+            await ws.send_message(
+                json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": count,
+                        "method": "tool_request",
+                        "params": {
+                            "tool": "ha_call_service",
+                            "args": {
+                                "domain": "light",
+                                "service": "turn_on",
+                                "entity_id": "light.bedroom",
+                            },
+                        },
+                    }
+                )
+            )
+            shown = await fg.guardian.wait_for_card(count)
+            request_ids.append(shown.card.request_id)
+            await fg.guardian.press(shown.card.request_id, action)
+            await reply(ws)
+        await fg.gateway.broker.idle()
+        assert fg.gateway.broker.approvals == {}
+        answers = [await fg.guardian.press(r, "allow") for r in request_ids]
+        assert answers == ["expired: already approved", "expired: already denied"]
+        assert await fg.guardian.press("no-such-request", "allow") == "expired or unknown approval"
