@@ -677,7 +677,7 @@ class Broker:
             del self._sending[row.request_id]
             sending.set()
         try:
-            await self.store.set_message_ref(row.request_id, ref, target)
+            await self.store.set_message_ref(row.request_id, ref, target, at=self._now())
         except ExecutionFailed:
             log.exception("could not record the card of %s", row.request_id)
 
