@@ -163,7 +163,8 @@ def _proof(args: argparse.Namespace, store: Path) -> int:
     return EXIT_OK if proofs else EXIT_FAILED
 
 
-def _key(store: Path, key_file: Path) -> int:
+def _log_key(store: Path) -> tuple[str, str]:
+    """The origin and key the audit log names (a usage error when it has none yet)."""
     conn = _open(store)
     try:
         named = eventlog.log_key(conn)
@@ -171,7 +172,11 @@ def _key(store: Path, key_file: Path) -> int:
         conn.close()
     if named is None:
         raise UsageError(f"{store}: the audit log has no key yet: start the gateway once")
-    origin, vkey = named
+    return named
+
+
+def _key(store: Path, key_file: Path) -> int:
+    origin, vkey = _log_key(store)
     print(inert(vkey))
     if key_file.exists():
         from agentgate.auditkey import KeyFileError, load_key
@@ -202,18 +207,12 @@ def _compact(args: argparse.Namespace, store: Path, key_file: Path, config: Conf
         keep_days = config.store.keep_days
     if keep_days is None or not keep_days > 0:
         raise UsageError("compact: give --keep-days DAYS (or set [store] keep_days)")
-    conn = _open(store)
+    origin, vkey = _log_key(store)
     try:
-        named = eventlog.log_key(conn)
-    finally:
-        conn.close()
-    if named is None:
-        raise UsageError(f"{store}: the audit log has no key yet: start the gateway once")
-    try:
-        signer = LogSigner(load_key(key_file), named[0])
+        signer = LogSigner(load_key(key_file), origin)
     except KeyFileError as exc:
         raise UsageError(str(exc)) from exc
-    if signer.vkey != named[1]:
+    if signer.vkey != vkey:
         raise UsageError(f"{key_file} is not the key this audit log is signed with")
     now = time.time()
     try:
