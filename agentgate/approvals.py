@@ -19,6 +19,7 @@ and the wire all read this table, nothing compares message texts.
     ============== ============ ============== ===================== ============================
     ALLOW          executed, failed or unknown, as the call went      "approved"
     GRANT          executed, failed or unknown, as the call went      "allowed for 1 h"
+    ALWAYS         executed, failed or unknown, as the call went      "allowed always"
     DENY           denied       denied         DeniedByGuardian      "denied"
     FROZEN         denied       frozen         DeniedByPolicy        "denied (frozen)"
     TIMEOUT        timed_out    timed_out      ApprovalTimedOut      "timed out"
@@ -28,6 +29,27 @@ and the wire all read this table, nothing compares message texts.
     ============== ============ ============== ===================== ============================
 
 A press on an approval that already ended is answered ``"expired: already <answer>"``.
+
+**Two-person approval.** A rule with ``approvals: N`` needs N Allow presses from N different
+guardians: each Allow is a :class:`Vote` (:func:`count_vote`); only the vote that completes the
+quorum is the ``ALLOW`` decision, any Deny decides at once, the deadline covers the whole.
+
+    ========= ======================================== =====================================
+    vote      when                                     press answer
+    ========= ======================================== =====================================
+    COUNTED   a new guardian allows, more are needed   "counted: 1 of 2 — ..."
+    REPEATED  this guardian allowed already            "already counted: 1 of 2 — ..."
+    DECIDES   the last Allow needed                    "approved (2 of 2)"
+    ========= ======================================== =====================================
+
+**Undo.** An executed call on an undoable entity (:mod:`agentgate.undo`) keeps a snapshot of
+what it changed; its own small state machine is :data:`UNDO_TRANSITIONS` (the store guards it
+as it guards approvals, so an Undo runs at most once)::
+
+    AVAILABLE ──(a press, checks passed)──▶ UNDOING ──▶ UNDONE
+                                               └──────▶ FAILED   (failed, unknown or interrupted)
+
+What an Undo press is answered is :data:`UNDO_ANSWERS`, by :class:`UndoCheck`.
 
 Imports: errors, guardian (the protocol's types), protocol (ids). Nothing that runs.
 """
@@ -53,14 +75,23 @@ __all__ = [
     "EXECUTION_CARDS",
     "MEANINGS",
     "TRANSITIONS",
+    "UNDO_ANSWERS",
+    "UNDO_CONFIRM",
+    "UNDO_TRANSITIONS",
+    "VOTE_ANSWERS",
     "Decision",
     "Meaning",
     "Outcome",
     "ReplyHandle",
     "Result",
     "State",
+    "UndoCheck",
+    "UndoState",
+    "Vote",
+    "count_vote",
     "decision_for",
     "sources",
+    "undo_sources",
 ]
 
 
@@ -107,6 +138,7 @@ class Decision(enum.Enum):
 
     ALLOW = "allow"
     GRANT = "grant"
+    ALWAYS = "always"  # allow, and a permanent grant for this agent and signature
     DENY = "deny"
     FROZEN = "frozen"
     TIMEOUT = "timeout"
@@ -142,6 +174,7 @@ class Meaning(NamedTuple):
 MEANINGS: Final[Mapping[Decision, Meaning]] = {
     Decision.ALLOW: Meaning(None, None, None, "", "approved"),
     Decision.GRANT: Meaning(None, None, None, "", "allowed for 1 h"),
+    Decision.ALWAYS: Meaning(None, None, None, "", "allowed always"),
     Decision.DENY: Meaning(
         Outcome.DENIED, Status.DENIED, DeniedByGuardian, "denied by the guardian ({by})", "denied"
     ),
@@ -189,12 +222,98 @@ _BY_ACTION: Final[Mapping[Action, Decision]] = {
     Action.ALLOW: Decision.ALLOW,
     Action.DENY: Decision.DENY,
     Action.GRANT: Decision.GRANT,
+    Action.ALWAYS: Decision.ALWAYS,
 }
 
 
 def decision_for(action: Action) -> Decision:
-    """The decision a guardian's button stands for."""
+    """The decision a guardian's button stands for (not Undo: that is no decision)."""
     return _BY_ACTION[action]
+
+
+# -- two-person approval ------------------------------------------------------------------------
+
+
+class Vote(enum.Enum):
+    """What one Allow press on a card that needs several approvals did (see the docstring)."""
+
+    COUNTED = "counted"
+    REPEATED = "repeated"
+    DECIDES = "decides"
+
+
+VOTE_ANSWERS: Final[Mapping[Vote, str]] = {
+    Vote.COUNTED: "counted: {have} of {need} — another guardian must allow",
+    Vote.REPEATED: "already counted: {have} of {need} — another guardian must allow",
+    Vote.DECIDES: "approved ({have} of {need})",
+}
+"""How each vote's press is answered; ``{have}`` and ``{need}`` are filled in."""
+
+
+def count_vote(need: int, voters: tuple[str, ...], voter: str) -> tuple[Vote, tuple[str, ...]]:
+    """One guardian's Allow on an approval that needs ``need`` of them and has ``voters``
+    already: what it is, and the voters after it. A guardian counts once, however often they
+    press."""
+    if voter in voters:
+        return Vote.REPEATED, voters
+    after = (*voters, voter)
+    return (Vote.DECIDES if len(after) >= need else Vote.COUNTED), after
+
+
+# -- undo ---------------------------------------------------------------------------------------
+
+
+class UndoState(enum.StrEnum):
+    """An undoable call's state in the store (``undo_snapshots.state``)."""
+
+    AVAILABLE = "available"
+    UNDOING = "undoing"
+    UNDONE = "undone"
+    FAILED = "failed"
+
+
+UNDO_TRANSITIONS: Final[Mapping[UndoState, frozenset[UndoState]]] = {
+    UndoState.AVAILABLE: frozenset({UndoState.UNDOING}),
+    UndoState.UNDOING: frozenset({UndoState.UNDONE, UndoState.FAILED}),
+    UndoState.UNDONE: frozenset(),
+    UndoState.FAILED: frozenset(),
+}
+"""Every state change of an undo (``AVAILABLE → UNDOING`` happens once: the exactly-once gate;
+an undo found ``UNDOING`` at start-up was interrupted and becomes ``FAILED``, never rerun)."""
+
+
+def undo_sources(target: UndoState) -> frozenset[UndoState]:
+    """The undo states from which a snapshot may move to ``target``."""
+    return frozenset(s for s, targets in UNDO_TRANSITIONS.items() if target in targets)
+
+
+class UndoCheck(enum.Enum):
+    """What an Undo press found, before or after running (its answer: :data:`UNDO_ANSWERS`)."""
+
+    UNKNOWN = "unknown"  # no snapshot: not an undoable call, or not executed
+    RUNNING = "running"  # another press is restoring it now
+    DONE = "done"  # undone already
+    BROKEN = "broken"  # tried already, and it failed (never run twice)
+    LATE = "late"  # the window has passed: nothing runs unless confirmed
+    CHANGED = "changed"  # an entity changed since the call: nothing runs unless confirmed
+    UNDONE = "undone"  # this press restored it
+    FAILED = "failed"  # this press tried, and the restore failed
+
+
+UNDO_ANSWERS: Final[Mapping[UndoCheck, str]] = {
+    UndoCheck.UNKNOWN: "nothing to undo: no undoable call has that id",
+    UndoCheck.RUNNING: "already being undone",
+    UndoCheck.DONE: "already undone{detail}",
+    UndoCheck.BROKEN: "not undone: it was tried already and failed{detail}",
+    UndoCheck.LATE: "not undone yet: the undo window has passed{detail}; confirm to restore",
+    UndoCheck.CHANGED: "not undone yet: {detail} changed since the call; confirm to restore",
+    UndoCheck.UNDONE: "undone{detail}",
+    UndoCheck.FAILED: "undo failed{detail}",
+}
+"""How an Undo press is answered; ``{detail}`` is filled in (it may be empty)."""
+
+UNDO_CONFIRM: Final = frozenset({UndoCheck.LATE, UndoCheck.CHANGED})
+"""The checks a guardian may override by confirming (everything else is final)."""
 
 
 class Result(NamedTuple):

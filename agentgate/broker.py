@@ -5,7 +5,9 @@ Lifecycle of one approval::
     ask() ── persist (audit + pending row, one commit) ── start a broker task ──┐
                                                                                 │
     task: describe the target ── send the card ── wait ─┬─ guardian allow/grant ─┤── execute once
-                                                        ├─ guardian deny ────────┤
+                                                        │   (N votes if it needs │   (snapshot
+                                                        │    N guardians)        │    first, if
+                                                        ├─ guardian deny ────────┤    undoable)
                                                         ├─ deadline (cancel scope from expires_at)
                                                         ├─ shutdown / freeze ────┤
                                                         └─ card undeliverable ───┘
@@ -19,6 +21,14 @@ belong to the broker, not to the front door that asked: when the agent goes away
 goes on and its result is queued. Execution is gated by the store (``pending`` → ``executing``
 happens once), so a decision can never run a call twice, even across a restart.
 
+A card that needs several guardians (a rule's ``approvals: N``) counts Allow presses as votes,
+one per guardian, kept in the store (:func:`agentgate.approvals.count_vote`): the vote that
+completes the quorum is the decision; until then the card is shown again with who allowed it.
+"Allow 1 h" and "Always allow" are offered only where one guardian decides and no quota asked;
+"Always allow" only once the signature was approved ``suggest_after`` times in 30 days with no
+denial (counted from the audit log). An executed undoable call keeps its snapshot
+(:mod:`agentgate.undo`) and its card an Undo button.
+
 A planned restart (:meth:`Broker.shutdown`) *suspends* what is still undecided instead of
 ending it: the asking door hears -32007 (its result will be queued), the card is edited once to
 say the gateway is restarting (without buttons: a press while it is down could not be
@@ -27,7 +37,7 @@ crash, and edits its card back with its buttons. ``cancel_pending=True`` (decomm
 resolves everything as ``shutdown`` instead.
 
 Imports: approvals, store, guardian (the protocol), tools (which calls a grant may cover),
-errors, protocol (ids). Results reach front doors through their
+undo (snapshots), errors, protocol (ids). Results reach front doors through their
 :class:`~agentgate.approvals.ReplyHandle`.
 """
 
@@ -49,11 +59,14 @@ from agentgate import tools
 from agentgate.approvals import (
     EXECUTION_CARDS,
     MEANINGS,
+    VOTE_ANSWERS,
     Decision,
     Outcome,
     ReplyHandle,
     Result,
     State,
+    Vote,
+    count_vote,
     decision_for,
 )
 from agentgate.errors import (
@@ -75,14 +88,16 @@ from agentgate.guardian import (
 )
 from agentgate.protocol import JsonId
 from agentgate.store import AuditEntry, PendingRow, Store
+from agentgate.undo import Snapshot, Undo
 
 log = logging.getLogger(__name__)
 
 Execute = Callable[[str, dict[str, Any]], Awaitable[Any]]
 Describe = Callable[[str, dict[str, Any]], Awaitable[str | None]]
 ReadBack = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
-OnGrant = Callable[[str, str, str], Awaitable[float | None]]
-"""Remembers an "Allow 1 h" (agent, signature, by); returns when the grant ends, if it says."""
+OnGrant = Callable[[str, str, str, bool], Awaitable[float | None]]
+"""Remembers an "Allow 1 h" or, with the last argument true, an "Always allow" (agent,
+signature, by, permanent); returns when the grant ends (infinite: never), if it says."""
 Sessions = Callable[[str], Sequence[ReplyHandle]]
 Recheck = Callable[[PendingRow], tuple[Decision, str | None, str] | None]
 """Is an approval found pending at start still asked? None, or how to end it (decision, by,
@@ -108,6 +123,9 @@ class Approval:
     suspended: bool = False  # a planned restart: stays pending in the store, undecided
     restore: bool = False  # its card says "restarting": edit it back with its buttons
     restoring: trio.Event | None = None  # set once the card's restore is done (or given up)
+    voters: tuple[str, ...] = ()  # who pressed Allow so far (two-person approval), by identity
+    votes: tuple[str, ...] = ()  # ... and by name, as the card shows them
+    always: int | None = None  # "Always allow" offered: the signature's approvals so far
 
     def shown_on(self, message_ref: str) -> bool:
         """Whether ``message_ref`` is this approval's card or one of its copies."""
@@ -148,7 +166,18 @@ class Approval:
             expires_at=r.expires_at,
             target=r.target,
             via=r.via,
+            quorum=r.quorum,
+            votes=self.votes,
+            approved_before=self.always,
+            quota=r.quota,
         )
+
+    @property
+    def grants_offered(self) -> bool:
+        """Whether "Allow 1 h" (and maybe "Always allow") may decide this approval: one
+        guardian decides, no quota asked it, and the signature says what runs."""
+        r = self.row
+        return r.quorum <= 1 and r.quota is None and tools.grantable(r.tool, r.args)
 
 
 _TASK_NAME: Final = "agentgate.broker.approval"  # one shared string, not one per task
@@ -166,6 +195,7 @@ RESTORE_WAIT: Final = 10.0  # seconds an outcome's card edit waits for the card'
 RESTARTING_KEY: Final = "restarting_since"
 RESTARTING_ANSWER: Final = "not decided: the gateway is restarting; press again once it is back"
 COPIES = 8  # copies of one card (/pending) whose buttons count; older ones answer "expired"
+SUGGEST_WINDOW: Final = 30 * 86400.0  # seconds of approvals that can suggest "Always allow"
 
 
 class Broker:
@@ -184,9 +214,13 @@ class Broker:
         guardian: Guardian | None = None,
         read_back: ReadBack | None = None,
         recheck: Recheck | None = None,
+        undo: Undo | None = None,
+        suggest_after: int = 0,
     ) -> None:
         self.store = store
         self.guardian = guardian
+        self.undo = undo
+        self.suggest_after = suggest_after  # 0: "Always allow" is never offered
         self._execute = execute
         self._describe = describe
         self._read_back = read_back
@@ -229,6 +263,10 @@ class Broker:
                 self._nursery.start_soon(self._finish_unknown, approval, name=_TASK_NAME)
                 continue
             self._waiting[row.agent] += 1
+            if row.quorum > 1:
+                votes = await self.store.votes(row.request_id)
+                approval.voters = tuple(voter for voter, _ in votes)
+                approval.votes = tuple(name for _, name in votes)
             if row.expires_at <= now:
                 approval.resolve(Decision.TIMEOUT, None, "expired while the gateway was down")
             elif (revoked := self._recheck(row)) is not None:
@@ -264,10 +302,14 @@ class Broker:
         matched: str,
         *,
         max_pending: int,
+        quorum: int = 1,
+        quota: str | None = None,
     ) -> str:
         """Register an ask; its result reaches ``reply`` later. Returns the request_id.
 
-        ``reply_to`` is the front door's handle on the request, echoed with the result. Raises
+        ``reply_to`` is the front door's handle on the request, echoed with the result.
+        ``quorum``: guardians who must allow it; ``quota``: the quota whose use asked it
+        (no grant is offered then). Raises
         ``RateLimited`` over the agent's pending limit, ``StoreUnavailable`` if the decision
         cannot be recorded (nothing is then shown to the guardian or executed).
         """
@@ -301,6 +343,8 @@ class Broker:
                 expires_at=now + self.approval_timeout,
                 state=State.PENDING,
                 via=reply.via,
+                quorum=quorum,
+                quota=quota,
             )
             entry = AuditEntry(
                 time=now,
@@ -347,10 +391,13 @@ class Broker:
         if approval is not None and approval.kind is None:
             approval.copies = [*(approval.copies or ()), message_ref][-COPIES:]
 
-    async def decide(self, request_id: str, action: Action, by: str) -> PressAnswer:
+    async def decide(
+        self, request_id: str, action: Action, by: str, *, voter: str | None = None
+    ) -> PressAnswer:
         """A guardian's decision, and how to answer the button press.
 
         The caller has checked that the press was on this approval's card (:meth:`misplaced`).
+        ``voter`` is the guardian's identity for two-person approval (default: ``by``).
         """
         approval = self.approvals.get(request_id)
         if approval is not None and approval.kind is not None:
@@ -362,14 +409,117 @@ class Broker:
         if self._now() >= approval.row.expires_at:
             approval.resolve(Decision.TIMEOUT)
             return PressAnswer("expired: the approval timed out")
-        if action is Action.GRANT and not tools.grantable(approval.row.tool, approval.row.args):
-            # The button is not offered: the signature leaves out what the call really does.
-            return PressAnswer(
-                "not decided: Allow 1 h is not offered for this call; press Allow or Deny"
-            )
+        if action in (Action.GRANT, Action.ALWAYS):
+            refusal = await self._grant_refusal(approval, action)
+            if refusal is not None:
+                return PressAnswer(refusal)
+            if approval.kind is not None:  # decided while the history was read
+                return PressAnswer(f"expired: already {MEANINGS[approval.kind].answer}")
+        if action is Action.ALLOW and approval.row.quorum > 1:
+            return await self._vote(approval, by, voter or by)
         decision = decision_for(action)
         approval.resolve(decision, by)
         return PressAnswer(MEANINGS[decision].answer, decided=True)
+
+    async def _grant_refusal(self, approval: Approval, action: Action) -> str | None:
+        """Why "Allow 1 h" or "Always allow" may not decide this approval (their buttons are
+        not on its card), or None."""
+        label = "Allow 1 h" if action is Action.GRANT else "Always allow"
+        row = approval.row
+        if row.quorum > 1:
+            return (
+                f"not decided: {label} is not offered where {row.quorum} guardians must allow;"
+                " press Allow or Deny"
+            )
+        if row.quota is not None:
+            return (
+                f"not decided: {label} is not offered when a quota asked ({row.quota});"
+                " press Allow or Deny"
+            )
+        if not tools.grantable(row.tool, row.args):
+            # The signature leaves out what the call really does.
+            return f"not decided: {label} is not offered for this call; press Allow or Deny"
+        if action is Action.ALWAYS and await self._approved_before(row) is None:
+            return (
+                "not decided: Always allow is offered only once this request was approved"
+                f" {self.suggest_after} times in 30 days and never denied; press Allow or Deny"
+            )
+        return None
+
+    async def _approved_before(self, row: PendingRow) -> int | None:
+        """How often ``row``'s signature was approved for its agent in the last 30 days, if
+        that makes "Always allow" an offer (``suggest_after`` times or more, no denial)."""
+        if self.suggest_after <= 0:
+            return None
+        try:
+            history = await self.store.history(
+                row.agent, row.signature, self._now() - SUGGEST_WINDOW
+            )
+        except ExecutionFailed:
+            log.exception("could not count the approvals of %s", row.signature)
+            return None
+        if history.denied or history.approved < self.suggest_after:
+            return None
+        return history.approved
+
+    async def _vote(self, approval: Approval, by: str, voter: str) -> PressAnswer:
+        """One guardian's Allow on a card that needs several (see the module docstring)."""
+        row = approval.row
+        need = row.quorum
+        vote, _ = count_vote(need, approval.voters, voter)
+        if vote is Vote.REPEATED:
+            answer = VOTE_ANSWERS[vote].format(have=len(approval.voters), need=need)
+            return PressAnswer(answer)
+        now = self._now()
+        try:
+            names = await self.store.add_vote(row.request_id, voter, by, now)
+            await self.store.audit(
+                AuditEntry(
+                    time=now,
+                    kind="guardian",
+                    agent="-",
+                    request_id=row.request_id,
+                    tool=None,
+                    args=None,
+                    signature=None,
+                    decision="vote",
+                    matched=f"{row.agent}: {row.signature} (allow {len(names)} of {need})",
+                    resolved_by=by,
+                )
+            )
+        except ExecutionFailed as exc:
+            return PressAnswer(f"not counted: {exc.message}")
+        if approval.kind is not None:  # decided (denied, timed out) while the vote was written
+            return PressAnswer(f"expired: already {MEANINGS[approval.kind].answer}")
+        if voter not in approval.voters:
+            approval.voters = (*approval.voters, voter)
+        approval.votes = names
+        if len(names) >= need:
+            approval.resolve(Decision.ALLOW, " + ".join(names))
+            answer = VOTE_ANSWERS[Vote.DECIDES].format(have=len(names), need=need)
+            return PressAnswer(answer, decided=True)
+        self._show_votes(approval)
+        return PressAnswer(VOTE_ANSWERS[Vote.COUNTED].format(have=len(names), need=need))
+
+    def _show_votes(self, approval: Approval) -> None:
+        """The card (and its copies) shown again, with who allowed it so far; in the
+        background: the press is answered at once."""
+        guardian = self.guardian
+        refs = [r for r in (approval.row.message_ref, *(approval.copies or ())) if r]
+        if guardian is None or self._nursery is None or not refs:
+            return
+
+        async def show() -> None:
+            with trio.move_on_after(10):
+                for ref in refs:
+                    if approval.kind is not None:
+                        return  # decided meanwhile: its outcome edits the card
+                    try:
+                        await guardian.restore_card(approval.card(), ref)
+                    except Exception:
+                        log.exception("could not show the votes of %s", approval.request_id)
+
+        self._nursery.start_soon(show, name=_TASK_NAME)
 
     def resolve_all(self, kind: Decision, by: str | None = None, detail: str = "") -> int:
         """Resolve every undecided approval the same way (freeze, shutdown)."""
@@ -472,6 +622,8 @@ class Broker:
         if self.guardian is None:
             approval.resolve(Decision.UNDELIVERABLE, None, "no guardian is configured")
             return
+        if approval.grants_offered:
+            approval.always = await self._approved_before(row)
         target = await self._describe(row.tool, row.args)
         approval.row = row = attrs.evolve(row, target=target)
         # A press can come back before send_card does (the Bot API already has the message):
@@ -549,6 +701,8 @@ class Broker:
         async def restore() -> None:
             ref = approval.row.message_ref
             try:
+                if approval.grants_offered:
+                    approval.always = await self._approved_before(approval.row)
                 with trio.move_on_after(max(0.0, approval.row.expires_at - self._now())):
                     if self.guardian is not None and ref is not None and approval.kind is None:
                         await self.guardian.restore_card(approval.card(), ref)
@@ -564,8 +718,9 @@ class Broker:
         assert kind is not None  # _run_approval resolved it before concluding
         meaning = MEANINGS[kind]
         grant_until = None
+        snapshot = None
         if meaning.executes:
-            outcome, result, error, grant_until = await self._execute_once(approval)
+            outcome, result, error, grant_until, snapshot = await self._execute_once(approval)
         else:
             assert meaning.outcome is not None
             data = {"request_id": row.request_id, "signature": row.signature}
@@ -573,39 +728,44 @@ class Broker:
             detail = detail.removeprefix("guardian unreachable: ")  # the message says it once
             outcome, result = meaning.outcome, None
             error = meaning.error_for(by=approval.by, detail=detail, data=data)
-        await self._deliver(approval, outcome, result, error, grant_until)
+        await self._deliver(approval, outcome, result, error, grant_until, snapshot)
 
     async def _execute_once(
         self, approval: Approval
-    ) -> tuple[Outcome, Any, AgentgateError | None, float | None]:
-        """Run the call once; also says until when an "Allow 1 h" it began holds."""
+    ) -> tuple[Outcome, Any, AgentgateError | None, float | None, Snapshot | None]:
+        """Run the call once; also says until when an "Allow 1 h" it began holds, and what
+        an Undo would put back."""
         row = approval.row
         data = {"request_id": row.request_id, "signature": row.signature}
         by = approval.by or "guardian"
         until = None
         try:
             if not await self.store.begin_execution(row.request_id, by, self._now()):
-                return Outcome.FAILED, None, ExecutionFailed("already resolved", data=data), None
-            if approval.kind is Decision.GRANT:
-                until = await self._on_grant(row.agent, row.signature, by)
+                failed = ExecutionFailed("already resolved", data=data)
+                return Outcome.FAILED, None, failed, None, None
+            if approval.kind in (Decision.GRANT, Decision.ALWAYS):
+                permanent = approval.kind is Decision.ALWAYS
+                until = await self._on_grant(row.agent, row.signature, by, permanent)
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc, None
+            return Outcome.FAILED, None, exc, None, None
+        # Read before the call, so that Undo knows what it changed (one read per entity).
+        snapshot = None if self.undo is None else await self.undo.before(row.tool, row.args)
         try:
             self.executions += 1
             result = await self._execute(row.tool, row.args)
         except OutcomeUnknown as exc:  # it may have run: never retried, reported as such
             exc.data.update(data)
             log.warning("%s (%s, request %s)", exc.message, row.signature, row.request_id)
-            return Outcome.UNKNOWN, None, exc, until
+            return Outcome.UNKNOWN, None, exc, until, None
         except AgentgateError as exc:
             exc.data.update(data)
-            return Outcome.FAILED, None, exc, until
+            return Outcome.FAILED, None, exc, until, None
         except Exception as exc:
             log.exception("executing %s failed unexpectedly", row.request_id)
             failed = ExecutionFailed(f"execution failed: {exc}", data=data)
-            return Outcome.FAILED, None, failed, until
-        return Outcome.EXECUTED, result, None, until
+            return Outcome.FAILED, None, failed, until, None
+        return Outcome.EXECUTED, result, None, until, snapshot
 
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row
@@ -633,6 +793,7 @@ class Broker:
         result: Any,
         error: AgentgateError | None,
         grant_until: float | None = None,
+        snapshot: Snapshot | None = None,
     ) -> None:
         row = approval.row
         late = Result(row.request_id, row.rpc_id, row.tool, row.signature, outcome, result, error)
@@ -656,9 +817,36 @@ class Broker:
             )
         except ExecutionFailed:
             log.exception("could not record the outcome of %s", row.request_id)
+        undo_until = await self._remember_undo(approval, snapshot, result)
         if not delivered:
             await self.announce_queued(row.agent)
-        await self._edit_card(approval, outcome, result, error, delivered, grant_until)
+        await self._edit_card(approval, outcome, result, error, delivered, grant_until, undo_until)
+
+    async def _remember_undo(
+        self, approval: Approval, snapshot: Snapshot | None, result: Any
+    ) -> float | None:
+        """Keep what an Undo would put back; until when it is offered (None: it is not)."""
+        if snapshot is None or self.undo is None:
+            return None
+        row = approval.row
+        refs = tuple(r for r in (row.message_ref, *(approval.copies or ())) if r)
+        undo_row = self.undo.record(
+            snapshot,
+            result,
+            request_id=row.request_id,
+            agent=row.agent,
+            tool=row.tool,
+            args=row.args,
+            signature=row.signature,
+            decided_by=approval.by,
+            message_refs=refs[1:],
+        )
+        try:
+            await self.store.add_undo(undo_row)
+        except ExecutionFailed:
+            log.exception("could not record the undo snapshot of %s", row.request_id)
+            return None
+        return undo_row.expires_at
 
     async def announce_queued(self, agent: str) -> None:
         sessions = self._sessions(agent)
@@ -679,6 +867,7 @@ class Broker:
         error: AgentgateError | None,
         delivered: bool,
         grant_until: float | None = None,
+        undo_until: float | None = None,
     ) -> None:
         refs = [approval.row.message_ref, *(approval.copies or ())]
         if self.guardian is None or refs[0] is None:
@@ -697,7 +886,12 @@ class Broker:
         if not delivered and outcome in (Outcome.EXECUTED, Outcome.FAILED, Outcome.UNKNOWN):
             status, detail = Status.QUEUED, f"{outcome.value}: {detail}"
         update = CardUpdate(
-            status=status, detail=detail, by=approval.by, at=self._now(), grant_until=grant_until
+            status=status,
+            detail=detail,
+            by=approval.by,
+            at=self._now(),
+            grant_until=grant_until,
+            undo_until=undo_until,
         )
         card = approval.card()
         with trio.move_on_after(10):

@@ -5,12 +5,15 @@ subcommand, adds its arguments to its parser and runs it, returning the exit sta
 subcommand, write ``_configure_x(parser)`` and ``_run_x(args) -> int`` and add a ``Command``
 to the table. Exit status 2 always means invalid input or usage (argparse's own errors too).
 
-Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``, ``audit``; the
-agent-side ``call``, ``tools`` and ``pending`` declare their arguments here and run in
-:mod:`agentgate.cli_agent` (exit statuses and connection settings are documented there).
+Implemented here: ``serve``, ``check``, ``config check``, ``hash-token``, ``audit``, and the
+operator's ``reload``, ``grants`` and ``undo`` (which talk to the running gateway over its
+control socket, :mod:`agentgate.control_socket`); the agent-side ``call``, ``tools`` and
+``pending`` declare their arguments here and run in :mod:`agentgate.cli_agent` (exit statuses
+and connection settings are documented there).
 
 Imports: tools, policy, errors, agentgate's ``__version__``; and, each only in the command that
-runs it, config, preflight, serve, audit, inert, store, http_tools, cli_agent, mcp.stdio.
+runs it, config, preflight, serve, audit, inert, store, http_tools, cli_agent, mcp.stdio,
+control_socket, guardian.card.
 """
 
 from __future__ import annotations
@@ -120,13 +123,8 @@ def _check_config(args: argparse.Namespace) -> Config | None:
     """The ``--config`` file (None without one): its policy path and its HTTP tools."""
     if args.config is None:
         return None
-    from agentgate.config import ConfigError, load_config
-
     # Neither TLS files nor secrets are needed to evaluate a request.
-    try:
-        return load_config(args.config, insecure=True, secrets=False)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from exc
+    return _config_without_secrets(args.config)
 
 
 def _check_specs(config: Config | None) -> dict[str, tools.ToolSpec] | None:
@@ -156,6 +154,56 @@ def _check_policy_path(args: argparse.Namespace, config: Config | None) -> Path:
     return agent.policy or config.policy.file
 
 
+def _config_without_secrets(path: str) -> Config:
+    """gate.toml for tools that read it but use no secret and no TLS file."""
+    from agentgate.config import ConfigError, load_config
+
+    try:
+        return load_config(path, insecure=True, secrets=False)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _quota_used(args: argparse.Namespace, policy: Policy, evaluation: Any) -> int | None:
+    """How much of the deciding rule's quota the agent used, read from the store (with
+    ``--config``; the default agent is the only one with that policy, else ``--agent``)."""
+    if args.config is None or evaluation.matched.quota is None:
+        return None
+    config = _config_without_secrets(args.config)
+    agent = args.agent
+    if agent is None:
+        users = [n for n, a in config.agents.items() if a.policy is None]
+        if len(users) != 1:
+            return None
+        agent = users[0]
+    path = config.store.path
+    if not path.is_file():
+        return 0
+    import time
+
+    from agentgate.store import read_only
+
+    quota = evaluation.matched.quota
+    since = time.time() - quota.window
+    conn = read_only(path)
+    try:
+        rows = conn.execute(
+            "SELECT signature FROM audit_log WHERE time >= ? AND agent = ? AND decision = 'allow'"
+            " AND kind = 'request'",
+            (since, agent),
+        ).fetchall()
+    finally:
+        conn.close()
+    index = evaluation.matched.index
+    return sum(
+        1
+        for (signature,) in rows
+        if signature
+        and policy.evaluate_signature(signature).matched.index == index
+        and policy.evaluate_signature(signature).matched.quota == quota
+    )
+
+
 def _load_policy(path: Path, known: dict[str, tools.ToolSpec] | None = None) -> Policy:
     try:
         policy = load_policy(path, known=known)
@@ -181,9 +229,18 @@ def _run_check(args: argparse.Namespace) -> int:
         warn(f"{args.tool} is not a known tool: the gateway refuses it whatever the policy says")
     entities = tools.references(args.tool, tool_args)
     indirect = tools.indirect_reason(args.tool, tool_args)
+    try:
+        used = _quota_used(args, policy, evaluation)
+    except Exception as exc:  # the store's count is a courtesy here: never fatal
+        warn(f"quota use unknown: {exc}")
+        used = None
+    quota = evaluation.matched.quota
     if args.json:
         found = [{"entity_id": ref.entity_id, "why": ref.why} for ref in entities]
-        print(json.dumps({**evaluation.to_dict(), "entities": found}))
+        extra: dict[str, Any] = {}
+        if used is not None:
+            extra["quota_used"] = used
+        print(json.dumps({**evaluation.to_dict(), "entities": found, **extra}))
     else:
         matched = evaluation.matched
         print(f"signature: {evaluation.signature}")
@@ -193,6 +250,11 @@ def _run_check(args: argparse.Namespace) -> int:
         print(f"matched:   {evaluation.reason}")
         if matched.description:
             print(f"           {matched.description}")
+        if matched.approvals > 1:
+            print(f"approvals: {matched.approvals} guardians must press Allow (two-person rule)")
+        if quota is not None:
+            usage = "" if used is None else f"; {used} used in the last {quota.unit}"
+            print(f"quota:     {quota} for this agent, then it asks{usage}")
         if indirect:
             what = args.tool
             if args.tool == "ha_call_service":
@@ -284,7 +346,12 @@ def _run_config(args: argparse.Namespace) -> int:
             )
         except ConfigError as exc:
             problems.extend(exc.problems)
+
+    from agentgate.policy import quorum_problems
+    from agentgate.serve import guardian_count, guardian_source
+
     shown = []
+    guardians = guardian_count(config, terminal=args.terminal_guardian)
     for label, path in policy_files(config).items():
         if _follows(label, reported):
             continue
@@ -293,6 +360,9 @@ def _run_config(args: argparse.Namespace) -> int:
         except PolicyError as exc:
             problems.append(str(exc))
             continue
+        if guardians is not None:
+            who = guardian_source(config, terminal=args.terminal_guardian)
+            problems += quorum_problems(policy, guardians, who)
         shown.append(f"{label} ({_display_path(path)})")
         for message in policy.warnings:
             if f": {UNKNOWN_TOOL} " in message and not args.allow_unknown_tools:
@@ -394,7 +464,9 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 DECISIONS: Final = (
     *("allow", "deny", "ask", "invalid"),  # a request's (pipeline, broker)
-    *("grant", "revoke", "refused", "freeze", "unfreeze"),  # a guardian's own (controls)
+    *("grant", "revoke", "refused", "freeze", "unfreeze", "vote"),  # a guardian's own (controls)
+    "undo",  # an Undo of a request (its own row, the request's id)
+    *("reload", "reload_failed"),  # a configuration reload (SIGHUP, agentgate reload)
 )
 """Every ``decision`` the audit log holds, for ``audit --decision``."""
 
@@ -474,6 +546,194 @@ def _run_audit(args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         raise UsageError(f"cannot read the audit log in {path}: {exc}") from exc
     return EXIT_OK
+
+
+# --- reload / grants / undo (the operator's, through the running gateway) --------------------
+
+EXIT_FAILED: Final = 1
+EXIT_UNREACHABLE: Final = 3
+EXIT_EXECUTION: Final = 4
+
+
+def _configure_reload(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "The running gateway re-reads gate.toml and every policy, checks everything, then"
+        " swaps at once; if anything is wrong the old configuration stays. Exit status: 0"
+        " reloaded, 2 invalid (nothing changed), 3 no running gateway answers. SIGHUP to the"
+        " gateway does the same (systemctl reload)."
+    )
+    parser.add_argument(
+        "--config", metavar="GATE_TOML", default="gate.toml", help="the gateway's gate.toml"
+    )
+
+
+def _control_path(config_path: str) -> Path:
+    return _config_without_secrets(config_path).control_socket()
+
+
+def _ask_gateway(config_path: str, message: dict[str, Any]) -> dict[str, Any] | None:
+    """The running gateway's answer, or None (and a line saying why) if none answers."""
+    import getpass
+
+    from agentgate.control_socket import ControlUnavailable, request
+
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "operator"
+    try:
+        return request(_control_path(config_path), {**message, "user": user})
+    except ControlUnavailable as exc:
+        error(str(exc))
+        return None
+
+
+def _run_reload(args: argparse.Namespace) -> int:
+    answer = _ask_gateway(
+        args.config, {"command": "reload", "config": os.path.abspath(args.config)}
+    )
+    if answer is None:
+        return EXIT_UNREACHABLE
+    lines = [str(line) for line in answer.get("lines", [])]
+    if answer.get("ok"):
+        print(f"reloaded: {args.config}")
+        for line in lines:
+            print(f"  {line}")
+        return EXIT_OK
+    error(str(answer.get("message", "reload failed")))
+    for line in lines:
+        error(f"  {line}")
+    return EXIT_USAGE
+
+
+def _configure_grants(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Lists the active grants (Allow 1 h and Always allow) from the store. --revoke asks the"
+        " running gateway to revoke one (audited); with no gateway running it is revoked in the"
+        " store, and the next start knows. Exit status: 0, 1 no such active grant."
+    )
+    parser.add_argument(
+        "--config", metavar="GATE_TOML", default="gate.toml", help="the gateway's gate.toml"
+    )
+    parser.add_argument("--revoke", metavar="ID", help="revoke the grant with this id")
+    parser.add_argument("--json", action="store_true", help="one JSON object per grant")
+
+
+def _run_grants(args: argparse.Namespace) -> int:
+    import getpass
+    import math
+    import time
+    from datetime import UTC, datetime
+
+    from agentgate import store as stores
+    from agentgate.guardian.card import utc
+
+    def iso(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).isoformat()
+
+    config = _config_without_secrets(args.config)
+    path = config.store.path
+    if args.revoke is not None:
+        from agentgate.control_socket import ControlUnavailable, request
+
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = "operator"
+        try:
+            answer = request(
+                config.control_socket(),
+                {"command": "revoke", "grant_id": args.revoke, "user": user},
+            )
+        except ControlUnavailable:
+            if not path.is_file():
+                raise UsageError(f"no store at {path}: has the gateway run yet?") from None
+            by = f"{user} (shell, uid {os.getuid()}, gateway not running)"
+            revoked = stores.revoke_grant_offline(path, args.revoke, by, time.time())
+            answer = {
+                "ok": revoked,
+                "message": "grant revoked (in the store: the gateway is not running)"
+                if revoked
+                else f"no active grant {args.revoke}",
+            }
+        if answer.get("ok"):
+            print(str(answer.get("message")))
+            return EXIT_OK
+        error(str(answer.get("message")))
+        return EXIT_FAILED
+    if not path.is_file():
+        raise UsageError(f"no store at {path}: has the gateway run yet?")
+    grants = stores.read_active_grants(path, time.time())
+    if args.json:
+        for grant in grants:
+            permanent = math.isinf(grant.expires_at)
+            print(
+                json.dumps(
+                    {
+                        "grant_id": grant.grant_id,
+                        "agent": grant.agent,
+                        "signature": grant.signature,
+                        "granted_by": grant.granted_by,
+                        "created_at": iso(grant.created_at),
+                        "expires_at": None if permanent else iso(grant.expires_at),
+                        "permanent": permanent,
+                    }
+                )
+            )
+        return EXIT_OK
+    if not grants:
+        print("no active grants")
+        return EXIT_OK
+    from agentgate.inert import inert
+
+    for grant in grants:
+        until = (
+            "always (until revoked)"
+            if math.isinf(grant.expires_at)
+            else f"until {utc(grant.expires_at)}"
+        )
+        print(
+            f"{grant.grant_id}  {inert(grant.agent)}  {inert(grant.signature)}  {until}"
+            f"  (by {inert(grant.granted_by)})"
+        )
+    return EXIT_OK
+
+
+def _configure_undo(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Asks the running gateway to put back what the call REQUEST_ID changed, as the card's"
+        " ↩ Undo button does (docs/guardian.md). Exit status: 0 undone, 1 nothing ran (already"
+        " undone, not undoable, or it needs --confirm), 3 no running gateway, 4 the restore"
+        " failed."
+    )
+    parser.add_argument("request_id", metavar="REQUEST_ID", help="the call's request id")
+    parser.add_argument(
+        "--config", metavar="GATE_TOML", default="gate.toml", help="the gateway's gate.toml"
+    )
+    parser.add_argument(
+        "--confirm",
+        action="store_true",
+        help="restore even after the undo window, or when the entity changed since the call",
+    )
+
+
+def _run_undo(args: argparse.Namespace) -> int:
+    answer = _ask_gateway(
+        args.config,
+        {"command": "undo", "request_id": args.request_id, "confirm": bool(args.confirm)},
+    )
+    if answer is None:
+        return EXIT_UNREACHABLE
+    message = str(answer.get("message", ""))
+    check = answer.get("check")
+    if answer.get("ok"):
+        print(message)
+        return EXIT_OK
+    if check in ("late", "changed"):
+        error(f"{message.removesuffix('; confirm to restore')}: run again with --confirm")
+        return EXIT_FAILED
+    error(message)
+    return EXIT_EXECUTION if check == "failed" else EXIT_FAILED
 
 
 # --- call / tools / pending (as an agent; logic in agentgate.cli_agent) ------------------------
@@ -600,6 +860,16 @@ COMMANDS: list[Command] = [
         "hash-token", "sha256 of a token read from stdin", _configure_hash_token, _run_hash_token
     ),
     Command("audit", "read the audit log", _configure_audit, _run_audit),
+    Command(
+        "reload",
+        "reload gate.toml and the policies in the running gateway",
+        _configure_reload,
+        _run_reload,
+    ),
+    Command(
+        "grants", "list or revoke grants (Allow 1 h, Always allow)", _configure_grants, _run_grants
+    ),
+    Command("undo", "undo an executed call in the running gateway", _configure_undo, _run_undo),
     Command("call", "call one tool as an agent; print the JSON result", _configure_call, _run_call),
     Command("tools", "list the gateway's tools, as an agent", _configure_tools, _run_tools),
     Command(

@@ -226,6 +226,17 @@ def _seconds(value: object) -> float:
     return number
 
 
+def _non_negative_seconds(value: object) -> float:
+    if _as_int(value) == 0 or value == 0.0:
+        return 0.0
+    try:
+        return _seconds(value)
+    except _Invalid:
+        raise _Invalid(
+            f"expected a number of seconds, 0 or more (0 turns it off), got {_show(value)}"
+        ) from None
+
+
 def _int_in(low: int, high: int, note: str) -> Callable[[object], int]:
     """A check for an integer from ``low`` to ``high``; ``note`` says what the bound is."""
 
@@ -383,6 +394,7 @@ Integer = Annotated[int, _Check(_integer)]
 PositiveInt = Annotated[int, _Check(_positive_int)]
 NonNegativeInt = Annotated[int, _Check(_non_negative_int)]
 Seconds = Annotated[float, _Check(_seconds)]
+SecondsOrOff = Annotated[float, _Check(_non_negative_seconds)]
 MessageBytes = Annotated[int, _Check(_int_in(MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES, "16 MiB"))]
 OutboxBytes = Annotated[int, _Check(_int_in(MIN_OUTBOX_BYTES, MAX_OUTBOX_BYTES, "1 GiB"))]
 UserIds = Annotated[tuple[int, ...], _Check(_user_ids)]
@@ -405,6 +417,9 @@ class GatewayConfig:
     tls_key: FilePath | None = None
     auth_deadline: Seconds = 10.0
     approval_timeout: Seconds = 900.0
+    # The operator's control socket (agentgate reload, grants --revoke, undo); default: the
+    # file agentgate.sock next to the store.
+    control_socket: FilePath | None = None
 
     @property
     def host(self) -> str:
@@ -490,6 +505,11 @@ class GuardianConfig:
     telegram: TelegramConfig | None = None
     max_card_chars: CardChars = MAX_CARD_CHARS
     card_overflow: CardOverflow = "refuse"
+    # Seconds an executed call's ↩ Undo is offered (0: no snapshots, no Undo).
+    undo_window: SecondsOrOff = 600.0
+    # Approvals of one signature (30 days, no denial) before its card offers "Always allow"
+    # (0: never offered).
+    suggest_after: NonNegativeInt = 3
 
 
 @frozen(kw_only=True)
@@ -604,6 +624,11 @@ class Config:
             agent.requests_per_minute or self.limits.requests_per_minute,
             agent.max_pending or self.limits.max_pending_per_agent,
         )
+
+    def control_socket(self) -> Path:
+        """Where the operator's control socket is: ``[gateway] control_socket``, else
+        ``agentgate.sock`` next to the store."""
+        return self.gateway.control_socket or self.store.path.parent / "agentgate.sock"
 
     def agent_policy(self, name: str) -> Path:
         """The policy file for agent ``name``: its own, else ``[policy] file``."""
@@ -940,7 +965,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     return attrs.evolve(
         config,
         gateway=attrs.evolve(
-            gateway, tls_cert=maybe(gateway.tls_cert), tls_key=maybe(gateway.tls_key)
+            gateway,
+            tls_cert=maybe(gateway.tls_cert),
+            tls_key=maybe(gateway.tls_key),
+            control_socket=maybe(gateway.control_socket),
         ),
         store=attrs.evolve(config.store, path=resolve(config.store.path)),
         policy=attrs.evolve(config.policy, file=resolve(config.policy.file)),

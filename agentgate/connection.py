@@ -8,7 +8,8 @@ Per connection::
     ├── reader                            parse, admit (methods, in-flight cap, rate), spawn
     ├── writer                            the only task that writes to the socket (replies
     │                                     queued together leave in one write)
-    ├── overflow watch                    closes 1008 an agent that stops reading its replies
+    ├── close watch                       closes 1008 an agent that stops reading its replies,
+    │                                     or that a configuration reload removed
     └── one task per request              list_tools / get_pending_results / get_result /
                                           tool_request -> agentgate.pipeline (which decides)
 
@@ -122,6 +123,7 @@ class Connection:
     written: int = 0
     outbox_bytes: int = 0  # memory held by frames queued and not yet written
     overflowed: bool = False  # closed because the agent did not read its replies
+    revoked: str | None = None  # closed by a configuration reload: why (1008)
     via: str = "ws"  # "mcp-stdio" when the agent is agentgate's MCP bridge (auth "client")
     closing: trio.Event = attrs.field(factory=trio.Event)  # set by close()
     gone: trio.Event = attrs.field(factory=trio.Event)  # set when the connection has ended
@@ -238,6 +240,18 @@ class WebSocketDoor:
         self._idle: trio.Event | None = None  # set when nothing is in flight (idle())
         self._none_left: trio.Event | None = None  # set when no connection is left
 
+    def disconnect(self, agent: str, reason: str) -> int:
+        """Close every connection of ``agent`` with 1008 and ``reason`` (a configuration reload
+        removed it or changed its token); how many. Requests in flight finish; their results
+        are queued."""
+        conns = list(self.connections.get(agent, ()))
+        for conn in conns:
+            conn.revoked = reason
+            conn.close()
+        if conns:
+            log.warning("agent %s: %d connection(s) closed: %s", agent, len(conns), reason)
+        return len(conns)
+
     async def gone(self, agent: str) -> None:
         """Return once every connection ``agent`` has now is over (its ``gone`` event)."""
         for conn in list(self.connections.get(agent, ())):
@@ -333,6 +347,10 @@ class WebSocketDoor:
         log.info("agent %s connected from %s", agent.name, remote)
         if self.pipeline.closing:  # authenticated while the gateway began to shut down
             conn.close()
+        elif (now := self.config.agents.get(agent.name)) is None or now.digest != agent.digest:
+            # A reload removed it, or changed its token, while it authenticated.
+            conn.revoked = "agent removed or token changed by a configuration reload"
+            conn.close()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, ws, conn, receive, stream)
@@ -365,6 +383,8 @@ class WebSocketDoor:
         await conn.closing.wait()
         if conn.overflowed:
             await _close(ws, CLOSE_POLICY, "not reading: too many replies waiting")
+        elif conn.revoked is not None:
+            await _close(ws, CLOSE_POLICY, conn.revoked[:120])
 
     # -- authentication -----------------------------------------------------------------------
 

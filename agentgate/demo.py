@@ -10,9 +10,10 @@ One ``trio.run`` starts, all on 127.0.0.1:
 - a terminal "guardian phone" (:mod:`agentgate.demo_phone`) that shows each approval card as
   Telegram would and presses Allow / Deny / Allow 1 h for you (keys ``a`` / ``d`` / ``h``);
 - a scripted agent using the SDK: it reads a sensor (allowed by policy), turns on a light (the
-  guardian is asked) and tries to unlock the front door (denied by policy). With ``--mcp`` the
-  same agent is an MCP client (the official ``mcp`` Python client) talking to ``agentgate mcp``,
-  the stdio bridge an MCP host would start.
+  guardian is asked), the guardian changes their mind and presses ↩ Undo on the light's card,
+  and the agent tries to unlock the front door (denied by policy). With ``--mcp`` the same agent
+  is an MCP client (the official ``mcp`` Python client) talking to ``agentgate mcp``, the stdio
+  bridge an MCP host would start.
 
 The demo ends with the audit table and cleans up its temporary directory. ``--auto`` presses
 Allow by itself and exits 0 only if everything behaved as expected (1 otherwise), with no TTY and
@@ -92,6 +93,10 @@ class DemoResult:
         return all(step.ok for step in self.steps) and self.home_ok and self.audit_rows >= 3
 
 
+Scene = Callable[[int], Awaitable[Step]]
+"""A scene the guardian plays between the agent's steps, given its number."""
+
+
 class Narrator:
     """The agent's and the demo's voice: one prefix per speaker, colours only on a TTY."""
 
@@ -151,9 +156,15 @@ def _describe(data: Any) -> str:
 
 
 async def _agent(
-    gw: Harness, say: Narrator, settle: Callable[[], Awaitable[None]], *, interactive: bool
+    gw: Harness,
+    say: Narrator,
+    settle: Callable[[], Awaitable[None]],
+    undo: Scene,
+    *,
+    interactive: bool,
 ) -> list[Step]:
-    """The scripted agent: four requests through the SDK, each outcome in plain words.
+    """The scripted agent: four requests through the SDK, each outcome in plain words, and
+    between the second and the third the guardian's Undo (``undo``, scene 3).
 
     ``settle`` waits (briefly) for the phone to catch up, so the story reads in order.
     """
@@ -209,8 +220,9 @@ async def _agent(
             steps[1].ok = True
         say.agent((s.green if steps[1].ok else s.red)(steps[1].outcome))
         await settle()
+        steps.insert(2, await undo(3))
 
-        say.heading(f"3. the agent wants to {steps[2].title}")
+        say.heading(f"4. the agent wants to {steps[3].title}")
         say.agent(f"→ ha_call_service domain=lock service=unlock entity_id={LOCK}")
         try:
             data = await agent.call(
@@ -218,15 +230,15 @@ async def _agent(
             )
         except DeniedByPolicy as exc:
             why = exc.message.removeprefix("denied by policy: ")
-            steps[2].outcome = f"denied by policy ({why}); nobody was asked, the door stays locked"
-            steps[2].ok = True
+            steps[3].outcome = f"denied by policy ({why}); nobody was asked, the door stays locked"
+            steps[3].ok = True
         except AgentgateError as exc:
-            steps[2].outcome = f"refused, but not by the policy: {exc.message}"
+            steps[3].outcome = f"refused, but not by the policy: {exc.message}"
         else:
-            steps[2].outcome = f"EXECUTED (this must never happen): {_describe(data)}"
-        say.agent((s.green if steps[2].ok else s.red)(steps[2].outcome))
+            steps[3].outcome = f"EXECUTED (this must never happen): {_describe(data)}"
+        say.agent((s.green if steps[3].ok else s.red)(steps[3].outcome))
 
-        say.heading(f"4. the agent wants to {steps[3].title}")
+        say.heading(f"5. the agent wants to {steps[4].title}")
         scene = {LIGHT: "on", LOCK: "unlocked"}
         say.agent(f"→ ha_call_service domain=scene service=apply entities={json.dumps(scene)}")
         try:
@@ -235,23 +247,29 @@ async def _agent(
             )
         except DeniedByPolicy as exc:
             why = exc.message.removeprefix("denied by policy: ")
-            steps[3].outcome = (
+            steps[4].outcome = (
                 f"denied by policy ({why}): the lock is in the call's signature, the door"
                 " stays locked"
             )
-            steps[3].ok = True
+            steps[4].ok = True
         except AgentgateError as exc:
-            steps[3].outcome = f"refused, but not by the policy: {exc.message}"
+            steps[4].outcome = f"refused, but not by the policy: {exc.message}"
         else:
-            steps[3].outcome = f"EXECUTED (this must never happen): {_describe(data)}"
-        say.agent((s.green if steps[3].ok else s.red)(steps[3].outcome))
+            steps[4].outcome = f"EXECUTED (this must never happen): {_describe(data)}"
+        say.agent((s.green if steps[4].ok else s.red)(steps[4].outcome))
     return steps
 
 
 async def _mcp_agent(
-    gw: Harness, say: Narrator, settle: Callable[[], Awaitable[None]], *, interactive: bool
+    gw: Harness,
+    say: Narrator,
+    settle: Callable[[], Awaitable[None]],
+    undo: Scene,
+    *,
+    interactive: bool,
 ) -> list[Step]:
-    """The same four requests as :func:`_agent`, as an MCP client through ``agentgate mcp``."""
+    """The same four requests (and Undo) as :func:`_agent`, as an MCP client through
+    ``agentgate mcp``."""
     from agentgate.testing.mcp_client import mcp_stdio_client
 
     s = say.s
@@ -306,11 +324,12 @@ async def _mcp_agent(
             steps[1].ok = interactive and text.startswith(("denied by the guardian", "approval"))
         say.agent((s.green if steps[1].ok else s.red)(steps[1].outcome))
         await settle()
+        steps.insert(2, await undo(3))
 
         denials: list[tuple[Step, dict[str, Any]]] = [
-            (steps[2], {"domain": "lock", "service": "unlock", "entity_id": LOCK}),
+            (steps[3], {"domain": "lock", "service": "unlock", "entity_id": LOCK}),
             (
-                steps[3],
+                steps[4],
                 {
                     "domain": "scene",
                     "service": "apply",
@@ -420,16 +439,41 @@ async def run_demo(
                 with trio.move_on_after(5):
                     await phone.settled()
 
+            async def undo(number: int) -> Step:
+                """The guardian changes their mind: ↩ Undo on the light's executed card."""
+                step = Step(
+                    f"the guardian changes their mind: ↩ Undo on the light's card ({LIGHT})"
+                )
+                say.heading(f"{number}. {step.title}")
+                card = phone.undoable()
+                if card is None:
+                    step.outcome = "nothing to undo: the light was not turned on"
+                    step.ok = not auto
+                else:
+                    answer = await phone.undo(card)
+                    await settle()
+                    light = (home.state(LIGHT) or {}).get("state")
+                    if answer is None:
+                        step.outcome, step.ok = f"kept: {LIGHT} stays {light}", not auto
+                    elif light == "off":
+                        step.outcome = f"undone by the guardian: {LIGHT} is off again"
+                        step.ok = True
+                    else:
+                        step.outcome = f"not undone: {answer}"
+                say.demo((style.green if step.ok else style.red)(step.outcome))
+                return step
+
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(phone.run)
                 agent = _mcp_agent if mcp else _agent
-                steps = await agent(gw, say, settle, interactive=not auto)
+                steps = await agent(gw, say, settle, undo, interactive=not auto)
                 await settle()
                 nursery.cancel_scope.cancel()
             light, lock = home.state(LIGHT), home.state(LOCK)
             say.heading("stopping the gateway")
+        # Turned on, then undone: off again (the guardian may do otherwise at the keyboard).
         home_ok = (lock or {}).get("state") == "locked" and (
-            not auto or (light or {}).get("state") == "on"
+            not auto or (light or {}).get("state") == "off"
         )
     conn = read_only(workdir / "agentgate.db")
     try:
@@ -530,7 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     say = Narrator(style, sys.stdout)
     say.line(style.bold("agentgate demo") + " — an agent asks, a policy decides, a human approves.")
     if not args.auto:
-        say.line("When a card appears, press a (Allow), d (Deny) or h (Allow 1 h). Ctrl-C quits.")
+        say.line(
+            "When a card appears, press a (Allow), d (Deny) or h (Allow 1 h); u undoes the light."
+            " Ctrl-C quits."
+        )
     try:
         with (
             tempfile.TemporaryDirectory(prefix="agentgate-demo-") as tmp,

@@ -6,8 +6,9 @@ presses a button *through the fake* as the guardian user, so the press travels t
 real one does: Bot API update → PTB long poll → the guardian → the gateway. Card edits (approved,
 executed, denied, timed out) are drawn too.
 
-Keys come from :class:`KeyReader` (``a`` Allow, ``d`` Deny, ``h`` Allow 1 h); with ``auto=True``
-the phone presses Allow by itself after a short pause, so it runs with no TTY and no stdin.
+Keys come from :class:`KeyReader` (``a`` Allow, ``d`` Deny, ``h`` Allow 1 h; ``u`` Undo on an
+executed card, ``k`` keep); with ``auto=True`` the phone presses Allow (and Undo) by itself after
+a short pause, so it runs with no TTY and no stdin.
 
 Imports: guardian.terminal (how a card is drawn, the keys), testing.fake_telegram.
 """
@@ -35,6 +36,10 @@ def visible(message: FakeMessage, style: Style) -> str:
 
 def _is_card(message: FakeMessage) -> bool:
     return any(data.startswith("allow:") for _, data in message.buttons)
+
+
+def _undo_button(message: FakeMessage) -> str | None:
+    return next((data for _, data in message.buttons if data.startswith("undo:")), None)
 
 
 class KeyReader:
@@ -138,7 +143,9 @@ class Phone:
         """Choose a button (key or auto), press it through the fake, show Telegram's toast."""
         s = self.style
         buttons = dict(reversed([(data.partition(":")[0], data) for _, data in card.buttons]))
-        hint = "  ".join(f"[{key}] {label}" for key, (_, label) in KEYS.items())
+        hint = "  ".join(
+            f"[{key}] {label}" for key, (kind, label) in KEYS.items() if kind in buttons
+        )
         kind = await self._choose(hint)
         if kind is None:
             return
@@ -153,6 +160,38 @@ class Phone:
         with trio.move_on_after(10):
             answer = await press.wait_answer()
             self._print(s.dim(f"  💬 Telegram toast: {answer.text}"))
+
+    def undoable(self) -> FakeMessage | None:
+        """The latest card that offers ↩ Undo (an executed, undoable call), if any."""
+        found = [m for m in self.telegram.messages.values() if _undo_button(m)]
+        return found[-1] if found else None
+
+    async def undo(self, card: FakeMessage) -> str | None:
+        """Press ↩ Undo on ``card`` (key ``u``, or by itself); the toast, or None if kept."""
+        s = self.style
+        data = _undo_button(card)
+        assert data is not None
+        if self.keys is None or self.keys.eof:
+            self._print(f"  {s.dim('[u] Undo  [k] keep')}   {s.dim('(--auto: Undo in a moment)')}")
+            await trio.sleep(self.auto_pause)
+        else:
+            self._print(f"  {s.bold('Your move:')} [u] Undo  [k] keep (the light stays on)")
+            while True:
+                key = await self.keys.get()
+                if key in (None, "u"):
+                    break
+                if key == "k":
+                    self._print(f"  👆 {s.bold(self.user_name)} keeps it")
+                    return None
+                self._print(s.dim(f"  ({key!r} is not a button: press u or k)"))
+        self._print(f"  👆 {s.bold(self.user_name)} presses {s.bold('↩ Undo')}")
+        self.presses.append("undo")
+        press = self.telegram.press(card.message_id, data, self.user_id, first_name=self.user_name)
+        with trio.move_on_after(10):
+            answer = await press.wait_answer()
+            self._print(s.dim(f"  💬 Telegram toast: {answer.text}"))
+            return str(answer.text)
+        return None
 
     async def _choose(self, hint: str) -> str | None:
         s = self.style

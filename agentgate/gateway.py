@@ -10,9 +10,10 @@ Task tree::
     │   ├── guardian                  (Telegram in a trio-asyncio loop, supervised; or given)
     │   ├── broker.run                (agentgate.broker: one task per pending approval)
     │   └── trim_after_activity       (agentgate.memory: freed heap back to the OS after work)
-    │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket)
+    │   → Gateway: pipeline (decides), controls (the guardian's), door (WebSocket), undo
     ├── serve_websockets              (agentgate.listener) → door.handle per connection
-    └── serve_mcp (if [mcp])          (agentgate.mcp.http) → the MCP door, Streamable HTTP
+    ├── serve_mcp (if [mcp])          (agentgate.mcp.http) → the MCP door, Streamable HTTP
+    └── serve_control                 (agentgate.control_socket) → reload, revoke, undo
 
 Shutdown is an event, not a bare cancellation: new work is refused, undecided approvals are
 suspended for the next start (their askers hear -32007 while the connections are still there,
@@ -23,10 +24,14 @@ Start-up fails fast (:class:`~agentgate.config.ConfigError`, ``agentgate serve``
 Home Assistant or Telegram refuses the configured token or chat; an unreachable service is
 logged and ridden out instead.
 
+A configuration reload (:mod:`agentgate.reload`) swaps what :meth:`Gateway.apply` lists, at once,
+and closes the connections of agents it removed or whose token it changed
+(:meth:`Gateway.disconnect`).
+
 Imports: config, store, policy, preflight, http_tools, services and services.homeassistant,
 guardian, guardian.card and guardian.supervisor, broker, controls, pipeline, connection,
-listener, memory, and mcp.http when ``[mcp]`` is set. Nothing imports this module but the
-entry points.
+listener, memory, quotas, undo, reload, control_socket, and mcp.http when ``[mcp]`` is set.
+Nothing imports this module but the entry points.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -55,8 +61,11 @@ from agentgate.memory import trim_after_activity
 from agentgate.pipeline import INTERRUPTED, Pipeline, Sessions
 from agentgate.policy import Policy, load_policy
 from agentgate.preflight import server_tls_context
+from agentgate.quotas import Quotas
+from agentgate.reload import Reloader
 from agentgate.services import Executor
 from agentgate.store import Store, open_store
+from agentgate.undo import Undo
 
 if TYPE_CHECKING:
     from agentgate.mcp.http import McpHttpDoor, McpListening
@@ -89,6 +98,7 @@ class Gateway:
         broker: Broker,
         door: WebSocketDoor,
         guardian: Guardian | None,
+        undo: Undo | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -98,7 +108,36 @@ class Gateway:
         self.broker = broker
         self.door = door
         self.guardian = guardian
+        self.undo = undo
         self.mcp: McpHttpDoor | None = None  # the MCP door, when serve_gateway serves one
+        self.reloader = Reloader(self)  # serve_gateway sets how gate.toml was read
+
+    def apply(self, config: Config, policies: dict[str | None, Policy], quotas: Quotas) -> None:
+        """A reloaded configuration, everywhere it is read, at once (synchronous: no request
+        sees half of it). ``config`` keeps what needs a restart as it runs."""
+        self.config = config
+        self.pipeline.config = config
+        self.pipeline.policies = policies
+        self.pipeline.quotas = quotas
+        self.door.config = config
+        self.door.failed_auth.limit = config.limits.failed_auth_per_minute
+        limits = self.door.connection_limits
+        limits.max_unauthenticated = config.limits.max_unauthenticated_per_address
+        limits.max_per_agent = config.limits.max_connections_per_agent
+        self.broker.approval_timeout = config.gateway.approval_timeout
+        self.broker.suggest_after = config.guardian.suggest_after
+        if self.undo is not None:
+            self.undo.window = config.guardian.undo_window
+        if self.mcp is not None:
+            self.mcp.config = config
+
+    def disconnect(self, agent: str, reason: str) -> int:
+        """Close every connection of ``agent`` (1008 with ``reason``; on the MCP door, its
+        requests in flight end); how many."""
+        closed = self.door.disconnect(agent, reason)
+        if self.mcp is not None:
+            closed += self.mcp.disconnect(agent)
+        return closed
 
     async def shutdown(self, *, cancel_pending: bool = False) -> None:
         """Refuse new work, suspend undecided approvals for the next start (or resolve them as
@@ -201,6 +240,22 @@ async def _open_gateway(
             cards=cards,
             now=now,
         )
+        undo = None
+        if executor is not None:
+            service = executor
+
+            async def read_state(entity_id: str) -> object:
+                return await service.execute("ha_get_state", {"entity_id": entity_id})
+
+            undo = Undo(
+                store,
+                read_state=read_state,
+                execute=pipeline.execute,
+                now=now,
+                window=config.guardian.undo_window,
+                describe=pipeline.describe,
+            )
+            await undo.resume()
         broker = Broker(
             store,
             execute=pipeline.execute,
@@ -211,11 +266,17 @@ async def _open_gateway(
             on_grant=controls.add_grant,
             now=now,
             approval_timeout=config.gateway.approval_timeout,
+            undo=undo,
+            suggest_after=config.guardian.suggest_after,
         )
         pipeline.broker = controls.broker = broker
+        pipeline.undo = controls.undos = undo
+        pipeline.quotas = await Quotas().derive(store, policies, config.agents, now())
         await controls.load_state()
         async with _maybe_telegram(config, controls, guardian, cards) as active_guardian:
             broker.guardian = active_guardian
+            if undo is not None:
+                undo.guardian = active_guardian
             if active_guardian is None:
                 log.warning("no guardian configured: every ask fails closed (-32004)")
             async with trio.open_nursery() as nursery:
@@ -231,6 +292,7 @@ async def _open_gateway(
                         broker,
                         WebSocketDoor(config, pipeline),
                         active_guardian,
+                        undo,
                     )
                 finally:
                     nursery.cancel_scope.cancel()
@@ -317,6 +379,7 @@ class RunningGateway:
     url: str
     stop: trio.Event
     mcp_url: str | None = None  # the MCP endpoint (https://HOST:PORT/mcp) when [mcp] is set
+    control_socket: Path | None = None  # the operator's control socket, if it could be bound
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -331,13 +394,18 @@ async def serve_gateway(
     now: Callable[[], float] = time.time,
     stop: trio.Event | None = None,
     cancel_pending: bool = False,
+    ignore: Sequence[str] = (),
+    guardians: int | None = None,
+    control: bool = True,
     task_status: trio.TaskStatus[RunningGateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``stop`` is set (or the caller cancels), then shut down cleanly.
 
     ``guardian`` replaces the configured Telegram guardian (tests). Pending approvals stay
     pending for the next start, unless ``cancel_pending`` (decommissioning: they resolve as
-    ``shutdown``). Supports the start protocol:
+    ``shutdown``). ``ignore`` (tables left out of gate.toml, as ``serve --terminal-guardian``
+    does) and ``guardians`` (people who can press Allow) are how a reload reads the file again.
+    ``control``: serve the operator's control socket. Supports the start protocol:
     ``running = await nursery.start(serve_gateway, config)``.
     """
     stop = stop if stop is not None else trio.Event()
@@ -347,6 +415,7 @@ async def serve_gateway(
         open_gateway(config, guardian=guardian, ha_transport=ha_transport, now=now) as gateway,
         trio.open_nursery() as nursery,
     ):
+        gateway.reloader = Reloader(gateway, insecure=insecure, ignore=ignore, guardians=guardians)
         listening = await nursery.start(
             partial(
                 serve_websockets,
@@ -376,7 +445,14 @@ async def serve_gateway(
             gateway.mcp = McpHttpDoor(config, gateway.pipeline, gateway.door.failed_auth)
             mcp = await nursery.start(serve_mcp, gateway.mcp, ssl_context)
         mcp_url = mcp.url if mcp is not None else None
-        task_status.started(RunningGateway(gateway, host, listening.port, url, stop, mcp_url))
+        control_path = None
+        if control:
+            from agentgate.control_socket import serve_control
+
+            control_path = await nursery.start(serve_control, gateway, config.control_socket())
+        task_status.started(
+            RunningGateway(gateway, host, listening.port, url, stop, mcp_url, control_path)
+        )
         try:
             await stop.wait()
         finally:

@@ -8,21 +8,27 @@ Every front door (the WebSocket protocol, MCP) hands an authenticated agent's re
       signature (every entity), policy
       frozen by the guardian ────────────────────── audited ──▶ DeniedByPolicy (-32003)
       deny ─────────────────────────────────────── audited ──▶ DeniedByPolicy (-32003)
-      ask ─┬─ a grant covers it ──▶ allow
+      ask ─┬─ a grant covers it (one guardian is enough, and the rule's quota is not
+           │  used up) ──▶ allow
            ├─ the card cannot show everything ──── audited ──▶ InvalidParams (-32602)
            └─ broker.ask (pending limit, recorded) ─────────▶ Asked; the result comes later
-      allow ── decision fsync'd (else nothing runs: -32004) ── execute ──▶ Executed
-                                                                      ├──▶ ExecutionFailed
-                                                      sent, no answer └──▶ OutcomeUnknown
+      allow ─┬─ the rule's quota is used up ──▶ ask (no grant applies; the card says so)
+             └─ decision fsync'd (else nothing runs: -32004) ── [undo snapshot] ── execute
+                                                             ├──▶ Executed
+                                                             ├──▶ ExecutionFailed
+                                             sent, no answer └──▶ OutcomeUnknown
 
-What it owns: the order of those checks, the policies, the per-agent request rate, the audit of
-every decision, the executor's calls, and the registry of live reply handles per agent.
+What it owns: the order of those checks, the policies, the per-agent request rate, the quota
+counts (:mod:`agentgate.quotas`), the audit of every decision, the executor's calls, and the
+registry of live reply handles per agent. A configuration reload swaps :attr:`Pipeline.config`
+and :attr:`Pipeline.policies` at once (:mod:`agentgate.reload`).
 What it does not: the wire (each door encodes its own replies), the guardian's controls
 (:mod:`agentgate.controls`: freeze and grants live there), approvals once asked
 (:mod:`agentgate.broker`).
 
 Imports: tools, policy, store, broker, controls, guardian (the card and its rules), services
-(the Executor protocol), approvals, limits, config, protocol (ids), errors. Never a front door.
+(the Executor protocol), approvals, quotas, undo, limits, config, protocol (ids), errors. Never a
+front door.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from agentgate.config import Config
 from agentgate.controls import Controls
 from agentgate.errors import (
     AgentgateError,
+    AuthenticationFailed,
     DeniedByPolicy,
     ExecutionFailed,
     GatewayShuttingDown,
@@ -54,10 +61,12 @@ from agentgate.errors import (
 from agentgate.guardian import ApprovalCard
 from agentgate.guardian.card import CardRules, CardTooLarge
 from agentgate.limits import TokenBucket
-from agentgate.policy import Policy
+from agentgate.policy import Evaluation, Policy
 from agentgate.protocol import MAX_ACK, MAX_REQUEST_ID_CHARS, JsonId
+from agentgate.quotas import Quotas
 from agentgate.services import Executor
 from agentgate.store import AuditEntry, PendingRow, Store
+from agentgate.undo import Undo
 
 __all__ = ["Asked", "Executed", "Pipeline", "Sessions"]
 
@@ -152,6 +161,8 @@ class Pipeline:
         self.cards = cards
         self.now = now
         self.broker: Broker | None = None  # set by open_gateway: the broker needs us too
+        self.undo: Undo | None = None  # set by open_gateway when there is a service
+        self.quotas = Quotas()  # loaded by open_gateway from the audit log
         self.closing = False  # shutting down: new requests are refused (-32007)
         self._buckets: dict[str, TokenBucket] = {}
         self._readings: dict[str, _Reading] = {}  # target -> its describe in flight
@@ -168,6 +179,8 @@ class Pipeline:
 
     def take_rate(self, agent: str) -> None:
         """One request of ``agent`` against its ``requests_per_minute`` (RateLimited if none)."""
+        if agent not in self.config.agents:  # removed by a reload while its request was read
+            raise AuthenticationFailed("agent removed by a configuration reload")
         rpm, _ = self.config.agent_limits(agent)
         bucket = self._buckets.get(agent)
         if bucket is None or bucket.capacity != rpm:
@@ -225,14 +238,35 @@ class Pipeline:
                 agent, tool, args, signature, "deny", matched, request_id, reply.via
             )
             raise DeniedByPolicy(f"denied by policy: {matched}", data=data)
+        quota = None
+        granted = None  # the grant that allowed it, for Undo's listing
         if decision == "ask":
-            grant = self.controls.grant_for(agent, tool, args, signature, now)
+            # One guardian's grant never stands for the several a two-person rule needs.
+            grant = None
+            if evaluation.matched.approvals <= 1:
+                grant = self.controls.grant_for(agent, tool, args, signature, now)
             if grant is not None:
+                quota = self._quota_used_up(agent, policy, evaluation, now)
+            if grant is not None and quota is None:
                 decision, matched = "allow", f"grant {grant.grant_id} by {grant.granted_by}"
+                granted = matched
             else:
                 return await self._ask(
-                    agent, tool, args, signature, matched, request_id, reply, reply_to
+                    agent,
+                    tool,
+                    args,
+                    signature,
+                    matched,
+                    request_id,
+                    reply,
+                    reply_to,
+                    quorum=evaluation.matched.approvals,
+                    quota=quota,
                 )
+        elif (quota := self._quota_used_up(agent, policy, evaluation, now)) is not None:
+            return await self._ask(
+                agent, tool, args, signature, matched, request_id, reply, reply_to, quota=quota
+            )
         # allow: the decision is on disk before anything executes (fail closed; fsync'd, so a
         # power cut cannot leave a call that ran without its row).
         await self.store.audit(
@@ -249,6 +283,8 @@ class Pipeline:
             ),
             durable=True,
         )
+        # Read before the call, so that Undo knows what it changed (one read per entity).
+        snapshot = None if self.undo is None else await self.undo.before(tool, args)
         try:
             result = await self.execute(tool, args)
         except OutcomeUnknown as exc:  # it may have run: recorded as such, never retried
@@ -270,7 +306,30 @@ class Pipeline:
                 await self._resolve_quietly(request_id, Outcome.UNKNOWN, error=INTERRUPTED)
             raise
         await self._resolve_quietly(request_id, Outcome.EXECUTED, result=result)
+        if snapshot is not None and self.undo is not None:
+            self.store.post_undo(
+                self.undo.record(
+                    snapshot,
+                    result,
+                    request_id=request_id,
+                    agent=agent,
+                    tool=tool,
+                    args=args,
+                    signature=signature,
+                    decided_by=granted,
+                )
+            )
         return Executed(request_id, result)
+
+    def _quota_used_up(
+        self, agent: str, policy: Policy, evaluation: Evaluation, now: float
+    ) -> str | None:
+        """Count this call against its rule's quota; the quota (as the card says it) if it is
+        used up instead: then a human is asked. Synchronous: no request can overtake."""
+        key = self.quotas.key(agent, policy, evaluation)
+        if key is None or self.quotas.admit(key, now):
+            return None
+        return str(key.quota)
 
     async def _ask(
         self,
@@ -282,8 +341,13 @@ class Pipeline:
         request_id: str,
         reply: ReplyHandle,
         reply_to: JsonId,
+        *,
+        quorum: int = 1,
+        quota: str | None = None,
     ) -> Asked:
         data = {"request_id": request_id, "signature": signature}
+        if quota is not None:
+            matched = f"quota reached: {quota} ({matched})"
         card = ApprovalCard(
             request_id=request_id,
             agent=agent,
@@ -294,6 +358,8 @@ class Pipeline:
             expires_at=self.now() + self.config.gateway.approval_timeout,
             via=reply.via,
             target=self._preview(tool, args),  # an HTTP request's text counts in the layout
+            quorum=quorum,
+            quota=quota,
         )
         try:
             self.cards.layout(card)  # what the guardian will be shown: everything, or nothing
@@ -307,7 +373,15 @@ class Pipeline:
             raise GatewayShuttingDown()
         _, max_pending = self.config.agent_limits(agent)
         request_id = await self.broker.ask(
-            reply, reply_to, tool, args, signature, matched, max_pending=max_pending
+            reply,
+            reply_to,
+            tool,
+            args,
+            signature,
+            matched,
+            max_pending=max_pending,
+            quorum=quorum,
+            quota=quota,
         )
         return Asked(request_id)
 

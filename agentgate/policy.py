@@ -15,6 +15,15 @@ entity alone (:func:`agentgate.tools.signature_checks`); the strictest of those 
 wins (deny, then ask, then allow), so a deny rule for ``lock.*`` holds wherever in the call a
 lock is named.
 
+Two optional fields of a rule make it stricter, never looser:
+
+- ``approvals: N`` (ask rules): N guardians must press Allow (two-person approval). Of the ask
+  rules that match, the one asking for most approvals decides.
+- ``quota: "20/h"`` (allow or ask rules; ``/min``, ``/h``, ``/day``): at most that many calls
+  this rule lets through without a human (its allows; for an ask rule, what grants allow) per
+  agent in a rolling window; past it the call is asked (:mod:`agentgate.quotas` counts). Of
+  the allow rules that match, one with a quota decides.
+
 Indices count from 0, as in the error paths: ``rule 3`` is ``rules[3]`` in the file.
 
 Imports: tools (signatures and the per-entity checks).
@@ -38,14 +47,18 @@ from attrs import field, frozen
 from agentgate import tools
 
 __all__ = [
+    "MAX_APPROVALS",
     "Action",
     "Evaluation",
     "Matched",
     "Policy",
     "PolicyError",
+    "Quota",
     "Rule",
     "load_policy",
     "parse_policy",
+    "parse_quota",
+    "quorum_problems",
 ]
 
 Action = Literal["allow", "deny", "ask"]
@@ -56,13 +69,48 @@ class PolicyError(Exception):
     """A policy file that cannot be used; the message names the file and the key path."""
 
 
+MAX_APPROVALS: Final = 20
+_QUOTA = re.compile(r"^\s*(\d{1,9})\s*/\s*(min|minute|h|hour|d|day)\s*$")
+_QUOTA_UNITS: Final = {
+    "min": (60.0, "minute"),
+    "minute": (60.0, "minute"),
+    "h": (3600.0, "hour"),
+    "hour": (3600.0, "hour"),
+    "d": (86400.0, "day"),
+    "day": (86400.0, "day"),
+}
+
+
+@frozen
+class Quota:
+    """A rule's ``quota``: at most ``count`` calls per ``window`` seconds, per agent."""
+
+    count: int
+    window: float
+    unit: str  # minute, hour, day
+
+    def __str__(self) -> str:
+        return f"{self.count} per {self.unit}"
+
+
+def parse_quota(text: object) -> Quota:
+    """``"20/h"`` (also ``/min``, ``/day``) as a :class:`Quota`; ValueError if it is not one."""
+    match = _QUOTA.match(text) if isinstance(text, str) else None
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError('expected a quota such as "20/h" (per /min, /h or /day)')
+    window, unit = _QUOTA_UNITS[match.group(2)]
+    return Quota(int(match.group(1)), window, unit)
+
+
 @frozen
 class Rule:
-    """One entry of ``rules`` or ``defaults``."""
+    """One entry of ``rules`` or ``defaults`` (only rules carry ``approvals`` and ``quota``)."""
 
     pattern: str
     action: Action
     description: str = ""
+    approvals: int = 1
+    quota: Quota | None = None
 
     def matches(self, signature: str) -> bool:
         """Whether this entry's glob matches ``signature`` (case-sensitive)."""
@@ -78,6 +126,8 @@ class Matched:
     index: int | None = None
     pattern: str | None = None
     description: str = ""
+    approvals: int = 1  # guardians who must press Allow (an ask rule's approvals)
+    quota: Quota | None = None
 
     def __str__(self) -> str:
         if self.kind == "fallback":
@@ -105,13 +155,19 @@ class Evaluation:
             return str(self.matched)
         return f"{self.matched} on {self.checked}"
 
-    def to_dict(self) -> dict[str, str]:
-        """``{"signature", "decision", "matched"}`` with ``matched`` in its string form."""
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        """``{"signature", "decision", "matched"}`` with ``matched`` in its string form, plus
+        ``approvals`` (when more than one) and ``quota`` (its text) when the rule sets them."""
+        found: dict[str, Any] = {
             "signature": self.signature,
             "decision": self.decision,
             "matched": self.reason,
         }
+        if self.matched.approvals > 1:
+            found["approvals"] = self.matched.approvals
+        if self.matched.quota is not None:
+            found["quota"] = str(self.matched.quota)
+        return found
 
 
 UNKNOWN_TOOL: Final = "no known tool is called"
@@ -122,6 +178,16 @@ _FALLBACK: Final = Matched(kind="fallback", action="ask")
 _MEMO_SIZE: Final = 4096
 _MEMO_LONGEST: Final = 512  # longer signatures (many entities) are decided afresh each time
 _STRICTNESS: Final[dict[Action, int]] = {"deny": 0, "ask": 1, "allow": 2}
+
+
+def _weight(evaluation: Evaluation) -> tuple[int, int, int]:
+    """Lower is stricter: the decision first, then more approvals, then a quota."""
+    matched = evaluation.matched
+    return (
+        _STRICTNESS[evaluation.decision],
+        -matched.approvals,
+        0 if matched.quota is not None else 1,
+    )
 
 
 @frozen
@@ -162,7 +228,7 @@ class Policy:
             found = self._decide(signature)
             for check in checks[1:]:
                 narrower = self._decide(check)
-                if _STRICTNESS[narrower.decision] < _STRICTNESS[found.decision]:
+                if _weight(narrower) < _weight(found):
                     found = attrs.evolve(narrower, signature=signature, checked=check)
             if len(signature) <= _MEMO_LONGEST:  # bounded memory: at most 4096 short ones
                 self._memo[signature] = found
@@ -170,13 +236,23 @@ class Policy:
 
     def _decide(self, signature: str) -> Evaluation:
         for wanted in ("deny", "allow", "ask"):
+            found: Evaluation | None = None
             for index, rule in enumerate(self.rules):
                 if rule.action == wanted and rule.matches(signature):
-                    return Evaluation(
-                        signature,
+                    matched = Matched(
+                        "rule",
                         rule.action,
-                        Matched("rule", rule.action, index, rule.pattern, rule.description),
+                        index,
+                        rule.pattern,
+                        rule.description,
+                        rule.approvals,
+                        rule.quota,
                     )
+                    candidate = Evaluation(signature, rule.action, matched)
+                    if found is None or _weight(candidate) < _weight(found):
+                        found = candidate  # the first one, unless a later one is stricter
+            if found is not None:
+                return found
         for index, default in enumerate(self.defaults):
             if default.matches(signature):
                 return Evaluation(
@@ -257,7 +333,8 @@ def _entries(source: str, name: str, value: object) -> tuple[Rule, ...]:
             raise PolicyError(
                 f"{source}: {where}: expected a mapping with pattern and action, got {_kind(item)}"
             )
-        _check_keys(source, where, item, ("pattern", "action"), ("description",))
+        extras = ("approvals", "quota") if name == "rules" else ()
+        _check_keys(source, where, item, ("pattern", "action"), ("description", *extras))
         pattern = item["pattern"]
         if not isinstance(pattern, str) or not pattern:
             raise PolicyError(
@@ -276,8 +353,53 @@ def _entries(source: str, name: str, value: object) -> tuple[Rule, ...]:
             raise PolicyError(
                 f"{source}: {where}.description: expected a string, got {_shown(description)}"
             )
-        entries.append(Rule(pattern, cast(Action, action), description))
+        approvals = _approvals(source, where, item, action)
+        quota = _quota(source, where, item, action)
+        entries.append(Rule(pattern, cast(Action, action), description, approvals, quota))
     return tuple(entries)
+
+
+def _approvals(source: str, where: str, item: Mapping[str, Any], action: object) -> int:
+    if "approvals" not in item:
+        return 1
+    value = item["approvals"]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_APPROVALS:
+        raise PolicyError(
+            f"{source}: {where}.approvals: expected a number of guardians from 1 to"
+            f" {MAX_APPROVALS}, got {_shown(value)}"
+        )
+    if action != "ask" and value > 1:
+        raise PolicyError(
+            f"{source}: {where}.approvals: only an ask rule asks guardians (this rule is"
+            f" {action}); use action: ask"
+        )
+    return value
+
+
+def _quota(source: str, where: str, item: Mapping[str, Any], action: object) -> Quota | None:
+    if "quota" not in item:
+        return None
+    try:
+        quota = parse_quota(item["quota"])
+    except ValueError as exc:
+        raise PolicyError(f"{source}: {where}.quota: {exc}, got {_shown(item['quota'])}") from None
+    if action == "deny":
+        raise PolicyError(
+            f"{source}: {where}.quota: a deny rule lets nothing through, so a quota means"
+            " nothing here; put it on an allow or ask rule"
+        )
+    return quota
+
+
+def quorum_problems(policy: Policy, guardians: int, who: str) -> list[str]:
+    """Rules asking for more approvals than there are ``guardians`` (``who`` says where they
+    come from, e.g. ``guardian.telegram.allowed_users``): nobody could ever allow them."""
+    return [
+        f"{policy.source}: rules[{index}].approvals: {rule.approvals} guardians must allow,"
+        f" but {who} has {guardians}"
+        for index, rule in enumerate(policy.rules)
+        if rule.approvals > guardians
+    ]
 
 
 def _check_keys(

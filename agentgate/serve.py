@@ -10,6 +10,9 @@ that stops it is a bug: logged with its traceback, exit 1.
 ``--terminal-guardian`` runs :class:`~agentgate.guardian.terminal.TerminalGuardian` instead of
 Telegram: cards in this terminal, keys decide.
 
+``SIGHUP`` reloads the configuration (:mod:`agentgate.reload`; ``agentgate reload`` asks the
+same over the control socket), SIGINT and SIGTERM stop the gateway.
+
 Imports: gateway, config, preflight, policy, store, errors, inert, _compat, http_tools (tool
 names); guardian.terminal only when asked for.
 """
@@ -23,7 +26,7 @@ import signal
 import sqlite3
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -40,7 +43,7 @@ from agentgate.config import Config, ConfigError, load_config, policy_files
 from agentgate.errors import AgentgateError
 from agentgate.gateway import card_rules, serve_gateway
 from agentgate.inert import InertFormatter, inert
-from agentgate.policy import PolicyError, load_policy
+from agentgate.policy import PolicyError, load_policy, quorum_problems
 from agentgate.store import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -69,16 +72,26 @@ def _say(message: str) -> None:
         print(f"agentgate: {line}", file=sys.stderr, flush=True)
 
 
-async def _watch_signals(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.warning("%s received: shutting down", signal.Signals(signum).name)
-            stop.set()
-            return
+async def _watch_signals(stop: trio.Event, state: _State) -> None:
+    hangup = getattr(signal, "SIGHUP", None)
+    wanted = [signal.SIGINT, signal.SIGTERM, *([hangup] if hangup is not None else [])]
+    with trio.open_signal_receiver(*wanted) as signals:
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                if signum == hangup:
+                    if state.reload is None:
+                        log.warning("SIGHUP received while starting: nothing reloaded")
+                    else:
+                        nursery.start_soon(state.reload, "SIGHUP")
+                    continue
+                log.warning("%s received: shutting down", signal.Signals(signum).name)
+                stop.set()
+                return
 
 
 class _State:
     started = False
+    reload: Callable[[str], Awaitable[object]] | None = None
 
 
 async def _main(
@@ -90,7 +103,7 @@ async def _main(
 ) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as outer:
-        outer.start_soon(_watch_signals, stop)
+        outer.start_soon(_watch_signals, stop, state)
         async with trio.open_nursery() as nursery:
             running = await nursery.start(
                 partial(
@@ -100,16 +113,33 @@ async def _main(
                     stop=stop,
                     guardian=guardian,
                     cancel_pending=cancel_pending,
+                    ignore=[TELEGRAM] if guardian is not None else [],
+                    guardians=guardian_count(config, terminal=guardian is not None),
                 )
             )
             state.started = True
+            state.reload = running.gateway.reloader.reload
             if guardian is not None:
                 guardian.control = running.gateway.controls
                 outer.start_soon(guardian.run)
         outer.cancel_scope.cancel()  # the gateway has stopped: so do the signals and the keys
 
 
-def _preflight(config: Config, *, insecure: bool) -> list[str]:
+def guardian_count(config: Config, *, terminal: bool) -> int | None:
+    """How many people can press Allow: the terminal is one, Telegram its ``allowed_users``;
+    None without a guardian (every ask fails closed then anyway)."""
+    if terminal:
+        return 1
+    if config.guardian.telegram is not None:
+        return len(set(config.guardian.telegram.allowed_users))
+    return None
+
+
+def guardian_source(config: Config, *, terminal: bool) -> str:
+    return "the terminal guardian" if terminal else "guardian.telegram.allowed_users"
+
+
+def _preflight(config: Config, *, insecure: bool, terminal: bool = False) -> list[str]:
     """Every reason the gateway cannot start, as lines; warnings are logged."""
     problems = []
     for finding in preflight.check_machine(config, insecure=insecure):
@@ -125,6 +155,7 @@ def _preflight(config: Config, *, insecure: bool) -> list[str]:
             known = known_tools(config)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    guardians = guardian_count(config, terminal=terminal)
     for path in policy_files(config).values():
         try:
             policy = load_policy(path, known=known)
@@ -133,6 +164,9 @@ def _preflight(config: Config, *, insecure: bool) -> list[str]:
             continue
         for message in policy.warnings:
             log.warning("%s", message)
+        if guardians is not None:
+            who = guardian_source(config, terminal=terminal)
+            problems += quorum_problems(policy, guardians, who)
     return problems
 
 
@@ -156,7 +190,7 @@ def run_serve(
     except ConfigError as exc:
         _say(str(exc))
         return EXIT_CONFIG
-    problems = _preflight(config, insecure=insecure)
+    problems = _preflight(config, insecure=insecure, terminal=terminal_guardian)
     if problems:
         _say("\n".join(problems))
         return EXIT_CONFIG

@@ -1,4 +1,5 @@
-"""The store: one SQLite file holding the audit log, pending approvals, queued results, grants.
+"""The store: one SQLite file holding the audit log, pending approvals, queued results, grants,
+two-person votes and undo snapshots.
 
 Why it looks like this:
 
@@ -24,6 +25,8 @@ Why it looks like this:
   resolution columns are filled in later.
 - **Keys.** Approvals are keyed by a gateway-generated UUID (``request_id``), never by the agent's
   JSON-RPC id, which is stored only to echo it back.
+- **Migrations are additive.** Columns and tables added since the first schema are added when a
+  store is opened (``_migrate``); an older agentgate still reads a newer store's old columns.
 
 Imports: approvals (the states), errors.
 """
@@ -45,7 +48,15 @@ import attrs
 import trio
 from attrs import frozen
 
-from agentgate.approvals import TRANSITIONS, Outcome, State, sources
+from agentgate.approvals import (
+    TRANSITIONS,
+    UNDO_TRANSITIONS,
+    Outcome,
+    State,
+    UndoState,
+    sources,
+    undo_sources,
+)
 from agentgate.errors import ExecutionFailed
 
 T = TypeVar("T")
@@ -120,6 +131,36 @@ CREATE TABLE IF NOT EXISTS grants (
 );
 
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+CREATE TABLE IF NOT EXISTS approval_votes (      -- two-person approval: who pressed Allow
+    request_id  TEXT NOT NULL,
+    voter       TEXT NOT NULL,                     -- the guardian's identity (Telegram user id)
+    voter_name  TEXT NOT NULL,                     -- as the card and the audit log show it
+    at          REAL NOT NULL,
+    PRIMARY KEY (request_id, voter)
+);
+
+CREATE TABLE IF NOT EXISTS undo_snapshots (      -- what an Undo would put back (agentgate.undo)
+    request_id   TEXT PRIMARY KEY,
+    agent        TEXT NOT NULL,
+    tool         TEXT NOT NULL,
+    args         TEXT NOT NULL,
+    signature    TEXT NOT NULL,
+    decided_by   TEXT,                             -- the guardian who allowed it; NULL: policy
+    created_at   REAL NOT NULL,
+    expires_at   REAL NOT NULL,                    -- the end of the undo window
+    before       TEXT NOT NULL,                    -- JSON: entity -> {state, attributes}
+    after        TEXT NOT NULL,                    -- JSON: the same, as the call left them
+    message_refs TEXT NOT NULL DEFAULT '[]',       -- JSON: the approval card (and copies)
+    state        TEXT NOT NULL,                    -- an approvals.UndoState
+    undone_by    TEXT,
+    undone_at    REAL,
+    detail       TEXT
+);
+CREATE INDEX IF NOT EXISTS undo_open ON undo_snapshots(state, expires_at);
+
+-- "Always allow" counts a signature's approvals per agent: only asks need this index.
+CREATE INDEX IF NOT EXISTS audit_asks ON audit_log(agent, signature, time) WHERE decision = 'ask';
 """
 
 
@@ -166,6 +207,39 @@ class PendingRow:
     outcome: Outcome | None = None
     decided_by: str | None = None
     via: str | None = None
+    quorum: int = 1  # Allow presses needed (a rule's approvals: N)
+    quota: str | None = None  # asked because this quota was used up ("20 per hour")
+
+
+@frozen
+class UndoRow:
+    """An executed call Undo can put back: the states before and after it (``before`` and
+    ``after``: entity id -> ``{"state", "attributes"}``, the attributes :mod:`agentgate.undo`
+    restores)."""
+
+    request_id: str
+    agent: str
+    tool: str
+    args: dict[str, Any]
+    signature: str
+    decided_by: str | None
+    created_at: float
+    expires_at: float
+    before: dict[str, Any]
+    after: dict[str, Any]
+    message_refs: tuple[str, ...] = ()
+    state: UndoState = UndoState.AVAILABLE
+    undone_by: str | None = None
+    undone_at: float | None = None
+    detail: str | None = None
+
+
+@frozen
+class History:
+    """A signature's asks for one agent in a window: approved (by a guardian) and denied."""
+
+    approved: int
+    denied: int
 
 
 @frozen
@@ -458,16 +532,18 @@ class Store:
         result: Any = None,
         error: str | None = None,
         wait: bool = True,
+        kind: str = "request",
     ) -> None:
-        """Record how a request ended; ``wait=False`` queues it without waiting (see post)."""
+        """Record how a request ended; ``wait=False`` queues it without waiting (see post).
+        ``kind``: the row's kind (``undo`` for an Undo's own row)."""
         # Encoded (and cut) now: a queued write must not hold on to a large result.
         text = _result_json(result)
 
         def fn(c: sqlite3.Connection) -> None:
             c.execute(
                 "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
-                " WHERE request_id=? AND kind='request' AND resolution IS NULL",
-                (resolution, resolved_by, resolved_at, text, error, request_id),
+                " WHERE request_id=? AND kind=? AND resolution IS NULL",
+                (resolution, resolved_by, resolved_at, text, error, request_id, kind),
             )
 
         if wait:
@@ -506,8 +582,8 @@ class Store:
             _insert_audit(c, entry)
             c.execute(
                 "INSERT INTO pending_requests (request_id, agent, rpc_id, tool, args, signature,"
-                " matched, target, message_ref, created_at, expires_at, state, via)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " matched, target, message_ref, created_at, expires_at, state, via, quorum, quota)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     pending.request_id,
                     pending.agent,
@@ -522,6 +598,8 @@ class Store:
                     pending.expires_at,
                     State.PENDING,
                     pending.via,
+                    pending.quorum,
+                    pending.quota,
                 ),
             )
 
@@ -534,6 +612,17 @@ class Store:
                 (message_ref, target, request_id),
             )
         )
+
+    async def pending_row(self, request_id: str) -> PendingRow | None:
+        """One approval, open or done (None: no approval has that id)."""
+
+        def fn(c: sqlite3.Connection) -> PendingRow | None:
+            row = c.execute(
+                "SELECT * FROM pending_requests WHERE request_id=?", (request_id,)
+            ).fetchone()
+            return None if row is None else _pending_from_row(row)
+
+        return await self._do(fn)
 
     async def open_pending(self) -> list[PendingRow]:
         """Every approval not yet done (``pending`` or ``executing``), oldest first."""
@@ -684,6 +773,32 @@ class Store:
             )
         )
 
+    async def replace_grant(self, grant: GrantRow, *, by: str) -> list[str]:
+        """Add ``grant`` and revoke every active grant of the same agent and signature in the
+        same transaction (it supersedes them); their ids."""
+
+        def fn(c: sqlite3.Connection) -> list[str]:
+            old = [
+                str(r[0])
+                for r in c.execute(
+                    "SELECT grant_id FROM grants WHERE agent=? AND signature=?"
+                    " AND revoked_at IS NULL AND expires_at > ?",
+                    (grant.agent, grant.signature, grant.created_at),
+                )
+            ]
+            c.executemany(
+                "UPDATE grants SET revoked_by=?, revoked_at=? WHERE grant_id=?",
+                [(by, grant.created_at, grant_id) for grant_id in old],
+            )
+            c.execute(
+                "INSERT INTO grants (grant_id, agent, signature, granted_by, created_at,"
+                " expires_at) VALUES (?,?,?,?,?,?)",
+                attrs.astuple(grant),
+            )
+            return old
+
+        return await self._do(fn)
+
     async def active_grants(self, now: float) -> list[GrantRow]:
         def fn(c: sqlite3.Connection) -> list[GrantRow]:
             rows = c.execute(
@@ -703,6 +818,180 @@ class Store:
                 (by, at, grant_id),
             )
             return cur.rowcount == 1
+
+        return await self._do(fn)
+
+    # -- "Always allow" and quotas: counted from the audit log ---------------------------------
+
+    async def history(self, agent: str, signature: str, since: float) -> History:
+        """How often ``agent``'s asks for ``signature`` since ``since`` were approved by a
+        guardian (executed, failed or unknown, with who decided) and denied."""
+
+        def fn(c: sqlite3.Connection) -> History:
+            row = c.execute(
+                "SELECT"
+                " SUM(resolution IN ('executed', 'failed', 'unknown') AND resolved_by IS NOT NULL),"
+                " SUM(resolution = 'denied')"
+                " FROM audit_log WHERE decision = 'ask' AND agent=? AND signature=? AND time >= ?",
+                (agent, signature, since),
+            ).fetchone()
+            return History(int(row[0] or 0), int(row[1] or 0))
+
+        return await self._do(fn)
+
+    async def allowed_since(self, since: float) -> list[tuple[float, str, str]]:
+        """``(time, agent, signature)`` of every call allowed without a human since ``since``
+        (decision ``allow``: by a rule or a grant), oldest first: what quotas count."""
+
+        def fn(c: sqlite3.Connection) -> list[tuple[float, str, str]]:
+            rows = c.execute(
+                "SELECT time, agent, signature FROM audit_log"
+                " WHERE time >= ? AND decision = 'allow' AND kind = 'request' ORDER BY id",
+                (since,),
+            ).fetchall()
+            return [(float(r[0]), str(r[1]), str(r[2])) for r in rows if r[2] is not None]
+
+        return await self._do(fn)
+
+    # -- two-person approval ----------------------------------------------------------------
+
+    async def add_vote(
+        self, request_id: str, voter: str, voter_name: str, at: float
+    ) -> tuple[str, ...]:
+        """Record one guardian's Allow (once per guardian); the names of every voter so far,
+        in the order they voted."""
+
+        def fn(c: sqlite3.Connection) -> tuple[str, ...]:
+            c.execute(
+                "INSERT OR IGNORE INTO approval_votes (request_id, voter, voter_name, at)"
+                " VALUES (?,?,?,?)",
+                (request_id, voter, voter_name, at),
+            )
+            return _votes(c, request_id)
+
+        return await self._do(fn)
+
+    async def votes(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        """``(voter, voter_name)`` of every Allow recorded for ``request_id``, in order."""
+
+        def fn(c: sqlite3.Connection) -> tuple[tuple[str, str], ...]:
+            rows = c.execute(
+                "SELECT voter, voter_name FROM approval_votes WHERE request_id=?"
+                " ORDER BY at, rowid",
+                (request_id,),
+            ).fetchall()
+            return tuple((str(r[0]), str(r[1])) for r in rows)
+
+        return await self._do(fn)
+
+    # -- undo ---------------------------------------------------------------------------------
+
+    def post_undo(self, row: UndoRow) -> None:
+        """Record an undoable call's snapshot (posted: it follows the committed decision)."""
+        values = _undo_values(row)
+        self.post(
+            lambda c: c.execute(
+                f"INSERT OR IGNORE INTO undo_snapshots ({_UNDO_COLUMNS})"
+                f" VALUES ({','.join('?' * len(values))})",
+                values,
+            )
+        )
+
+    async def add_undo(self, row: UndoRow) -> None:
+        values = _undo_values(row)
+        await self._do(
+            lambda c: c.execute(
+                f"INSERT OR IGNORE INTO undo_snapshots ({_UNDO_COLUMNS})"
+                f" VALUES ({','.join('?' * len(values))})",
+                values,
+            )
+        )
+
+    async def undo_row(self, request_id: str) -> UndoRow | None:
+        def fn(c: sqlite3.Connection) -> UndoRow | None:
+            row = c.execute(
+                "SELECT * FROM undo_snapshots WHERE request_id=?", (request_id,)
+            ).fetchone()
+            return None if row is None else _undo_from_row(row)
+
+        return await self._do(fn)
+
+    async def open_undos(self, now: float) -> list[UndoRow]:
+        """Undoable calls whose window is still open, newest first."""
+
+        def fn(c: sqlite3.Connection) -> list[UndoRow]:
+            rows = c.execute(
+                "SELECT * FROM undo_snapshots WHERE state=? AND expires_at > ?"
+                " ORDER BY created_at DESC",
+                (UndoState.AVAILABLE, now),
+            ).fetchall()
+            return [_undo_from_row(r) for r in rows]
+
+        return await self._do(fn)
+
+    async def move_undo(
+        self,
+        request_id: str,
+        to: UndoState,
+        *,
+        by: str | None = None,
+        at: float | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        """Move an undo to ``to`` from a state :data:`~agentgate.approvals.UNDO_TRANSITIONS`
+        allows; False if it is in none of them. ``UNDOING`` is the exactly-once gate: it is
+        fsync'd before this returns, so a restore is never sent twice, even across a power cut.
+        """
+
+        def fn(c: sqlite3.Connection) -> bool:
+            allowed = sorted(undo_sources(to))
+            cur = c.execute(
+                "UPDATE undo_snapshots SET state=?, undone_by=COALESCE(?, undone_by),"
+                " undone_at=COALESCE(?, undone_at), detail=COALESCE(?, detail)"
+                f" WHERE request_id=? AND state IN ({','.join('?' * len(allowed))})",
+                (to, by, at, detail, request_id, *allowed),
+            )
+            return cur.rowcount == 1
+
+        return await self._do(fn, durable=to is UndoState.UNDOING)
+
+    async def begin_undo(self, request_id: str, *, by: str, at: float, entry: AuditEntry) -> bool:
+        """The exactly-once gate of an Undo: ``AVAILABLE → UNDOING`` and its audit row in one
+        transaction, fsync'd before this returns (a restore is never sent twice, even across
+        a power cut). False, and nothing written, if it was not available."""
+
+        def fn(c: sqlite3.Connection) -> bool:
+            allowed = sorted(undo_sources(UndoState.UNDOING))
+            cur = c.execute(
+                "UPDATE undo_snapshots SET state=?, undone_by=?, undone_at=?"
+                f" WHERE request_id=? AND state IN ({','.join('?' * len(allowed))})",
+                (UndoState.UNDOING, by, at, request_id, *allowed),
+            )
+            if cur.rowcount != 1:
+                return False
+            _insert_audit(c, entry)
+            return True
+
+        return await self._do(fn, durable=True)
+
+    async def interrupted_undos(self) -> list[str]:
+        """Undos a stop cut short (``UNDOING``) become ``FAILED``: never run again. Their ids."""
+
+        def fn(c: sqlite3.Connection) -> list[str]:
+            ids = [
+                str(r[0])
+                for r in c.execute(
+                    "SELECT request_id FROM undo_snapshots WHERE state=?", (UndoState.UNDOING,)
+                )
+            ]
+            c.executemany(
+                "UPDATE undo_snapshots SET state=?, detail=? WHERE request_id=?",
+                [
+                    (UndoState.FAILED, "interrupted: the gateway stopped while it ran", rid)
+                    for rid in ids
+                ],
+            )
+            return ids
 
         return await self._do(fn)
 
@@ -760,27 +1049,39 @@ def _move(
     return cur.rowcount == 1
 
 
-def _transitions_trigger() -> str:
+def _transitions_trigger(
+    name: str = "pending_transitions",
+    table: str = "pending_requests",
+    transitions: Any = TRANSITIONS,
+    what: str = "approval",
+) -> str:
     """A trigger refusing any state change the table does not list (a bug, caught in SQL)."""
     allowed = ", ".join(
-        f"'{source}>{target}'" for source, targets in TRANSITIONS.items() for target in targets
+        f"'{source}>{target}'" for source, targets in transitions.items() for target in targets
     )
     return (
-        "CREATE TRIGGER pending_transitions BEFORE UPDATE OF state ON pending_requests"
+        f"CREATE TRIGGER {name} BEFORE UPDATE OF state ON {table}"
         f" WHEN NEW.state != OLD.state AND OLD.state || '>' || NEW.state NOT IN ({allowed})"
-        " BEGIN SELECT RAISE(ABORT, 'approval state change not in the table'); END"
+        f" BEGIN SELECT RAISE(ABORT, '{what} state change not in the table'); END"
     )
 
 
 def _install_transitions_trigger(conn: sqlite3.Connection) -> None:
-    """The trigger of this version's table (replaced only if it differs: no write otherwise)."""
-    wanted = _transitions_trigger()
-    row = conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type='trigger' AND name='pending_transitions'"
-    ).fetchone()
-    if row is not None and row[0] == wanted:
-        return
-    conn.executescript(f"DROP TRIGGER IF EXISTS pending_transitions; {wanted};")
+    """The triggers of this version's tables (replaced only if they differ: no write
+    otherwise): approvals' states, and undos'."""
+    for name, wanted in (
+        ("pending_transitions", _transitions_trigger()),
+        (
+            "undo_transitions",
+            _transitions_trigger("undo_transitions", "undo_snapshots", UNDO_TRANSITIONS, "undo"),
+        ),
+    ):
+        row = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type='trigger' AND name=?", (name,)
+        ).fetchone()
+        if row is not None and row[0] == wanted:
+            continue
+        conn.executescript(f"DROP TRIGGER IF EXISTS {name}; {wanted};")
 
 
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
@@ -894,7 +1195,63 @@ def _pending_from_row(r: sqlite3.Row) -> PendingRow:
         outcome=None if r["outcome"] is None else Outcome(r["outcome"]),
         decided_by=r["decided_by"],
         via=r["via"],
+        quorum=r["quorum"],
+        quota=r["quota"],
     )
+
+
+_UNDO_COLUMNS = (
+    "request_id, agent, tool, args, signature, decided_by, created_at, expires_at, before,"
+    " after, message_refs, state, undone_by, undone_at, detail"
+)
+
+
+def _undo_values(row: UndoRow) -> tuple[Any, ...]:
+    return (
+        row.request_id,
+        row.agent,
+        row.tool,
+        _json(row.args),
+        row.signature,
+        row.decided_by,
+        row.created_at,
+        row.expires_at,
+        _json(row.before),
+        _json(row.after),
+        _json(list(row.message_refs)),
+        row.state,
+        row.undone_by,
+        row.undone_at,
+        row.detail,
+    )
+
+
+def _undo_from_row(r: sqlite3.Row) -> UndoRow:
+    return UndoRow(
+        request_id=r["request_id"],
+        agent=r["agent"],
+        tool=r["tool"],
+        args=json.loads(r["args"]),
+        signature=r["signature"],
+        decided_by=r["decided_by"],
+        created_at=r["created_at"],
+        expires_at=r["expires_at"],
+        before=json.loads(r["before"]),
+        after=json.loads(r["after"]),
+        message_refs=tuple(json.loads(r["message_refs"] or "[]")),
+        state=UndoState(r["state"]),
+        undone_by=r["undone_by"],
+        undone_at=r["undone_at"],
+        detail=r["detail"],
+    )
+
+
+def _votes(c: sqlite3.Connection, request_id: str) -> tuple[str, ...]:
+    rows = c.execute(
+        "SELECT voter_name FROM approval_votes WHERE request_id=? ORDER BY at, rowid",
+        (request_id,),
+    ).fetchall()
+    return tuple(str(r[0]) for r in rows)
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -912,6 +1269,7 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(_SCHEMA)
     _add_via(conn)
+    _migrate(conn)
     _install_transitions_trigger(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
@@ -940,6 +1298,16 @@ def _add_via(conn: sqlite3.Connection) -> None:
         "CREATE TRIGGER IF NOT EXISTS audit_keep_via BEFORE UPDATE OF via ON audit_log"
         " BEGIN SELECT RAISE(ABORT, 'audit_log rows keep their original columns'); END"
     )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Additive migration: a pending approval's quorum (two-person approval) and the quota that
+    asked it. Old rows read as one approval and no quota, which is what they were."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(pending_requests)")}
+    if "quorum" not in columns:
+        conn.execute("ALTER TABLE pending_requests ADD COLUMN quorum INTEGER NOT NULL DEFAULT 1")
+    if "quota" not in columns:
+        conn.execute("ALTER TABLE pending_requests ADD COLUMN quota TEXT")
 
 
 async def _checkpoints(store: Store, path: Path, every: float) -> None:
@@ -1017,6 +1385,60 @@ def read_only(path: Path | str) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True)
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def read_active_grants(path: Path | str, now: float) -> list[GrantRow]:
+    """The active grants, read-only (``agentgate grants``)."""
+    conn = read_only(path)
+    try:
+        rows = conn.execute(
+            "SELECT grant_id, agent, signature, granted_by, created_at, expires_at FROM grants"
+            " WHERE revoked_at IS NULL AND expires_at > ? ORDER BY created_at",
+            (now,),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [GrantRow(*r) for r in rows]
+
+
+def revoke_grant_offline(path: Path | str, grant_id: str, by: str, at: float) -> bool:
+    """Revoke a grant while no gateway runs (``agentgate grants --revoke``): the grant row and
+    its audit row in one transaction; the next start loads what is still active."""
+    conn = sqlite3.connect(os.fspath(path), isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            "SELECT agent, signature FROM grants WHERE grant_id=? AND revoked_at IS NULL"
+            " AND expires_at > ?",
+            (grant_id, at),
+        ).fetchone()
+        if row is None:
+            conn.execute("ROLLBACK")
+            return False
+        conn.execute(
+            "UPDATE grants SET revoked_by=?, revoked_at=? WHERE grant_id=?", (by, at, grant_id)
+        )
+        _insert_audit(
+            conn,
+            AuditEntry(
+                time=at,
+                kind="guardian",
+                agent="-",
+                request_id=None,
+                tool=None,
+                args=None,
+                signature=None,
+                decision="revoke",
+                matched=f"{row['agent']}: {row['signature']} ({grant_id})",
+                resolved_by=by,
+            ),
+        )
+        conn.execute("COMMIT")
+        return True
+    finally:
+        conn.close()
 
 
 def audit_entries(rows: Iterable[sqlite3.Row]) -> list[AuditEntry]:

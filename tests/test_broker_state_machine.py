@@ -2,12 +2,16 @@
 
 Trio runs in a helper thread on a ``MockClock`` that only moves when a rule says so; every rule
 runs one operation inside that Trio run and waits until every task is blocked, so each step is
-deterministic. Random interleavings of ask, allow, deny, grant, deadline, disconnect, reconnect,
-restart (a crash: no cleanup), a planned restart (undecided approvals stay pending: the -32007
-their askers get is not their outcome) and a decommissioning stop must keep the invariants:
+deterministic. Random interleavings of ask (needing one guardian or two), allow, deny, grant and
+always presses by two guardians, Undo presses (confirmed or not), deadline, disconnect,
+reconnect, restart (a crash: no cleanup), a planned restart (undecided approvals stay pending:
+the -32007 their askers get is not their outcome) and a decommissioning stop must keep the
+invariants:
 
 - every request gets exactly one outcome (on its connection or queued, never both, never none);
 - an allowed call executes exactly once; nothing executes after deny, timeout or shutdown;
+- a call that needs two guardians runs only after two different guardians pressed Allow;
+- an Undo restores a call at most once, and only a call that executed; it changes no outcome;
 - every queued result is handed out once.
 """
 
@@ -23,7 +27,7 @@ from typing import Any, TypeVar
 import trio
 import trio.lowlevel
 import trio.testing
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -34,16 +38,19 @@ from hypothesis.stateful import (
     rule,
 )
 
-from agentgate.approvals import Result
+from agentgate.approvals import Result, UndoCheck
 from agentgate.broker import Broker
 from agentgate.errors import RateLimited
 from agentgate.guardian import Action, ApprovalCard, CardUpdate
 from agentgate.store import Store, open_store
+from agentgate.undo import Undo
 
 T = TypeVar("T")
 TIMEOUT = 60.0
+UNDO_WINDOW = 90.0
 MAX_PENDING = 3
 AGENT = "pi"
+GUARDIANS = ("alex", "sam")
 
 
 class TrioHost:
@@ -134,6 +141,13 @@ class FakeGuardian:
     async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
         return None
 
+    async def notify(self, text: str, buttons: Any = ()) -> None:
+        return None
+
+
+def entity(rpc: int) -> str:
+    return f"light.n{rpc}"
+
 
 class BrokerMachine(RuleBasedStateMachine):
     requests = Bundle("requests")
@@ -150,30 +164,58 @@ class BrokerMachine(RuleBasedStateMachine):
         self.sessions: list[FakeSession] = [self.session]
         self.taken: list[dict[str, Any]] = []
         self.guardian = FakeGuardian()
+        self.quorum: dict[int, int] = {}
+        self.allowed_by: dict[int, set[str]] = {}  # Allow presses made before it ran
+        self.restored: Counter[int] = Counter()  # Undo's restore calls, per request
+        self.states: dict[str, str] = {}  # the fake home: entity -> on/off
         self._start_broker()
 
     def _start_broker(self) -> None:
         async def start() -> None:
             async def execute(tool: str, args: dict[str, Any]) -> Any:
                 await trio.lowlevel.checkpoint()
-                self.executed[args["n"]] += 1
-                return {"n": args["n"]}
+                self.executed[int(args["entity_id"].removeprefix("light.n"))] += 1
+                self.states[args["entity_id"]] = "on"
+                return [{"entity_id": args["entity_id"], "state": "on"}]
+
+            async def restore(tool: str, args: dict[str, Any]) -> Any:  # an Undo's calls
+                await trio.lowlevel.checkpoint()
+                self.restored[int(args["entity_id"].removeprefix("light.n"))] += 1
+                state = "on" if args["service"] == "turn_on" else "off"
+                self.states[args["entity_id"]] = state
+                return [{"entity_id": args["entity_id"], "state": state}]
+
+            async def read_state(entity_id: str) -> Any:
+                await trio.lowlevel.checkpoint()
+                return {"entity_id": entity_id, "state": self.states.get(entity_id, "off")}
 
             async def describe(tool: str, args: dict[str, Any]) -> str | None:
                 return None
 
-            async def on_grant(agent: str, signature: str, by: str) -> None:
+            async def on_grant(agent: str, signature: str, by: str, permanent: bool) -> None:
                 return None
 
+            now = self.now
+            self.undo = Undo(
+                self.host.store,
+                read_state=read_state,
+                execute=restore,
+                now=now,
+                window=UNDO_WINDOW,
+                guardian=self.guardian,
+            )
+            await self.undo.resume()
             self.broker = Broker(
                 self.host.store,
                 execute=execute,
                 describe=describe,
                 sessions=lambda agent: [s for s in self.sessions if s.open],
                 on_grant=on_grant,
-                now=lambda: 1_800_000_000.0 + trio.current_time(),
+                now=now,
                 approval_timeout=TIMEOUT,
                 guardian=self.guardian,
+                undo=self.undo,
+                suggest_after=1,
             )
             self.broker_scope = trio.CancelScope()
             self.broker_done = trio.Event()
@@ -188,6 +230,10 @@ class BrokerMachine(RuleBasedStateMachine):
             await self.host.nursery.start(run)
 
         self.host.call(start)
+
+    @staticmethod
+    def now() -> float:
+        return 1_800_000_000.0 + trio.current_time()
 
     def teardown(self) -> None:
         self.host.close()
@@ -207,11 +253,13 @@ class BrokerMachine(RuleBasedStateMachine):
 
     # -- rules --------------------------------------------------------------------------------
 
-    @rule(target=requests)
-    def ask(self) -> int:
+    @rule(target=requests, quorum=st.sampled_from([1, 2]))
+    def ask(self, quorum: int) -> int:
         self.next_rpc += 1
         rpc = self.next_rpc
         session = self.session
+        self.quorum[rpc] = quorum
+        args = {"domain": "light", "service": "turn_on", "entity_id": entity(rpc)}
 
         async def ask() -> str | None:
             try:
@@ -219,10 +267,11 @@ class BrokerMachine(RuleBasedStateMachine):
                     session,
                     rpc,
                     "ha_call_service",
-                    {"n": rpc},
-                    f"sig({rpc})",
+                    args,
+                    f"ha_call_service(light.turn_on, {entity(rpc)})",
                     "rule 0",
                     max_pending=MAX_PENDING,
+                    quorum=quorum,
                 )
             except RateLimited:
                 return None
@@ -236,12 +285,54 @@ class BrokerMachine(RuleBasedStateMachine):
             self.rpc_of[request_id] = rpc
         return rpc
 
-    @rule(rpc=requests, action=st.sampled_from(["allow", "deny", "grant"]))
-    def decide(self, rpc: int, action: str) -> None:
+    @rule(
+        rpc=requests,
+        action=st.sampled_from(["allow", "allow", "deny", "grant", "always"]),
+        guardian=st.sampled_from(GUARDIANS),
+    )
+    def decide(self, rpc: int, action: str, guardian: str) -> None:
         ids = [rid for rid, r in self.rpc_of.items() if r == rpc]
         if not ids:
             return
-        self.host.call(self.broker.decide, ids[0], Action(action), "guardian")
+        if action == "allow" and not self.executed[rpc]:
+            self.allowed_by.setdefault(rpc, set()).add(guardian)
+
+        async def press() -> str:
+            answer = await self.broker.decide(ids[0], Action(action), guardian, voter=guardian)
+            return answer.text
+
+        answer = self.host.call(press)
+        if self.quorum[rpc] > 1 and action == "allow":
+            event(f"vote: {answer.split(':')[0].split(' (')[0]}")
+
+    @rule(rpc=requests)
+    def both_allow(self, rpc: int) -> None:
+        """Both guardians press Allow, one after the other (a two-person approval's way)."""
+        for guardian in GUARDIANS:
+            self.decide(rpc, "allow", guardian)
+
+    @rule(rpc=requests)
+    def outside_change(self, rpc: int) -> None:
+        """Someone else switches the light (an Undo must then be confirmed)."""
+        light = entity(rpc)
+        self.states[light] = "off" if self.states.get(light) == "on" else "on"
+
+    @rule(rpc=requests, confirm=st.booleans(), guardian=st.sampled_from(GUARDIANS))
+    def undo(self, rpc: int, confirm: bool, guardian: str) -> None:
+        ids = [rid for rid, r in self.rpc_of.items() if r == rpc]
+        if not ids:
+            return
+        before = self.restored[rpc]
+
+        async def press() -> Any:
+            return await self.undo.undo(ids[0], guardian, confirm=confirm)
+
+        done = self.host.call(press)
+        event(f"undo: {done.check.value}")
+        if done.check is UndoCheck.UNDONE:
+            assert self.restored[rpc] == before + 1
+        else:
+            assert self.restored[rpc] == before, done
 
     @rule(seconds=st.sampled_from([1.0, 30.0, 61.0]))
     def advance(self, seconds: float) -> None:
@@ -317,6 +408,11 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert self.executed[rpc] == 0, (rpc, seen)
         for rpc, count in self.executed.items():
             assert count <= 1, (rpc, count)
+            if count and self.quorum.get(rpc, 1) > 1:
+                assert len(self.allowed_by.get(rpc, ())) >= 2, (rpc, self.allowed_by.get(rpc))
+        for rpc, count in self.restored.items():
+            assert count <= 1, (rpc, count)
+            assert self.executed[rpc] == 1, (rpc, "undone but never executed")
         request_ids = [e["request_id"] for e in self.taken]
         assert len(request_ids) == len(set(request_ids))
 
@@ -341,7 +437,7 @@ class FinalCheckMachine(BrokerMachine):
 
 
 FinalCheckMachine.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=150,
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -45,6 +45,7 @@ def assert_audit_table(out: str) -> None:
     table = out[out.index("time (UTC)") :]
     assert "allow     ha_get_state(sensor.living_room_temperature)" in table
     assert "ask       ha_call_service(light.turn_on, light.living_room)" in table
+    assert "undo      ha_call_service(light.turn_on, light.living_room)" in table
     assert "deny      ha_call_service(lock.unlock, lock.front_door)" in table
     assert "deny      ha_call_service(scene.apply, light.living_room, lock.front_door)" in table
 
@@ -62,6 +63,9 @@ async def test_the_unattended_demo_behaves_as_expected() -> None:
     assert "approved by the guardian and executed: light.living_room is now on" in out
     assert "✅ Executed by Alex (4242)" in out  # the card edit
     assert "light.living_room: on" in out
+    assert "Alex presses ↩ Undo" in out  # scene 3: the guardian changes their mind
+    assert "↩ Undone by Alex (4242)" in out
+    assert "undone by the guardian: light.living_room is off again" in out
     assert "denied by policy (rule " in out
     assert "the door stays locked" in out
     assert "the lock is in the call's signature" in out  # the back way, through a scene
@@ -118,6 +122,7 @@ async def test_a_guardian_at_the_keyboard_can_deny() -> None:
     assert "denied by the guardian (Alex (4242))" in out
     assert "denied by the guardian (denied by" not in out  # said once
     assert "❌ Denied by Alex (4242)" in out
+    assert "nothing to undo: the light was not turned on" in out
     assert "denied by policy (rule " in out
     assert "everything behaved as expected" in out
 

@@ -74,7 +74,7 @@ def test_operations_answers_the_first_questions() -> None:
     for heading in (
         "### Try an approval without Telegram",
         "### Agent tokens: add, rotate, revoke",
-        '### Grants ("Allow 1 h"): list and revoke',
+        '### Grants ("Allow 1 h", "Always allow"): list and revoke',
         "### A second guardian",
         "### The guardian's phone is lost",
     ):

@@ -221,7 +221,7 @@ def test_shipped_policy_has_no_warnings() -> None:
         (
             'rules:\n  - {pattern: "*", action: ask, desc: x}\n',
             'permissions.yaml: rules[0]: unknown key "desc" '
-            "(expected pattern, action, description)",
+            "(expected pattern, action, description, approvals, quota)",
         ),
         (
             "rules:\n  - {pattern: 3, action: ask}\n",

@@ -238,7 +238,7 @@ async def test_allow_executes_and_the_card_says_so(
             # The target says what it is after the call, not what it was when asked.
             assert "Target: light.kitchen “Kitchen Light” — now: on" in done.text
             assert "now: off" not in done.text
-            assert done.buttons == []
+            assert done.buttons == [("↩ Undo", f"undo:{request_id}")]  # issue 18: Undo stays
             rows = await gw.gateway.store.audit_rows(agent="pi", decision="ask")
             assert [(r.request_id, r.resolution, r.resolved_by) for r in rows] == [
                 (request_id, "executed", "Alice (111)")

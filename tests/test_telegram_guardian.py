@@ -29,6 +29,7 @@ from agentgate.guardian import (
     PendingCard,
     PressAnswer,
     Status,
+    UndoItem,
 )
 from agentgate.guardian.card import (
     CardRules,
@@ -102,6 +103,7 @@ class FakeControl:
         self.frozen = False
         self.pending_cards: list[PendingCard] = []
         self.active_grants: list[Grant] = []
+        self.undo_items: list[UndoItem] = []
         self.block_decide = False
 
     def _record(self, *call: Any) -> None:
@@ -115,7 +117,13 @@ class FakeControl:
         return matching
 
     async def decide(
-        self, request_id: str, action: Action, by: str, *, message_ref: str
+        self,
+        request_id: str,
+        action: Action,
+        by: str,
+        *,
+        message_ref: str,
+        voter: str | None = None,
     ) -> PressAnswer:
         self._record("decide", request_id, action, by, message_ref)
         if self.block_decide:
@@ -144,6 +152,14 @@ class FakeControl:
         before = len(self.active_grants)
         self.active_grants = [g for g in self.active_grants if g.grant_id != grant_id]
         return len(self.active_grants) < before
+
+    async def undo(self, request_id: str, by: str, *, confirm: bool = False) -> PressAnswer:
+        self._record("undo", request_id, by, confirm)
+        return PressAnswer("undone: light.kitchen: off")
+
+    async def undoable(self) -> list[UndoItem]:
+        self._record("undoable")
+        return self.undo_items
 
     async def set_frozen(self, frozen: bool, by: str) -> None:
         self._record("set_frozen", frozen, by)
@@ -311,6 +327,7 @@ async def test_card_arrives_with_buttons(guardian: TelegramGuardian, tg: FakeTel
     assert [c["command"] for c in tg.commands] == [
         "pending",
         "grants",
+        "undo",
         "freeze",
         "unfreeze",
         "status",

@@ -280,3 +280,38 @@ async def test_an_approval_from_before_a_restart_is_shown_and_decided() -> None:
             nursery.cancel_scope.cancel()
     assert "an approval from before the restart, still pending" in screen.getvalue()
     assert control.decided == [("r-1", "allow", "op (terminal)", "12345:678")]
+
+
+async def test_undo_and_always_allow_with_keys(workdir: Path, home: FakeHomeAssistant) -> None:
+    """``u`` undoes the latest executed call once no card waits; ``w`` (Always allow) is a key
+    only on a card that offers it."""
+    with key_pipe() as (keys, typing), trio.fail_after(CEILING):
+        async with terminal_gateway(
+            workdir, home, keys, guardian_settings={"suggest_after": 1}
+        ) as (gw, _, screen):
+            async with connect(gw.url, token=gw.tokens["pi"], ssl_context=gw.client_ssl) as agent:
+                for n, key in ((1, b"a"), (2, b"w")):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(lambda: agent.call("ha_call_service", **LIGHT))
+                        await screen.wait_for("Your move", n)
+                        if n == 1:
+                            assert "[w] Always allow" not in screen.getvalue()
+                            os.write(typing, b"w")  # not offered on this card
+                            await screen.wait_for("is not a button of this card")
+                        else:
+                            assert "[w] Always allow" in screen.getvalue()
+                            assert "[ 🔁 Always allow ]" in screen.getvalue()
+                        os.write(typing, key)
+                    await gw.settled()
+                    if n == 1:
+                        await screen.wait_for("[u] undo ha_call_service(light.turn_on")
+                        os.write(typing, b"u")
+                        await screen.wait_for("💬 undone: light.kitchen: off")
+                        assert home.state("light.kitchen")["state"] == "off"  # type: ignore[index]
+                # Always allow: the third call runs without a card.
+                await agent.call("ha_call_service", **LIGHT)
+                assert screen.getvalue().count("Your move") == 2
+            out = screen.getvalue()
+    assert "op (terminal) presses ↩ Undo" in out
+    assert "op (terminal) presses Always allow" in out
+    assert "🔁 Allowed always" in out

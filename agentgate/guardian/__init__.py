@@ -5,7 +5,8 @@ The broker builds an :class:`ApprovalCard` (never from agent-supplied prose), ha
 to show the card's resolution. Decisions and commands flow back through :class:`GuardianControl`,
 which the gateway implements; the guardian only checks *who* pressed (``allowed_users``) and
 renders. All approval state lives in agentgate's store, so a card's buttons keep working after a
-restart: callback data is ``allow:<request_id>``, ``deny:<request_id>`` or ``grant:<request_id>``.
+restart: callback data is ``allow:<request_id>``, ``deny:<request_id>``, ``grant:<request_id>``,
+``always:<request_id>``, ``undo:<request_id>`` or ``undo!:<request_id>`` (Undo, confirmed).
 
 Imports: errors. The broker, the controls and the guardians import this.
 """
@@ -13,6 +14,8 @@ Imports: errors. The broker, the controls and the guardians import this.
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 from attrs import frozen
@@ -40,6 +43,7 @@ class Action(enum.StrEnum):
     ALLOW = "allow"
     DENY = "deny"
     GRANT = "grant"  # allow, and remember this signature for this agent for one hour
+    ALWAYS = "always"  # allow, and remember it for good (a permanent grant, revocable)
 
 
 class Status(enum.StrEnum):
@@ -55,6 +59,8 @@ class Status(enum.StrEnum):
     SHUTDOWN = "shutdown"  # gateway shutting down
     RESTARTING = "restarting"  # a planned restart: still open, buttons back once it is up
     FROZEN = "frozen"  # denied by /freeze
+    UNDONE = "undone"  # executed, then put back by a guardian's Undo
+    UNDO_FAILED = "undo_failed"  # executed; an Undo was tried and failed
 
 
 @frozen
@@ -70,6 +76,10 @@ class ApprovalCard:
     expires_at: float  # unix time
     target: str | None = None  # e.g. "Front door (lock.front_door) — now: locked"
     via: str | None = None  # the front door that asked: ws, mcp-stdio, mcp-http
+    quorum: int = 1  # Allow presses needed, from as many guardians (a rule's approvals: N)
+    votes: tuple[str, ...] = ()  # the guardians who pressed Allow so far (quorum > 1)
+    approved_before: int | None = None  # set: "Always allow" is offered, after this many
+    quota: str | None = None  # asked because a quota is used up: "20 per hour"
 
 
 @frozen
@@ -80,18 +90,37 @@ class CardUpdate:
     detail: str = ""  # one line: result summary, error, who decided
     by: str | None = None  # the guardian who decided, if any
     at: float = 0.0  # unix time of the resolution
-    grant_until: float | None = None  # an "Allow 1 h" holds until then (unix time)
+    grant_until: float | None = None  # an "Allow 1 h" holds until then (unix time; inf: always)
+    undo_until: float | None = None  # Undo is offered (its window ends then, unix time)
 
 
 @frozen
 class Grant:
-    """A remembered "Allow 1 h": this signature, this agent, until ``expires_at``."""
+    """A remembered "Allow 1 h" (until ``expires_at``) or "Always allow" (``expires_at`` is
+    infinite): this signature, this agent."""
 
     grant_id: str
     agent: str
     signature: str
     granted_by: str
     expires_at: float
+
+    @property
+    def permanent(self) -> bool:
+        return math.isinf(self.expires_at)
+
+
+@frozen
+class UndoItem:
+    """An executed call that Undo can put back (``/undo`` lists them)."""
+
+    request_id: str
+    agent: str
+    signature: str
+    executed_at: float
+    until: float  # the end of its undo window (unix time)
+    decided_by: str | None  # the guardian who allowed it; None: the policy did
+    restores: str  # what an Undo would set: "light.kitchen: off"
 
 
 @frozen
@@ -128,13 +157,21 @@ class Guardian(Protocol):
         ...
 
     async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
-        """Render a resolution on the card. Best effort: never raises for delivery failures."""
+        """Render a resolution on the card. Best effort: never raises for delivery failures.
+        ``update.undo_until`` set: the card keeps an Undo button."""
         ...
 
     async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
         """Show the card as it was asked, buttons included (after a planned restart edited it
         to say the gateway was restarting). Best effort, like :meth:`update_card`; may wait
-        until the guardian can reach its chat (the caller bounds the wait)."""
+        until the guardian can reach its chat (the caller bounds the wait). Also used to show
+        a card again with its votes (two-person approval)."""
+        ...
+
+    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
+        """A message for the guardians (plain text), with buttons as ``(label, callback
+        data)``: an Undo's result when the call had no card, the confirmation an Undo asks
+        for, a configuration reload. Best effort: never raises for delivery failures."""
         ...
 
 
@@ -142,9 +179,18 @@ class GuardianControl(Protocol):
     """What a guardian can ask of the gateway (implemented by the gateway)."""
 
     async def decide(
-        self, request_id: str, action: Action, by: str, *, message_ref: str
+        self,
+        request_id: str,
+        action: Action,
+        by: str,
+        *,
+        message_ref: str,
+        voter: str | None = None,
     ) -> PressAnswer:
         """Apply a guardian's decision; return how to answer the press.
+
+        ``voter`` identifies the guardian for two-person approval (a Telegram user id; by
+        default ``by``): one guardian's Allow counts once.
 
         ``message_ref`` is the card the button was pressed on: a press decides only the
         approval whose card it is (the one :meth:`Guardian.send_card` returned, or a copy
@@ -169,6 +215,16 @@ class GuardianControl(Protocol):
     async def grants(self) -> list[Grant]: ...
 
     async def revoke_grant(self, grant_id: str, by: str) -> bool: ...
+
+    async def undo(self, request_id: str, by: str, *, confirm: bool = False) -> PressAnswer:
+        """Put back what the executed call ``request_id`` changed (an Undo press); the answer
+        says what happened, or why nothing ran (``confirm`` overrides a passed window or a
+        change made since the call, see :data:`agentgate.approvals.UNDO_CONFIRM`)."""
+        ...
+
+    async def undoable(self) -> list[UndoItem]:
+        """The executed calls an Undo can put back now (their window still open)."""
+        ...
 
     async def set_frozen(self, frozen: bool, by: str) -> None: ...
 

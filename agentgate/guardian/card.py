@@ -26,6 +26,8 @@ What a card guarantees:
   no other target, so a target without ``entity_id`` is such a request.
 - **A template is named by its length and digest** (``ha_render_template``): its signature
   does not hold it, so the guardian can match the card against the arguments below.
+- **Room for what comes later.** A card that needs several guardians grows a line naming who
+  allowed it so far; its size is measured with that line at its longest.
 
 HTML is built from text spans (:class:`_Html`) that count what Telegram will show, so the size
 of a card is known exactly without parsing it back.
@@ -45,6 +47,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Final, Literal
 
+import attrs
 from attrs import frozen
 
 from agentgate import tools
@@ -62,6 +65,7 @@ __all__ = [
     "card_layout",
     "clip",
     "document_name",
+    "offers",
     "remaining",
     "render_card",
     "render_resolution",
@@ -84,6 +88,9 @@ is asked, the outcome line (status, who, when) once it is resolved."""
 
 TARGET_EXTRA: Final = 200
 """How much longer than its entity id a target line may be (name and state, revealed)."""
+
+VOTER_NAME: Final = 40
+"""Characters of one guardian's name in a card's "approved by" line."""
 
 Layout = Literal["inline", "document"]
 
@@ -315,6 +322,8 @@ def _body(card: ApprovalCard, layout: Layout, *, target: str | None) -> _Html:
     if indirect:
         out.text(f"⚠ Indirect: {indirect}\n", "b")
     out.text(f"Asked because: {reveal_value(card.matched)}\n")
+    if card.quorum > 1:
+        out.text(_votes_line(card) + "\n", "b")
     if layout == "inline":
         out.text("Arguments:\n").text(arguments_text(card.args), "pre")
     else:
@@ -322,6 +331,23 @@ def _body(card: ApprovalCard, layout: Layout, *, target: str | None) -> _Html:
         out.text(f"Arguments: {size:,} characters, in the file {name} sent just before this")
         out.text(f" message (sha256 {digest[:16]}…). Read it before you decide.", "b")
     return out
+
+
+def _votes_line(card: ApprovalCard) -> str:
+    """``👥 2 guardians must allow: 1 of 2 — approved by Alex (111)``."""
+    line = f"👥 {card.quorum} guardians must allow: {len(card.votes)} of {card.quorum}"
+    if card.votes:
+        names = ", ".join(clip(reveal_value(name), VOTER_NAME) for name in card.votes)
+        line += f" — approved by {names}"
+    return line
+
+
+def offers(card: ApprovalCard) -> tuple[bool, bool]:
+    """Which grant buttons the card carries: (Allow 1 h, Always allow). Neither where several
+    guardians must allow, where a quota asked, or where the signature leaves out what runs;
+    Always allow only once it is suggested (``approved_before``)."""
+    grant = card.quorum <= 1 and card.quota is None and tools.grantable(card.tool, card.args)
+    return grant, grant and card.approved_before is not None
 
 
 def _document_facts(card: ApprovalCard) -> tuple[str, int, str]:
@@ -370,9 +396,12 @@ def card_layout(card: ApprovalCard, *, max_chars: int, overflow: str) -> Layout:
     :data:`FRAME_RESERVE` keeps room for the first and last lines, so a card that passes here
     renders within its limit, asked or resolved.
     """
-    # The target line is read from Home Assistant when the card is sent: count its largest.
+    # The target line is read from Home Assistant when the card is sent: count its largest;
+    # and every guardian a two-person approval needs, with the longest of names.
     named = isinstance(card.args.get("entity_id"), str)
     worst_target = "x" * _target_limit(card) if named else card.target
+    if card.quorum > 1:
+        card = attrs.evolve(card, votes=("x" * VOTER_NAME,) * card.quorum)
     size = _body(card, "inline", target=worst_target).visible + FRAME_RESERVE
     if size <= max_chars:
         return "inline"
@@ -406,6 +435,8 @@ _STATUS_TEXT: Final[dict[Status, str]] = {
     Status.SHUTDOWN: "⏹ Gateway shutting down — request cancelled",
     Status.RESTARTING: "⏸ Gateway restarting — this request stays open",
     Status.FROZEN: "🧊 Frozen — denied",
+    Status.UNDONE: "↩ Undone",
+    Status.UNDO_FAILED: "⚠ Undo failed",
 }
 
 
@@ -434,13 +465,24 @@ def render_resolution(
         room -= utf16_len(by)
     head.text(when)
     if update.grant_until is not None:
-        grant = (
-            f"\n⏱ Allowed for 1 h: the same request from {reveal_key(card.agent)} runs without"
-            f" asking until {utc(update.grant_until)}"
-        )
+        if math.isinf(update.grant_until):
+            grant = (
+                f"\n🔁 Allowed always: the same request from {reveal_key(card.agent)} runs"
+                " without asking until the grant is revoked (/grants)"
+            )
+        else:
+            grant = (
+                f"\n⏱ Allowed for 1 h: the same request from {reveal_key(card.agent)} runs"
+                f" without asking until {utc(update.grant_until)}"
+            )
         if utf16_len(grant) + 8 < room:
             head.text(grant)
             room -= utf16_len(grant)
+    if update.undo_until is not None:
+        undo = f"\n↩ Undo possible until {utc(update.undo_until)}"
+        if utf16_len(undo) + 8 < room:
+            head.text(undo)
+            room -= utf16_len(undo)
     detail = reveal_value(update.detail.replace("\n", " "))
     if detail and room > 8:
         head.text("\n" + clip(detail, min(room - 1, 500)))

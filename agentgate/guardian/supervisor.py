@@ -19,9 +19,9 @@ without Telegram never needs it).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -29,12 +29,14 @@ from agentgate.config import ConfigError
 from agentgate.guardian import (
     ApprovalCard,
     CardUpdate,
-    Guardian,
     GuardianControl,
     GuardianRefused,
     GuardianUnavailable,
 )
 from agentgate.guardian.card import CardRules
+
+if TYPE_CHECKING:
+    from agentgate.guardian.telegram import TelegramGuardian
 
 __all__ = ["TELEGRAM_RESTART_DELAYS", "TelegramSupervisor", "supervised_telegram"]
 
@@ -53,7 +55,7 @@ class TelegramSupervisor:
         self._control = control
         self._cards = cards
         self._source = source
-        self.active: Guardian | None = None
+        self.active: TelegramGuardian | None = None
         self.problem = "the Telegram guardian is starting"
         self.first_attempt = trio.Event()
         self.fatal: ConfigError | None = None  # the first start found the configuration refused
@@ -74,6 +76,13 @@ class TelegramSupervisor:
         while self.active is None:
             await self._running.wait()
         await self.active.restore_card(card, message_ref)
+
+    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
+        """Sent if the bot runs; dropped (logged) while it cannot: a notice is best effort."""
+        if self.active is None:
+            log.warning("guardian unreachable, a notice was not sent: %s", text.splitlines()[0])
+            return
+        await self.active.notify(text, buttons)
 
     async def run(self) -> None:
         from agentgate.guardian.telegram import open_telegram_guardian

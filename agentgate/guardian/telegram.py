@@ -30,7 +30,7 @@ Card text is Telegram HTML; every string that an agent can influence is escaped,
 direction-changing characters are shown as ``\\uXXXX`` so that nothing on a card can hide or
 fake a part of it.
 
-Imports: guardian, guardian.card, guardian._trio_request, tools, config.
+Imports: guardian, guardian.card, guardian._trio_request, config.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -86,7 +86,6 @@ from telegram.ext import (
     filters,
 )
 
-from agentgate import tools
 from agentgate.config import client_ssl_context
 from agentgate.guardian import (
     Action,
@@ -97,6 +96,7 @@ from agentgate.guardian import (
     GuardianControl,
     GuardianRefused,
     GuardianUnavailable,
+    UndoItem,
 )
 from agentgate.guardian._trio_request import TrioRequest
 from agentgate.guardian.card import (
@@ -106,6 +106,7 @@ from agentgate.guardian.card import (
     arguments_document,
     clip,
     document_name,
+    offers,
     remaining,
     render_card,
     render_resolution,
@@ -154,7 +155,8 @@ ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY)
 
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("pending", "Re-send every pending approval"),
-    ("grants", "List active 'Allow 1 h' grants (with Revoke buttons)"),
+    ("grants", "List active grants, 'Allow 1 h' and 'Always allow' (with Revoke buttons)"),
+    ("undo", "List the recent calls Undo can put back (with Undo buttons)"),
     ("freeze", "Deny every new request until /unfreeze"),
     ("unfreeze", "Back to normal approvals"),
     ("status", "Connected agents, pending approvals, frozen or not"),
@@ -217,8 +219,11 @@ def _callback(kind: str, ident: str) -> str:
     return data
 
 
-def card_keyboard(request_id: str, *, grant: bool = True) -> InlineKeyboardMarkup:
-    """Allow / Deny buttons for one request, and Allow 1 h unless ``grant`` is False."""
+def card_keyboard(
+    request_id: str, *, grant: bool = True, always: int | None = None
+) -> InlineKeyboardMarkup:
+    """Allow / Deny buttons for one request, Allow 1 h unless ``grant`` is False, and Always
+    allow when ``always`` (the approvals that suggest it) is set."""
     rows = [
         [
             InlineKeyboardButton("✅ Allow", callback_data=_callback("allow", request_id)),
@@ -226,16 +231,36 @@ def card_keyboard(request_id: str, *, grant: bool = True) -> InlineKeyboardMarku
         ]
     ]
     if grant:
-        rows.append(
-            [InlineKeyboardButton("⏱ Allow 1 h", callback_data=_callback("grant", request_id))]
-        )
+        row = [InlineKeyboardButton("⏱ Allow 1 h", callback_data=_callback("grant", request_id))]
+        if always is not None:
+            label = f"🔁 Always allow (approved {always} times)"
+            row.append(InlineKeyboardButton(label, callback_data=_callback("always", request_id)))
+        rows.append(row)
     return InlineKeyboardMarkup(rows)
 
 
+def keyboard_for(card: ApprovalCard) -> InlineKeyboardMarkup:
+    """The buttons ``card`` carries while it waits (:func:`~agentgate.guardian.card.offers`)."""
+    grant, always = offers(card)
+    return card_keyboard(
+        card.request_id, grant=grant, always=card.approved_before if always else None
+    )
+
+
+def undo_keyboard(request_id: str) -> InlineKeyboardMarkup:
+    """The ↩ Undo button an executed, undoable call's card keeps."""
+    return InlineKeyboardMarkup(
+        [[InlineKeyboardButton("↩ Undo", callback_data=_callback("undo", request_id))]]
+    )
+
+
+CALLBACK_KINDS = frozenset({"allow", "deny", "grant", "always", "revoke", "undo", "undo!"})
+
+
 def parse_callback(data: str) -> tuple[str, str] | None:
-    """``allow|deny|grant|revoke:<id>`` → (kind, id); anything else → None."""
+    """``allow|deny|grant|always|revoke|undo|undo!:<id>`` → (kind, id); anything else → None."""
     kind, sep, ident = data.partition(":")
-    if not sep or not ident or kind not in {"allow", "deny", "grant", "revoke"}:
+    if not sep or not ident or kind not in CALLBACK_KINDS:
         return None
     if len(data.encode()) > MAX_CALLBACK_DATA or not ident.isprintable():
         return None
@@ -246,13 +271,17 @@ def render_grants(grants: list[Grant], *, now: float) -> tuple[str, InlineKeyboa
     """The /grants answer: one line and one Revoke button per grant."""
     if not grants:
         return "No active grants.", None
-    lines = ["<b>Active grants</b> (Allow 1 h):"]
+    lines = ["<b>Active grants</b> (Allow 1 h, Always allow):"]
     rows = []
     for n, grant in enumerate(grants, 1):
+        until = (
+            "always (until revoked)"
+            if grant.permanent
+            else f"until {utc(grant.expires_at)} ({remaining(grant.expires_at - now)})"
+        )
         lines.append(
             f"{n}. <code>{_field(grant.signature, 300)}</code> — agent {_field(grant.agent, 100)},"
-            f" by {_field(grant.granted_by, 100)}, until {utc(grant.expires_at)}"
-            f" ({remaining(grant.expires_at - now)})"
+            f" by {_field(grant.granted_by, 100)}, {until}"
         )
         data = f"revoke:{grant.grant_id}"
         if len(data.encode()) <= MAX_CALLBACK_DATA:
@@ -261,6 +290,36 @@ def render_grants(grants: list[Grant], *, now: float) -> tuple[str, InlineKeyboa
     if utf16_len(text) > MAX_TEXT:
         text = text[: MAX_TEXT - 40].rsplit("\n", 1)[0] + "\n… (more grants not shown)"
     return text, InlineKeyboardMarkup(rows) if rows else None
+
+
+MAX_UNDO_LISTED = 10
+
+
+def render_undoable(
+    items: list[UndoItem], *, now: float
+) -> tuple[str, InlineKeyboardMarkup | None]:
+    """The /undo answer: the calls an Undo can put back now, newest first, one button each."""
+    if not items:
+        return "Nothing to undo: no undoable call in its undo window.", None
+    shown = items[:MAX_UNDO_LISTED]
+    lines = ["<b>Undo</b> (newest first):"]
+    rows = []
+    for n, item in enumerate(shown, 1):
+        who = f"allowed by {_field(item.decided_by, 100)}" if item.decided_by else "by policy"
+        lines.append(
+            f"{n}. <code>{_field(item.signature, 300)}</code> — agent {_field(item.agent, 100)},"
+            f" {who}, at {utc(item.executed_at)}; undo sets {_field(item.restores, 300)}"
+            f" (until {utc(item.until)}, {remaining(item.until - now)})"
+        )
+        rows.append(
+            [InlineKeyboardButton(f"↩ Undo {n}", callback_data=_callback("undo", item.request_id))]
+        )
+    if len(items) > len(shown):
+        lines.append(f"… and {len(items) - len(shown)} older (agentgate undo REQUEST_ID)")
+    text = "\n".join(lines)
+    if utf16_len(text) > MAX_TEXT:
+        text = text[: MAX_TEXT - 40].rsplit("\n", 1)[0] + "\n… (more not shown)"
+    return text, InlineKeyboardMarkup(rows)
 
 
 def render_status(status: GatewayStatus, telegram: str = "ok") -> str:
@@ -279,7 +338,9 @@ def render_status(status: GatewayStatus, telegram: str = "ok") -> str:
 
 HELP_TEXT = (
     "<b>agentgate guardian</b>\n"
-    "Approval cards arrive here; press Allow, Deny or Allow 1 h.\n"
+    "Approval cards arrive here; press Allow, Deny or Allow 1 h (Always allow once you have"
+    " approved the same request a few times). An executed call's card keeps ↩ Undo for a"
+    " while.\n"
     + "\n".join(f"/{name} — {html.escape(what, quote=False)}" for name, what in COMMANDS)
 )
 
@@ -467,6 +528,8 @@ class TelegramGuardian:
 
         layout = self._cards.shown_layout(card)
 
+        keyboard = undo_keyboard(card.request_id) if update.undo_until is not None else None
+
         def edit() -> Awaitable[Any]:
             # Rendered once a send slot is free: when 10,000 approvals end at once, their edits
             # wait in line without their text, and the CPU goes first to the agents' outcomes.
@@ -474,7 +537,11 @@ class TelegramGuardian:
                 card, update, now=time.time(), layout=layout, max_chars=self._cards.max_chars
             )
             return self._bot.edit_message_text(  # type: ignore[no-any-return]
-                text, chat_id=chat_id, message_id=message_id, parse_mode=ParseMode.HTML
+                text,
+                chat_id=chat_id,
+                message_id=message_id,
+                parse_mode=ParseMode.HTML,
+                reply_markup=keyboard,
             )
 
         try:
@@ -487,14 +554,14 @@ class TelegramGuardian:
             log.exception("could not update card %s", card.request_id)
 
     async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
-        """The card as it was asked, buttons included (after a planned restart). Best effort."""
+        """The card as it was asked, buttons included (after a planned restart, or with its
+        votes so far). Best effort."""
         try:
             chat_id, message_id = parse_ref(message_ref)
         except ValueError:
             log.error("cannot restore card %s: bad message ref %r", card.request_id, message_ref)
             return
         layout = self._cards.shown_layout(card)
-        grant = tools.grantable(card.tool, card.args)
 
         def edit() -> Awaitable[Any]:
             text = render_card(card, now=time.time(), layout=layout)
@@ -503,7 +570,7 @@ class TelegramGuardian:
                 chat_id=chat_id,
                 message_id=message_id,
                 parse_mode=ParseMode.HTML,
-                reply_markup=card_keyboard(card.request_id, grant=grant),
+                reply_markup=keyboard_for(card),
             )
 
         try:
@@ -515,12 +582,22 @@ class TelegramGuardian:
         except Exception:
             log.exception("could not restore card %s", card.request_id)
 
+    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
+        """A message for the guardians' chat (plain text, escaped), with buttons. Best effort."""
+        markup = None
+        if buttons:
+            markup = InlineKeyboardMarkup(
+                [[InlineKeyboardButton(label, callback_data=data)] for label, data in buttons]
+            )
+        body = html.escape(clip(reveal_value(text.replace("\n", " ⏎ ")), MAX_TEXT - 100))
+        body = body.replace(" ⏎ ", "\n")
+        await self._reply(self._chat_id, body, markup)
+
     # -- sending ----------------------------------------------------------------------------
 
     async def _send_card_to(self, chat_id: int, card: ApprovalCard) -> str:
         """Send ``card`` (its arguments document first, if it needs one); its message ref."""
-        grant = tools.grantable(card.tool, card.args)
-        card_keyboard(card.request_id)  # a request id too long for a button fails here, unsent
+        keyboard = keyboard_for(card)  # a request id too long for a button fails here, unsent
         try:
             layout = self._cards.layout(card)
         except CardTooLarge as exc:  # the gateway refuses such asks; never send a partial card
@@ -532,7 +609,7 @@ class TelegramGuardian:
             # Rendered when the card is sent, not while it waits for a send slot: 10,000 queued
             # cards then hold only their ApprovalCard, and the expiry line is current.
             text = render_card(card, now=time.time(), layout=layout)
-            return text, card_keyboard(card.request_id, grant=grant)
+            return text, keyboard
 
         message = await self._send(chat_id, compose)
         return f"{message.chat_id}:{message.message_id}"
@@ -659,14 +736,25 @@ class TelegramGuardian:
         if kind == "revoke":
             revoked = await self._control.revoke_grant(ident, by=who)
             text = "grant revoked" if revoked else "grant already gone (expired or revoked)"
+        elif kind in ("undo", "undo!"):
+            if press.chat_id != self._chat_id:  # Undo buttons are the guardians' chat's only
+                await self._control.refused(who, f"button {press.data[:80]!r} in a foreign chat")
+                text = EXPIRED
+            else:
+                answer = await self._control.undo(ident, by=who, confirm=kind == "undo!")
+                text = answer.text
         else:
             # Decides only the approval whose card this is, in the guardians' chat: the
             # gateway checks the message against the approval's cards.
             ref = press.message_ref if press.chat_id == self._chat_id else None
-            text = await self._decide(ident, Action(kind), who, ref or f"foreign {press.chat_id}")
+            text = await self._decide(
+                ident, Action(kind), who, ref or f"foreign {press.chat_id}", str(press.user_id)
+            )
         await self._answer(press.query_id, text)
 
-    async def _decide(self, ident: str, action: Action, who: str, message_ref: str) -> str:
+    async def _decide(
+        self, ident: str, action: Action, who: str, message_ref: str, voter: str
+    ) -> str:
         """Decide, then wait (bounded) until the card shows the outcome.
 
         Telegram shows a progress bar on the button until the press is answered; answering when
@@ -676,7 +764,9 @@ class TelegramGuardian:
         shown = trio.Event()
         self._outcomes.setdefault(ident, []).append(shown)
         try:
-            answer = await self._control.decide(ident, action, by=who, message_ref=message_ref)
+            answer = await self._control.decide(
+                ident, action, by=who, message_ref=message_ref, voter=voter
+            )
             if answer.decided:
                 with trio.move_on_after(self._limits.answer_wait):
                     await shown.wait()
@@ -729,6 +819,12 @@ class TelegramGuardian:
         elif command.name == "grants":
             text, keyboard = render_grants(await self._control.grants(), now=time.time())
             await self._reply(chat, text, keyboard)
+        elif command.name == "undo":
+            # Listed in the guardians' chat, where the buttons count, whoever asked from where.
+            text, keyboard = render_undoable(await self._control.undoable(), now=time.time())
+            await self._reply(self._chat_id, text, keyboard)
+            if chat != self._chat_id:
+                await self._reply(chat, "The undoable calls are listed in the group.")
         elif command.name in ("freeze", "unfreeze"):
             frozen_ = command.name == "freeze"
             await self._control.set_frozen(frozen_, by=who)

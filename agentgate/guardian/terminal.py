@@ -2,8 +2,13 @@
 
 Approval cards are drawn in the terminal that runs the gateway, with the text a Telegram card
 has (:mod:`agentgate.guardian.card` renders both), and the operator decides with one key:
-``a`` Allow, ``d`` Deny, ``h`` Allow 1 h. No phone, no bot, no Telegram: for trying an approval
-before creating a bot, and for an operator who sits at the gateway's console.
+``a`` Allow, ``d`` Deny, ``h`` Allow 1 h, ``w`` Always allow (where the card offers it). Once
+an undoable call has run and no card waits, ``u`` undoes the latest one (and confirms an Undo
+that asked for it). No phone, no bot, no Telegram: for trying an approval before creating a
+bot, and for an operator who sits at the gateway's console.
+
+A terminal is one person: a rule that needs two guardians (``approvals: 2``) cannot be decided
+here (``config check --terminal-guardian`` says so).
 
 Safety rules, the same as Telegram's buttons and then some:
 
@@ -51,8 +56,10 @@ from agentgate.guardian.card import (
     arguments_document,
     card_layout,
     document_name,
+    offers,
     render_card,
     render_resolution,
+    utc,
 )
 from agentgate.inert import inert
 
@@ -72,8 +79,35 @@ KEYS: Final[dict[str, tuple[str, str]]] = {
     "a": ("allow", "Allow"),
     "d": ("deny", "Deny"),
     "h": ("grant", "Allow 1 h"),
+    "w": ("always", "Always allow"),
 }
-BUTTONS: Final = [["✅ Allow", "❌ Deny"], ["⏱ Allow 1 h"]]  # as the Telegram card lays them out
+UNDO_KEY: Final = "u"
+
+
+def card_keys(card: ApprovalCard) -> dict[str, tuple[str, str]]:
+    """The keys ``card`` offers (its buttons, as :func:`~agentgate.guardian.card.offers`)."""
+    grant, always = offers(card)
+    wanted = {"allow", "deny"} | ({"grant"} if grant else set()) | ({"always"} if always else set())
+    return {key: value for key, value in KEYS.items() if value[0] in wanted}
+
+
+def card_buttons(card: ApprovalCard) -> list[list[str]]:
+    """The buttons as the Telegram card lays them out."""
+    grant, always = offers(card)
+    rows = [["✅ Allow", "❌ Deny"]]
+    if grant:
+        rows.append(["⏱ Allow 1 h", "🔁 Always allow"] if always else ["⏱ Allow 1 h"])
+    return rows
+
+
+@frozen
+class _UndoOffer:
+    request_id: str
+    signature: str
+    until: float
+    confirm: bool = False
+
+
 WIDTH: Final = 64  # columns of a phone screen, roughly
 
 
@@ -284,6 +318,7 @@ class TerminalGuardian:
         self._changed = trio.Event()
         self._prompt: tuple[str, trio.CancelScope] | None = None
         self._earlier: set[str] = set()  # refs of cards from before a restart, not drawn yet
+        self._undo: _UndoOffer | None = None  # what u undoes, while no card waits
 
     def _print(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -291,12 +326,15 @@ class TerminalGuardian:
     def _touch(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if self._prompt is not None and self._prompt[0] == "undo":
+            self._prompt[1].cancel()  # a card came, or what u would undo changed: prompt again
 
     def banner(self) -> str:
         """The line that says who decides, printed once at start."""
         return (
             "terminal guardian: approval cards appear in this terminal; press a (Allow),"
-            f" d (Deny) or h (Allow 1 h). No phone and no Telegram are involved; decisions are"
+            " d (Deny) or h (Allow 1 h), w (Always allow) where offered, and u to undo the"
+            " latest undoable call. No phone and no Telegram are involved; decisions are"
             f" audited as {self.user!r}."
         )
 
@@ -325,7 +363,7 @@ class TerminalGuardian:
             for line in arguments_document(card).decode("ascii").splitlines():
                 self._print(f"  {s.dim('│')} {line}")
         text = html_to_text(render_card(card, now=self.now(), layout=layout), s)
-        for line in bubble("🖥 agentgate · approval card", text, BUTTONS, s):
+        for line in bubble("🖥 agentgate · approval card", text, card_buttons(card), s):
             self._print(line)
 
     async def update_card(self, card: ApprovalCard, message_ref: str, update: CardUpdate) -> None:
@@ -338,8 +376,24 @@ class TerminalGuardian:
             card, update, now=self.now(), layout=layout, max_chars=self.cards.max_chars
         )
         text = condensed(html_to_text(html, self.style), self.style)
-        for line in bubble("🖥 agentgate · card updated", text, [], self.style):
+        rows = [["↩ Undo"]] if update.undo_until is not None else []
+        for line in bubble("🖥 agentgate · card updated", text, rows, self.style):
             self._print(line)
+        if update.undo_until is not None:
+            self._undo = _UndoOffer(card.request_id, card.signature, update.undo_until)
+            self._touch()
+
+    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
+        """A message for the guardian, drawn as a bubble; an "Undo anyway" button makes ``u``
+        confirm that Undo."""
+        rows = [[label] for label, _ in buttons]
+        for line in bubble("🖥 agentgate · message", inert(text), rows, self.style):
+            self._print(line)
+        for _, data in buttons:
+            kind, _, request_id = data.partition(":")
+            if kind == "undo!" and request_id:
+                self._undo = _UndoOffer(request_id, "", math.inf, confirm=True)
+                self._touch()
 
     async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
         """After a planned restart: the card is shown again, and its keys decide it."""
@@ -364,10 +418,18 @@ class TerminalGuardian:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.keys.run)
             while True:
-                while not self._waiting:
-                    await self._changed.wait()
-                ref, card = next(iter(self._waiting.items()))
-                if not await self._decide(ref, card):
+                if not self._waiting:
+                    offer = self._undo
+                    if offer is not None and (offer.confirm or offer.until > self.now()):
+                        if await self._offer_undo(offer):
+                            continue
+                    else:
+                        await self._changed.wait()
+                        continue
+                    ref, card = "", None
+                else:
+                    ref, card = next(iter(self._waiting.items()))
+                if card is None or not await self._decide(ref, card):
                     self._print(
                         s.yellow(
                             "  stdin is closed: nothing more can be decided in this terminal;"
@@ -395,11 +457,47 @@ class TerminalGuardian:
             self._print(self.style.dim("  (an approval from before the restart, still pending)"))
         self._draw_card(card)
 
+    async def _offer_undo(self, offer: _UndoOffer) -> bool:
+        """Prompt for ``u`` while no card waits; False once keys end (True: go on)."""
+        assert self.keys is not None
+        assert self.control is not None
+        s = self.style
+        self.keys.flush()
+        if offer.confirm:
+            what = "confirm the Undo above"
+        else:
+            what = f"undo {offer.signature} (until {utc(offer.until)})"
+        self._print(f"  {s.bold('↩')} [{UNDO_KEY}] {what}")
+        while True:
+            with trio.CancelScope() as scope:
+                self._prompt = ("undo", scope)
+                if math.isfinite(offer.until):
+                    scope.deadline = trio.current_time() + max(0.0, offer.until - self.now())
+                try:
+                    key = await self.keys.get()
+                finally:
+                    self._prompt = None
+            if scope.cancelled_caught:
+                if self._undo is offer and not offer.confirm:
+                    self._undo = None  # its window has passed
+                return True  # a card came, or the offer changed
+            if key is None:
+                return False
+            if key != UNDO_KEY:
+                self._print(s.dim(f"  ({key!r}: no card is waiting; press {UNDO_KEY} to undo)"))
+                continue
+            self._undo = None
+            self._print(f"  👆 {s.bold(self.user)} presses {s.bold('↩ Undo')}")
+            answer = await self.control.undo(offer.request_id, self.user, confirm=offer.confirm)
+            self._print(s.dim(f"  💬 {answer.text}"))
+            return True
+
     async def _decide(self, ref: str, card: ApprovalCard) -> bool:
         """Prompt for one card until a key decides it or it leaves; False once keys end."""
         assert self.keys is not None
         s = self.style
-        hint = "  ".join(f"[{key}] {label}" for key, (_, label) in KEYS.items())
+        keys = card_keys(card)
+        hint = "  ".join(f"[{key}] {label}" for key, (_, label) in keys.items())
         others = len(self._waiting) - 1
         more = f" ({others} more waiting: shown one at a time)" if others else ""
         # Cards are drawn one at a time, each just before its prompt: the card on screen with
@@ -420,10 +518,11 @@ class TerminalGuardian:
                 return True  # the card left: the next one gets a prompt
             if key is None:
                 return False
-            if key not in KEYS:
-                self._print(s.dim(f"  ({key!r} is not a button: press a, d or h)"))
+            if key not in keys:
+                shown = ", ".join(keys)
+                self._print(s.dim(f"  ({key!r} is not a button of this card: press {shown})"))
                 continue
-            kind, label = KEYS[key]
+            kind, label = keys[key]
             self._print(f"  👆 {s.bold(self.user)} presses {s.bold(label)}")
             assert self.control is not None, "set control to the gateway's controls first"
             answer = await self.control.decide(

@@ -17,7 +17,9 @@ the ASGI scope (and as the SDK's authenticated user, so a session can only be us
 token that opened it); the tool handlers read it from there. A call that waits for the
 guardian holds a one-shot reply handle (:class:`_Waiter`); when the call stops waiting
 (answered "pending", cancelled, or its client gone: the guard sets an event when the HTTP
-request ends) the handle refuses the late result and the broker queues it for the agent.
+request ends) the handle refuses the late result and the broker queues it for the agent. A
+configuration reload that removes an agent or changes its token ends that agent's requests in
+flight (:meth:`McpHttpDoor.disconnect`).
 
 Imports: pipeline, approvals (the reply handle), config, limits, errors, protocol (ids); mcp.server.
 """
@@ -241,6 +243,7 @@ class McpHttpDoor:
         self._calls = 0
         self._idle: trio.Event | None = None
         self.sessions = SessionLedger(config.limits.max_connections_per_agent)
+        self._requests: dict[str, set[trio.CancelScope]] = {}  # agent -> HTTP requests running
         self.server = build_server(self._backend_for, wait=self.settings.wait, gone_for=_gone_for)
         limit = config.limits.max_message_bytes
         sdk_app = self.server.streamable_http_app(
@@ -262,6 +265,15 @@ class McpHttpDoor:
         if not isinstance(agent, str):  # never: the guard lets nothing through without one
             raise MCPError(code=AuthenticationFailed.code, message="not authenticated")
         return PipelineBackend(self, agent)
+
+    def disconnect(self, agent: str) -> int:
+        """End every HTTP request of ``agent`` now in flight (a configuration reload removed
+        it or changed its token: its next request needs the new token); how many. A call
+        waiting for the guardian stops waiting; its result is queued."""
+        scopes = self._requests.get(agent, set())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -360,6 +372,10 @@ class _Guard:
             if replay is None:
                 return
             receive = replay
+        now = door.config.agents.get(agent.name)
+        if now is None or now.digest != agent.digest:  # a reload came while the body came
+            await _refuse(send, 401, AuthenticationFailed("authentication failed: unknown token"))
+            return
         session = headers.get("mcp-session-id")
         if session is None and _opens_session(receive):
             # A new session costs the agent a request, and each agent holds only a few: one
@@ -379,10 +395,16 @@ class _Guard:
         scope["user"] = AuthenticatedUser(access)
         scope[AGENT_KEY] = agent.name
         gone = scope[GONE_KEY] = trio.Event()
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            gone.set()
+        running = door._requests.setdefault(agent.name, set())
+        with trio.CancelScope() as request:
+            running.add(request)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                gone.set()
+                running.discard(request)
+                if not running:
+                    door._requests.pop(agent.name, None)
 
     async def _body(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the whole body (at most ``max_message_bytes``), or refuse it (413)."""

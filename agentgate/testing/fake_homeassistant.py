@@ -54,7 +54,9 @@ text if it is not JSON, or ``None`` if empty. ``ha.state(entity_id)`` returns a 
 entity's state object; ``await ha.wait_for_state(entity_id, state)`` (Trio) waits for one.
 
 Use it from Trio (``async with run_fake_homeassistant(token=...) as ha``), from sync code
-(``with FakeHomeAssistant(token=...) as ha``) or as a process for benchmarks and the demo::
+(``with FakeHomeAssistant(token=...) as ha``), without a socket (``httpx.MockTransport(
+FakeHomeAssistant(token=...).handler)``: the same answers, for the fast tier) or as a process
+for benchmarks and the demo::
 
     python -m agentgate.testing.fake_homeassistant --port 8123 --token T   # prints its URL
 
@@ -87,6 +89,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
+import httpx
 import trio
 
 from agentgate.testing import fake_ha_wider
@@ -469,6 +472,19 @@ class FakeHomeAssistant:
         for conn in connections:
             with suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        """Answer ``request`` as the server would, without a socket (``httpx.MockTransport``).
+        ``hang_up`` has no meaning here: such an answer raises ``httpx.ReadError``."""
+        reply = self._handle(
+            request.method, request.url.raw_path.decode("ascii"), request.headers, request.content
+        )
+        if reply is _HANG_UP:
+            raise httpx.ReadError("fake Home Assistant dropped the connection", request=request)
+        payload = json.dumps(reply.body) if reply.content_type == _JSON else str(reply.body)
+        return httpx.Response(
+            reply.status, content=payload.encode(), headers={"Content-Type": reply.content_type}
+        )
 
     def __enter__(self) -> FakeHomeAssistant:
         self.start()

@@ -9,6 +9,7 @@ Imports: guardian (the protocol).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -38,6 +39,8 @@ class ScriptedGuardian:
         self.unavailable = False
         self.cards: dict[str, ShownCard] = {}
         self.restored: list[tuple[str, str]] = []
+        self.shown: list[tuple[ApprovalCard, str]] = []  # restore_card calls (votes), in order
+        self.notices: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         self._refs = itertools.count(1)
         self._changed = trio.Event()
 
@@ -60,9 +63,26 @@ class ScriptedGuardian:
             self._touch()
 
     async def restore_card(self, card: ApprovalCard, message_ref: str) -> None:
-        """After a planned restart: recorded in ``restored`` (request id, message ref)."""
+        """After a planned restart, or with new votes: recorded in ``restored`` (request id,
+        message ref) and ``shown`` (the card as shown)."""
         self.restored.append((card.request_id, message_ref))
+        self.shown.append((card, message_ref))
         self._touch()
+
+    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
+        """Recorded in ``notices`` as (text, buttons)."""
+        self.notices.append((text, tuple(buttons)))
+        self._touch()
+
+    async def wait_for_notice(
+        self, predicate: Callable[[str], bool] = lambda text: True
+    ) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The first notice whose text satisfies ``predicate`` (caller's deadline)."""
+        while True:
+            for notice in self.notices:
+                if predicate(notice[0]):
+                    return notice
+            await self._changed.wait()
 
     async def wait_restored(self, count: int = 1) -> list[tuple[str, str]]:
         """Wait until ``count`` cards have been restored (caller's deadline)."""
@@ -93,11 +113,18 @@ class ScriptedGuardian:
     async def press(
         self, request_id: str, action: str, user: str | None = None, *, on: str | None = None
     ) -> str:
-        """Press ``action`` for ``request_id`` on its card (or on the card ref ``on``).
+        """Press ``action`` for ``request_id`` on its card (or on the card ref ``on``), as
+        ``user`` (default: this guardian's user; each user votes once where several must allow).
+        ``undo`` and ``undo!`` (confirmed) press Undo.
 
         A card shown before a restart is still in the chat: its ref comes from the gateway.
         """
         assert self.control is not None, "connect the guardian to a gateway first"
+        if action in ("undo", "undo!"):
+            answer = await self.control.undo(
+                request_id, user or self.user, confirm=action == "undo!"
+            )
+            return answer.text
         shown = self.cards.get(request_id)
         ref = on if on is not None else shown.ref if shown is not None else None
         if ref is None:

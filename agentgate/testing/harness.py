@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -195,13 +196,15 @@ async def running_gateway(
     use_telegram: bool = False,
     tls: bool = True,
     tokens: Mapping[str, str] | None = None,
+    now: Callable[[], float] = time.time,
     **toml: Any,
 ) -> AsyncIterator[Harness]:
     """Start a real gateway for the body of the block; stop it cleanly afterwards.
 
     ``guardian`` defaults to a :class:`ScriptedGuardian` unless ``use_telegram`` (then pass
     ``telegram={...}`` for ``[guardian.telegram]``). ``home`` is a fake (or real) Home Assistant
-    with ``url`` and ``token``. Other keywords go to :func:`write_gate_toml`.
+    with ``url`` and ``token``. ``now`` is the gateway's wall clock (a test can move it on to
+    pass an undo window or a quota's). Other keywords go to :func:`write_gate_toml`.
     """
     tokens = dict(tokens or DEFAULT_TOKENS)
     config, ca_path, client_ssl = _prepare(workdir, home, tls, tokens, toml)
@@ -212,7 +215,7 @@ async def running_gateway(
         try:
             running: RunningGateway = await nursery.start(
                 lambda task_status: serve_gateway(
-                    config, insecure=not tls, guardian=guardian, task_status=task_status
+                    config, insecure=not tls, guardian=guardian, now=now, task_status=task_status
                 )
             )
         except ConfigError as exc:
