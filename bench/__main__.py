@@ -27,7 +27,7 @@ from bench.profile import Profiler, find_py_spy, report
 from bench.scenarios import SCENARIOS, Context, Settings
 from bench.stats import Row, combine, fmt, headline, table
 
-NEEDS_FLOORS = {"S1", "S2", "S3", "S4"}
+NEEDS_FLOORS = {"S1", "S2", "S3", "S2U", "S4"}
 PROPOSALS = ""  # set from --proposals
 
 
