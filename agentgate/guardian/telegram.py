@@ -51,8 +51,11 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import trio
-import trio.testing
 from attrs import field, frozen
+
+# trio.testing's idle hook, imported from where it lives: importing trio.testing would also
+# import pytest wherever it is installed (several MiB in a gateway that never tests anything).
+from trio._core import wait_all_tasks_blocked  # type: ignore[attr-defined]  # re-exported
 
 # PTB 22 warns on every RetryAfter unless timedelta periods are opted into; opt in (the future
 # behaviour) so flood control is a plain exception, also under warnings-as-errors.
@@ -1215,9 +1218,9 @@ async def _before_next_poll(
         await trio.sleep_until(started + POLL_PAUSE)
         return
     with trio.move_on_after(POLL_SETTLE):
-        # Trio's idle hook (public, in trio.testing): no task is runnable, so what was handed
-        # over has reached the guardian, each press waiting for its outcome.
-        await trio.testing.wait_all_tasks_blocked()
+        # Trio's idle hook: no task is runnable, so what was handed over has reached the
+        # guardian, each press waiting for its outcome.
+        await wait_all_tasks_blocked()
         await settled()
 
 
