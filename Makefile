@@ -50,7 +50,7 @@ demo: $(STAMP) ## the whole product on this machine, with a terminal "phone" (AR
 bench: $(STAMP) ## benchmarks, by hand (~6-7 min; bench/README.md)
 	$(BIN)/python -m bench $(ARGS)
 
-soak: $(STAMP) ## fuzz and connection churn against a gateway it starts (~5 min)
+soak: $(STAMP) ## fuzz and connection churn against a gateway it starts, the pipeline property test at length (~8 min)
 	$(BIN)/python -m bench.soak $(ARGS)
 
 test-ha: $(STAMP) ## the gateway against a real Home Assistant core (downloads it into .cache/)

@@ -5,11 +5,14 @@ a dependency changes under it.
 
 - **python-telegram-bot 22.8: Telegram Passport's optional ``cryptography`` import.** PTB
   imports ``cryptography``, when installed, only to decrypt Telegram Passport data (its
-  optional ``passport`` extra), which the guardian never asks for; that import costs ~7.5 MiB
-  of resident memory for as long as the gateway runs. PTB guards it with ``try: ... except
-  ImportError`` (``telegram._passport.credentials.CRYPTO_INSTALLED``), so hiding the package
-  while PTB is first imported leaves PTB as it is without the extra. ``import cryptography``
-  works again afterwards, for anything else that wants it.
+  optional ``passport`` extra), which the guardian never asks for. PTB guards it with
+  ``try: ... except ImportError`` (``telegram._passport.credentials.CRYPTO_INSTALLED``), so
+  hiding the package while PTB is first imported leaves PTB as it is without the extra.
+  ``import cryptography`` works again afterwards: the audit log's key (:mod:`agentgate.auditkey`)
+  then loads its Ed25519 alone. Since the gateway needs ``cryptography`` itself, this no
+  longer saves the whole package (~7 MiB of resident memory, now paid) but what Passport
+  would add to it: its ciphers, RSA, padding and serialization, ~2 MiB (docs/performance.md,
+  S7).
 
 Imports: guardian.telegram (when asked to).
 """

@@ -355,7 +355,10 @@ class ReplyHandle(Protocol):
     """How a front door hears about a request after it was asked (its "reply handle").
 
     The WebSocket door turns these into frames on the connection that asked; a door that is
-    gone answers ``deliver`` with False and the result waits in the agent's queue.
+    gone answers ``deliver`` with False and the result waits in the agent's queue. The outcome
+    is recorded (queued) before ``deliver``; ``deliver`` returning True takes it out of the
+    queue, unless the handle has a true ``confirms_delivery`` attribute: it then calls
+    ``Store.mark_delivered`` itself once the result has really gone out (or ``Store.release``).
     """
 
     @property

@@ -11,15 +11,18 @@ Lifecycle of one approval::
                                                         ├─ deadline (cancel scope from expires_at)
                                                         ├─ shutdown / freeze ────┤
                                                         └─ card undeliverable ───┘
-                                       finish: store outcome ── answer the asking connection, or
-                                       queue the result for the agent ── edit the card
+                                       finish: record the outcome, its result queued ── answer
+                                       the asking connection (written: it leaves the queue), or
+                                       tell the agent it is queued ── edit the card
 
 The first resolution wins through :meth:`Approval.resolve`, a one-shot value plus a
 ``trio.Event``; later ones are no-ops and say so. What each resolution means (its outcome, its
 card, the agent's error, the press answer) is :data:`agentgate.approvals.MEANINGS`. Approvals
 belong to the broker, not to the front door that asked: when the agent goes away the approval
 goes on and its result is queued. Execution is gated by the store (``pending`` → ``executing``
-happens once), so a decision can never run a call twice, even across a restart.
+happens once), so a decision can never run a call twice, even across a restart. Nothing is told
+that the store does not hold: an outcome the store refuses is retried, and told once recorded
+(if the gateway stops first, the store still holds the approval open for the next start).
 
 A card that needs several guardians (a rule's ``approvals: N``) counts Allow presses as votes,
 one per guardian, kept in the store (:func:`agentgate.approvals.count_vote`): the vote that
@@ -49,7 +52,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -181,10 +184,23 @@ class Approval:
 
 
 _TASK_NAME: Final = "agentgate.broker.approval"  # one shared string, not one per task
-# Seconds an outcome's bookkeeping (its commit, the card's edit) waits for the agent's frame to
-# be written: both would otherwise compete with that frame's send for the event loop.
+# Seconds an outcome's card edit waits for the agent's frame to be written: it would otherwise
+# compete with that frame's send for the event loop.
 DRAIN_WAIT: Final = 0.25
+# Seconds between attempts to record an outcome the store refused (doubling up to the max).
+RECORD_RETRY: Final = 1.0
+RECORD_RETRY_MAX: Final = 30.0
+# A press on an approval that is over, by its recorded outcome: a call that ran (or may have)
+# was approved, as the press on a card still in memory would say.
+STALE_ANSWERS: Final[Mapping[Outcome, str]] = {
+    Outcome.EXECUTED: "approved",
+    Outcome.UNKNOWN: "approved",
+    Outcome.DENIED: "denied",
+    Outcome.TIMED_OUT: "timed out",
+    Outcome.SHUTDOWN: "cancelled (gateway shutting down)",
+}
 UNDELIVERED = "the approval card could not be delivered (the gateway's log says why)"
+UNRECORDED: Final = "its outcome could not be recorded (a store error): the next start resumes it"
 DEFAULT_DETAIL: Final = {
     Decision.TIMEOUT: "no decision before the deadline",
     Decision.UNDELIVERABLE: UNDELIVERED,
@@ -236,6 +252,7 @@ class Broker:
         self._suspending = False  # a planned restart: undecided approvals stay pending
         self._idle: trio.Event | None = None  # set when the last approval is done (idle())
         self._sending: dict[str, trio.Event] = {}  # request id -> set once its card is sent
+        self._stopping = trio.Event()  # set when the gateway stops: unrecorded outcomes wait
         self._watched: dict[str, trio.Event] = {}  # request id -> set once it is finished
         self.executions = 0
 
@@ -247,7 +264,10 @@ class Broker:
             self._nursery = nursery
             await self._resume()
             task_status.started()
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:  # cancelled: outcomes still waiting to be recorded give up (_record)
+                self._stopping.set()
 
     async def _resume(self) -> None:
         assert self._nursery is not None
@@ -405,7 +425,7 @@ class Broker:
         if self._suspending:  # a planned restart: it is decided once the gateway is back
             return PressAnswer(RESTARTING_ANSWER)
         if approval is None:
-            return PressAnswer("expired or unknown approval")
+            return PressAnswer(await self._stale_answer(request_id))
         if self._now() >= approval.row.expires_at:
             approval.resolve(Decision.TIMEOUT)
             return PressAnswer("expired: the approval timed out")
@@ -420,6 +440,16 @@ class Broker:
         decision = decision_for(action)
         approval.resolve(decision, by)
         return PressAnswer(MEANINGS[decision].answer, decided=True)
+
+    async def _stale_answer(self, request_id: str) -> str:
+        """How to answer a press on an approval that is over: what the store recorded."""
+        try:
+            row = await self.store.pending_row(request_id)
+        except ExecutionFailed:
+            row = None
+        if row is None or row.outcome is None:
+            return "expired or unknown approval"
+        return f"expired: already {STALE_ANSWERS.get(row.outcome, row.outcome.value)}"
 
     async def _grant_refusal(self, approval: Approval, action: Action) -> str | None:
         """Why "Allow 1 h" or "Always allow" may not decide this approval (their buttons are
@@ -534,6 +564,7 @@ class Broker:
         with ``cancel_pending`` resolve them as ``shutdown``; let each approval finish either
         way (a call already executing completes and records its outcome)."""
         self._closing = True
+        self._stopping.set()
         if cancel_pending:
             self.resolve_all(Decision.SHUTDOWN, None, "gateway shutting down")
         else:
@@ -548,7 +579,7 @@ class Broker:
         await self.idle()
 
     async def idle(self) -> None:
-        """Return once no approval is in flight (each has delivered and recorded its outcome)."""
+        """Return once no approval is in flight (each has recorded and told its outcome)."""
         if self.approvals:
             if self._idle is None:
                 self._idle = trio.Event()
@@ -646,13 +677,14 @@ class Broker:
             del self._sending[row.request_id]
             sending.set()
         try:
-            await self.store.set_message_ref(row.request_id, ref, target)
+            await self.store.set_message_ref(row.request_id, ref, target, at=self._now())
         except ExecutionFailed:
             log.exception("could not record the card of %s", row.request_id)
 
-    async def _suspended(self, approval: Approval) -> None:
+    async def _suspended(self, approval: Approval, detail: str | None = None) -> None:
         """A planned restart: the asking door hears -32007 (the result will be queued), and the
-        card says the gateway is restarting. The store keeps the approval pending."""
+        card says the gateway is restarting (``detail``: why it is still open). The store keeps
+        the approval pending."""
         row = approval.row
         data = {
             "request_id": row.request_id,
@@ -682,7 +714,7 @@ class Broker:
             return
         update = CardUpdate(
             status=Status.RESTARTING,
-            detail="open until its deadline; its buttons come back when the gateway does",
+            detail=detail or "open until its deadline; its buttons come back when the gateway does",
             at=self._now(),
         )
         with trio.move_on_after(10):
@@ -797,30 +829,72 @@ class Broker:
     ) -> None:
         row = approval.row
         late = Result(row.request_id, row.rpc_id, row.tool, row.signature, outcome, result, error)
+        # Recorded first, queued (delivered=0), then told: a WebSocket connection takes it out
+        # of the queue once its writer wrote the frame (confirms_delivery), so a crash or a drop
+        # anywhere from here leaves it queued, and nothing is told that the store does not hold.
+        telling = self.store.telling  # listings skip it until its delivery is recorded
+        telling.add(row.request_id)
+        if not await self._record(approval, late, outcome, result, error):
+            # The gateway stops before the outcome could be recorded: nothing was told, and the
+            # store still holds the approval (pending, or executing: unknown) for the next start.
+            self.store.release([row.request_id])
+            await self._suspended(approval, UNRECORDED)
+            return
         session = approval.session
         delivered = session is not None and session.deliver(late)
+        if not delivered:
+            self.store.release([row.request_id])
+        elif not getattr(session, "confirms_delivery", False):
+            self.store.mark_delivered([row.request_id])  # handed over is delivered
         if session is not None and delivered:
-            # The agent's frame goes out first; the outcome's commit and card edit would
-            # otherwise compete with its send for the event loop.
+            # The agent's frame goes out first; the card edit would otherwise compete with its
+            # send for the event loop.
             with trio.move_on_after(DRAIN_WAIT):
                 await session.drained()
-        try:
-            await self.store.finish_pending(
-                row.request_id,
-                outcome,
-                decided_by=approval.by,
-                at=self._now(),
-                entry=late.queued(),
-                delivered=delivered,
-                result=result,
-                error=None if error is None else error.message,
-            )
-        except ExecutionFailed:
-            log.exception("could not record the outcome of %s", row.request_id)
         undo_until = await self._remember_undo(approval, snapshot, result)
         if not delivered:
             await self.announce_queued(row.agent)
         await self._edit_card(approval, outcome, result, error, delivered, grant_until, undo_until)
+
+    async def _record(
+        self,
+        approval: Approval,
+        late: Result,
+        outcome: Outcome,
+        result: Any,
+        error: AgentgateError | None,
+    ) -> bool:
+        """Commit the outcome with its result queued; retried while the store refuses (a full
+        or failing disk), until it is written (True) or the gateway stops (False)."""
+        row = approval.row
+        delay = RECORD_RETRY
+        while True:
+            try:
+                await self.store.finish_pending(
+                    row.request_id,
+                    outcome,
+                    decided_by=approval.by,
+                    at=self._now(),
+                    entry=late.queued(),
+                    delivered=False,
+                    result=result,
+                    error=None if error is None else error.message,
+                )
+                return True
+            except ExecutionFailed as exc:
+                if delay == RECORD_RETRY:
+                    log.exception("could not record the outcome of %s", row.request_id)
+                else:
+                    log.warning("still cannot record the outcome of %s: %s", row.request_id, exc)
+            if self._stopping.is_set():
+                log.warning(
+                    "the outcome of %s was not recorded or told: the next start resumes it",
+                    row.request_id,
+                )
+                return False
+            with trio.move_on_after(delay):
+                await self._stopping.wait()
+            delay = min(2 * delay, RECORD_RETRY_MAX)
 
     async def _remember_undo(
         self, approval: Approval, snapshot: Snapshot | None, result: Any

@@ -12,8 +12,8 @@ control socket, :mod:`agentgate.control_socket`); the agent-side ``call``, ``too
 and connection settings are documented there).
 
 Imports: tools, policy, errors, agentgate's ``__version__``; and, each only in the command that
-runs it, config, preflight, serve, audit, inert, store, http_tools, cli_agent, mcp.stdio,
-control_socket, guardian.card.
+runs it, config, preflight, serve, audit, cli_audit, inert, store, http_tools, cli_agent,
+mcp.stdio, control_socket, guardian.card.
 """
 
 from __future__ import annotations
@@ -493,6 +493,69 @@ def _configure_audit(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep printing new rows, and each request again (↳) once it is resolved",
     )
+    parser.epilog = (
+        "With an ACTION: verify (prove nothing was changed or removed), proof REQUEST_ID"
+        " (inclusion proofs), key (the public key that signs checkpoints), compact (prune old"
+        " events, audited). agentgate audit ACTION --help says more."
+    )
+    actions = parser.add_subparsers(dest="audit_action", metavar="ACTION")
+    verify = actions.add_parser(
+        "verify",
+        help="recompute every hash, the tree and every checkpoint's signature",
+        description="Check that nothing in the audit log was changed (integrity) or removed"
+        " (completeness). Exit status: 0 both hold, 1 either does not, 2 invalid input.",
+    )
+    _audit_where(verify)
+    verify.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="TEXT_OR_FILE",
+        help="a checkpoint kept elsewhere: the chat message's text, a file of them (the"
+        " witness file), or - for stdin; may be repeated",
+    )
+    verify.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="NAME+HASH+KEY",
+        help="the public key checkpoints must be signed with (as agentgate audit key printed"
+        " it); default: the key the log names",
+    )
+    verify.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    proof = actions.add_parser(
+        "proof",
+        help="inclusion proofs of a request's events against the latest checkpoint",
+        description="RFC 9162 inclusion proofs of REQUEST_ID's events in the tree the latest"
+        " stored checkpoint signed. Exit status: 0, 1 no event of it is covered yet.",
+    )
+    proof.add_argument("request_id", metavar="REQUEST_ID")
+    _audit_where(proof)
+    proof.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    key = actions.add_parser(
+        "key",
+        help="the public key that signs the audit log's checkpoints",
+        description="Print the log's verifier key (NAME+HASH+KEY): keep it, and give it to"
+        " verify --key.",
+    )
+    _audit_where(key)
+    compact = actions.add_parser(
+        "compact",
+        help="prune events older than [store] keep_days (audited and signed)",
+        description="Prune the audit events older than --keep-days (default [store] keep_days):"
+        " the pruned range's root is kept and signed, so verify still works across it. Safe"
+        " next to a running gateway.",
+    )
+    _audit_where(compact)
+    compact.add_argument("--keep-days", type=float, metavar="DAYS")
+
+
+def _audit_where(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", metavar="GATE_TOML", default=argparse.SUPPRESS, help="gate.toml")
+    where.add_argument(
+        "--store", metavar="FILE", default=argparse.SUPPRESS, help="the store file itself"
+    )
 
 
 def _audit_store(args: argparse.Namespace) -> Path:
@@ -513,6 +576,11 @@ def _audit_store(args: argparse.Namespace) -> Path:
 
 def _run_audit(args: argparse.Namespace) -> int:
     import sqlite3
+
+    if getattr(args, "audit_action", None):
+        from agentgate import cli_audit
+
+        return cli_audit.run(args, _audit_store(args))
 
     from agentgate import audit
     from agentgate.inert import inert_json

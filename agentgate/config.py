@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentConfig",
+    "AuditConfig",
     "Config",
     "ConfigError",
     "GatewayConfig",
@@ -226,6 +227,18 @@ def _seconds(value: object) -> float:
     return number
 
 
+def _positive_number(unit: str) -> Callable[[object], float]:
+    """A check for a positive, finite number of ``unit`` (days, minutes)."""
+
+    def check(value: object) -> float:
+        try:
+            return _seconds(value)
+        except _Invalid:
+            raise _Invalid(f"expected a positive number of {unit}, got {_show(value)}") from None
+
+    return check
+
+
 def _non_negative_seconds(value: object) -> float:
     if _as_int(value) == 0 or value == 0.0:
         return 0.0
@@ -318,6 +331,12 @@ def _card_overflow(value: object) -> str:
     return str(value)
 
 
+def _witness(value: object) -> str:
+    if value not in ("telegram", "none"):
+        raise _Invalid(f'expected "telegram" (the guardians\' chat) or "none", got {_show(value)}')
+    return str(value)
+
+
 def _durability(value: object) -> str:
     if value not in ("normal", "full"):
         raise _Invalid(f'expected "normal" or "full", got {_show(value)}')
@@ -377,6 +396,9 @@ def _origins(value: object) -> tuple[str, ...]:
 
 
 Durability = Annotated[str, _Check(_durability)]
+Witness = Annotated[str, _Check(_witness)]
+Days = Annotated[float, _Check(_positive_number("days"))]
+Minutes = Annotated[float, _Check(_positive_number("minutes"))]
 HttpAuth = Annotated[str, _Check(_http_auth)]
 HeaderName = Annotated[str, _Check(_header_name)]
 ResponseBytes = Annotated[
@@ -440,6 +462,28 @@ class StoreConfig:
     # "normal": WAL commits survive a crash or kill -9 of the gateway (not a power cut);
     # "full": every commit is also fsync'd, surviving a power cut, at a cost in throughput.
     synchronous: Durability = "normal"
+    # Audit events older than this many days are pruned by a compaction (audited, signed;
+    # at start and daily). None: everything is kept.
+    keep_days: Days | None = None
+
+
+@frozen(kw_only=True)
+class AuditConfig:
+    """``[audit]``: the audit log's signed checkpoints and where they are witnessed
+    (docs/configuration.md, ``[audit]``)."""
+
+    # The Ed25519 key that signs checkpoints; default: NAME.audit-key beside the store.
+    key: FilePath | None = None
+    checkpoint_every: PositiveInt = 100  # events
+    checkpoint_minutes: Minutes = 60.0  # ... or minutes, whichever comes first
+    # "telegram": each checkpoint is also posted, silently, to the guardians' chat (the
+    # default when a guardian is configured); "none": not posted.
+    witness: Witness | None = None
+    witness_file: FilePath | None = None  # each checkpoint is also appended to this file
+
+    def key_path(self, store: Path) -> Path:
+        """Where the signing key is: ``key``, else ``NAME.audit-key`` beside the store."""
+        return self.key or store.with_name(store.stem + ".audit-key")
 
 
 @frozen(kw_only=True)
@@ -615,6 +659,7 @@ class Config:
     services: ServicesConfig = ServicesConfig()
     limits: LimitsConfig = LimitsConfig()
     mcp: McpConfig | None = None
+    audit: AuditConfig = AuditConfig()
 
     def agent_limits(self, name: str) -> tuple[int, int]:
         """``(requests_per_minute, max_pending)`` for agent ``name``: its own overrides, else
@@ -971,6 +1016,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             control_socket=maybe(gateway.control_socket),
         ),
         store=attrs.evolve(config.store, path=resolve(config.store.path)),
+        audit=attrs.evolve(
+            config.audit,
+            key=maybe(config.audit.key),
+            witness_file=maybe(config.audit.witness_file),
+        ),
         policy=attrs.evolve(config.policy, file=resolve(config.policy.file)),
         agents={
             name: attrs.evolve(agent, policy=maybe(agent.policy))

@@ -30,7 +30,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import attrs
 import trio
@@ -110,10 +110,12 @@ class Connection:
     ``closing`` is set when it stops taking frames, ``gone`` once its socket is done with.
     """
 
+    # Its writer records a result delivered once it wrote the frame (ReplyHandle).
+    confirms_delivery: ClassVar[bool] = True
     agent: str
     remote: str
-    # Frames for the writer, each with the request ids of the results it hands out, so a frame
-    # that never reaches the socket puts those results back in the agent's queue.
+    # Frames for the writer, each with the request ids of the results it hands out: they leave
+    # the agent's queue once the writer wrote their frame (Pipeline.written), not before.
     _send: trio.MemorySendChannel[Frame]
     closed: bool = False
     in_flight: int = 0
@@ -130,6 +132,9 @@ class Connection:
     # drained() waiters as (frames that must be written, event), in the order they came: their
     # targets never decrease, so each frame written wakes exactly the waiters it satisfies.
     _waiters: deque[tuple[int, trio.Event]] = attrs.field(factory=deque)
+    # Request ids of the results in frames queued and not yet written (or given up): still
+    # queued and skipped by listings (Store.telling); released if the connection ends first.
+    carrying: set[str] = attrs.field(factory=set)
 
     # -- the reply handle ---------------------------------------------------------------------
 
@@ -159,6 +164,8 @@ class Connection:
             self._send.send_nowait((text, (request_id,) if request_id else ()))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        if request_id:
+            self.carrying.add(request_id)
         self.queued += 1
         self.outbox_bytes += size
         return True
@@ -169,10 +176,12 @@ class Connection:
         if size is None:
             return False
         self.outbox_bytes += size  # counted while it waits for a place in the channel
+        self.carrying.update(request_ids)
         try:
             await self._send.send((text, request_ids))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self.outbox_bytes -= size
+            self.carrying.difference_update(request_ids)
             return False
         self.queued += 1
         return True
@@ -203,10 +212,12 @@ class Connection:
         self._waiters.append((self.queued, event))
         await event.wait()
 
-    def wrote(self, size: int = 0) -> None:
-        """The writer is done with one more frame (of ``size`` bytes, :func:`frame_size`)."""
+    def wrote(self, size: int = 0, request_ids: tuple[str, ...] = ()) -> None:
+        """The writer is done with one more frame (of ``size`` bytes, :func:`frame_size`,
+        handing out ``request_ids``)."""
         self.written += 1
         self.outbox_bytes -= size
+        self.carrying.difference_update(request_ids)
         self._wake()
 
     def close(self) -> None:
@@ -362,6 +373,8 @@ class WebSocketDoor:
                 conn.close()
         finally:
             conn.close()
+            self.pipeline.unwritten(conn.carrying)  # frames its writer never reached
+            conn.carrying.clear()
             self.pipeline.sessions.discard(conn)
             left = self.connections.get(agent.name, set())
             left.discard(conn)
@@ -525,12 +538,17 @@ class WebSocketDoor:
                             sent = True
                         except _GONE:
                             conn.closed = broken = True
+                    for _, request_ids in frames:
+                        if sent:
+                            if request_ids:
+                                self.pipeline.written(request_ids)
+                        else:
+                            undelivered.extend(request_ids)
+                            self.pipeline.unwritten(request_ids)
+                            dropped += not request_ids
                 finally:
                     for text, request_ids in frames:
-                        if not sent:
-                            undelivered.extend(request_ids)
-                            dropped += not request_ids
-                        conn.wrote(frame_size(text))
+                        conn.wrote(frame_size(text), request_ids)
             if self.pipeline.closing and not broken and not conn.overflowed:
                 await _close(ws, CLOSE_GOING_AWAY, "gateway shutting down")
         if dropped and conn.overflowed:
@@ -616,9 +634,16 @@ class WebSocketDoor:
             listed = await self.pipeline.list_queued(conn.agent, acknowledge=req.params["ack"])
             await conn.send(encode_result(req.id, {"results": listed}))
             return
-        results = await self.pipeline.take_queued(conn.agent)
+        # Each result handed out once: it stays queued until this frame is written, and a
+        # concurrent call (or its own answer on its way) does not hand it out again.
+        results = await self.pipeline.hand_out(conn.agent)
         handed = tuple(r["request_id"] for r in results)
-        if not await conn.send(encode_result(req.id, {"results": results}), handed):
+        try:
+            sent = await conn.send(encode_result(req.id, {"results": results}), handed)
+        except BaseException:
+            self.pipeline.unwritten(handed)
+            raise
+        if not sent:
             await self.pipeline.requeue(conn.agent, handed)
 
     async def _tool_request(self, conn: Connection, req: Request) -> dict[str, Any] | None:

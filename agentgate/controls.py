@@ -132,6 +132,9 @@ class Controls:
         voter: str | None = None,
     ) -> PressAnswer:
         broker = self._approvals()
+        # Every press is a fact of the audit log, whatever it decides; it is committed before
+        # anything it lets run (posted writes join the next commit, durable ones included).
+        self.store.post_press(request_id, action.value, by=by, user=voter, at=self._now())
         if self.frozen:  # every approval was denied by the freeze; a late press decides nothing
             return PressAnswer("expired: the gateway is frozen (/unfreeze first)")
         await broker.card_known(request_id)

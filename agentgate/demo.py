@@ -15,12 +15,14 @@ One ``trio.run`` starts, all on 127.0.0.1:
   is an MCP client (the official ``mcp`` Python client) talking to ``agentgate mcp``, the stdio
   bridge an MCP host would start.
 
-The demo ends with the audit table and cleans up its temporary directory. ``--auto`` presses
-Allow by itself and exits 0 only if everything behaved as expected (1 otherwise), with no TTY and
-no stdin needed; ``tests/test_demo.py`` runs it so it cannot rot.
+The demo ends with the audit table and the audit log verified against the checkpoint the
+guardians' chat received, then cleans up its temporary directory (``--keep DIR`` keeps the
+store, its signing key and the checkpoints in DIR instead, for ``agentgate audit verify``).
+``--auto`` presses Allow by itself and exits 0 only if everything behaved as expected (1
+otherwise), with no TTY and no stdin needed; ``tests/test_demo.py`` runs it so it cannot rot.
 
 Imports: testing (the fakes, the harness, the MCP client), client (the agent), demo_phone, audit and
-store (the closing table).
+store (the closing table), tlog and verify (the proof).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Any, TextIO
 import attrs
 import trio
 
+from agentgate import tlog
 from agentgate.audit import Filters, format_table, query
 from agentgate.client import (
     AgentgateError,
@@ -55,6 +58,7 @@ from agentgate.store import read_only
 from agentgate.testing.fake_homeassistant import run_fake_homeassistant
 from agentgate.testing.fake_telegram import run_fake_telegram
 from agentgate.testing.harness import Harness, running_gateway
+from agentgate.verify import Given, verify
 
 __all__ = ["main", "run_demo"]
 
@@ -67,6 +71,7 @@ APPROVAL_TIMEOUT = 60  # seconds: nobody at the keyboard? the card times out and
 SENSOR = "sensor.living_room_temperature"
 LIGHT = "light.living_room"
 LOCK = "lock.front_door"
+WITNESS_FILE = "checkpoints.txt"  # beside the store: every checkpoint, as a witness file holds them
 
 log = logging.getLogger("agentgate.demo")
 
@@ -87,10 +92,17 @@ class DemoResult:
     audit: str
     audit_rows: int
     home_ok: bool
+    proof: list[str] = attrs.field(factory=list)  # what verify said against the chat
+    proven: bool = False
 
     @property
     def ok(self) -> bool:
-        return all(step.ok for step in self.steps) and self.home_ok and self.audit_rows >= 3
+        return (
+            all(step.ok for step in self.steps)
+            and self.home_ok
+            and self.audit_rows >= 3
+            and self.proven
+        )
 
 
 Scene = Callable[[int], Awaitable[Step]]
@@ -374,6 +386,7 @@ async def run_demo(
     keys: KeyReader | None = None,
     auto_pause: float = 1.5,
     mcp: bool = False,
+    kept: bool = False,
 ) -> DemoResult:
     """Run the whole demo inside ``workdir`` (which the caller creates and removes).
 
@@ -405,7 +418,10 @@ async def run_demo(
                 )
             )
         else:
-            say.demo("TLS: a throw-away local CA, made for this run and deleted with it")
+            say.demo(
+                "TLS: a throw-away local CA, made for this run"
+                + (" (kept with the rest)" if kept else " and deleted with it")
+            )
         async with running_gateway(
             workdir,
             home=home,
@@ -414,6 +430,7 @@ async def run_demo(
             tokens={AGENT: agent_token},
             policy=policy,
             gateway={"approval_timeout": APPROVAL_TIMEOUT},
+            audit={"witness_file": str(workdir / WITNESS_FILE)},
             telegram={
                 "token": bot_token,
                 "chat_id": CHAT_ID,
@@ -475,9 +492,12 @@ async def run_demo(
         home_ok = (lock or {}).get("state") == "locked" and (
             not auto or (light or {}).get("state") == "off"
         )
+        # The gateway signed a checkpoint at its stop and posted it, silently, to the chat.
+        chat = [m.text for m in telegram.messages.values() if m.silent]
     conn = read_only(workdir / "agentgate.db")
     try:
         entries = query(conn, Filters())
+        proof, proven = _prove(conn, workdir, chat[-1] if chat else None)
     finally:
         conn.close()
     return DemoResult(
@@ -486,13 +506,42 @@ async def run_demo(
         audit=format_table(entries, width=80),
         audit_rows=len(entries),
         home_ok=home_ok,
+        proof=proof,
+        proven=proven,
     )
+
+
+def _prove(conn: Any, workdir: Path, message: str | None) -> tuple[list[str], bool]:
+    """What ``agentgate audit verify --checkpoint`` says of the store, given the chat's message."""
+    if message is None:
+        return ["the chat received no checkpoint"], False
+    given = [Given("the chat's checkpoint", note) for note in tlog.find_notes(message)]
+    report = verify(
+        conn,
+        store=str(workdir / "agentgate.db"),
+        given=given,
+        key_file=workdir / "agentgate.audit-key",
+    )
+    note = next((n for n in tlog.find_notes(message) if isinstance(n, tlog.Checkpoint)), None)
+    lines = []
+    if note is not None:
+        lines.append(
+            f"the guardians' chat holds the checkpoint the gateway signed as it stopped:"
+            f" {note.short()}"
+        )
+    integrity = "ok" if not report.integrity else f"FAILED ({report.integrity[0]})"
+    completeness = "ok" if not report.completeness else f"FAILED ({report.completeness[0]})"
+    lines.append(f"integrity: {integrity}; completeness against the chat: {completeness}")
+    return lines, report.ok
 
 
 def _summary(result: DemoResult, say: Narrator) -> None:
     s = say.s
     say.heading(f"the audit log ({result.audit_rows} rows): agentgate audit --store …/agentgate.db")
     say.line(result.audit)
+    say.heading("the audit log, proven: agentgate audit verify --checkpoint <the chat's>")
+    for line in result.proof:
+        say.demo((s.green if result.proven else s.red)(line))
     say.heading("what happened")
     for n, step in enumerate(result.steps, 1):
         mark = s.green("✔") if step.ok else s.red("✘")
@@ -523,6 +572,7 @@ async def _main(
             keys=KeyReader(),
             auto_pause=args.pause,
             mcp=args.mcp,
+            kept=args.keep is not None,
         )
         cancel()
 
@@ -561,9 +611,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pause", type=float, default=1.5, help="seconds --auto waits before pressing (1.5)"
     )
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="keep the store, its audit key and the checkpoints in DIR (new or empty), for"
+        " agentgate audit verify",
+    )
     args = parser.parse_args(argv)
     if args.pause < 0:
         parser.error("--pause must be 0 or more")
+    keep = None if args.keep is None else Path(args.keep).resolve()
+    if keep is not None:
+        if keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+            parser.error(f"--keep: {args.keep} must be a new or empty directory")
+        keep.mkdir(parents=True, exist_ok=True)
     style = Style.for_stream(sys.stdout, force_off=args.no_color)
     try:
         policy = shipped_policy()
@@ -580,7 +641,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         with (
-            tempfile.TemporaryDirectory(prefix="agentgate-demo-") as tmp,
+            tempfile.TemporaryDirectory(prefix="agentgate-demo-")
+            if keep is None
+            else nullcontext(str(keep)) as tmp,
             cbreak(0) if not args.auto else nullcontext(False),
         ):
             result = trio.run(_main, args, Path(tmp), style, policy)
@@ -589,6 +652,15 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         return 130
     _summary(result, say)
+    if keep is not None:
+        say.line(
+            f"kept in {keep}: agentgate.db (the store), agentgate.audit-key (its signing key),"
+            f" {WITNESS_FILE} (the checkpoints, as a witness file holds them). Try:"
+        )
+        say.line(
+            f"  agentgate audit verify --store {keep / 'agentgate.db'}"
+            f" --checkpoint {keep / WITNESS_FILE}"
+        )
     return 0 if result.ok else 1
 
 

@@ -5,6 +5,7 @@ Task tree::
     serve_gateway(config)             `agentgate serve`, the test harness, the demo, the bench
     ├── open_gateway(config)          the same wiring for the fast tests (memory streams)
     │   ├── store writer              (agentgate.store: group commit, off the loop)
+    │   ├── audit log                 (agentgate.checkpoints: signed checkpoints, witnessed)
     │   ├── executor                  (agentgate.services: Home Assistant and the HTTP
     │   │                              services over httpx; several as one ServiceSet)
     │   ├── guardian                  (Telegram in a trio-asyncio loop, supervised; or given)
@@ -28,9 +29,10 @@ A configuration reload (:mod:`agentgate.reload`) swaps what :meth:`Gateway.apply
 and closes the connections of agents it removed or whose token it changed
 (:meth:`Gateway.disconnect`).
 
-Imports: config, store, policy, preflight, http_tools, services and services.homeassistant,
-guardian, guardian.card and guardian.supervisor, broker, controls, pipeline, connection,
-listener, memory, quotas, undo, reload, control_socket, and mcp.http when ``[mcp]`` is set.
+Imports: config, store, checkpoints (when the gateway opens: it loads ``cryptography``), policy,
+preflight, http_tools, services and services.homeassistant, guardian, guardian.card and
+guardian.supervisor, broker, controls, pipeline, connection, listener, memory, quotas, undo,
+reload, control_socket, and mcp.http when ``[mcp]`` is set.
 Nothing imports this module but the entry points.
 """
 
@@ -68,6 +70,7 @@ from agentgate.store import Store, open_store
 from agentgate.undo import Undo
 
 if TYPE_CHECKING:
+    from agentgate.checkpoints import AuditLog
     from agentgate.mcp.http import McpHttpDoor, McpListening
 
 __all__ = [
@@ -99,6 +102,7 @@ class Gateway:
         door: WebSocketDoor,
         guardian: Guardian | None,
         undo: Undo | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -109,6 +113,7 @@ class Gateway:
         self.door = door
         self.guardian = guardian
         self.undo = undo
+        self.audit = audit  # signed checkpoints of the audit log (None: tests without one)
         self.mcp: McpHttpDoor | None = None  # the MCP door, when serve_gateway serves one
         self.reloader = Reloader(self)  # serve_gateway sets how gate.toml was read
 
@@ -141,13 +146,16 @@ class Gateway:
 
     async def shutdown(self, *, cancel_pending: bool = False) -> None:
         """Refuse new work, suspend undecided approvals for the next start (or resolve them as
-        ``shutdown`` with ``cancel_pending``), drain, close sockets with 1001."""
+        ``shutdown`` with ``cancel_pending``), drain, close sockets with 1001, and sign a last
+        checkpoint of the audit log (posted to the guardians' chat)."""
         self.pipeline.closing = True
         await self.broker.shutdown(cancel_pending=cancel_pending)
         await self.door.idle()
         if self.mcp is not None:
             await self.mcp.idle()
         await self.door.close_all()
+        if self.audit is not None:
+            await self.audit.close()
 
 
 def card_rules(config: Config) -> CardRules:
@@ -212,6 +220,9 @@ async def _open_gateway(
         ) as store,
         _open_services(config, *transports) as executor,
     ):
+        from agentgate.checkpoints import open_audit_log
+
+        audit = await open_audit_log(config, store, now, source=preflight.display(config.source))
         if executor is not None:
             try:
                 warning = await executor.check_health()
@@ -275,12 +286,14 @@ async def _open_gateway(
         await controls.load_state()
         async with _maybe_telegram(config, controls, guardian, cards) as active_guardian:
             broker.guardian = active_guardian
+            audit.guardian = active_guardian
             if undo is not None:
                 undo.guardian = active_guardian
             if active_guardian is None:
                 log.warning("no guardian configured: every ask fails closed (-32004)")
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.run)
+                await nursery.start(audit.run)
                 nursery.start_soon(trim_after_activity, lambda: store.commits)
                 try:
                     yield Gateway(
@@ -293,6 +306,7 @@ async def _open_gateway(
                         WebSocketDoor(config, pipeline),
                         active_guardian,
                         undo,
+                        audit,
                     )
                 finally:
                     nursery.cancel_scope.cancel()

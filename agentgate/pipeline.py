@@ -470,6 +470,12 @@ class Pipeline:
         self.admit(agent)
         return await self.store.take_queued(agent)
 
+    async def hand_out(self, agent: str) -> list[dict[str, Any]]:
+        """The agent's queued results for one frame, each handed out once: they stay queued
+        until :meth:`written` (or go back with :meth:`requeue`)."""
+        self.admit(agent)
+        return await self.store.hand_out(agent)
+
     async def list_queued(self, agent: str, *, acknowledge: object = ()) -> list[dict[str, Any]]:
         """Acknowledged delivery: drop the results ``acknowledge`` names from the agent's queue
         (ids it does not hold are ignored), then list what is still queued, leaving it there
@@ -514,16 +520,22 @@ class Pipeline:
         except ExecutionFailed:
             return 0
 
+    def written(self, request_ids: Iterable[str]) -> None:
+        """These results' frames were written to the agent's socket: they leave its queue (a
+        write nobody waits for: if it is lost, the result is handed out again, at least once)."""
+        self.store.mark_delivered(request_ids)
+
+    def unwritten(self, request_ids: Iterable[str]) -> None:
+        """These results' frames will never be written: still queued (only a written frame
+        takes a result out of the queue), they are listed again from now on."""
+        self.store.release(request_ids)
+
     async def requeue(self, agent: str, request_ids: Iterable[str]) -> None:
-        """Results that never reached the agent go back to its queue, and it hears so."""
-        requeued = False
-        for request_id in request_ids:
-            requeued = True
-            try:
-                await self.store.mark_undelivered(request_id)
-            except ExecutionFailed:
-                log.exception("could not put the result of %s back in the queue", request_id)
-        if requeued and self.broker is not None:
+        """Results whose frames were never written (see :meth:`unwritten`): the agent hears
+        they wait in its queue."""
+        ids = list(request_ids)
+        self.store.release(ids)
+        if ids and self.broker is not None:
             await self.broker.announce_queued(agent)
 
     # -- audit --------------------------------------------------------------------------------

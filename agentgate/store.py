@@ -21,14 +21,19 @@ Why it looks like this:
   single transaction (each operation under its own SAVEPOINT, so one failing operation does not
   sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
   instead of paying N: durable writes that arrive while an fsync runs share the next one.
-- **Append-only audit.** Triggers refuse to change a row's original columns or delete rows; only the
-  resolution columns are filled in later.
+- **An audit log you can prove.** Every audit fact is an event appended to a hash-chained
+  Merkle log (:mod:`agentgate.eventlog`) in the same transaction as the rows it describes, so
+  an event that precedes an execution is fsync'd with it. ``audit_log`` (one row per request,
+  what ``agentgate audit`` shows) is derived from the events; triggers refuse to change its
+  rows' original columns or delete them, and refuse any change to an event.
 - **Keys.** Approvals are keyed by a gateway-generated UUID (``request_id``), never by the agent's
   JSON-RPC id, which is stored only to echo it back.
 - **Migrations are additive.** Columns and tables added since the first schema are added when a
   store is opened (``_migrate``); an older agentgate still reads a newer store's old columns.
+  Schema version 2 (the event log) seals a version 1 store's audit rows as its first events
+  when it is opened; an agentgate that knows only version 1 refuses the store.
 
-Imports: approvals (the states), errors.
+Imports: approvals (the states), errors, eventlog, tlog.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import attrs
 import trio
 from attrs import frozen
 
+from agentgate import eventlog, tlog
 from agentgate.approvals import (
     TRANSITIONS,
     UNDO_TRANSITIONS,
@@ -65,7 +71,7 @@ log = logging.getLogger(__name__)
 POST_FLUSH = 0.05  # seconds a posted write may wait for a commit to join
 POST_BACKLOG = 256  # posted writes that wake the writer at once
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the event log (agentgate.eventlog)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -272,12 +278,14 @@ AUDIT_RESULT_LIMIT = 4096
 """Characters of a service result kept in the audit log; longer results are cut and marked."""
 
 
-def _result_json(value: Any) -> str | None:
-    """A result for the audit log: JSON, or a marked excerpt if it is longer than the limit."""
-    text = _json(value)
+def _result_json(value: Any) -> tlog.Canonical | None:
+    """A result for the audit log: canonical JSON, or a marked excerpt if it is longer than
+    the limit."""
+    text = eventlog.json_text(value)
     if text is None or len(text) <= AUDIT_RESULT_LIMIT:
         return text
-    return _json({"truncated": True, "length": len(text), "excerpt": text[:AUDIT_RESULT_LIMIT]})
+    excerpt = {"truncated": True, "length": len(text), "excerpt": text[:AUDIT_RESULT_LIMIT]}
+    return eventlog.json_text(excerpt)
 
 
 def _unjson(text: str | None) -> Any:
@@ -289,6 +297,7 @@ class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
     detached: bool = False  # nobody waits: failures are logged by the writer
     durable: bool = False  # committed with an fsync before its caller goes on
+    then: Callable[[], None] | None = None  # called once it is committed or failed (post)
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -318,16 +327,34 @@ class Store:
         self._queued = trio.Event()  # something is in the queue
         self._wakeup = trio.Event()  # ... and somebody waits for it: commit now
         self._closed = False
+        # Request ids of queued results on their way to their agent (a frame, an MCP answer):
+        # listings skip them until their delivery is recorded (mark_delivered) or given up
+        # (release), so one is not handed out twice meanwhile.
+        self.telling: set[str] = set()
         self.commits = 0  # transactions committed (group commit makes this < operations)
         self.synced = 0  # of which committed with an fsync (durable)
         self.checkpointed = 0  # commits the last background WAL checkpoint covered
         self._checkpoint = trio.Event()  # set (and renewed) after each background checkpoint
+        self.appended = 0  # audit events appended (or posted) since the store was opened
+        self._appended_event = trio.Event()  # set (and renewed) when ``appended`` grows
 
     async def wait_checkpointed(self, commits: int) -> None:
         """Return once a background WAL checkpoint has covered the first ``commits`` commits
         (the database file then holds them without its WAL); the caller's deadline bounds it."""
         while self.checkpointed < commits:
             await self._checkpoint.wait()
+
+    def _appended(self, count: int) -> None:
+        """``count`` audit events were appended (or posted): wakes :meth:`wait_appended`."""
+        if count:
+            self.appended += count
+            self._appended_event.set()
+            self._appended_event = trio.Event()
+
+    async def wait_appended(self, count: int) -> None:
+        """Return once ``appended`` reaches ``count``; the caller's deadline bounds it."""
+        while self.appended < count:
+            await self._appended_event.wait()
 
     def _checkpoint_done(self, commits: int) -> None:
         self.checkpointed = commits
@@ -391,6 +418,8 @@ class Store:
             op.done.set()
             if op.detached and op.error is not None:
                 log.error("store write failed: %s", op.error)
+            if op.then is not None:
+                op.then()
 
     def _run_batch(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """One transaction for the batch. Every step can fail (``BEGIN``, a statement,
@@ -485,16 +514,21 @@ class Store:
             raise op.error
         return op.result  # type: ignore[no-any-return]
 
-    def post(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
-        """Queue a write nobody waits for (it joins the next group commit; failures are logged).
+    def post(
+        self, fn: Callable[[sqlite3.Connection], Any], *, then: Callable[[], None] | None = None
+    ) -> None:
+        """Queue a write nobody waits for (it joins the next group commit; failures are logged);
+        ``then`` is called once it is committed or has failed.
 
         Only for records that follow an already committed decision, like a resolution: the
         reply to the agent need not wait for them.
         """
         if self._closed:
             log.error("store closed: a write was dropped")
+            if then is not None:
+                then()
             return
-        self._queue.append(_Op(fn, detached=True))
+        self._queue.append(_Op(fn, detached=True, then=then))
         self._queued.set()
         if len(self._queue) >= POST_BACKLOG:
             self._wakeup.set()
@@ -506,21 +540,29 @@ class Store:
 
         ``durable``: on disk (fsync'd) before this returns, as the decision that lets a call
         run must be."""
-        return await self._do(lambda c: _insert_audit(c, entry), durable=durable)
+        row_id = await self._do(lambda c: _insert_audit(c, entry), durable=durable)
+        self._appended(1)
+        return row_id
 
     async def settle_interrupted(self, at: float, error: str) -> int:
         """At start: allowed calls whose outcome was never recorded (the gateway stopped, or
         died, while they executed) are recorded as ``unknown``. Returns how many."""
 
         def fn(c: sqlite3.Connection) -> int:
-            cur = c.execute(
-                "UPDATE audit_log SET resolution=?, resolved_at=?, error=?"
-                " WHERE kind='request' AND decision='allow' AND resolution IS NULL",
-                (Outcome.UNKNOWN, at, error),
+            return eventlog.resolve_rows(
+                c,
+                "kind='request' AND decision='allow'",
+                (),
+                resolution=Outcome.UNKNOWN,
+                by=None,
+                at=at,
+                result=None,
+                error=error,
             )
-            return cur.rowcount
 
-        return await self._do(fn)
+        settled = await self._do(fn)
+        self._appended(settled)
+        return settled
 
     async def resolve_audit(
         self,
@@ -540,16 +582,60 @@ class Store:
         text = _result_json(result)
 
         def fn(c: sqlite3.Connection) -> None:
-            c.execute(
-                "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
-                " WHERE request_id=? AND kind=? AND resolution IS NULL",
-                (resolution, resolved_by, resolved_at, text, error, request_id, kind),
+            eventlog.resolve_rows(
+                c,
+                "request_id=? AND kind=?",
+                (request_id, kind),
+                resolution=resolution,
+                by=resolved_by,
+                at=resolved_at,
+                result=text,
+                error=error,
             )
 
         if wait:
             await self._do(fn)
         else:
             self.post(fn)
+        self._appended(1)
+
+    async def append_event(
+        self, type_: str, fields: dict[str, Any], request_id: str | None = None
+    ) -> int:
+        """Append an event that no row of ``audit_log`` shows (a ``key``, say); its number."""
+        seq = await self._do(lambda c: eventlog.append(c, type_, fields, request_id))
+        self._appended(1)
+        return seq
+
+    async def log_key(self) -> tuple[str, str] | None:
+        """``(origin, vkey)`` the audit log names last, or None (no key yet)."""
+        return await self._do(eventlog.log_key)
+
+    async def write_checkpoint(self, sign: eventlog.Signer, at: float) -> tlog.Checkpoint | None:
+        """Sign the log's tip with ``sign`` and keep the note, in one transaction; None (and
+        nothing written) when the latest checkpoint already covers every event."""
+        return await self._do(lambda c: eventlog.write_checkpoint(c, sign, at))
+
+    async def compact(
+        self,
+        before: float,
+        *,
+        sign: eventlog.Signer,
+        at: float,
+        by: str,
+        keep_days: float,
+    ) -> eventlog.Compaction | None:
+        """Prune the events older than ``before`` (see :func:`agentgate.eventlog.compact`):
+        the audited, signed record in one transaction, then the deletion in bounded ones."""
+        done = await self._do(
+            lambda c: eventlog.compact(c, before, sign=sign, at=at, by=by, keep_days=keep_days)
+        )
+        if done is None:
+            return None
+        self._appended(1)
+        while await self._do(lambda c: eventlog.prune(c, done.cut)):
+            await trio.lowlevel.checkpoint()
+        return done
 
     async def audit_rows(
         self,
@@ -604,14 +690,32 @@ class Store:
             )
 
         await self._do(fn)
+        self._appended(1)
 
-    async def set_message_ref(self, request_id: str, message_ref: str, target: str | None) -> None:
-        await self._do(
-            lambda c: c.execute(
+    async def set_message_ref(
+        self, request_id: str, message_ref: str, target: str | None, at: float | None = None
+    ) -> None:
+        """The approval's card was sent as ``message_ref`` (a ``card`` event, at ``at``)."""
+
+        def fn(c: sqlite3.Connection) -> None:
+            c.execute(
                 "UPDATE pending_requests SET message_ref=?, target=? WHERE request_id=?",
                 (message_ref, target, request_id),
             )
-        )
+            fields = {"time": at, "request_id": request_id, "message_ref": message_ref}
+            eventlog.append(c, "card", {**fields, "target": target}, request_id)
+
+        await self._do(fn)
+        self._appended(1)
+
+    def post_press(
+        self, request_id: str, action: str, *, by: str, user: str | None, at: float
+    ) -> None:
+        """A guardian pressed ``action`` on ``request_id``'s card: a ``press`` event (posted:
+        it joins the next commit, before anything the press lets run)."""
+        fields = {"time": at, "request_id": request_id, "action": action, "by": by}
+        self.post(lambda c: eventlog.append(c, "press", {**fields, "user": user}, request_id))
+        self._appended(1)
 
     async def pending_row(self, request_id: str) -> PendingRow | None:
         """One approval, open or done (None: no approval has that id)."""
@@ -645,9 +749,15 @@ class Store:
         """
 
         def fn(c: sqlite3.Connection) -> bool:
-            return _move(c, request_id, State.EXECUTING, decided_by=decided_by)
+            if not _move(c, request_id, State.EXECUTING, decided_by=decided_by):
+                return False
+            fields = {"time": at, "request_id": request_id, "by": decided_by}
+            eventlog.append(c, "executing", fields, request_id)
+            return True
 
-        return await self._do(fn, durable=True)  # on disk before the call is sent
+        began = await self._do(fn, durable=True)  # on disk before the call is sent
+        self._appended(began)
+        return began
 
     async def finish_pending(
         self,
@@ -680,14 +790,39 @@ class Store:
                 decided_by=decided_by,
             ):
                 return False
-            c.execute(
-                "UPDATE audit_log SET resolution=?, resolved_by=?, resolved_at=?, result=?, error=?"
-                " WHERE request_id=? AND kind='request' AND resolution IS NULL",
-                (outcome, decided_by, at, _result_json(result), error, request_id),
+            eventlog.resolve_rows(
+                c,
+                "request_id=? AND kind='request'",
+                (request_id,),
+                resolution=outcome,
+                by=decided_by,
+                at=at,
+                result=text,
+                error=error,
             )
             return True
 
-        return await self._do(fn)
+        text = _result_json(result)
+        finished = await self._do(fn)
+        self._appended(finished)
+        return finished
+
+    def mark_delivered(self, request_ids: Iterable[str]) -> None:
+        """These results reached their agent: they leave its queue, and listings stop skipping
+        them once that is committed. Posted (see :meth:`post`): if the write is lost, the result
+        is handed out again (at least once)."""
+        ids = list(request_ids)
+        rows = [(request_id, State.DONE) for request_id in ids]
+        self.post(
+            lambda c: c.executemany(
+                "UPDATE pending_requests SET delivered=1 WHERE request_id=? AND state=?", rows
+            ),
+            then=lambda: self.telling.difference_update(ids),
+        )
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """These results did not reach their agent: they stay queued, listed again from now."""
+        self.telling.difference_update(request_ids)
 
     async def mark_undelivered(self, request_id: str) -> None:
         await self._do(
@@ -711,7 +846,7 @@ class Store:
         """Hand out this agent's queued results, each exactly once (atomically)."""
 
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = _queued_rows(c, agent)
+            rows = _queued_rows(c, agent, self.telling)
             c.executemany(
                 "UPDATE pending_requests SET delivered=1 WHERE request_id=?",
                 [(r["request_id"],) for r in rows],
@@ -719,6 +854,24 @@ class Store:
             return [json.loads(r["queued"]) for r in rows if r["queued"]]
 
         return await self._do(fn)
+
+    async def hand_out(self, agent: str) -> list[dict[str, Any]]:
+        """List this agent's queued results that are not on their way already, and count them
+        as on their way (:attr:`telling`) until :meth:`mark_delivered` or :meth:`release`."""
+
+        ids: list[str] = []
+
+        def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = [r for r in _queued_rows(c, agent, self.telling) if r["queued"]]
+            ids[:] = [r["request_id"] for r in rows]
+            self.telling.update(ids)  # now: a listing later in this batch must skip them
+            return [json.loads(r["queued"]) for r in rows]
+
+        try:
+            return await self._do(fn)
+        except BaseException:
+            self.release(ids)
+            raise
 
     async def list_queued(
         self, agent: str, *, acknowledge: Iterable[str] = ()
@@ -729,7 +882,8 @@ class Store:
 
         def fn(c: sqlite3.Connection) -> list[dict[str, Any]]:
             _acknowledge(c, agent, ids)
-            return [json.loads(r["queued"]) for r in _queued_rows(c, agent) if r["queued"]]
+            rows = _queued_rows(c, agent, self.telling)
+            return [json.loads(r["queued"]) for r in rows if r["queued"]]
 
         return await self._do(fn)
 
@@ -972,7 +1126,9 @@ class Store:
             _insert_audit(c, entry)
             return True
 
-        return await self._do(fn, durable=True)
+        began = await self._do(fn, durable=True)
+        self._appended(began)
+        return began
 
     async def interrupted_undos(self) -> list[str]:
         """Undos a stop cut short (``UNDOING``) become ``FAILED``: never run again. Their ids."""
@@ -1085,37 +1241,36 @@ def _install_transitions_trigger(conn: sqlite3.Connection) -> None:
 
 
 def _insert_audit(c: sqlite3.Connection, e: AuditEntry) -> int:
-    cur = c.execute(
-        "INSERT INTO audit_log (time, kind, agent, request_id, tool, args, signature, decision,"
-        " matched, resolution, resolved_by, resolved_at, result, error, via)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            e.time,
-            e.kind,
-            e.agent,
-            e.request_id,
-            e.tool,
-            _json(e.args),
-            e.signature,
-            e.decision,
-            e.matched,
-            e.resolution,
-            e.resolved_by,
-            e.resolved_at,
-            _result_json(e.result),
-            e.error,
-            e.via,
-        ),
+    """An ``audit_log`` row and the event that opens it (:func:`agentgate.eventlog.open_row`)."""
+    return eventlog.open_row(
+        c,
+        {
+            "time": e.time,
+            "kind": e.kind,
+            "agent": e.agent,
+            "request_id": e.request_id,
+            "tool": e.tool,
+            "args": eventlog.json_text(e.args),
+            "signature": e.signature,
+            "decision": e.decision,
+            "matched": e.matched,
+            "resolution": e.resolution,
+            "resolved_by": e.resolved_by,
+            "resolved_at": e.resolved_at,
+            "result": _result_json(e.result),
+            "error": e.error,
+            "via": e.via,
+        },
     )
-    return int(cur.lastrowid or 0)
 
 
-def _queued_rows(c: sqlite3.Connection, agent: str) -> list[sqlite3.Row]:
-    return c.execute(
+def _queued_rows(c: sqlite3.Connection, agent: str, skip: set[str]) -> list[sqlite3.Row]:
+    rows = c.execute(
         "SELECT request_id, queued FROM pending_requests"
         " WHERE agent=? AND state=? AND delivered=0 ORDER BY created_at",
         (agent, State.DONE),
     ).fetchall()
+    return [r for r in rows if r["request_id"] not in skip] if skip else rows
 
 
 def _acknowledge(c: sqlite3.Connection, agent: str, request_ids: list[str]) -> int:
@@ -1264,27 +1419,65 @@ def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(_SCHEMA)
-    _add_via(conn)
-    _migrate(conn)
-    _install_transitions_trigger(conn)
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
-    if row is None:
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif row[0] > SCHEMA_VERSION:
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        _refuse_newer(conn, path)  # before anything is written to a store this cannot read
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.executescript(_SCHEMA)
+        _add_via(conn)
+        _migrate(conn)
+        _install_transitions_trigger(conn)
+        eventlog.install(conn)
+        _upgrade(conn, path)
+    except BaseException:
         conn.close()
-        raise StoreUnavailable(
-            f"{path}: store schema version {row[0]} is newer than this agentgate"
-            f" ({SCHEMA_VERSION}); upgrade agentgate"
-        )
+        raise
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         if side.exists():
             os.chmod(side, stat.S_IRUSR | stat.S_IWUSR)
     return conn
+
+
+def _refuse_newer(conn: sqlite3.Connection, path: Path) -> None:
+    """A store written by a newer agentgate is refused, untouched (a downgrade)."""
+    known = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'"
+    ).fetchone()
+    row = known and conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    if row and row[0] is not None and row[0] > SCHEMA_VERSION:
+        raise StoreUnavailable(
+            f"{path}: store schema version {row[0]} is newer than this agentgate"
+            f" ({SCHEMA_VERSION}): a downgrade is not possible; upgrade agentgate, or restore"
+            " the backup taken before the upgrade"
+        )
+
+
+def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
+    """A new store gets this version; a version 1 store's audit rows are sealed as the log's
+    first events, with the version, in one transaction (a crash midway leaves version 1)."""
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    if row[0] is not None and row[0] >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        sealed = eventlog.seal_legacy(conn)
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    if sealed:
+        log.warning(
+            "%s: upgraded to schema version %d: %d audit row(s) sealed as the audit log's first"
+            " events",
+            path,
+            SCHEMA_VERSION,
+            sealed,
+        )
 
 
 def _add_via(conn: sqlite3.Connection) -> None:
@@ -1404,10 +1597,8 @@ def read_active_grants(path: Path | str, now: float) -> list[GrantRow]:
 def revoke_grant_offline(path: Path | str, grant_id: str, by: str, at: float) -> bool:
     """Revoke a grant while no gateway runs (``agentgate grants --revoke``): the grant row and
     its audit row in one transaction; the next start loads what is still active."""
-    conn = sqlite3.connect(os.fspath(path), isolation_level=None)
-    conn.row_factory = sqlite3.Row
+    conn = _connect(Path(path), "FULL")
     try:
-        conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute(
             "SELECT agent, signature FROM grants WHERE grant_id=? AND revoked_at IS NULL"
@@ -1437,6 +1628,40 @@ def revoke_grant_offline(path: Path | str, grant_id: str, by: str, at: float) ->
         )
         conn.execute("COMMIT")
         return True
+    finally:
+        conn.close()
+
+
+def compact_offline(
+    path: Path | str,
+    before: float,
+    *,
+    sign: eventlog.Signer,
+    at: float,
+    by: str,
+    keep_days: float,
+) -> eventlog.Compaction | None:
+    """``agentgate audit compact``: :func:`agentgate.eventlog.compact` on a connection of its
+    own (a running gateway's writes wait for it, bounded by SQLite's busy timeout), then the
+    pruning in bounded transactions."""
+    conn = _connect(Path(path), "FULL")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = eventlog.compact(conn, before, sign=sign, at=at, by=by, keep_days=keep_days)
+            conn.execute("COMMIT")
+        except BaseException:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        if done is not None:
+            while True:
+                conn.execute("BEGIN IMMEDIATE")
+                deleted = eventlog.prune(conn, done.cut)
+                conn.execute("COMMIT")
+                if not deleted:
+                    break
+        return done
     finally:
         conn.close()
 

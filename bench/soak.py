@@ -1,4 +1,5 @@
-"""``python -m bench.soak [--quick] [--only fuzz,churn,floods]``: attack a real gateway.
+"""``python -m bench.soak [--quick] [--only fuzz,churn,floods,pipeline]``: attack a real
+gateway, then run the whole-pipeline property test long.
 
 - **fuzz**: 100,000 hostile frames (``--quick``: 10,000), after a 10,000-frame warm-up, from
   10 connections at once (2 never authenticate; the 8 others authenticate as an agent whose
@@ -27,6 +28,11 @@
   address and 256 in all, the rest closed at once; 8 of the agent's connections held, the
   rest answered -32006 and closed 1008; the well-behaved agent always served; fds back to
   their baseline; no traceback.
+- **pipeline**: ``tests/test_pipeline_state_machine.py`` (the stateful property test of the
+  gateway, its store and queue, and an SDK agent: random interleavings of asks, decisions,
+  deadlines, dropped and jammed connections, acknowledgements, crashes, planned restarts and
+  failing commits) with 3,000 examples (``--quick``: 300) instead of ``make test``'s 200.
+  Pass: pytest passes; its summary lists what the examples exercised.
 
 The gateway and the fake home each run in their own process, the attackers in a third
 (``python -m bench.soak --worker fuzz|churn|floods '<json>'``). The gateway is started as
@@ -938,6 +944,37 @@ defaults:
   - pattern: "*"
     action: deny
 """
+PIPELINE_EXAMPLES = 3_000  # --quick: a tenth
+PIPELINE_TEST = "tests/test_pipeline_state_machine.py"
+
+
+def run_pipeline(examples: int) -> tuple[bool, list[str]]:
+    """The whole-pipeline property test under pytest, with ``examples`` examples."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "AGENTGATE_PROPTEST_EXAMPLES": str(examples)}
+    command = [sys.executable, "-m", "pytest", "-q", "--hypothesis-show-statistics"]
+    started = time.monotonic()
+    done = subprocess.run(
+        [*command, PIPELINE_TEST], cwd=root, env=env, capture_output=True, text=True
+    )
+    elapsed = time.monotonic() - started
+    output = done.stdout + done.stderr
+    lines = [f"  {examples:,} examples of {PIPELINE_TEST} in {elapsed:.0f} s"]
+    # Hypothesis's statistics: how often each thing the test notes came up (not its own
+    # notes on drawing rules).
+    noted = [line.strip() for line in output.splitlines() if "%, " in line]
+    lines += [f"  {line}" for line in noted if "draw" not in line and "gave up" not in line]
+    if done.returncode != 0:  # each failing example, as Hypothesis shrank it
+        shown = ("AssertionError", "Error:", "StepStuck", "state.", "Falsifying")
+        failing = [
+            line.strip(" |")
+            for line in output.splitlines()
+            if any(mark in line for mark in shown) and "consistent()" not in line
+        ]
+        lines += ["  pytest failed:", *(f"    {line}" for line in failing[:120])]
+    return done.returncode == 0, lines
+
+
 FUZZ_LIMITS = {
     # The fuzzers reconnect after every close: room for that (the floods test the limits).
     "max_connections_per_agent": 64,
@@ -1193,9 +1230,11 @@ def run_floods(gw: procs.GatewayProc, quick: bool, auth_deadline: float) -> tupl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument(
-        "--quick", action="store_true", help="10,000 frames, 1,000 cycles, smaller floods"
+        "--quick",
+        action="store_true",
+        help="10,000 frames, 1,000 cycles, smaller floods, 300 pipeline examples",
     )
-    parser.add_argument("--only", default="fuzz,churn,floods")
+    parser.add_argument("--only", default="fuzz,churn,floods,pipeline")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
@@ -1244,6 +1283,13 @@ def main(argv: list[str] | None = None) -> int:
             verdicts.append((name, ok))
             out += lines
             print("\n".join(lines), file=sys.stderr, flush=True)
+    if "pipeline" in which:
+        print("--- pipeline", file=sys.stderr, flush=True)
+        examples = PIPELINE_EXAMPLES // 10 if args.quick else PIPELINE_EXAMPLES
+        ok, lines = run_pipeline(examples)
+        verdicts.append(("pipeline", ok))
+        out += lines
+        print("\n".join(lines), file=sys.stderr, flush=True)
     print()
     print("\n".join(out))
     print()

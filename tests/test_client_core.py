@@ -51,7 +51,12 @@ from agentgate.client._core import (
     tools_list,
 )
 from agentgate.client._groups import collapse_groups
-from agentgate.errors import ApprovalTimedOut, DeniedByGuardian, RateLimited
+from agentgate.errors import (
+    ApprovalTimedOut,
+    DeniedByGuardian,
+    GatewayShuttingDown,
+    RateLimited,
+)
 from agentgate.protocol import (
     MAX_ACK,
     Request,
@@ -178,6 +183,32 @@ def test_core_acknowledgements_survive_a_lost_or_failed_collection() -> None:
     assert event.result == 0
     assert core.take_results() == []
     assert core.unacknowledged == 0
+
+
+def test_core_an_answered_approval_listed_again_is_dropped_and_acknowledged() -> None:
+    # The gateway queues an approval's outcome before it answers, and takes it out of the
+    # queue once the answer is written: a crash in between lists it again after the restart.
+    core: ClientCore[str] = ClientCore()
+    asked, _ = core.begin("tool_request", {}, "w")
+    pending = {"rpc_id": asked, "request_id": "r1", "expires_at": 1.0}
+    core.receive(encode_notification("approval_pending", pending))
+    denied = DeniedByGuardian("denied", data={"request_id": "r1"})
+    answer = core.receive(encode_error(asked, denied))
+    assert isinstance(answer, Completed)
+    assert isinstance(answer.error, DeniedByGuardian)
+    acks, event = _collect(core, {"request_id": "r1", "status": "denied"}, {"request_id": "r2"})
+    assert acks == ["r1"]  # acknowledged with the next collection: the gateway drops it
+    assert isinstance(event, Completed)
+    assert event.result == 1
+    assert core.take_results() == [{"request_id": "r2"}]  # r1 was the answer: never twice
+    # A planned restart's -32007 with data.pending is no outcome: the queued one is not dropped.
+    asked, _ = core.begin("tool_request", {}, "w")
+    pending = {"rpc_id": asked, "request_id": "r3", "expires_at": 1.0}
+    core.receive(encode_notification("approval_pending", pending))
+    restarting = GatewayShuttingDown("restarting", data={"request_id": "r3", "pending": True})
+    core.receive(encode_error(asked, restarting))
+    _collect(core, {"request_id": "r3", "status": "executed"})
+    assert core.take_results() == [{"request_id": "r3", "status": "executed"}]
 
 
 def test_core_take_results_without_acknowledging() -> None:

@@ -327,7 +327,8 @@ def test_typo_in_agent_and_telegram(tmp_path: Path) -> None:
 def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> None:
     path = _write(tmp_path, MINIMAL + "[store]\nlocation = 'x.db'\n")
     assert (
-        _error(path) == f"{path}: store.location: unknown key (expected one of: path, synchronous)"
+        _error(path)
+        == f"{path}: store.location: unknown key (expected one of: path, synchronous, keep_days)"
     )
 
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from agentgate.demo_phone import KeyReader
 CEILING = 60  # seconds per demo run; it takes ~3 s
 
 DEMO = [sys.executable, "-m", "agentgate.demo"]
+AUDIT = [sys.executable, "-m", "agentgate", "audit"]
 
 
 def _env() -> dict[str, str]:
@@ -71,6 +73,7 @@ async def test_the_unattended_demo_behaves_as_expected() -> None:
     assert "the lock is in the call's signature" in out  # the back way, through a scene
     assert "executed by Alex (4242)" in out  # the audit row of the approved ask
     assert_audit_table(out)
+    assert "integrity: ok; completeness against the chat: ok" in out  # verified, as a user would
     assert "everything behaved as expected" in out
     assert "\x1b[" not in out  # no colours without a TTY
     assert "Traceback" not in out + err
@@ -125,6 +128,30 @@ async def test_a_guardian_at_the_keyboard_can_deny() -> None:
     assert "nothing to undo: the light was not turned on" in out
     assert "denied by policy (rule " in out
     assert "everything behaved as expected" in out
+
+
+@pytest.mark.slow
+async def test_the_demo_keeps_what_it_wrote_for_agentgate_audit_verify(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    done = await run_demo("--auto", "--pause", "0", "--keep", str(kept))
+    out, err = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, out + err
+    assert f"kept in {kept}" in out
+    assert {"agentgate.db", "agentgate.audit-key", "checkpoints.txt"} <= {
+        p.name for p in kept.iterdir()
+    }
+    with trio.fail_after(CEILING):
+        store, witness = str(kept / "agentgate.db"), str(kept / "checkpoints.txt")
+        verified = await trio.run_process(
+            [*AUDIT, "verify", "--store", store, "--checkpoint", witness],
+            capture_stdout=True,
+            check=False,
+        )
+    assert verified.returncode == 0, verified.stdout.decode()
+    assert b"completeness: ok: the log holds every event" in verified.stdout
+    again = await run_demo("--auto", "--keep", str(kept))  # not over a kept store
+    assert again.returncode == 2
+    assert b"must be a new or empty directory" in again.stderr
 
 
 async def test_key_reader_reads_single_keys_until_eof() -> None:

@@ -33,10 +33,14 @@ rules:
     action: ask
 """
 
-# What must be on disk before a call runs: allowed decisions, approvals moved to executing.
+# What must be on disk before a call runs: allowed decisions, approvals moved to executing,
+# and the audit events that record both (``event ID``).
 MUST_BE_DURABLE = (
     "SELECT request_id FROM audit_log WHERE decision = 'allow'"
     " UNION SELECT request_id FROM pending_requests WHERE state = 'executing'"
+    " UNION SELECT 'event ' || e.request_id FROM audit_events e"
+    " JOIN audit_log l ON l.seq = e.seq WHERE l.decision = 'allow'"
+    " UNION SELECT 'event ' || request_id FROM audit_events WHERE type = 'executing'"
 )
 
 
@@ -140,6 +144,7 @@ async def test_nothing_is_sent_before_its_row_is_fsyncd(
             fg.gateway.store._conn = recorder._conn  # type: ignore[assignment]
     assert home.violations == []
     assert home.checked >= 5  # reads asked together share GETs: at least one, then 2 + 2
+    assert sum(1 for covered in recorder.durable if covered.startswith("event ")) == 12
     assert [p for p, _ in home.service_calls] == [
         "/api/services/light/turn_on",
         "/api/services/switch/turn_on",

@@ -532,3 +532,40 @@ async def test_reads_asked_together_share_a_call_but_each_has_its_own_decision_a
         assert {r.request_id for r in rows} == request_ids
         assert sorted(r.agent for r in rows) == ["laptop"] * 10 + ["pi"] * 10
         assert {(r.decision, r.resolution) for r in rows} == {("allow", "executed")}
+
+
+async def test_a_press_on_an_approval_that_is_over_says_what_became_of_it(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Once over, an approval leaves the broker's memory; the store still says how it ended,
+    # also after a restart.
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        request_ids = []
+        for count, action in ((1, "allow"), (2, "deny")):
+            await ws.send_message(
+                json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": count,
+                        "method": "tool_request",
+                        "params": {
+                            "tool": "ha_call_service",
+                            "args": {
+                                "domain": "light",
+                                "service": "turn_on",
+                                "entity_id": "light.bedroom",
+                            },
+                        },
+                    }
+                )
+            )
+            shown = await fg.guardian.wait_for_card(count)
+            request_ids.append(shown.card.request_id)
+            await fg.guardian.press(shown.card.request_id, action)
+            await reply(ws)
+        await fg.gateway.broker.idle()
+        assert fg.gateway.broker.approvals == {}
+        answers = [await fg.guardian.press(r, "allow") for r in request_ids]
+        assert answers == ["expired: already approved", "expired: already denied"]
+        assert await fg.guardian.press("no-such-request", "allow") == "expired or unknown approval"

@@ -269,7 +269,8 @@ async def test_unwritable_store_blocks_an_approved_call(
     workdir: Path, home: FakeHomeAssistant, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     # The approval's move to "executing" is the row that precedes execution: if it cannot be
-    # committed, the guardian's Allow executes nothing.
+    # committed, the guardian's Allow executes nothing. Its outcome (failed) is told once it
+    # is recorded, never before: the store would otherwise still hold the approval open.
     with trio.fail_after(CEILING):
         async with running_gateway(workdir, home=home) as gw, raw_agent(gw) as agent:
             await agent.send(
@@ -281,12 +282,24 @@ async def test_unwritable_store_blocks_an_approved_call(
                 }
             )
             card = (await gw.scripted.wait_for_card()).card
-            _break_the_store(monkeypatch, gw.gateway.store, how)
+            store = gw.gateway.store
+            recording, finish_pending = trio.Event(), store.finish_pending
+
+            async def recorded(*args: Any, **kwargs: Any) -> bool:
+                recording.set()
+                return await finish_pending(*args, **kwargs)
+
+            monkeypatch.setattr(store, "finish_pending", recorded)
+            _break_the_store(monkeypatch, store, how)
             await gw.scripted.press(card.request_id, "allow")
+            await recording.wait()  # executing refused: the outcome waits to be recorded
+            assert posts(home) == []
+            monkeypatch.undo()  # the disk is back
             reply = await agent.recv()
             assert reply["error"]["code"] == -32004, reply
             assert "nothing was executed" in reply["error"]["message"]
             await gw.settled()
+            assert [r.resolution for r in await store.audit_rows()] == ["failed"]
             assert posts(home) == []
             assert state(home, "light.bedroom") == "off"
 

@@ -57,6 +57,26 @@ def test_serve_path_leaves_other_commands_modules_unloaded() -> None:
     assert {"agentgate.gateway", "agentgate.guardian.telegram", "telegram.ext"} <= modules
 
 
+def test_the_audit_key_loads_only_cryptographys_ed25519() -> None:
+    # The gateway then opens its audit log: Ed25519 from cryptography, and no more of it than
+    # that (its serialization module, and PTB's Passport ciphers, stay unloaded: memory).
+    seen = _fresh_python(
+        "import json, sys\n"
+        "from agentgate.serve import run_serve\n"
+        "from agentgate._compat import import_telegram_without_passport\n"
+        "import_telegram_without_passport()\n"
+        "import agentgate.checkpoints\n"
+        "from telegram._passport import credentials\n"
+        "print(json.dumps({'passport': credentials.CRYPTO_INSTALLED,"
+        " 'loaded': sorted(m for m in sys.modules if m.startswith('cryptography'))}))\n"
+    )
+    assert seen["passport"] is False
+    loaded = set(seen["loaded"])
+    assert "cryptography.hazmat.primitives.asymmetric.ed25519" in loaded
+    assert "cryptography.hazmat.primitives.serialization" not in loaded
+    assert "cryptography.hazmat.primitives.ciphers" not in loaded
+
+
 def test_https_clients_share_one_verified_context() -> None:
     first = client_ssl_context("https://homeassistant.example:8123")
     second = client_ssl_context("https://api.telegram.org")

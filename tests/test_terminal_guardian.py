@@ -111,6 +111,21 @@ async def test_allow_with_a_key(workdir: Path, home: FakeHomeAssistant) -> None:
     assert tuple(row) == ("executed", "op (terminal)")
 
 
+async def test_the_audit_checkpoint_is_shown_at_the_stop(
+    workdir: Path, home: FakeHomeAssistant
+) -> None:
+    with key_pipe() as (keys, _), trio.fail_after(CEILING):
+        async with (
+            terminal_gateway(workdir, home, keys) as (gw, _, screen),
+            connect(gw.url, token=gw.tokens["pi"], ssl_context=gw.client_ssl) as agent,
+        ):
+            await agent.call("ha_get_state", entity_id="sensor.living_room_temperature")
+    out = screen.getvalue()
+    # The stop signs a checkpoint; the terminal shows it as the chat would.
+    assert "🧾 Audit checkpoint: 3 events" in out
+    assert "agentgate/" in out
+
+
 async def test_the_card_on_screen_is_the_card_a_key_decides(
     workdir: Path, home: FakeHomeAssistant
 ) -> None:

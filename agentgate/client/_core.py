@@ -211,6 +211,12 @@ class ClientCore(Generic[W]):
         if call is None:
             return Ignored(f"reply to unknown or cancelled call {rpc_id!r}")
         assert isinstance(rpc_id, int)
+        if call.request_id is not None and not _still_pending(message):
+            # An approval's outcome, answered directly: the gateway queued it first and takes
+            # it out once the frame is written, so a crash in between lists it again. It is a
+            # duplicate then, and the next collection acknowledges it.
+            self._seen.add(call.request_id)
+            self.acknowledge((call.request_id,))
         if isinstance(message, ErrorResponse):
             if call.method == _COLLECT_METHOD and isinstance(message.error, InvalidParams):
                 # The gateway refuses these acknowledgements themselves: sending them again
@@ -348,3 +354,8 @@ def tools_list(result: Any) -> list[dict[str, Any]]:
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise InternalError("the gateway sent a malformed list_tools reply")
     return tools
+
+
+def _still_pending(message: Response | ErrorResponse) -> bool:
+    """A planned restart's -32007 for an approval that stays open (``data.pending``)."""
+    return isinstance(message, ErrorResponse) and bool(message.error.data.get("pending"))

@@ -168,10 +168,13 @@ class Guardian(Protocol):
         a card again with its votes (two-person approval)."""
         ...
 
-    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
+    async def notify(
+        self, text: str, buttons: Sequence[tuple[str, str]] = (), *, silent: bool = False
+    ) -> None:
         """A message for the guardians (plain text), with buttons as ``(label, callback
         data)``: an Undo's result when the call had no card, the confirmation an Undo asks
-        for, a configuration reload. Best effort: never raises for delivery failures."""
+        for, a configuration reload, an audit checkpoint (``silent``: no sound, no alert on
+        the phone). Best effort: never raises for delivery failures."""
         ...
 
 

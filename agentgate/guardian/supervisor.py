@@ -77,12 +77,14 @@ class TelegramSupervisor:
             await self._running.wait()
         await self.active.restore_card(card, message_ref)
 
-    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
+    async def notify(
+        self, text: str, buttons: Sequence[tuple[str, str]] = (), *, silent: bool = False
+    ) -> None:
         """Sent if the bot runs; dropped (logged) while it cannot: a notice is best effort."""
         if self.active is None:
             log.warning("guardian unreachable, a notice was not sent: %s", text.splitlines()[0])
             return
-        await self.active.notify(text, buttons)
+        await self.active.notify(text, buttons, silent=silent)
 
     async def run(self) -> None:
         from agentgate.guardian.telegram import open_telegram_guardian

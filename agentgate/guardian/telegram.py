@@ -585,8 +585,11 @@ class TelegramGuardian:
         except Exception:
             log.exception("could not restore card %s", card.request_id)
 
-    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
-        """A message for the guardians' chat (plain text, escaped), with buttons. Best effort."""
+    async def notify(
+        self, text: str, buttons: Sequence[tuple[str, str]] = (), *, silent: bool = False
+    ) -> None:
+        """A message for the guardians' chat (plain text, escaped), with buttons; ``silent``:
+        delivered without a sound (``disable_notification``). Best effort."""
         markup = None
         if buttons:
             markup = InlineKeyboardMarkup(
@@ -594,7 +597,7 @@ class TelegramGuardian:
             )
         body = html.escape(clip(reveal_value(text.replace("\n", " ⏎ ")), MAX_TEXT - 100))
         body = body.replace(" ⏎ ", "\n")
-        await self._reply(self._chat_id, body, markup)
+        await self._reply(self._chat_id, body, markup, silent=silent)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -638,7 +641,11 @@ class TelegramGuardian:
         await self._deliver("sendDocument", send)
 
     async def _send(
-        self, chat_id: int, compose: Callable[[], tuple[str, InlineKeyboardMarkup | None]]
+        self,
+        chat_id: int,
+        compose: Callable[[], tuple[str, InlineKeyboardMarkup | None]],
+        *,
+        silent: bool = False,
     ) -> Message:
         """A new message: wait for a send slot, then deliver with the bounded retry."""
         with trio.move_on_after(self._limits.queue_budget) as slot:
@@ -646,10 +653,12 @@ class TelegramGuardian:
         if slot.cancelled_caught:
             raise GuardianUnavailable("too many Telegram messages queued; send rate exceeded")
 
+        quiet = {"disable_notification": True} if silent else {}
+
         def send() -> Awaitable[Message]:
             text, keyboard = compose()
             return self._bot.send_message(  # type: ignore[no-any-return]
-                chat_id, text, parse_mode=ParseMode.HTML, reply_markup=keyboard
+                chat_id, text, parse_mode=ParseMode.HTML, reply_markup=keyboard, **quiet
             )
 
         return await self._deliver("sendMessage", send)
@@ -691,10 +700,15 @@ class TelegramGuardian:
         ) from last
 
     async def _reply(
-        self, chat_id: int, text: str, keyboard: InlineKeyboardMarkup | None = None
+        self,
+        chat_id: int,
+        text: str,
+        keyboard: InlineKeyboardMarkup | None = None,
+        *,
+        silent: bool = False,
     ) -> None:
         try:
-            await self._send(chat_id, lambda: (text, keyboard))
+            await self._send(chat_id, lambda: (text, keyboard), silent=silent)
         except GuardianUnavailable as exc:
             log.warning("could not answer a command: %s", exc.message)
 

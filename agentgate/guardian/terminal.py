@@ -383,9 +383,11 @@ class TerminalGuardian:
             self._undo = _UndoOffer(card.request_id, card.signature, update.undo_until)
             self._touch()
 
-    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
-        """A message for the guardian, drawn as a bubble; an "Undo anyway" button makes ``u``
-        confirm that Undo."""
+    async def notify(
+        self, text: str, buttons: Sequence[tuple[str, str]] = (), *, silent: bool = False
+    ) -> None:
+        """A message for the guardian, drawn as a bubble (``silent`` ones too: an audit
+        checkpoint); an "Undo anyway" button makes ``u`` confirm that Undo."""
         rows = [[label] for label, _ in buttons]
         for line in bubble("🖥 agentgate · message", inert(text), rows, self.style):
             self._print(line)

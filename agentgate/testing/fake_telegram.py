@@ -212,6 +212,7 @@ class FakeMessage:
     edits: int = 0
     deleted: bool = False
     document: FakeDocument | None = None
+    silent: bool = False  # sent with disable_notification
 
     @property
     def buttons(self) -> list[tuple[str, str]]:
@@ -692,6 +693,7 @@ class FakeTelegram:
             raw_text=raw,
             parse_mode=params.get("parse_mode"),
             reply_markup=self._markup(params),
+            silent=params.get("disable_notification") is True,
         )
         self._messages[message.message_id] = message
         return message.to_api(self.bot_user)

@@ -41,6 +41,7 @@ class ScriptedGuardian:
         self.restored: list[tuple[str, str]] = []
         self.shown: list[tuple[ApprovalCard, str]] = []  # restore_card calls (votes), in order
         self.notices: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+        self.silent: list[str] = []  # the notices sent silently (audit checkpoints)
         self._refs = itertools.count(1)
         self._changed = trio.Event()
 
@@ -69,9 +70,13 @@ class ScriptedGuardian:
         self.shown.append((card, message_ref))
         self._touch()
 
-    async def notify(self, text: str, buttons: Sequence[tuple[str, str]] = ()) -> None:
-        """Recorded in ``notices`` as (text, buttons)."""
+    async def notify(
+        self, text: str, buttons: Sequence[tuple[str, str]] = (), *, silent: bool = False
+    ) -> None:
+        """Recorded in ``notices`` as (text, buttons); silent ones in ``silent`` too."""
         self.notices.append((text, tuple(buttons)))
+        if silent:
+            self.silent.append(text)
         self._touch()
 
     async def wait_for_notice(

@@ -76,8 +76,8 @@ class Harness:
         return self.guardian
 
     async def settled(self) -> None:
-        """Wait until every approval has finished: the agent hears its outcome first, the
-        outcome's audit row and card edit follow (the caller's deadline bounds the wait)."""
+        """Wait until every approval has finished: its outcome is recorded first, then told to
+        the agent, then shown on the card (the caller's deadline bounds the wait)."""
         await self.gateway.broker.idle()
 
 
@@ -122,6 +122,8 @@ def write_gate_toml(
     ha_timeout: float = 5,
     mcp: Mapping[str, Any] | None = None,
     extra_toml: str = "",
+    store: Mapping[str, Any] | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> Path:
     (workdir / "permissions.yaml").write_text(policy)
     gateway = dict(gateway or {})
@@ -131,6 +133,7 @@ def write_gate_toml(
     for key, value in gateway.items():
         lines.append(f"{key} = {_toml_value(value)}")
     lines += ["", "[store]", f'path = "{workdir / "agentgate.db"}"']
+    lines += [f"{k} = {_toml_value(v)}" for k, v in (store or {}).items()]
     lines += ["", "[policy]", 'file = "permissions.yaml"']
     for name, token in tokens.items():
         lines += ["", f"[agents.{name}]", f'token = "{token}"']
@@ -154,6 +157,8 @@ def write_gate_toml(
     if mcp is not None:
         mcp = {"listen": "127.0.0.1:0", **mcp}
         lines += ["", "[mcp]"] + [f"{k} = {_toml_value(v)}" for k, v in mcp.items()]
+    if audit:
+        lines += ["", "[audit]"] + [f"{k} = {_toml_value(v)}" for k, v in audit.items()]
     path = workdir / "gate.toml"
     path.write_text("\n".join(lines) + "\n" + extra_toml)
     return path
