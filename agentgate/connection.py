@@ -6,7 +6,8 @@ Per connection::
     │                                     holding its place in the connection limits
     ├── auth under a deadline             the first frame must be "auth" (failed-auth limiter)
     ├── reader                            parse, admit (methods, in-flight cap, rate), spawn
-    ├── writer                            the only task that writes to the socket
+    ├── writer                            the only task that writes to the socket (replies
+    │                                     queued together leave in one write)
     ├── close watch                       closes 1008 an agent that stops reading its replies,
     │                                     or that a configuration reload removed
     └── one task per request              list_tools / get_pending_results / get_result /
@@ -28,7 +29,8 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Final
+from contextlib import AbstractAsyncContextManager
+from typing import Any, ClassVar, Final, Protocol
 
 import attrs
 import trio
@@ -81,6 +83,17 @@ _CLIENTS: Final = frozenset({"mcp-stdio"})
 MAX_RESULT_WAIT: Final = 300.0  # seconds one get_result may wait for an approval
 
 Frame = tuple[str, tuple[str, ...]]  # text, and the request ids of the results it carries
+GATHER_FRAMES: Final = 64  # replies queued together that the writer sends in one write
+GATHER_BYTES: Final = 256 * 1024  # ... and their characters at most
+# What a write raises once the agent's socket is gone (a gathered write meets the stream's own).
+_GONE: Final = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Gathering(Protocol):
+    """The stream under a WebSocket (:class:`agentgate.listener.Watched`): the writes made
+    inside ``gathered()`` leave together."""
+
+    def gathered(self) -> AbstractAsyncContextManager[None]: ...
 
 
 def frame_size(text: str) -> int:
@@ -278,12 +291,17 @@ class WebSocketDoor:
     # -- one connection -----------------------------------------------------------------------
 
     async def handle(
-        self, request: WebSocketRequest, remote: str | None = None, ticket: Ticket | None = None
+        self,
+        request: WebSocketRequest,
+        remote: str | None = None,
+        ticket: Ticket | None = None,
+        stream: Gathering | None = None,
     ) -> None:
         """The listener's handler for one WebSocket from ``remote`` (the peer's address; by
         default what trio-websocket says) holding ``ticket`` in :attr:`connection_limits`
         (without one, the socket is admitted here, and refused with HTTP 503 over a limit).
-        Never raises (but Cancelled)."""
+        ``stream``, the stream under the WebSocket, lets replies queued together leave in one
+        write. Never raises (but Cancelled)."""
         remote = remote if remote is not None else _address(request.remote)
         own = ticket is None
         if ticket is None:
@@ -301,7 +319,7 @@ class WebSocketDoor:
                 log.debug("handshake with %s failed", remote, exc_info=True)
                 return
             try:
-                await self._connection(ws, remote, ticket)
+                await self._connection(ws, remote, ticket, stream)
             except Exception:
                 log.exception("connection from %s failed unexpectedly", remote)
             finally:
@@ -311,18 +329,25 @@ class WebSocketDoor:
             if own:
                 ticket.close()
 
-    async def _connection(self, ws: WebSocketConnection, remote: str, ticket: Ticket) -> None:
+    async def _connection(
+        self, ws: WebSocketConnection, remote: str, ticket: Ticket, stream: Gathering | None
+    ) -> None:
         authenticated = await self._authenticate(ws, remote, ticket)
         if authenticated is None:
             return
         agent, via = authenticated
         try:
-            await self._session(ws, remote, agent, via)
+            await self._session(ws, remote, agent, via, stream)
         finally:
             ticket.leave_agent()
 
     async def _session(
-        self, ws: WebSocketConnection, remote: str, agent: AgentConfig, via: str
+        self,
+        ws: WebSocketConnection,
+        remote: str,
+        agent: AgentConfig,
+        via: str,
+        stream: Gathering | None,
     ) -> None:
         send, receive = trio.open_memory_channel[Frame](OUTBOX)
         conn = Connection(
@@ -339,7 +364,7 @@ class WebSocketDoor:
             conn.close()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, ws, conn, receive)
+                nursery.start_soon(self._writer, ws, conn, receive, stream)
                 nursery.start_soon(self._close_on_overflow, ws, conn)
                 queued = await self.pipeline.queued_count(agent.name)
                 if queued:
@@ -487,27 +512,43 @@ class WebSocketDoor:
         ws: WebSocketConnection,
         conn: Connection,
         receive: trio.MemoryReceiveChannel[Frame],
+        stream: Gathering | None,
     ) -> None:
         broken = False
         undelivered: list[str] = []
         dropped = 0  # replies never written because the agent was closed for not reading
+        carried: Frame | None = None  # taken from the channel, not gathered: written next
         async with receive:
-            async for text, request_ids in receive:
+            while True:
+                if carried is not None:
+                    frames, carried = [carried], None
+                else:
+                    try:
+                        frames = [await receive.receive()]
+                    except trio.EndOfChannel:
+                        break
+                if stream is not None:
+                    carried = _gather(receive, frames)
                 broken = broken or conn.overflowed  # what is left waits for the next connection
+                sent = False
                 try:
                     if not broken:
                         try:
-                            await ws.send_message(text)
+                            await _write(ws, frames, stream)
+                            sent = True
+                        except _GONE:
+                            conn.closed = broken = True
+                    for _, request_ids in frames:
+                        if sent:
                             if request_ids:
                                 self.pipeline.written(request_ids)
-                            continue
-                        except ConnectionClosed:
-                            conn.closed = broken = True
-                    undelivered.extend(request_ids)
-                    self.pipeline.unwritten(request_ids)
-                    dropped += not request_ids
+                        else:
+                            undelivered.extend(request_ids)
+                            self.pipeline.unwritten(request_ids)
+                            dropped += not request_ids
                 finally:
-                    conn.wrote(frame_size(text), request_ids)
+                    for text, request_ids in frames:
+                        conn.wrote(frame_size(text), request_ids)
             if self.pipeline.closing and not broken and not conn.overflowed:
                 await _close(ws, CLOSE_GOING_AWAY, "gateway shutting down")
         if dropped and conn.overflowed:
@@ -636,6 +677,37 @@ class WebSocketDoor:
             raise InvalidParams('"wait" must be a number of seconds, 0 or more')
         wait = min(float(wait), MAX_RESULT_WAIT)
         return await self.pipeline.result_of(conn.agent, request_id, wait)
+
+
+def _gather(receive: trio.MemoryReceiveChannel[Frame], frames: list[Frame]) -> Frame | None:
+    """Add the replies already queued behind ``frames[0]`` to ``frames``, to be written
+    together (bounded: ``GATHER_FRAMES``, ``GATHER_BYTES``). A frame that hands out queued
+    results is written alone: if its write fails, exactly its results go back to the queue.
+    Returns a frame taken from the channel but not gathered (written next), or None."""
+    if frames[0][1]:
+        return None
+    size = len(frames[0][0])
+    while len(frames) < GATHER_FRAMES:
+        try:
+            frame = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return None
+        size += len(frame[0])
+        if frame[1] or size > GATHER_BYTES:
+            return frame
+        frames.append(frame)
+    return None
+
+
+async def _write(ws: WebSocketConnection, frames: list[Frame], stream: Gathering | None) -> None:
+    """Send ``frames``, several in one write on ``stream`` when there is one."""
+    if stream is None or len(frames) == 1:
+        for text, _ in frames:
+            await ws.send_message(text)
+        return
+    async with stream.gathered():
+        for text, _ in frames:
+            await ws.send_message(text)
 
 
 async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:

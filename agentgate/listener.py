@@ -15,9 +15,10 @@ upgrade, and not a moment longer than its peer stays: a connection closed before
 (TCP only, half a TLS handshake, TLS then close) is dropped at once. (trio-websocket's own
 server waits the whole timeout for such a peer, so connect-and-leave could pin one socket, its
 TLS state and its buffers per connection for the whole auth deadline.) The peer's departure is
-seen by a thin stream wrapper (:class:`_Watched`) that notes when the stream ends; nothing here
-reaches into trio-websocket. A connection whose TLS handshake failed is logged with the reason
-(:mod:`agentgate.handshakes`, once per address per minute).
+seen by a thin stream wrapper (:class:`Watched`) that notes when the stream ends; nothing here
+reaches into trio-websocket. The same wrapper lets a connection's writer send the replies
+queued together in one write (:meth:`Watched.gathered`). A connection whose TLS handshake
+failed is logged with the reason (:mod:`agentgate.handshakes`, once per address per minute).
 
 Imports: limits, handshakes (Trio, trio-websocket's public API).
 """
@@ -29,7 +30,8 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -39,10 +41,11 @@ from trio_websocket import WebSocketRequest, wrap_server_stream
 from agentgate.handshakes import Counted, CountingListener, HandshakeLog
 from agentgate.limits import ConnectionLimits, OverLimit, Throttle, Ticket
 
-__all__ = ["Listening", "raise_fd_limit", "serve_websockets"]
+__all__ = ["Listening", "Watched", "raise_fd_limit", "serve_websockets"]
 
-Handler = Callable[[WebSocketRequest, str, Ticket], Awaitable[None]]
-"""Called with each upgraded connection's request, its peer's address and its ticket."""
+Handler = Callable[[WebSocketRequest, str, Ticket, "Watched"], Awaitable[None]]
+"""Called with each upgraded connection's request, its peer's address, its ticket and the
+stream under it (whose :meth:`Watched.gathered` sends several frames in one write)."""
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +67,19 @@ class Listening(NamedTuple):
     listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.abc.Stream]]
 
 
-class _Watched(trio.abc.Stream):
-    """A stream that says when its peer is gone (end of stream, or a broken read)."""
+class Watched(trio.abc.Stream):
+    """A stream that says when its peer is gone (end of stream, or a broken read), and that can
+    gather writes: what is written inside :meth:`gathered` leaves in one ``send_all``, so
+    replies queued together cost one TLS write and one system call, not one each."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.ended = trio.Event()
         self.error: BaseException | None = None
+        self._gathered: list[bytes | bytearray | memoryview] | None = None
+        # A gathered write goes out after trio-websocket's own send lock is released: this one
+        # keeps it from overlapping a write that trio-websocket started meanwhile.
+        self._writing = trio.StrictFIFOLock()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         try:
@@ -84,7 +93,25 @@ class _Watched(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
+        if self._gathered is not None:
+            self._gathered.append(data)
+            return
+        async with self._writing:
+            await self.inner.send_all(data)
+
+    @asynccontextmanager
+    async def gathered(self) -> AsyncIterator[None]:
+        """Writes made in the block (by any task, in their order) are sent together as it ends,
+        even when it ends with an error (not when cancelled)."""
+        gathered: list[bytes | bytearray | memoryview] = []
+        self._gathered = gathered
+        try:
+            yield
+        finally:
+            self._gathered = None
+            if gathered:
+                async with self._writing:
+                    await self.inner.send_all(b"".join(gathered))
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -133,13 +160,13 @@ async def serve_websockets(
     handshakes = HandshakeLog()
 
     async def connection(stream: trio.abc.Stream, peer: str, ticket: Ticket) -> None:
-        watched = _Watched(stream)
+        watched = Watched(stream)
         try:
             async with trio.open_nursery() as nursery:  # the WebSocket's reader task
                 request = await _upgrade(nursery, watched, max_message_size, within=connect_timeout)
                 try:
                     if request is not None:
-                        await handler(request, peer, ticket)
+                        await handler(request, peer, ticket, watched)
                 finally:
                     nursery.cancel_scope.cancel()
         except Exception:
@@ -286,7 +313,7 @@ def _peer(stream: trio.abc.Stream) -> str:
 
 
 async def _upgrade(
-    nursery: trio.Nursery, stream: _Watched, max_message_size: int, *, within: float
+    nursery: trio.Nursery, stream: Watched, max_message_size: int, *, within: float
 ) -> WebSocketRequest | None:
     """The connection's WebSocket request, or None: no upgrade in time, or the peer left."""
     request: WebSocketRequest | None = None

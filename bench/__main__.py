@@ -27,7 +27,7 @@ from bench.profile import Profiler, find_py_spy, report
 from bench.scenarios import SCENARIOS, Context, Settings
 from bench.stats import Row, combine, fmt, headline, table
 
-NEEDS_FLOORS = {"S1", "S2", "S3", "S4"}
+NEEDS_FLOORS = {"S1", "S2", "S3", "S2U", "S4"}
 PROPOSALS = ""  # set from --proposals
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short windows, 2,000 asks in S6")
     parser.add_argument("--runs", type=int, default=1, help="repeat and report the median")
     parser.add_argument("--only", default="", help="comma-separated, e.g. S1,S2 (default: all)")
-    parser.add_argument("--profile", type=Path, help="py-spy the gateway in S1-S3 into DIR")
+    parser.add_argument("--profile", type=Path, help="py-spy the gateway in S1-S3, S2U into DIR")
     parser.add_argument("--py-spy", dest="py_spy", help="path to the py-spy binary")
     parser.add_argument("--json", type=Path, help="write every row of every run here")
     parser.add_argument("--workdir", type=Path, help="keep gateway dirs and logs here")

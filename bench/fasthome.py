@@ -81,6 +81,13 @@ ENTITIES: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
+# S2U's sensors: 100 of them, so that no two of its calls in flight read the same entity.
+SPREAD = [f"sensor.bench_{i:03d}" for i in range(100)]
+for _i, _entity in enumerate(SPREAD):
+    ENTITIES[_entity] = (
+        f"{20 + _i / 10:.1f}",
+        dict(ENTITIES["sensor.living_room_temperature"][1], friendly_name=f"Bench {_i:03d}"),
+    )
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024

@@ -89,9 +89,11 @@ async def run_gateway(spec: dict[str, Any]) -> dict[str, Any]:
         late = max(0.0, time.time() - window.start)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_timer, window)
+            # "entities": each call in flight reads its own entity (S2U), else all read one.
+            spread: list[str] = spec.get("entities") or [entity]
             for gw in gateways:
-                call = _bind_sdk(gw, entity)
-                for _ in range(spec["in_flight"]):
+                for i in range(spec["in_flight"]):
+                    call = _bind_sdk(gw, spread[i % len(spread)])
                     nursery.start_soon(_loop, call, window)
     return _result(window, late)
 

@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from agentgate.testing.fake_telegram import FakeMessage, FakeTelegram
-from bench import legs, procs
+from bench import fasthome, legs, procs
 from bench.profile import Profiler
 from bench.stats import Row, median, percentile
 
@@ -478,6 +478,36 @@ def s2(ctx: Context) -> list[Row]:
     ]
 
 
+def s2u(ctx: Context) -> list[Row]:
+    """S2 with each of the 100 calls in flight reading its own entity: no two share a GET, so
+    every call costs the gateway one Home Assistant request (S2's all read one entity)."""
+    s = ctx.settings
+    with _gateway(ctx, "s2u", _tokens(1), max_pending=10) as gw:
+        m = _measure(
+            ctx,
+            [_gw_spec(gw, 0, 0, connections=1, in_flight=100, entities=fasthome.SPREAD)],
+            s.s2_seconds,
+            setup=2,
+            profile=("s2u", gw.pid),
+            cpu={"gateway": gw.pid, "home": ctx.home.pid},
+        )
+    floor, versus = _bound(ctx, "par", m["rate"])
+    return [
+        Row(
+            "S2U 100 in flight, 100 entities",
+            m["rate"],
+            "req/s",
+            "-",
+            None,
+            floor,
+            m["rate"] / floor,
+            note=f"{_errors_note(m) or '1 SDK client process'}; {versus}",
+        ),
+        Row("S2U p99", m["p99"], "ms", "-", None, note=f"p50 {m['p50']:.1f} ms"),
+        cpu_row(ctx, "S2U", m, "par"),
+    ]
+
+
 def s3(ctx: Context) -> list[Row]:
     s = ctx.settings
     tokens = _tokens(50)
@@ -873,6 +903,7 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "S1": s1,
     "S2": s2,
     "S3": s3,
+    "S2U": s2u,
     "S4": s4,
     "S5": s5,
     "S6": s6,

@@ -22,6 +22,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_
 
 from agentgate.config import load_config
 from agentgate.gateway import Gateway, open_gateway
+from agentgate.listener import Watched
 from agentgate.testing.guardian import ScriptedGuardian
 from agentgate.testing.harness import DEFAULT_TOKENS, write_gate_toml
 
@@ -78,8 +79,9 @@ class FastGateway:
         server_stream, client_stream = pair()
 
         async def serve() -> None:
-            request = await wrap_server_stream(self.nursery, server_stream)
-            await self.gateway.door.handle(request, remote)
+            stream = Watched(server_stream)  # as the listener wraps a socket: replies gathered
+            request = await wrap_server_stream(self.nursery, stream)
+            await self.gateway.door.handle(request, remote, stream=stream)
 
         self.nursery.start_soon(serve)
         return await wrap_client_stream(self.nursery, client_stream, "gate.test", "/")

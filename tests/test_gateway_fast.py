@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -481,6 +482,56 @@ async def test_a_press_that_arrives_before_its_card_send_returns_still_counts(
         answer = await call(ws, 1, "tool_request", tool="ha_call_service", args=args)
         assert answer["result"]["status"] == "executed"
         assert answers == ["approved"]
+
+
+class HeldReads(MockHome):
+    """Reads wait for the test to release them (so that many are asked meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets = 0
+        self.release = trio.Event()
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:  # type: ignore[override]
+        if request.method == "GET" and request.url.path.startswith("/api/states/"):
+            self.gets += 1
+            await self.release.wait()
+        return super().handler(request)
+
+
+async def test_reads_asked_together_share_a_call_but_each_has_its_own_decision_and_answer(
+    tmp_path: Path,
+) -> None:
+    home = HeldReads()
+    async with fast_gateway(tmp_path, home=home) as fg:
+        with trio.fail_after(10):
+            agents = [await authed(fg, "pi"), await authed(fg, "laptop")]
+            for n in range(20):
+                await agents[n % 2].send_message(
+                    json.dumps(
+                        {
+                            "jsonrpc": "2.0",
+                            "id": n,
+                            "method": "tool_request",
+                            "params": {
+                                "tool": "ha_get_state",
+                                "args": {"entity_id": "sensor.temp"},
+                            },
+                        }
+                    )
+                )
+            await trio.testing.wait_all_tasks_blocked()
+            home.release.set()
+            answers = [await reply(agents[n % 2]) for n in range(20)]
+        assert home.gets < 20  # one read in flight, the next one for all who asked meanwhile
+        assert sorted(a["id"] for a in answers) == list(range(20))
+        assert all(a["result"]["data"]["state"] == "21" for a in answers)
+        request_ids = {a["result"]["request_id"] for a in answers}
+        assert len(request_ids) == 20
+        rows = await fg.gateway.store.audit_rows()
+        assert {r.request_id for r in rows} == request_ids
+        assert sorted(r.agent for r in rows) == ["laptop"] * 10 + ["pi"] * 10
+        assert {(r.decision, r.resolution) for r in rows} == {("allow", "executed")}
 
 
 async def test_a_press_on_an_approval_that_is_over_says_what_became_of_it(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import httpx
@@ -685,3 +686,135 @@ def test_the_sdk_rebuilds_an_unknown_outcome_from_the_wire() -> None:
     assert isinstance(again, ExecutionFailed)  # old handlers still catch it
     assert again.data == {"outcome": "unknown", "state_after": {"a.b": "on"}}
     assert type(error_from_wire({"code": -32004, "message": "x"})) is ExecutionFailed
+
+
+# ---- shared reads ----------------------------------------------------------------------
+
+
+class HeldHome:
+    """Home Assistant whose GETs answer the state as it was when the GET reached it, once the
+    test releases them; POSTs change the light at once."""
+
+    def __init__(self) -> None:
+        self.state = "off"
+        self.gets = 0
+        self.release = trio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.state = "on"
+            return httpx.Response(200, json=[{"state": "on"}])
+        self.gets += 1
+        seen = self.state  # what Home Assistant answers is what it had when the GET came
+        await self.release.wait()
+        if request.url.path.endswith("/sensor.gone"):
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"entity_id": "light.bedroom", "state": seen})
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[HomeAssistant, HeldHome]]:
+    home = HeldHome()
+    async with open_homeassistant(Settings(), transport=httpx.MockTransport(home)) as executor:
+        yield executor, home
+
+
+async def test_reads_of_one_entity_asked_meanwhile_share_one_request(
+    held: tuple[HomeAssistant, HeldHome],
+) -> None:
+    ha, home = held
+    answers: list[Any] = []
+
+    async def read() -> None:
+        answers.append(await ha.execute("ha_get_state", {"entity_id": "light.bedroom"}))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)  # sent at once
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(20):  # asked while it is in flight: one more read, for all of them
+                nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            home.release.set()
+    assert home.gets == 2
+    assert len(answers) == 21
+    assert all(a["state"] == "off" for a in answers)
+    assert len({id(a) for a in answers}) == 21  # each caller parses its own copy
+
+
+async def test_a_read_never_answers_with_a_state_from_before_it_was_asked(
+    held: tuple[HomeAssistant, HeldHome],
+) -> None:
+    ha, home = held
+    answers: dict[str, Any] = {}
+
+    async def read(name: str) -> None:
+        answers[name] = await ha.execute("ha_get_state", {"entity_id": "light.bedroom"})
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, "first")  # Home Assistant has it, and says "off"
+            await trio.testing.wait_all_tasks_blocked()
+            home.state = "on"  # the light goes on
+            nursery.start_soon(read, "second")  # asked since: the read in flight cannot answer
+            await trio.testing.wait_all_tasks_blocked()
+            home.release.set()
+    assert answers["first"]["state"] == "off"
+    assert answers["second"]["state"] == "on"
+    assert home.gets == 2
+
+
+async def test_a_shared_read_that_fails_fails_each_caller_with_its_own_error(
+    held: tuple[HomeAssistant, HeldHome],
+) -> None:
+    ha, home = held
+    errors: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await ha.execute("ha_get_state", {"entity_id": "sensor.gone"})
+        except ExecutionFailed as exc:
+            errors.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            home.release.set()
+    assert home.gets == 1
+    assert [e.message for e in errors] == ["Home Assistant unreachable: cannot connect"] * 5
+    assert len({id(e) for e in errors}) == 5
+    assert len({id(e.__cause__) for e in errors}) == 5
+
+
+async def test_callers_of_a_read_whose_caller_was_cancelled_read_again(
+    held: tuple[HomeAssistant, HeldHome],
+) -> None:
+    ha, home = held
+    answers: list[Any] = []
+
+    async def read() -> None:
+        answers.append(await ha.execute("ha_get_state", {"entity_id": "light.bedroom"}))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)  # in flight
+            await trio.testing.wait_all_tasks_blocked()
+            # waits behind the read in flight, then would read for everyone who joined it
+            cancelled = trio.CancelScope()
+            nursery.start_soon(partial(run_in, cancelled, read))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(read)  # joins it
+            await trio.testing.wait_all_tasks_blocked()
+            cancelled.cancel()  # its caller is gone before it was sent
+            await trio.testing.wait_all_tasks_blocked()
+            home.release.set()
+    assert len(answers) == 2
+    assert all(a["state"] == "off" for a in answers)
+    assert home.gets == 2  # the first, and the one the joiner sent itself
+
+
+async def run_in(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await fn()

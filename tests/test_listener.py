@@ -32,7 +32,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def _echo(request: WebSocketRequest, peer: str, ticket: object) -> None:
+async def _echo(request: WebSocketRequest, peer: str, ticket: object, stream: object) -> None:
     assert peer == "127.0.0.1"
     ws = await request.accept()
     message = await ws.get_message()

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 from attrs import frozen
 
 from agentgate.guardian import (
@@ -39,10 +40,13 @@ from agentgate.guardian.card import (
 )
 from agentgate.guardian.telegram import (
     MAX_TEXT,
+    POLL_PAUSE,
+    POLL_SETTLE,
     SHUTDOWN_GRACE,
     SendLimits,
     TelegramGuardian,
     TokenBucket,
+    _before_next_poll,
     card_keyboard,
     open_telegram_guardian,
     parse_callback,
@@ -610,6 +614,91 @@ async def test_a_fresh_decision_is_answered_when_its_card_shows_the_outcome(
             # A stale press has nothing to wait for: answered at once.
             stale = tg.press(message.message_id, "allow:unknown-request", ALICE)
             assert (await stale.wait_answer()).text == "expired or already resolved"
+
+
+@slow
+async def test_settled_waits_for_every_press_to_have_its_outcome(
+    tg: FakeTelegram, control: FakeControl
+) -> None:
+    # What the poller waits for before its next getUpdates (rather than a fixed pause).
+    patient = attrs.evolve(FAST_LIMITS, answer_wait=CEILING * 10)
+    config = Config(TOKEN, CHAT, (ALICE,), tg.base_url)
+    with trio.fail_after(CEILING):
+        async with open_telegram_guardian(config, control, limits=patient) as guardian:
+            await guardian.settled()  # no press waits: at once
+            card = make_card()
+            message = await send(guardian, tg, card)
+            tg.press(message.message_id, f"allow:{REQUEST_ID}", ALICE)
+            await control.wait("decide")
+            settled = trio.Event()
+
+            async def wait_settled() -> None:
+                await guardian.settled()
+                settled.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_settled)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not settled.is_set()  # decided, its outcome not shown yet
+                update = CardUpdate(Status.EXECUTED, detail="lock.front_door: unlocked")
+                await guardian.update_card(card, f"{CHAT}:{message.message_id}", update)
+            assert settled.is_set()
+
+
+async def test_after_a_press_the_next_poll_waits_for_its_outcome_not_a_pause(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    outcome = trio.Event()
+    polled = trio.Event()
+    start = trio.current_time()
+
+    async def next_poll() -> None:
+        await _before_next_poll(True, start, outcome.wait)
+        polled.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(next_poll)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not polled.is_set()
+        outcome.set()
+    assert trio.current_time() == start  # at once: no pause (the clock stands still)
+
+
+async def test_the_next_poll_waits_for_a_slow_outcome_only_so_long(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    polled = trio.Event()
+
+    async def next_poll() -> None:
+        await _before_next_poll(True, trio.current_time(), trio.sleep_forever)
+        polled.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(next_poll)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not polled.is_set()
+        mock_clock.jump(POLL_SETTLE)
+    assert polled.is_set()
+
+
+async def test_polls_that_bring_nothing_are_not_a_busy_loop(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    start = trio.current_time()
+    await _before_next_poll(False, start - 2 * POLL_PAUSE, trio.sleep_forever)  # held: at once
+    assert trio.current_time() == start
+    polled = trio.Event()
+
+    async def next_poll() -> None:
+        await _before_next_poll(False, start, trio.sleep_forever)  # answered at once
+        polled.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(next_poll)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not polled.is_set()
+        mock_clock.jump(POLL_PAUSE)
+    assert polled.is_set()
 
 
 @slow

@@ -53,6 +53,10 @@ from typing import Any, Protocol, TypeVar
 import trio
 from attrs import field, frozen
 
+# trio.testing's idle hook, imported from where it lives: importing trio.testing would also
+# import pytest wherever it is installed (several MiB in a gateway that never tests anything).
+from trio._core import wait_all_tasks_blocked  # type: ignore[attr-defined]  # re-exported
+
 # PTB 22 warns on every RetryAfter unless timedelta periods are opted into; opt in (the future
 # behaviour) so flood control is a plain exception, also under warnings-as-errors.
 os.environ.setdefault("PTB_TIMEDELTA", "true")
@@ -131,11 +135,13 @@ T = TypeVar("T")
 
 MAX_CALLBACK_DATA = 64  # bytes
 POLL_TIMEOUT = 10  # seconds of one getUpdates long poll (returns at once when a press arrives)
-# Pause between a long poll's answer and the next poll. Without it the next getUpdates is sent
-# while the press it brought is being decided and executed, and its HTTP work competes with that
-# press's Home Assistant call for the one event-loop thread. A press that arrives meanwhile
-# waits at most this long in Telegram's queue.
-POLL_PAUSE = 0.02
+# After a poll that brought presses, the next getUpdates waits until they have settled: handed
+# over (nothing left to run) and each decided press's outcome gone out to its agent. Sent at
+# once, its HTTP work would run between a press and its result, on the one event-loop thread.
+# It waits at most this long (a slow service call, or a loop that never idles under load), so
+# a press that arrives meanwhile waits at most this long in Telegram's queue.
+POLL_SETTLE = 0.005
+POLL_PAUSE = 0.02  # polls that bring nothing start at most this often (no busy loop)
 SHUTDOWN_GRACE = 5.0  # seconds for PTB to stop, all steps together
 UPDATER_STOP_GRACE = 1.0
 SEND_CONNECTIONS = 8  # Bot API calls in flight at most
@@ -499,6 +505,7 @@ class TelegramGuardian:
         # Presses waiting for their card's outcome before they are answered: request id ->
         # events, set by update_card.
         self._outcomes: dict[str, list[trio.Event]] = {}
+        self._outcome_shown = trio.Event()  # set (and renewed) when a press stops waiting
         self.poller: _Poller | None = None  # set once polling runs
 
     # -- Guardian ---------------------------------------------------------------------------
@@ -515,6 +522,7 @@ class TelegramGuardian:
         """Show the card's resolution and remove its buttons. Best effort: logs, never raises."""
         for shown in self._outcomes.pop(card.request_id, ()):
             shown.set()
+        self._outcome_changed()
         try:
             chat_id, message_id = parse_ref(message_ref)
         except ValueError:
@@ -786,6 +794,17 @@ class TelegramGuardian:
                 waiting.remove(shown)
                 if not waiting:
                     del self._outcomes[ident]
+            self._outcome_changed()
+
+    def _outcome_changed(self) -> None:
+        self._outcome_shown.set()
+        self._outcome_shown = trio.Event()
+
+    async def settled(self) -> None:
+        """Return once no press waits for its outcome: every approval decided by a press has
+        delivered its result (the poller then fetches the next presses)."""
+        while self._outcomes:
+            await self._outcome_shown.wait()
 
     async def _on_command(self, command: _Command) -> None:
         who = f"{command.user_name} ({command.user_id})"
@@ -1060,7 +1079,9 @@ async def _running(
                 )
             except TelegramError as exc:
                 log.warning("could not set the bot's command list: %s", exc)
-            poller = guardian.poller = _Poller(app, config.token, limits.poll_backoff)
+            poller = guardian.poller = _Poller(
+                app, config.token, limits.poll_backoff, guardian.settled
+            )
             nursery.start_soon(poller.run)
             log.info("Telegram guardian running (chat %s)", config.chat_id)
             yield guardian
@@ -1084,10 +1105,12 @@ class _Poller:
         app: Application[Any, Any, Any, Any, Any, Any],
         token: str,
         backoff: tuple[float, ...] = POLL_RETRY_DELAYS,
+        settled: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._app = app
         self._token = token
         self._backoff = backoff
+        self._settled = settled or trio.lowlevel.checkpoint  # presses handed over are done
         self._loop = trio_asyncio.current_loop.get()
         self.offset: int | None = None  # the next update wanted (all before it are handled)
         self.problem: str | None = None  # what goes wrong now, or None
@@ -1113,6 +1136,7 @@ class _Poller:
         failures = 0
         webhook_cleared = False
         while True:
+            started = trio.current_time()
             try:
                 if not webhook_cleared:
                     # getUpdates is refused while a webhook is set.
@@ -1142,7 +1166,7 @@ class _Poller:
             for update in updates:
                 await self._call(self._app.update_queue.put, update)
                 self.offset = update.update_id + 1
-            await trio.sleep(POLL_PAUSE)
+            await _before_next_poll(bool(updates), started, self._settled)
 
     def _trouble(self, exc: Exception, failures: int) -> tuple[float, str, int]:
         """(pause, what is wrong, log level) for a failed poll."""
@@ -1197,6 +1221,21 @@ class _Poller:
                 )
             except Exception as exc:
                 log.debug("could not confirm the last updates: %s", exc)
+
+
+async def _before_next_poll(
+    brought: bool, started: float, settled: Callable[[], Awaitable[None]]
+) -> None:
+    """Wait before the next getUpdates: after a poll that ``brought`` updates, until they have
+    settled (at most ``POLL_SETTLE``); else until ``POLL_PAUSE`` after the last one ``started``."""
+    if not brought:
+        await trio.sleep_until(started + POLL_PAUSE)
+        return
+    with trio.move_on_after(POLL_SETTLE):
+        # Trio's idle hook: no task is runnable, so what was handed over has reached the
+        # guardian, each press waiting for its outcome.
+        await wait_all_tasks_blocked()
+        await settled()
 
 
 async def _stop(app: Application[Any, Any, Any, Any, Any, Any]) -> None:

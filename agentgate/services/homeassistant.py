@@ -25,6 +25,12 @@ template``          timeout is a plain failure, never "outcome unknown")
 entities``
 =================== ==========================================================================
 
+**Shared reads.** A ``GET`` asked while the same ``GET`` waits to go out joins it; one asked
+while it is in flight waits for it and then sends the next, for everyone who asked meanwhile
+(:meth:`HomeAssistant._shared_read`). So no caller gets an answer to a request sent before it
+asked (it sees every change before it, its own service calls included), and many reads of one
+entity cost one read in flight at a time. Writes are never shared.
+
 ``ha_call_service`` with ``return_response: true`` adds ``?return_response``: the answer is
 ``{"changed_states": [...], "service_response": {...}}``.
 
@@ -59,6 +65,7 @@ Imports: tools, errors, config (TLS contexts), ha_templates.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -174,6 +181,18 @@ class _Progress:
             self.may_have_run = True
 
 
+class _Read:
+    """One GET shared by every caller that asked for it before it was sent."""
+
+    __slots__ = ("done", "error", "response", "sent")
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.done = trio.Event()
+        self.response: httpx.Response | None = None
+        self.error: httpx.HTTPError | None = None
+
+
 _PROGRESS: ContextVar[_Progress | None] = ContextVar("agentgate_ha_progress", default=None)
 
 
@@ -281,6 +300,7 @@ class HomeAssistant:
         # which rescans every queued request on every event (a deep queue costs more CPU than
         # the requests themselves).
         self._slots = trio.CapacityLimiter(LIMITS.max_connections or 10)
+        self._reads: dict[tuple[str, tuple[tuple[str, str], ...]], _Read] = {}  # GETs, by URL
         # Entities Home Assistant showed us lately (id -> Trio time it was seen). A service call
         # on one of them skips the existence check; the approval card's read fills this.
         self._seen: dict[str, float] = {}
@@ -536,6 +556,70 @@ class HomeAssistant:
         if acts is None:
             acts = method == "POST"
         progress = _PROGRESS.get() if acts else None  # only POSTs act (not a template's)
+        if method == "GET":
+            response = await self._shared_read(path, params)
+        else:
+            response = await self._send(method, path, body, params, progress, service_call)
+        if not response.is_success:
+            raise _error_for(response, entity_id, service_call=service_call)
+        if text:
+            return response.text
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise _failed(
+                f"Home Assistant answered {response.status_code} with a body that is not JSON: "
+                f"{_snippet(response.text)}",
+                response.status_code,
+            ) from exc
+
+    async def _shared_read(self, path: str, params: dict[str, str] | None) -> httpx.Response:
+        """``GET path``: one request for every caller that asks for it before it is sent.
+
+        A caller never gets an answer to a request sent before it asked: it joins a read still
+        waiting to go out, or else queues one of its own behind the one in flight (so, with
+        many asking for one entity, one read is in flight and the next gathers everyone who
+        arrives meanwhile). Each caller parses the shared response for itself; a transport
+        error reaches each as its own copy. A read whose caller is cancelled before the answer
+        (its deadline, its connection gone) is read again by those who joined it.
+        """
+        key = (path, tuple(sorted(params.items())) if params else ())
+        while True:
+            read = self._reads.get(key)
+            if read is None or read.sent:
+                break
+            await read.done.wait()
+            if read.response is not None:
+                return read.response
+            if read.error is not None:
+                raise copy.copy(read.error)
+            # its caller was cancelled before the answer came: read again
+        ahead = read
+        mine = self._reads[key] = _Read()
+        try:
+            if ahead is not None:
+                await ahead.done.wait()
+            async with self._slots:
+                mine.sent = True
+                response = mine.response = await self._client.request("GET", path, params=params)
+        except httpx.HTTPError as exc:
+            mine.error = exc
+            raise
+        finally:
+            if self._reads.get(key) is mine:
+                del self._reads[key]
+            mine.done.set()
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        params: dict[str, str] | None,
+        progress: _Progress | None,
+        service_call: bool,
+    ) -> httpx.Response:
         async with self._slots:
             if progress is None:
                 response = await self._client.request(method, path, json=body, params=params)
@@ -554,18 +638,7 @@ class HomeAssistant:
                         f"Home Assistant stopped waiting for the service after"
                         f" {HA_SERVICE_LIMIT:g} s (it may still be running)"
                     )
-        if not response.is_success:
-            raise _error_for(response, entity_id, service_call=service_call)
-        if text:
-            return response.text
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise _failed(
-                f"Home Assistant answered {response.status_code} with a body that is not JSON: "
-                f"{_snippet(response.text)}",
-                response.status_code,
-            ) from exc
+        return response
 
 
 @asynccontextmanager
