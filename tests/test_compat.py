@@ -53,3 +53,16 @@ def test_the_import_is_a_plain_one_once_cryptography_is_loaded() -> None:
         " 'kept': sys.modules['cryptography'] is cryptography}))\n"
     )
     assert seen == {"passport": True, "kept": True}
+
+
+def test_the_pollers_idle_hook_is_trio_testings_without_importing_it() -> None:
+    seen = _fresh_python(
+        "import json, sys\n"
+        "from agentgate._compat import import_telegram_without_passport, wait_all_tasks_blocked\n"
+        "import_telegram_without_passport()\n"
+        "quiet = 'trio.testing' not in sys.modules and 'pytest' not in sys.modules\n"
+        "import trio.testing\n"
+        "print(json.dumps({'quiet': quiet,"
+        " 'same': wait_all_tasks_blocked is trio.testing.wait_all_tasks_blocked}))\n"
+    )
+    assert seen == {"quiet": True, "same": True}

@@ -30,7 +30,7 @@ Card text is Telegram HTML; every string that an agent can influence is escaped,
 direction-changing characters are shown as ``\\uXXXX`` so that nothing on a card can hide or
 fake a part of it.
 
-Imports: guardian, guardian.card, guardian._trio_request, config.
+Imports: guardian, guardian.card, guardian._trio_request, config, _compat.
 """
 
 from __future__ import annotations
@@ -53,9 +53,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 from attrs import field, frozen
 
-# trio.testing's idle hook, imported from where it lives: importing trio.testing would also
-# import pytest wherever it is installed (several MiB in a gateway that never tests anything).
-from trio._core import wait_all_tasks_blocked  # type: ignore[attr-defined]  # re-exported
+from agentgate._compat import wait_all_tasks_blocked
 
 # PTB 22 warns on every RetryAfter unless timedelta periods are opted into; opt in (the future
 # behaviour) so flood control is a plain exception, also under warnings-as-errors.
