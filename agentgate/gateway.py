@@ -294,7 +294,7 @@ async def _open_gateway(
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.run)
                 await nursery.start(audit.run)
-                nursery.start_soon(trim_after_activity, lambda: store.commits)
+                nursery.start_soon(trim_after_activity, lambda: store.commits, store.wait_committed)
                 try:
                     yield Gateway(
                         config,

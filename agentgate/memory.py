@@ -5,8 +5,8 @@ connections, large frames, a fuzzer) the gateway's RSS stays several MiB above w
 for as long as it runs — on a small home server or a Raspberry Pi that is memory nothing else
 gets. Every ``TRIM_EVERY`` seconds in which the store committed anything, :func:`trim_heap`
 calls glibc's ``malloc_trim(0)`` (about a tenth of a millisecond), which returns the free pages.
-An idle gateway is never woken for it beyond one timer; where the C library has no
-``malloc_trim`` (musl, macOS) this does nothing.
+An idle gateway is never woken for it: the timer starts only after a commit; where the C
+library has no ``malloc_trim`` (musl, macOS) this does nothing.
 
 Imports: nothing of agentgate.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
@@ -40,20 +40,21 @@ def heap_trimmer() -> Callable[[], object] | None:
 
 async def trim_after_activity(
     activity: Callable[[], int],
+    reaches: Callable[[int], Awaitable[None]],
     *,
     every: float = TRIM_EVERY,
     trim: Callable[[], object] | None = None,
 ) -> None:
-    """Until cancelled: every ``every`` seconds, trim the heap if ``activity()`` (a counter
-    that grows while the gateway works, such as the store's commits) changed meanwhile."""
+    """Until cancelled: ``every`` seconds after ``activity()`` (a counter that grows while the
+    gateway works, such as the store's commits) grew, trim the heap; ``reaches(n)`` returns
+    once the counter is at least ``n``. At most one trim per ``every`` seconds of work."""
     trim = trim if trim is not None else heap_trimmer()
     if trim is None:
         log.debug("no malloc_trim in this C library: freed heap memory stays with the process")
         return
     seen = activity()
     while True:
+        await reaches(seen + 1)
         await trio.sleep(every)
-        now = activity()
-        if now != seen:
-            seen = now
-            trim()
+        seen = activity()
+        trim()

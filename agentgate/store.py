@@ -334,6 +334,7 @@ class Store:
         self.commits = 0  # transactions committed (group commit makes this < operations)
         self.synced = 0  # of which committed with an fsync (durable)
         self.checkpointed = 0  # commits the last background WAL checkpoint covered
+        self._batch_done = trio.Event()  # set (and renewed) after each batch the writer ran
         self._checkpoint = trio.Event()  # set (and renewed) after each background checkpoint
         self.appended = 0  # audit events appended (or posted) since the store was opened
         self._appended_event = trio.Event()  # set (and renewed) when ``appended`` grows
@@ -343,6 +344,12 @@ class Store:
         (the database file then holds them without its WAL); the caller's deadline bounds it."""
         while self.checkpointed < commits:
             await self._checkpoint.wait()
+
+    async def wait_committed(self, commits: int) -> None:
+        """Return once ``commits`` transactions have committed; the caller's deadline bounds it.
+        Timers that only have work after a commit wait here, so an idle gateway is not woken."""
+        while self.commits < commits:
+            await self._batch_done.wait()
 
     def _appended(self, count: int) -> None:
         """``count`` audit events were appended (or posted): wakes :meth:`wait_appended`."""
@@ -395,6 +402,7 @@ class Store:
                     finally:
                         self._busy = False
                     self._wake(batch)
+                    self._batch_ran()
 
     def _commit(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """Run a batch on this thread and wake its callers (inline mode)."""
@@ -403,6 +411,11 @@ class Store:
         except Exception as exc:
             self._fail(batch, exc)
         self._wake(batch)
+        self._batch_ran()
+
+    def _batch_ran(self) -> None:
+        self._batch_done.set()
+        self._batch_done = trio.Event()
 
     @staticmethod
     def _fail(batch: list[_Op[Any]], exc: Exception) -> None:
@@ -1509,9 +1522,8 @@ async def _checkpoints(store: Store, path: Path, every: float) -> None:
     done = 0
     try:
         while True:
+            await store.wait_committed(done + 1)
             await trio.sleep(every)
-            if store.commits == done:
-                continue
             done = store.commits
             if conn is None:
                 conn = await trio.to_thread.run_sync(

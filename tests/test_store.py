@@ -206,6 +206,22 @@ async def test_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
             conn.close()
 
 
+async def test_an_idle_store_sets_no_timer_and_checkpoints_after_a_commit(
+    tmp_path: Path,
+) -> None:
+    """The background WAL checkpoint waits for a commit, not for a clock: an idle store wakes
+    nothing; a commit after any idle stretch is still checkpointed."""
+    path = tmp_path / "a.db"
+    async with open_store(path, checkpoint_every=0.05) as store:
+        for round_ in range(2):
+            await store.audit(entry(f"r{round_}"))
+            with trio.fail_after(10):
+                await store.wait_checkpointed(store.commits)
+            await trio.testing.wait_all_tasks_blocked()
+            assert trio.lowlevel.current_statistics().seconds_to_next_deadline == float("inf")
+            assert store.checkpointed == store.commits
+
+
 class _FailingCommit:
     """A sqlite3 connection whose ``COMMIT`` fails (a disk that fills up or dies at the end of a
     transaction); every other statement runs for real."""
