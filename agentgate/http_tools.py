@@ -34,7 +34,7 @@ What the gateway guarantees for every such tool:
 Errors in a tools file are :class:`~agentgate.config.ConfigError` lines naming the file and
 the key path (``tools.yaml: tools[1].args.id.in: expected one of path, query, body``).
 
-Imports: tools, config (ConfigError, the service's table), errors.
+Imports: tools, config (ConfigError, the service's table), errors, policy (its YAML loader).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from attrs import frozen
 from agentgate import tools
 from agentgate.config import Config, ConfigError, HttpServiceConfig
 from agentgate.errors import InvalidParams
+from agentgate.policy import StrictLoader
 
 __all__ = [
     "METHODS",
@@ -306,7 +307,7 @@ def load_tools_file(path: str | os.PathLike[str], service: HttpServiceConfig) ->
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"{label}: cannot read: {reason}") from exc
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+        document = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
@@ -333,21 +334,6 @@ def load_tools_file(path: str | os.PathLike[str], service: HttpServiceConfig) ->
     if problems:
         raise ConfigError(*problems)
     return loaded
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (the last one would silently win)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _value in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key if isinstance(key, str) else id(key))
-        return super().construct_mapping(node, deep=deep)
 
 
 class _Problems(Exception):

@@ -283,7 +283,7 @@ def parse_policy(
     """Parse policy YAML ``text``; ``source`` names it in errors and warnings, ``known`` are
     the tools its lint knows (default: Home Assistant's)."""
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source}: invalid YAML: {_yaml_reason(exc)}") from exc
     if document is None:
@@ -298,8 +298,9 @@ def parse_policy(
     return Policy(source, rules, defaults, _lint(source, rules, defaults, known or tools.TOOLS))
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (the last one would silently win)."""
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (the last one would silently win); the tools
+    file (:mod:`agentgate.http_tools`) is read with it too."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
