@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 from agentgate.tools import ToolSpec
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "Progress", "snippet"]
+
+_SNIPPET = 200
 
 
 class Executor(Protocol):
@@ -49,3 +51,24 @@ class Executor(Protocol):
         ridden out). Raises :class:`~agentgate.config.ConfigError` if the service refuses the
         gateway's credential: a configuration to fix, at start-up."""
         ...
+
+
+def snippet(text: str) -> str:
+    """A service's answer, whitespace folded, cut to a line an error message can quote."""
+    text = " ".join(text.split())
+    return text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…"
+
+
+class Progress:
+    """How far the acting request of one tool call got: once its first bytes are on their
+    way, it may reach the service whatever happens next (an unknown outcome, never retried).
+    Passed to httpcore as its ``trace`` extension."""
+
+    __slots__ = ("may_have_run",)
+
+    def __init__(self) -> None:
+        self.may_have_run = False
+
+    async def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        if event.endswith("send_request_headers.started"):
+            self.may_have_run = True

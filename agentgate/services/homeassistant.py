@@ -60,7 +60,7 @@ Every failure is an :class:`~agentgate.errors.ExecutionFailed` (-32004) with
   back afterwards) when that read succeeds. Only a failure before the request left (cannot
   connect, DNS, TLS, no free connection) is a plain failure. Nothing is ever retried.
 
-Imports: tools, errors, config (TLS contexts), ha_templates.
+Imports: tools, errors, config (TLS contexts), services (Progress, snippet), ha_templates.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ import trio
 
 from agentgate.config import ConfigError, client_ssl_context
 from agentgate.errors import AgentgateError, ExecutionFailed, InvalidParams, OutcomeUnknown
-from agentgate.services import ha_templates
+from agentgate.services import Progress, ha_templates, snippet
 from agentgate.tools import TOOLS as TOOL_SPECS
 from agentgate.tools import ToolSpec
 
@@ -130,7 +130,6 @@ MAY_HAVE_RUN: Final = (
     httpx.RemoteProtocolError,
 )
 
-_SNIPPET = 200
 DESCRIBE_NAME: Final = 64  # characters of a friendly name on a card
 DESCRIBE_STATE: Final = 64
 _SERVICE_500 = (
@@ -161,26 +160,6 @@ def _bounded(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _snippet(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…"
-
-
-class _Progress:
-    """How far the acting request of one tool call got (see "Outcome unknown" above)."""
-
-    __slots__ = ("may_have_run",)
-
-    def __init__(self) -> None:
-        self.may_have_run = False
-
-    async def trace(self, event: str, info: Mapping[str, Any]) -> None:
-        # httpcore's "trace" extension: once the request's first bytes are on their way, it
-        # may reach Home Assistant whatever happens next.
-        if event.endswith("send_request_headers.started"):
-            self.may_have_run = True
-
-
 class _Read:
     """One GET shared by every caller that asked for it before it was sent."""
 
@@ -193,11 +172,11 @@ class _Read:
         self.error: httpx.HTTPError | None = None
 
 
-_PROGRESS: ContextVar[_Progress | None] = ContextVar("agentgate_ha_progress", default=None)
+_PROGRESS: ContextVar[Progress | None] = ContextVar("agentgate_ha_progress", default=None)
 
 
 @contextmanager
-def _map_transport_errors(url: str, timeout: float, progress: _Progress) -> Iterator[None]:
+def _map_transport_errors(url: str, timeout: float, progress: Progress) -> Iterator[None]:
     """Turn httpx's and Trio's exceptions into :class:`ExecutionFailed` at the boundary, or
     :class:`OutcomeUnknown` once the acting request may have reached Home Assistant.
 
@@ -261,13 +240,13 @@ def _error_for(
     if status == 500 and service_call:
         # 2025.4.4 lets a ServiceValidationError escape as a bare "500 Internal Server Error"
         # page (2026.x answers 400 JSON): the page says nothing, so say what it usually means.
-        detail = _snippet(message) if from_json else _SERVICE_500
+        detail = snippet(message) if from_json else _SERVICE_500
         return _failed(f"Home Assistant failed to run the service (500): {detail}", status)
     if status == 400:
-        return _failed(f"Home Assistant refused the call: {_snippet(message)}", status)
+        return _failed(f"Home Assistant refused the call: {snippet(message)}", status)
     if status >= 500:
-        return _failed(f"Home Assistant error ({status}): {_snippet(message)}", status)
-    return _failed(f"Home Assistant answered {status}: {_snippet(message)}", status)
+        return _failed(f"Home Assistant error ({status}): {snippet(message)}", status)
+    return _failed(f"Home Assistant answered {status}: {snippet(message)}", status)
 
 
 def _str_arg(args: dict[str, Any], name: str) -> str:
@@ -342,7 +321,7 @@ class HomeAssistant:
             return f"Home Assistant health check failed: {exc!r}"
         if isinstance(body, dict) and body.get("message") == "API running.":
             return None
-        return f"Home Assistant at {self._url} answered /api/ unexpectedly: {_snippet(str(body))}"
+        return f"Home Assistant at {self._url} answered /api/ unexpectedly: {snippet(str(body))}"
 
     async def execute(self, tool: str, args: dict[str, Any]) -> Any:
         """Run ``tool`` with (policy-validated) ``args``; HA's JSON answer is the agent's data.
@@ -522,7 +501,7 @@ class HomeAssistant:
     @contextmanager
     def _boundary(self) -> Iterator[None]:
         """One call's deadline, with foreign exceptions mapped to :class:`ExecutionFailed`."""
-        progress = _Progress()
+        progress = Progress()
         token = _PROGRESS.set(progress)
         try:
             with (
@@ -569,7 +548,7 @@ class HomeAssistant:
         except ValueError as exc:
             raise _failed(
                 f"Home Assistant answered {response.status_code} with a body that is not JSON: "
-                f"{_snippet(response.text)}",
+                f"{snippet(response.text)}",
                 response.status_code,
             ) from exc
 
@@ -617,7 +596,7 @@ class HomeAssistant:
         path: str,
         body: Any,
         params: dict[str, str] | None,
-        progress: _Progress | None,
+        progress: Progress | None,
         service_call: bool,
     ) -> httpx.Response:
         async with self._slots:

@@ -22,7 +22,7 @@ and nowhere else. What comes back:
 
 ``data`` of every failure is ``{"status": int | None, "service": NAME}``.
 
-Imports: tools, http_tools, config, errors.
+Imports: tools, http_tools, config, errors, services (Progress, snippet).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import trio
 from agentgate.config import HttpServiceConfig, client_ssl_context
 from agentgate.errors import ExecutionFailed, InvalidParams, OutcomeUnknown
 from agentgate.http_tools import BuiltRequest, HttpTool, origin
+from agentgate.services import Progress, snippet
 from agentgate.tools import ToolSpec
 
 __all__ = ["MAX_REDIRECTS", "HttpService", "open_http_service"]
@@ -49,27 +50,8 @@ log = logging.getLogger(__name__)
 
 MAX_REDIRECTS: Final = 5
 REDACTED: Final = "[redacted]"
-_SNIPPET = 200
 LIMITS: Final = httpx.Limits(max_connections=10, max_keepalive_connections=5, keepalive_expiry=30)
 NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-def _snippet(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…"
-
-
-class _Progress:
-    """Whether the acting request of a call may have reached the service."""
-
-    __slots__ = ("may_have_run",)
-
-    def __init__(self) -> None:
-        self.may_have_run = False
-
-    async def trace(self, event: str, info: Mapping[str, Any]) -> None:
-        if event.endswith("send_request_headers.started"):
-            self.may_have_run = True
 
 
 class HttpService:
@@ -117,7 +99,7 @@ class HttpService:
         if definition is None:
             raise InvalidParams(f"unknown tool: {tool}")
         built = definition.request(args)
-        progress = _Progress()
+        progress = Progress()
         with self._boundary(built, progress, acts=not definition.read_only):
             return await self._send(built, progress, acts=not definition.read_only)
 
@@ -127,7 +109,7 @@ class HttpService:
         return ExecutionFailed(message, data={"status": status, "service": self._name})
 
     @contextmanager
-    def _boundary(self, built: BuiltRequest, progress: _Progress, *, acts: bool) -> Iterator[None]:
+    def _boundary(self, built: BuiltRequest, progress: Progress, *, acts: bool) -> Iterator[None]:
         timeout = self._config.timeout
         try:
             with trio.fail_after(timeout):
@@ -157,7 +139,7 @@ class HttpService:
             data={"status": None, "service": self._name},
         )
 
-    async def _send(self, built: BuiltRequest, progress: _Progress, *, acts: bool) -> Any:
+    async def _send(self, built: BuiltRequest, progress: Progress, *, acts: bool) -> Any:
         url = built.url
         headers = {"Content-Type": "application/json"} if built.body is not None else None
         for _ in range(MAX_REDIRECTS + 1):
@@ -230,11 +212,11 @@ class HttpService:
         if status in (401, 403):
             raise self._failed(
                 f"{self._name} refused the gateway's credential ({status}): check"
-                f" services.http.{self._name}: {_snippet(text)}",
+                f" services.http.{self._name}: {snippet(text)}",
                 status,
             )
         if not response.is_success:
-            raise self._failed(f"{self._name} answered {status}: {_snippet(text)}", status)
+            raise self._failed(f"{self._name} answered {status}: {snippet(text)}", status)
         if not text:
             return None
         if "json" in response.headers.get("content-type", "").lower():
@@ -242,8 +224,7 @@ class HttpService:
                 return json.loads(text)
             except ValueError:
                 raise self._failed(
-                    f"{self._name} answered {status} with a body that is not JSON: "
-                    f"{_snippet(text)}",
+                    f"{self._name} answered {status} with a body that is not JSON: {snippet(text)}",
                     status,
                 ) from None
         return text
