@@ -504,17 +504,12 @@ class Broker:
         try:
             names = await self.store.add_vote(row.request_id, voter, by, now)
             await self.store.audit(
-                AuditEntry(
-                    time=now,
-                    kind="guardian",
-                    agent="-",
+                AuditEntry.guardian(
+                    now,
+                    "vote",
+                    f"{row.agent}: {row.signature} (allow {len(names)} of {need})",
+                    by,
                     request_id=row.request_id,
-                    tool=None,
-                    args=None,
-                    signature=None,
-                    decision="vote",
-                    matched=f"{row.agent}: {row.signature} (allow {len(names)} of {need})",
-                    resolved_by=by,
                 )
             )
         except ExecutionFailed as exc:

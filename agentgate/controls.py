@@ -105,20 +105,7 @@ class Controls:
         return grant.expires_at
 
     async def _audit(self, by: str, decision: str, what: str) -> None:
-        await self.store.audit(
-            AuditEntry(
-                time=self._now(),
-                kind="guardian",
-                agent="-",
-                request_id=None,
-                tool=None,
-                args=None,
-                signature=None,
-                decision=decision,
-                matched=what,
-                resolved_by=by,
-            )
-        )
+        await self.store.audit(AuditEntry.guardian(self._now(), decision, what, by))
 
     # -- GuardianControl ----------------------------------------------------------------------
 

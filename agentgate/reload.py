@@ -261,17 +261,8 @@ class Reloader:
             )
         try:
             await gateway.store.audit(
-                AuditEntry(
-                    time=gateway.pipeline.now(),
-                    kind="guardian",
-                    agent="-",
-                    request_id=None,
-                    tool=None,
-                    args=None,
-                    signature=None,
-                    decision=decision,
-                    matched=f"{self.source.name}: {text}",
-                    resolved_by=by,
+                AuditEntry.guardian(
+                    gateway.pipeline.now(), decision, f"{self.source.name}: {text}", by
                 )
             )
         except ExecutionFailed:

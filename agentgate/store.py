@@ -195,6 +195,24 @@ class AuditEntry:
     id: int | None = None
     via: str | None = None  # the front door: ws, mcp-stdio, mcp-http (None: before doors)
 
+    @classmethod
+    def guardian(
+        cls, time: float, decision: str, what: str, by: str, request_id: str | None = None
+    ) -> AuditEntry:
+        """A guardian's act (a grant, a vote, a freeze, a reload...): ``what`` it was about."""
+        return cls(
+            time=time,
+            kind="guardian",
+            agent="-",
+            request_id=request_id,
+            tool=None,
+            args=None,
+            signature=None,
+            decision=decision,
+            matched=what,
+            resolved_by=by,
+        )
+
 
 @frozen
 class PendingRow:
@@ -1625,17 +1643,8 @@ def revoke_grant_offline(path: Path | str, grant_id: str, by: str, at: float) ->
         )
         _insert_audit(
             conn,
-            AuditEntry(
-                time=at,
-                kind="guardian",
-                agent="-",
-                request_id=None,
-                tool=None,
-                args=None,
-                signature=None,
-                decision="revoke",
-                matched=f"{row['agent']}: {row['signature']} ({grant_id})",
-                resolved_by=by,
+            AuditEntry.guardian(
+                at, "revoke", f"{row['agent']}: {row['signature']} ({grant_id})", by
             ),
         )
         conn.execute("COMMIT")
