@@ -357,12 +357,17 @@ class ReplyHandle(Protocol):
     The WebSocket door turns these into frames on the connection that asked; a door that is
     gone answers ``deliver`` with False and the result waits in the agent's queue. The outcome
     is recorded (queued) before ``deliver``; ``deliver`` returning True takes it out of the
-    queue, unless the handle has a true ``confirms_delivery`` attribute: it then calls
+    queue, unless the handle's ``confirms_delivery`` is true: it then calls
     ``Store.mark_delivered`` itself once the result has really gone out (or ``Store.release``).
     """
 
     @property
     def agent(self) -> str: ...
+
+    @property
+    def confirms_delivery(self) -> bool:
+        """Whether the door marks a delivered result itself, once its frame is written."""
+        ...
 
     @property
     def via(self) -> str:

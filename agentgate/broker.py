@@ -837,9 +837,9 @@ class Broker:
             return
         session = approval.session
         delivered = session is not None and session.deliver(late)
-        if not delivered:
+        if session is None or not delivered:
             self.store.release([row.request_id])
-        elif not getattr(session, "confirms_delivery", False):
+        elif not session.confirms_delivery:
             self.store.mark_delivered([row.request_id])  # handed over is delivered
         if session is not None and delivered:
             # The agent's frame goes out first; the card edit would otherwise compete with its

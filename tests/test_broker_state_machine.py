@@ -104,6 +104,7 @@ class FakeSession:
     def __init__(self) -> None:
         self.agent = AGENT
         self.via = "ws"
+        self.confirms_delivery = False
         self.open = True
         self.frames: list[dict[str, Any]] = []
 

@@ -129,6 +129,7 @@ class _NoDoor:
 
     agent = "pi"
     via = "ws"
+    confirms_delivery = False
 
     def approval_pending(self, request_id: str, reply_to: Any, expires_at: float) -> None:
         pass

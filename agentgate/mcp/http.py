@@ -87,6 +87,7 @@ class _Waiter:
     """The reply handle of one MCP call: hears its ask, takes its late result once."""
 
     via = VIA
+    confirms_delivery = False  # handing the result to the waiting call delivers it
 
     def __init__(self, agent: str, asked: Callable[[Asked], None]) -> None:
         self.agent = agent
