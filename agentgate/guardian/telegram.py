@@ -1,15 +1,17 @@
 """The Telegram guardian: approval cards with inline buttons, through python-telegram-bot.
 
-PTB is asyncio code; agentgate is Trio. The bot runs inside a trio-asyncio loop owned by
-:func:`open_telegram_guardian`, and the two sides meet in exactly two places::
+PTB is asyncio code; agentgate is Trio. The bot's ``Application`` runs inside a trio-asyncio
+loop owned by :func:`open_telegram_guardian`, and the two sides meet in one place::
 
     Trio (broker, gateway)                       asyncio (PTB Application, inside open_loop)
-    send_card / update_card ──aio_as_trio──────▶ Bot.send_message / edit_message_text
     GuardianControl ◀── Trio tasks ◀── channel ◀──trio_as_aio── handlers (button, command)
+                                   _Poller ──update_queue.put──▶ (the updates it fetched)
 
-PTB's own HTTP (every Bot API call, the getUpdates long poll included) runs back on the Trio side
-through :class:`~agentgate.guardian._trio_request.TrioRequest`, a PTB ``BaseRequest``: httpx on
-the asyncio loop inside trio-asyncio cost more than anything else on the approval path.
+Bot API calls (``send_card``, ``update_card``, the ``getUpdates`` long poll) are awaited in the
+Trio task that makes them (:func:`agentgate._compat.bot_call_on_trio`), their HTTP done by
+:class:`~agentgate.guardian._trio_request.TrioRequest`, a PTB ``BaseRequest`` on httpx's Trio
+backend: httpx on the asyncio loop, and then each call's hops between the two loops, cost more
+than anything else on the approval path.
 
 The asyncio handlers only hand updates over; every decision runs on the Trio side, which checks
 *who* pressed (``allowed_users``) and calls the gateway's :class:`GuardianControl`. Sends retry a
@@ -53,7 +55,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 from attrs import field, frozen
 
-from agentgate._compat import wait_all_tasks_blocked
+from agentgate._compat import bot_call_on_trio, wait_all_tasks_blocked
 
 # PTB 22 warns on every RetryAfter unless timedelta periods are opted into; opt in (the future
 # behaviour) so flood control is a plain exception, also under warnings-as-errors.
@@ -494,9 +496,6 @@ class TelegramGuardian:
         self._control = control
         self._limits = limits
         self._pacing = _Pacing(limits)
-        # The bot's asyncio loop, named explicitly: the broker calls send_card/update_card from
-        # tasks that need not descend from the task that opened the loop (its context var).
-        self._loop = trio_asyncio.current_loop.get()
         # At most this many Bot API calls in flight: a burst of cards waits here, in a fair FIFO,
         # not in httpcore's pool, which rescans every waiting request on every event.
         self._calls = trio.CapacityLimiter(SEND_CONNECTIONS)
@@ -672,7 +671,7 @@ class TelegramGuardian:
             for attempt in range(limits.attempts):
                 try:
                     async with self._calls:
-                        result: T = await trio_asyncio.aio_as_trio(call, loop=self._loop)()
+                        result: T = await bot_call_on_trio(call)
                     return result
                 except RetryAfter as exc:
                     last, pause = exc, _retry_after_seconds(exc)
@@ -1126,8 +1125,12 @@ class _Poller:
         await self._answered.wait()
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        result: T = await trio_asyncio.aio_as_trio(partial(fn, *args, **kwargs), loop=self._loop)()
-        return result
+        """A Bot API call, in this Trio task."""
+        return await bot_call_on_trio(partial(fn, *args, **kwargs))
+
+    async def _hand_over(self, update: Update) -> None:
+        """Into PTB's update queue, on the asyncio side (its handlers run there)."""
+        await trio_asyncio.aio_as_trio(self._app.update_queue.put, loop=self._loop)(update)
 
     async def run(self) -> None:
         bot = self._app.bot
@@ -1162,7 +1165,7 @@ class _Poller:
             self._answered.set()
             self._answered = trio.Event()
             for update in updates:
-                await self._call(self._app.update_queue.put, update)
+                await self._hand_over(update)
                 self.offset = update.update_id + 1
             await _before_next_poll(bool(updates), started, self._settled)
 
