@@ -154,6 +154,10 @@ POLL_RETRY_DELAYS = (
     60.0,
 )  # seconds after a failed poll; the last repeats
 CONFIRM_GRACE = 1.0  # seconds for the last getUpdates that confirms what was fetched
+# While Bot API calls are in flight, the gateway's loop is checked this often; a check that
+# comes later than this much beyond its time is the gateway's own stall, not Telegram's.
+STALL_TICK = 0.1
+STALL_TOLERANCE = 0.1
 ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY)
 
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -191,7 +195,8 @@ class SendLimits:
     """How hard the guardian tries to deliver, and how fast it may send.
 
     Defaults keep under the Bot API's rates (about 20 messages a minute to one group, one a
-    second to a private chat, short bursts allowed) and fail an ask closed after ~10 s.
+    second to a private chat, short bursts allowed) and fail an ask closed after ~10 s of
+    Telegram's time (time the gateway's own loop was stalled does not count: :class:`_Stalls`).
     """
 
     attempts: int = 3  # per message, RetryAfter included
@@ -458,6 +463,56 @@ class _StrangerLog:
         return counted
 
 
+class _Credit:
+    """Seconds by which one call's budget was extended (:class:`_Stalls`)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+class _Stalls:
+    """Keeps a Bot API call's budget for Telegram's time, not the gateway's.
+
+    A call needs several rounds of the event loop (its slot, PTB's encoding, the HTTP exchange,
+    the answer's parsing). When the loop's rounds take seconds (10,000 asks admitted at once, a
+    long garbage collection), a call can spend its whole budget waiting for the gateway itself
+    while Telegram answered at once, and its ask would fail closed, blamed on Telegram. So while
+    calls are in flight :meth:`run` sleeps :data:`STALL_TICK` at a time and measures how late it
+    wakes: a wake-up later than :data:`STALL_TOLERANCE` is a stalled loop, and every call in
+    flight gets that much more time (it still fails closed if Telegram does not answer within
+    its budget). It sleeps while no call is in flight: an idle gateway never wakes for it.
+    """
+
+    def __init__(self) -> None:
+        self._budgets: dict[trio.CancelScope, _Credit] = {}
+        self._busy = trio.Event()
+
+    @contextmanager
+    def credit(self, budget: trio.CancelScope) -> Iterator[_Credit]:
+        """Extend ``budget``'s deadline by the loop's stalls while the block runs."""
+        credit = self._budgets[budget] = _Credit()
+        self._busy.set()
+        try:
+            yield credit
+        finally:
+            del self._budgets[budget]
+
+    async def run(self) -> None:
+        while True:
+            await self._busy.wait()
+            while self._budgets:
+                start = trio.current_time()
+                await trio.sleep(STALL_TICK)
+                late = trio.current_time() - start - STALL_TICK
+                if late > STALL_TOLERANCE:
+                    for budget, credit in self._budgets.items():
+                        budget.deadline += late
+                        credit.seconds += late
+            self._busy = trio.Event()
+
+
 @frozen
 class _Pacing:
     limits: SendLimits
@@ -503,7 +558,13 @@ class TelegramGuardian:
         # events, set by update_card.
         self._outcomes: dict[str, list[trio.Event]] = {}
         self._outcome_shown = trio.Event()  # set (and renewed) when a press stops waiting
+        self._stalls = _Stalls()
         self.poller: _Poller | None = None  # set once polling runs
+
+    async def watch_stalls(self) -> None:
+        """Keep the Bot API calls' budgets for Telegram's time (:class:`_Stalls`); run it
+        beside the guardian."""
+        await self._stalls.run()
 
     # -- Guardian ---------------------------------------------------------------------------
 
@@ -664,10 +725,12 @@ class TelegramGuardian:
         """Run one Bot API call on the asyncio side: a few attempts within ``limits.budget``,
         honouring RetryAfter; then :class:`GuardianUnavailable` naming the last cause."""
         limits = self._limits
-        deadline = trio.current_time() + limits.budget
         cause = "no attempt made"
         last: BaseException | None = None
-        with trio.move_on_at(deadline):
+        with (
+            trio.move_on_at(trio.current_time() + limits.budget) as budget,
+            self._stalls.credit(budget) as stalled,
+        ):
             for attempt in range(limits.attempts):
                 try:
                     async with self._calls:
@@ -686,11 +749,13 @@ class TelegramGuardian:
                     raise GuardianUnavailable(
                         f"Telegram {what} failed: {_redact(exc.message, self._token)}"
                     ) from exc
-                if attempt + 1 == limits.attempts or trio.current_time() + pause > deadline:
+                if attempt + 1 == limits.attempts or trio.current_time() + pause > budget.deadline:
                     break
                 await trio.sleep(pause)
         if last is None:
             cause = f"no answer within {limits.budget:g} s"
+        if stalled.seconds:
+            cause += f" (not counting {stalled.seconds:.1f} s in which the gateway itself was busy)"
         raise GuardianUnavailable(
             f"Telegram {what} failed after {limits.attempts} attempts"
             f" / {limits.budget:g} s: {cause}"
@@ -1068,6 +1133,7 @@ async def _running(
     guardian = TelegramGuardian(app, config, control, limits, cards)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guardian._consume, receive)
+        nursery.start_soon(guardian.watch_stalls)
         try:
             await trio_asyncio.aio_as_trio(app.start)()
             try:
