@@ -26,8 +26,8 @@ a dependency changes under it.
   (only ``Bot.initialize`` and ``Bot.shutdown`` use ``asyncio.gather``). Its request object
   being :class:`~agentgate.guardian._trio_request.TrioRequest`, whose HTTP is Trio's anyway, the
   Telegram guardian awaits those coroutines in its Trio task (:func:`bot_call_on_trio`) instead
-  of handing each to the asyncio loop and back (two trio-asyncio hops per Bot API call, ~1 ms
-  of a card's path). PTB's ``Application`` (the handlers, the update queue) stays on asyncio.
+  of handing each to the asyncio loop and back (two trio-asyncio hops per Bot API call, on
+  the path of every card). PTB's ``Application`` (the handlers, the update queue) stays on asyncio.
 
 Imports: guardian.telegram (when asked to).
 """

@@ -722,8 +722,9 @@ class TelegramGuardian:
         return await self._deliver("sendMessage", send)
 
     async def _deliver(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one Bot API call on the asyncio side: a few attempts within ``limits.budget``,
-        honouring RetryAfter; then :class:`GuardianUnavailable` naming the last cause."""
+        """Run one Bot API call in this task: a few attempts within ``limits.budget`` (of
+        Telegram's time: :class:`_Stalls`), honouring RetryAfter; then
+        :class:`GuardianUnavailable` naming the last cause."""
         limits = self._limits
         cause = "no attempt made"
         last: BaseException | None = None
