@@ -11,12 +11,13 @@ Why it looks like this:
   either recorded as started or was never sent. Other writes may stay ``normal``: a power cut
   can lose the last of them, never one that preceded an execution (the fsync of a durable
   commit also covers every commit before it in the WAL).
-- **Where SQLite runs.** With ``synchronous = "full"`` every commit waits for an fsync, so the
-  writer runs in a worker thread behind one ``CapacityLimiter(1)``. With ``"normal"`` (the
-  default) a WAL commit is a few ``write()`` calls, cheaper than the thread hop it would cost,
-  so commits run on the event loop, except durable ones, whose fsync runs in the worker thread
-  (the loop never waits for a disk); WAL checkpoints go to a worker thread on a connection of
-  their own.
+- **Where SQLite runs.** With ``synchronous = "full"`` every commit waits for an fsync, so
+  commits run in the store's own worker thread (one long-lived thread: a hand-off to it is a
+  queue put and the loop's wake-up, cheaper than ``trio.to_thread``'s per call). With
+  ``"normal"`` (the default) a WAL commit is a few ``write()`` calls, cheaper than the thread
+  hop it would cost, so commits run on the event loop, except durable ones, whose fsync runs in
+  the worker thread (the loop never waits for a disk); WAL checkpoints go to a Trio worker
+  thread on a connection of their own.
 - **Group commit.** Callers enqueue operations; one writer task runs everything queued so far in a
   single transaction (each operation under its own SAVEPOINT, so one failing operation does not
   sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
@@ -41,8 +42,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -310,6 +313,51 @@ def _unjson(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+class _Worker:
+    """The one thread that runs the store's blocking calls (a commit with its fsync, closing),
+    one at a time and in order. Handing a call to it costs a queue put and, for the answer,
+    the loop's wake-up: less than ``trio.to_thread`` (a thread cache, a limiter and a
+    cancellable wait per call). The waiting task cannot be cancelled, as the call under it
+    cannot be: a started commit always finishes and wakes its callers."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in the worker thread; its result, or what it raised."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="agentgate-store", daemon=True)
+            self._thread.start()
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+        answer: list[Any] = []
+
+        def job() -> None:
+            try:
+                answer.append((fn(), None))
+            except BaseException as exc:  # carried back to the waiting task, raised there
+                answer.append((None, exc))
+            token.run_sync_soon(trio.lowlevel.reschedule, task)
+
+        self._jobs.put(job)
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        result, error = answer[0]
+        if error is not None:
+            raise error
+        return result  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """The thread ends after the calls handed to it so far."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
 @attrs.define
 class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
@@ -338,7 +386,7 @@ class Store:
         # Durable commits of an inline store go to a worker thread (False: no threads at all,
         # for deterministic tests).
         self._threads = threads
-        self._limiter = trio.CapacityLimiter(1)
+        self._worker = _Worker()
         self._queue: list[_Op[Any]] = []
         self._durable_queued = False  # a durable op waits in the queue for the writer
         self._busy = False  # the writer runs a batch in a worker thread: hands off the connection
@@ -411,10 +459,7 @@ class Store:
                 else:
                     self._busy = True
                     try:
-                        await trio.to_thread.run_sync(
-                            partial(self._run_batch, batch, durable=durable),
-                            limiter=self._limiter,
-                        )
+                        await self._worker.run(partial(self._run_batch, batch, durable=durable))
                     except Exception as exc:
                         self._fail(batch, exc)
                     finally:
@@ -1208,17 +1253,15 @@ class Store:
                     self._commit(pending, durable=durable)
                 else:
                     try:
-                        await trio.to_thread.run_sync(
-                            partial(self._run_batch, pending, durable=durable),
-                            limiter=self._limiter,
-                        )
+                        await self._worker.run(partial(self._run_batch, pending, durable=durable))
                     except Exception as exc:
                         self._fail(pending, exc)
                     self._wake(pending)
             if self._inline and not self._threads:
                 self._conn.close()
             else:
-                await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+                await self._worker.run(self._conn.close)
+                self._worker.stop()
 
 
 def _move(
