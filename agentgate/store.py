@@ -18,10 +18,12 @@ Why it looks like this:
   hop it would cost, so commits run on the event loop, except durable ones, whose fsync runs in
   the worker thread (the loop never waits for a disk); WAL checkpoints go to a Trio worker
   thread on a connection of their own.
-- **Group commit.** Callers enqueue operations; one writer task runs everything queued so far in a
-  single transaction (each operation under its own SAVEPOINT, so one failing operation does not
-  sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
-  instead of paying N: durable writes that arrive while an fsync runs share the next one.
+- **Group commit.** Callers enqueue operations. When no batch holds the connection, the caller
+  commits what is queued at once, in its own task; otherwise one writer task runs everything
+  that queued meanwhile in a single transaction once the connection is free (each operation
+  under its own SAVEPOINT, so one failing operation does not sink the others) and then wakes
+  every caller. Under load, N concurrent requests share one fsync instead of paying N: durable
+  writes that arrive while an fsync runs share the next one.
 - **An audit log you can prove.** Every audit fact is an event appended to a hash-chained
   Merkle log (:mod:`agentgate.eventlog`) in the same transaction as the rows it describes, so
   an event that precedes an execution is fsync'd with it. ``audit_log`` (one row per request,
@@ -388,8 +390,7 @@ class Store:
         self._threads = threads
         self._worker = _Worker()
         self._queue: list[_Op[Any]] = []
-        self._durable_queued = False  # a durable op waits in the queue for the writer
-        self._busy = False  # the writer runs a batch in a worker thread: hands off the connection
+        self._busy = False  # a batch runs in the worker thread: it holds the connection
         self._queued = trio.Event()  # something is in the queue
         self._wakeup = trio.Event()  # ... and somebody waits for it: commit now
         self._closed = False
@@ -447,25 +448,29 @@ class Store:
             with trio.move_on_after(POST_FLUSH):
                 await self._wakeup.wait()
             self._queued, self._wakeup = trio.Event(), trio.Event()
+            while self._busy:  # a caller's own batch holds the connection: the rest follows it
+                await self._batch_done.wait()
             batch, self._queue = self._queue, []
-            self._durable_queued = False
-            if not batch:
-                continue
-            durable = any(op.durable for op in batch)
-            with trio.CancelScope(shield=True):  # a started batch always finishes and wakes
-                if self._inline and not (durable and self._threads):
-                    self._commit(batch, durable=durable)
-                    await trio.lowlevel.checkpoint()
-                else:
-                    self._busy = True
-                    try:
-                        await self._worker.run(partial(self._run_batch, batch, durable=durable))
-                    except Exception as exc:
-                        self._fail(batch, exc)
-                    finally:
-                        self._busy = False
-                    self._wake(batch)
-                    self._batch_ran()
+            if batch:
+                await self._settle(batch)
+
+    async def _settle(self, batch: list[_Op[Any]]) -> None:
+        """Commit ``batch`` and wake its callers: on this thread (inline, not durable) or in the
+        worker thread. Cannot be cancelled: a started batch always finishes and wakes."""
+        durable = any(op.durable for op in batch)
+        if self._inline and not (durable and self._threads):
+            self._commit(batch, durable=durable)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._busy = True
+        try:
+            await self._worker.run(partial(self._run_batch, batch, durable=durable))
+        except Exception as exc:
+            self._fail(batch, exc)
+        finally:
+            self._busy = False
+        self._wake(batch)
+        self._batch_ran()
 
     def _commit(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """Run a batch on this thread and wake its callers (inline mode)."""
@@ -567,18 +572,15 @@ class Store:
             raise StoreUnavailable("audit log unavailable: the store is closed")
         op: _Op[T] = _Op(fn, durable=durable)
         self._queue.append(op)
-        if durable and not self._full:
-            self._durable_queued = True
-        if self._inline and not self._busy and not (self._durable_queued and self._threads):
-            # Commit now, in this task, with whatever else is queued: no hand-off to the
-            # writer (the hop would cost more than the commit).
+        if not self._busy:
+            # Nobody holds the connection: commit now, in this task, with whatever else is
+            # queued (no hand-off to the writer task; a durable batch still goes to the worker
+            # thread for its fsync).
             batch, self._queue = self._queue, []
-            self._durable_queued = False
-            self._commit(batch, durable=any(o.durable for o in batch))
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._settle(batch)
         else:
-            # The writer commits it: an fsync in its worker thread, or after the batch that
-            # holds the connection now.
+            # The writer commits it, with whatever else queues meanwhile, once the batch that
+            # holds the connection now is done.
             self._queued.set()
             self._wakeup.set()
             await op.done.wait()
@@ -1245,18 +1247,12 @@ class Store:
 
     async def close(self) -> None:
         self._closed = True
-        pending, self._queue = self._queue, []
-        durable = any(op.durable for op in pending)
         with trio.CancelScope(shield=True):
+            while self._busy:
+                await self._batch_done.wait()
+            pending, self._queue = self._queue, []
             if pending:  # what was accepted is written, never dropped
-                if self._inline and not (durable and self._threads):
-                    self._commit(pending, durable=durable)
-                else:
-                    try:
-                        await self._worker.run(partial(self._run_batch, pending, durable=durable))
-                    except Exception as exc:
-                        self._fail(pending, exc)
-                    self._wake(pending)
+                await self._settle(pending)
             if self._inline and not self._threads:
                 self._conn.close()
             else:
