@@ -41,6 +41,7 @@ Imports: approvals (the states), errors, eventlog, tlog.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -404,7 +405,10 @@ class Store:
         self._batch_done = trio.Event()  # set (and renewed) after each batch the writer ran
         self._checkpoint = trio.Event()  # set (and renewed) after each background checkpoint
         self.appended = 0  # audit events appended (or posted) since the store was opened
-        self._appended_event = trio.Event()  # set (and renewed) when ``appended`` grows
+        # wait_appended()'s waiters, as a heap of (count, number, event): each is woken once,
+        # when ``appended`` reaches its count, not at every event.
+        self._append_waiters: list[tuple[int, int, trio.Event]] = []
+        self._append_waits = 0  # waiters so far (ties in the heap never compare events)
 
     async def wait_checkpointed(self, commits: int) -> None:
         """Return once a background WAL checkpoint has covered the first ``commits`` commits
@@ -422,13 +426,24 @@ class Store:
         """``count`` audit events were appended (or posted): wakes :meth:`wait_appended`."""
         if count:
             self.appended += count
-            self._appended_event.set()
-            self._appended_event = trio.Event()
+            waiters = self._append_waiters
+            while waiters and waiters[0][0] <= self.appended:
+                heapq.heappop(waiters)[2].set()
 
     async def wait_appended(self, count: int) -> None:
         """Return once ``appended`` reaches ``count``; the caller's deadline bounds it."""
-        while self.appended < count:
-            await self._appended_event.wait()
+        if self.appended >= count:
+            return
+        event = trio.Event()
+        self._append_waits += 1
+        waiter = (count, self._append_waits, event)
+        heapq.heappush(self._append_waiters, waiter)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # given up (its deadline): no longer waiting
+                self._append_waiters.remove(waiter)
+                heapq.heapify(self._append_waiters)
 
     def _checkpoint_done(self, commits: int) -> None:
         self.checkpointed = commits

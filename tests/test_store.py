@@ -117,6 +117,30 @@ async def test_one_batch_holds_the_connection_at_a_time(tmp_path: Path) -> None:
     assert store.synced < 100  # 100 durable writes, fewer fsyncs
 
 
+async def test_a_wait_for_appended_events_ends_at_its_count(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_store(tmp_path / "a.db", inline=True) as store:
+        ended: list[int] = []
+
+        async def wait(count: int) -> None:
+            await store.wait_appended(count)
+            ended.append(store.appended)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, 3)
+            nursery.start_soon(wait, 2)
+            with trio.move_on_after(1):  # gives up: no longer a waiter
+                await store.wait_appended(100)
+            assert len(store._append_waiters) == 2
+            for i in range(3):
+                await store.audit(entry(f"r{i}"))
+                await trio.testing.wait_all_tasks_blocked()
+                assert ended == [2, 3][: max(0, i)]
+        assert store._append_waiters == []
+        await store.wait_appended(3)  # reached already: returns at once
+
+
 async def test_posted_writes_join_the_next_commit_or_are_flushed(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
