@@ -11,16 +11,19 @@ Why it looks like this:
   either recorded as started or was never sent. Other writes may stay ``normal``: a power cut
   can lose the last of them, never one that preceded an execution (the fsync of a durable
   commit also covers every commit before it in the WAL).
-- **Where SQLite runs.** With ``synchronous = "full"`` every commit waits for an fsync, so the
-  writer runs in a worker thread behind one ``CapacityLimiter(1)``. With ``"normal"`` (the
-  default) a WAL commit is a few ``write()`` calls, cheaper than the thread hop it would cost,
-  so commits run on the event loop, except durable ones, whose fsync runs in the worker thread
-  (the loop never waits for a disk); WAL checkpoints go to a worker thread on a connection of
-  their own.
-- **Group commit.** Callers enqueue operations; one writer task runs everything queued so far in a
-  single transaction (each operation under its own SAVEPOINT, so one failing operation does not
-  sink the others) and then wakes every caller. Under load, N concurrent requests share one fsync
-  instead of paying N: durable writes that arrive while an fsync runs share the next one.
+- **Where SQLite runs.** With ``synchronous = "full"`` every commit waits for an fsync, so
+  commits run in the store's own worker thread (one long-lived thread: a hand-off to it is a
+  queue put and the loop's wake-up, cheaper than ``trio.to_thread``'s per call). With
+  ``"normal"`` (the default) a WAL commit is a few ``write()`` calls, cheaper than the thread
+  hop it would cost, so commits run on the event loop, except durable ones, whose fsync runs in
+  the worker thread (the loop never waits for a disk); WAL checkpoints go to a Trio worker
+  thread on a connection of their own.
+- **Group commit.** Callers enqueue operations. When no batch holds the connection, the caller
+  commits what is queued at once, in its own task; otherwise one writer task runs everything
+  that queued meanwhile in a single transaction once the connection is free (each operation
+  under its own SAVEPOINT, so one failing operation does not sink the others) and then wakes
+  every caller. Under load, N concurrent requests share one fsync instead of paying N: durable
+  writes that arrive while an fsync runs share the next one.
 - **An audit log you can prove.** Every audit fact is an event appended to a hash-chained
   Merkle log (:mod:`agentgate.eventlog`) in the same transaction as the rows it describes, so
   an event that precedes an execution is fsync'd with it. ``audit_log`` (one row per request,
@@ -38,11 +41,14 @@ Imports: approvals (the states), errors, eventlog, tlog.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
+import queue
 import sqlite3
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -310,6 +316,51 @@ def _unjson(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+class _Worker:
+    """The one thread that runs the store's blocking calls (a commit with its fsync, closing),
+    one at a time and in order. Handing a call to it costs a queue put and, for the answer,
+    the loop's wake-up: less than ``trio.to_thread`` (a thread cache, a limiter and a
+    cancellable wait per call). The waiting task cannot be cancelled, as the call under it
+    cannot be: a started commit always finishes and wakes its callers."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in the worker thread; its result, or what it raised."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="agentgate-store", daemon=True)
+            self._thread.start()
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+        answer: list[Any] = []
+
+        def job() -> None:
+            try:
+                answer.append((fn(), None))
+            except BaseException as exc:  # carried back to the waiting task, raised there
+                answer.append((None, exc))
+            token.run_sync_soon(trio.lowlevel.reschedule, task)
+
+        self._jobs.put(job)
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        result, error = answer[0]
+        if error is not None:
+            raise error
+        return result  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """The thread ends after the calls handed to it so far."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
 @attrs.define
 class _Op(Generic[T]):
     fn: Callable[[sqlite3.Connection], T]
@@ -338,10 +389,9 @@ class Store:
         # Durable commits of an inline store go to a worker thread (False: no threads at all,
         # for deterministic tests).
         self._threads = threads
-        self._limiter = trio.CapacityLimiter(1)
+        self._worker = _Worker()
         self._queue: list[_Op[Any]] = []
-        self._durable_queued = False  # a durable op waits in the queue for the writer
-        self._busy = False  # the writer runs a batch in a worker thread: hands off the connection
+        self._busy = False  # a batch runs in the worker thread: it holds the connection
         self._queued = trio.Event()  # something is in the queue
         self._wakeup = trio.Event()  # ... and somebody waits for it: commit now
         self._closed = False
@@ -355,7 +405,10 @@ class Store:
         self._batch_done = trio.Event()  # set (and renewed) after each batch the writer ran
         self._checkpoint = trio.Event()  # set (and renewed) after each background checkpoint
         self.appended = 0  # audit events appended (or posted) since the store was opened
-        self._appended_event = trio.Event()  # set (and renewed) when ``appended`` grows
+        # wait_appended()'s waiters, as a heap of (count, number, event): each is woken once,
+        # when ``appended`` reaches its count, not at every event.
+        self._append_waiters: list[tuple[int, int, trio.Event]] = []
+        self._append_waits = 0  # waiters so far (ties in the heap never compare events)
 
     async def wait_checkpointed(self, commits: int) -> None:
         """Return once a background WAL checkpoint has covered the first ``commits`` commits
@@ -373,13 +426,24 @@ class Store:
         """``count`` audit events were appended (or posted): wakes :meth:`wait_appended`."""
         if count:
             self.appended += count
-            self._appended_event.set()
-            self._appended_event = trio.Event()
+            waiters = self._append_waiters
+            while waiters and waiters[0][0] <= self.appended:
+                heapq.heappop(waiters)[2].set()
 
     async def wait_appended(self, count: int) -> None:
         """Return once ``appended`` reaches ``count``; the caller's deadline bounds it."""
-        while self.appended < count:
-            await self._appended_event.wait()
+        if self.appended >= count:
+            return
+        event = trio.Event()
+        self._append_waits += 1
+        waiter = (count, self._append_waits, event)
+        heapq.heappush(self._append_waiters, waiter)
+        try:
+            await event.wait()
+        finally:
+            if not event.is_set():  # given up (its deadline): no longer waiting
+                self._append_waiters.remove(waiter)
+                heapq.heapify(self._append_waiters)
 
     def _checkpoint_done(self, commits: int) -> None:
         self.checkpointed = commits
@@ -399,28 +463,29 @@ class Store:
             with trio.move_on_after(POST_FLUSH):
                 await self._wakeup.wait()
             self._queued, self._wakeup = trio.Event(), trio.Event()
+            while self._busy:  # a caller's own batch holds the connection: the rest follows it
+                await self._batch_done.wait()
             batch, self._queue = self._queue, []
-            self._durable_queued = False
-            if not batch:
-                continue
-            durable = any(op.durable for op in batch)
-            with trio.CancelScope(shield=True):  # a started batch always finishes and wakes
-                if self._inline and not (durable and self._threads):
-                    self._commit(batch, durable=durable)
-                    await trio.lowlevel.checkpoint()
-                else:
-                    self._busy = True
-                    try:
-                        await trio.to_thread.run_sync(
-                            partial(self._run_batch, batch, durable=durable),
-                            limiter=self._limiter,
-                        )
-                    except Exception as exc:
-                        self._fail(batch, exc)
-                    finally:
-                        self._busy = False
-                    self._wake(batch)
-                    self._batch_ran()
+            if batch:
+                await self._settle(batch)
+
+    async def _settle(self, batch: list[_Op[Any]]) -> None:
+        """Commit ``batch`` and wake its callers: on this thread (inline, not durable) or in the
+        worker thread. Cannot be cancelled: a started batch always finishes and wakes."""
+        durable = any(op.durable for op in batch)
+        if self._inline and not (durable and self._threads):
+            self._commit(batch, durable=durable)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._busy = True
+        try:
+            await self._worker.run(partial(self._run_batch, batch, durable=durable))
+        except Exception as exc:
+            self._fail(batch, exc)
+        finally:
+            self._busy = False
+        self._wake(batch)
+        self._batch_ran()
 
     def _commit(self, batch: list[_Op[Any]], *, durable: bool = False) -> None:
         """Run a batch on this thread and wake its callers (inline mode)."""
@@ -522,18 +587,15 @@ class Store:
             raise StoreUnavailable("audit log unavailable: the store is closed")
         op: _Op[T] = _Op(fn, durable=durable)
         self._queue.append(op)
-        if durable and not self._full:
-            self._durable_queued = True
-        if self._inline and not self._busy and not (self._durable_queued and self._threads):
-            # Commit now, in this task, with whatever else is queued: no hand-off to the
-            # writer (the hop would cost more than the commit).
+        if not self._busy:
+            # Nobody holds the connection: commit now, in this task, with whatever else is
+            # queued (no hand-off to the writer task; a durable batch still goes to the worker
+            # thread for its fsync).
             batch, self._queue = self._queue, []
-            self._durable_queued = False
-            self._commit(batch, durable=any(o.durable for o in batch))
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._settle(batch)
         else:
-            # The writer commits it: an fsync in its worker thread, or after the batch that
-            # holds the connection now.
+            # The writer commits it, with whatever else queues meanwhile, once the batch that
+            # holds the connection now is done.
             self._queued.set()
             self._wakeup.set()
             await op.done.wait()
@@ -1200,25 +1262,17 @@ class Store:
 
     async def close(self) -> None:
         self._closed = True
-        pending, self._queue = self._queue, []
-        durable = any(op.durable for op in pending)
         with trio.CancelScope(shield=True):
+            while self._busy:
+                await self._batch_done.wait()
+            pending, self._queue = self._queue, []
             if pending:  # what was accepted is written, never dropped
-                if self._inline and not (durable and self._threads):
-                    self._commit(pending, durable=durable)
-                else:
-                    try:
-                        await trio.to_thread.run_sync(
-                            partial(self._run_batch, pending, durable=durable),
-                            limiter=self._limiter,
-                        )
-                    except Exception as exc:
-                        self._fail(pending, exc)
-                    self._wake(pending)
+                await self._settle(pending)
             if self._inline and not self._threads:
                 self._conn.close()
             else:
-                await trio.to_thread.run_sync(self._conn.close, limiter=self._limiter)
+                await self._worker.run(self._conn.close)
+                self._worker.stop()
 
 
 def _move(

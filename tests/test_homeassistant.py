@@ -16,7 +16,12 @@ from attrs import frozen
 
 from agentgate.config import ConfigError
 from agentgate.errors import ExecutionFailed, InvalidParams, OutcomeUnknown, error_from_wire
-from agentgate.services.homeassistant import TOOLS, HomeAssistant, open_homeassistant
+from agentgate.services.homeassistant import (
+    TOOLS,
+    URLS_MAX,
+    HomeAssistant,
+    open_homeassistant,
+)
 
 URL = "http://ha.test:8123"
 TOKEN = "secret-token"
@@ -265,6 +270,34 @@ async def test_ill_shaped_args_are_refused(
 async def test_identifiers_are_one_path_segment(ha: HomeAssistant, fake: FakeHA) -> None:
     await failure(ha, "ha_get_state", {"entity_id": "../config"})
     assert fake.requests[-1].url.raw_path == b"/api/states/..%2Fconfig"
+
+
+async def test_a_path_goes_to_the_same_url_every_time_and_the_kept_urls_are_bounded(
+    ha: HomeAssistant, fake: FakeHA
+) -> None:
+    # Each path's URL is parsed once and kept: the second request (and a service call on the
+    # same entity, and a read under a base URL with a path) goes where the first one went.
+    odd = {"entity_id": "light.x?y=1#z%20 ä"}
+    for _ in range(2):
+        await failure(ha, "ha_get_state", odd)
+    first, second = fake.requests[-2:]
+    assert first.url == second.url
+    assert first.url.raw_path == b"/api/states/light.x%3Fy%3D1%23z%2520%20%C3%A4"
+    for i in range(URLS_MAX + 5):
+        await failure(ha, "ha_get_state", {"entity_id": f"sensor.s{i}"})
+    assert fake.requests[-1].url.raw_path == f"/api/states/sensor.s{URLS_MAX + 4}".encode()
+    assert len(ha._urls) <= URLS_MAX
+    async with open_homeassistant(
+        Settings(url="http://ha.test:8123/prefix"), transport=httpx.MockTransport(fake)
+    ) as under_a_path:
+        for _ in range(2):
+            assert (
+                await under_a_path.execute("ha_call_service", {"domain": "script", "service": "go"})
+                == []
+            )
+    assert [str(r.url) for r in fake.requests[-2:]] == [
+        "http://ha.test:8123/prefix/api/services/script/go"
+    ] * 2
 
 
 # ---- describe and health -------------------------------------------------------------

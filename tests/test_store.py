@@ -8,6 +8,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -62,6 +63,82 @@ async def test_concurrent_writers_share_commits(tmp_path: Path) -> None:
                 nursery.start_soon(store.audit, entry(f"r{i}"))
         assert len(await store.audit_rows()) == 200
         assert store.commits < 200  # group commit: fewer transactions than writes
+
+
+class OneAtATime:
+    """The store's connection, failing any statement that starts while another one runs (on
+    another thread): the worker thread and the loop must never share it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self.overlaps = 0
+        self.threads: set[int] = set()
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if not self._lock.acquire(blocking=False):
+            self.overlaps += 1
+            raise sqlite3.OperationalError("the connection is in use by another thread")
+        try:
+            self.threads.add(threading.get_ident())
+            return self._conn.execute(sql, *args)
+        finally:
+            self._lock.release()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_one_batch_holds_the_connection_at_a_time(tmp_path: Path) -> None:
+    # As served: normal commits on the loop (in the caller's task when the store is free),
+    # durable ones in the worker thread; whoever commits, batches never overlap.
+    async with open_store(tmp_path / "a.db") as store:
+        conn = OneAtATime(store._conn)
+        store._conn = conn  # type: ignore[assignment]
+
+        async def write(i: int) -> None:
+            await store.audit(entry(f"r{i}"), durable=i % 3 == 0)
+            await trio.lowlevel.checkpoint()
+            await store.resolve_audit(
+                f"r{i}", Outcome.EXECUTED, resolved_by=None, resolved_at=NOW, wait=i % 2 == 0
+            )
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(300):
+                    nursery.start_soon(write, i)
+                    if i % 7 == 0:
+                        await trio.lowlevel.checkpoint()
+        store._conn = conn._conn
+        rows = await store.audit_rows()
+    assert conn.overlaps == 0
+    assert len(conn.threads) == 2  # the loop's and the worker's
+    assert len(rows) == 300
+    assert store.synced < 100  # 100 durable writes, fewer fsyncs
+
+
+async def test_a_wait_for_appended_events_ends_at_its_count(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_store(tmp_path / "a.db", inline=True) as store:
+        ended: list[int] = []
+
+        async def wait(count: int) -> None:
+            await store.wait_appended(count)
+            ended.append(store.appended)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, 3)
+            nursery.start_soon(wait, 2)
+            with trio.move_on_after(1):  # gives up: no longer a waiter
+                await store.wait_appended(100)
+            assert len(store._append_waiters) == 2
+            for i in range(3):
+                await store.audit(entry(f"r{i}"))
+                await trio.testing.wait_all_tasks_blocked()
+                assert ended == [2, 3][: max(0, i)]
+        assert store._append_waiters == []
+        await store.wait_appended(3)  # reached already: returns at once
 
 
 async def test_posted_writes_join_the_next_commit_or_are_flushed(

@@ -110,6 +110,7 @@ log = logging.getLogger(__name__)
 # a few slow calls (a pool wait counts against the call's deadline).
 SEEN_FOR: Final = 60.0  # seconds an entity read counts as "exists" for a service call
 SEEN_MAX: Final = 10_000
+URLS_MAX: Final = 1024  # request paths whose full URL is kept, parsed (cleared when full)
 LIMITS: Final = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=30)
 
 HA_SERVICE_LIMIT: Final = 10.0  # seconds Home Assistant waits for a service before answering
@@ -283,6 +284,7 @@ class HomeAssistant:
         # Entities Home Assistant showed us lately (id -> Trio time it was seen). A service call
         # on one of them skips the existence check; the approval card's read fills this.
         self._seen: dict[str, float] = {}
+        self._urls: dict[str, httpx.URL] = {}  # path -> its URL on Home Assistant (_full_url)
         self._url = settings.url
         self._timeout = float(settings.timeout)
         self._now = now
@@ -580,7 +582,8 @@ class HomeAssistant:
                 await ahead.done.wait()
             async with self._slots:
                 mine.sent = True
-                response = mine.response = await self._client.request("GET", path, params=params)
+                url = self._full_url(path) if params is None else path
+                response = mine.response = await self._client.request("GET", url, params=params)
         except httpx.HTTPError as exc:
             mine.error = exc
             raise
@@ -589,6 +592,16 @@ class HomeAssistant:
                 del self._reads[key]
             mine.done.set()
         return response
+
+    def _full_url(self, path: str) -> httpx.URL:
+        """``path`` joined to Home Assistant's URL as httpx joins it, parsed once per path: httpx
+        takes an ``httpx.URL`` as it is, where it parses a path (and the joined URL) per request."""
+        url = self._urls.get(path)
+        if url is None:
+            if len(self._urls) >= URLS_MAX:
+                self._urls.clear()
+            url = self._urls[path] = self._client.build_request("GET", path).url
+        return url
 
     async def _send(
         self,
@@ -599,14 +612,15 @@ class HomeAssistant:
         progress: Progress | None,
         service_call: bool,
     ) -> httpx.Response:
+        url = self._full_url(path) if params is None else path
         async with self._slots:
             if progress is None:
-                response = await self._client.request(method, path, json=body, params=params)
+                response = await self._client.request(method, url, json=body, params=params)
             else:
                 started = trio.current_time()
                 try:
                     response = await self._client.request(
-                        method, path, json=body, params=params, extensions={"trace": progress.trace}
+                        method, url, json=body, params=params, extensions={"trace": progress.trace}
                     )
                 except MAY_HAVE_RUN:
                     progress.may_have_run = True  # also where no trace is seen (test transports)
