@@ -20,16 +20,49 @@ a dependency changes under it.
   anything. ``trio.testing`` re-exports the very function ``trio._core`` defines; the Telegram
   guardian's poller uses it to let the presses it brought settle.
 
+- **python-telegram-bot 22.8: a Bot API method's coroutine awaited on Trio.** PTB documents
+  its ``Bot`` for asyncio, but from a method such as ``Bot.send_message`` down to
+  ``BaseRequest.do_request`` it awaits nothing else: no asyncio future, lock or loop call
+  (only ``Bot.initialize`` and ``Bot.shutdown`` use ``asyncio.gather``). Its request object
+  being :class:`~agentgate.guardian._trio_request.TrioRequest`, whose HTTP is Trio's anyway, the
+  Telegram guardian awaits those coroutines in its Trio task (:func:`bot_call_on_trio`) instead
+  of handing each to the asyncio loop and back (two trio-asyncio hops per Bot API call, on
+  the path of every card). PTB's ``Application`` (the handlers, the update queue) stays on asyncio.
+
 Imports: guardian.telegram (when asked to).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import TypeVar
 
 from trio._core import wait_all_tasks_blocked  # type: ignore[attr-defined]  # see above
 
-__all__ = ["import_telegram_without_passport", "wait_all_tasks_blocked"]
+__all__ = [
+    "BOT_CALL_ON_TRIO",
+    "bot_call_on_trio",
+    "import_telegram_without_passport",
+    "wait_all_tasks_blocked",
+]
+
+T = TypeVar("T")
+
+# True while a Bot API call runs in a Trio task (bot_call_on_trio): its request object then
+# does its HTTP right there, with no hop through the asyncio loop.
+BOT_CALL_ON_TRIO: ContextVar[bool] = ContextVar("agentgate_bot_call_on_trio", default=False)
+
+
+async def bot_call_on_trio(call: Callable[[], Awaitable[T]]) -> T:
+    """Await ``call()``, a PTB ``Bot`` method's coroutine, in the current Trio task (see
+    above). Its request object must be a ``TrioRequest``."""
+    token = BOT_CALL_ON_TRIO.set(True)
+    try:
+        return await call()
+    finally:
+        BOT_CALL_ON_TRIO.reset(token)
 
 
 def import_telegram_without_passport() -> None:

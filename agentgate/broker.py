@@ -766,8 +766,11 @@ class Broker:
         data = {"request_id": row.request_id, "signature": row.signature}
         by = approval.by or "guardian"
         until = None
+        snapshot, began = await self._begin_execution(approval, by)
         try:
-            if not await self.store.begin_execution(row.request_id, by, self._now()):
+            if isinstance(began, AgentgateError):
+                raise began
+            if not began:
                 failed = ExecutionFailed("already resolved", data=data)
                 return Outcome.FAILED, None, failed, None, None
             if approval.kind in (Decision.GRANT, Decision.ALWAYS):
@@ -776,8 +779,6 @@ class Broker:
         except AgentgateError as exc:
             exc.data.update(data)
             return Outcome.FAILED, None, exc, None, None
-        # Read before the call, so that Undo knows what it changed (one read per entity).
-        snapshot = None if self.undo is None else await self.undo.before(row.tool, row.args)
         try:
             self.executions += 1
             result = await self._execute(row.tool, row.args)
@@ -793,6 +794,35 @@ class Broker:
             failed = ExecutionFailed(f"execution failed: {exc}", data=data)
             return Outcome.FAILED, None, failed, until, None
         return Outcome.EXECUTED, result, None, until, snapshot
+
+    async def _begin_execution(
+        self, approval: Approval, by: str
+    ) -> tuple[Snapshot | None, bool | AgentgateError]:
+        """Record that the call executes (``pending`` → ``executing``, fsync'd) and, meanwhile,
+        read what an Undo would put back (one read per entity; it changes nothing, and the call
+        itself waits for both). The snapshot, and whether the call may run (or why not)."""
+        row = approval.row
+        snapshot: Snapshot | None = None
+        undo = self.undo
+
+        async def read_before(undo: Undo) -> None:
+            nonlocal snapshot
+            try:
+                snapshot = await undo.before(row.tool, row.args)
+            except Exception:  # no Undo for this call; the call itself runs all the same
+                log.exception("could not read the state before %s", row.request_id)
+
+        began: bool | AgentgateError
+        async with trio.open_nursery() as nursery:
+            if undo is not None:
+                nursery.start_soon(read_before, undo)
+            try:
+                began = await self.store.begin_execution(row.request_id, by, self._now())
+            except AgentgateError as exc:
+                began = exc
+            if began is not True:
+                nursery.cancel_scope.cancel()
+        return (snapshot if began is True else None), began
 
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row

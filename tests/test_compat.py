@@ -66,3 +66,60 @@ def test_the_pollers_idle_hook_is_trio_testings_without_importing_it() -> None:
         " 'same': wait_all_tasks_blocked is trio.testing.wait_all_tasks_blocked}))\n"
     )
     assert seen == {"quiet": True, "same": True}
+
+
+async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop() -> None:
+    # The guardian awaits Bot methods in Trio tasks. Here the trio-asyncio loop is closed before
+    # the calls: if PTB awaited anything of asyncio between a Bot method and do_request, or if
+    # TrioRequest hopped to the asyncio side, they would fail.
+    import trio_asyncio  # isort: skip
+
+    import httpx
+    import trio
+    from telegram import Bot
+
+    from agentgate._compat import bot_call_on_trio
+    from agentgate.guardian._trio_request import TrioRequest
+
+    message = {"message_id": 7, "date": 0, "chat": {"id": -5, "type": "group"}, "text": "hi"}
+    answers: dict[str, Any] = {
+        "getMe": {"id": 1, "is_bot": True, "first_name": "gate", "username": "gate_bot"},
+        "sendMessage": message,
+        "editMessageText": message,
+        "answerCallbackQuery": True,
+        "getUpdates": [{"update_id": 3, "message": message}],
+    }
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        method = request.url.path.rsplit("/", 1)[-1]
+        seen.append(method)
+        return httpx.Response(200, json={"ok": True, "result": answers[method]})
+
+    def trio_request() -> TrioRequest:
+        transport = httpx.MockTransport(handler)
+        return TrioRequest(
+            connections=1,
+            connect_timeout=1.0,
+            read_timeout=1.0,
+            write_timeout=1.0,
+            pool_timeout=1.0,
+            transport=transport,
+        )
+
+    bot = Bot("1:T", request=trio_request(), get_updates_request=trio_request())
+    with trio.fail_after(10):
+        async with trio_asyncio.open_loop():
+            await trio_asyncio.aio_as_trio(bot.initialize)()  # asyncio.gather: the loop's
+        sent = await bot_call_on_trio(lambda: bot.send_message(-5, "hi"))
+        edited = await bot_call_on_trio(
+            lambda: bot.edit_message_text("hi", chat_id=-5, message_id=7)
+        )
+        answered = await bot_call_on_trio(lambda: bot.answer_callback_query("q"))
+        updates = await bot_call_on_trio(lambda: bot.get_updates(offset=3, timeout=0))
+    assert sent.message_id == 7
+    assert not isinstance(edited, bool)
+    assert edited.message_id == 7
+    assert answered is True
+    assert [u.update_id for u in updates] == [3]
+    assert seen == ["getMe", "sendMessage", "editMessageText", "answerCallbackQuery", "getUpdates"]

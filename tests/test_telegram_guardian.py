@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -271,6 +272,83 @@ async def test_token_bucket_paces_after_a_burst(autojump_clock: trio.testing.Moc
     assert trio.current_time() - start == pytest.approx(3.0)
     await bucket.take()
     assert trio.current_time() - start == pytest.approx(6.0)
+
+
+# -- a Bot API call's budget is Telegram's time, not the gateway's (fast tier) -----------------
+
+
+def bare_guardian(limits: SendLimits) -> TelegramGuardian:
+    """A guardian for its send path alone: no bot (each test hands ``_deliver`` its call)."""
+    settings = SimpleNamespace(token=TOKEN, chat_id=CHAT, allowed_users=(ALICE,))
+    app: Any = SimpleNamespace(bot=None)
+    return TelegramGuardian(app, settings, FakeControl(), limits, CardRules())
+
+
+async def busy_loop(clock: trio.testing.MockClock, rounds: int) -> None:
+    """The gateway busy with its own work (a flood of asks being admitted): each round of the
+    event loop takes 0.3 s."""
+    for _ in range(rounds):
+        clock.jump(0.3)
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_send_slowed_by_the_gateways_own_work_is_not_failed_closed(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # S6: the first cards of a 10,000-ask burst spent their whole budget waiting for the
+    # gateway's own loop, and their asks failed closed, "no answer within 10 s" from Telegram.
+    guardian = bare_guardian(SendLimits(budget=1.0))
+
+    async def exchange() -> str:  # Telegram answers at once; the call takes a few loop rounds
+        for _ in range(6):
+            await trio.lowlevel.checkpoint()
+        return "sent"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guardian.watch_stalls)
+        nursery.start_soon(busy_loop, mock_clock, 20)
+        assert await guardian._deliver("sendMessage", exchange) == "sent"
+        nursery.cancel_scope.cancel()
+
+
+async def test_telegram_silent_while_the_gateway_is_busy_still_fails_closed_and_says_both(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    guardian = bare_guardian(SendLimits(budget=1.0))
+
+    async def exchange() -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guardian.watch_stalls)
+        nursery.start_soon(busy_loop, mock_clock, 10)
+        mock_clock.autojump_threshold = 0  # once the loop is idle, time runs on
+        with pytest.raises(GuardianUnavailable) as failed:
+            await guardian._deliver("sendMessage", exchange)
+        nursery.cancel_scope.cancel()
+    message = failed.value.message
+    assert "no answer within 1 s" in message
+    assert "in which the gateway itself was busy" in message
+
+
+async def test_telegram_silent_on_an_idle_gateway_fails_closed_at_its_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    guardian = bare_guardian(SendLimits(budget=1.0))
+
+    async def exchange() -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guardian.watch_stalls)
+        start = trio.current_time()
+        with pytest.raises(GuardianUnavailable) as failed:
+            await guardian._deliver("sendMessage", exchange)
+        assert trio.current_time() - start == pytest.approx(1.0)  # virtual time, exact
+        nursery.cancel_scope.cancel()
+    assert failed.value.message.endswith("no answer within 1 s")
 
 
 # -- real tier: PTB against the fake Bot API ----------------------------------------------------

@@ -10,7 +10,10 @@ to a Trio-native httpx client through ``trio_as_aio``.
 One httpx client must never be shared between the asyncio side and the Trio side (its pool's
 locks belong to one event loop); this client is only ever used from Trio.
 
-Imports: nothing of agentgate (python-telegram-bot's request interface, httpx, trio-asyncio).
+A Bot API call awaited in a Trio task (:func:`agentgate._compat.bot_call_on_trio`: how the
+guardian sends) does its HTTP in that task, with no hop through the asyncio loop at all.
+
+Imports: _compat (python-telegram-bot's request interface, httpx, trio-asyncio).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import AsyncIterator
 import httpx
 from telegram.error import NetworkError, TimedOut
 from telegram.request import BaseRequest, RequestData
+
+from agentgate._compat import BOT_CALL_ON_TRIO
 
 __all__ = ["TrioRequest"]
 
@@ -110,6 +115,8 @@ class TrioRequest(BaseRequest):
             request.stream = _Body(request.content)
         elif isinstance(request.stream, httpx.SyncByteStream):  # a multipart upload, in memory
             request.stream = _Body(b"".join(request.stream))
+        if BOT_CALL_ON_TRIO.get():  # PTB's coroutine runs in a Trio task: no hop
+            return await _send(client, request)
         # PTB's tasks do not carry trio-asyncio's current-loop context variable: name the loop.
         loop = asyncio.get_running_loop()
         return await trio_asyncio.trio_as_aio(_send, loop=loop)(client, request)  # type: ignore[no-any-return]

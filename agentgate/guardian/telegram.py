@@ -1,15 +1,17 @@
 """The Telegram guardian: approval cards with inline buttons, through python-telegram-bot.
 
-PTB is asyncio code; agentgate is Trio. The bot runs inside a trio-asyncio loop owned by
-:func:`open_telegram_guardian`, and the two sides meet in exactly two places::
+PTB is asyncio code; agentgate is Trio. The bot's ``Application`` runs inside a trio-asyncio
+loop owned by :func:`open_telegram_guardian`, and the two sides meet in one place::
 
     Trio (broker, gateway)                       asyncio (PTB Application, inside open_loop)
-    send_card / update_card ──aio_as_trio──────▶ Bot.send_message / edit_message_text
     GuardianControl ◀── Trio tasks ◀── channel ◀──trio_as_aio── handlers (button, command)
+                                   _Poller ──update_queue.put──▶ (the updates it fetched)
 
-PTB's own HTTP (every Bot API call, the getUpdates long poll included) runs back on the Trio side
-through :class:`~agentgate.guardian._trio_request.TrioRequest`, a PTB ``BaseRequest``: httpx on
-the asyncio loop inside trio-asyncio cost more than anything else on the approval path.
+Bot API calls (``send_card``, ``update_card``, the ``getUpdates`` long poll) are awaited in the
+Trio task that makes them (:func:`agentgate._compat.bot_call_on_trio`), their HTTP done by
+:class:`~agentgate.guardian._trio_request.TrioRequest`, a PTB ``BaseRequest`` on httpx's Trio
+backend: httpx on the asyncio loop, and then each call's hops between the two loops, cost more
+than anything else on the approval path.
 
 The asyncio handlers only hand updates over; every decision runs on the Trio side, which checks
 *who* pressed (``allowed_users``) and calls the gateway's :class:`GuardianControl`. Sends retry a
@@ -53,7 +55,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 from attrs import field, frozen
 
-from agentgate._compat import wait_all_tasks_blocked
+from agentgate._compat import bot_call_on_trio, wait_all_tasks_blocked
 
 # PTB 22 warns on every RetryAfter unless timedelta periods are opted into; opt in (the future
 # behaviour) so flood control is a plain exception, also under warnings-as-errors.
@@ -152,6 +154,10 @@ POLL_RETRY_DELAYS = (
     60.0,
 )  # seconds after a failed poll; the last repeats
 CONFIRM_GRACE = 1.0  # seconds for the last getUpdates that confirms what was fetched
+# While Bot API calls are in flight, the gateway's loop is checked this often; a check that
+# comes later than this much beyond its time is the gateway's own stall, not Telegram's.
+STALL_TICK = 0.1
+STALL_TOLERANCE = 0.1
 ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY)
 
 COMMANDS: tuple[tuple[str, str], ...] = (
@@ -189,7 +195,8 @@ class SendLimits:
     """How hard the guardian tries to deliver, and how fast it may send.
 
     Defaults keep under the Bot API's rates (about 20 messages a minute to one group, one a
-    second to a private chat, short bursts allowed) and fail an ask closed after ~10 s.
+    second to a private chat, short bursts allowed) and fail an ask closed after ~10 s of
+    Telegram's time (time the gateway's own loop was stalled does not count: :class:`_Stalls`).
     """
 
     attempts: int = 3  # per message, RetryAfter included
@@ -456,6 +463,56 @@ class _StrangerLog:
         return counted
 
 
+class _Credit:
+    """Seconds by which one call's budget was extended (:class:`_Stalls`)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+class _Stalls:
+    """Keeps a Bot API call's budget for Telegram's time, not the gateway's.
+
+    A call needs several rounds of the event loop (its slot, PTB's encoding, the HTTP exchange,
+    the answer's parsing). When the loop's rounds take seconds (10,000 asks admitted at once, a
+    long garbage collection), a call can spend its whole budget waiting for the gateway itself
+    while Telegram answered at once, and its ask would fail closed, blamed on Telegram. So while
+    calls are in flight :meth:`run` sleeps :data:`STALL_TICK` at a time and measures how late it
+    wakes: a wake-up later than :data:`STALL_TOLERANCE` is a stalled loop, and every call in
+    flight gets that much more time (it still fails closed if Telegram does not answer within
+    its budget). It sleeps while no call is in flight: an idle gateway never wakes for it.
+    """
+
+    def __init__(self) -> None:
+        self._budgets: dict[trio.CancelScope, _Credit] = {}
+        self._busy = trio.Event()
+
+    @contextmanager
+    def credit(self, budget: trio.CancelScope) -> Iterator[_Credit]:
+        """Extend ``budget``'s deadline by the loop's stalls while the block runs."""
+        credit = self._budgets[budget] = _Credit()
+        self._busy.set()
+        try:
+            yield credit
+        finally:
+            del self._budgets[budget]
+
+    async def run(self) -> None:
+        while True:
+            await self._busy.wait()
+            while self._budgets:
+                start = trio.current_time()
+                await trio.sleep(STALL_TICK)
+                late = trio.current_time() - start - STALL_TICK
+                if late > STALL_TOLERANCE:
+                    for budget, credit in self._budgets.items():
+                        budget.deadline += late
+                        credit.seconds += late
+            self._busy = trio.Event()
+
+
 @frozen
 class _Pacing:
     limits: SendLimits
@@ -494,9 +551,6 @@ class TelegramGuardian:
         self._control = control
         self._limits = limits
         self._pacing = _Pacing(limits)
-        # The bot's asyncio loop, named explicitly: the broker calls send_card/update_card from
-        # tasks that need not descend from the task that opened the loop (its context var).
-        self._loop = trio_asyncio.current_loop.get()
         # At most this many Bot API calls in flight: a burst of cards waits here, in a fair FIFO,
         # not in httpcore's pool, which rescans every waiting request on every event.
         self._calls = trio.CapacityLimiter(SEND_CONNECTIONS)
@@ -504,7 +558,13 @@ class TelegramGuardian:
         # events, set by update_card.
         self._outcomes: dict[str, list[trio.Event]] = {}
         self._outcome_shown = trio.Event()  # set (and renewed) when a press stops waiting
+        self._stalls = _Stalls()
         self.poller: _Poller | None = None  # set once polling runs
+
+    async def watch_stalls(self) -> None:
+        """Keep the Bot API calls' budgets for Telegram's time (:class:`_Stalls`); run it
+        beside the guardian."""
+        await self._stalls.run()
 
     # -- Guardian ---------------------------------------------------------------------------
 
@@ -662,17 +722,20 @@ class TelegramGuardian:
         return await self._deliver("sendMessage", send)
 
     async def _deliver(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one Bot API call on the asyncio side: a few attempts within ``limits.budget``,
-        honouring RetryAfter; then :class:`GuardianUnavailable` naming the last cause."""
+        """Run one Bot API call in this task: a few attempts within ``limits.budget`` (of
+        Telegram's time: :class:`_Stalls`), honouring RetryAfter; then
+        :class:`GuardianUnavailable` naming the last cause."""
         limits = self._limits
-        deadline = trio.current_time() + limits.budget
         cause = "no attempt made"
         last: BaseException | None = None
-        with trio.move_on_at(deadline):
+        with (
+            trio.move_on_at(trio.current_time() + limits.budget) as budget,
+            self._stalls.credit(budget) as stalled,
+        ):
             for attempt in range(limits.attempts):
                 try:
                     async with self._calls:
-                        result: T = await trio_asyncio.aio_as_trio(call, loop=self._loop)()
+                        result: T = await bot_call_on_trio(call)
                     return result
                 except RetryAfter as exc:
                     last, pause = exc, _retry_after_seconds(exc)
@@ -687,11 +750,13 @@ class TelegramGuardian:
                     raise GuardianUnavailable(
                         f"Telegram {what} failed: {_redact(exc.message, self._token)}"
                     ) from exc
-                if attempt + 1 == limits.attempts or trio.current_time() + pause > deadline:
+                if attempt + 1 == limits.attempts or trio.current_time() + pause > budget.deadline:
                     break
                 await trio.sleep(pause)
         if last is None:
             cause = f"no answer within {limits.budget:g} s"
+        if stalled.seconds:
+            cause += f" (not counting {stalled.seconds:.1f} s in which the gateway itself was busy)"
         raise GuardianUnavailable(
             f"Telegram {what} failed after {limits.attempts} attempts"
             f" / {limits.budget:g} s: {cause}"
@@ -1069,6 +1134,7 @@ async def _running(
     guardian = TelegramGuardian(app, config, control, limits, cards)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guardian._consume, receive)
+        nursery.start_soon(guardian.watch_stalls)
         try:
             await trio_asyncio.aio_as_trio(app.start)()
             try:
@@ -1126,8 +1192,12 @@ class _Poller:
         await self._answered.wait()
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        result: T = await trio_asyncio.aio_as_trio(partial(fn, *args, **kwargs), loop=self._loop)()
-        return result
+        """A Bot API call, in this Trio task."""
+        return await bot_call_on_trio(partial(fn, *args, **kwargs))
+
+    async def _hand_over(self, update: Update) -> None:
+        """Into PTB's update queue, on the asyncio side (its handlers run there)."""
+        await trio_asyncio.aio_as_trio(self._app.update_queue.put, loop=self._loop)(update)
 
     async def run(self) -> None:
         bot = self._app.bot
@@ -1162,7 +1232,7 @@ class _Poller:
             self._answered.set()
             self._answered = trio.Event()
             for update in updates:
-                await self._call(self._app.update_queue.put, update)
+                await self._hand_over(update)
                 self.offset = update.update_id + 1
             await _before_next_poll(bool(updates), started, self._settled)
 
