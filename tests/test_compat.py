@@ -11,6 +11,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 
 def _fresh_python(code: str) -> Any:
     """Run ``code`` in a new interpreter; it prints one JSON value as its last line."""
@@ -68,15 +70,18 @@ def test_the_pollers_idle_hook_is_trio_testings_without_importing_it() -> None:
     assert seen == {"quiet": True, "same": True}
 
 
-async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop() -> None:
-    # The guardian awaits Bot methods in Trio tasks. Here the trio-asyncio loop is closed before
-    # the calls: if PTB awaited anything of asyncio between a Bot method and do_request, or if
-    # TrioRequest hopped to the asyncio side, they would fail.
+@pytest.mark.parametrize("kind", ["Bot", "ExtBot"])
+async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop(kind: str) -> None:
+    # The guardian awaits Bot methods in Trio tasks (its Application's bot is an ExtBot). Here
+    # the trio-asyncio loop is closed before the calls: if PTB awaited anything of asyncio
+    # between a Bot method and do_request, or if TrioRequest hopped to the asyncio side, they
+    # would fail.
     import trio_asyncio  # isort: skip
 
     import httpx
     import trio
     from telegram import Bot
+    from telegram.ext import ExtBot
 
     from agentgate._compat import bot_call_on_trio
     from agentgate.guardian._trio_request import TrioRequest
@@ -107,7 +112,8 @@ async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop() -> None:
             transport=transport,
         )
 
-    bot = Bot("1:T", request=trio_request(), get_updates_request=trio_request())
+    make = ExtBot if kind == "ExtBot" else Bot
+    bot = make("1:T", request=trio_request(), get_updates_request=trio_request())
     with trio.fail_after(10):
         async with trio_asyncio.open_loop():
             await trio_asyncio.aio_as_trio(bot.initialize)()  # asyncio.gather: the loop's
@@ -123,3 +129,53 @@ async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop() -> None:
     assert answered is True
     assert [u.update_id for u in updates] == [3]
     assert seen == ["getMe", "sendMessage", "editMessageText", "answerCallbackQuery", "getUpdates"]
+
+
+async def test_ptb_bot_call_errors_raise_in_a_trio_task_with_no_asyncio_loop() -> None:
+    # The error paths too: Telegram's flood control, a refused request and a dropped connection
+    # become PTB's exceptions in the Trio task, with no asyncio loop running.
+    import trio_asyncio  # isort: skip
+
+    import httpx
+    import trio
+    from telegram.error import BadRequest, NetworkError, RetryAfter
+    from telegram.ext import ExtBot
+
+    import agentgate.guardian.telegram  # noqa: F401  (opts into PTB's timedelta periods, as served)
+    from agentgate._compat import bot_call_on_trio
+    from agentgate.guardian._trio_request import TrioRequest
+
+    me = {"id": 1, "is_bot": True, "first_name": "gate", "username": "gate_bot"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        method = request.url.path.rsplit("/", 1)[-1]
+        if method == "getMe":
+            return httpx.Response(200, json={"ok": True, "result": me})
+        if b"flood" in request.content:
+            body = {"ok": False, "error_code": 429, "description": "Too Many Requests"}
+            return httpx.Response(429, json=body | {"parameters": {"retry_after": 3}})
+        if b"bad" in request.content:
+            body = {"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}
+            return httpx.Response(400, json=body)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    def trio_request() -> TrioRequest:
+        return TrioRequest(
+            connections=1,
+            connect_timeout=1.0,
+            read_timeout=1.0,
+            write_timeout=1.0,
+            pool_timeout=1.0,
+            transport=httpx.MockTransport(handler),
+        )
+
+    bot = ExtBot("1:T", request=trio_request(), get_updates_request=trio_request())
+    with trio.fail_after(10):
+        async with trio_asyncio.open_loop():
+            await trio_asyncio.aio_as_trio(bot.initialize)()
+        with pytest.raises(RetryAfter):
+            await bot_call_on_trio(lambda: bot.send_message(-5, "flood"))
+        with pytest.raises(BadRequest, match=r"(?i)chat not found"):
+            await bot_call_on_trio(lambda: bot.send_message(-5, "bad"))
+        with pytest.raises(NetworkError):
+            await bot_call_on_trio(lambda: bot.send_message(-5, "gone"))
