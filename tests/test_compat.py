@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -70,21 +71,45 @@ def test_the_pollers_idle_hook_is_trio_testings_without_importing_it() -> None:
     assert seen == {"quiet": True, "same": True}
 
 
+async def _initialized_bot(kind: str, handler: Callable[[Any], Any]) -> Any:
+    """A PTB ``kind`` ("Bot" or "ExtBot") on ``TrioRequest``s answered by ``handler`` (an httpx
+    ``MockTransport`` handler), initialized on a trio-asyncio loop that is closed again."""
+    import trio_asyncio  # isort: skip
+
+    import httpx
+    from telegram import Bot
+    from telegram.ext import ExtBot
+
+    import agentgate.guardian.telegram  # noqa: F401  (opts into PTB's timedelta periods, as served)
+    from agentgate.guardian._trio_request import TrioRequest
+
+    def trio_request() -> TrioRequest:
+        return TrioRequest(
+            connections=1,
+            connect_timeout=1.0,
+            read_timeout=1.0,
+            write_timeout=1.0,
+            pool_timeout=1.0,
+            transport=httpx.MockTransport(handler),
+        )
+
+    make = ExtBot if kind == "ExtBot" else Bot
+    bot = make("1:T", request=trio_request(), get_updates_request=trio_request())
+    async with trio_asyncio.open_loop():
+        await trio_asyncio.aio_as_trio(bot.initialize)()  # asyncio.gather: the loop's
+    return bot
+
+
 @pytest.mark.parametrize("kind", ["Bot", "ExtBot"])
 async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop(kind: str) -> None:
     # The guardian awaits Bot methods in Trio tasks (its Application's bot is an ExtBot). Here
     # the trio-asyncio loop is closed before the calls: if PTB awaited anything of asyncio
     # between a Bot method and do_request, or if TrioRequest hopped to the asyncio side, they
     # would fail.
-    import trio_asyncio  # isort: skip
-
     import httpx
     import trio
-    from telegram import Bot
-    from telegram.ext import ExtBot
 
     from agentgate._compat import bot_call_on_trio
-    from agentgate.guardian._trio_request import TrioRequest
 
     message = {"message_id": 7, "date": 0, "chat": {"id": -5, "type": "group"}, "text": "hi"}
     answers: dict[str, Any] = {
@@ -101,22 +126,8 @@ async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop(kind: str) 
         seen.append(method)
         return httpx.Response(200, json={"ok": True, "result": answers[method]})
 
-    def trio_request() -> TrioRequest:
-        transport = httpx.MockTransport(handler)
-        return TrioRequest(
-            connections=1,
-            connect_timeout=1.0,
-            read_timeout=1.0,
-            write_timeout=1.0,
-            pool_timeout=1.0,
-            transport=transport,
-        )
-
-    make = ExtBot if kind == "ExtBot" else Bot
-    bot = make("1:T", request=trio_request(), get_updates_request=trio_request())
     with trio.fail_after(10):
-        async with trio_asyncio.open_loop():
-            await trio_asyncio.aio_as_trio(bot.initialize)()  # asyncio.gather: the loop's
+        bot = await _initialized_bot(kind, handler)
         sent = await bot_call_on_trio(lambda: bot.send_message(-5, "hi"))
         edited = await bot_call_on_trio(
             lambda: bot.edit_message_text("hi", chat_id=-5, message_id=7)
@@ -134,16 +145,11 @@ async def test_ptb_bot_calls_run_in_a_trio_task_with_no_asyncio_loop(kind: str) 
 async def test_ptb_bot_call_errors_raise_in_a_trio_task_with_no_asyncio_loop() -> None:
     # The error paths too: Telegram's flood control, a refused request and a dropped connection
     # become PTB's exceptions in the Trio task, with no asyncio loop running.
-    import trio_asyncio  # isort: skip
-
     import httpx
     import trio
     from telegram.error import BadRequest, NetworkError, RetryAfter
-    from telegram.ext import ExtBot
 
-    import agentgate.guardian.telegram  # noqa: F401  (opts into PTB's timedelta periods, as served)
     from agentgate._compat import bot_call_on_trio
-    from agentgate.guardian._trio_request import TrioRequest
 
     me = {"id": 1, "is_bot": True, "first_name": "gate", "username": "gate_bot"}
 
@@ -159,20 +165,8 @@ async def test_ptb_bot_call_errors_raise_in_a_trio_task_with_no_asyncio_loop() -
             return httpx.Response(400, json=body)
         raise httpx.ConnectError("connection refused", request=request)
 
-    def trio_request() -> TrioRequest:
-        return TrioRequest(
-            connections=1,
-            connect_timeout=1.0,
-            read_timeout=1.0,
-            write_timeout=1.0,
-            pool_timeout=1.0,
-            transport=httpx.MockTransport(handler),
-        )
-
-    bot = ExtBot("1:T", request=trio_request(), get_updates_request=trio_request())
     with trio.fail_after(10):
-        async with trio_asyncio.open_loop():
-            await trio_asyncio.aio_as_trio(bot.initialize)()
+        bot = await _initialized_bot("ExtBot", handler)
         with pytest.raises(RetryAfter):
             await bot_call_on_trio(lambda: bot.send_message(-5, "flood"))
         with pytest.raises(BadRequest, match=r"(?i)chat not found"):
