@@ -13,7 +13,8 @@ Lifecycle of one approval::
                                                         └─ card undeliverable ───┘
                                        finish: record the outcome, its result queued ── answer
                                        the asking connection (written: it leaves the queue), or
-                                       tell the agent it is queued ── edit the card
+                                       tell the agent it is queued ── edit the card (once no
+                                       other outcome is being told: answers before edits)
 
 The first resolution wins through :meth:`Approval.resolve`, a one-shot value plus a
 ``trio.Event``; later ones are no-ops and say so. What each resolution means (its outcome, its
@@ -187,6 +188,11 @@ _TASK_NAME: Final = "agentgate.broker.approval"  # one shared string, not one pe
 # Seconds an outcome's card edit waits for the agent's frame to be written: it would otherwise
 # compete with that frame's send for the event loop.
 DRAIN_WAIT: Final = 0.25
+# Seconds an outcome's card edit waits while other approvals' outcomes are still being recorded
+# and told: when many approvals end together (their deadlines), the edits would take the event
+# loop from the agents' answers. Bounded: a stuck outcome (a failing store) does not hold the
+# cards for longer.
+TELL_FIRST_WAIT: Final = 10.0
 # Seconds between attempts to record an outcome the store refused (doubling up to the max).
 RECORD_RETRY: Final = 1.0
 RECORD_RETRY_MAX: Final = 30.0
@@ -254,6 +260,9 @@ class Broker:
         self._sending: dict[str, trio.Event] = {}  # request id -> set once its card is sent
         self._stopping = trio.Event()  # set when the gateway stops: unrecorded outcomes wait
         self._watched: dict[str, trio.Event] = {}  # request id -> set once it is finished
+        self._telling = 0  # outcomes being recorded and told now (their card edits wait)
+        self._all_told = trio.Event()  # set whenever _telling is 0
+        self._all_told.set()
         self.executions = 0
 
     # -- running ------------------------------------------------------------------------------
@@ -859,27 +868,61 @@ class Broker:
         # anywhere from here leaves it queued, and nothing is told that the store does not hold.
         telling = self.store.telling  # listings skip it until its delivery is recorded
         telling.add(row.request_id)
-        if not await self._record(approval, late, outcome, result, error):
-            # The gateway stops before the outcome could be recorded: nothing was told, and the
-            # store still holds the approval (pending, or executing: unknown) for the next start.
-            self.store.release([row.request_id])
-            await self._suspended(approval, UNRECORDED)
-            return
-        session = approval.session
-        delivered = session is not None and session.deliver(late)
-        if session is None or not delivered:
-            self.store.release([row.request_id])
-        elif not session.confirms_delivery:
-            self.store.mark_delivered([row.request_id])  # handed over is delivered
-        if session is not None and delivered:
-            # The agent's frame goes out first; the card edit would otherwise compete with its
-            # send for the event loop.
-            with trio.move_on_after(DRAIN_WAIT):
-                await session.drained()
+        told = self._tell_begins()
+        try:
+            if not await self._record(approval, late, outcome, result, error, refused=told):
+                # The gateway stops before the outcome could be recorded: nothing was told, and
+                # the store still holds the approval (pending, or executing: unknown) for the
+                # next start.
+                self.store.release([row.request_id])
+                await self._suspended(approval, UNRECORDED)
+                return
+            session = approval.session
+            delivered = session is not None and session.deliver(late)
+            if session is None or not delivered:
+                self.store.release([row.request_id])
+            elif not session.confirms_delivery:
+                self.store.mark_delivered([row.request_id])  # handed over is delivered
+            if session is not None and delivered:
+                # The agent's frame goes out first; the card edit would otherwise compete with
+                # its send for the event loop.
+                with trio.move_on_after(DRAIN_WAIT):
+                    await session.drained()
+        finally:
+            told()
+        at = self._now()  # the card says when it ended, not when its edit got its turn
         undo_until = await self._remember_undo(approval, snapshot, result)
         if not delivered:
             await self.announce_queued(row.agent)
-        await self._edit_card(approval, outcome, result, error, delivered, grant_until, undo_until)
+        await self._tell_first()
+        await self._edit_card(
+            approval, outcome, result, error, delivered, grant_until, undo_until, at=at
+        )
+
+    def _tell_begins(self) -> Callable[[], None]:
+        """Count an outcome as being told until the returned callable is called (once)."""
+        self._telling += 1
+        if self._all_told.is_set():
+            self._all_told = trio.Event()
+        done = False
+
+        def told() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._telling -= 1
+            if not self._telling:
+                self._all_told.set()
+
+        return told
+
+    async def _tell_first(self) -> None:
+        """Wait (at most :data:`TELL_FIRST_WAIT`) until no other outcome is being told: the
+        agents' answers go out before the cards' edits."""
+        if not self._all_told.is_set():
+            with trio.move_on_after(TELL_FIRST_WAIT):
+                await self._all_told.wait()
 
     async def _record(
         self,
@@ -888,9 +931,12 @@ class Broker:
         outcome: Outcome,
         result: Any,
         error: AgentgateError | None,
+        *,
+        refused: Callable[[], None] = lambda: None,
     ) -> bool:
         """Commit the outcome with its result queued; retried while the store refuses (a full
-        or failing disk), until it is written (True) or the gateway stops (False)."""
+        or failing disk), until it is written (True) or the gateway stops (False). ``refused``
+        is called when the store first refuses."""
         row = approval.row
         delay = RECORD_RETRY
         while True:
@@ -907,6 +953,7 @@ class Broker:
                 )
                 return True
             except ExecutionFailed as exc:
+                refused()
                 if delay == RECORD_RETRY:
                     log.exception("could not record the outcome of %s", row.request_id)
                 else:
@@ -967,6 +1014,8 @@ class Broker:
         delivered: bool,
         grant_until: float | None = None,
         undo_until: float | None = None,
+        *,
+        at: float | None = None,
     ) -> None:
         refs = [approval.row.message_ref, *(approval.copies or ())]
         if self.guardian is None or refs[0] is None:
@@ -988,7 +1037,7 @@ class Broker:
             status=status,
             detail=detail,
             by=approval.by,
-            at=self._now(),
+            at=self._now() if at is None else at,
             grant_until=grant_until,
             undo_until=undo_until,
         )

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from trio_websocket import WebSocketConnection
 
-from agentgate.errors import GatewayShuttingDown, RateLimited
+from agentgate.errors import ExecutionFailed, GatewayShuttingDown, RateLimited
 from agentgate.store import AuditEntry
 from agentgate.tools import TOOLS, ToolSpec
 from tests.fastgate import FastGateway, authed, call, fast_gateway, reply
@@ -313,6 +313,60 @@ async def test_nobody_decides_before_the_deadline(
         assert code(answer) == -32002
         assert (await fg.guardian.wait_for_update(request_id)).status == "timed_out"
         assert (await fg.guardian.press(request_id, "allow")).startswith("expired")
+    assert fg.home.service_calls == []
+
+
+@pytest.mark.parametrize("store", ["slow", "refusing"])
+async def test_approvals_timing_out_together_tell_every_agent_before_editing_cards(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    store: str,
+) -> None:
+    # Many deadlines falling due at once: the agents' answers go out before the cards' edits,
+    # which would take the loop from them. One outcome's commit is slow (every card edit waits
+    # for it) or refused once (it is retried, and does not hold the other cards meanwhile).
+    async with fast_gateway(tmp_path) as fg:
+        ws = await authed(fg)
+        ids = [await ask(fg, ws, rpc_id) for rpc_id in range(1, 6)]
+        held = ids[2]
+        finish = fg.gateway.store.finish_pending
+        recorded: set[str] = set()
+        refused = False
+
+        async def finish_pending(request_id: str, *args: Any, **kw: Any) -> bool:
+            nonlocal refused
+            if request_id == held and store == "slow":
+                await trio.sleep(5)
+            if request_id == held and store == "refusing" and not refused:
+                refused = True
+                raise ExecutionFailed("disk full")
+            done = await finish(request_id, *args, **kw)
+            recorded.add(request_id)
+            return done
+
+        monkeypatch.setattr(fg.gateway.store, "finish_pending", finish_pending)
+        edited_with: dict[str, set[str]] = {}  # request id -> outcomes recorded at its edit
+        update_card = fg.guardian.update_card
+
+        async def watched_update(card: Any, message_ref: str, update: Any) -> None:
+            edited_with.setdefault(card.request_id, set(recorded))
+            await update_card(card, message_ref, update)
+
+        monkeypatch.setattr(fg.guardian, "update_card", watched_update)
+        answers = [await reply(ws) for _ in ids]
+        assert {code(a) for a in answers} == {-32002}
+        assert {a["error"]["data"]["request_id"] for a in answers} == set(ids)
+        for request_id in ids:
+            assert (await fg.guardian.wait_for_update(request_id)).status == "timed_out"
+        if store == "slow":  # no card was edited while an outcome was still being told
+            assert all(seen == set(ids) for seen in edited_with.values())
+        else:  # the refused one did not hold the others' cards until its retry
+            assert any(held not in seen for seen in edited_with.values())
+        await fg.gateway.broker.idle()
+        assert {r.request_id: r.resolution for r in await rows(fg)} == dict.fromkeys(
+            ids, "timed_out"
+        )
     assert fg.home.service_calls == []
 
 
