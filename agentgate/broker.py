@@ -775,10 +775,8 @@ class Broker:
         data = {"request_id": row.request_id, "signature": row.signature}
         by = approval.by or "guardian"
         until = None
-        snapshot, began = await self._begin_execution(approval, by)
         try:
-            if isinstance(began, AgentgateError):
-                raise began
+            snapshot, began = await self._begin_execution(approval, by)
             if not began:
                 failed = ExecutionFailed("already resolved", data=data)
                 return Outcome.FAILED, None, failed, None, None
@@ -804,12 +802,11 @@ class Broker:
             return Outcome.FAILED, None, failed, until, None
         return Outcome.EXECUTED, result, None, until, snapshot
 
-    async def _begin_execution(
-        self, approval: Approval, by: str
-    ) -> tuple[Snapshot | None, bool | AgentgateError]:
+    async def _begin_execution(self, approval: Approval, by: str) -> tuple[Snapshot | None, bool]:
         """Record that the call executes (``pending`` → ``executing``, fsync'd) and, meanwhile,
         read what an Undo would put back (one read per entity; it changes nothing, and the call
-        itself waits for both). The snapshot, and whether the call may run (or why not)."""
+        itself waits for both). The snapshot, and whether the call may run; raises the store's
+        :class:`AgentgateError` when it could not record it."""
         row = approval.row
         snapshot: Snapshot | None = None
         undo = self.undo
@@ -831,7 +828,9 @@ class Broker:
                 began = exc
             if began is not True:
                 nursery.cancel_scope.cancel()
-        return (snapshot if began is True else None), began
+        if isinstance(began, AgentgateError):  # raised out here, not as the nursery's group
+            raise began
+        return (snapshot if began else None), began
 
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row
