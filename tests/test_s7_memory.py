@@ -58,6 +58,21 @@ def test_serve_path_leaves_other_commands_modules_unloaded() -> None:
     assert {"agentgate.gateway", "agentgate.guardian.telegram", "telegram.ext"} <= modules
 
 
+def test_serve_imports_httpx_without_its_command_line_client_or_http2(tmp_path: Path) -> None:
+    # `agentgate serve` as run (its configuration missing: it stops after the imports).
+    seen = _fresh_python(
+        "import json, sys\n"
+        "from agentgate.cli import main\n"
+        f"status = main(['serve', {str(tmp_path / 'missing.toml')!r}])\n"
+        "import httpcore\n"  # as the first client does
+        "print(json.dumps({'status': status, 'loaded': sorted(sys.modules)}))\n"
+    )
+    assert seen["status"] == 2
+    loaded = set(seen["loaded"])
+    assert {"httpx", "agentgate.gateway"} <= loaded
+    assert loaded & {"httpx._main", "click", "pygments", "h2", "hpack"} == set()
+
+
 def test_the_audit_key_signs_without_cryptography_where_libcrypto_is_mapped(
     tmp_path: Path,
 ) -> None:
