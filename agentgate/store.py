@@ -548,6 +548,15 @@ class Store:
             for op in batch:
                 op.error = exc
             return False
+        # The audit log's tip is read once and written once for the whole batch.
+        eventlog.hold(conn)
+        try:
+            return self._in_transaction(conn, batch)
+        finally:
+            eventlog.drop_held(conn)  # written already if it committed
+
+    @staticmethod
+    def _in_transaction(conn: sqlite3.Connection, batch: list[_Op[Any]]) -> bool:
         if len(batch) == 1:  # nothing to isolate it from: no savepoint
             op = batch[0]
             try:
@@ -559,6 +568,7 @@ class Store:
                 return False
         else:
             for op in batch:
+                mark = eventlog.held(conn)
                 try:
                     conn.execute("SAVEPOINT op")
                     op.result = op.fn(conn)
@@ -568,9 +578,17 @@ class Store:
                     try:
                         conn.execute("ROLLBACK TO op")
                         conn.execute("RELEASE op")
-                    except sqlite3.Error:
-                        pass
+                    except sqlite3.Error as undone:
+                        # Its writes may still be there: the held tip would not match them.
+                        for other in batch:
+                            if other.error is None:
+                                other.error = undone
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                        return False
+                    eventlog.restore_held(conn, mark)  # its events are rolled back
         try:
+            eventlog.write_held(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:  # a full or failing disk: nothing of the batch is written
             for op in batch:
