@@ -205,7 +205,6 @@ class Floor:
         self.client = client
         self.slots = trio.CapacityLimiter(SLOTS)
         self.urls: dict[str, httpx.URL] = {}  # parsed once per entity, as the executor does
-        self.served = 0
 
     async def tool_request(self, rpc_id: Any, params: dict[str, Any]) -> str:
         tool = params["tool"]
@@ -219,7 +218,6 @@ class Floor:
         reply.raise_for_status()
         data = reply.json()
         self.ledger.resolve(row, reply.content)
-        self.served += 1
         result = {"status": "executed", "request_id": str(row), "data": data}
         return json.dumps({"jsonrpc": "2.0", "id": rpc_id, "result": result})
 
