@@ -14,6 +14,7 @@ from agentgate.client import connect
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant
 from agentgate.testing.harness import write_certificates
 from bench import procs, stackfloor
+from bench.stats import Row, combine
 
 ENTITY = "sensor.living_room_temperature"
 
@@ -58,3 +59,34 @@ def test_stack_floor_process_starts_answers_and_stops_on_sigterm(tmp_path: Path)
     with procs.fake_home(fast=True) as home, procs.stack_floor(tmp_path, home) as floor:
         trio.run(one_call, floor)
     assert floor.proc.returncode == 0
+
+
+def test_several_runs_keep_the_medians_of_the_gateway_against_the_stack_floor() -> None:
+    runs = [
+        [
+            Row(
+                "S1 sequential",
+                rate,
+                "req/s",
+                "-",
+                None,
+                extra={
+                    "stack_floor": {
+                        "rate": 500.0,
+                        "rate_ratio": rate / 500,
+                        "cpu_us": 1200.0,
+                        "cpu_ratio": cpu_ratio,
+                    }
+                },
+            )
+        ]
+        for rate, cpu_ratio in ((300.0, 0.6), (400.0, 0.8), (350.0, 0.7))
+    ]
+    (row,) = combine(runs)
+    assert row.extra["stack_floor"] == {
+        "rate": 500.0,
+        "rate_ratio": 0.7,
+        "cpu_us": 1200.0,
+        "cpu_ratio": 0.7,
+    }
+    assert "vs stack 0.70x, CPU 0.70x" in row.note
