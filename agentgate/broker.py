@@ -803,34 +803,21 @@ class Broker:
         return Outcome.EXECUTED, result, None, until, snapshot
 
     async def _begin_execution(self, approval: Approval, by: str) -> tuple[Snapshot | None, bool]:
-        """Record that the call executes (``pending`` → ``executing``, fsync'd) and, meanwhile,
-        read what an Undo would put back (one read per entity; it changes nothing, and the call
-        itself waits for both). The snapshot, and whether the call may run; raises the store's
-        :class:`AgentgateError` when it could not record it."""
+        """Record that the call executes (``pending`` → ``executing``, fsync'd), then read what
+        an Undo would put back (one read per entity; it changes nothing). The snapshot, and
+        whether the call may run; raises the store's :class:`AgentgateError` when it could not
+        record it. The read waits for the row: a call whose row failed sends nothing to the
+        service, reads included."""
         row = approval.row
-        snapshot: Snapshot | None = None
-        undo = self.undo
-
-        async def read_before(undo: Undo) -> None:
-            nonlocal snapshot
-            try:
-                snapshot = await undo.before(row.tool, row.args)
-            except Exception:  # no Undo for this call; the call itself runs all the same
-                log.exception("could not read the state before %s", row.request_id)
-
-        began: bool | AgentgateError
-        async with trio.open_nursery() as nursery:
-            if undo is not None:
-                nursery.start_soon(read_before, undo)
-            try:
-                began = await self.store.begin_execution(row.request_id, by, self._now())
-            except AgentgateError as exc:
-                began = exc
-            if began is not True:
-                nursery.cancel_scope.cancel()
-        if isinstance(began, AgentgateError):  # raised out here, not as the nursery's group
-            raise began
-        return (snapshot if began else None), began
+        if not await self.store.begin_execution(row.request_id, by, self._now()):
+            return None, False
+        if self.undo is None:
+            return None, True
+        try:
+            return await self.undo.before(row.tool, row.args), True
+        except Exception:  # no Undo for this call; the call itself runs all the same
+            log.exception("could not read the state before %s", row.request_id)
+            return None, True
 
     async def _finish_unknown(self, approval: Approval) -> None:
         row = approval.row

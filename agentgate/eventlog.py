@@ -8,7 +8,9 @@ on the table, and ``DELETE`` outside a recorded compaction's pruned range.
 Each event has a sequence number (its leaf index, from 0), its bytes (canonical JSON, see
 :mod:`agentgate.tlog`), a leaf hash and a chain hash. ``audit_tip`` holds the tree's frontier,
 so an append reads one row and writes two, inside the caller's transaction: an event is
-committed (and made durable) exactly with the rows it describes. Signed checkpoints
+committed (and made durable) exactly with the rows it describes. A transaction of the store
+holds the tip in memory (:func:`hold`): one read and one write of ``audit_tip`` for all the
+events it appends, the same bytes as appending them one by one. Signed checkpoints
 (``audit_checkpoints``) are written by :mod:`agentgate.checkpoints`.
 
 ``audit_log`` — what ``agentgate audit`` shows, one row per request — is derived from the
@@ -56,15 +58,20 @@ __all__ = [
     "Tip",
     "append",
     "compact",
+    "drop_held",
+    "held",
+    "hold",
     "install",
     "log_key",
     "open_row",
     "prune",
     "replay_rows",
     "resolve_rows",
+    "restore_held",
     "seal_legacy",
     "tip",
     "write_checkpoint",
+    "write_held",
 ]
 
 FORMAT: Final = 1
@@ -194,39 +201,91 @@ class Tip:
         return tlog.root(self.frontier)
 
 
-def tip(c: sqlite3.Connection) -> Tip:
+# Tips held by a transaction (:func:`hold`): read from ``audit_tip`` at its first use, written
+# back once, before the commit (:func:`write_held`). None until read. A connection runs one
+# transaction at a time, so the connection is the key.
+_held: dict[sqlite3.Connection, Tip | None] = {}
+
+
+def hold(c: sqlite3.Connection) -> None:
+    """From now until :func:`write_held` or :func:`drop_held`, the transaction open on ``c``
+    keeps the tip in memory: one read and one write of ``audit_tip`` however many events it
+    appends (the events and the tip written are those appending one by one would write)."""
+    _held[c] = None
+
+
+def held(c: sqlite3.Connection) -> Tip | None:
+    """The held tip as it stands (a savepoint's mark: :func:`restore_held`); None if unread."""
+    return _held.get(c)
+
+
+def restore_held(c: sqlite3.Connection, mark: Tip | None) -> None:
+    """Back to ``mark`` (after a ``ROLLBACK TO`` the savepoint taken at it)."""
+    if c in _held:
+        _held[c] = mark
+
+
+def write_held(c: sqlite3.Connection) -> None:
+    """Write the held tip to ``audit_tip`` if events were appended, and stop holding it.
+    Before ``COMMIT``; raises what the ``UPDATE`` raises (the transaction must not commit)."""
+    now = _held.pop(c, None)
+    if now is not None:
+        _write_tip(c, now)
+
+
+def drop_held(c: sqlite3.Connection) -> None:
+    """Stop holding the tip without writing it (the transaction is rolled back)."""
+    _held.pop(c, None)
+
+
+def _read_tip(c: sqlite3.Connection) -> Tip:
     row = c.execute("SELECT size, chain, frontier FROM audit_tip WHERE id = 0").fetchone()
     return Tip(int(row[0]), bytes(row[1]), tuple(tlog.unpack(bytes(row[2]))))
+
+
+def _write_tip(c: sqlite3.Connection, now: Tip) -> None:
+    c.execute(
+        "UPDATE audit_tip SET size = ?, chain = ?, frontier = ? WHERE id = 0",
+        (now.size, now.chain, tlog.pack(now.frontier)),
+    )
+
+
+def tip(c: sqlite3.Connection) -> Tip:
+    if c in _held:
+        now = _held[c]
+        if now is None:
+            now = _held[c] = _read_tip(c)
+        return now
+    return _read_tip(c)
 
 
 def append(
     c: sqlite3.Connection, type_: str, fields: Mapping[str, Any], request_id: str | None = None
 ) -> int:
     """Append one event (inside the caller's transaction); its sequence number."""
-    size, chain, frontier = c.execute(
-        "SELECT size, chain, frontier FROM audit_tip WHERE id = 0"
-    ).fetchone()
+    before = tip(c)
+    size = before.size
     body = {"v": FORMAT, "seq": size, "type": type_}
     body.update((k, v) for k, v in fields.items() if v is not None)
     data = tlog.canonical(body)
     leaf = tlog.leaf_hash(data)
-    chained = tlog.chain_hash(chain, leaf)
+    chained = tlog.chain_hash(before.chain, leaf)
     c.execute(
         "INSERT INTO audit_events (seq, type, request_id, body, leaf, chain) VALUES (?,?,?,?,?,?)",
         (size, type_, request_id, data.decode("utf-8"), leaf, chained),
     )
-    grown = tlog.append(tlog.unpack(frontier), size, leaf)
-    c.execute(
-        "UPDATE audit_tip SET size = ?, chain = ?, frontier = ? WHERE id = 0",
-        (size + 1, chained, tlog.pack(grown)),
-    )
-    return int(size)
+    grown = Tip(size + 1, chained, tuple(tlog.append(before.frontier, size, leaf)))
+    if c in _held:
+        _held[c] = grown
+    else:
+        _write_tip(c, grown)
+    return size
 
 
 def open_row(c: sqlite3.Connection, row: Mapping[str, Any]) -> int:
     """Insert an ``audit_log`` row and the event that opens it (type: the row's ``kind``); the
     row's id. ``args`` and ``result`` are :func:`json_text` values."""
-    seq = int(c.execute("SELECT size FROM audit_tip WHERE id = 0").fetchone()[0])
+    seq = tip(c).size
     columns = [k for k in ROW_COLUMNS if k != "id"]
     cur = c.execute(
         f"INSERT INTO audit_log ({', '.join(columns)}, seq)"

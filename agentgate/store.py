@@ -386,6 +386,7 @@ class Store:
         self._conn = conn
         self._inline = inline  # commits on the event loop thread (see the module docstring)
         self._full = synchronous.upper() == "FULL"  # every commit is fsync'd already
+        self._at_full = self._full  # the connection's synchronous setting is FULL now
         # Durable commits of an inline store go to a worker thread (False: no threads at all,
         # for deterministic tests).
         self._threads = threads
@@ -521,20 +522,19 @@ class Store:
         """One transaction for the batch. Every step can fail (``BEGIN``, a statement,
         ``COMMIT``): whatever fails, each operation not committed gets an error (fail closed).
         ``durable``: the commit waits for an fsync of the WAL."""
-        if durable and not self._full:
+        if not self._full and durable != self._at_full:
+            # Switched only when the kind of batch changes: a run of durable batches (every
+            # allowed call's decision) pays no PRAGMA at all.
             try:
-                self._conn.execute("PRAGMA synchronous=FULL")
+                self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._at_full = durable
             except sqlite3.Error as exc:
-                for op in batch:
-                    op.error = exc
-                return
-            try:
-                committed = self._transaction(batch)
-            finally:
-                with suppress(sqlite3.Error):
-                    self._conn.execute("PRAGMA synchronous=NORMAL")
-        else:
-            committed = self._transaction(batch)
+                if durable:
+                    for op in batch:
+                        op.error = exc
+                    return
+                # Still FULL: this batch is fsync'd too, never less durable than asked.
+        committed = self._transaction(batch)
         if committed:
             self.commits += 1
             self.synced += durable or self._full
@@ -548,6 +548,15 @@ class Store:
             for op in batch:
                 op.error = exc
             return False
+        # The audit log's tip is read once and written once for the whole batch.
+        eventlog.hold(conn)
+        try:
+            return self._in_transaction(conn, batch)
+        finally:
+            eventlog.drop_held(conn)  # written already if it committed
+
+    @staticmethod
+    def _in_transaction(conn: sqlite3.Connection, batch: list[_Op[Any]]) -> bool:
         if len(batch) == 1:  # nothing to isolate it from: no savepoint
             op = batch[0]
             try:
@@ -559,6 +568,7 @@ class Store:
                 return False
         else:
             for op in batch:
+                mark = eventlog.held(conn)
                 try:
                     conn.execute("SAVEPOINT op")
                     op.result = op.fn(conn)
@@ -568,9 +578,17 @@ class Store:
                     try:
                         conn.execute("ROLLBACK TO op")
                         conn.execute("RELEASE op")
-                    except sqlite3.Error:
-                        pass
+                    except sqlite3.Error as undone:
+                        # Its writes may still be there: the held tip would not match them.
+                        for other in batch:
+                            if other.error is None:
+                                other.error = undone
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                        return False
+                    eventlog.restore_held(conn, mark)  # its events are rolled back
         try:
+            eventlog.write_held(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:  # a full or failing disk: nothing of the batch is written
             for op in batch:

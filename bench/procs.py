@@ -1,5 +1,5 @@
-"""Processes for the bench: the fake home, the echo server, the gateway, load workers; their
-RSS, fd counts and CPU time."""
+"""Processes for the bench: the fake home, the echo server, the stack floor, the gateway, load
+workers; their RSS, fd counts and CPU time."""
 
 from __future__ import annotations
 
@@ -171,6 +171,8 @@ def _stop(proc: subprocess.Popen[Any], grace: float = 10) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()  # the URL line's pipe (a ResourceWarning if left open)
     return proc.returncode
 
 
@@ -232,6 +234,38 @@ def echo_server(workdir: Path) -> Iterator[EchoServer]:
         url = proc.stdout.readline().strip()
         if not url.startswith("wss://"):
             raise RuntimeError(f"echo server did not start: {url!r}")
+        yield EchoServer(url, ca, proc)
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def stack_floor(workdir: Path, home: Home) -> Iterator[EchoServer]:
+    """The stack's floor, :mod:`bench.stackfloor`, in its own process (TLS, a fresh certificate,
+    its SQLite file in ``workdir``), calling ``home``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca, cert, key = write_certificates(workdir)
+    db = workdir / "floor.db"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.stackfloor",
+            str(cert),
+            str(key),
+            home.url,
+            HA_TOKEN,
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("wss://"):
+            raise RuntimeError(f"stack floor did not start: {url!r}")
         yield EchoServer(url, ca, proc)
     finally:
         _stop(proc)

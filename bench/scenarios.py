@@ -209,6 +209,9 @@ def _errors_note(m: dict[str, Any]) -> str:
 #   door:    a bare trio-websocket echo over TLS with a result-sized answer (bench/door.py).
 # A scenario is bounded by the lowest of its floors; each floor's CPU per call is measured in
 # the process that plays the gateway's part (the home, the httpx client, the echo server).
+# A fourth, composite floor bounds S1, S4 and S2U as a whole rather than piecewise:
+#   stack:   one process doing all of an allowed read with none of agentgate, driven by the
+#            SDK (bench/stackfloor.py): frame in, fsync'd decision row, httpx GET, frame out.
 
 FLOOR_KINDS = ("service", "httpx", "door")
 # 100 in flight through httpx in one process (the gateway is one): the executor's own shape
@@ -302,6 +305,7 @@ def floors(ctx: Context) -> list[Row]:
                 cpu={"door": echo.pid},
             )
             f[f"cpu {key}"] = _per_request_us(measured[key], "door")
+    stack = _measure_stack(ctx)
     for key, m in measured.items():
         f[key] = m["rate"]
     for shape in ("seq", "par"):
@@ -311,13 +315,13 @@ def floors(ctx: Context) -> list[Row]:
         f[f"cpu {shape}"] = f[f"cpu httpx {shape}"] + f[f"cpu door {shape}"]
     ctx.log(
         "floors: "
-        + ", ".join(f"{k} {m['rate']:,.0f} req/s" for k, m in measured.items())
+        + ", ".join(f"{k} {m['rate']:,.0f} req/s" for k, m in (measured | stack).items())
         + "; httpx 100 in flight: "
         + ", ".join(f"{k} {m['rate']:,.0f}" for k, m in shapes.items())
     )
 
     def row(key: str, label: str, what: str, cpu_of: str) -> Row:
-        m = measured[key]
+        m = measured.get(key) or stack[key]
         errors = _errors_note(m)
         return Row(
             f"floor {label}",
@@ -377,7 +381,79 @@ def floors(ctx: Context) -> list[Row]:
             "bare trio-websocket echo over TLS, 1 connection, 100 frames in flight",
             "server",
         ),
+    ] + [
+        row(
+            key,
+            f"stack, {'sequential' if key == 'stack seq' else '100 in flight'}",
+            f"SDK → bare trio-websocket over TLS, fsync'd decision, httpx GET (bench.stackfloor), "
+            f"{one if key == 'stack seq' else '1 connection, 100 calls in flight, 100 entities'}",
+            "server",
+        )
+        for key in stack
     ]
+
+
+# The stack floor, in each shape: (SDK calls in flight, entities they read). With 100 in flight
+# each call reads its own entity, as in S2U: the floor shares no read, so it bounds S2U, not S2.
+STACK_SHAPES: dict[str, tuple[int, list[str] | None]] = {
+    "stack seq": (1, None),
+    "stack par": (100, fasthome.SPREAD),
+}
+
+
+def _measure_stack(ctx: Context) -> dict[str, dict[str, Any]]:
+    """The stack floor (:mod:`bench.stackfloor`) in both shapes, into ``ctx.floors`` ("stack
+    seq", "cpu stack seq", ...). A failure is logged and leaves the other floors standing (the
+    rows then say "stack -")."""
+    s, f = ctx.settings, ctx.floors
+    measured: dict[str, dict[str, Any]] = {}
+    try:
+        with procs.stack_floor(ctx.workdir / "stack", ctx.home) as floor:
+            for key, (in_flight, entities) in STACK_SHAPES.items():
+                spec = {
+                    "mode": "gateway",
+                    "url": floor.url,
+                    "ca": str(floor.ca),
+                    "tokens": ["stack-floor"],  # the floor takes any token
+                    "entity": procs.ENTITY,
+                    "connections": 1,
+                    "in_flight": in_flight,
+                }
+                if entities:
+                    spec["entities"] = entities
+                m = measured[key] = _measure(
+                    ctx,
+                    [spec],
+                    s.floor_seconds,
+                    setup=1,
+                    cpu={"stack": floor.pid, "home": ctx.home.pid},
+                )
+                f[key] = m["rate"]
+                f[f"cpu {key}"] = _per_request_us(m, "stack")
+    except Exception as exc:  # the new floor must not take the three others with it
+        ctx.log(f"stack floor FAILED: {exc!r}")
+    return measured
+
+
+def _versus_stack(ctx: Context, shape: str, m: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """The gateway against the stack floor of ``shape``: its rate ÷ the floor's, and the
+    floor's CPU per request ÷ the gateway's (both "higher is better"), for a row's note."""
+    rate = ctx.floors.get(f"stack {shape}", math.nan)
+    cpu = ctx.floors.get(f"cpu stack {shape}", math.nan)
+    gateway = _per_request_us(m, "gateway")
+    figures = {
+        "rate": rate,
+        "rate_ratio": m["rate"] / rate if rate else math.nan,
+        "cpu_us": cpu,
+        "cpu_ratio": cpu / gateway if gateway else math.nan,
+    }
+    if rate != rate:
+        return "stack floor -", figures
+    return (
+        f"vs stack {figures['rate_ratio']:.2f}x ({rate:,.0f} req/s), CPU {gateway:,.0f} µs "
+        f"against its {cpu:,.0f} ({figures['cpu_ratio']:.2f}x)",
+        figures,
+    )
 
 
 def _bound(ctx: Context, shape: str, rate: float) -> tuple[float, str]:
@@ -399,6 +475,7 @@ def cpu_row(ctx: Context, label: str, m: dict[str, Any], shape: str, target: str
     floor = ctx.floors[f"cpu {shape}"]
     httpx_us, door_us = ctx.floors[f"cpu httpx {shape}"], ctx.floors[f"cpu door {shape}"]
     home = _per_request_us(m, "home")
+    stack = ctx.floors.get(f"cpu stack {shape}", math.nan)
     return Row(
         f"{label} gateway CPU per request",
         value,
@@ -408,7 +485,8 @@ def cpu_row(ctx: Context, label: str, m: dict[str, Any], shape: str, target: str
         floor,
         floor / value if value else math.nan,
         note=f"{m['cpu'].get('gateway', math.nan):.2f} s CPU for {m['count']:,} answers; floor = "
-        f"httpx {httpx_us:,.0f} + door {door_us:,.0f} µs; fast home {home:,.0f} µs/req; "
+        f"httpx {httpx_us:,.0f} + door {door_us:,.0f} µs; stack floor {stack:,.0f} µs "
+        f"({stack / value if value else math.nan:.2f}x); fast home {home:,.0f} µs/req; "
         + _elsewhere(m, m["duration"]),
         extra={
             "headline": f"cpu_us_per_request.{label.split()[0]}",
@@ -432,6 +510,7 @@ def s1(ctx: Context) -> list[Row]:
             cpu={"gateway": gw.pid, "home": ctx.home.pid},
         )
     floor, versus = _bound(ctx, "seq", m["rate"])
+    stack, stack_figures = _versus_stack(ctx, "seq", m)
     ratio = m["rate"] / floor
     ok = m["rate"] >= 1200 and ratio >= 0.5 and not m["errors"]
     return [
@@ -443,7 +522,9 @@ def s1(ctx: Context) -> list[Row]:
             ok,
             floor,
             ratio,
-            note=f"p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms; {versus} " + _errors_note(m),
+            note=f"p50 {m['p50']:.2f} ms, p99 {m['p99']:.2f} ms; {versus}; {stack} "
+            + _errors_note(m),
+            extra={"stack_floor": stack_figures},
         ),
         cpu_row(ctx, "S1", m, "seq"),
     ]
@@ -492,6 +573,7 @@ def s2u(ctx: Context) -> list[Row]:
             cpu={"gateway": gw.pid, "home": ctx.home.pid},
         )
     floor, versus = _bound(ctx, "par", m["rate"])
+    stack, stack_figures = _versus_stack(ctx, "par", m)
     return [
         Row(
             "S2U 100 in flight, 100 entities",
@@ -501,7 +583,8 @@ def s2u(ctx: Context) -> list[Row]:
             None,
             floor,
             m["rate"] / floor,
-            note=f"{_errors_note(m) or '1 SDK client process'}; {versus}",
+            note=f"{_errors_note(m) or '1 SDK client process'}; {versus}; {stack}",
+            extra={"stack_floor": stack_figures},
         ),
         Row("S2U p99", m["p99"], "ms", "-", None, note=f"p50 {m['p50']:.1f} ms"),
         cpu_row(ctx, "S2U", m, "par"),
@@ -548,8 +631,15 @@ def s4(ctx: Context) -> list[Row]:
     s = ctx.settings
     with _gateway(ctx, "s4", _tokens(1)) as gw:
         rss0 = gw.rss()["VmRSS"]
-        m = _measure(ctx, [_gw_spec(gw, 0, 0, connections=1, in_flight=1)], s.s4_seconds, setup=2)
+        m = _measure(
+            ctx,
+            [_gw_spec(gw, 0, 0, connections=1, in_flight=1)],
+            s.s4_seconds,
+            setup=2,
+            cpu={"gateway": gw.pid},
+        )
         rss1 = gw.rss()["VmRSS"]
+    stack, stack_figures = _versus_stack(ctx, "seq", m)
     edge = int(s.s4_edge)
     ps = m["per_second"]
     first, last = sum(ps[:edge]) / edge, sum(ps[-edge:]) / edge
@@ -564,8 +654,8 @@ def s4(ctx: Context) -> list[Row]:
             ctx.floors["seq"],
             m["rate"] / ctx.floors["seq"],
             note=f"first {first:,.0f}, last {last:,.0f} req/s ({drift:+.1%}); "
-            f"RSS {rss0 / 1024:.0f}→{rss1 / 1024:.0f} MiB " + _errors_note(m),
-            extra={"drift": drift, "per_second": ps},
+            f"RSS {rss0 / 1024:.0f}→{rss1 / 1024:.0f} MiB; {stack} " + _errors_note(m),
+            extra={"drift": drift, "per_second": ps, "stack_floor": stack_figures},
         )
     ]
 

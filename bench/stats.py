@@ -93,6 +93,16 @@ def combine(runs: list[list[Row]]) -> list[Row]:
         ratios = [r.ratio for r in rows if r.ratio is not None]
         oks = [r.ok for r in rows if r.ok is not None]
         first = rows[0]
+        note = f"{sum(oks)}/{len(oks)} runs met it" if oks else first.note
+        extra = {"runs": [r.value for r in rows]} | {
+            k: v for k, v in first.extra.items() if k == "headline"
+        }
+        stack = _stack_medians(rows)
+        if stack:
+            extra["stack_floor"] = stack
+            note += (
+                f"; vs stack {stack['rate_ratio']:.2f}x, CPU {stack['cpu_ratio']:.2f}x (medians)"
+            )
         out.append(
             Row(
                 key=key,
@@ -102,12 +112,20 @@ def combine(runs: list[list[Row]]) -> list[Row]:
                 ok=(sum(oks) * 2 > len(oks)) if oks else None,
                 floor=median(floors) if floors else None,
                 ratio=median(ratios) if ratios else None,
-                note=f"{sum(oks)}/{len(oks)} runs met it" if oks else first.note,
-                extra={"runs": [r.value for r in rows]}
-                | {k: v for k, v in first.extra.items() if k == "headline"},
+                note=note,
+                extra=extra,
             )
         )
     return out
+
+
+def _stack_medians(rows: list[Row]) -> dict[str, float]:
+    """The median of each of the rows' ``extra["stack_floor"]`` figures (the gateway against
+    the stack floor, :mod:`bench.scenarios`); empty if the rows have none."""
+    runs = [r.extra["stack_floor"] for r in rows if "stack_floor" in r.extra]
+    if not runs:
+        return {}
+    return {k: median([run[k] for run in runs if run[k] == run[k]]) for k in runs[0]}
 
 
 def headline(rows: list[Row]) -> dict[str, float]:

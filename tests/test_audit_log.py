@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from agentgate import eventlog, tlog
+from agentgate import store as store_module
 from agentgate.approvals import Outcome
 from agentgate.auditkey import create_key
 from agentgate.checkpoints import LogSigner
@@ -567,3 +568,97 @@ async def test_a_prefix_removed_without_a_signed_compaction_is_caught(tmp_path: 
     report = check(db)
     assert not report.ok
     assert "no compaction event" in report.text()
+
+
+def _tables(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+    conn = read_only(db)
+    try:
+        return {
+            table: conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+            for table in ("audit_events", "audit_tip", "audit_log")
+        }
+    finally:
+        conn.close()
+
+
+async def test_a_batch_writes_the_log_appending_one_by_one_would(tmp_path: Path) -> None:
+    # A batch holds the tip in memory (one read, one write); a failing operation's events go
+    # with its savepoint. The same operations, one transaction each with the tip read and
+    # written per event, leave byte-identical events, tip and rows.
+    entries = [
+        AuditEntry(
+            time=1_700_000_000.0 + i,
+            agent="agent",
+            request_id=f"r{i}",
+            tool="ha_get_state",
+            args={"entity_id": f"sensor.s{i}", "ü": [i, None, 1.5]},
+            signature=f"ha_get_state(sensor.s{i})",
+            decision="allow",
+            matched="allow sensors",
+            via="ws",
+        )
+        for i in range(4)
+    ]
+
+    def resolve(i: int) -> Any:
+        def fn(c: sqlite3.Connection) -> None:
+            eventlog.resolve_rows(
+                c,
+                "request_id=? AND kind='request'",
+                (f"r{i}",),
+                resolution=Outcome.EXECUTED,
+                by=None,
+                at=1_700_000_100.0 + i,
+                result=eventlog.json_text({"state": "21.5", "n": i}),
+                error=None,
+            )
+
+        return fn
+
+    def fails_after_appending(c: sqlite3.Connection) -> None:
+        eventlog.append(c, "card", {"request_id": "r9", "target": "x"}, "r9")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def opens(i: int) -> Any:
+        return lambda c: store_module._insert_audit(c, entries[i])
+
+    steps = [
+        opens(0),
+        opens(1),
+        resolve(0),
+        fails_after_appending,
+        opens(2),
+        resolve(1),
+        opens(3),
+        resolve(2),
+    ]
+
+    # One by one: a transaction per step, eventlog unheld (the tip read and written per event).
+    async with open_store(tmp_path / "one.db", inline=True):
+        pass
+    conn = sqlite3.connect(tmp_path / "one.db", isolation_level=None)
+    try:
+        for step in steps:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                step(conn)
+            except sqlite3.OperationalError:
+                conn.execute("ROLLBACK")
+            else:
+                conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+    # Batched: every step in one transaction of the store (posted, then the last one waited).
+    with trio.fail_after(CEILING):
+        async with open_store(tmp_path / "batch.db", inline=True) as store:
+            commits = store.commits
+            for step in steps[:-1]:
+                store.post(step)
+            await store._do(steps[-1])
+            assert store.commits == commits + 1  # one transaction for all of them
+
+    one, batch = _tables(tmp_path / "one.db"), _tables(tmp_path / "batch.db")
+    assert len(one["audit_events"]) == 4 + 3
+    assert batch == one
+    assert check(tmp_path / "batch.db").ok

@@ -19,7 +19,7 @@ import trio
 from attrs import frozen
 
 from agentgate.errors import ExecutionFailed
-from agentgate.services.homeassistant import HomeAssistant, open_homeassistant
+from agentgate.services.homeassistant import LIMITS, HomeAssistant, open_homeassistant
 from agentgate.testing.fake_homeassistant import FakeHomeAssistant, run_fake_homeassistant
 from tests.realha.contract import *  # noqa: F403 - the shared tests and their fixtures
 from tests.realha.contract import CEILING, Home
@@ -173,6 +173,67 @@ async def test_down_and_up(fake_ha: HomeAssistant, fake: FakeHomeAssistant) -> N
     assert "unreachable" in warning
     fake.up()
     assert (await run(fake_ha, "ha_get_config"))["state"] == "RUNNING"
+
+
+async def test_every_answer_gives_its_connection_back(fake: FakeHomeAssistant) -> None:
+    # Three times the pool's connections, one after the other, answers and refusals alike:
+    # each body is read and closed, or the pool would run dry and the calls time out.
+    with trio.fail_after(CEILING):
+        async with open_homeassistant(Settings(fake.url, timeout=2)) as executor:
+            for i in range(3 * (LIMITS.max_connections or 10)):
+                if i % 2:
+                    await run(executor, "ha_get_state", entity_id="light.bedroom")
+                else:
+                    await refused(executor, "ha_get_state", entity_id=f"light.none_{i}")
+
+
+async def _proxy(
+    seen: list[bytes], *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A forward proxy in one line: it records each request's head and answers it itself."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+        seen.append(head)
+        body = b'{"entity_id": "light.bedroom", "state": "on"}'
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve, listeners)
+
+
+async def test_a_proxy_named_by_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As with an httpx.AsyncClient: HTTP_PROXY (and its kin) carry the calls, NO_PROXY exempts.
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    seen: list[bytes] = []
+    with trio.fail_after(CEILING):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(_proxy, seen)
+            monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+            async with open_homeassistant(Settings("http://ha.invalid:8123")) as executor:
+                state = await run(executor, "ha_get_state", entity_id="light.bedroom")
+            assert state["state"] == "on"
+            assert seen[0].startswith(
+                b"GET http://ha.invalid:8123/api/states/light.bedroom HTTP/1.1\r\n"
+            )
+            assert f"Authorization: Bearer {TOKEN}".encode() in seen[0]
+            monkeypatch.setenv("NO_PROXY", "ha.invalid")
+            async with open_homeassistant(Settings("http://ha.invalid:8123")) as executor:
+                error = await refused(executor, "ha_get_state", entity_id="light.bedroom")
+            assert error.message == "Home Assistant unreachable: cannot connect"
+            assert len(seen) == 1
+            nursery.cancel_scope.cancel()
 
 
 def test_threaded_start_from_sync_code() -> None:

@@ -269,8 +269,9 @@ async def test_unwritable_store_blocks_an_approved_call(
     workdir: Path, home: FakeHomeAssistant, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     # The approval's move to "executing" is the row that precedes execution: if it cannot be
-    # committed, the guardian's Allow executes nothing. Its outcome (failed) is told once it
-    # is recorded, never before: the store would otherwise still hold the approval open.
+    # committed, the guardian's Allow sends nothing to the home, reads included. Its outcome
+    # (failed) is told once it is recorded, never before: the store would otherwise still hold
+    # the approval open.
     with trio.fail_after(CEILING):
         async with running_gateway(workdir, home=home) as gw, raw_agent(gw) as agent:
             await agent.send(
@@ -291,9 +292,10 @@ async def test_unwritable_store_blocks_an_approved_call(
 
             monkeypatch.setattr(store, "finish_pending", recorded)
             _break_the_store(monkeypatch, store, how)
+            calls = list(home.calls)
             await gw.scripted.press(card.request_id, "allow")
             await recording.wait()  # executing refused: the outcome waits to be recorded
-            assert posts(home) == []
+            assert home.calls == calls  # not even the read of what an Undo would put back
             monkeypatch.undo()  # the disk is back
             reply = await agent.recv()
             assert reply["error"]["code"] == -32004, reply

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -298,6 +299,91 @@ async def test_a_path_goes_to_the_same_url_every_time_and_the_kept_urls_are_boun
     assert [str(r.url) for r in fake.requests[-2:]] == [
         "http://ha.test:8123/prefix/api/services/script/go"
     ] * 2
+
+
+@pytest.mark.parametrize(
+    "base", [URL, "http://ha.test:8123/", "https://ha.test/prefix", "http://[::1]:8123/a/b/"]
+)
+async def test_each_request_is_what_an_httpx_client_would_send(base: str) -> None:
+    # The executor builds its requests itself and calls its transport: the URL, every header
+    # (and their order and case on the wire), the body and the timeouts are those of an
+    # httpx.AsyncClient made as the executor's was, for each kind of request it sends.
+    fake = FakeHA()
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return fake(request)
+
+    client = httpx.AsyncClient(
+        base_url=base,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=httpx.Timeout(10.0),
+        follow_redirects=False,
+    )
+    settings = Settings(url=base)
+    transport = httpx.MockTransport(handler)
+    async with open_homeassistant(settings, transport=transport, now=lambda: NOW) as executor:
+        await executor.execute("ha_get_state", {"entity_id": "lock.front_door"})
+        await executor.execute("ha_get_history", {"entity_id": "light.x y", "hours": 1})
+        await executor.execute("ha_fire_event", {"event_type": "door bell"})
+        await executor.execute(
+            "ha_call_service",
+            {"domain": "script", "service": "go", "return_response": True, "ä": [1, "é"]},
+        )
+    sent = [(r.method, str(r.url)) for r in seen]
+    start, end = (NOW - timedelta(hours=1)).isoformat(), NOW.isoformat()
+    history = {"filter_entity_id": "light.x y", "end_time": end, "minimal_response": ""}
+    expected = [
+        client.build_request("GET", "/api/states/lock.front_door"),
+        client.build_request("GET", f"/api/history/period/{quote(start, safe='')}", params=history),
+        client.build_request("POST", "/api/events/door%20bell", json={}),
+        client.build_request(
+            "POST", "/api/services/script/go", json={"ä": [1, "é"]}, params={"return_response": ""}
+        ),
+    ]
+    assert len(seen) == len(expected), sent
+    for request, want in zip(seen, expected, strict=True):
+        assert request.method == want.method
+        assert str(request.url) == str(want.url)
+        assert request.headers.raw == want.headers.raw
+        assert request.content == want.read()
+        assert request.extensions["timeout"] == want.extensions["timeout"]
+    await client.aclose()
+
+
+async def test_a_redirect_is_never_followed() -> None:
+    # The bearer token goes to Home Assistant's URL and nowhere else.
+    fake = FakeHA()
+    fake.routes["GET", "/api/states/lock.front_door"] = httpx.Response(
+        302, headers={"Location": "http://elsewhere.test/steal"}
+    )
+    async with open_homeassistant(Settings(), transport=httpx.MockTransport(fake)) as executor:
+        error = await failure(executor, "ha_get_state", {"entity_id": "lock.front_door"})
+    assert error.message.startswith("Home Assistant answered 302")
+    assert error.data["status"] == 302
+    assert [str(r.url) for r in fake.requests] == [f"{URL}/api/states/lock.front_door"]
+
+
+class _Body(httpx.AsyncByteStream):
+    """A body that breaks after its first chunk, and says whether it was closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"entity_id": '
+        raise httpx.ReadError("connection reset")
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_body_that_breaks_is_closed_and_the_call_failed() -> None:
+    body = _Body()
+    error = await failure_from(answering(httpx.Response(200, stream=body)))
+    assert error.message == "Home Assistant unreachable: connection failed"
+    assert body.closed  # its connection is not left taken
 
 
 # ---- describe and health -------------------------------------------------------------

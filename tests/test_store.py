@@ -486,3 +486,19 @@ async def test_sql_refuses_a_state_change_not_in_the_table(
         else:
             with pytest.raises(sqlite3.IntegrityError, match="not in the table"):
                 change()
+
+
+@pytest.mark.parametrize("inline", [True, None], ids=["inline", "as-served"])
+async def test_each_commit_runs_at_the_level_it_asks_for(
+    tmp_path: Path, inline: bool | None
+) -> None:
+    # The level is switched only when the kind of commit changes (a run of durable commits pays
+    # no PRAGMA): a durable commit is always FULL (2), any other NORMAL (1), whatever came before.
+    def level(c: sqlite3.Connection) -> int:
+        return int(c.execute("PRAGMA synchronous").fetchone()[0])
+
+    kinds = [True, True, False, True, False, False, True]
+    with trio.fail_after(20):
+        async with open_store(tmp_path / "a.db", inline=inline) as store:
+            levels = [await store._do(level, durable=durable) for durable in kinds]
+    assert levels == [2 if durable else 1 for durable in kinds]

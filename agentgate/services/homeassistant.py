@@ -25,6 +25,15 @@ template``          timeout is a plain failure, never "outcome unknown")
 entities``
 =================== ==========================================================================
 
+**The HTTP client.** The executor owns its connection pool, an ``httpx.AsyncHTTPTransport``
+(HTTP/1.1, at most :data:`LIMITS` connections), builds each ``httpx.Request`` itself (the
+headers an ``httpx.AsyncClient`` sends, the token, the timeouts as its ``timeout`` extension)
+and reads every body to its end, which gives the connection back: what ``AsyncClient.request``
+would do, without the client's layers on every call. No redirect is ever followed (the token
+goes to Home Assistant's URL only) and no cookie is kept. A proxy named by the environment
+(``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, with ``NO_PROXY``) is used as an
+``httpx.AsyncClient`` uses it: then the requests go through one.
+
 **Shared reads.** A ``GET`` asked while the same ``GET`` waits to go out joins it; one asked
 while it is in flight waits for it and then sends the next, for everyone who asked meanwhile
 (:meth:`HomeAssistant._shared_read`). So no caller gets an answer to a request sent before it
@@ -68,6 +77,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -105,7 +115,7 @@ TOOLS: Final = frozenset(
 SERVICE: Final = "homeassistant"
 log = logging.getLogger(__name__)
 
-# The httpx client, not Home Assistant, is what limits throughput: more connections buy
+# The HTTP client, not Home Assistant, is what limits throughput: more connections buy
 # nothing. A modest pool, all of it kept alive (no reconnects after a burst), with headroom for
 # a few slow calls (a pool wait counts against the call's deadline).
 SEEN_FOR: Final = 60.0  # seconds an entity read counts as "exists" for a service call
@@ -270,12 +280,15 @@ class HomeAssistant:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         settings: HomeAssistantSettings,
         *,
         now: Callable[[], datetime] = _utcnow,
     ) -> None:
-        self._client = client
+        self._transport = transport
+        self._base = _base_url(settings.url)
+        self._headers = _headers(settings.token)
+        self._timeouts = httpx.Timeout(float(settings.timeout)).as_dict()
         # Requests wait for a connection here, in a fair FIFO, instead of in httpcore's pool,
         # which rescans every queued request on every event (a deep queue costs more CPU than
         # the requests themselves).
@@ -582,8 +595,8 @@ class HomeAssistant:
                 await ahead.done.wait()
             async with self._slots:
                 mine.sent = True
-                url = self._full_url(path) if params is None else path
-                response = mine.response = await self._client.request("GET", url, params=params)
+                url = self._full_url(path) if params is None else self._merge(path)
+                response = mine.response = await self._exchange("GET", url, params=params)
         except httpx.HTTPError as exc:
             mine.error = exc
             raise
@@ -594,14 +607,54 @@ class HomeAssistant:
         return response
 
     def _full_url(self, path: str) -> httpx.URL:
-        """``path`` joined to Home Assistant's URL as httpx joins it, parsed once per path: httpx
-        takes an ``httpx.URL`` as it is, where it parses a path (and the joined URL) per request."""
+        """``path`` joined to Home Assistant's URL (:meth:`_merge`), parsed once per path."""
         url = self._urls.get(path)
         if url is None:
             if len(self._urls) >= URLS_MAX:
                 self._urls.clear()
-            url = self._urls[path] = self._client.build_request("GET", path).url
+            url = self._urls[path] = self._merge(path)
         return url
+
+    def _merge(self, path: str) -> httpx.URL:
+        """``path`` under Home Assistant's URL, as ``httpx.AsyncClient(base_url=...)`` joins
+        them: appended to the base's path (``http://h/ha/`` + ``/api/`` is ``/ha/api/``)."""
+        url = httpx.URL(path)
+        if not url.is_relative_url:
+            return url
+        return self._base.copy_with(raw_path=self._base.raw_path + url.raw_path.lstrip(b"/"))
+
+    async def _exchange(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        trace: Callable[[str, Mapping[str, Any]], Awaitable[None]] | None = None,
+    ) -> httpx.Response:
+        """One request through the executor's transport, its body read and its connection
+        released. What ``AsyncClient.request`` would send (its default headers, the token, the
+        timeouts as the ``timeout`` extension), without the client's layers: no redirect is
+        followed (the token never goes anywhere else), no cookie is kept, no hook runs."""
+        extensions: dict[str, Any] = {"timeout": self._timeouts}
+        if trace is not None:
+            extensions["trace"] = trace
+        request = httpx.Request(
+            method,
+            url,
+            params=params,
+            headers=self._headers,
+            json=body,
+            extensions=extensions,
+        )
+        response = await self._transport.handle_async_request(request)
+        response.request = request  # response.url, as the client sets it
+        try:
+            await response.aread()  # closes the stream (the connection goes back to the pool)
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
 
     async def _send(
         self,
@@ -612,15 +665,15 @@ class HomeAssistant:
         progress: Progress | None,
         service_call: bool,
     ) -> httpx.Response:
-        url = self._full_url(path) if params is None else path
+        url = self._full_url(path) if params is None else self._merge(path)
         async with self._slots:
             if progress is None:
-                response = await self._client.request(method, url, json=body, params=params)
+                response = await self._exchange(method, url, body=body, params=params)
             else:
                 started = trio.current_time()
                 try:
-                    response = await self._client.request(
-                        method, url, json=body, params=params, extensions={"trace": progress.trace}
+                    response = await self._exchange(
+                        method, url, body=body, params=params, trace=progress.trace
                     )
                 except MAY_HAVE_RUN:
                     progress.may_have_run = True  # also where no trace is seen (test transports)
@@ -634,6 +687,51 @@ class HomeAssistant:
         return response
 
 
+def _base_url(url: str) -> httpx.URL:
+    """Home Assistant's URL with a trailing slash on its path, as httpx's ``base_url`` is."""
+    base = httpx.URL(url)
+    if base.raw_path.endswith(b"/"):
+        return base
+    return base.copy_with(raw_path=base.raw_path + b"/")
+
+
+def _headers(token: str) -> httpx.Headers:
+    """Every request's headers: those an ``httpx.AsyncClient`` sends by default, and the
+    token. (``Accept-Encoding`` is httpx's without the optional codecs: the same on every
+    install.)"""
+    return httpx.Headers(
+        {
+            "Accept": "*/*",
+            "Accept-Encoding": "gzip, deflate",
+            "Connection": "keep-alive",
+            "User-Agent": f"python-httpx/{httpx.__version__}",
+            "Authorization": f"Bearer {token}",
+        }
+    )
+
+
+class _ThroughClient(httpx.AsyncBaseTransport):
+    """Requests sent through an ``httpx.AsyncClient`` made with the environment's proxy
+    settings (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), which it applies
+    as it always has. Only when such a variable is set: a client's layers cost CPU on every
+    request, and without a proxy the transport it would use is the executor's own."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._client.send(request, stream=True)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _environment_proxies() -> bool:
+    """Does the environment name a proxy (httpx's client reads ``urllib``'s settings too)?"""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
 @asynccontextmanager
 async def open_homeassistant(
     config: HomeAssistantSettings,
@@ -641,19 +739,19 @@ async def open_homeassistant(
     transport: httpx.AsyncBaseTransport | None = None,
     now: Callable[[], datetime] = _utcnow,
 ) -> AsyncIterator[HomeAssistant]:
-    """One :class:`HomeAssistant` with one ``httpx.AsyncClient`` for the body of the block.
+    """One :class:`HomeAssistant` with its own connection pool for the body of the block: an
+    ``httpx.AsyncHTTPTransport`` (HTTP/1.1, :data:`LIMITS`), or, when the environment names
+    a proxy, an ``httpx.AsyncClient`` that applies it (:class:`_ThroughClient`).
 
-    ``transport`` replaces the network (``httpx.MockTransport`` in tests); ``now`` is the wall
-    clock used for history windows.
+    ``transport`` replaces the network (``httpx.MockTransport`` in tests); it is closed with
+    the block. ``now`` is the wall clock used for history windows.
     """
-    verify = client_ssl_context(config.url)
-    async with httpx.AsyncClient(
-        base_url=config.url,
-        headers={"Authorization": f"Bearer {config.token}"},
-        timeout=httpx.Timeout(float(config.timeout)),
-        limits=LIMITS,
-        transport=transport,
-        verify=verify,
-        follow_redirects=False,
-    ) as client:
-        yield HomeAssistant(client, config, now=now)
+    if transport is None:
+        verify = client_ssl_context(config.url)
+        if _environment_proxies():
+            client = httpx.AsyncClient(limits=LIMITS, verify=verify, follow_redirects=False)
+            transport = _ThroughClient(client)
+        else:
+            transport = httpx.AsyncHTTPTransport(verify=verify, limits=LIMITS)
+    async with transport:
+        yield HomeAssistant(transport, config, now=now)
