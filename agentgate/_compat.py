@@ -8,11 +8,11 @@ a dependency changes under it.
   optional ``passport`` extra), which the guardian never asks for. PTB guards it with
   ``try: ... except ImportError`` (``telegram._passport.credentials.CRYPTO_INSTALLED``), so
   hiding the package while PTB is first imported leaves PTB as it is without the extra.
-  ``import cryptography`` works again afterwards: the audit log's key (:mod:`agentgate.auditkey`)
-  then loads its Ed25519 alone. Since the gateway needs ``cryptography`` itself, this no
-  longer saves the whole package (~7 MiB of resident memory, now paid) but what Passport
-  would add to it: its ciphers, RSA, padding and serialization, ~2 MiB (docs/performance.md,
-  S7).
+  ``import cryptography`` works again afterwards, for the audit log's signatures where the
+  process's own libcrypto cannot make them (:mod:`agentgate.ed25519`). Where it can (Linux),
+  the gateway never loads ``cryptography``: this saves its whole ~8 MiB of resident memory;
+  elsewhere, what Passport would add to its Ed25519: ciphers, RSA, padding and serialization,
+  ~2 MiB (docs/performance.md, S7).
 
 - **trio 0.35.0: ``wait_all_tasks_blocked`` from ``trio._core``.** Its public home is
   ``trio.testing``, but importing ``trio.testing`` also imports pytest wherever pytest is
@@ -29,6 +29,17 @@ a dependency changes under it.
   of handing each to the asyncio loop and back (two trio-asyncio hops per Bot API call, on
   the path of every card). PTB's ``Application`` (the handlers, the update queue) stays on asyncio.
 
+- **httpx 0.28.1 and httpcore 1.0.9: their optional imports.** ``import httpx`` also imports
+  its command line client (``httpx._main``, for the ``httpx`` command: click, then pygments and
+  rich, wherever they happen to be installed) inside ``try: ... except ImportError``, and
+  httpcore imports its HTTP/2 connections (``h2``, which Hypercorn installs) the same way. The
+  gateway runs neither: the command is not agentgate's, and its clients speak HTTP/1.1
+  (``http2`` is never set). :func:`import_httpx_without_extras` hides ``httpx._main`` and
+  ``h2`` while httpx is first imported, so both take their fallbacks (a ``main`` that says
+  what to install; an HTTP/2 connection class that raises if ever built): ~1-3 MiB of
+  resident memory (docs/performance.md, S7). ``import h2`` works again afterwards, for
+  Hypercorn (``[mcp]``).
+
 Imports: guardian.telegram (when asked to).
 """
 
@@ -44,6 +55,7 @@ from trio._core import wait_all_tasks_blocked  # type: ignore[attr-defined]  # s
 __all__ = [
     "BOT_CALL_ON_TRIO",
     "bot_call_on_trio",
+    "import_httpx_without_extras",
     "import_telegram_without_passport",
     "wait_all_tasks_blocked",
 ]
@@ -65,11 +77,37 @@ async def bot_call_on_trio(call: Callable[[], Awaitable[T]]) -> T:
         BOT_CALL_ON_TRIO.reset(token)
 
 
+def _import_hiding(modules: tuple[str, ...], hidden: tuple[str, ...]) -> None:
+    """Import ``modules`` with the modules ``hidden`` unimportable meanwhile: a None entry in
+    ``sys.modules`` makes their import raise ModuleNotFoundError (an ImportError). Plain
+    imports when one of ``modules``, or of ``hidden``, is already imported."""
+    hide = not any(name in sys.modules for name in modules + hidden)
+    if hide:
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        for module in modules:
+            __import__(module)
+    finally:
+        if hide:
+            for name in hidden:
+                if sys.modules.get(name, False) is None:
+                    del sys.modules[name]
+
+
+def import_httpx_without_extras() -> None:
+    """Import httpx without its command line client and httpcore's HTTP/2 (see above)."""
+    # httpx imports httpcore only when its first client is made: import it here, hidden too.
+    _import_hiding(("httpx", "httpcore"), ("httpx._main", "h2"))
+
+
 def import_telegram_without_passport() -> None:
-    """Import the Telegram guardian with PTB's Passport support left out (see above).
+    """Import the Telegram guardian with PTB's Passport support left out (see above), and
+    httpx without its extras.
 
     A plain import when PTB or ``cryptography`` is already imported.
     """
+    import_httpx_without_extras()
     hide = "telegram" not in sys.modules and "cryptography" not in sys.modules
     if hide:
         # A None entry makes `import cryptography...` raise ModuleNotFoundError: PTB's fallback.

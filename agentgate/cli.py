@@ -12,8 +12,8 @@ control socket, :mod:`agentgate.control_socket`); the agent-side ``call``, ``too
 and connection settings are documented there).
 
 Imports: tools, policy, errors, agentgate's ``__version__``; and, each only in the command that
-runs it, config, preflight, serve, audit, cli_audit, inert, store, http_tools, cli_agent,
-mcp.stdio, control_socket, guardian.card.
+runs it, config, preflight, _compat and serve, audit, cli_audit, inert, store, http_tools,
+cli_agent, mcp.stdio, control_socket, guardian.card.
 """
 
 from __future__ import annotations
@@ -449,6 +449,9 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from agentgate._compat import import_httpx_without_extras
+
+    import_httpx_without_extras()  # before agentgate.serve imports httpx
     from agentgate.serve import run_serve
 
     return run_serve(

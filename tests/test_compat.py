@@ -45,6 +45,58 @@ def test_telegram_is_imported_without_passport_support() -> None:
     }
 
 
+def test_httpx_is_imported_without_its_command_line_client_or_http2() -> None:
+    seen = _fresh_python(
+        "import json, sys\n"
+        "from agentgate._compat import import_httpx_without_extras\n"
+        "import_httpx_without_extras()\n"
+        "import httpcore, httpx\n"
+        "hidden = sorted(m for m in ('httpx._main', 'click', 'pygments', 'rich', 'h2')"
+        " if m in sys.modules)\n"
+        "try:\n"
+        "    httpcore.AsyncHTTP2Connection(origin=None, stream=None)\n"
+        "    http2 = 'built'\n"
+        "except RuntimeError as exc:\n"
+        "    http2 = str(exc)\n"
+        "import h2.connection\n"  # still importable afterwards, for Hypercorn
+        "later = h2.connection.__name__\n"
+        "client = httpx.AsyncClient()\n"  # the fallbacks leave HTTP/1.1 clients as they were
+        "print(json.dumps({'hidden': hidden, 'http2': http2, 'later': later,"
+        " 'main': httpx.main.__module__, 'httpx': httpx.__version__,"
+        " 'httpcore': httpcore.__version__}))\n"
+    )
+    assert seen["hidden"] == []
+    assert "h2" in seen["http2"]
+    assert seen["later"] == "h2.connection"
+    assert seen["main"] == "httpx"  # httpx's own fallback, not httpx._main
+    # Checked against these; a newer one may have moved the optional imports (see _compat).
+    assert seen["httpx"] == "0.28.1"
+    assert seen["httpcore"] == "1.0.9"
+
+
+def test_telegram_import_leaves_httpx_extras_out_too() -> None:
+    seen = _fresh_python(
+        "import json, sys\n"
+        "from agentgate._compat import import_telegram_without_passport\n"
+        "import_telegram_without_passport()\n"
+        "import httpcore\n"
+        "print(json.dumps(sorted(m for m in ('httpx._main', 'click', 'h2') if m in sys.modules)))\n"
+    )
+    assert seen == []
+
+
+def test_httpx_import_is_a_plain_one_once_h2_is_loaded() -> None:
+    seen = _fresh_python(
+        "import json, sys\n"
+        "import h2.connection\n"
+        "from agentgate._compat import import_httpx_without_extras\n"
+        "import_httpx_without_extras()\n"
+        "import httpcore\n"
+        "print(json.dumps('httpcore._async.http2' in sys.modules))\n"
+    )
+    assert seen is True
+
+
 def test_the_import_is_a_plain_one_once_cryptography_is_loaded() -> None:
     seen = _fresh_python(
         "import json, sys\n"

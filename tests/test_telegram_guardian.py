@@ -32,6 +32,7 @@ from agentgate.guardian import (
     Status,
     UndoItem,
 )
+from agentgate.guardian import telegram as telegram_module
 from agentgate.guardian.card import (
     CardRules,
     CardTooLarge,
@@ -968,3 +969,37 @@ async def test_a_token_refused_with_404_is_refused(tg: FakeTelegram, control: Fa
         async with open_telegram_guardian(config, control):
             pytest.fail("should not start")
     assert info.value.key == "guardian.telegram.token"
+
+
+async def test_a_request_id_too_long_for_a_button_is_refused_unsent(
+    guardian: TelegramGuardian, tg: FakeTelegram
+) -> None:
+    with trio.fail_after(CEILING), pytest.raises(GuardianUnavailable, match="too long"):
+        await guardian.send_card(make_card(request_id="r" * 60))
+    assert tg.messages == {}
+
+
+async def test_a_queued_card_builds_its_buttons_only_when_sent(
+    guardian: TelegramGuardian, tg: FakeTelegram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cards waiting for a send slot hold their ApprovalCard, not PTB's buttons (memory, S6):
+    # the buttons are checked before, and built by the Bot API call that sends them.
+    built: list[str] = []
+    at_slot: list[int] = []
+    real_keyboard, real_deliver = telegram_module.keyboard_for, guardian._deliver
+
+    def keyboard(card: ApprovalCard) -> Any:
+        built.append(card.request_id)
+        return real_keyboard(card)
+
+    async def deliver(what: str, call: Any) -> Any:
+        at_slot.append(len(built))
+        return await real_deliver(what, call)
+
+    monkeypatch.setattr(telegram_module, "keyboard_for", keyboard)
+    monkeypatch.setattr(guardian, "_deliver", deliver)
+    with trio.fail_after(CEILING):
+        message = await send(guardian, tg, make_card())
+    assert message.buttons
+    assert at_slot == [1]  # only the check, before the slot
+    assert built == [REQUEST_ID, REQUEST_ID]

@@ -661,7 +661,7 @@ class TelegramGuardian:
 
     async def _send_card_to(self, chat_id: int, card: ApprovalCard) -> str:
         """Send ``card`` (its arguments document first, if it needs one); its message ref."""
-        keyboard = keyboard_for(card)  # a request id too long for a button fails here, unsent
+        keyboard_for(card)  # a request id too long for a button fails here, unsent
         try:
             layout = self._cards.layout(card)
         except CardTooLarge as exc:  # the gateway refuses such asks; never send a partial card
@@ -670,10 +670,11 @@ class TelegramGuardian:
             await self._send_document(chat_id, card)
 
         def compose() -> tuple[str, InlineKeyboardMarkup]:
-            # Rendered when the card is sent, not while it waits for a send slot: 10,000 queued
-            # cards then hold only their ApprovalCard, and the expiry line is current.
+            # Text and buttons are made when the card is sent, not while it waits for a send
+            # slot: 10,000 queued cards then hold only their ApprovalCard, and the expiry line
+            # is current.
             text = render_card(card, now=time.time(), layout=layout)
-            return text, keyboard
+            return text, keyboard_for(card)
 
         message = await self._send(chat_id, compose)
         return f"{message.chat_id}:{message.message_id}"
