@@ -8,11 +8,11 @@ a dependency changes under it.
   optional ``passport`` extra), which the guardian never asks for. PTB guards it with
   ``try: ... except ImportError`` (``telegram._passport.credentials.CRYPTO_INSTALLED``), so
   hiding the package while PTB is first imported leaves PTB as it is without the extra.
-  ``import cryptography`` works again afterwards, for the audit log's signatures where the
-  process's own libcrypto cannot make them (:mod:`agentgate.ed25519`). Where it can (Linux),
-  the gateway never loads ``cryptography``: this saves its whole ~8 MiB of resident memory;
-  elsewhere, what Passport would add to its Ed25519: ciphers, RSA, padding and serialization,
-  ~2 MiB (docs/performance.md, S7).
+  ``import cryptography`` works again afterwards: the audit log's key (:mod:`agentgate.auditkey`)
+  then loads its Ed25519 alone. Since the gateway needs ``cryptography`` itself, this no
+  longer saves the whole package (~7 MiB of resident memory, now paid) but what Passport
+  would add to it: its ciphers, RSA, padding and serialization, ~2 MiB (docs/performance.md,
+  S7).
 
 - **trio 0.35.0: ``wait_all_tasks_blocked`` from ``trio._core``.** Its public home is
   ``trio.testing``, but importing ``trio.testing`` also imports pytest wherever pytest is

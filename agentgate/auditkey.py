@@ -4,11 +4,13 @@ The key file is PKCS#8 PEM (``openssl pkey -in FILE -pubout`` reads it), created
 gateway's first start with mode 0600 and never overwritten: a key file that is missing or not
 the one the log names makes the gateway refuse to start rather than sign with another key.
 
-The signatures are :mod:`agentgate.ed25519`'s (the process's own libcrypto where it can, or
-``cryptography``). The key file's PEM is read and written here rather than by a serialization
-library, for one fixed 48-byte structure (docs/performance.md, S7).
+This is the one module that imports ``cryptography``, and only its Ed25519: the gateway imports
+it when it opens the audit log, the command line only for ``audit key`` and ``audit verify``.
+The key file's PEM is read and written here rather than by ``cryptography``'s serialization
+module, which would cost the gateway another ~1.2 MiB of resident memory for one fixed
+48-byte structure (docs/performance.md, S7).
 
-Imports: ed25519, tlog.
+Imports: tlog.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from agentgate import ed25519, tlog
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from agentgate import tlog
 
 __all__ = ["AuditKey", "KeyFileError", "create_key", "load_key", "verify_signature"]
 
@@ -65,10 +73,10 @@ def _seed(data: bytes) -> bytes:
 class AuditKey:
     """A loaded signing key. ``public`` is the raw 32-byte Ed25519 public key."""
 
-    def __init__(self, private: ed25519.SigningKey, path: Path) -> None:
+    def __init__(self, private: Ed25519PrivateKey, path: Path) -> None:
         self._private = private
         self.path = path
-        self.public = private.public
+        self.public = private.public_key().public_bytes_raw()
 
     def vkey(self, name: str) -> str:
         """The verifier key under ``name`` (the log's origin): ``NAME+HASH+KEY``."""
@@ -82,9 +90,8 @@ class AuditKey:
 def create_key(path: Path) -> AuditKey:
     """Make a new key file at ``path`` (mode 0600, its directory created); never replaces one
     (FileExistsError)."""
-    seed = ed25519.new_seed()
-    private = ed25519.signing_key(seed)
-    pem = _pem(seed)
+    private = Ed25519PrivateKey.generate()
+    pem = _pem(private.private_bytes_raw())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
     try:
@@ -104,7 +111,7 @@ def load_key(path: Path) -> AuditKey:
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read the audit key: {exc.strerror}") from exc
     try:
-        private = ed25519.signing_key(_seed(data))
+        private = Ed25519PrivateKey.from_private_bytes(_seed(data))
     except ValueError as exc:
         raise KeyFileError(f"{path}: cannot be the audit key: {exc}") from exc
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -114,4 +121,8 @@ def load_key(path: Path) -> AuditKey:
 
 def verify_signature(public_key: bytes, body: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is ``public_key``'s Ed25519 signature of ``body``."""
-    return ed25519.verify(public_key, body, signature)
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, body)
+    except (InvalidSignature, ValueError):
+        return False
+    return True

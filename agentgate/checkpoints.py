@@ -16,7 +16,7 @@ file that is missing or foreign stops the start with the key to fix (``audit.key
 - **Retention.** With ``[store] keep_days``, a compaction at start and daily prunes older
   events through :meth:`agentgate.store.Store.compact` (audited and signed).
 
-Imports: auditkey (the signing key), config, eventlog, guardian,
+Imports: auditkey (the one module that imports ``cryptography``), config, eventlog, guardian,
 store, tlog.
 """
 

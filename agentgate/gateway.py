@@ -29,7 +29,7 @@ A configuration reload (:mod:`agentgate.reload`) swaps what :meth:`Gateway.apply
 and closes the connections of agents it removed or whose token it changed
 (:meth:`Gateway.disconnect`).
 
-Imports: config, store, checkpoints (when the gateway opens: it loads the signing key), policy,
+Imports: config, store, checkpoints (when the gateway opens: it loads ``cryptography``), policy,
 preflight, http_tools, services and services.homeassistant, guardian, guardian.card and
 guardian.supervisor, broker, controls, pipeline, connection, listener, memory, quotas, undo,
 reload, control_socket, and mcp.http when ``[mcp]`` is set.

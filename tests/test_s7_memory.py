@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import trustme
 
-from agentgate import ed25519
 from agentgate.config import client_ssl_context
 
 
@@ -73,35 +72,24 @@ def test_serve_imports_httpx_without_its_command_line_client_or_http2(tmp_path: 
     assert loaded & {"httpx._main", "click", "pygments", "h2", "hpack"} == set()
 
 
-def test_the_audit_key_signs_without_cryptography_where_libcrypto_is_mapped(
-    tmp_path: Path,
-) -> None:
-    # The gateway then opens its audit log and signs: with the libcrypto that ssl loaded, so
-    # cryptography (~8 MiB resident) stays out; elsewhere its Ed25519 alone (no serialization
-    # module, and PTB's Passport ciphers stay unloaded: memory).
+def test_the_audit_key_loads_only_cryptographys_ed25519() -> None:
+    # The gateway then opens its audit log: Ed25519 from cryptography, and no more of it than
+    # that (its serialization module, and PTB's Passport ciphers, stay unloaded: memory).
     seen = _fresh_python(
         "import json, sys\n"
-        "from pathlib import Path\n"
         "from agentgate.serve import run_serve\n"
         "from agentgate._compat import import_telegram_without_passport\n"
         "import_telegram_without_passport()\n"
         "import agentgate.checkpoints\n"
-        "from agentgate import auditkey, ed25519, tlog\n"
-        f"key = auditkey.create_key(Path({str(tmp_path / 'audit.key')!r}))\n"
-        "signed = key.sign(tlog.Checkpoint('o', 1, bytes(32)), 'o')\n"
         "from telegram._passport import credentials\n"
         "print(json.dumps({'passport': credentials.CRYPTO_INSTALLED,"
-        " 'backend': ed25519.backend_name(),"
         " 'loaded': sorted(m for m in sys.modules if m.startswith('cryptography'))}))\n"
     )
     assert seen["passport"] is False
     loaded = set(seen["loaded"])
-    if ed25519._openssl() is not None:  # Linux, with ssl linked to a shared libcrypto
-        assert seen["backend"] == "libcrypto"
-        assert loaded == set()
-    else:
-        assert "cryptography.hazmat.primitives.serialization" not in loaded
-        assert "cryptography.hazmat.primitives.ciphers" not in loaded
+    assert "cryptography.hazmat.primitives.asymmetric.ed25519" in loaded
+    assert "cryptography.hazmat.primitives.serialization" not in loaded
+    assert "cryptography.hazmat.primitives.ciphers" not in loaded
 
 
 def test_https_clients_share_one_verified_context() -> None:
