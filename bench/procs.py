@@ -219,12 +219,13 @@ class EchoServer:
 
 
 @contextmanager
-def echo_server(workdir: Path) -> Iterator[EchoServer]:
-    """The door's floor, :mod:`bench.door`, in its own process (TLS, a fresh certificate)."""
+def _wss_server(workdir: Path, what: str, module: str, *args: str) -> Iterator[EchoServer]:
+    """``python -m module CERT KEY *args`` in its own process (TLS, a fresh certificate): it
+    prints its ``wss://`` URL first."""
     workdir.mkdir(parents=True, exist_ok=True)
     ca, cert, key = write_certificates(workdir)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.door", str(cert), str(key)],
+        [sys.executable, "-m", module, str(cert), str(key), *args],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -233,42 +234,28 @@ def echo_server(workdir: Path) -> Iterator[EchoServer]:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
         if not url.startswith("wss://"):
-            raise RuntimeError(f"echo server did not start: {url!r}")
+            raise RuntimeError(f"{what} did not start: {url!r}")
         yield EchoServer(url, ca, proc)
     finally:
         _stop(proc)
 
 
 @contextmanager
+def echo_server(workdir: Path) -> Iterator[EchoServer]:
+    """The door's floor, :mod:`bench.door`, in its own process (TLS, a fresh certificate)."""
+    with _wss_server(workdir, "echo server", "bench.door") as server:
+        yield server
+
+
+@contextmanager
 def stack_floor(workdir: Path, home: Home) -> Iterator[EchoServer]:
     """The stack's floor, :mod:`bench.stackfloor`, in its own process (TLS, a fresh certificate,
     its SQLite file in ``workdir``), calling ``home``."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    ca, cert, key = write_certificates(workdir)
     db = workdir / "floor.db"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.stackfloor",
-            str(cert),
-            str(key),
-            home.url,
-            HA_TOKEN,
-            str(db),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        if not url.startswith("wss://"):
-            raise RuntimeError(f"stack floor did not start: {url!r}")
-        yield EchoServer(url, ca, proc)
-    finally:
-        _stop(proc)
+    with _wss_server(
+        workdir, "stack floor", "bench.stackfloor", home.url, HA_TOKEN, str(db)
+    ) as server:
+        yield server
 
 
 @attrs.define
