@@ -6,24 +6,12 @@ Run in a fresh interpreter: the thresholds are the whole process's.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from typing import Any
-
 from agentgate.serve import COLLECTOR_THRESHOLDS
-
-
-def _fresh_python(code: str) -> Any:
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+from tests.fresh import fresh_python
 
 
 def test_serve_sets_the_thresholds_before_the_loop_runs() -> None:
-    seen = _fresh_python(
+    seen = fresh_python(
         "import gc, json, types\n"
         "default = gc.get_threshold()\n"
         "import agentgate.serve as serve\n"

@@ -6,27 +6,17 @@ in ``agentgate/_compat.py`` and decide again (and update the version it names).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-
-def _fresh_python(code: str) -> Any:
-    """Run ``code`` in a new interpreter; it prints one JSON value as its last line."""
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+from tests.fresh import fresh_python
 
 
 def test_telegram_is_imported_without_passport_support() -> None:
     # cryptography is installed here (trustme needs it), yet the gateway leaves it unloaded.
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "from agentgate._compat import import_telegram_without_passport\n"
         "import_telegram_without_passport()\n"
@@ -46,7 +36,7 @@ def test_telegram_is_imported_without_passport_support() -> None:
 
 
 def test_httpx_is_imported_without_its_command_line_client_or_http2() -> None:
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "from agentgate._compat import import_httpx_without_extras\n"
         "import_httpx_without_extras()\n"
@@ -75,7 +65,7 @@ def test_httpx_is_imported_without_its_command_line_client_or_http2() -> None:
 
 
 def test_telegram_import_leaves_httpx_extras_out_too() -> None:
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "from agentgate._compat import import_telegram_without_passport\n"
         "import_telegram_without_passport()\n"
@@ -86,7 +76,7 @@ def test_telegram_import_leaves_httpx_extras_out_too() -> None:
 
 
 def test_httpx_import_is_a_plain_one_once_h2_is_loaded() -> None:
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "import h2.connection\n"
         "from agentgate._compat import import_httpx_without_extras\n"
@@ -98,7 +88,7 @@ def test_httpx_import_is_a_plain_one_once_h2_is_loaded() -> None:
 
 
 def test_the_import_is_a_plain_one_once_cryptography_is_loaded() -> None:
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "import cryptography\n"
         "from agentgate._compat import import_telegram_without_passport\n"
@@ -111,7 +101,7 @@ def test_the_import_is_a_plain_one_once_cryptography_is_loaded() -> None:
 
 
 def test_the_pollers_idle_hook_is_trio_testings_without_importing_it() -> None:
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "from agentgate._compat import import_telegram_without_passport, wait_all_tasks_blocked\n"
         "import_telegram_without_passport()\n"

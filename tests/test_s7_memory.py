@@ -7,31 +7,19 @@ imported everything.
 from __future__ import annotations
 
 import contextlib
-import json
 import ssl
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
 
 from agentgate.config import client_ssl_context
-
-
-def _fresh_python(code: str) -> Any:
-    """Run ``code`` in a new interpreter; it prints one JSON value as its last line."""
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+from tests.fresh import fresh_python
 
 
 def test_serve_path_leaves_other_commands_modules_unloaded() -> None:
     # What `agentgate serve` with Telegram and Home Assistant imports before it runs.
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "from agentgate.cli import build_parser\n"
         "build_parser().parse_args(['serve', 'gate.toml'])\n"
@@ -59,7 +47,7 @@ def test_serve_path_leaves_other_commands_modules_unloaded() -> None:
 
 def test_serve_imports_httpx_without_its_command_line_client_or_http2(tmp_path: Path) -> None:
     # `agentgate serve` as run (its configuration missing: it stops after the imports).
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "from agentgate.cli import main\n"
         f"status = main(['serve', {str(tmp_path / 'missing.toml')!r}])\n"
@@ -75,7 +63,7 @@ def test_serve_imports_httpx_without_its_command_line_client_or_http2(tmp_path: 
 def test_the_audit_key_loads_only_cryptographys_ed25519() -> None:
     # The gateway then opens its audit log: Ed25519 from cryptography, and no more of it than
     # that (its serialization module, and PTB's Passport ciphers, stay unloaded: memory).
-    seen = _fresh_python(
+    seen = fresh_python(
         "import json, sys\n"
         "from agentgate.serve import run_serve\n"
         "from agentgate._compat import import_telegram_without_passport\n"

@@ -255,6 +255,13 @@ def keyboard_for(card: ApprovalCard) -> InlineKeyboardMarkup:
     )
 
 
+def check_buttons_fit(card: ApprovalCard) -> None:
+    """Raise :class:`GuardianUnavailable` if ``card``'s request id is too long for the
+    longest button :func:`keyboard_for` gives it, without building the keyboard."""
+    grant, always = offers(card)
+    _callback("always" if grant and always else "allow", card.request_id)
+
+
 def undo_keyboard(request_id: str) -> InlineKeyboardMarkup:
     """The ↩ Undo button an executed, undoable call's card keeps."""
     return InlineKeyboardMarkup(
@@ -661,7 +668,7 @@ class TelegramGuardian:
 
     async def _send_card_to(self, chat_id: int, card: ApprovalCard) -> str:
         """Send ``card`` (its arguments document first, if it needs one); its message ref."""
-        keyboard_for(card)  # a request id too long for a button fails here, unsent
+        check_buttons_fit(card)  # a request id too long for a button fails here, unsent
         try:
             layout = self._cards.layout(card)
         except CardTooLarge as exc:  # the gateway refuses such asks; never send a partial card
